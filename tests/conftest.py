@@ -1,0 +1,43 @@
+"""Shared fixtures: locations of the optional real data and of external validators."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("JRS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real public DICOM/CT files (../shared/data); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def dciodvfy() -> Callable[[Path], tuple[list[str], str]]:
+    """Run dicom3tools' ``dciodvfy`` on a file; returns (error lines, full output).
+
+    Skips the test when the tool is not installed (``.ci/run`` installs it with apt).
+    """
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+
+    def run(path: Path) -> tuple[list[str], str]:
+        proc = subprocess.run(
+            [exe, "-new", str(path)], capture_output=True, text=True, timeout=120, check=False
+        )
+        out = proc.stdout + proc.stderr
+        errors = [line for line in out.splitlines() if line.startswith("Error")]
+        return errors, out
+
+    return run
