@@ -50,7 +50,8 @@ def _handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except JrsError as exc:
             typer.secho(f"error ({exc.code}): {exc.message}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(code=2 if isinstance(exc, InvalidInput | UnsupportedData) else 1)
+            code = 2 if isinstance(exc, InvalidInput | UnsupportedData) else 1
+            raise typer.Exit(code=code) from exc
 
     return wrapper  # type: ignore[return-value]
 
@@ -141,11 +142,15 @@ def masks_to_rtstruct(
     from jrs.geometry import Volume
 
     series = read_ct_series(ct)
-    files = sorted(
-        p
-        for p in masks.iterdir()
-        if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"))
-    ) if masks.is_dir() else []
+    files = (
+        sorted(
+            p
+            for p in masks.iterdir()
+            if p.is_file() and p.name.endswith((".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"))
+        )
+        if masks.is_dir()
+        else []
+    )
     if not files:
         raise InvalidInput(
             f"{masks}: no mask files found; expected <ROI name>.nii.gz (or .nii, .mha, .nrrd)"

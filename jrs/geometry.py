@@ -120,9 +120,7 @@ class Geometry:
 
     def voxel_centres(self) -> npt.NDArray[np.float64]:
         """LPS centres of every voxel, shape (nz, ny, nx, 3), mm (memory: 24 bytes a voxel)."""
-        k, j, i = np.meshgrid(
-            *(np.arange(n, dtype=np.float64) for n in self.shape), indexing="ij"
-        )
+        k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in self.shape), indexing="ij")
         return self.index_to_physical(np.stack([i, j, k], axis=-1))
 
     def corners(self) -> npt.NDArray[np.float64]:
@@ -316,12 +314,8 @@ class Volume:
             sitk.sitkFloat32,
             sitk.sitkVectorFloat32,
         ):
-            src = sitk.Cast(
-                src, sitk.sitkVectorFloat32 if self.is_vector else sitk.sitkFloat32
-            )
-        out = sitk.Resample(
-            src, ref, tx, _SITK_INTERPOLATORS[interpolator], float(default_value)
-        )
+            src = sitk.Cast(src, sitk.sitkVectorFloat32 if self.is_vector else sitk.sitkFloat32)
+        out = sitk.Resample(src, ref, tx, _SITK_INTERPOLATORS[interpolator], float(default_value))
         return Volume(
             sitk.GetArrayFromImage(out),
             reference.with_frame(self.geometry.frame_of_reference_uid),
@@ -381,7 +375,7 @@ def reorient(volume: Volume, direction: npt.ArrayLike) -> Volume:
     )
     flip_dims = [2 - b for b in range(3) if signs[b] < 0]
     if flip_dims:
-        arr = np.flip(arr, axis=flip_dims)
+        arr = np.flip(arr, axis=tuple(flip_dims))
     first = np.zeros(3)
     for b in range(3):
         if signs[b] < 0:

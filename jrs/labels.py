@@ -50,10 +50,27 @@ DEFAULT_SYNONYMS: dict[str, list[str]] = {
     "bladder": ["bladder", "blaas", "urinary bladder", "bladder_o", "vessie"],
     "rectum": ["rectum", "rect", "rectum_o", "anorectum"],
     "seminal_vesicles": [
-        "seminal vesicles", "seminalves", "seminal_vesicles", "seminalvesicles", "sv", "svs",
-        "vesicles", "vesicula", "ctv_sv", "ctv_seminalves", "zaadblaasjes",
+        "seminal vesicles",
+        "seminalves",
+        "seminal_vesicles",
+        "seminalvesicles",
+        "sv",
+        "svs",
+        "vesicles",
+        "vesicula",
+        "ctv_sv",
+        "ctv_seminalves",
+        "zaadblaasjes",
     ],
-    "prostate": ["prostate", "prostaat", "ctv_prostate", "prostate_ctv", "ctvp", "ctv_p", "gtv_prostate"],
+    "prostate": [
+        "prostate",
+        "prostaat",
+        "ctv_prostate",
+        "prostate_ctv",
+        "ctvp",
+        "ctv_p",
+        "gtv_prostate",
+    ],
 }
 
 
