@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from jrs.errors import InvalidInput
+from jrs.geometry import Geometry, Volume
+from jrs.registration import affine_prealign
+
+
+def _pelvis_like(g: Geometry, seed: int = 0) -> Volume:
+    """An elliptic body with fat, muscle, five bone rods and a bladder-like blob (HU)."""
+    rng = np.random.default_rng(seed)
+    c = g.voxel_centres()
+    x, y, z = c[..., 0], c[..., 1], c[..., 2]
+    hu = np.full(g.shape, -1000, np.float32)
+    body = (x / 170) ** 2 + (y / 110) ** 2 < 1
+    hu[body] = 40
+    hu[body & (((x / 150) ** 2 + (y / 95) ** 2) > 1)] = -100
+    for cx, cy in [(-60, 10), (60, 10), (0, 60), (-90, -20), (90, -20)]:
+        hu[((x - cx) ** 2 + (y - cy) ** 2 + (0.3 * (z - cx / 10)) ** 2) < 20**2] = 700
+    hu[(x**2 + (y + 40) ** 2 + (z - 10) ** 2) < 35**2] = 10
+    hu += rng.normal(0, 20, hu.shape).astype(np.float32)
+    return Volume(hu, g)
+
+
+@pytest.fixture(scope="module")
+def planning() -> Volume:
+    return _pelvis_like(Geometry((40, 160, 180), origin=[-200, -150, -60], spacing=[2.2, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize(
+    ("angles_deg", "shift_mm"),
+    [((1.5, -2.0, 3.0), (7.0, -5.0, 9.0)), ((-3.0, 2.5, -1.0), (-10.0, 8.0, -6.0))],
+)
+def test_recovers_known_setup_error(
+    planning: Volume, angles_deg: tuple[float, float, float], shift_mm: tuple[float, float, float]
+) -> None:
+    # daily(p) = planning(T(p)) with T the true pull transform daily -> planning
+    true = sitk.Euler3DTransform((0, 0, 0), *np.deg2rad(angles_deg), shift_mm)
+    daily = planning.resample(planning.geometry, "linear", -1000, transform=true)
+    result = affine_prealign(daily, planning)
+    body_pts = planning.geometry.voxel_centres()[planning.array > -400][::200]
+    truth = np.array([true.TransformPoint(tuple(map(float, p))) for p in body_pts])
+    err = np.linalg.norm(result.map_points(body_pts) - truth, axis=1)
+    assert err.mean() < 1.0
+    rigid_err = np.linalg.norm(
+        np.array([result.rigid.TransformPoint(tuple(map(float, p))) for p in body_pts]) - truth,
+        axis=1,
+    )
+    assert rigid_err.mean() < 1.0
+    assert set(result.seconds) == {"prepare", "rigid", "affine", "total"}
+
+
+def test_identity_when_scans_are_equal(planning: Volume) -> None:
+    result = affine_prealign(planning, planning, stages="rigid")
+    pts = planning.geometry.corners()
+    np.testing.assert_allclose(result.map_points(pts), pts, atol=0.5)
+    assert "affine" not in result.seconds
+
+
+def test_refuses_images_without_a_body(planning: Volume) -> None:
+    empty = planning.with_array(np.full(planning.geometry.shape, -1000, np.float32))
+    with pytest.raises(InvalidInput, match="no body"):
+        affine_prealign(empty, planning)
