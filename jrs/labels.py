@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from jrs.errors import InvalidInput
@@ -145,3 +146,38 @@ class SynonymTable:
             if lab is not None and lab not in found:
                 found[lab] = name
         return found
+
+
+def label_map_from_masks(
+    masks: Mapping[str, np.ndarray], synonyms: SynonymTable | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Combine per-ROI masks into one label map (0..4) using the synonym table.
+
+    Overlaps are resolved by a fixed priority: prostate over seminal vesicles over rectum over
+    bladder (a voxel of the prostate that a bladder contour also covers is prostate).
+
+    Args:
+        masks: ROI name -> (nz, ny, nx) mask (non-zero inside), all on one grid.
+        synonyms: ROI-name synonym table (defaults to `SynonymTable()`).
+
+    Returns:
+        (label map uint8 (nz, ny, nx), label id -> ROI name used).
+
+    Raises:
+        InvalidInput: when no ROI maps to any organ of the label table, or masks differ in shape.
+    """
+    table = synonyms or SynonymTable()
+    found = table.match(masks.keys())
+    if not found:
+        raise InvalidInput(
+            f"none of the ROI names {sorted(masks)} maps to bladder, rectum, seminal vesicles or "
+            "prostate; extend the synonym table (SynonymTable.from_yaml) with your names"
+        )
+    shapes = {np.asarray(m).shape for m in masks.values()}
+    if len(shapes) != 1:
+        raise InvalidInput(f"masks are on different grids: shapes {sorted(shapes)}")
+    out = np.zeros(next(iter(shapes)), dtype=np.uint8)
+    for lab in (BLADDER, RECTUM, SEMINAL_VESICLES, PROSTATE):  # ascending priority
+        if lab in found:
+            out[np.asarray(masks[found[lab]]) > 0] = lab
+    return out, found

@@ -43,3 +43,21 @@ def test_bad_synonym_tables(tmp_path: Path) -> None:
     f.write_text("prostate: Prostaat\n")
     with pytest.raises(InvalidInput, match="'prostate' must be a list"):
         SynonymTable.from_yaml(f)
+
+
+def test_label_map_priority_and_errors() -> None:
+    import numpy as np
+
+    from jrs.labels import label_map_from_masks
+
+    bladder = np.zeros((4, 4, 4), bool)
+    bladder[:2] = True
+    prostate = np.zeros((4, 4, 4), bool)
+    prostate[1:3] = True
+    lab, used = label_map_from_masks({"Blaas": bladder, "CTV_prostate": prostate, "PTV": prostate})
+    assert used == {BLADDER: "Blaas", PROSTATE: "CTV_prostate"}
+    assert (lab[0] == BLADDER).all() and (lab[1] == PROSTATE).all() and (lab[3] == 0).all()
+    with pytest.raises(InvalidInput, match="none of the ROI names"):
+        label_map_from_masks({"PTV": prostate})
+    with pytest.raises(InvalidInput, match="different grids"):
+        label_map_from_masks({"Bladder": bladder, "Rectum": bladder[:2]})
