@@ -1,0 +1,358 @@
+"""Training data: planning/daily pairs prepared once, cached, and sampled as 3-D patches.
+
+A dataset is any folder of patients in the ``jrs phantom`` layout::
+
+    ROOT/<patient>/planning/{ct/, rtstruct.dcm}
+    ROOT/<patient>/fraction_<k>/{ct/, rtstruct.dcm[, true_dvf.mha]}
+
+so a clinic can point the same command at its own converted archive. Each (planning, fraction)
+pair is pre-aligned and resampled to the 1 mm network grid by `jrs.preprocess.prepare_pair` (the
+function the re-contouring pipeline uses), and cached on disk as ``.npz``. Patches of n^3 voxels
+are drawn with centres balanced over three regions (targets: prostate + seminal vesicles; organs
+at risk: bladder + rectum; torso: the body), uniformly inside the chosen region; volumes are padded
+so that patches may hang over the edge. Each drawn pair is also used swapped (fixed <-> moving,
+labels swapped too), as METHOD.md prescribes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from jrs.errors import InvalidInput
+from jrs.geometry import Volume
+from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, SynonymTable
+from jrs.preprocess import PreparedPair, prepare_pair
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+AIR = -1.0  # normalised intensity of air (-1000 HU)
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """Where the files of one planning/daily pair are.
+
+    Attributes:
+        patient: patient folder name.
+        fraction: fraction folder name.
+        planning_ct: folder of the planning CT series.
+        planning_rtstruct: planning RTSTRUCT file.
+        daily_ct: folder of the daily CT series.
+        daily_rtstruct: daily RTSTRUCT file (ground truth contours).
+    """
+
+    patient: str
+    fraction: str
+    planning_ct: Path
+    planning_rtstruct: Path
+    daily_ct: Path
+    daily_rtstruct: Path
+
+    @property
+    def key(self) -> str:
+        """A stable cache key for this pair."""
+        digest = hashlib.sha1(
+            f"{self.planning_ct.resolve()}|{self.daily_ct.resolve()}".encode()
+        ).hexdigest()[:12]
+        return f"{self.patient}_{self.fraction}_{digest}"
+
+
+def discover_pairs(root: Path | str, patients: Sequence[str] | None = None) -> list[PairRecord]:
+    """List every (planning, fraction) pair of a dataset folder in the ``jrs phantom`` layout.
+
+    Args:
+        root: the dataset folder.
+        patients: restrict to these patient folder names.
+
+    Returns:
+        Pairs sorted by patient then fraction number.
+
+    Raises:
+        InvalidInput: when the folder holds no complete pair (names what is missing).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidInput(f"{root}: dataset folder does not exist")
+    pairs: list[PairRecord] = []
+    for pdir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if patients is not None and pdir.name not in patients:
+            continue
+        planning = pdir / "planning"
+        if not (planning / "ct").is_dir() or not (planning / "rtstruct.dcm").is_file():
+            log.warning("%s: no planning/ct or planning/rtstruct.dcm, skipped", pdir.name)
+            continue
+        fractions = sorted(
+            (f for f in pdir.glob("fraction_*") if f.is_dir()),
+            key=lambda f: int(re.sub(r"\D", "", f.name) or 0),
+        )
+        for fdir in fractions:
+            if not (fdir / "ct").is_dir() or not (fdir / "rtstruct.dcm").is_file():
+                log.warning("%s/%s: no ct/ or rtstruct.dcm, skipped", pdir.name, fdir.name)
+                continue
+            pairs.append(
+                PairRecord(
+                    patient=pdir.name,
+                    fraction=fdir.name,
+                    planning_ct=planning / "ct",
+                    planning_rtstruct=planning / "rtstruct.dcm",
+                    daily_ct=fdir / "ct",
+                    daily_rtstruct=fdir / "rtstruct.dcm",
+                )
+            )
+    if not pairs:
+        raise InvalidInput(
+            f"{root}: no planning/fraction pair found; expected <patient>/planning/{{ct/,"
+            "rtstruct.dcm}} and <patient>/fraction_<k>/{ct/,rtstruct.dcm} (see `jrs phantom`)"
+        )
+    return pairs
+
+
+def read_labelled_ct(
+    ct_dir: Path, rtstruct: Path, synonyms: SynonymTable | None = None
+) -> tuple[Volume, Volume]:
+    """Read a CT series and its RTSTRUCT as (HU volume, label map 0..4 volume)."""
+    from jrs.dicom.ct import read_ct_series
+    from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
+
+    from jrs.labels import label_map_from_masks
+
+    series = read_ct_series(ct_dir)
+    masks = rtstruct_to_masks(read_rtstruct(rtstruct), series)
+    labels, _ = label_map_from_masks({k: v.array for k, v in masks.items()}, synonyms)
+    return series.volume, series.volume.with_array(labels)
+
+
+@dataclass
+class TrainingPair:
+    """The arrays of one prepared pair (1 mm grid), as cached.
+
+    Attributes:
+        key: cache key / name.
+        fixed: (nz, ny, nx) float32 normalised daily CT.
+        moving: (nz, ny, nx) float32 normalised pre-aligned planning CT.
+        fixed_labels: (nz, ny, nx) uint8 daily labels.
+        moving_labels: (nz, ny, nx) uint8 pre-aligned planning labels.
+        body: (nz, ny, nx) uint8 daily body mask.
+    """
+
+    key: str
+    fixed: npt.NDArray[np.float32]
+    moving: npt.NDArray[np.float32]
+    fixed_labels: npt.NDArray[np.uint8]
+    moving_labels: npt.NDArray[np.uint8]
+    body: npt.NDArray[np.uint8]
+
+    @classmethod
+    def from_prepared(cls, key: str, pair: PreparedPair) -> TrainingPair:
+        """Keep the arrays of a `PreparedPair` that has daily labels."""
+        if pair.fixed_labels is None:
+            raise InvalidInput(f"{key}: training needs daily labels (ground-truth contours)")
+        return cls(key, pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels, pair.body)
+
+    def save(self, path: Path) -> None:
+        """Write to an ``.npz`` (images as float16: 0.5 HU resolution after scaling)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            version=CACHE_VERSION,
+            fixed=self.fixed.astype(np.float16),
+            moving=self.moving.astype(np.float16),
+            fixed_labels=self.fixed_labels,
+            moving_labels=self.moving_labels,
+            body=self.body,
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, key: str, path: Path) -> TrainingPair:
+        """Read a cached pair."""
+        with np.load(path) as z:
+            if int(z["version"]) != CACHE_VERSION:
+                raise InvalidInput(f"{path}: cache version {int(z['version'])} is stale")
+            return cls(
+                key,
+                z["fixed"].astype(np.float32),
+                z["moving"].astype(np.float32),
+                z["fixed_labels"],
+                z["moving_labels"],
+                z["body"],
+            )
+
+
+def load_pair(
+    record: PairRecord, cache_dir: Path | None, synonyms: SynonymTable | None = None
+) -> TrainingPair:
+    """Prepare a pair from DICOM, or load it from the cache when present."""
+    path = cache_dir / f"{record.key}.npz" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            return TrainingPair.load(record.key, path)
+        except (OSError, ValueError, KeyError, InvalidInput) as exc:
+            log.warning("cache %s unreadable (%s); preparing again", path.name, exc)
+    daily_ct, daily_labels = read_labelled_ct(record.daily_ct, record.daily_rtstruct, synonyms)
+    planning_ct, planning_labels = read_labelled_ct(
+        record.planning_ct, record.planning_rtstruct, synonyms
+    )
+    prepared = prepare_pair(daily_ct, planning_ct, planning_labels, daily_labels=daily_labels)
+    pair = TrainingPair.from_prepared(record.key, prepared)
+    if path is not None:
+        pair.save(path)
+    return pair
+
+
+def phantom_pair(patient_seed: int, fraction: int = 1) -> TrainingPair:
+    """Generate a phantom pair in memory (no DICOM round trip): the on-the-fly data option."""
+    from jrs.phantom import generate_fraction, generate_patient
+
+    patient = generate_patient(patient_seed)
+    frac = generate_fraction(patient, fraction)
+    prepared = prepare_pair(frac.ct, patient.ct, patient.labels, daily_labels=frac.labels)
+    return TrainingPair.from_prepared(f"phantom{patient_seed}_f{fraction}", prepared)
+
+
+REGIONS: dict[str, tuple[int, ...]] = {
+    "targets": (PROSTATE, SEMINAL_VESICLES),
+    "organs_at_risk": (BLADDER, RECTUM),
+}
+
+
+@dataclass
+class PatchBatch:
+    """A batch of patches, channels-first, numpy (the trainer turns them into tensors).
+
+    Attributes:
+        fixed: (B, 1, n, n, n) float32 normalised fixed images.
+        moving: (B, 1, n, n, n) float32 normalised moving images.
+        fixed_labels: (B, 1, n, n, n) uint8 fixed labels.
+        moving_labels: (B, 1, n, n, n) uint8 moving labels.
+    """
+
+    fixed: npt.NDArray[np.float32]
+    moving: npt.NDArray[np.float32]
+    fixed_labels: npt.NDArray[np.uint8]
+    moving_labels: npt.NDArray[np.uint8]
+
+
+class PatchSampler:
+    """Region-balanced n^3 patch sampling from prepared pairs, with swapped copies.
+
+    Args:
+        pairs: the prepared pairs.
+        patch_size: n, edge of the cubic input patch (voxels).
+        pairs_per_batch: distinct pairs per batch (METHOD.md: 2).
+        patches_per_pair: patches drawn from each chosen pair.
+        swap: also add each patch with fixed <-> moving swapped (doubles the batch).
+        seed: random seed (sampling is reproducible from it).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[TrainingPair],
+        patch_size: int = 96,
+        pairs_per_batch: int = 2,
+        patches_per_pair: int = 1,
+        swap: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not pairs:
+            raise InvalidInput("PatchSampler needs at least one training pair")
+        self.pairs = list(pairs)
+        self.n = int(patch_size)
+        self.pairs_per_batch = pairs_per_batch
+        self.patches_per_pair = patches_per_pair
+        self.swap = swap
+        self.rng = np.random.default_rng(seed)
+        self._regions = [self._region_voxels(p) for p in self.pairs]
+
+    @staticmethod
+    def _region_voxels(pair: TrainingPair) -> dict[str, npt.NDArray[np.int32]]:
+        out: dict[str, npt.NDArray[np.int32]] = {}
+        for name, labs in REGIONS.items():
+            idx = np.argwhere(np.isin(pair.fixed_labels, labs)).astype(np.int32)
+            if idx.size:
+                out[name] = idx
+        torso = np.argwhere(pair.body > 0).astype(np.int32)
+        out["torso"] = (
+            torso if torso.size else np.argwhere(np.ones_like(pair.body)).astype(np.int32)
+        )
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch."""
+        return self.pairs_per_batch * self.patches_per_pair * (2 if self.swap else 1)
+
+    def state(self) -> dict[str, object]:
+        """The random generator state (for bit-for-bit resume)."""
+        return dict(self.rng.bit_generator.state)
+
+    def set_state(self, state: dict[str, object]) -> None:
+        """Restore a random generator state saved by `state`."""
+        self.rng.bit_generator.state = state
+
+    def _centre(self, pair_idx: int) -> npt.NDArray[np.int64]:
+        regions = self._regions[pair_idx]
+        names = sorted(regions)
+        name = names[int(self.rng.integers(len(names)))]
+        vox = regions[name]
+        return vox[int(self.rng.integers(len(vox)))].astype(np.int64)
+
+    def _crop(self, arr: np.ndarray, centre: npt.NDArray[np.int64], fill: float) -> np.ndarray:
+        n = self.n
+        start = centre - n // 2
+        out = np.full((n, n, n), fill, dtype=arr.dtype)
+        src_lo = np.maximum(start, 0)
+        src_hi = np.minimum(start + n, arr.shape)
+        dst_lo = src_lo - start
+        dst_hi = dst_lo + (src_hi - src_lo)
+        if np.all(src_hi > src_lo):
+            out[dst_lo[0] : dst_hi[0], dst_lo[1] : dst_hi[1], dst_lo[2] : dst_hi[2]] = arr[
+                src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]
+            ]
+        return out
+
+    def sample(self) -> PatchBatch:
+        """Draw one batch."""
+        fixed, moving, fl, ml = [], [], [], []
+        chosen = self.rng.choice(
+            len(self.pairs),
+            size=self.pairs_per_batch,
+            replace=len(self.pairs) < self.pairs_per_batch,
+        )
+        for pi in chosen:
+            pair = self.pairs[int(pi)]
+            for _ in range(self.patches_per_pair):
+                c = self._centre(int(pi))
+                f = self._crop(pair.fixed, c, AIR)
+                m = self._crop(pair.moving, c, AIR)
+                a = self._crop(pair.fixed_labels, c, 0)
+                b = self._crop(pair.moving_labels, c, 0)
+                fixed.append(f)
+                moving.append(m)
+                fl.append(a)
+                ml.append(b)
+                if self.swap:
+                    fixed.append(m)
+                    moving.append(f)
+                    fl.append(b)
+                    ml.append(a)
+        return PatchBatch(
+            fixed=np.stack(fixed)[:, None],
+            moving=np.stack(moving)[:, None],
+            fixed_labels=np.stack(fl)[:, None],
+            moving_labels=np.stack(ml)[:, None],
+        )
+
+    def __iter__(self) -> Iterator[PatchBatch]:
+        while True:
+            yield self.sample()
