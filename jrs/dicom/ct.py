@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from jrs.dicom.series import CT_IMAGE_STORAGE, CTSeries, new_uid
 from jrs.errors import InvalidInput
@@ -151,8 +151,8 @@ def write_ct_series(
     for k in range(nz):
         sop_uid = series.sop_instance_uids[k]
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = series.sop_class_uid or CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPClassUID = UID(series.sop_class_uid or CT_IMAGE_STORAGE)
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = "JRS_CT_1"
