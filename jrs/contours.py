@@ -1,0 +1,286 @@
+"""Binary masks <-> planar polygons in patient coordinates (LPS, mm).
+
+The two directions are exact inverses of each other on the voxel grid:
+
+* `mask_to_contours` traces each slice with marching squares (`skimage.measure.find_contours` on
+  the zero-padded slice at level 0.5). The polygon passes half-way between voxel centres inside and
+  outside the mask, so every voxel centre of the mask lies strictly inside it and every other
+  centre strictly outside.
+* `contours_to_mask` fills, on the slice whose plane a polygon lies in, exactly the voxels whose
+  CENTRE is inside the polygon; polygons of one slice are combined by XOR, so holes (and islands in
+  holes) come back.
+
+Both work in continuous index space (``Geometry.physical_to_index``), so any direction (HFS, HFP,
+FFS, FFP storage, oblique) is handled. Contours are planar in the grid's slice planes (the planes of
+constant k).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from matplotlib.path import Path as MplPath
+from skimage.measure import approximate_polygon, find_contours
+
+from jrs.errors import GeometryMismatch, InvalidInput
+from jrs.geometry import Geometry
+
+logger = logging.getLogger(__name__)
+
+#: Default tolerance (fraction of the slice spacing) for assigning a polygon to a slice plane.
+DEFAULT_PLANE_TOLERANCE = 0.25
+
+#: Default simplification tolerance in in-plane voxels. Below 0.35 voxel (the closest a voxel
+#: centre comes to a marching-squares polygon) no voxel changes side, so round trips stay exact.
+DEFAULT_SIMPLIFY_TOLERANCE = 0.2
+
+
+@dataclass(frozen=True, eq=False)
+class PlanarContour:
+    """One closed polygon lying in a slice plane of a grid.
+
+    Attributes:
+        slice_index: index k of the slice (array index along z of the (nz, ny, nx) mask).
+        points: (N, 3) LPS vertices, mm, N >= 3 distinct points; the polygon is implicitly closed
+            (the first point is not repeated at the end).
+        is_hole: True when the polygon bounds a hole (background inside foreground). Outer
+            boundaries wind counter-clockwise and holes clockwise, seen from the positive side of
+            the patient axis (L, P or S) closest to the slice normal (for axial slices: seen from
+            the head).
+    """
+
+    slice_index: int
+    points: npt.NDArray[np.float64]
+    is_hole: bool = False
+
+
+@dataclass
+class RasterReport:
+    """What `contours_to_mask` could not place on the grid.
+
+    Attributes:
+        off_plane: indices (in input order) of contours that do not lie in one slice plane
+            (between two slices, or not parallel to the slices).
+        outside: indices of contours in a slice plane beyond the first/last slice, or entirely
+            outside the in-plane extent of the grid.
+        degenerate: indices of contours with fewer than 3 distinct points.
+        messages: one human-readable line per problem.
+    """
+
+    off_plane: list[int] = field(default_factory=list)
+    outside: list[int] = field(default_factory=list)
+    degenerate: list[int] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every contour was placed on the grid."""
+        return not (self.off_plane or self.outside or self.degenerate)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _reference_sign(geometry: Geometry) -> float:
+    """+1 when (i, j) winding equals winding about the positive patient axis nearest the normal."""
+    d = geometry.direction
+    normal = np.cross(d[:, 0], d[:, 1])
+    axis = int(np.argmax(np.abs(normal)))
+    return 1.0 if normal[axis] > 0 else -1.0
+
+
+def _signed_area_ij(ij: npt.NDArray[np.float64]) -> float:
+    """Shoelace area of an (N, 2) polygon given as (i, j) columns (positive = counter-clockwise)."""
+    x, y = ij[:, 0], ij[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def _drop_collinear(ij: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Remove repeated and exactly collinear vertices of a closed polygon ((N, 2), no repeat)."""
+    keep = np.ones(len(ij), dtype=bool)
+    prev = np.roll(ij, 1, axis=0)
+    nxt = np.roll(ij, -1, axis=0)
+    a = ij - prev
+    b = nxt - ij
+    cross = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+    dot = np.einsum("ij,ij->i", a, b)
+    keep &= ~((np.abs(cross) < 1e-9) & (dot >= 0))  # straight continuation
+    keep &= np.any(np.abs(a) > 1e-9, axis=1)  # duplicate of the previous point
+    return ij[keep] if keep.sum() >= 3 else ij
+
+
+# ------------------------------------------------------------------------------ mask -> polygons
+def mask_to_contours(
+    mask: npt.ArrayLike,
+    geometry: Geometry,
+    *,
+    simplify_tolerance: float = DEFAULT_SIMPLIFY_TOLERANCE,
+) -> list[PlanarContour]:
+    """Trace a binary mask into closed planar polygons, slice by slice.
+
+    Each slice is zero-padded and traced with marching squares at level 0.5 (foreground voxels
+    that touch diagonally are connected). Outer boundaries and holes come out as separate closed
+    polygons; collinear vertices are dropped, then the polygon is simplified (Douglas-Peucker)
+    with `simplify_tolerance` in-plane voxels.
+
+    Args:
+        mask: (nz, ny, nx) mask, non-zero inside.
+        geometry: the grid of the mask (any direction).
+        simplify_tolerance: maximum vertex deviation of the simplification, in voxels (0 keeps
+            every non-collinear vertex). Values below 0.35 keep the mask -> polygons -> mask round
+            trip exact.
+
+    Returns:
+        Contours ordered by slice index, then outer boundaries before holes; points in LPS mm.
+
+    Raises:
+        GeometryMismatch: when the mask shape differs from ``geometry.shape``.
+        InvalidInput: when `simplify_tolerance` is negative.
+    """
+    arr = np.asarray(mask)
+    if arr.shape != geometry.shape:
+        raise GeometryMismatch(
+            f"mask shape {arr.shape} does not match the grid shape {geometry.shape} (nz, ny, nx)"
+        )
+    if simplify_tolerance < 0:
+        raise InvalidInput(f"simplify_tolerance must be >= 0 voxels, got {simplify_tolerance}")
+    fg = arr != 0
+    if not fg.any():
+        return []
+    sign = _reference_sign(geometry)
+    zs = np.flatnonzero(fg.any(axis=(1, 2)))
+    ys = np.flatnonzero(fg.any(axis=(0, 2)))
+    xs = np.flatnonzero(fg.any(axis=(0, 1)))
+    j0, j1, i0, i1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+    out: list[PlanarContour] = []
+    for k in zs:
+        crop = np.pad(fg[k, j0:j1, i0:i1].astype(np.float32), 1)
+        outers: list[PlanarContour] = []
+        holes: list[PlanarContour] = []
+        for rc in find_contours(crop, 0.5, fully_connected="high"):
+            ring = rc[:-1] if np.allclose(rc[0], rc[-1]) else rc
+            ij = np.column_stack([ring[:, 1] - 1 + i0, ring[:, 0] - 1 + j0])
+            ij = _drop_collinear(ij)
+            if simplify_tolerance > 0 and len(ij) > 4:
+                closed = approximate_polygon(np.vstack([ij, ij[:1]]), simplify_tolerance)
+                if len(closed) - 1 >= 3:
+                    ij = closed[:-1]
+            if len(np.unique(np.round(ij, 6), axis=0)) < 3:
+                continue
+            # find_contours winds rings around foreground counter-clockwise in (i, j) and around
+            # background (holes) clockwise; simplification keeps the winding.
+            area_ij = _signed_area_ij(ij)
+            is_hole = area_ij < 0
+            if (area_ij * sign > 0) == is_hole:  # outers counter-clockwise, holes clockwise
+                ij = ij[::-1]
+            idx = np.column_stack([ij, np.full(len(ij), float(k))])
+            contour = PlanarContour(int(k), geometry.index_to_physical(idx), is_hole)
+            (holes if is_hole else outers).append(contour)
+        out.extend(outers)
+        out.extend(holes)
+    return out
+
+
+# ------------------------------------------------------------------------------ polygons -> mask
+def contours_to_mask(
+    contours: Iterable[npt.ArrayLike | PlanarContour],
+    geometry: Geometry,
+    *,
+    plane_tolerance: float = DEFAULT_PLANE_TOLERANCE,
+    strict: bool = True,
+    report: RasterReport | None = None,
+    label: str = "contour",
+) -> npt.NDArray[np.bool_]:
+    """Rasterise closed planar polygons onto a grid: voxel centre inside the polygon.
+
+    Each polygon is mapped to continuous indices; it belongs to slice ``k = round(mean k)`` when
+    every vertex lies within `plane_tolerance` (a fraction of the slice spacing) of that plane.
+    Voxel centres of the slice inside the polygon (``matplotlib.path.Path.contains_points``) are
+    toggled, so polygons of one slice combine by XOR (a polygon inside another is a hole). Parts of
+    a polygon beyond the in-plane extent of the grid are clipped.
+
+    Args:
+        contours: polygons, each (N, 3) LPS points in mm (or a `PlanarContour`), N >= 3.
+        geometry: the output grid.
+        plane_tolerance: maximum distance of a vertex from its slice plane, as a fraction of the
+            slice spacing (0 < tol < 0.5).
+        strict: raise on the first contour that cannot be placed (off every slice plane, outside
+            the grid, fewer than 3 points); when False such contours are skipped, logged and
+            recorded in `report`.
+        report: optional `RasterReport` filled with the contours that were not placed.
+        label: words naming the contours in messages (e.g. ``"ROI 'Bladder'"``).
+
+    Returns:
+        (nz, ny, nx) boolean mask.
+
+    Raises:
+        GeometryMismatch: (strict) a contour is off every slice plane or outside the grid.
+        InvalidInput: (strict) a contour is not an (N, 3) array of at least 3 distinct points;
+            `plane_tolerance` out of range.
+    """
+    if not 0 < plane_tolerance < 0.5:
+        raise InvalidInput(f"plane_tolerance must be in (0, 0.5) slices, got {plane_tolerance}")
+    rep = report if report is not None else RasterReport()
+    nz, ny, nx = geometry.shape
+    mask = np.zeros(geometry.shape, dtype=bool)
+
+    def problem(kind: str, n: int, message: str) -> None:
+        text = f"{label} #{n + 1}: {message}"
+        if strict:
+            err = InvalidInput if kind == "degenerate" else GeometryMismatch
+            raise err(text)
+        getattr(rep, kind).append(n)
+        rep.messages.append(text)
+        logger.warning("%s", text)
+
+    for n, contour in enumerate(contours):
+        pts = contour.points if isinstance(contour, PlanarContour) else contour
+        arr = np.asarray(pts, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != 3:
+            problem("degenerate", n, f"expected (N, 3) LPS points, got shape {arr.shape}")
+            continue
+        if len(np.unique(np.round(arr, 6), axis=0)) < 3:
+            problem("degenerate", n, f"has {len(arr)} points, fewer than 3 distinct; skipped")
+            continue
+        idx = geometry.physical_to_index(arr)
+        kc = float(np.mean(idx[:, 2]))
+        k = round(kc)
+        dev = float(np.max(np.abs(idx[:, 2] - k)))
+        if dev > plane_tolerance:
+            spread = float(np.ptp(idx[:, 2]) * geometry.spacing[2])
+            problem(
+                "off_plane",
+                n,
+                f"does not lie in a slice plane of the grid (nearest slice {k}, vertices up to "
+                f"{dev * geometry.spacing[2]:.3g} mm from it, out-of-plane spread {spread:.3g} "
+                f"mm; tolerance {plane_tolerance * geometry.spacing[2]:.3g} mm)",
+            )
+            continue
+        if not 0 <= k < nz:
+            centre = geometry.index_to_physical([0.0, 0.0, float(k)])
+            problem(
+                "outside",
+                n,
+                f"lies on slice position {k} (plane through {np.round(centre, 2).tolist()} mm), "
+                f"outside the grid's slices 0..{nz - 1}",
+            )
+            continue
+        ij = idx[:, :2]
+        lo = np.maximum(np.ceil(ij.min(axis=0)), 0).astype(int)
+        hi = np.minimum(np.floor(ij.max(axis=0)), [nx - 1, ny - 1]).astype(int)
+        if np.any(hi < lo):
+            if np.all(ij.max(axis=0) >= -0.5) and np.all(ij.min(axis=0) <= [nx - 0.5, ny - 0.5]):
+                continue  # inside the grid but encloses no voxel centre (a tiny polygon)
+            problem("outside", n, f"lies entirely outside the in-plane extent of slice {k}")
+            continue
+        ii, jj = np.meshgrid(
+            np.arange(lo[0], hi[0] + 1, dtype=np.float64),
+            np.arange(lo[1], hi[1] + 1, dtype=np.float64),
+        )
+        inside = MplPath(ij, closed=False).contains_points(
+            np.column_stack([ii.ravel(), jj.ravel()]), radius=0.0
+        )
+        mask[k, lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] ^= inside.reshape(ii.shape)
+    return mask
