@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -334,9 +335,42 @@ def _read_dataset(path: Path) -> Dataset | None:
             f"{path}: corrupt or truncated DICOM file ({type(exc).__name__}: {str(exc)[:200]}); "
             "every file of the series must be a complete DICOM file"
         ) from exc
-    if force and "SOPClassUID" not in ds and "Modality" not in ds:
-        return None
+    if not force:
+        _check_not_truncated(ds, path)
+    if "SOPClassUID" not in ds and "Modality" not in ds:
+        if force:
+            return None
+        raise InvalidInput(
+            f"{path}: corrupt DICOM file: it has the DICOM header (DICM) but neither SOPClassUID "
+            "nor Modality could be read; every file must be a complete DICOM object"
+        )
     return ds
+
+
+def _check_not_truncated(ds: Dataset, path: Path) -> None:
+    """Raise `InvalidInput` when the file ends inside its last element.
+
+    pydicom stops quietly at the end of a truncated file, leaving the last value short (or, when
+    deferred, unread) or dropping a partly read element header, so the end of the last element
+    is checked against the file size.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and UID(str(syntax)).is_deflated:
+        return  # offsets are in the inflated stream
+    tags = list(ds.keys())
+    if not tags:
+        return
+    raw = ds.get_item(tags[-1])
+    if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+        return
+    size = path.stat().st_size
+    end = raw.value_tell + raw.length
+    if end > size or 0 < size - end < 8:
+        raise InvalidInput(
+            f"{path}: truncated DICOM file: it ends at byte {size}, inside element {raw.tag} "
+            f"or the header of the next one; send the complete file"
+        )
 
 
 def _is_image(ds: Dataset) -> bool:
@@ -659,6 +693,11 @@ def read_ct_series(
             if ds is None:
                 skipped_non_dicom += 1
             elif _is_image(ds):
+                if "PixelData" not in ds and str(ds.get("SOPClassUID", "")) == CT_IMAGE_STORAGE:
+                    raise InvalidInput(
+                        f"{path}: missing required attribute PixelData (the file may be "
+                        "truncated); every CT slice needs pixel data"
+                    )
                 images.append(_Slice(path=path, ds=ds))
             else:
                 skipped_objects[_text(ds, "Modality") or "no Modality"] += 1
