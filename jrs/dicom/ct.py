@@ -337,7 +337,7 @@ def _read_dataset(path: Path) -> Dataset | None:
         ) from exc
     if not force:
         _check_not_truncated(ds, path)
-    if "SOPClassUID" not in ds and "Modality" not in ds:
+    if "SOPClassUID" not in ds and "Modality" not in ds and not _media_sop_class(ds):
         if force:
             return None
         raise InvalidInput(
@@ -371,6 +371,21 @@ def _check_not_truncated(ds: Dataset, path: Path) -> None:
             f"{path}: truncated DICOM file: it ends at byte {size}, inside element {raw.tag} "
             f"or the header of the next one; send the complete file"
         )
+
+
+def _media_sop_class(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    value = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+    return str(value) if value else ""
+
+
+def _object_kind(ds: Dataset) -> str:
+    """Words naming what a skipped DICOM object is (its Modality, else its SOP class)."""
+    modality = _text(ds, "Modality")
+    if modality:
+        return modality
+    sop_class = _text(ds, "SOPClassUID") or _media_sop_class(ds)
+    return UID(sop_class).name if sop_class else "unidentified DICOM"
 
 
 def _is_image(ds: Dataset) -> bool:
@@ -700,7 +715,7 @@ def read_ct_series(
                     )
                 images.append(_Slice(path=path, ds=ds))
             else:
-                skipped_objects[_text(ds, "Modality") or "no Modality"] += 1
+                skipped_objects[_object_kind(ds)] += 1
         if not images:
             found = [f"{skipped_non_dicom} non-DICOM file(s)"] + [
                 f"{n} {modality} object(s)" for modality, n in sorted(skipped_objects.items())

@@ -244,6 +244,21 @@ def test_non_dicom_and_non_image_objects_are_skipped(tmp_path: Path) -> None:
     assert read.volume.geometry.shape == series.volume.geometry.shape
 
 
+def test_dicomdir_export_reads(tmp_path: Path) -> None:
+    from pydicom.fileset import FileSet
+
+    series = _write(tmp_path / "src")
+    fileset = FileSet()
+    for path in series.files:
+        fileset.add(path)
+    fileset.write(tmp_path / "media")
+    assert (tmp_path / "media" / "DICOMDIR").is_file()
+    read = read_ct_series(tmp_path / "media")
+    assert read.sop_instance_uids == series.sop_instance_uids
+    with pytest.raises(InvalidInput, match="Media Storage Directory"):
+        read_ct_series([tmp_path / "media" / "DICOMDIR"])
+
+
 def test_nothing_usable_names_folder_and_what_was_found(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("hello")
     rtstruct = pydicom.Dataset()
@@ -459,8 +474,11 @@ def test_empty_uids_warn_and_group(tmp_path: Path, caplog: pytest.LogCaptureFixt
         read_ct_series(tmp_path, allow_empty_uids=False)
 
 
-def test_invalid_header_values_are_tolerated(tmp_path: Path) -> None:
-    series = _write(tmp_path)
+@pytest.mark.filterwarnings("ignore:.*Invalid value for VR:UserWarning")
+def test_invalid_header_values_are_tolerated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    series = _write(tmp_path, patient=PATIENT)
     mode = pydicom_config.settings.writing_validation_mode
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     try:
@@ -468,8 +486,12 @@ def test_invalid_header_values_are_tolerated(tmp_path: Path) -> None:
             _edit(path, PatientSex="9f86d081884c7d659a2", PatientBirthDate="a1b2c3d4e5")
     finally:
         pydicom_config.settings.writing_validation_mode = mode
-    read = read_ct_series(tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        read = read_ct_series(tmp_path)
     assert read.patient.patient_sex == "9f86d081884c7d659a2"
+    for secret in ("9f86d081884c7d659a2", PATIENT.patient_name, PATIENT.patient_id):
+        assert secret not in caplog.text
     assert read.patient.patient_birth_date == "a1b2c3d4e5"
 
 
