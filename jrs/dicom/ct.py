@@ -259,6 +259,7 @@ _IMAGE_SOP_CLASSES = frozenset(
         "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
     }
 )
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _REQUIRED = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 #: Tolerance on direction cosines between slices and on their orthonormality.
 _IOP_TOL = 1e-3
@@ -335,14 +336,16 @@ def _read_dataset(path: Path) -> Dataset | None:
             f"{path}: corrupt or truncated DICOM file ({type(exc).__name__}: {str(exc)[:200]}); "
             "every file of the series must be a complete DICOM file"
         ) from exc
-    if not force:
-        _check_not_truncated(ds, path)
-    if "SOPClassUID" not in ds and "Modality" not in ds and not _media_sop_class(ds):
-        if force:
-            return None
+    if force:
+        return ds if ("SOPClassUID" in ds or "Modality" in ds) else None
+    _check_not_truncated(ds, path)
+    # pydicom returns an empty data set when the file ends inside an undefined-length element;
+    # every composite object but a DICOMDIR carries SOPClassUID
+    is_dicomdir = _media_sop_class(ds) == MEDIA_STORAGE_DIRECTORY
+    if len(ds) == 0 or ("SOPClassUID" not in ds and "Modality" not in ds and not is_dicomdir):
         raise InvalidInput(
-            f"{path}: corrupt DICOM file: it has the DICOM header (DICM) but neither SOPClassUID "
-            "nor Modality could be read; every file must be a complete DICOM object"
+            f"{path}: corrupt or truncated DICOM file: it has the DICOM header (DICM) but no "
+            "SOPClassUID or Modality could be read; every file must be a complete DICOM object"
         )
     return ds
 
@@ -362,9 +365,22 @@ def _check_not_truncated(ds: Dataset, path: Path) -> None:
     if not tags:
         return
     raw = ds.get_item(tags[-1])
-    if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+    if not isinstance(raw, RawDataElement):
         return
     size = path.stat().st_size
+    if raw.length == 0xFFFFFFFF:
+        # an undefined-length last element (encapsulated pixel data, a sequence) must be closed
+        # by the Sequence Delimitation Item at the very end of the file
+        with path.open("rb") as fh:
+            fh.seek(max(0, size - 8))
+            tail = fh.read(8)
+        if tail not in (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"):
+            raise InvalidInput(
+                f"{path}: truncated DICOM file: element {raw.tag} of undefined length is not "
+                "closed by a Sequence Delimitation Item at the end of the file; send the complete "
+                "file"
+            )
+        return
     end = raw.value_tell + raw.length
     if end > size or 0 < size - end < 8:
         raise InvalidInput(
@@ -537,7 +553,7 @@ def _check_tilt(slices: list[_Slice], normal: npt.NDArray[np.float64]) -> None:
         offset = sl.position - first.position
         along = float(offset @ normal)
         across = float(np.linalg.norm(offset - along * normal))
-        if across > max(0.01, 1e-3 * abs(along)):
+        if abs(along) > 1e-3 and across > max(0.01, 1e-3 * abs(along)):
             angle = float(np.degrees(np.arctan2(across, abs(along))))
             raise UnsupportedData(
                 f"slice positions are not along the slice normal: {sl.path} is offset "
@@ -792,6 +808,13 @@ def _build_series(
                 raise InvalidInput(f"{message}; every CT slice needs a {keyword}")
             _warn(warnings_out, f"{message}; it is kept empty")
     frame_uid = _text(first, "FrameOfReferenceUID")
+    other_frames = {_text(s.ds, "FrameOfReferenceUID") for s in slices} - {frame_uid}
+    if other_frames:
+        _warn(
+            warnings_out,
+            f"the CT slices of {label} carry {len(other_frames) + 1} different "
+            f"FrameOfReferenceUIDs; the one of the first slice ({frame_uid or 'empty'}) is used",
+        )
     if not frame_uid:
         _warn(
             warnings_out,

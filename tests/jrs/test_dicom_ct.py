@@ -344,6 +344,20 @@ def test_truncated_file(tmp_path: Path, keep: float) -> None:
     assert str(target) in str(info.value)
 
 
+def test_truncated_compressed_file(tmp_path: Path) -> None:
+    series = _write(tmp_path, _hfs_volume((3, 32, 40)))
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(path)
+    target = Path(series.files[1])
+    data = target.read_bytes()
+    target.write_bytes(data[: int(len(data) * 0.9)])
+    with pytest.raises(InvalidInput, match="truncated") as info:
+        read_ct_series(tmp_path)
+    assert str(target) in str(info.value)
+
+
 def test_corrupt_file_claiming_dicom(tmp_path: Path) -> None:
     _write(tmp_path)
     bad = tmp_path / "broken.dcm"
@@ -472,6 +486,15 @@ def test_empty_uids_warn_and_group(tmp_path: Path, caplog: pytest.LogCaptureFixt
         assert word in caplog.text
     with pytest.raises(InvalidInput, match="StudyInstanceUID"):
         read_ct_series(tmp_path, allow_empty_uids=False)
+    assert read_ct_series(tmp_path, series_uid="").volume.geometry.shape == (6, 12, 16)
+
+
+def test_mixed_frames_of_reference_warn(tmp_path: Path) -> None:
+    series = _write(tmp_path)
+    _edit(series.files[3], FrameOfReferenceUID=new_uid())
+    read = read_ct_series(tmp_path)
+    assert read.frame_of_reference_uid == series.frame_of_reference_uid
+    assert any("2 different FrameOfReferenceUIDs" in w for w in read.warnings)
 
 
 @pytest.mark.filterwarnings("ignore:.*Invalid value for VR:UserWarning")
