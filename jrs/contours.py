@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from matplotlib.path import Path as MplPath
 from skimage.measure import approximate_polygon, find_contours
 
 from jrs.errors import GeometryMismatch, InvalidInput
@@ -34,9 +33,10 @@ logger = logging.getLogger(__name__)
 #: Default tolerance (fraction of the slice spacing) for assigning a polygon to a slice plane.
 DEFAULT_PLANE_TOLERANCE = 0.25
 
-#: Default simplification tolerance in in-plane voxels. Below 0.35 voxel (the closest a voxel
-#: centre comes to a marching-squares polygon) no voxel changes side, so round trips stay exact.
-DEFAULT_SIMPLIFY_TOLERANCE = 0.2
+#: Default Douglas-Peucker tolerance in in-plane voxels (0: only exactly collinear vertices are
+#: dropped, which is lossless). Below 0.35 voxel (the closest a voxel centre comes to a
+#: marching-squares polygon) no voxel changes side, so round trips stay exact.
+DEFAULT_SIMPLIFY_TOLERANCE = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,6 +184,49 @@ def mask_to_contours(
 
 
 # ------------------------------------------------------------------------------ polygons -> mask
+def _fill_even_odd(
+    polygons: list[npt.NDArray[np.float64]], ny: int, nx: int
+) -> npt.NDArray[np.bool_]:
+    """Voxel centres (integer (i, j)) inside closed (i, j) polygons by the even-odd rule.
+
+    Every edge crossing the row ``j`` (half-open: ``min(j0, j1) <= j < max(j0, j1)``) at abscissa
+    ``x`` toggles the voxels ``i >= x`` of that row; the parity of the toggles is the mask.
+
+    Args:
+        polygons: closed polygons, each (N, 2) continuous (i, j) indices (first point not
+            repeated).
+        ny: rows of the slice.
+        nx: columns of the slice.
+
+    Returns:
+        (ny, nx) boolean mask.
+    """
+    rows_all, cols_all = [], []
+    for ij in polygons:
+        p0 = ij
+        p1 = np.roll(ij, -1, axis=0)
+        j_lo = np.minimum(p0[:, 1], p1[:, 1])
+        j_hi = np.maximum(p0[:, 1], p1[:, 1])
+        first = np.maximum(np.ceil(j_lo), 0).astype(np.int64)
+        last = np.minimum(np.ceil(j_hi) - 1, ny - 1).astype(np.int64)  # j < j_hi
+        count = np.maximum(last - first + 1, 0)
+        if not count.any():
+            continue
+        edge = np.repeat(np.arange(len(ij)), count)
+        offset = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        j = (first[edge] + offset).astype(np.float64)
+        a, b = p0[edge], p1[edge]
+        x = a[:, 0] + (j - a[:, 1]) * (b[:, 0] - a[:, 0]) / (b[:, 1] - a[:, 1])
+        col = np.maximum(np.ceil(x), 0).astype(np.int64)
+        keep = col < nx
+        rows_all.append(j[keep].astype(np.int64))
+        cols_all.append(col[keep])
+    toggles = np.zeros((ny, nx), dtype=np.int32)
+    if rows_all:
+        np.add.at(toggles, (np.concatenate(rows_all), np.concatenate(cols_all)), 1)
+    return (np.cumsum(toggles, axis=1) & 1).astype(bool)
+
+
 def contours_to_mask(
     contours: Iterable[npt.ArrayLike | PlanarContour],
     geometry: Geometry,
@@ -197,9 +240,11 @@ def contours_to_mask(
 
     Each polygon is mapped to continuous indices; it belongs to slice ``k = round(mean k)`` when
     every vertex lies within `plane_tolerance` (a fraction of the slice spacing) of that plane.
-    Voxel centres of the slice inside the polygon (``matplotlib.path.Path.contains_points``) are
-    toggled, so polygons of one slice combine by XOR (a polygon inside another is a hole). Parts of
-    a polygon beyond the in-plane extent of the grid are clipped.
+    A voxel centre of the slice is inside when a ray from it towards -i crosses the polygons of
+    the slice an odd number of times (even-odd rule, scanline fill): polygons of one slice thus
+    combine by XOR (a polygon inside another is a hole). A centre exactly on an edge parallel to j
+    counts as inside on the low-i side; edges are half-open in j. Parts of a polygon beyond the
+    in-plane extent of the grid are clipped.
 
     Args:
         contours: polygons, each (N, 3) LPS points in mm (or a `PlanarContour`), N >= 3.
@@ -207,9 +252,10 @@ def contours_to_mask(
         plane_tolerance: maximum distance of a vertex from its slice plane, as a fraction of the
             slice spacing (0 < tol < 0.5).
         strict: raise on the first contour that cannot be placed (off every slice plane, outside
-            the grid, fewer than 3 points); when False such contours are skipped, logged and
-            recorded in `report`.
-        report: optional `RasterReport` filled with the contours that were not placed.
+            the grid, fewer than 3 points); when False such contours are skipped and recorded in
+            `report`.
+        report: optional `RasterReport` filled with the contours that were not placed; when
+            None, a non-strict call logs one warning summarising them.
         label: words naming the contours in messages (e.g. ``"ROI 'Bladder'"``).
 
     Returns:
@@ -225,6 +271,7 @@ def contours_to_mask(
     rep = report if report is not None else RasterReport()
     nz, ny, nx = geometry.shape
     mask = np.zeros(geometry.shape, dtype=bool)
+    per_slice: dict[int, list[npt.NDArray[np.float64]]] = {}
 
     def problem(kind: str, n: int, message: str) -> None:
         text = f"{label} #{n + 1}: {message}"
@@ -233,7 +280,7 @@ def contours_to_mask(
             raise err(text)
         getattr(rep, kind).append(n)
         rep.messages.append(text)
-        logger.warning("%s", text)
+        logger.debug("%s", text)
 
     for n, contour in enumerate(contours):
         pts = contour.points if isinstance(contour, PlanarContour) else contour
@@ -268,19 +315,18 @@ def contours_to_mask(
             )
             continue
         ij = idx[:, :2]
-        lo = np.maximum(np.ceil(ij.min(axis=0)), 0).astype(int)
-        hi = np.minimum(np.floor(ij.max(axis=0)), [nx - 1, ny - 1]).astype(int)
-        if np.any(hi < lo):
-            if np.all(ij.max(axis=0) >= -0.5) and np.all(ij.min(axis=0) <= [nx - 0.5, ny - 0.5]):
-                continue  # inside the grid but encloses no voxel centre (a tiny polygon)
+        lo_ij, hi_ij = ij.min(axis=0), ij.max(axis=0)
+        if np.any(hi_ij < -0.5) or np.any(lo_ij > [nx - 0.5, ny - 0.5]):
             problem("outside", n, f"lies entirely outside the in-plane extent of slice {k}")
             continue
-        ii, jj = np.meshgrid(
-            np.arange(lo[0], hi[0] + 1, dtype=np.float64),
-            np.arange(lo[1], hi[1] + 1, dtype=np.float64),
+        per_slice.setdefault(k, []).append(ij)
+    for k, polygons in per_slice.items():
+        mask[k] = _fill_even_odd(polygons, ny, nx)
+    if report is None and not rep.ok:
+        logger.warning(
+            "%s: %d contour(s) not placed on the grid, e.g. %s",
+            label,
+            len(rep.messages),
+            rep.messages[0],
         )
-        inside = MplPath(ij, closed=False).contains_points(
-            np.column_stack([ii.ravel(), jj.ravel()]), radius=0.0
-        )
-        mask[k, lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] ^= inside.reshape(ii.shape)
     return mask

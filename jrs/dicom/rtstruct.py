@@ -23,15 +23,17 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 import jrs
 from jrs.contours import RasterReport, contours_to_mask, mask_to_contours
-from jrs.dicom.series import RT_STRUCTURE_SET_STORAGE, CTSeries, new_uid
+from jrs.dicom.series import CT_IMAGE_STORAGE, RT_STRUCTURE_SET_STORAGE, CTSeries, new_uid
 from jrs.errors import GeometryMismatch, InvalidInput, JrsError
 from jrs.geometry import Geometry, Volume
 from jrs.labels import DEFAULT_COLORS, SynonymTable
@@ -198,11 +200,33 @@ def _color(item: Dataset) -> tuple[int, int, int] | None:
         return None
 
 
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """Refuse a truncated file: a top-level element holding fewer bytes than its length says.
+
+    pydicom reads a truncated explicit-length element without complaint, so this is checked here.
+    """
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+            continue
+        value = elem.value
+        if isinstance(value, bytes | bytearray) and len(value) < elem.length:
+            raise InvalidInput(
+                f"{path}: corrupt or truncated file: element {elem.tag} "
+                f"{keyword_for_tag(elem.tag)} declares {elem.length} bytes but only {len(value)} "
+                "are present"
+            )
+
+
 def _read_dataset(path: Path) -> Dataset:
     if not path.is_file():
         raise InvalidInput(f"{path}: RTSTRUCT file not found")
     try:
-        return pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)
+        _check_complete(ds, path)
+        return ds
+    except JrsError:
+        raise
     except InvalidDicomError:
         pass
     except Exception as exc:  # any parser failure means a corrupt file
@@ -213,6 +237,7 @@ def _read_dataset(path: Path) -> Dataset:
         ds = pydicom.dcmread(path, force=True)
         if "SOPClassUID" not in ds and "Modality" not in ds:
             raise InvalidInput(f"{path}: not a DICOM file (no DICOM header, no SOPClassUID)")
+        _check_complete(ds, path)
         return ds
     except JrsError:
         raise
@@ -392,6 +417,10 @@ def _parse_contours(rc: Dataset, roi: Roi, ss: StructureSet, path: Path) -> None
 
 
 # ------------------------------------------------------------------------------ rasterising
+def _slices(n: int) -> str:
+    return f"{n} slice" if n == 1 else f"{n} slices"
+
+
 def check_references(
     ss: StructureSet,
     *,
@@ -443,13 +472,14 @@ def check_references(
     if not present:
         raise GeometryMismatch(
             f"{where}RTSTRUCT references {len(refs)} images of {series_words}, none of which is "
-            f"in {ct_words} ({len(sop_instance_uids)} slices): the structure set belongs to "
+            f"in {ct_words} ({_slices(len(sop_instance_uids))}): the structure set belongs to "
             "another series"
         )
     if missing:
+        verb = "is" if missing == 1 else "are"
         message = (
-            f"RTSTRUCT references {len(refs)} CT images, {missing} of them are not in {ct_words} "
-            f"({len(sop_instance_uids)} slices)"
+            f"RTSTRUCT references {len(refs)} CT images, {missing} of them {verb} not in "
+            f"{ct_words} ({_slices(len(sop_instance_uids))})"
         )
         if not allow_partial:
             raise GeometryMismatch(
@@ -517,7 +547,6 @@ def rtstruct_to_masks(
             label=f"{ss._where()}ROI {roi.name!r} contour",
         )
         if not report.ok:
-            ss.warnings.extend(report.messages)
             ss._warn(
                 f"ROI {roi.name!r}: {len(report.messages)} of {len(roi.contours)} contours do "
                 "not fall on the CT grid and were skipped"
@@ -583,13 +612,11 @@ def format_contour_data(points: npt.ArrayLike) -> list[str]:
     Returns:
         3N strings x1, y1, z1, x2, ...
     """
-    out = []
-    for v in np.asarray(points, dtype=np.float64).reshape(-1):
-        text = f"{v:.7g}"
-        if text in ("-0", "-0.0"):
-            text = "0"
-        out.append(text)
-    return out
+    flat = np.asarray(points, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(flat)):
+        raise InvalidInput("contour coordinates must be finite numbers (mm)")
+    out = [f"{v:.7g}" for v in flat.tolist()]
+    return ["0" if t == "-0" else t for t in out]
 
 
 def _default_color(name: str, table: SynonymTable, used_palette: list[int]) -> tuple[int, int, int]:
@@ -784,7 +811,16 @@ def write_rtstruct(
             c.ContourImageSequence = DicomSequence([image_ref(contour.slice_index)])
             c.ContourGeometricType = "CLOSED_PLANAR"
             c.NumberOfContourPoints = len(contour.points)
-            c.ContourData = format_contour_data(contour.points)
+            # the strings are already valid DS: skip pydicom's per-value conversion (seconds
+            # for a large structure set); they are written as they are
+            c.add(
+                DataElement(
+                    _CONTOUR_DATA,
+                    "DS",
+                    MultiValue(str, format_contour_data(contour.points)),
+                    already_converted=True,
+                )
+            )
             items.append(c)
         if items:
             rc.ContourSequence = DicomSequence(items)
@@ -812,3 +848,138 @@ def write_rtstruct(
         logger.warning("%s: %s", out, w)
     logger.info("wrote RTSTRUCT with %d ROIs to %s", len(arrays), out)
     return ds
+
+
+# ------------------------------------------------------------------------------ files on disk
+@dataclass
+class _CTHeader:
+    path: Path
+    sop_instance_uid: str
+    frame_of_reference_uid: str
+
+
+def _scan_ct_headers(source: Path | str | Sequence[Path | str]) -> dict[str, list[_CTHeader]]:
+    """SeriesInstanceUID -> headers of the CT image files under `source` (no pixel data read)."""
+    items = [source] if isinstance(source, str | Path) else list(source)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    groups: dict[str, list[_CTHeader]] = {}
+    tags = ["SOPClassUID", "Modality", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"]
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
+        except Exception:  # not DICOM or unreadable: the CT reader reports what matters
+            continue
+        if _text(ds, "Modality") != "CT" and _text(ds, "SOPClassUID") != CT_IMAGE_STORAGE:
+            continue
+        groups.setdefault(_text(ds, "SeriesInstanceUID"), []).append(
+            _CTHeader(f, _text(ds, "SOPInstanceUID"), _text(ds, "FrameOfReferenceUID"))
+        )
+    return groups
+
+
+def _single_slice_series(path: Path) -> CTSeries:
+    """A one-slice CT series (slice thickness as z spacing) for partial rasterising."""
+    ds = pydicom.dcmread(path)
+    try:
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+        row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+        thickness = float(ds.get("SliceThickness") or 0.0) or 1.0
+        hu = ds.pixel_array.astype(np.float32) * np.float32(float(ds.get("RescaleSlope", 1)))
+        hu += np.float32(float(ds.get("RescaleIntercept", 0)))
+    except Exception as exc:
+        raise InvalidInput(
+            f"{path}: cannot read the CT slice geometry/pixels ({type(exc).__name__}: {exc})"
+        ) from exc
+    row_dir, col_dir = iop[:3], iop[3:]
+    direction = np.column_stack([row_dir, col_dir, np.cross(row_dir, col_dir)])
+    geometry = Geometry(
+        shape=(1, *hu.shape),
+        origin=ipp,
+        spacing=np.array([col_spacing, row_spacing, thickness]),
+        direction=direction,
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID") or None,
+    )
+    return CTSeries(
+        volume=Volume(hu[None], geometry),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        sop_instance_uids=[_text(ds, "SOPInstanceUID")],
+        sop_class_uid=_text(ds, "SOPClassUID") or CT_IMAGE_STORAGE,
+        patient_position=_text(ds, "PatientPosition"),
+        files=[str(path)],
+        warnings=[f"single-slice CT: slice thickness {thickness:g} mm used as the slice spacing"],
+    )
+
+
+def masks_from_files(
+    ct_source: Path | str | Sequence[Path | str],
+    rtstruct_path: Path | str,
+    *,
+    allow_partial: bool = False,
+    roi_names: Sequence[str] | None = None,
+) -> tuple[StructureSet, CTSeries, dict[str, Volume]]:
+    """Read an RTSTRUCT and its CT from disk and rasterise the ROIs (``jrs rtstruct-to-masks``).
+
+    The structure set is checked against the CT headers BEFORE any pixel is read, so a user who
+    points at the wrong folder, or at a folder holding only some of the referenced images, gets
+    the message about the frame of reference or the missing images (e.g. "references 98 CT
+    images, 97 of them are not in the CT series ...") rather than one about the CT itself. When
+    the folder holds several series, the one the RTSTRUCT references is read. With
+    `allow_partial`, a folder holding a single referenced slice is accepted (its slice thickness
+    serves as the slice spacing); the CT reader needs at least 2 slices otherwise.
+
+    Args:
+        ct_source: CT folder (searched recursively) or files.
+        rtstruct_path: the RTSTRUCT file.
+        allow_partial: see `rtstruct_to_masks`.
+        roi_names: the ROIs to rasterise (all by default).
+
+    Returns:
+        (structure set, CT series, ROI name -> uint8 mask `Volume` on the CT grid).
+
+    Raises:
+        InvalidInput: unreadable RTSTRUCT or CT (see `read_rtstruct`, `read_ct_series`).
+        GeometryMismatch: the RTSTRUCT does not belong to the CT (see `check_references`).
+    """
+    from jrs.dicom.ct import read_ct_series
+
+    ss = read_rtstruct(rtstruct_path)
+    groups = _scan_ct_headers(ct_source)
+    chosen: str | None = None
+    if groups:
+        wanted = [u for u in ss.referenced_series_uids if u in groups]
+        if wanted:
+            chosen = wanted[0]
+        elif len(groups) == 1:
+            chosen = next(iter(groups))
+        else:
+            overlap = {
+                uid: len(ss.referenced_sop_instance_uids & {h.sop_instance_uid for h in hs})
+                for uid, hs in groups.items()
+            }
+            best = max(overlap, key=lambda u: overlap[u])
+            chosen = best if overlap[best] else None
+    if chosen is not None:
+        headers = groups[chosen]
+        frames = {h.frame_of_reference_uid for h in headers if h.frame_of_reference_uid}
+        check_references(
+            ss,
+            frame_of_reference_uid=next(iter(frames)) if len(frames) == 1 else "",
+            series_instance_uid=chosen,
+            sop_instance_uids=[h.sop_instance_uid for h in headers],
+            allow_partial=allow_partial,
+        )
+        if len(headers) == 1 and allow_partial:
+            ct = _single_slice_series(headers[0].path)
+            ss.warnings.extend(ct.warnings)
+            return (
+                ss,
+                ct,
+                rtstruct_to_masks(ss, ct, allow_partial=allow_partial, roi_names=roi_names),
+            )
+    ct = read_ct_series(ct_source, series_uid=chosen)
+    return ss, ct, rtstruct_to_masks(ss, ct, allow_partial=allow_partial, roi_names=roi_names)
