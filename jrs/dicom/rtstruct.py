@@ -151,6 +151,8 @@ class StructureSet:
         return f"{self.path}: " if self.path is not None else ""
 
     def _warn(self, message: str) -> None:
+        if message in self.warnings:  # said once (e.g. at reading) is enough
+            return
         self.warnings.append(message)
         logger.warning("%s%s", self._where(), message)
 
@@ -364,9 +366,13 @@ def _parse(ds: Dataset, path: Path) -> StructureSet:
 
     for roi in ss.rois:
         if not roi.contours:
-            ss._warn(f"ROI {roi.name!r} (number {roi.number}) has no contours; its mask is empty")
+            ss._warn(_no_contours(roi))
     ss.frame_of_reference_uids = frames
     return ss
+
+
+def _no_contours(roi: Roi) -> str:
+    return f"ROI {roi.name!r} (number {roi.number}) has no contours; its mask is empty"
 
 
 def _parse_contours(rc: Dataset, roi: Roi, ss: StructureSet, path: Path) -> None:
@@ -534,8 +540,7 @@ def rtstruct_to_masks(
         name = roi.name if roi.name not in seen else f"{roi.name} #{roi.number}"
         seen.add(roi.name)
         if not roi.contours:
-            if roi_names is not None:  # already warned at reading for the full set
-                ss._warn(f"ROI {roi.name!r} has no contours; its mask is empty")
+            ss._warn(_no_contours(roi))
             out[name] = Volume(np.zeros(geometry.shape, np.uint8), geometry)
             continue
         report = RasterReport()

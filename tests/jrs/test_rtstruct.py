@@ -11,8 +11,10 @@ import pytest
 from pydicom.dataset import Dataset
 from scipy.spatial import cKDTree
 
+from jrs.contours import mask_to_contours
 from jrs.dicom.ct import write_ct_series
 from jrs.dicom.rtstruct import (
+    Roi,
     StructureSet,
     format_contour_data,
     masks_from_files,
@@ -491,12 +493,8 @@ def test_unknown_roi_name(small) -> None:
 
 def test_structure_set_in_memory_without_references(small) -> None:
     ct, masks, _ = small
-    from jrs.contours import mask_to_contours
-
     g = ct.volume.geometry
     roi_contours = [c.points for c in mask_to_contours(masks["Prostate"], g)]
-    from jrs.dicom.rtstruct import Roi
-
     ss = StructureSet(
         rois=[
             Roi(
@@ -504,11 +502,14 @@ def test_structure_set_in_memory_without_references(small) -> None:
                 name="P",
                 contours=roi_contours,
                 contour_image_uids=[[]] * len(roi_contours),
-            )
+            ),
+            Roi(number=2, name="Nothing"),
         ]
     )
     out = rtstruct_to_masks(ss, ct)
     np.testing.assert_array_equal(out["P"].array.astype(bool), masks["Prostate"])
+    assert not out["Nothing"].array.any()
+    assert ss.warnings == ["ROI 'Nothing' (number 2) has no contours; its mask is empty"]
 
 
 # ------------------------------------------------------------------------------ real files
