@@ -4,7 +4,8 @@ Reading accepts what real clinical files do (empty top-level ReferencedFrameOfRe
 contours without ContourImageSequence, header values invalid for their VR, ROIs without contours,
 several contours on one slice, POINT/OPEN_PLANAR contours) and rejects clearly what cannot be used
 (not an RTSTRUCT, corrupt file, malformed ContourData). Rasterising checks that the structure set
-belongs to the CT (frame of reference, referenced images) before any voxel is filled. Writing
+belongs to the CT (frame of reference, referenced images) before any voxel is filled;
+`masks_from_files` does so from the CT headers before any pixel is read. Writing
 produces every mandatory module of the RT Structure Set IOD, one CLOSED_PLANAR contour per outer
 boundary or hole, each referencing its CT slice.
 
@@ -33,7 +34,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 import jrs
 from jrs.contours import RasterReport, contours_to_mask, mask_to_contours
-from jrs.dicom.series import CT_IMAGE_STORAGE, RT_STRUCTURE_SET_STORAGE, CTSeries, new_uid
+from jrs.dicom.series import (
+    CT_IMAGE_STORAGE,
+    RT_STRUCTURE_SET_STORAGE,
+    CTSeries,
+    PatientInfo,
+    new_uid,
+)
 from jrs.errors import GeometryMismatch, InvalidInput, JrsError
 from jrs.geometry import Geometry, Volume
 from jrs.labels import DEFAULT_COLORS, SynonymTable
@@ -914,6 +921,18 @@ def _single_slice_series(path: Path) -> CTSeries:
         series_instance_uid=_text(ds, "SeriesInstanceUID"),
         sop_instance_uids=[_text(ds, "SOPInstanceUID")],
         sop_class_uid=_text(ds, "SOPClassUID") or CT_IMAGE_STORAGE,
+        patient=PatientInfo(
+            patient_name=_text(ds, "PatientName"),
+            patient_id=_text(ds, "PatientID"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            study_id=_text(ds, "StudyID"),
+            accession_number=_text(ds, "AccessionNumber"),
+            referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            study_description=_text(ds, "StudyDescription"),
+        ),
         patient_position=_text(ds, "PatientPosition"),
         files=[str(path)],
         warnings=[f"single-slice CT: slice thickness {thickness:g} mm used as the slice spacing"],
