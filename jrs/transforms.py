@@ -173,7 +173,7 @@ def jacobian_determinant(dvf: Volume) -> npt.NDArray[np.float32]:
         return reorient(out, g.direction).array
     # oblique grid: derivative along index axes, then chain rule to LPS axes
     u = np.asarray(dvf.array, dtype=np.float64)
-    grads = np.empty(u.shape[:3] + (3, 3))
+    grads = np.empty((*u.shape[:3], 3, 3))
     for c in range(3):  # component
         for a in range(3):  # index axis (i, j, k) lives on array dim 2 - a
             grads[..., c, a] = np.gradient(u[..., c], g.spacing[a], axis=2 - a)

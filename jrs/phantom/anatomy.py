@@ -12,7 +12,9 @@ those are added per scan (see `jrs.phantom.generator`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -312,11 +314,11 @@ def _femur_sdf(p: AnatomyParams, s: float, x: Array, y: Array, z: Array) -> Arra
     h = np.asarray(p.femoral_head_centre) * [s, 1, 1]
     r = p.femoral_head_radius
     head = shapes.ellipsoid(x, y, z, h, [r, r, r])
-    neck_end = h + [s * 32, 6, -22]
+    neck_end = h + np.array([s * 32, 6, -22])
     neck = shapes.capsule(x, y, z, h, neck_end, 13.0, 16.0)
-    troch_c = h + [s * 44, 9, -26]
+    troch_c = h + np.array([s * 44, 9, -26])
     troch = shapes.ellipsoid(x, y, z, troch_c, [15, 18, 22])
-    shaft = shapes.capsule(x, y, z, troch_c, h + [s * 40, 16, -170], 15.0, 13.0)
+    shaft = shapes.capsule(x, y, z, troch_c, h + np.array([s * 40, 16, -170]), 15.0, 13.0)
     out = shapes.smooth_min(head, neck, 6.0)
     out = shapes.smooth_min(out, troch, 6.0)
     return shapes.smooth_min(out, shaft, 6.0)
@@ -327,7 +329,7 @@ def _hip_sdf(
 ) -> Array:
     h = np.asarray(p.femoral_head_centre) * [s, 1, 1]
     r = p.femoral_head_radius
-    socket = shapes.ellipsoid(x, y, z, h + [-s * 8, 3, 6], [r + 11, r + 11, r + 14])
+    socket = shapes.ellipsoid(x, y, z, h + np.array([-s * 8, 3, 6]), [r + 11, r + 11, r + 14])
     socket = np.maximum(socket, s * (x - h[0]) - 0.35 * r)  # open laterally
     wing_z = h[2] + 70
     post = np.array([s * 45, sacrum_y_top - 4, wing_z])
@@ -338,15 +340,19 @@ def _hip_sdf(
     normal /= np.linalg.norm(normal)
     axes = np.stack([along, up, normal])
     wing = shapes.rotated_ellipsoid(
-        x, y, z, (post + ant) / 2, [np.linalg.norm(ant - post) / 2 + 6, 55, 6.5], axes
+        x, y, z, (post + ant) / 2, [float(np.linalg.norm(ant - post)) / 2 + 6, 55, 6.5], axes
     )
-    body = shapes.capsule(x, y, z, h + [-s * 6, 8, 10], [s * 72, post[1] - 8, wing_z - 5], 17, 13)
+    body = shapes.capsule(
+        x, y, z, h + np.array([-s * 6, 8, 10]), [s * 72, post[1] - 8, wing_z - 5], 17, 13
+    )
     pub_c = np.array([s * 11.5, p.pubis_y, p.pubis_z])
     pubis = shapes.ellipsoid(x, y, z, pub_c, [9.5, 11, 20])
-    sup = shapes.capsule(x, y, z, h + [-s * 18, -12, -2], pub_c + [s * 2, 0, 10], 10, 8)
-    tub = h + [-s * 30, 36, -48]
-    inf = shapes.capsule(x, y, z, pub_c + [s * 2, 5, -14], tub, 7.5, 8.5)
-    isch = shapes.capsule(x, y, z, h + [-s * 10, 18, -8], tub, 14, 11)
+    sup = shapes.capsule(
+        x, y, z, h + np.array([-s * 18, -12, -2]), pub_c + np.array([s * 2, 0, 10]), 10, 8
+    )
+    tub = h + np.array([-s * 30, 36, -48])
+    inf = shapes.capsule(x, y, z, pub_c + np.array([s * 2, 5, -14]), tub, 7.5, 8.5)
+    isch = shapes.capsule(x, y, z, h + np.array([-s * 10, 18, -8]), tub, 14, 11)
     tubero = shapes.ellipsoid(x, y, z, tub, [13, 15, 13])
     out = shapes.smooth_min(socket, body, 6.0)
     for part in (wing, pubis, sup, inf, isch, tubero):
@@ -376,7 +382,7 @@ def _prostate_sdf(p: AnatomyParams, x: Array, y: Array, z: Array) -> Array:
 
 def sv_polylines(p: AnatomyParams) -> list[F64]:
     """The seminal vesicles' centrelines, two (n, 3) polylines (anatomical mm)."""
-    return [shapes.bezier(*pts, n=12) for pts in p.sv_points]
+    return [shapes.bezier(pts[0], pts[1], pts[2], n=12) for pts in p.sv_points]
 
 
 def _sv_sdf(p: AnatomyParams, x: Array, y: Array, z: Array) -> Array:
@@ -454,14 +460,14 @@ def render(p: AnatomyParams, geometry: Geometry, anchor: F64, rng: np.random.Gen
     # bones: cortical shell over trabecular core, per group inside its box
     h = np.asarray(p.femoral_head_centre)
     sac_top = float(line.y(h[2] + 70) + line.r(h[2] + 70) + p.sacrum_gap + 15)
-    bone_groups = []
+    bone_groups: list[tuple[str, list[float], list[float], Callable[..., Array]]] = []
     for s in (1.0, -1.0):
         bone_groups.append(
             (
                 f"femur{int(s)}",
                 [s * h[0] - 45 if s > 0 else -h[0] - 75, h[1] - 35, h[2] - 200],
                 [h[0] + 75 if s > 0 else -h[0] + 45, h[1] + 50, h[2] + 30],
-                lambda x, y, z, s=s: _femur_sdf(p, s, x, y, z),
+                partial(_femur_sdf, p, s),
             )
         )
         lat = p.body_lr - p.fat_thickness - 10
@@ -470,7 +476,7 @@ def render(p: AnatomyParams, geometry: Geometry, anchor: F64, rng: np.random.Gen
                 f"hip{int(s)}",
                 [0 if s > 0 else -lat, p.pubis_y - 15, h[2] - 75],
                 [lat if s > 0 else 0, sac_top + 30, h[2] + 140],
-                lambda x, y, z, s=s: _hip_sdf(p, s, sac_top, x, y, z),
+                partial(_hip_sdf, p, s, sac_top),
             )
         )
     bone_groups.append(
@@ -478,7 +484,7 @@ def render(p: AnatomyParams, geometry: Geometry, anchor: F64, rng: np.random.Gen
             "sacrum",
             [-70, 0, p.coccyx_tip_z - 2],
             [70, 200, 400],
-            lambda x, y, z: _sacrum_sdf(p, line, x, y, z),
+            partial(_sacrum_sdf, p, line),
         )
     )
     cortex = 2.5

@@ -19,6 +19,7 @@ from jrs.labels import DEFAULT_COLORS, DEFAULT_ROI_NAMES
 from jrs.phantom.generator import (
     PhantomFraction,
     PhantomPatient,
+    _uid,
     generate_fraction,
     generate_patient,
 )
@@ -55,7 +56,16 @@ def write_patient(patient: PhantomPatient, folder: Path) -> list[Path]:
     out = Path(folder) / "planning"
     series = patient.ct_series()
     write_ct_series(series, out / "ct")
-    write_rtstruct(patient.structures, series, out / "rtstruct.dcm", colors=roi_colors())
+    write_rtstruct(
+        patient.structures,
+        series,
+        out / "rtstruct.dcm",
+        colors=roi_colors(),
+        structure_set_label="PHANTOM",
+        series_description="Phantom planning structures",
+        algorithm_name="jrs.phantom",
+        series_instance_uid=_uid(patient.seed, "planning", "rtstruct"),
+    )
     return [out / "ct", out / "rtstruct.dcm"]
 
 
@@ -75,8 +85,18 @@ def write_fraction(fraction: PhantomFraction, folder: Path) -> list[Path]:
     out = Path(folder)
     series = fraction.ct_series()
     write_ct_series(series, out / "ct")
-    write_rtstruct(fraction.structures, series, out / "rtstruct.dcm", colors=roi_colors())
-    fraction.true_dvf.write(str(out / "true_dvf.mha"), compress=True)
+    write_rtstruct(
+        fraction.structures,
+        series,
+        out / "rtstruct.dcm",
+        colors=roi_colors(),
+        structure_set_label="PHANTOM_TRUTH",
+        series_description="Phantom ground-truth structures",
+        algorithm_name="jrs.phantom",
+        series_instance_uid=_uid(fraction.seed, "fraction", fraction.index, "rtstruct"),
+    )
+    # uncompressed: zlib gains ~10 % on a smooth float field and costs ~5 s a fraction
+    fraction.true_dvf.write(str(out / "true_dvf.mha"), compress=False)
     return [out / "ct", out / "rtstruct.dcm", out / "true_dvf.mha"]
 
 

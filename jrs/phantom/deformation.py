@@ -164,11 +164,13 @@ class PullMap:
         return self.bladder(q)
 
     def elastic(self, q: F64) -> F64:
+        """Smooth random field: sum of sinusoids."""
         m = self.modes
         phase = q @ m[:, 3:6].T + m[:, 6]  # (N, modes)
         return q + self.s * (np.sin(phase) @ m[:, 0:3])
 
     def rectum(self, q: F64) -> F64:
+        """Radial dilation/contraction of a rectal segment around its local axis."""
         v = q - self.rc
         along = v @ self.rt
         perp = v - along[:, None] * self.rt
@@ -178,11 +180,13 @@ class PullMap:
         return q - (c * g)[:, None] * perp
 
     def prostate(self, q: F64) -> F64:
+        """Gaussian-windowed translation around the prostate."""
         shift = self.s * self.window
         w = np.exp(-0.5 * np.sum((q - shift) ** 2, axis=1) / self.sigma_p**2)
         return q - w[:, None] * shift
 
     def bladder(self, q: F64) -> F64:
+        """Star-shaped radial scaling of the bladder around its base point."""
         c = np.asarray(self.a.bladder_base_point)
         v = q - c
         r = np.linalg.norm(v, axis=1)
@@ -201,7 +205,10 @@ class PullMap:
         """Where the planning prostate centre lands after the non-rigid part (minus start), mm."""
         x = np.zeros((1, 3))
         for _ in range(60):  # fixed point of x - (D(x) - 0); D is close to the identity
-            x = x - self.nonrigid(x)
+            step = self.nonrigid(x)
+            x = x - step
+            if float(np.abs(step).max()) < 1e-4:
+                break
         return x[0]
 
     def tune_prostate(self, iterations: int = 4) -> None:
@@ -255,7 +262,7 @@ def build_pull_map(
     for _ in range(3):
         q = pm(daily)
         v_day = np.count_nonzero(bladder_sdf(anatomy, q[:, 0], q[:, 1], q[:, 2]) < 0)
-        ratio = v_day / max(v_plan, 1)
+        ratio = float(v_day) / max(int(v_plan), 1)
         applied = float(
             np.clip(fraction.bladder_factor_applied * target / max(ratio, 1e-3), 0.3, 3.0)
         )

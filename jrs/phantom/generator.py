@@ -206,8 +206,10 @@ def _mask_box(mask: Mask, pad: int = 2) -> tuple[slice, slice, slice]:
 def _noise(
     shape: tuple[int, int, int], std: float, rng: np.random.Generator
 ) -> npt.NDArray[np.float32]:
-    """CT-like noise: white Gaussian noise smoothed in-plane by a [1, 2, 1]/4 binomial kernel
-    (about a 0.7-voxel Gaussian) along x and y, scaled to `std` HU, (nz, ny, nx) float32.
+    """CT-like noise, (nz, ny, nx) float32 HU with standard deviation `std`.
+
+    White Gaussian noise smoothed in-plane by a [1, 2, 1]/4 binomial kernel along x and y (about
+    a 0.7-voxel Gaussian), independent between slices and scans.
     """
     a = rng.standard_normal(shape, dtype=np.float32)
     for axis in (2, 1):
@@ -274,7 +276,9 @@ def _grid(
     couch = float(rng.uniform(-400, -100))
     anchor = np.array([rng.uniform(-10, 10), -p.body_y + rng.uniform(-15, 15), couch - lo])
     half = (matrix - 1) * px / 2
-    geom = Geometry((nz, matrix, matrix), origin=[-half, -half, couch], spacing=[px, px, sz])
+    geom = Geometry(
+        (nz, matrix, matrix), origin=np.array([-half, -half, couch]), spacing=np.array([px, px, sz])
+    )
     return geom, anchor, {"pixel_mm": px, "slice_mm": sz, "matrix": matrix, "slices": nz}
 
 
@@ -388,7 +392,9 @@ def _coarse_field(model: _Model, fp: FractionParams, daily: Geometry) -> tuple[V
     ext = daily.extent_mm + 2 * COARSE_MM
     n = np.ceil(ext / COARSE_MM).astype(int) + 1
     coarse = Geometry(
-        (int(n[2]), int(n[1]), int(n[0])), origin=daily.origin - COARSE_MM, spacing=[COARSE_MM] * 3
+        (int(n[2]), int(n[1]), int(n[0])),
+        origin=daily.origin - COARSE_MM,
+        spacing=np.full(3, COARSE_MM),
     )
     pts = coarse.voxel_centres().reshape(-1, 3)
     local = pts - model.anchor
@@ -396,7 +402,7 @@ def _coarse_field(model: _Model, fp: FractionParams, daily: Geometry) -> tuple[V
     for _ in range(8):
         pm = build_pull_map(model.anatomy, fp)
         phi = pm(local)
-        u = Volume((phi - local).reshape(coarse.shape + (3,)).astype(np.float32), coarse)
+        u = Volume((phi - local).reshape((*coarse.shape, 3)).astype(np.float32), coarse)
         min_det = float(jacobian_determinant(u).min())
         if min_det > 0.2:
             break
@@ -465,7 +471,10 @@ def generate_fraction(
     dvf = Volume(sitk.GetArrayFromImage(up), daily)
 
     model_base = Volume(m.rendered.base, m.geometry)
-    ct = warp(model_base, dvf, "linear", -1000.0, transform=dvf_to_sitk(dvf)).array
+    # the daily DVF is the linear interpolation of the coarse one, which is also what the coarse
+    # DisplacementFieldTransform computes: warping the big image through it is the same warp
+    # without converting the full-size field to float64
+    ct = warp(model_base, dvf, "linear", -1000.0, transform=dvf_to_sitk(coarse_u)).array
     structures: dict[str, Mask] = {}
     # the noiseless image is -1000 + 900 * (body coverage) at the outline and > -150 HU inside, so
     # thresholding the warped image halfway is the warped body outline (Dice ~ 0.999 with a

@@ -9,11 +9,12 @@ the Euclidean distance near the surface (which is all partial-volume blending ne
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-Array = npt.NDArray[np.float32]
+Array = npt.NDArray[Any]
 Vec = Sequence[float] | npt.NDArray[np.float64]
 
 
@@ -21,7 +22,9 @@ def ellipsoid(x: Array, y: Array, z: Array, centre: Vec, radii: Vec) -> Array:
     """Axis-aligned ellipsoid (first-order distance estimate ``k0 (k0 - 1) / k1``).
 
     Args:
-        x, y, z: broadcastable coordinates, mm.
+        x: broadcastable x coordinates, mm.
+        y: broadcastable y coordinates, mm.
+        z: broadcastable z coordinates, mm.
         centre: (3,) centre, mm.
         radii: (3,) semi-axes along x, y, z, mm.
     """
@@ -86,7 +89,7 @@ def superellipse(
     b: float | Array,
     power: float,
 ) -> Array:
-    """2-D super-ellipse ``|x/a|^n + |y/b|^n = 1`` (distance estimate scaled by the smaller axis)."""
+    """2-D super-ellipse ``|x/a|^n + |y/b|^n = 1`` (distance estimate x the smaller semi-axis)."""
     u = np.abs((x - cx) / a)
     v = np.abs((y - cy) / b)
     r = (u**power + v**power) ** (1.0 / power)

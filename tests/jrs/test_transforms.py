@@ -28,13 +28,13 @@ def _sphere(g: Geometry, centre: np.ndarray, radius: float) -> Volume:
 
 
 def _constant_dvf(g: Geometry, t: list[float]) -> Volume:
-    return Volume(np.broadcast_to(np.asarray(t, np.float32), g.shape + (3,)).copy(), g)
+    return Volume(np.broadcast_to(np.asarray(t, np.float32), (*g.shape, 3)).copy(), g)
 
 
 def test_pull_convention_matches_simpleitk_resample(grid: Geometry) -> None:
     """Resample with dvf_to_sitk samples moving(p + u(p))."""
     rng = np.random.default_rng(0)
-    u = Volume(rng.normal(0, 2, grid.shape + (3,)).astype(np.float32), grid)
+    u = Volume(rng.normal(0, 2, (*grid.shape, 3)).astype(np.float32), grid)
     tx = dvf_to_sitk(u)
     pts = grid.index_to_physical(rng.integers(0, 25, size=(20, 3)))
     for p in pts:
@@ -68,7 +68,7 @@ def test_sphere_shifted_by_translation_field_lands_where_expected(grid: Geometry
 def test_euler_transform_as_dvf_matches_sitk_transform(grid: Geometry) -> None:
     tx = sitk.Euler3DTransform((1.0, -2.0, 3.0), 0.03, -0.02, 0.05, (2.0, -1.5, 4.0))
     dvf = affine_to_dvf(tx, grid)
-    assert dvf.array.shape == grid.shape + (3,) and dvf.array.dtype == np.float32
+    assert dvf.array.shape == (*grid.shape, 3) and dvf.array.dtype == np.float32
     rng = np.random.default_rng(3)
     lo, hi = grid.origin, grid.origin + grid.extent_mm
     pts = rng.uniform(lo + 1, hi - 1, size=(100, 3))
@@ -112,7 +112,8 @@ def test_compose_translations_and_rotation(grid: Geometry) -> None:
     rot = affine_to_dvf(r, grid)
     composed = compose(rot, a)  # p -> R(p) -> R(p) + t
     pts = np.array([[0.0, 0.0, -5.0], [5.0, -3.0, 0.0], [-7.0, 4.0, 10.0]])
-    expected = np.array([r.TransformPoint(tuple(p)) for p in pts]) + [1.0, 2.0, 3.0] - pts
+    moved = np.array([r.TransformPoint(tuple(p)) for p in pts])
+    expected = moved + np.array([1.0, 2.0, 3.0]) - pts
     np.testing.assert_allclose(sample_dvf(composed, pts), expected, atol=1e-3)
 
 
