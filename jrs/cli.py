@@ -29,12 +29,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("jrs")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that always writes to the current ``sys.stderr``.
+
+    Test runners swap ``sys.stderr`` between invocations; a handler bound to the first one
+    would write to a closed stream afterwards.
+    """
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
 
 
@@ -112,13 +129,11 @@ def rtstruct_to_masks(
     """Rasterise every ROI of an RTSTRUCT onto its CT grid, one mask file per ROI."""
     from tqdm import tqdm
 
-    from jrs.dicom.ct import read_ct_series
-    from jrs.dicom.rtstruct import read_rtstruct
-    from jrs.dicom.rtstruct import rtstruct_to_masks as to_masks
+    from jrs.dicom.rtstruct import masks_from_files
 
-    series = read_ct_series(ct)
-    structure_set = read_rtstruct(rtstruct)
-    masks = to_masks(structure_set, series, allow_partial=allow_partial)
+    # the RTSTRUCT is checked against the CT headers before pixels are read, so a wrong or
+    # incomplete CT folder is reported as such ("references 98 images, 97 missing")
+    _, _, masks = masks_from_files(ct, rtstruct, allow_partial=allow_partial)
     out.mkdir(parents=True, exist_ok=True)
     for name, mask in tqdm(masks.items(), desc="writing masks", unit="roi"):
         path = out / f"{_safe_file_name(name)}.nii.gz"

@@ -98,11 +98,6 @@ def test_rtstruct_of_another_ct_exits_non_zero(case, tmp_path: Path) -> None:
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jrs/cli.py reads the CT volume (which needs >= 2 slices) before checking the "
-    "RTSTRUCT's references; it should call jrs.dicom.rtstruct.masks_from_files",
-)
 def test_single_slice_folder_reports_missing_images(shared_data: Path, tmp_path: Path) -> None:
     folder = shared_data / "rt-edge-cases" / "dicompyler-breast"
     ct_dir = tmp_path / "ct"
