@@ -1,0 +1,137 @@
+"""Errors of the service layer and the one place that maps every error to a JSON answer.
+
+Every error answer has the body ``{"error": <code>, "detail": <message>, "request_id": <id>}``
+and the HTTP status of the `JrsError` subclass raised. Unhandled exceptions never reach the client
+with their internals: `RequestContextMiddleware` (see `service.logging_config`) turns them into
+a 500 with ``error: internal_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jrs.errors import JrsError, ModelNotReady, ServiceBusy
+from service.logging_config import current_request_id
+
+logger = logging.getLogger("service.errors")
+
+
+class ConfigurationError(JrsError):
+    """The service settings are incomplete or contradictory (e.g. no API key configured)."""
+
+    http_status = 500
+    code = "configuration_error"
+
+
+class Unauthorized(JrsError):
+    """A request without a valid ``Authorization: Bearer <key>`` header."""
+
+    http_status = 401
+    code = "unauthorized"
+
+
+class JobNotFinished(JrsError):
+    """An artefact of a job was requested before the job succeeded."""
+
+    http_status = 409
+    code = "job_not_finished"
+
+
+def error_body(code: str, detail: str, request_id: str | None = None) -> dict[str, str]:
+    """The JSON body of every error answer.
+
+    Args:
+        code: machine-readable error code.
+        detail: human-readable message.
+        request_id: the request's id (the current one when None).
+
+    Returns:
+        ``{"error": code, "detail": detail, "request_id": id}``.
+    """
+    return {"error": code, "detail": detail, "request_id": request_id or current_request_id()}
+
+
+def _retry_after(request: Request) -> str:
+    settings = getattr(request.app.state, "settings", None)
+    return str(getattr(settings, "retry_after_s", 10))
+
+
+async def handle_jrs_error(request: Request, exc: Exception) -> JSONResponse:
+    """Map any `JrsError` to its HTTP status and the JSON error body.
+
+    Adds ``WWW-Authenticate: Bearer`` to 401 answers and ``Retry-After`` to 503 answers
+    (`ServiceBusy`, `ModelNotReady`). The message is not logged: it may name uploaded files.
+
+    Args:
+        request: the request.
+        exc: the error (a `JrsError`).
+
+    Returns:
+        The JSON error response.
+    """
+    if not isinstance(exc, JrsError):  # pragma: no cover - registered for JrsError only
+        raise exc
+    headers: dict[str, str] = {}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, ServiceBusy | ModelNotReady):
+        headers["Retry-After"] = _retry_after(request)
+    logger.info("request refused", extra={"fields": {"error": exc.code, "status": exc.http_status}})
+    return JSONResponse(
+        error_body(exc.code, exc.message), status_code=exc.http_status, headers=headers
+    )
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """Answer FastAPI's request validation errors (bad query/path values) in the common shape.
+
+    Args:
+        request: the request.
+        exc: the `RequestValidationError`.
+
+    Returns:
+        A 422 JSON error response naming the offending parameters.
+    """
+    if not isinstance(exc, RequestValidationError):  # pragma: no cover
+        raise exc
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+    return JSONResponse(error_body("invalid_input", "; ".join(parts)), status_code=422)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    """Answer Starlette's HTTP exceptions (unknown route 404, wrong method 405) in the common shape.
+
+    Args:
+        request: the request.
+        exc: the `HTTPException`.
+
+    Returns:
+        The JSON error response with the exception's status and headers.
+    """
+    if not isinstance(exc, StarletteHTTPException):  # pragma: no cover
+        raise exc
+    codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+    return JSONResponse(
+        error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)),
+        status_code=exc.status_code,
+        headers=dict(exc.headers or {}),
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the error handlers on an app (the single place errors are mapped).
+
+    Args:
+        app: the FastAPI app.
+    """
+    app.add_exception_handler(JrsError, handle_jrs_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)

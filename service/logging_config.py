@@ -1,0 +1,107 @@
+"""JSON logs with the request id of the current request.
+
+One JSON object a line on stderr: ``ts``, ``level``, ``logger``, ``msg``, ``request_id`` and any
+structured fields passed as ``extra={"fields": {...}}``. The service logs codes, counts, timings
+and job ids only: never DICOM header values, patient names or IDs, uploaded file names, error
+details that quote them, nor API keys.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as _dt
+import json
+import logging
+import sys
+from typing import Any
+
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("jrs_request_id", default="-")
+_HANDLER_NAME = "jrs-json"
+
+
+def current_request_id() -> str:
+    """The id of the request being handled ("-" outside a request)."""
+    return _request_id.get()
+
+
+def set_request_id(value: str) -> contextvars.Token[str]:
+    """Make `value` the current request id (returns the token to reset it)."""
+    return _request_id.set(value)
+
+
+def reset_request_id(token: contextvars.Token[str]) -> None:
+    """Restore the request id that was current before `set_request_id`."""
+    _request_id.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    """Format a record as one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format `record` as one line of JSON.
+
+        Args:
+            record: the log record.
+
+        Returns:
+            The JSON text.
+        """
+        entry: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "request_id": getattr(record, "request_id", None) or current_request_id(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info and record.exc_info[0] is not None:
+            # the exception type and where it happened, not its message (it may quote data)
+            entry["exc_type"] = record.exc_info[0].__name__
+            tb = record.exc_info[2]
+            frames = []
+            while tb is not None:
+                code = tb.tb_frame.f_code
+                frames.append(f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}")
+                tb = tb.tb_next
+            entry["traceback"] = frames[-8:]
+        return json.dumps(entry, default=str)
+
+
+def _install_record_factory() -> None:
+    """Stamp every record with the request id current when it is created."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "_jrs_request_id", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        record.request_id = current_request_id()
+        return record
+
+    factory._jrs_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send the root logger's records to stderr as JSON (idempotent).
+
+    Args:
+        level: logging level name.
+    """
+    _install_record_factory()
+    root = logging.getLogger()
+    if not any(getattr(h, "name", None) == _HANDLER_NAME for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.name = _HANDLER_NAME
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True

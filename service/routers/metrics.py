@@ -1,0 +1,27 @@
+"""Prometheus metrics (API key required)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from service.auth import require_api_key
+from service.deps import MetricsDep
+from service.metrics import CONTENT_TYPE
+from service.schemas import error_responses
+
+router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {}}}, **error_responses(401)},
+)
+def metrics(request: Request, m: MetricsDep) -> Response:
+    """Requests, latencies, job stages, queue depth, jobs by state, execution provider."""
+    manager = getattr(request.app.state, "manager", None)
+    if manager is not None:
+        m.queue_depth.set(manager.queue_depth)
+        m.running.set(manager.running)
+    return Response(m.render(), media_type=CONTENT_TYPE)
