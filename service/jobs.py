@@ -40,6 +40,8 @@ ARTEFACTS: dict[str, str] = {
 }
 #: Name of the planning RTSTRUCT inside a job's planning folder (set by the upload validation).
 PLANNING_RTSTRUCT = "rtstruct.dcm"
+#: Job folders without a row older than this (seconds) are removed by the cleanup.
+ORPHAN_AGE_S = 6 * 3600.0
 #: Artefacts a job must produce to succeed.
 REQUIRED_ARTEFACTS = ("rtstruct", "qa")
 
@@ -643,21 +645,39 @@ class JobManager:
             event.set()
 
     # -- retention
-    def cleanup(self, retention_s: float) -> list[str]:
+    def cleanup(self, retention_s: float, orphan_age_s: float = ORPHAN_AGE_S) -> list[str]:
         """Delete jobs (rows and folders) that ended more than `retention_s` ago.
+
+        Also removes folders without a job row older than `orphan_age_s` (uploads of a process
+        that died before queuing them).
 
         Args:
             retention_s: seconds.
+            orphan_age_s: seconds.
 
         Returns:
-            The deleted ids.
+            The deleted job ids.
         """
-        ids = self.store.finished_before(time.time() - retention_s)
+        now = time.time()
+        ids = self.store.finished_before(now - retention_s)
         for job_id in ids:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         if ids:
             self.store.delete(ids)
-            logger.info("retention cleanup", extra={"fields": {"deleted": len(ids)}})
+        orphans = 0
+        if self.jobs_dir.is_dir():
+            for folder in self.jobs_dir.iterdir():
+                try:
+                    old = folder.stat().st_mtime < now - orphan_age_s
+                except OSError:
+                    continue
+                if old and folder.is_dir() and self.store.get(folder.name) is None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    orphans += 1
+        if ids or orphans:
+            logger.info(
+                "retention cleanup", extra={"fields": {"deleted": len(ids), "orphans": orphans}}
+            )
         return ids
 
 

@@ -89,11 +89,18 @@ def _install_record_factory() -> None:
 def configure_logging(level: str = "INFO") -> None:
     """Send the root logger's records to stderr as JSON (idempotent).
 
+    Plain console handlers already on the root logger are replaced; other handlers (files,
+    test capture) are kept.
+
     Args:
         level: logging level name.
     """
     _install_record_factory()
     root = logging.getLogger()
+    for h in list(root.handlers):
+        # plain-text console handlers (e.g. the CLI's basicConfig) would repeat every record
+        if type(h) is logging.StreamHandler and getattr(h, "name", None) != _HANDLER_NAME:
+            root.removeHandler(h)
     if not any(getattr(h, "name", None) == _HANDLER_NAME for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.name = _HANDLER_NAME

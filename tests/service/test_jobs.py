@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -187,3 +188,45 @@ def test_retention_cleanup_deletes_old_jobs(tmp_path: Path, case: Case) -> None:
         assert manager.cleanup(retention_s=0.01) == [old]
         assert client.get(f"/v1/jobs/{old}", headers=AUTH).status_code == 404
         assert not (app.state.settings.jobs_dir / old).exists()
+        orphan = app.state.settings.jobs_dir / new_job_id()
+        (orphan / "upload").mkdir(parents=True)
+        manager.cleanup(retention_s=3600)
+        assert orphan.exists()  # may be an upload in progress
+        manager.cleanup(retention_s=3600, orphan_age_s=-1)
+        assert not orphan.exists()
+
+
+def test_gpu_work_is_serialised_per_device(tmp_path: Path) -> None:
+    active = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def gpu_runner(job_dir: Path, planning_dir: Path, daily_dir: Path) -> dict:
+        with lock:
+            active["now"] += 1
+            active["max"] = max(active["max"], active["now"])
+        time.sleep(0.05)
+        with lock:
+            active["now"] -= 1
+        (job_dir / "rtstruct.dcm").write_bytes(b"x")
+        return {}
+
+    for device, expected in (("cuda:0", 1), ("cpu", 3)):
+        store = JobStore(tmp_path / device / "jobs.sqlite3")
+        manager = JobManager(
+            store,
+            tmp_path / device / "jobs",
+            gpu_runner,
+            concurrency=3,
+            queue_size=10,
+            device=device,
+        )
+        manager.start()
+        ids = [new_job_id() for _ in range(6)]
+        for job_id in ids:
+            _inputs(tmp_path / device / "jobs", job_id)
+            manager.submit(job_id)
+        assert all(manager.wait(j, 10).status == "succeeded" for j in ids)
+        manager.shutdown(5)
+        store.close()
+        assert active["max"] == expected if device != "cpu" else active["max"] > 1, (device, active)
+        active["max"] = 0
