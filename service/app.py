@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
         await run_in_threadpool(manager.cleanup, retention_s)
         await run_in_threadpool(manager.start)
         app.state.store = store
+        app.state.validation_slots = asyncio.Semaphore(settings.max_concurrent_validations)
         app.state.manager = manager
         if not app.state.ready:
             logger.warning("not ready", extra={"fields": {"reason": app.state.ready_reason}})

@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import logging
 import sys
+import warnings
 from typing import Any
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("jrs_request_id", default="-")
@@ -112,3 +113,5 @@ def configure_logging(level: str = "INFO") -> None:
         lg.handlers.clear()
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # pydicom warnings quote invalid header values (possibly patient names): never let them out
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
         max_compression_ratio: largest uncompressed/compressed ratio of a zip entry or archive.
         max_extracted_bytes: largest total uncompressed size of the zips of one request.
         max_concurrent_jobs: worker threads running jobs.
+        max_concurrent_validations: uploads unpacked and read with `jrs.dicom` at the same time
+            (bounds the memory of reading CT series).
         queue_size: jobs that may wait for a worker; more are refused with 503.
         job_wait_timeout_s: longest ``wait=true`` waits before answering 202.
         max_wait_timeout_s: upper bound of a client's ``timeout`` query value.
@@ -71,6 +73,7 @@ class Settings(BaseSettings):
     max_compression_ratio: float = Field(default=100.0, gt=1.0)
     max_extracted_bytes: int = Field(default=4096 * MIB, gt=0)
     max_concurrent_jobs: int = Field(default=1, ge=1)
+    max_concurrent_validations: int = Field(default=2, ge=1)
     queue_size: int = Field(default=8, ge=0)
     job_wait_timeout_s: float = Field(default=120.0, ge=0)
     max_wait_timeout_s: float = Field(default=600.0, ge=0)

@@ -133,7 +133,9 @@ async def recontour(
         files = await receive_multipart(request, job_dir / "upload", limits)
         t1 = time.monotonic()
         metrics.stage.labels(stage="upload").observe(t1 - t0)
-        summary = await run_in_threadpool(unpack_and_validate, files, job_dir / "input", limits)
+        async with request.app.state.validation_slots:
+            t1 = time.monotonic()
+            summary = await run_in_threadpool(unpack_and_validate, files, job_dir / "input", limits)
         metrics.stage.labels(stage="validate").observe(time.monotonic() - t1)
         shutil.rmtree(job_dir / "upload", ignore_errors=True)
         job = manager.submit(job_id, current_request_id())
