@@ -1,0 +1,147 @@
+"""Review figure: the daily CT in three orthogonal views with the new and the planned contours.
+
+The daily CT and the masks are resampled onto a 1 mm canonical grid (LPS axes) around the
+structures, so every scan orientation (HFS, FFS, prone, oblique) is shown the same way: axial in
+the radiological convention (patient's right on the left, anterior up), sagittal with anterior on
+the left and cranial up, coronal with the patient's right on the left and cranial up. New contours
+are solid; planning contours (after pre-alignment, before deformation) are dashed; structures
+flagged by QA are listed in red in the legend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import numpy.typing as npt
+from matplotlib.lines import Line2D
+
+from jrs.errors import InvalidInput
+from jrs.geometry import Volume
+from jrs.preprocess import canonical_grid, mask_box
+
+DEFAULT_COLOR = (0, 255, 0)
+
+
+def _rgb(color: Sequence[int] | None) -> tuple[float, float, float]:
+    c = color if color is not None else DEFAULT_COLOR
+    return (c[0] / 255.0, c[1] / 255.0, c[2] / 255.0)
+
+
+def render_review(
+    ct: Volume,
+    contours: Mapping[str, npt.NDArray[np.bool_]],
+    path: Path | str,
+    *,
+    planned: Mapping[str, npt.NDArray[np.bool_]] | None = None,
+    colors: Mapping[str, Sequence[int]] | None = None,
+    focus: str | None = None,
+    flagged: Sequence[str] = (),
+    title: str = "",
+    margin_mm: float = 40.0,
+    window: tuple[float, float] = (40.0, 400.0),
+) -> Path:
+    """Write a PNG with axial, sagittal and coronal views of the daily CT and contours.
+
+    Args:
+        ct: daily CT in HU.
+        contours: ROI name -> (nz, ny, nx) mask on the CT grid (drawn solid).
+        path: PNG file to write.
+        planned: ROI name -> mask on the CT grid of the planning contours after pre-alignment
+            (drawn dashed).
+        colors: ROI name -> (r, g, b) 0..255.
+        focus: ROI whose centroid the three planes cross (default: the first non-empty ROI).
+        flagged: ROI names QA flagged (red in the legend).
+        title: figure title (never patient identifiers).
+        margin_mm: margin around the structures shown, mm.
+        window: display window (level, width) in HU.
+
+    Returns:
+        The path written.
+    """
+    nonempty = [name for name, m in contours.items() if np.any(m)]
+    if not nonempty:
+        raise InvalidInput("nothing to review: every contour is empty")
+    union = np.zeros(ct.geometry.shape, dtype=bool)
+    for name in nonempty:
+        union |= np.asarray(contours[name], dtype=bool)
+    lower, upper = mask_box(union, ct.geometry, margin_mm)
+    grid = canonical_grid(lower, upper, 1.0)
+    image = ct.resample(grid, "linear", -1000.0).array
+
+    def on_grid(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        vol = Volume(np.asarray(mask, dtype=np.uint8), ct.geometry)
+        return vol.resample(grid, "linear", 0.0).array >= 0.5
+
+    solid = {n: on_grid(contours[n]) for n in contours}
+    dashed = {n: on_grid(m) for n, m in (planned or {}).items()}
+    centre_name = focus if focus in solid and np.any(solid[focus]) else nonempty[0]
+    k, j, i = np.argwhere(solid[centre_name]).mean(axis=0).round().astype(int)
+    level, width = window
+    vmin, vmax = level - width / 2, level + width / 2
+
+    def cut(a: np.ndarray, view: int) -> np.ndarray:
+        return [a[k], a[:, :, i], a[:, j, :]][view]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), facecolor="black")
+    names = ["axial", "sagittal", "coronal"]
+    for view, ax in enumerate(axes):
+        origin = "upper" if view == 0 else "lower"
+        ax.imshow(cut(image, view), cmap="gray", vmin=vmin, vmax=vmax, origin=origin)
+        for name, mask in dashed.items():
+            sl = cut(mask, view)
+            if sl.any():
+                ax.contour(
+                    sl,
+                    levels=[0.5],
+                    colors=[_rgb((colors or {}).get(name))],
+                    linewidths=1.0,
+                    linestyles="dashed",
+                    origin=origin,
+                )
+        for name, mask in solid.items():
+            sl = cut(mask, view)
+            if sl.any():
+                ax.contour(
+                    sl,
+                    levels=[0.5],
+                    colors=[_rgb((colors or {}).get(name))],
+                    linewidths=1.4,
+                    origin=origin,
+                )
+        ax.set_title(names[view], color="white")
+        ax.axis("off")
+    handles = [
+        Line2D(
+            [0],
+            [0],
+            color=_rgb((colors or {}).get(n)),
+            lw=2,
+            label=f"{n}{'  (check)' if n in flagged else ''}",
+        )
+        for n in nonempty
+    ]
+    handles.append(Line2D([0], [0], color="white", lw=1, ls="dashed", label="planning (dashed)"))
+    legend = fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), 6),
+        facecolor="black",
+        labelcolor="white",
+        frameon=False,
+    )
+    for text in legend.get_texts():
+        if text.get_text().endswith("(check)"):
+            text.set_color("red")
+    if title:
+        fig.suptitle(title, color="white")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80, facecolor="black", bbox_inches="tight")
+    plt.close(fig)
+    return out

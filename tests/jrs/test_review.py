@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from jrs.errors import InvalidInput
+from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
+from jrs.review import render_review
+
+
+def _case() -> tuple[Volume, dict[str, np.ndarray]]:
+    g = Geometry((30, 60, 70), origin=[-35, -30, -30], spacing=[1.0, 1.0, 2.0])
+    c = g.voxel_centres()
+    sphere = np.linalg.norm(c - [0, 0, 0], axis=-1) < 12
+    ct = np.where(np.linalg.norm(c[..., :2], axis=-1) < 28, 40.0, -1000.0).astype(np.float32)
+    return Volume(ct, g), {"Prostate": sphere}
+
+
+def test_review_png_shows_solid_and_dashed_contours(tmp_path: Path) -> None:
+    ct, contours = _case()
+    planned = {"Prostate": np.roll(contours["Prostate"], 4, axis=2)}
+    out = render_review(
+        ct,
+        contours,
+        tmp_path / "review.png",
+        planned=planned,
+        colors={"Prostate": (255, 0, 0)},
+        flagged=["Prostate"],
+        title="fraction 1",
+    )
+    img = mpimg.imread(out)
+    assert img.shape[0] > 200 and img.shape[1] > 600
+    red = (img[..., 0] > 0.8) & (img[..., 1] < 0.3) & (img[..., 2] < 0.3)
+    assert red.sum() > 100  # the contour (and the red legend entry) are drawn
+
+
+def test_review_independent_of_storage_orientation(tmp_path: Path) -> None:
+    ct, contours = _case()
+    a = mpimg.imread(render_review(ct, contours, tmp_path / "a.png"))
+    ffs = reorient(ct, PATIENT_POSITION_DIRECTIONS["FFS"])
+    mask_ffs = (
+        reorient(
+            Volume(contours["Prostate"].astype(np.uint8), ct.geometry),
+            PATIENT_POSITION_DIRECTIONS["FFS"],
+        ).array
+        > 0
+    )
+    b = mpimg.imread(render_review(ffs, {"Prostate": mask_ffs}, tmp_path / "b.png"))
+    assert a.shape == b.shape
+    assert np.abs(a - b).mean() < 0.01
+
+
+def test_review_refuses_empty_contours(tmp_path: Path) -> None:
+    ct, contours = _case()
+    with pytest.raises(InvalidInput, match="every contour is empty"):
+        render_review(ct, {"Prostate": np.zeros_like(contours["Prostate"])}, tmp_path / "x.png")
