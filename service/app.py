@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
         app_metrics.watch_job_states(store.counts)
         retention_s = settings.retention_days * 86400
         await run_in_threadpool(manager.cleanup, retention_s)
-        await run_in_threadpool(manager.start)
+        await run_in_threadpool(manager.start, bool(app.state.ready))
         app.state.store = store
         app.state.validation_slots = asyncio.Semaphore(settings.max_concurrent_validations)
         app.state.manager = manager

@@ -9,6 +9,7 @@ or 202 has a row before the answer is sent, and a row never vanishes except by r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -418,12 +419,16 @@ class JobManager:
             return self._device_locks.setdefault(device, threading.Lock())
 
     # -- lifecycle
-    def start(self) -> dict[str, list[str]]:
+    def start(self, run_recovered: bool = True) -> dict[str, list[str]]:
         """Recover jobs left by a previous process, then start the workers.
 
         Jobs left ``queued`` are queued again. Jobs left ``running`` are queued again when they
         have been tried fewer than ``max_attempts`` times and their inputs still exist, otherwise
         marked failed with the reason. No job is dropped.
+
+        Args:
+            run_recovered: queue the recovered jobs in this process; when False (the model is
+                not ready) they are only set back to ``queued`` in the store for a later start.
 
         Returns:
             ``{"requeued": [...], "failed": [...]}``: the ids recovered.
@@ -456,7 +461,7 @@ class JobManager:
             self._cleanup_inputs(job_id)
         with self._lock:
             self._accepting = True
-            for job_id in requeued:
+            for job_id in requeued if run_recovered else []:
                 self._done[job_id] = threading.Event()
                 self._waiting += 1
                 self._queue.put(job_id)
@@ -582,6 +587,11 @@ class JobManager:
                 self._running.add(job_id)
             try:
                 self._run(job_id)
+            except Exception as exc:  # the store failed: keep the worker alive
+                logger.error("worker error", exc_info=exc, extra={"fields": {"job_id": job_id}})
+                with contextlib.suppress(Exception):
+                    self.store.mark_failed(job_id, "internal_error", "internal error; see the log")
+                self._finish(job_id, "failed")
             finally:
                 with self._lock:
                     self._running.discard(job_id)

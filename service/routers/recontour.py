@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import time
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from jrs.errors import JrsError, ModelNotReady, ServiceBusy
+from jrs.errors import JrsError, ModelNotReady, ServiceBusy, StorageFull
 from service.auth import require_api_key
 from service.deps import ManagerDep, MetricsDep, SettingsDep
 from service.jobs import JobManager, new_job_id
@@ -139,6 +140,14 @@ async def recontour(
         metrics.stage.labels(stage="validate").observe(time.monotonic() - t1)
         shutil.rmtree(job_dir / "upload", ignore_errors=True)
         job = manager.submit(job_id, current_request_id())
+    except OSError as exc:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            metrics.jobs.labels(outcome="rejected").inc()
+            raise StorageFull(
+                "no space left in the artefact storage for this upload; retry later"
+            ) from None
+        raise
     except BaseException as exc:
         shutil.rmtree(job_dir, ignore_errors=True)
         outcome = "busy" if isinstance(exc, ServiceBusy) else "rejected"

@@ -230,3 +230,22 @@ def test_gpu_work_is_serialised_per_device(tmp_path: Path) -> None:
         store.close()
         assert active["max"] == expected if device != "cpu" else active["max"] > 1, (device, active)
         active["max"] = 0
+
+
+def test_recovered_jobs_wait_when_the_model_is_not_ready(tmp_path: Path) -> None:
+    jobs_dir = tmp_path / "jobs"
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job_id = new_job_id()
+    store.create(job_id)
+    _inputs(jobs_dir, job_id)
+    store.mark_running(job_id)
+    runner = FakeRunner()
+    manager = JobManager(store, jobs_dir, runner, concurrency=1, queue_size=2)
+    manager.start(run_recovered=False)
+    assert store.get(job_id).status == "queued" and runner.calls == 0
+    manager.shutdown(1)
+    manager = JobManager(store, jobs_dir, runner, concurrency=1, queue_size=2)
+    manager.start()
+    assert manager.wait(job_id, 10).finished and runner.calls == 1
+    manager.shutdown(1)
+    store.close()
