@@ -181,6 +181,125 @@ def masks_to_rtstruct(
     typer.echo(str(out))
 
 
+@app.command()
+@_handle_errors
+def train(
+    config: Annotated[Path, typer.Option("--config", help="YAML training config.")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue bit for bit from OUT/checkpoints/last.pt.")
+    ] = False,
+    iterations: Annotated[
+        int | None, typer.Option("--iterations", min=0, help="Override the total step count.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Override the run folder (output_dir).")
+    ] = None,
+) -> None:
+    """Train a network (checkpoints, CSV/TensorBoard logs and plots in the run folder)."""
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    cfg = load_config(config, iterations=iterations, output_dir=out)
+    result = Trainer(cfg, resume=resume).run()
+    typer.echo(
+        f"step {result.step}: {result.steps_per_s:.3f} steps/s, "
+        f"best validation Dice {result.best_dice:.4f}, checkpoint {result.last_checkpoint}"
+    )
+
+
+@app.command()
+@_handle_errors
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="Folder for metrics.csv and report.md.")],
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option("--checkpoint", help="Training checkpoint (repeat for several)."),
+    ] = None,
+    untrained: Annotated[
+        list[str] | None,
+        typer.Option("--untrained", help="Also evaluate a freshly initialised network (name)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Held-out dataset folder (jrs phantom layout).")
+    ] = None,
+    patients: Annotated[
+        list[str] | None, typer.Option("--patient", help="Only these patients of --data.")
+    ] = None,
+    phantoms: Annotated[
+        int | None, typer.Option("--phantoms", min=1, help="Generate N held-out phantoms.")
+    ] = None,
+    synthetic: Annotated[
+        int | None, typer.Option("--synthetic", min=1, help="N synthetic blob pairs (smoke).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first phantom.")] = 1000,
+    fractions: Annotated[
+        int, typer.Option("--fractions", min=1, help="Fractions per generated phantom.")
+    ] = 1,
+    window: Annotated[
+        int, typer.Option("--window", help="Tiled-inference window (multiple of 4, >= 44).")
+    ] = 96,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Evaluate checkpoints on held-out pairs: DSC/MSD/HD95 per organ, Jacobian, Wilcoxon."""
+    from jrs.errors import InvalidInput
+    from jrs.tiling import check_window
+    from training.config import PhantomSource, SyntheticSource
+    from training.data import discover_pairs, load_pair
+    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import load_network
+    from training.networks import build
+    from training.trainer import resolve_device, source_pairs
+
+    check_window(window)
+    if sum(x is not None for x in (data, phantoms, synthetic)) != 1:
+        raise InvalidInput("give exactly one of --data DIR, --phantoms N or --synthetic N")
+    if not checkpoint and not untrained:
+        raise InvalidInput("nothing to evaluate: give --checkpoint FILE and/or --untrained NAME")
+    dev = resolve_device(device)
+    if data is not None:
+        records = discover_pairs(data, patients)
+        pairs = [load_pair(r, out / "cache") for r in records]
+    elif phantoms is not None:
+        pairs = source_pairs(PhantomSource(count=phantoms, seed=seed, fractions=fractions), None)
+    else:
+        pairs = source_pairs(None, SyntheticSource(count=synthetic or 1, seed=seed, size=64))
+    models = {}
+    for path in checkpoint or []:
+        net, meta = load_network(path, dev)
+        cfg = meta.get("config", {})
+        name = f"{meta['network']['name']}/{cfg.get('weighting', {}).get('name', '?')}"
+        name = f"{name}@{meta.get('step', '?')}"
+        while name in models:
+            name += "'"
+        models[name] = net
+    for net_name in untrained or []:
+        models[f"{net_name} (untrained)"] = build(net_name).to(dev).eval()
+    report = run_evaluation(
+        models, pairs, out_dir=out, window=window, progress=lambda m: log.info("evaluated %s", m)
+    )
+    typer.echo(report.markdown)
+    typer.echo(f"written: {report.csv_path}, {report.markdown_path}")
+
+
+@app.command()
+@_handle_errors
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+) -> None:
+    """Run the REST service with uvicorn; settings from JRS_* variables and .env."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    settings = load_settings()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)  # the service logs JSON lines instead
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+
+
 def main() -> None:  # pragma: no cover - console entry
     """Console entry point."""
     app()

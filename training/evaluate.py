@@ -1,0 +1,483 @@
+"""Evaluate trained networks on held-out pairs with whole-scan tiled inference (METHOD.md).
+
+For each pair (1 mm grid) the network runs over the whole padded scan in windows
+(:mod:`jrs.tiling`); the high-level outputs are stitched into full volumes:
+
+* segmentation path: ``argmax`` of the stitched logits (= of their softmax);
+* registration path: the stitched high-level DVF (voxels of the 1 mm grid = mm) warps the whole
+  moving label map once (one-hot channels, trilinear, then ``argmax``).
+
+Both are post-processed without looking at the ground truth: the largest connected component per
+organ, the two largest for the seminal vesicles. Metrics per organ: DSC, MSD and HD95 (mm,
+:mod:`jrs.metrics`); DVF quality: Jacobian determinant of ``x -> x + u(x)`` over the body (its
+standard deviation, the folding fraction ``det <= 0`` and the std of ``log det`` over ``det > 0``).
+Results go to a per-pair CSV and a Markdown report in the layout of the paper's Tables 3-5, with a
+paired Wilcoxon signed-rank test of every network/path against the best one (lowest mean MSD).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from jrs.errors import InvalidInput
+from jrs.geometry import Geometry
+from jrs.labels import BLADDER, LABELS, PROSTATE, RECTUM, SEMINAL_VESICLES
+from jrs.metrics import dice, surface_distances
+from jrs.tiling import run_tiled
+from training.data import AIR, TrainingPair
+from training.networks import NUM_CLASSES
+from training.warp import warp_labels
+
+log = logging.getLogger(__name__)
+
+#: Organs evaluated, in the paper's table order.
+ORGANS: tuple[int, ...] = (PROSTATE, SEMINAL_VESICLES, RECTUM, BLADDER)
+#: Connected components kept per organ by the post-processing.
+COMPONENTS_KEPT: dict[int, int] = {BLADDER: 1, RECTUM: 1, SEMINAL_VESICLES: 2, PROSTATE: 1}
+#: Output paths of a network.
+PATHS: tuple[str, ...] = ("seg", "reg")
+#: Metrics per organ.
+METRICS: tuple[str, ...] = ("dsc", "msd", "hd95")
+
+__all__ = [
+    "COMPONENTS_KEPT",
+    "ORGANS",
+    "EvaluationReport",
+    "Prediction",
+    "evaluate",
+    "jacobian_stats",
+    "load_network",
+    "organ_metrics",
+    "postprocess",
+    "predict_pair",
+    "report_markdown",
+]
+
+
+@dataclass
+class Prediction:
+    """Whole-scan outputs of one network on one pair (arrays on the pair's 1 mm grid).
+
+    Attributes:
+        seg: ``(D, H, W)`` uint8 labels from the segmentation path, or ``None``.
+        dvf: ``(3, D, H, W)`` float32 displacement (voxels = mm), channels (x, y, z), or ``None``.
+        warped: ``(D, H, W)`` uint8 moving labels warped by ``dvf`` (argmax), or ``None``.
+    """
+
+    seg: npt.NDArray[np.uint8] | None = None
+    dvf: npt.NDArray[np.float32] | None = None
+    warped: npt.NDArray[np.uint8] | None = None
+
+    def labels(self) -> dict[str, npt.NDArray[np.uint8]]:
+        """Path name (``"seg"``, ``"reg"``) -> label map, for the paths the network has."""
+        out: dict[str, npt.NDArray[np.uint8]] = {}
+        if self.seg is not None:
+            out["seg"] = self.seg
+        if self.warped is not None:
+            out["reg"] = self.warped
+        return out
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    for p in net.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_pair(
+    net: nn.Module,
+    pair: TrainingPair,
+    window: int = 96,
+    batch_size: int = 1,
+    amp: bool = False,
+) -> Prediction:
+    """Run a network over a whole pair with tiled inference and stitch its high-level outputs.
+
+    The network is put in eval mode for the call and restored afterwards.
+
+    Args:
+        net: A network of :mod:`training.networks` (forward ``net(fixed, moving, moving_labels)``).
+        pair: The pair (``fixed``, ``moving``, ``moving_labels`` ``(D, H, W)`` on the 1 mm grid).
+        window: Input window ``n`` (multiple of 4, >= 44).
+        batch_size: Windows per forward pass.
+        amp: Autocast to float16 (CUDA only).
+
+    Returns:
+        The :class:`Prediction` (paths the network lacks are ``None``).
+    """
+    device = _device_of(net)
+    volume = np.stack([pair.fixed, pair.moving, pair.moving_labels.astype(np.float32)])
+    was_training = net.training
+    net.eval()
+    use_amp = amp and device.type == "cuda"
+
+    def predict(batch: npt.NDArray[Any]) -> dict[str, npt.NDArray[np.float32]]:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            out = net(x[:, 0:1], x[:, 1:2], x[:, 2:3])
+        res: dict[str, npt.NDArray[np.float32]] = {}
+        if out.seg:
+            res["seg"] = out.seg["high"].float().cpu().numpy()
+        if out.dvf:
+            res["dvf"] = out.dvf["high"].float().cpu().numpy()
+        return res
+
+    try:
+        stitched = run_tiled(volume, window, predict, fill=(AIR, AIR, 0.0), batch_size=batch_size)
+        pred = Prediction()
+        if "seg" in stitched:
+            pred.seg = np.argmax(stitched["seg"], axis=0).astype(np.uint8)
+        if "dvf" in stitched:
+            dvf = np.ascontiguousarray(stitched["dvf"], dtype=np.float32)
+            pred.dvf = dvf
+            labels = torch.from_numpy(pair.moving_labels.astype(np.int64))[None, None].to(device)
+            u = torch.from_numpy(dvf)[None].to(device)
+            soft = warp_labels(labels, u, num_classes=NUM_CLASSES)
+            pred.warped = soft.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+    finally:
+        net.train(was_training)
+    return pred
+
+
+def postprocess(labels: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.uint8]:
+    """Keep the largest connected component(s) of each organ (no ground truth involved).
+
+    One component per organ, two for the seminal vesicles (:data:`COMPONENTS_KEPT`), face-and-
+    edge-and-corner connectivity (SimpleITK ``ConnectedComponent`` + ``RelabelComponent``, which
+    sorts components by size).
+
+    Args:
+        labels: ``(D, H, W)`` label map 0..4.
+
+    Returns:
+        ``(D, H, W)`` uint8 label map; dropped voxels become background.
+    """
+    arr = np.asarray(labels)
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    for organ, keep in COMPONENTS_KEPT.items():
+        mask = arr == organ
+        if not mask.any():
+            continue
+        cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+        ranked = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, sortByObjectSize=True))
+        out[(ranked >= 1) & (ranked <= keep)] = organ
+    return out
+
+
+def organ_metrics(
+    prediction: npt.NDArray[np.integer[Any]],
+    reference: npt.NDArray[np.integer[Any]],
+    geometry: Geometry | None = None,
+) -> dict[int, dict[str, float]]:
+    """DSC, MSD and HD95 (mm) per organ.
+
+    Args:
+        prediction: ``(D, H, W)`` predicted label map.
+        reference: ``(D, H, W)`` ground-truth label map.
+        geometry: The grid (default: 1 mm isotropic).
+
+    Returns:
+        Organ label -> ``{"dsc", "msd", "hd95"}``; distances are NaN when either mask is empty.
+    """
+    geo = geometry or Geometry(shape=reference.shape, origin=np.zeros(3), spacing=np.ones(3))
+    out: dict[int, dict[str, float]] = {}
+    for organ in ORGANS:
+        a, b = prediction == organ, reference == organ
+        sd = surface_distances(a, b, geo)
+        out[organ] = {"dsc": dice(a, b), "msd": sd.msd, "hd95": sd.hd95}
+    return out
+
+
+def jacobian_stats(
+    dvf: npt.NDArray[np.floating[Any]],
+    mask: npt.NDArray[np.integer[Any]] | None = None,
+    spacing: float = 1.0,
+) -> dict[str, float]:
+    """Jacobian-determinant statistics of ``x -> x + u(x)`` (SimpleITK).
+
+    Args:
+        dvf: ``(3, D, H, W)`` displacement in mm, channels (x, y, z) = (W, H, D) axes.
+        mask: ``(D, H, W)`` region (the body); the whole grid when ``None``.
+        spacing: Grid spacing (mm).
+
+    Returns:
+        ``{"jac_std", "folding", "log_jac_std"}``: std of det J, fraction of voxels with
+        det J <= 0, std of log det J over det J > 0.
+    """
+    field_zyx3 = np.moveaxis(np.asarray(dvf, dtype=np.float64), 0, -1)
+    image = sitk.GetImageFromArray(field_zyx3, isVector=True)
+    image.SetSpacing((spacing, spacing, spacing))
+    det = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(image))
+    sel = det[mask > 0] if mask is not None else det.ravel()
+    if sel.size == 0:
+        return {"jac_std": math.nan, "folding": math.nan, "log_jac_std": math.nan}
+    pos = sel[sel > 0]
+    return {
+        "jac_std": float(sel.std()),
+        "folding": float((sel <= 0).mean()),
+        "log_jac_std": float(np.log(pos).std()) if pos.size else math.nan,
+    }
+
+
+def load_network(path: Path | str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a network from a training checkpoint.
+
+    Args:
+        path: A checkpoint written by :class:`training.trainer.Trainer` (``last.pt``, ``best.pt``).
+        device: Where to put the network.
+
+    Returns:
+        ``(network in eval mode, checkpoint metadata without the state dicts)``.
+
+    Raises:
+        InvalidInput: When the file is missing or not a training checkpoint.
+    """
+    from training.networks import build
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InvalidInput(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "network" not in ckpt:
+        raise InvalidInput(f"{path}: not a jrs training checkpoint (no 'model'/'network' entries)")
+    net = build(ckpt["network"]["name"], **ckpt["network"].get("overrides", {}))
+    net.load_state_dict(ckpt["model"])
+    net.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scaler", "rng")}
+    return net, meta
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate` computed.
+
+    Attributes:
+        rows: One dict per (model, path, pair, organ) with ``dsc``, ``msd``, ``hd95``.
+        jacobian: One dict per (model, pair) with the Jacobian statistics.
+        markdown: The Markdown report.
+        csv_path: Per-pair CSV written, if any.
+        markdown_path: Markdown file written, if any.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    jacobian: list[dict[str, Any]] = field(default_factory=list)
+    markdown: str = ""
+    csv_path: Path | None = None
+    markdown_path: Path | None = None
+
+    def summary(self) -> dict[tuple[str, str, int], dict[str, float]]:
+        """(model, path, organ) -> mean of each metric over pairs (NaNs skipped)."""
+        out: dict[tuple[str, str, int], dict[str, float]] = {}
+        for key, vals in _group(self.rows).items():
+            out[key] = {m: _nanmean([v[m] for v in vals]) for m in METRICS}
+        return out
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else math.nan
+
+
+def _group(
+    rows: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, str, int], list[Mapping[str, Any]]]:
+    groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["path"], int(r["organ"])), []).append(r)
+    return groups
+
+
+def evaluate(
+    models: Mapping[str, nn.Module],
+    pairs: Sequence[TrainingPair],
+    out_dir: Path | str | None = None,
+    window: int = 96,
+    batch_size: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> EvaluationReport:
+    """Evaluate networks on held-out pairs and write the CSV and Markdown report.
+
+    Args:
+        models: Display name -> network.
+        pairs: Held-out pairs (with ground-truth ``fixed_labels``).
+        out_dir: Where to write ``metrics.csv``, ``jacobian.csv`` and ``report.md`` (``None``:
+            nothing written).
+        window: Tiled-inference window ``n``.
+        batch_size: Windows per forward pass.
+        progress: Called with a short message after each (model, pair).
+
+    Returns:
+        The :class:`EvaluationReport`.
+    """
+    if not pairs:
+        raise InvalidInput("evaluation needs at least one held-out pair")
+    report = EvaluationReport()
+    for name, net in models.items():
+        for pair in pairs:
+            pred = predict_pair(net, pair, window=window, batch_size=batch_size)
+            for path, labels in pred.labels().items():
+                metrics = organ_metrics(postprocess(labels), pair.fixed_labels)
+                for organ, vals in metrics.items():
+                    report.rows.append(
+                        {"model": name, "path": path, "pair": pair.key, "organ": organ, **vals}
+                    )
+            if pred.dvf is not None:
+                report.jacobian.append(
+                    {"model": name, "pair": pair.key, **jacobian_stats(pred.dvf, pair.body)}
+                )
+            if progress is not None:
+                progress(f"{name} {pair.key}")
+    report.markdown = report_markdown(report.rows, report.jacobian)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report.csv_path = out / "metrics.csv"
+        _write_csv(
+            report.csv_path,
+            [{**r, "organ_name": LABELS[int(r["organ"])]} for r in report.rows],
+            ["model", "path", "pair", "organ", "organ_name", *METRICS],
+        )
+        if report.jacobian:
+            _write_csv(
+                out / "jacobian.csv",
+                report.jacobian,
+                ["model", "pair", "jac_std", "folding", "log_jac_std"],
+            )
+        report.markdown_path = out / "report.md"
+        report.markdown_path.write_text(report.markdown)
+    return report
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(values: Sequence[float], digits: int = 2) -> str:
+    arr = np.asarray(values, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return "n/a"
+    text = (
+        f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f} ({np.median(finite):.{digits}f})"
+    )
+    missing = arr.size - finite.size
+    return text + (f" [{missing} empty]" if missing else "")
+
+
+def _wilcoxon(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy.stats import wilcoxon
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    d = x[ok] - y[ok]
+    if d.size < 2 or np.all(d == 0):
+        return math.nan
+    try:
+        return float(wilcoxon(x[ok], y[ok]).pvalue)
+    except ValueError:
+        return math.nan
+
+
+def report_markdown(
+    rows: Sequence[Mapping[str, Any]], jacobian: Sequence[Mapping[str, Any]] = ()
+) -> str:
+    """Markdown tables like the paper's Tables 3-5.
+
+    One table per metric (DSC, MSD, HD95): a row per network and output path, a column per organ,
+    cells ``mean ± sd (median)`` over pairs (``[k empty]`` counts pairs where an organ was not
+    predicted at all, which have no surface distance). Then the Jacobian statistics, and the
+    paired Wilcoxon signed-rank p-values of each network/path against the best one (lowest mean
+    MSD over organs), per organ, on MSD and DSC.
+
+    Args:
+        rows: Per (model, path, pair, organ) metric rows from :func:`evaluate`.
+        jacobian: Per (model, pair) Jacobian rows.
+
+    Returns:
+        The Markdown text.
+    """
+    groups = _group(rows)
+    entries = sorted({(m, p) for m, p, _ in groups}, key=lambda e: (e[0], PATHS.index(e[1])))
+    organ_names = [LABELS[o] for o in ORGANS]
+    n_pairs = len({r["pair"] for r in rows})
+    lines = [f"# Evaluation ({n_pairs} held-out pairs, whole-scan tiled inference, 1 mm grid)", ""]
+    units = {"dsc": "", "msd": " (mm)", "hd95": " (mm)"}
+    for metric in METRICS:
+        lines += [f"## {metric.upper()}{units[metric]}: mean ± sd (median)", ""]
+        lines.append("| network | path | " + " | ".join(organ_names) + " |")
+        lines.append("|---|---|" + "---|" * len(ORGANS))
+        for model, path in entries:
+            cells = [_fmt([r[metric] for r in groups[(model, path, o)]]) for o in ORGANS]
+            lines.append(f"| {model} | {path} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if jacobian:
+        lines += ["## DVF quality (Jacobian determinant over the body)", ""]
+        lines.append("| network | std(det J) | folding fraction (det J <= 0) | std(log det J) |")
+        lines.append("|---|---|---|---|")
+        for model in sorted({j["model"] for j in jacobian}):
+            js = [j for j in jacobian if j["model"] == model]
+            cells = [
+                _fmt([j["jac_std"] for j in js], 3),
+                _fmt([j["folding"] for j in js], 4),
+                _fmt([j["log_jac_std"] for j in js], 3),
+            ]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if entries:
+        mean_msd = {
+            e: _nanmean([_nanmean([r["msd"] for r in groups[(*e, o)]]) for o in ORGANS])
+            for e in entries
+        }
+        finite = {e: v for e, v in mean_msd.items() if math.isfinite(v)}
+        best = min(finite, key=lambda e: finite[e]) if finite else entries[0]
+        lines += [
+            f"## Paired Wilcoxon signed-rank test against the best ({best[0]} / {best[1]}, "
+            "lowest mean MSD)",
+            "",
+            "p-values per organ on MSD and DSC (n/a: fewer than 2 usable pairs or identical).",
+            "",
+            "| network | path | " + " | ".join(f"{o} MSD / DSC" for o in organ_names) + " |",
+            "|---|---|" + "---|" * len(ORGANS),
+        ]
+        for e in entries:
+            if e == best:
+                continue
+            cells = []
+            for o in ORGANS:
+                a, b = groups[(*e, o)], groups[(*best, o)]
+                by_pair_b = {r["pair"]: r for r in b}
+                common = [r for r in a if r["pair"] in by_pair_b]
+                p_msd = _wilcoxon(
+                    [r["msd"] for r in common], [by_pair_b[r["pair"]]["msd"] for r in common]
+                )
+                p_dsc = _wilcoxon(
+                    [r["dsc"] for r in common], [by_pair_b[r["pair"]]["dsc"] for r in common]
+                )
+                cells.append(f"{_p(p_msd)} / {_p(p_dsc)}")
+            lines.append(f"| {e[0]} | {e[1]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{p:.3g}"
