@@ -1,0 +1,183 @@
+"""The re-contouring pipeline end to end on a synthetic patient.
+
+The network is replaced by a fake backend (a test double that isolates the pipeline from the
+model): it "segments" the pre-aligned planning labels and predicts a known smooth displacement,
+so every number the pipeline derives can be checked analytically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+from jrs.dicom.ct import read_ct_series
+from jrs.dicom.reg import read_deformable_registration
+from jrs.dicom.rtstruct import masks_from_files, read_rtstruct
+from jrs.errors import ModelNotReady
+from jrs.geometry import Geometry, Volume
+from jrs.metrics import dice
+from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+from jrs.pipeline import RecontourOptions, _taper, default_model_dir, recontour
+from jrs.transforms import sample_dvf
+
+
+@dataclass
+class _Pred:
+    seg_probs: np.ndarray | None
+    dvf: np.ndarray
+
+
+class ShiftBackend:
+    """Fake network: segmentation = pre-aligned planning labels; DVF = a constant shift (mm)."""
+
+    def __init__(self, shift_xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
+        self.shift = np.asarray(shift_xyz, np.float32)
+        self.metadata: dict[str, Any] = {"name": "fake", "version": "0", "path_choice": {}}
+        self.calls = 0
+
+    def predict(self, fixed: np.ndarray, moving: np.ndarray, moving_labels: np.ndarray) -> _Pred:
+        self.calls += 1
+        lab = moving_labels.astype(int)
+        probs = np.stack([(lab == c).astype(np.float32) for c in range(5)])
+        dvf = np.broadcast_to(self.shift[:, None, None, None], (3, *fixed.shape)).copy()
+        return _Pred(probs, dvf)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    root = tmp_path_factory.mktemp("pipeline")
+    patient = generate_patient(7, matrix=256, slice_thickness=3.0)
+    fraction = generate_fraction(patient, 1)
+    write_patient(patient, root)
+    write_fraction(fraction, root / "fraction_1")
+    return root, fraction
+
+
+@pytest.mark.integration
+def test_recontour_writes_every_output_consistently(
+    case: tuple[Path, Any], runs: dict[str, Any]
+) -> None:
+    root, fraction = case
+    result = runs["zero"]
+    for p in (result.rtstruct, result.dvf, result.registration, result.qa, result.review):
+        assert p.is_file() and p.stat().st_size > 0
+
+    daily = read_ct_series(root / "fraction_1" / "ct")
+    planning_rs = read_rtstruct(root / "planning" / "rtstruct.dcm")
+    out_rs = read_rtstruct(result.rtstruct)
+    assert [r.name for r in out_rs.rois] == [r.name for r in planning_rs.rois]
+    assert {r.name: r.color for r in out_rs.rois} == {r.name: r.color for r in planning_rs.rois}
+    ds = pydicom.dcmread(result.rtstruct)
+    assert ds.StudyInstanceUID == daily.study_instance_uid
+    assert ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == (
+        daily.frame_of_reference_uid
+    )
+
+    # contours re-read on the daily CT: organs close to the truth even with a zero network DVF
+    _, _, masks = masks_from_files(root / "fraction_1" / "ct", result.rtstruct)
+    for organ in ("Bladder", "Prostate", "Rectum"):
+        assert dice(masks[organ].array, fraction.structures[organ]) > 0.6, organ
+
+    # the DVF is on the daily grid, and equals the affine pre-alignment where the network's is 0
+    dvf = Volume.read(str(result.dvf))
+    assert dvf.geometry.same_grid(daily.volume.geometry)
+    qa = json.loads(result.qa.read_text())
+    matrix = np.array(qa["prealign"]["matrix"]).reshape(3, 3)
+    corner = daily.volume.geometry.corners()[:1]
+    reg = read_deformable_registration(result.registration)
+    assert reg.source_frame_of_reference_uid != reg.registered_frame_of_reference_uid
+    rng = np.random.default_rng(0)
+    pts = daily.volume.geometry.index_to_physical(
+        rng.uniform(0, 1, (1000, 3)) * (np.asarray(daily.volume.geometry.size_xyz) - 1)
+    )
+    diff = np.abs(sample_dvf(reg.dvf, pts) - sample_dvf(dvf, pts)).max()
+    assert diff < 0.1
+    u_corner = sample_dvf(dvf, corner)[0]
+    assert np.linalg.norm(u_corner) < 60.0 and np.all(np.isfinite(matrix))
+
+    # QA: every structure, the stages, Jacobian of a pure affine ~ constant
+    names = {s["name"] for s in qa["structures"]}
+    assert names == {r.name for r in planning_rs.rois}
+    for stage in ("read", "prealign", "prepare", "network", "dvf", "propagate", "write", "total"):
+        assert stage in qa["timings_s"]
+    assert qa["dvf"]["folding_fraction"] == 0.0
+    assert qa["dvf"]["std"] < 0.05
+    prostate = next(s for s in qa["structures"] if s["name"] == "Prostate")
+    assert prostate["path_dice"] is not None and prostate["path_dice"] > 0.9
+    assert prostate["source"] == "segmentation"
+
+
+def _affine_field(qa: dict[str, Any], points: np.ndarray) -> np.ndarray:
+    """A(p) - p from the pre-alignment recorded in qa.json (SimpleITK affine with centre)."""
+    m = np.array(qa["prealign"]["matrix"]).reshape(3, 3)
+    c = np.array(qa["prealign"]["center_mm"])
+    t = np.array(qa["prealign"]["translation_mm"])
+    return (points - c) @ m.T + c + t - points
+
+
+@pytest.fixture(scope="module")
+def runs(case: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root, _ = case
+    out = tmp_path_factory.mktemp("runs")
+    args = (
+        root / "planning" / "ct",
+        root / "planning" / "rtstruct.dcm",
+        root / "fraction_1" / "ct",
+    )
+    return {
+        "zero": recontour(*args, out / "zero", backend=ShiftBackend()),
+        "shift": recontour(
+            *args,
+            out / "shift",
+            backend=ShiftBackend((0.0, 3.0, 0.0)),
+            options=RecontourOptions(path_choice={"prostate": "registration"}),
+        ),
+    }
+
+
+@pytest.mark.integration
+def test_network_shift_is_folded_into_the_dvf(runs: dict[str, Any]) -> None:
+    for name, shift in (("zero", 0.0), ("shift", 3.0)):
+        result = runs[name]
+        qa = json.loads(result.qa.read_text())
+        dvf = Volume.read(str(result.dvf))
+        box = qa["network_box_mm"]
+        centre = ((np.array(box["lower"]) + np.array(box["upper"])) / 2)[None]
+        corner = dvf.geometry.corners()[:1]
+        # far from the box the field is the affine pre-alignment alone
+        np.testing.assert_allclose(sample_dvf(dvf, corner), _affine_field(qa, corner), atol=0.01)
+        # at the box centre (taper 1) the network's shift moves the planning point by A's
+        # linear part applied to (0, shift, 0): |delta| ~ shift for a near-rigid A
+        delta = sample_dvf(dvf, centre)[0] - _affine_field(qa, centre)[0]
+        assert np.linalg.norm(delta) == pytest.approx(shift, abs=0.15), name
+    qa = json.loads(runs["shift"].qa.read_text())
+    prostate = next(s for s in qa["structures"] if s["name"] == "Prostate")
+    assert prostate["source"] == "registration"
+
+
+def test_taper_is_one_inside_and_zero_at_faces() -> None:
+    g = Geometry((40, 50, 60), origin=[0, 0, 0], spacing=[1.0, 1.0, 1.0])
+    w = _taper(g, 10.0)
+    assert w[20, 25, 30] == 1.0
+    assert w[0].max() == 0.0 and w[:, :, -1].max() == 0.0
+    assert 0.0 < w[5, 25, 30] < 1.0
+
+
+def test_missing_model_is_model_not_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JRS_MODEL_DIR", str(tmp_path))
+    with pytest.raises(ModelNotReady, match="no model under"):
+        default_model_dir()
+    with pytest.raises(ModelNotReady):
+        recontour(
+            tmp_path,
+            tmp_path / "rs.dcm",
+            tmp_path,
+            tmp_path / "o",
+            options=RecontourOptions(model_dir=None),
+        )
