@@ -216,7 +216,9 @@ def pad_volume(
             f"volume of shape {tuple(np.asarray(volume).shape)} does not fit the plan's "
             f"grid {plan.shape}"
         )
-    fills = [float(fill)] * arr.shape[0] if np.isscalar(fill) else [float(f) for f in fill]  # type: ignore[arg-type]
+    fills = (
+        [float(fill)] * arr.shape[0] if isinstance(fill, int | float) else [float(f) for f in fill]
+    )
     if len(fills) != arr.shape[0]:
         raise InvalidInput(f"{len(fills)} fill values for {arr.shape[0]} channels")
     out = np.empty((arr.shape[0], *plan.padded_shape), dtype=arr.dtype)

@@ -72,7 +72,7 @@ class WeightingConfig(_Strict):
     """
 
     name: Literal["equal", "homoscedastic", "dwa"] = "equal"
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
 
 
 class PhantomSource(_Strict):
@@ -86,7 +86,7 @@ class PhantomSource(_Strict):
 
     count: int = Field(ge=1)
     seed: int = 0
-    fractions: int = Field(1, ge=1)
+    fractions: int = Field(default=1, ge=1)
 
 
 class SyntheticSource(_Strict):
@@ -100,7 +100,7 @@ class SyntheticSource(_Strict):
 
     count: int = Field(ge=1)
     seed: int = 0
-    size: int = Field(64, ge=24)
+    size: int = Field(default=64, ge=24)
 
 
 class ValidationConfig(_Strict):
@@ -118,9 +118,9 @@ class ValidationConfig(_Strict):
     patients: list[str] = Field(default_factory=list)
     phantoms: PhantomSource | None = None
     synthetic: SyntheticSource | None = None
-    every: int = Field(1000, ge=0)
+    every: int = Field(default=1000, ge=0)
     window: int = 96
-    max_pairs: int = Field(8, ge=1)
+    max_pairs: int = Field(default=8, ge=1)
 
     @field_validator("window")
     @classmethod
@@ -147,7 +147,7 @@ class DataConfig(_Strict):
     phantoms: PhantomSource | None = None
     synthetic: SyntheticSource | None = None
     cache_dir: Path | None = None
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    validation: ValidationConfig = Field(default_factory=lambda: ValidationConfig())
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -186,23 +186,23 @@ class TrainConfig(_Strict):
     """
 
     network: NetworkConfig
-    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    weighting: WeightingConfig = Field(default_factory=lambda: WeightingConfig())
     data: DataConfig
     patch_size: int = 96
-    pairs_per_batch: int = Field(2, ge=1)
-    patches_per_pair: int = Field(1, ge=1)
+    pairs_per_batch: int = Field(default=2, ge=1)
+    patches_per_pair: int = Field(default=1, ge=1)
     swap: bool = True
-    lr: float = Field(1e-4, gt=0)
-    iterations: int = Field(200_000, ge=0)
-    steps_per_epoch: int = Field(1000, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    iterations: int = Field(default=200_000, ge=0)
+    steps_per_epoch: int = Field(default=1000, ge=1)
     seed: int = 0
-    checkpoint_every: int = Field(1000, ge=1)
-    checkpoint_minutes: float = Field(30.0, gt=0)
-    log_every: int = Field(1, ge=1)
-    plot_every: int = Field(5000, ge=1)
+    checkpoint_every: int = Field(default=1000, ge=1)
+    checkpoint_minutes: float = Field(default=30.0, gt=0)
+    log_every: int = Field(default=1, ge=1)
+    plot_every: int = Field(default=5000, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: int | None = Field(default=None, ge=1)
     tensorboard: bool = True
     output_dir: Path = Path("runs/default")
 
