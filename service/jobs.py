@@ -63,13 +63,15 @@ class Runner(Protocol):
 
 
 class PipelineRunner:
-    """The default runner: calls ``jrs.pipeline.recontour`` when that module exists.
+    """The default runner: ``jrs.pipeline.recontour`` with a network backend loaded once.
 
-    Until the pipeline is part of the distribution, `load` leaves ``ready`` False with a reason,
-    ``/health/ready`` answers 503 and calling the runner raises `ModelNotReady`.
+    `load` (called in the app's lifespan) imports ``jrs.pipeline`` and loads the backend with
+    ``load_backend``; any failure (pipeline or inference module missing, no model) leaves
+    ``ready`` False with the reason, so ``/health/ready`` answers 503 and no job is accepted.
 
     Args:
-        model_dir: model folder handed to the pipeline.
+        model_dir: a model version folder (with ``model.onnx``), or None / the root of
+            ``<name>/<version>`` folders to let the pipeline pick the newest bundled model.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
     """
 
@@ -80,9 +82,11 @@ class PipelineRunner:
         self.reason = "the model has not been loaded yet"
         self.execution_provider = "none"
         self._pipeline: Any = None
+        self._options: Any = None
+        self._backend: Any = None
 
     def load(self) -> None:
-        """Import the pipeline and load the model (called in the app's lifespan).
+        """Import the pipeline and load the model.
 
         Raises:
             ModelNotReady: the pipeline is not available or the model cannot be loaded.
@@ -90,17 +94,37 @@ class PipelineRunner:
         import importlib
 
         try:
-            self._pipeline = importlib.import_module("jrs.pipeline")
-        except ModuleNotFoundError as exc:
+            pipeline = importlib.import_module("jrs.pipeline")
+            needed = ("recontour", "load_backend", "RecontourOptions")
+            missing = [name for name in needed if not hasattr(pipeline, name)]
+            if missing:
+                raise ModelNotReady(f"jrs.pipeline lacks {', '.join(missing)}")
+            version_dir = (
+                self.model_dir
+                if self.model_dir is not None and (self.model_dir / "model.onnx").is_file()
+                else None
+            )
+            options = pipeline.RecontourOptions(model_dir=version_dir, device=self.device)
+            backend = pipeline.load_backend(options)
+        except ModelNotReady as exc:
+            self.reason = exc.message
+            raise
+        except ImportError as exc:
             self.reason = (
-                "the re-contouring pipeline (jrs.pipeline) is not part of this version; "
-                "the service accepts no jobs until it is installed"
+                f"the re-contouring pipeline cannot be imported ({exc}); the service accepts "
+                "no jobs until it is installed"
             )
             raise ModelNotReady(self.reason) from exc
-        loader = getattr(self._pipeline, "load_model", None)
-        if callable(loader):
-            model = loader(self.model_dir, device=self.device)
-            self.execution_provider = str(getattr(model, "execution_provider", "unknown"))
+        except JrsError as exc:
+            self.reason = f"the model cannot be loaded: {exc.message}"
+            raise ModelNotReady(self.reason) from exc
+        self._pipeline, self._options, self._backend = pipeline, options, backend
+        providers = getattr(backend, "execution_provider", None) or getattr(
+            backend, "providers", None
+        )
+        if isinstance(providers, list | tuple):
+            providers = providers[0] if providers else None
+        self.execution_provider = str(providers or "unknown")
         self.ready = True
         self.reason = ""
 
@@ -113,14 +137,14 @@ class PipelineRunner:
         if not self.ready or self._pipeline is None:
             raise ModelNotReady(self.reason)
         result = self._pipeline.recontour(
-            planning_ct=planning_dir,
-            planning_rtstruct=planning_dir / PLANNING_RTSTRUCT,
-            daily_ct=daily_dir,
-            out=job_dir,
-            model=self.model_dir,
-            device=self.device,
+            planning_dir,
+            planning_dir / PLANNING_RTSTRUCT,
+            daily_dir,
+            job_dir,
+            self._options,
+            backend=self._backend,
         )
-        qa = getattr(result, "qa", result)
+        qa = getattr(result, "qa_data", None)
         return dict(qa) if isinstance(qa, dict) else {}
 
 

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
         insecure_dev: allow starting without any key (every request is then accepted).
         public_docs: serve ``/docs`` and ``/openapi.json`` without a key (they hold no data).
         data_dir: folder of the job store (``jobs.sqlite3``) and the job folders (``jobs/<id>/``).
-        model_dir: model folder (``models/<name>/<version>``) handed to the pipeline.
+        model_dir: a model version folder (``models/<name>/<version>`` with ``model.onnx``) or
+            the root of such folders (the pipeline then uses the newest version).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         max_upload_bytes: largest request body (both fields together).
         max_files: most files in one request plus inside its zips.

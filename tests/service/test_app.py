@@ -24,13 +24,17 @@ from tests.service.conftest import (
 )
 
 
-def test_default_runner_is_not_ready_until_the_pipeline_exists(tmp_path: Path, case: Case) -> None:
-    app = create_app(make_settings(tmp_path))  # default PipelineRunner
+def test_default_runner_is_not_ready_without_pipeline_or_model(
+    tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # default PipelineRunner, no model anywhere
+    monkeypatch.setenv("JRS_MODEL_DIR", str(tmp_path / "no-models"))
+    app = create_app(make_settings(tmp_path, model_dir=tmp_path / "no-models"))
     with TestClient(app) as client:
         assert client.get("/health/live").status_code == 200
         r = client.get("/health/ready")
         assert r.status_code == 503 and r.json()["error"] == "model_not_ready"
-        assert "jrs.pipeline" in r.json()["detail"] and r.headers["retry-after"]
+        assert r.json()["detail"] and r.headers["retry-after"]
         r = client.post(
             "/v1/recontour", headers=AUTH, files=multipart([case.planning_zip], [case.daily_zip])
         )
@@ -128,3 +132,40 @@ def test_openapi_has_examples(client: TestClient) -> None:
         "application/dicom"
         in doc["paths"]["/v1/jobs/{job_id}/rtstruct"]["get"]["responses"]["200"]["content"]
     )
+
+
+def test_pipeline_runner_adapts_the_pipeline_api(
+    tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default runner loads the backend once and calls ``recontour`` with it."""
+    import types
+    from dataclasses import dataclass
+
+    from service.jobs import PipelineRunner
+
+    calls: dict = {}
+
+    @dataclass
+    class Options:
+        model_dir: Path | None = None
+        device: str = "auto"
+
+    class Backend:
+        providers = ("CPUExecutionProvider",)
+
+    def recontour(planning_ct, planning_rtstruct, daily_ct, out, options, *, backend):
+        calls.update(planning_rtstruct=planning_rtstruct, backend=backend, options=options)
+        return types.SimpleNamespace(qa_data={"ok": True})
+
+    fake = types.ModuleType("jrs.pipeline")
+    fake.RecontourOptions = Options
+    fake.load_backend = lambda options: Backend()
+    fake.recontour = recontour
+    monkeypatch.setitem(sys.modules, "jrs.pipeline", fake)
+    runner = PipelineRunner(None, device="cpu")
+    runner.load()
+    assert runner.ready and runner.execution_provider == "CPUExecutionProvider"
+    qa = runner(tmp_path / "job", tmp_path / "in" / "planning", tmp_path / "in" / "daily")
+    assert qa == {"ok": True}
+    assert calls["planning_rtstruct"] == tmp_path / "in" / "planning" / "rtstruct.dcm"
+    assert isinstance(calls["backend"], Backend) and calls["options"].device == "cpu"

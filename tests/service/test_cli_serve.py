@@ -47,7 +47,12 @@ def test_jrs_serve_runs_a_real_uvicorn_process(tmp_path: Path) -> None:
     from tests.service.conftest import free_port
 
     port = free_port()
-    env = {**os.environ, "JRS_API_KEYS": "proc-key", "JRS_DATA_DIR": str(tmp_path / "data")}
+    env = {
+        **os.environ,
+        "JRS_API_KEYS": "proc-key",
+        "JRS_DATA_DIR": str(tmp_path / "data"),
+        "JRS_MODEL_DIR": str(tmp_path / "no-models"),  # no model: ready must say 503
+    }
     env.pop("JRS_API_KEYS_FILE", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jrs.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
