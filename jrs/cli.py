@@ -181,6 +181,127 @@ def masks_to_rtstruct(
     typer.echo(str(out))
 
 
+def _recontour_options(
+    model: Path | None,
+    device: str,
+    method: str,
+    synonyms: Path | None,
+    dvf_spacing: float | None,
+) -> Any:
+    from jrs.errors import InvalidInput
+    from jrs.labels import SynonymTable
+    from jrs.pipeline import RecontourOptions
+
+    if method not in ("network", "iterative"):
+        raise InvalidInput(f"--method {method!r} unknown; use network or iterative")
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidInput(f"--device {device!r} unknown; use auto, cpu or cuda")
+    return RecontourOptions(
+        method=method,  # type: ignore[arg-type]
+        model_dir=model,
+        device=device,
+        synonyms=SynonymTable.from_yaml(synonyms) if synonyms is not None else None,
+        dvf_spacing_mm=dvf_spacing,
+    )
+
+
+ModelOpt = Annotated[
+    Path | None, typer.Option("--model", help="Model folder models/<name>/<version>.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+MethodOpt = Annotated[
+    str, typer.Option("--method", help="network (the model) or iterative (B-spline).")
+]
+SynonymOpt = Annotated[Path | None, typer.Option("--synonyms", help="YAML ROI-name synonym table.")]
+DvfSpacingOpt = Annotated[
+    float | None,
+    typer.Option("--dvf-spacing", help="Write the DVF at this spacing (mm), not the CT grid."),
+]
+
+
+@app.command()
+@_handle_errors
+def recontour(
+    planning_ct: Annotated[Path, typer.Option("--planning-ct", help="Planning CT folder.")],
+    planning_rtstruct: Annotated[
+        Path, typer.Option("--planning-rtstruct", help="Planning RTSTRUCT file.")
+    ],
+    daily_ct: Annotated[Path, typer.Option("--daily-ct", help="Daily CT folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    method: MethodOpt = "network",
+    synonyms: SynonymOpt = None,
+    dvf_spacing: DvfSpacingOpt = None,
+) -> None:
+    """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
+    from jrs.pipeline import recontour as run
+
+    opts = _recontour_options(model, device, method, synonyms, dvf_spacing)
+    result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
+    qa = result.qa_data
+    typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")
+    for s in qa["structures"]:
+        flags = "; ".join(s["flags"]) or "-"
+        typer.echo(
+            f"{s['name']:<20}{s['source']:<14}{s['planning_cc']:>12.1f}{s['daily_cc']:>10.1f}"
+            f"  {flags}"
+        )
+    d = qa["dvf"]
+    typer.echo(
+        f"DVF: min det J {d['min']:.3f}, folding {100 * d['folding_fraction']:.3f} %, "
+        f"std det J {d['std']:.3f}; total {qa['timings_s']['total']:.1f} s"
+    )
+    for path in (result.rtstruct, result.dvf, result.registration, result.qa, result.review):
+        typer.echo(str(path))
+
+
+@app.command()
+@_handle_errors
+def batch(
+    manifest: Annotated[
+        Path,
+        typer.Option("--manifest", help="CSV: planning_ct, planning_rtstruct, daily_ct[, id]."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (OUT/<id>/, status CSV).")],
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel processes.")] = 1,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Run rows that failed before again.")
+    ] = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    method: MethodOpt = "network",
+    synonyms: SynonymOpt = None,
+    dvf_spacing: DvfSpacingOpt = None,
+) -> None:
+    """Re-contour every fraction of a manifest; resumable; a failing row never stops the others."""
+    from tqdm import tqdm
+
+    from jrs.batch import read_manifest, run_batch
+
+    opts = _recontour_options(model, device, method, synonyms, dvf_spacing)
+    total = len(read_manifest(manifest))
+    with tqdm(total=total, desc="batch", unit="fraction") as bar:
+        summary = run_batch(
+            manifest,
+            out,
+            opts,
+            workers=workers,
+            retry_failed=retry_failed,
+            on_progress=lambda _id, _state: bar.update(1),
+        )
+        bar.update(len(summary.skipped))
+    typer.echo(
+        f"done {len(summary.done)}, skipped {len(summary.skipped)} (earlier runs), "
+        f"failed {len(summary.failed)} in {summary.seconds:.1f} s; status in "
+        f"{out / 'batch_status.csv'}"
+    )
+    for row_id, message in summary.failed.items():
+        typer.echo(f"  {row_id}: {message}", err=True)
+    if summary.failed:
+        raise typer.Exit(code=1)
+
+
 @app.command()
 @_handle_errors
 def train(

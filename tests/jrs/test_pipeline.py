@@ -181,3 +181,84 @@ def test_missing_model_is_model_not_ready(tmp_path: Path, monkeypatch: pytest.Mo
             tmp_path / "o",
             options=RecontourOptions(model_dir=None),
         )
+
+
+def _manifest(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    lines = ["id,planning_ct,planning_rtstruct,daily_ct"] + [",".join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_manifest_errors_name_file_and_row(tmp_path: Path) -> None:
+    from jrs.batch import read_manifest
+    from jrs.errors import InvalidInput
+
+    bad = tmp_path / "m.csv"
+    bad.write_text("planning_ct,daily_ct\na,b\n")
+    with pytest.raises(InvalidInput, match=r"m.csv: missing column\(s\) \['planning_rtstruct'\]"):
+        read_manifest(bad)
+    _manifest(bad, [("x", "a", "b", "c"), ("x", "a", "b", "c")])
+    with pytest.raises(InvalidInput, match="row 2: id 'x' appears twice"):
+        read_manifest(bad)
+    _manifest(bad, [("../evil", "a", "b", "c")])
+    with pytest.raises(InvalidInput, match="not a safe folder name"):
+        read_manifest(bad)
+    bad.write_text("id,planning_ct,planning_rtstruct,daily_ct\n")
+    with pytest.raises(InvalidInput, match="no rows"):
+        read_manifest(bad)
+    rows = read_manifest(_manifest(bad, [("", "p/ct", "p/rs.dcm", "d/ct")]))
+    assert rows[0].id == "row_0001" and rows[0].daily_ct == (tmp_path / "d" / "ct")
+
+
+@pytest.mark.integration
+def test_batch_records_failures_and_resumes(case: tuple[Path, Any], tmp_path: Path) -> None:
+    import csv
+
+    from jrs.batch import run_batch
+
+    root, _ = case
+    manifest = _manifest(
+        tmp_path / "manifest.csv",
+        [
+            (
+                "good",
+                str(root / "planning" / "ct"),
+                str(root / "planning" / "rtstruct.dcm"),
+                str(root / "fraction_1" / "ct"),
+            ),
+            (
+                "broken",
+                str(root / "planning" / "ct"),
+                str(root / "planning" / "rtstruct.dcm"),
+                str(tmp_path / "no_such_ct"),
+            ),
+        ],
+    )
+    seen: list[tuple[str, str]] = []
+    backend = ShiftBackend()
+    summary = run_batch(
+        manifest, tmp_path / "out", backend=backend, on_progress=lambda i, s: seen.append((i, s))
+    )
+    assert summary.done == ["good"] and list(summary.failed) == ["broken"]
+    assert "no_such_ct" in summary.failed["broken"]
+    assert sorted(seen) == [("broken", "failed"), ("good", "done")]
+    status = {r["id"]: r for r in csv.DictReader((tmp_path / "out" / "batch_status.csv").open())}
+    assert status["good"]["status"] == "done" and status["broken"]["status"] == "failed"
+    assert status["broken"]["error_code"] == "invalid_input"
+    assert (tmp_path / "out" / "good" / "rtstruct.dcm").is_file()
+    # resume: nothing to redo; retry_failed reruns only the failed row
+    again = run_batch(manifest, tmp_path / "out", backend=backend)
+    assert again.done == [] and sorted(again.skipped) == ["broken", "good"]
+    retry = run_batch(manifest, tmp_path / "out", backend=backend, retry_failed=True)
+    assert retry.skipped == ["good"] and list(retry.failed) == ["broken"]
+    assert backend.calls == 1
+
+
+def test_batch_parallel_workers_record_every_row(tmp_path: Path) -> None:
+    from jrs.batch import run_batch
+
+    rows = [(f"r{i}", "nope/ct", "nope/rs.dcm", "nope/daily") for i in range(4)]
+    manifest = _manifest(tmp_path / "m.csv", rows)
+    summary = run_batch(manifest, tmp_path / "out", RecontourOptions(method="iterative"), workers=2)
+    assert sorted(summary.failed) == ["r0", "r1", "r2", "r3"]
+    assert summary.done == []
