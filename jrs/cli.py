@@ -404,6 +404,47 @@ def evaluate(
 
 @app.command()
 @_handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Training checkpoint (.pt).")],
+    out: Annotated[Path, typer.Option("--out", help="Model repository root (e.g. models).")],
+    name: Annotated[str, typer.Option("--name", help="Model name.")] = "crossstitch",
+    version: Annotated[int, typer.Option("--version", min=1, help="Numeric model version.")] = 1,
+    metrics: Annotated[
+        Path | None, typer.Option("--metrics", help="JSON file of held-out metrics to record.")
+    ] = None,
+    exporter: Annotated[
+        str, typer.Option("--exporter", help="auto (dynamo, else legacy), dynamo or legacy.")
+    ] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing version folder.")
+    ] = False,
+) -> None:
+    """Export a checkpoint to OUT/NAME/VERSION/{model.onnx, metadata.json, MODEL_CARD.md}."""
+    import json
+
+    from model_export.export import export_checkpoint
+
+    path = export_checkpoint(
+        checkpoint,
+        out,
+        name=name,
+        version=version,
+        metrics=metrics,
+        exporter=exporter,
+        overwrite=overwrite,
+    )
+    meta = json.loads((path / "metadata.json").read_text())
+    parity = meta["parity"]
+    sizes = ", ".join(parity["max_abs_diff"])
+    typer.echo(
+        f"ONNX parity ({sizes}): max |diff| {parity['worst']:.2e} <= {parity['tolerance']:g} "
+        f"(exporter {meta['onnx']['exporter']}, opset {meta['onnx']['opset']})"
+    )
+    typer.echo(str(path))
+
+
+@app.command()
+@_handle_errors
 def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,

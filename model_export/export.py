@@ -1,0 +1,743 @@
+"""Training checkpoint -> ``<out>/<name>/<version>/{model.onnx, metadata.json, MODEL_CARD.md}``.
+
+The exported graph holds the network only: inputs ``fixed``, ``moving``, ``moving_labels`` (those
+the network reads) of shape ``(B, 1, D, H, W)`` and its high-level outputs ``seg_high``
+``(B, 5, D-40, H-40, W-40)`` (logits) and ``dvf_high`` ``(B, 3, D-40, H-40, W-40)`` (voxels of the
+1 mm grid). No warping sits inside: 5-D ``GridSample`` is missing from older ONNX Runtime CUDA
+builds, TensorRT and OpenVINO, so :mod:`jrs.inference` stitches the tiles and the pipeline warps
+once on the whole scan. Batch and every spatial axis are dynamic; any valid size (a multiple of 4,
+``>= 44``, per axis) runs.
+
+Exporter choice (torch 2.13): the modern ``torch.onnx.export(..., dynamo=True)`` (torch.export +
+onnxscript, the supported path; the TorchScript exporter is deprecated since torch 2.9) is the
+default. With ``torch.export.Dim.AUTO`` dynamic shapes it writes a clean opset-20 graph (Conv,
+LeakyRelu, BatchNormalization, Mul, Add, Slice, Concat, Resize; no Identity/Constant clutter)
+whose output shapes carry the size rule symbolically (``4*(s//4) - 40``). Its price is the
+export time: 30-70 s on two shared CPU cores, almost all in sympy's symbolic-shape reasoning,
+whatever the channel count. (``Dim.DYNAMIC`` makes the strict trace fail on the size guards and
+the exporter then retries with slower fallbacks.) The legacy exporter (``dynamo=False``) also
+yields a correct dynamic opset-20 graph, in 3-10 s; ``exporter="auto"`` falls back to it when
+onnxscript is missing or the dynamo path fails, and the tests use it for speed. The exporter used
+is recorded in ``metadata.json`` (``onnx.exporter``); both give max |diff| ~1e-6 against PyTorch.
+
+Every export is checked against PyTorch on random inputs of two valid sizes (ONNX Runtime, CPU);
+a max |diff| above the tolerance (1e-4) aborts the export and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from jrs.errors import InvalidInput, JrsError
+from jrs.inference import (
+    INPUT_MEANINGS,
+    INPUT_PAD_VALUES,
+    METADATA_FILE,
+    METADATA_FORMAT,
+    METADATA_VERSION,
+    MODEL_FILE,
+)
+from jrs.labels import LABELS
+from jrs.preprocess import HU_MAX, HU_MIN, HU_SCALE, NETWORK_SPACING_MM
+from jrs.tiling import MARGIN, MIN_WINDOW
+
+log = logging.getLogger(__name__)
+
+#: ONNX opset of the exported graph.
+OPSET = 20
+#: Largest accepted max |ONNX - PyTorch| on the parity inputs.
+PARITY_TOLERANCE = 1e-4
+#: Default parity input sizes ``(D, H, W)``: a cube and a non-cubic volume (both valid).
+PARITY_SIZES: tuple[tuple[int, int, int], ...] = ((48, 48, 48), (64, 56, 52))
+#: Input size at which the activation memory per input voxel is measured.
+MEMORY_PROBE_SIZE = 96
+#: Output levels exported by default (the whole-scan inference only needs the high level).
+DEFAULT_LEVELS: tuple[str, ...] = ("high",)
+#: Name of the model card written next to the model.
+CARD_FILE = "MODEL_CARD.md"
+
+_LEVEL_OFFSETS = {"high": (20, 1, "n - 40"), "mid": (19, 2, "n/2 - 18"), "low": (17, 4, "n/4 - 7")}
+
+__all__ = [
+    "OPSET",
+    "PARITY_SIZES",
+    "PARITY_TOLERANCE",
+    "ExportError",
+    "ExportResult",
+    "ParityReport",
+    "export_checkpoint",
+    "load_checkpoint",
+    "parity_check",
+]
+
+
+class ExportError(JrsError):
+    """The export failed or the exported graph disagrees with PyTorch."""
+
+    code = "export_failed"
+
+
+@dataclass
+class ParityReport:
+    """ONNX Runtime vs PyTorch on random inputs.
+
+    Attributes:
+        sizes: Input sizes ``(D, H, W)`` checked.
+        max_abs_diff: Per size (``"DxHxW"``) and output name, max |ONNX - PyTorch|.
+        max_abs_ref: Per size and output, max |PyTorch| (scale of the figures above).
+        tolerance: The accepted maximum.
+    """
+
+    sizes: list[tuple[int, int, int]]
+    max_abs_diff: dict[str, dict[str, float]] = field(default_factory=dict)
+    max_abs_ref: dict[str, dict[str, float]] = field(default_factory=dict)
+    tolerance: float = PARITY_TOLERANCE
+
+    @property
+    def worst(self) -> float:
+        """Largest difference over every size and output."""
+        return max((v for d in self.max_abs_diff.values() for v in d.values()), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every difference is within the tolerance."""
+        return self.worst <= self.tolerance
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form for ``metadata.json``."""
+        return {
+            "sizes": [list(s) for s in self.sizes],
+            "max_abs_diff": self.max_abs_diff,
+            "max_abs_reference": self.max_abs_ref,
+            "worst": self.worst,
+            "tolerance": self.tolerance,
+            "runtime": "onnxruntime CPUExecutionProvider",
+        }
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote.
+
+    Attributes:
+        path: The version folder ``<out>/<name>/<version>``.
+        metadata: The content of ``metadata.json``.
+        parity: The parity check.
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    parity: ParityReport
+
+
+class _Graph(nn.Module):
+    """The exported wrapper: named tensors in, a tuple of chosen outputs out (eval mode)."""
+
+    def __init__(self, net: nn.Module, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+        super().__init__()
+        self.net = net
+        self.input_names = tuple(inputs)
+        self.output_names = tuple(outputs)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(B, 1, D, H, W)`` tensors in :attr:`input_names` order -> chosen outputs."""
+        flat = self.net(dict(zip(self.input_names, xs, strict=True))).flat()
+        return tuple(flat[name] for name in self.output_names)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a network from a :class:`training.trainer.Trainer` checkpoint.
+
+    Args:
+        path: ``last.pt`` / ``best.pt`` of a run (a trusted file: it is unpickled).
+
+    Returns:
+        ``(network in eval mode on the CPU, checkpoint entries without the state dicts)``.
+
+    Raises:
+        InvalidInput: When the file is missing, unreadable or not a training checkpoint.
+    """
+    from training.networks import build
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InvalidInput(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "network" not in ckpt:
+        raise InvalidInput(
+            f"{path}: not a jrs training checkpoint (expected the entries 'model' and 'network')"
+        )
+    spec = ckpt["network"]
+    try:
+        net = build(spec["name"], **dict(spec.get("overrides") or {}))
+        net.load_state_dict(ckpt["model"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise InvalidInput(f"{path}: cannot rebuild network {spec!r}: {exc}") from exc
+    drop = {"model", "optimizer", "weighting", "scaler", "sampler", "rng"}
+    return net.eval(), {k: v for k, v in ckpt.items() if k not in drop}
+
+
+# --------------------------------------------------------------------------- helpers
+def _network_io(net: nn.Module, levels: Sequence[str]) -> tuple[list[str], list[str]]:
+    inputs = list(getattr(net, "inputs", ()))
+    if not inputs:
+        raise InvalidInput(f"{type(net).__name__} declares no input names (attribute 'inputs')")
+    size = (1, 1, MIN_WINDOW, MIN_WINDOW, MIN_WINDOW)
+    with torch.no_grad():
+        names = list(net(*_random_inputs(inputs, size, seed=0)).flat())
+    outputs = [n for n in names if n.rsplit("_", 1)[-1] in levels]
+    if not outputs:
+        raise InvalidInput(f"network outputs {names} hold none of the levels {list(levels)}")
+    return inputs, outputs
+
+
+def _random_inputs(
+    names: Sequence[str], shape: tuple[int, ...], seed: int
+) -> tuple[torch.Tensor, ...]:
+    """Random network inputs: images ~ U(-1, 1) (HU / 1000), labels random ids 0..4 as float."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name in names:
+        if name == "moving_labels":
+            out.append(torch.randint(0, len(LABELS) + 1, shape, generator=gen).float())
+        else:
+            out.append(torch.rand(shape, generator=gen) * 2.0 - 1.0)
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence the exporters' chatter (deprecation, tracer and torchvision notices)."""
+    names = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            yield
+        finally:
+            for lg, lv in zip(loggers, levels, strict=True):
+                lg.setLevel(lv)
+
+
+def _export_dynamo(graph: _Graph, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    # Dim.AUTO lets torch.export derive the size guards (multiple of 4, >= 44, equal across
+    # inputs); Dim.DYNAMIC would make the strict trace fail on them and the exporter fall back to
+    # slow draft exports.
+    auto = torch.export.Dim.AUTO
+    # one entry per forward parameter: the single varargs tuple ``*xs``
+    dyn = (tuple({0: auto, 2: auto, 3: auto, 4: auto} for _ in example),)
+    program = torch.onnx.export(
+        graph,
+        example,
+        dynamo=True,
+        dynamic_shapes=dyn,
+        input_names=list(graph.input_names),
+        output_names=list(graph.output_names),
+        opset_version=OPSET,
+        optimize=True,
+        verbose=False,
+        report=False,
+    )
+    if program is None:  # pragma: no cover - torch returns the program for dynamo=True
+        raise ExportError("torch.onnx.export(dynamo=True) returned no program")
+    program.save(str(path))
+
+
+def _export_legacy(graph: _Graph, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
+    names = [*graph.input_names, *graph.output_names]
+    torch.onnx.export(
+        graph,
+        example,
+        str(path),
+        dynamo=False,
+        input_names=list(graph.input_names),
+        output_names=list(graph.output_names),
+        dynamic_axes={n: dict(axes) for n in names},
+        opset_version=OPSET,
+        do_constant_folding=True,
+    )
+
+
+def _check_graph(path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """Opset, names and dynamic batch/spatial axes of the written graph."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    opsets = {o.domain: o.version for o in model.opset_import}
+    if opsets.get("", opsets.get("ai.onnx")) != OPSET:
+        raise ExportError(f"{path}: graph has opsets {opsets}, expected ai.onnx {OPSET}")
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != list(inputs) or got_out != list(outputs):
+        raise ExportError(
+            f"{path}: graph I/O {got_in} -> {got_out}, expected {inputs} -> {outputs}"
+        )
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        fixed = [i for i in (0, 2, 3, 4) if dims[i].HasField("dim_value")]
+        if len(dims) != 5 or fixed:
+            raise ExportError(f"{path}: {value.name} has static axes {fixed}; expected dynamic")
+    if any(n.op_type == "GridSample" for n in model.graph.node):
+        raise ExportError(f"{path}: the graph contains GridSample; export the network only")
+
+
+def _export_graph(graph: _Graph, path: Path, exporter: str) -> str:
+    """Write the ONNX graph with the chosen exporter; returns the exporter used."""
+    example = _random_inputs(graph.input_names, (1, 1, 48, 48, 48), seed=1)
+    errors: list[str] = []
+    order = {"auto": ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}
+    if exporter not in order:
+        raise InvalidInput(f"exporter must be 'auto', 'dynamo' or 'legacy', got {exporter!r}")
+    for kind in order[exporter]:
+        try:
+            with _quiet_export(), torch.no_grad():
+                (_export_dynamo if kind == "dynamo" else _export_legacy)(graph, example, path)
+            _check_graph(path, graph.input_names, graph.output_names)
+        except Exception as exc:
+            errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+            if exporter == "auto":
+                log.warning("%s ONNX exporter failed (%s); trying the next one", kind, exc)
+            continue
+        return kind
+    raise ExportError("ONNX export failed: " + " | ".join(errors))
+
+
+def parity_check(
+    net: nn.Module,
+    onnx_path: str | Path,
+    sizes: Sequence[Sequence[int]] = PARITY_SIZES,
+    tolerance: float = PARITY_TOLERANCE,
+    seed: int = 0,
+) -> ParityReport:
+    """Compare ONNX Runtime (CPU) with PyTorch on random inputs of several sizes.
+
+    The first size runs with batch 1, the others with batch 2 (the batch axis is dynamic too).
+
+    Args:
+        net: The network, in eval mode.
+        onnx_path: The exported graph.
+        sizes: Input sizes ``(D, H, W)``, each axis a multiple of 4 and ``>= 44``.
+        tolerance: Accepted max |diff| (recorded in the report; not raised here).
+        seed: Seed of the random inputs.
+
+    Returns:
+        The report (check :attr:`ParityReport.passed`).
+    """
+    import onnxruntime as ort
+
+    from jrs.tiling import check_window
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    in_names = [i.name for i in sess.get_inputs()]
+    out_names = [o.name for o in sess.get_outputs()]
+    graph = _Graph(net, in_names, out_names).eval()
+    report = ParityReport(sizes=[], tolerance=tolerance)
+    for k, size in enumerate(sizes):
+        dims = tuple(int(s) for s in size)
+        for n in dims:
+            check_window(n)
+        key = "x".join(str(s) for s in dims)
+        xs = _random_inputs(in_names, (1 if k == 0 else 2, 1, *dims), seed=seed + k)
+        with torch.no_grad():
+            ref = [t.numpy() for t in graph(*xs)]
+        got = sess.run(out_names, {n: x.numpy() for n, x in zip(in_names, xs, strict=True)})
+        report.sizes.append((dims[0], dims[1], dims[2]))
+        report.max_abs_diff[key] = {}
+        report.max_abs_ref[key] = {}
+        for name, r, g in zip(out_names, ref, got, strict=True):
+            if r.shape != g.shape:
+                raise ExportError(f"{name} at {key}: ONNX shape {g.shape} != PyTorch {r.shape}")
+            report.max_abs_diff[key][name] = float(np.abs(r - g).max())
+            report.max_abs_ref[key][name] = float(np.abs(r).max())
+    return report
+
+
+def activation_bytes_per_voxel(net: nn.Module, size: int = MEMORY_PROBE_SIZE) -> float:
+    """Float32 bytes of every intermediate activation per input voxel (no buffer reuse).
+
+    Forward hooks on the leaf modules sum the output sizes of one ``size^3`` forward pass. The
+    figure is an upper bound of what a runtime keeps alive at once; :mod:`jrs.inference` uses it
+    to choose the window from a memory budget.
+
+    Args:
+        net: The network.
+        size: Probe input size (valid).
+
+    Returns:
+        Bytes per input voxel.
+    """
+    total = 0
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * 4
+        elif isinstance(out, tuple):
+            total += sum(t.numel() * 4 for t in out if isinstance(t, torch.Tensor))
+
+    leaves = [m for m in net.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            net(*_random_inputs(getattr(net, "inputs", ("fixed",)), (1, 1, size, size, size), 0))
+    finally:
+        for h in handles:
+            h.remove()
+    return total / float(size**3)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """Best-effort conversion to JSON-able data (paths, tuples, numpy scalars)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _output_entry(name: str) -> dict[str, Any]:
+    kind, level = name.rsplit("_", 1)
+    offset, stride, size = _LEVEL_OFFSETS[level]
+    entry: dict[str, Any] = {
+        "name": name,
+        "kind": kind,
+        "level": level,
+        "dtype": "float32",
+        "spatial_size": size,
+        "offset_voxels": offset,
+        "stride_voxels": stride,
+    }
+    if kind == "seg":
+        entry["shape"] = ["batch", 1 + len(LABELS), f"D_{level}", f"H_{level}", f"W_{level}"]
+        entry["meaning"] = "segmentation logits; softmax over the channel axis"
+        entry["channels"] = ["background", *[LABELS[i] for i in sorted(LABELS)]]
+    else:
+        entry["shape"] = ["batch", 3, f"D_{level}", f"H_{level}", f"W_{level}"]
+        entry["meaning"] = (
+            f"pull displacement u: fixed voxel p corresponds to moving position p + u(p), in "
+            f"voxels of the level grid ({stride} mm per voxel on the 1 mm network grid)"
+        )
+        entry["channels"] = ["x (W axis)", "y (H axis)", "z (D axis)"]
+        entry["units"] = f"voxels of the {stride} mm level grid"
+    return entry
+
+
+def _torch_net_info(net: nn.Module) -> dict[str, Any]:
+    return {
+        "class": type(net).__name__,
+        "channels": list(getattr(net, "channels", ())),
+        "parameters": int(sum(p.numel() for p in net.parameters())),
+    }
+
+
+def build_metadata(
+    *,
+    name: str,
+    version: int,
+    network: Mapping[str, Any],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    exporter: str,
+    sha256: str,
+    parity: ParityReport,
+    checkpoint: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None,
+    bytes_per_voxel: float,
+) -> dict[str, Any]:
+    """The content of ``metadata.json`` (the only file :mod:`jrs.inference` reads besides ONNX)."""
+    import onnx
+
+    config = checkpoint.get("config")
+    return {
+        "format": METADATA_FORMAT,
+        "format_version": METADATA_VERSION,
+        "name": name,
+        "version": int(version),
+        "model_file": MODEL_FILE,
+        "sha256": sha256,
+        "onnx": {
+            "opset": OPSET,
+            "exporter": exporter,
+            "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__,
+            "warping_inside": False,
+        },
+        "git_sha": checkpoint.get("git_sha", "unknown"),
+        "path_choice": _path_choice(metrics),
+        "network": _jsonable(dict(network)),
+        "inputs": [
+            {
+                "name": n,
+                "shape": ["batch", 1, "D", "H", "W"],
+                "dtype": "float32",
+                "meaning": INPUT_MEANINGS[n],
+                "pad_value": INPUT_PAD_VALUES[n],
+            }
+            for n in inputs
+        ],
+        "outputs": [_output_entry(n) for n in outputs],
+        "valid_sizes": {
+            "rule": f"each spatial axis n a multiple of 4 and >= {MIN_WINDOW}",
+            "multiple_of": 4,
+            "minimum": MIN_WINDOW,
+            "high_output_size": "n - 40",
+            "high_output_offset": MARGIN,
+            "patch_size": checkpoint.get("patch_size"),
+        },
+        "spacing_mm": [NETWORK_SPACING_MM] * 3,
+        "axes": "arrays indexed (z, y, x) = (D, H, W) on an identity-direction LPS grid",
+        "intensity_transform": {
+            "formula": f"clip(HU, {HU_MIN:g}, {HU_MAX:g}) / {HU_SCALE:g}",
+            "clip_hu": [HU_MIN, HU_MAX],
+            "scale": HU_SCALE,
+            "applies_to": [n for n in inputs if n != "moving_labels"],
+        },
+        "labels": {"0": "background", **{str(k): v for k, v in sorted(LABELS.items())}},
+        "dvf": {
+            "convention": "pull: fixed (daily) voxel p corresponds to moving (planning) p + u(p)",
+            "components": ["x", "y", "z"],
+            "array_axes": ["W", "H", "D"],
+            "units": "voxels of the 1 mm grid (= mm) for the high level",
+        },
+        "training": {
+            "config": _jsonable(config) if config is not None else None,
+            "git_sha": checkpoint.get("git_sha", "unknown"),
+            "step": checkpoint.get("step"),
+            "epoch": checkpoint.get("epoch"),
+            "best": _jsonable(checkpoint.get("best")),
+            "torch_version": checkpoint.get("torch_version"),
+        },
+        "metrics": _jsonable(dict(metrics)) if metrics is not None else None,
+        "parity": parity.as_dict(),
+        "memory": {
+            "activation_bytes_per_input_voxel": bytes_per_voxel,
+            "note": "sum of all float32 intermediate activations per input voxel (no reuse)",
+        },
+        "exported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "export_git_sha": _git_sha(),
+    }
+
+
+def _path_choice(metrics: Mapping[str, Any] | None) -> dict[str, str]:
+    """Per-organ output path validated on held-out data (``metrics["path_choice"]``), if any.
+
+    The pipeline reads it from the top level of ``metadata.json`` for organs its options leave
+    open: organ key -> ``"segmentation"`` or ``"registration"``.
+    """
+    choice = (metrics or {}).get("path_choice") or {}
+    if not isinstance(choice, Mapping) or any(
+        v not in ("segmentation", "registration") for v in choice.values()
+    ):
+        raise InvalidInput(
+            f"metrics 'path_choice' must map organ keys to 'segmentation' or 'registration', "
+            f"got {choice!r}"
+        )
+    return {str(k): str(v) for k, v in choice.items()}
+
+
+def _git_sha() -> str:
+    from training.trainer import git_sha
+
+    return git_sha()
+
+
+def _write_stage(
+    net: nn.Module,
+    graph: _Graph,
+    stage: Path,
+    name: str,
+    version: int,
+    network: Mapping[str, Any] | None,
+    checkpoint: Mapping[str, Any] | None,
+    metrics: Mapping[str, Any] | None,
+    exporter: str,
+    parity_sizes: Sequence[Sequence[int]],
+    tolerance: float,
+) -> tuple[dict[str, Any], ParityReport]:
+    """Export, check parity and write every file into ``stage``."""
+    from model_export.card import model_card
+
+    onnx_path = stage / MODEL_FILE
+    used = _export_graph(graph, onnx_path, exporter)
+    parity = parity_check(net, onnx_path, parity_sizes, tolerance)
+    log.info("ONNX parity (%s exporter): max |diff| = %.3g", used, parity.worst)
+    if not parity.passed:
+        raise ExportError(
+            f"ONNX parity check failed: max |ONNX - PyTorch| = {parity.worst:.3g} > "
+            f"{tolerance:g} ({parity.max_abs_diff}); nothing written"
+        )
+    spec = dict(network or {"name": type(net).__name__, "overrides": {}})
+    spec.update(_torch_net_info(net))
+    meta = build_metadata(
+        name=name,
+        version=version,
+        network=spec,
+        inputs=graph.input_names,
+        outputs=graph.output_names,
+        exporter=used,
+        sha256=_sha256(onnx_path),
+        parity=parity,
+        checkpoint=dict(checkpoint or {}),
+        metrics=metrics,
+        bytes_per_voxel=activation_bytes_per_voxel(net),
+    )
+    (stage / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (stage / CARD_FILE).write_text(model_card(meta))
+    return meta, parity
+
+
+def export(
+    net: nn.Module,
+    out_dir: str | Path,
+    *,
+    name: str = "crossstitch",
+    version: int = 1,
+    network: Mapping[str, Any] | None = None,
+    checkpoint: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    levels: Sequence[str] = DEFAULT_LEVELS,
+    exporter: str = "auto",
+    parity_sizes: Sequence[Sequence[int]] = PARITY_SIZES,
+    tolerance: float = PARITY_TOLERANCE,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export a network module (see :func:`export_checkpoint` for checkpoints).
+
+    Args:
+        net: The network (switched to eval mode; moved to the CPU).
+        out_dir: Model repository root; the model goes to ``out_dir/name/version``.
+        name: Model name.
+        version: Numeric version (``>= 1``).
+        network: ``{"name", "overrides"}`` of the network (recorded in the metadata).
+        checkpoint: Checkpoint entries (config, git_sha, step, patch_size, ...) to record.
+        metrics: Held-out metrics to record (any JSON-able mapping).
+        levels: Output levels to export (``"high"`` is what the inference uses).
+        exporter: ``"auto"`` (dynamo, else legacy), ``"dynamo"`` or ``"legacy"``.
+        parity_sizes: Input sizes ``(D, H, W)`` of the parity check.
+        tolerance: Accepted max |ONNX - PyTorch|.
+        overwrite: Replace an existing version folder.
+
+    Returns:
+        The export result (folder, metadata, parity).
+
+    Raises:
+        InvalidInput: For a bad name/version, or an existing version without ``overwrite``.
+        ExportError: When the export fails or parity exceeds ``tolerance`` (nothing is written).
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise InvalidInput(f"model name must be a plain folder name, got {name!r}")
+    if int(version) < 1:
+        raise InvalidInput(f"model version must be an integer >= 1, got {version}")
+    if "high" not in levels:
+        raise InvalidInput(f"levels must include 'high' (whole-scan inference), got {levels}")
+    _path_choice(metrics)  # validate before the (slow) export
+    target = Path(out_dir) / name / str(int(version))
+    if target.exists() and not overwrite:
+        raise InvalidInput(f"{target} already exists; choose another version or overwrite")
+    net = net.cpu().eval()
+    inputs, outputs = _network_io(net, levels)
+    graph = _Graph(net, inputs, outputs).eval()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{int(version)}-export-"))
+    try:
+        meta, parity = _write_stage(
+            net,
+            graph,
+            stage,
+            name,
+            int(version),
+            network,
+            checkpoint,
+            metrics,
+            exporter,
+            parity_sizes,
+            tolerance,
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        stage.rename(target)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+    log.info("exported %s", target)
+    return ExportResult(path=target, metadata=meta, parity=parity)
+
+
+def export_checkpoint(
+    checkpoint: str | Path | nn.Module,
+    out_dir: str | Path,
+    name: str = "crossstitch",
+    version: int = 1,
+    metrics: Mapping[str, Any] | str | Path | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Export a training checkpoint (or a module) to ``out_dir/name/version``.
+
+    Writes ``model.onnx`` (network only, opset 20, dynamic batch and spatial axes),
+    ``metadata.json`` and a ``MODEL_CARD.md`` skeleton, after checking ONNX Runtime against
+    PyTorch on random inputs of two sizes (max |diff| <= 1e-4, else :class:`ExportError`).
+
+    Args:
+        checkpoint: Path of a training checkpoint, or an ``nn.Module`` (tests).
+        out_dir: Model repository root (e.g. ``models``).
+        name: Model name.
+        version: Numeric version.
+        metrics: Held-out metrics: a mapping or a JSON file.
+        **kwargs: Passed to :func:`export` (``exporter``, ``levels``, ``overwrite``, ...).
+
+    Returns:
+        The version folder.
+    """
+    if isinstance(metrics, str | Path):
+        mpath = Path(metrics)
+        try:
+            metrics = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"{mpath}: cannot read the metrics JSON ({exc})") from exc
+        if not isinstance(metrics, dict):
+            raise InvalidInput(f"{mpath}: metrics must be a JSON object")
+    if isinstance(checkpoint, nn.Module):
+        net, meta = checkpoint, dict[str, Any]()
+        network = kwargs.pop("network", None)
+    else:
+        net, meta = load_checkpoint(checkpoint)
+        network = meta.get("network")
+    result = export(
+        net,
+        out_dir,
+        name=name,
+        version=version,
+        network=network,
+        checkpoint=meta,
+        metrics=metrics,
+        **kwargs,
+    )
+    return result.path

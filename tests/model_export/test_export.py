@@ -1,0 +1,297 @@
+"""ONNX export: parity with PyTorch at two sizes, metadata, model card, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from jrs.errors import InvalidInput  # noqa: E402
+from model_export.export import (  # noqa: E402
+    OPSET,
+    PARITY_SIZES,
+    ExportError,
+    export_checkpoint,
+    parity_check,
+)
+from training.networks import build  # noqa: E402
+
+TINY = {"channels": [4, 8, 8]}
+METRICS = {
+    "dsc_prostate_seg": 0.81,
+    "msd_prostate_seg_mm": 1.9,
+    "path_choice": {"prostate": "segmentation", "rectum": "registration"},
+}
+
+
+def calibrated(net: torch.nn.Module, n: int = 48, seed: int = 0) -> torch.nn.Module:
+    """Give BatchNorm real running statistics so that eval outputs are O(1), not ~1e-6.
+
+    Freshly initialised convolutions (std 0.02) shrink activations by ~10x per layer; with the
+    default running statistics the outputs would be so small that any parity check passes.
+    """
+    torch.manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        net(*[torch.rand(2, 1, n, n, n) * 2 - 1 for _ in range(3)])
+    return net.eval()
+
+
+def tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return calibrated(build("cross-stitch", **TINY))
+
+
+def write_checkpoint(path: Path, net: torch.nn.Module, overrides: dict) -> Path:
+    torch.save(
+        {
+            "format": "jrs-train-checkpoint",
+            "version": 1,
+            "step": 1234,
+            "epoch": 5,
+            "network": {"name": "cross-stitch", "overrides": overrides},
+            "patch_size": 96,
+            "model": net.state_dict(),
+            "optimizer": {},
+            "config": {"seed": 7, "lr": 1e-4, "patch_size": 96, "weighting": {"name": "homo"}},
+            "git_sha": "abc123",
+            "best": {"dice": 0.5, "step": 1000},
+            "torch_version": torch.__version__,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A tiny cross-stitch exported from a checkpoint file with the legacy (fast) exporter."""
+    root = tmp_path_factory.mktemp("export")
+    net = tiny_net()
+    ckpt = write_checkpoint(root / "last.pt", net, TINY)
+    metrics = root / "metrics.json"
+    metrics.write_text(json.dumps(METRICS))
+    path = export_checkpoint(ckpt, root / "models", version=3, metrics=metrics, exporter="legacy")
+    return path, net
+
+
+def _random(shape: tuple[int, ...], seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [
+        rng.uniform(-1, 1, shape).astype(np.float32),
+        rng.uniform(-1, 1, shape).astype(np.float32),
+        rng.integers(0, 5, shape).astype(np.float32),
+    ]
+
+
+def _check_parity(onnx_path: Path, net: torch.nn.Module) -> float:
+    """Independent parity check: ORT vs PyTorch at two valid sizes (one cube, one not)."""
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for k, size in enumerate([(48, 48, 48), (64, 56, 52)]):
+        xs = _random((k + 1, 1, *size), seed=10 + k)
+        with torch.no_grad():
+            ref = net(*[torch.from_numpy(x) for x in xs]).flat()
+        got = sess.run(
+            ["seg_high", "dvf_high"],
+            dict(zip(["fixed", "moving", "moving_labels"], xs, strict=True)),
+        )
+        for name, g in zip(["seg_high", "dvf_high"], got, strict=True):
+            r = ref[name].numpy()
+            assert (
+                g.shape
+                == r.shape
+                == (k + 1, 5 if name == "seg_high" else 3, *(s - 40 for s in size))
+            )
+            assert np.abs(r).max() > 0.05  # outputs are O(1): the check is not vacuous
+            worst = max(worst, float(np.abs(g - r).max()))
+    return worst
+
+
+def test_layout_and_parity_at_two_sizes(exported: tuple[Path, torch.nn.Module]) -> None:
+    path, net = exported
+    assert path == path.parent.parent / "crossstitch" / "3"
+    assert {p.name for p in path.iterdir()} == {"model.onnx", "metadata.json", "MODEL_CARD.md"}
+    assert _check_parity(path / "model.onnx", net) <= 1e-4
+    meta = json.loads((path / "metadata.json").read_text())
+    parity = meta["parity"]
+    assert [tuple(s) for s in parity["sizes"]] == list(PARITY_SIZES)
+    assert parity["worst"] <= parity["tolerance"] == 1e-4
+    assert set(parity["max_abs_diff"]) == {"48x48x48", "64x56x52"}
+
+
+def test_graph_is_network_only_opset20_dynamic(exported: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = exported
+    model = onnx.load(str(path / "model.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == OPSET == 20
+    assert [i.name for i in model.graph.input] == ["fixed", "moving", "moving_labels"]
+    assert [o.name for o in model.graph.output] == ["seg_high", "dvf_high"]
+    ops = {n.op_type for n in model.graph.node}
+    assert "GridSample" not in ops
+    for v in [*model.graph.input, *model.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        assert [d.HasField("dim_value") for d in dims] == [False, True, False, False, False]
+
+
+def test_metadata_content(exported: tuple[Path, torch.nn.Module]) -> None:
+    path, net = exported
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["format"] == "jrs-onnx-model" and meta["format_version"] == 1
+    assert meta["name"] == "crossstitch" and meta["version"] == 3
+    assert meta["sha256"] == hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()
+    assert meta["onnx"]["opset"] == 20 and meta["onnx"]["exporter"] == "legacy"
+    assert [i["name"] for i in meta["inputs"]] == ["fixed", "moving", "moving_labels"]
+    assert [i["pad_value"] for i in meta["inputs"]] == [-1.0, -1.0, 0.0]
+    assert all(i["shape"] == ["batch", 1, "D", "H", "W"] for i in meta["inputs"])
+    seg, dvf = meta["outputs"]
+    assert seg["name"] == "seg_high" and seg["channels"] == [
+        "background",
+        "bladder",
+        "rectum",
+        "seminal_vesicles",
+        "prostate",
+    ]
+    assert dvf["name"] == "dvf_high" and dvf["channels"][0].startswith("x (W")
+    assert seg["offset_voxels"] == 20 and seg["spatial_size"] == "n - 40"
+    valid = meta["valid_sizes"]
+    assert (valid["multiple_of"], valid["minimum"], valid["high_output_offset"]) == (4, 44, 20)
+    assert valid["patch_size"] == 96
+    assert meta["spacing_mm"] == [1.0, 1.0, 1.0]
+    assert meta["intensity_transform"]["clip_hu"] == [-1000.0, 1000.0]
+    assert meta["intensity_transform"]["scale"] == 1000.0
+    assert meta["labels"] == {
+        "0": "background",
+        "1": "bladder",
+        "2": "rectum",
+        "3": "seminal_vesicles",
+        "4": "prostate",
+    }
+    assert meta["network"]["name"] == "cross-stitch"
+    assert meta["network"]["overrides"] == TINY
+    assert meta["network"]["parameters"] == sum(p.numel() for p in net.parameters())
+    assert meta["training"]["git_sha"] == "abc123" and meta["training"]["step"] == 1234
+    assert meta["training"]["config"]["seed"] == 7
+    assert meta["metrics"] == METRICS
+    assert meta["path_choice"] == METRICS["path_choice"]  # lifted for the pipeline
+    assert meta["git_sha"] == "abc123"
+    assert meta["memory"]["activation_bytes_per_input_voxel"] > 0
+    assert meta["exported_at"] and "export_git_sha" in meta
+
+
+def test_model_card(exported: tuple[Path, torch.nn.Module]) -> None:
+    path, _ = exported
+    card = (path / "MODEL_CARD.md").read_text()
+    assert "demo model trained on synthetic pelvic phantoms" in card
+    assert "TODO(trainer)" in card
+    assert json.loads((path / "metadata.json").read_text())["sha256"] in card
+    assert "dsc_prostate_seg" in card and "abc123" in card
+
+
+def test_parity_failure_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="parity"):
+        export_checkpoint(tiny_net(), tmp_path, exporter="legacy", tolerance=-1.0)
+    assert not (tmp_path / "crossstitch" / "1").exists()
+    assert [p.name for p in (tmp_path / "crossstitch").iterdir()] == []
+
+
+def test_existing_version_refused_unless_overwrite(
+    exported: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    path, net = exported
+    with pytest.raises(InvalidInput, match="already exists"):
+        export_checkpoint(net, path.parent.parent, version=3, exporter="legacy")
+
+
+def test_bad_path_choice_refused_before_export(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="path_choice"):
+        export_checkpoint(tiny_net(), tmp_path, metrics={"path_choice": {"prostate": "both"}})
+
+
+def test_bad_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="not found"):
+        export_checkpoint(tmp_path / "missing.pt", tmp_path)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InvalidInput, match="bad.pt"):
+        export_checkpoint(bad, tmp_path)
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(InvalidInput, match="not a jrs training checkpoint"):
+        export_checkpoint(tmp_path / "other.pt", tmp_path)
+
+
+def test_parity_check_on_other_network(tmp_path: Path) -> None:
+    """A single U-Net (segmentation only, one input) exports too: I/O follow the network."""
+    net = calibrated(build("seg", channels=(4, 8, 8)))
+    path = export_checkpoint(
+        net, tmp_path, name="seg", exporter="legacy", network={"name": "seg", "overrides": {}}
+    )
+    meta = json.loads((path / "metadata.json").read_text())
+    assert [i["name"] for i in meta["inputs"]] == ["fixed"]
+    assert [o["name"] for o in meta["outputs"]] == ["seg_high"]
+    report = parity_check(net, path / "model.onnx", sizes=[(44, 48, 52)])
+    assert report.passed and report.worst <= 1e-4
+
+
+def test_cli_export(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from jrs.cli import app
+
+    ckpt = write_checkpoint(tmp_path / "last.pt", tiny_net(), TINY)
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps(METRICS))
+    args = ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "models")]
+    args += ["--name", "cs", "--version", "2", "--metrics", str(metrics), "--exporter", "legacy"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "parity" in result.output and "max |diff|" in result.output
+    meta = json.loads((tmp_path / "models" / "cs" / "2" / "metadata.json").read_text())
+    assert meta["metrics"] == METRICS and meta["name"] == "cs" and meta["version"] == 2
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+@pytest.mark.slow
+def test_dynamo_exporter(tmp_path: Path) -> None:
+    """The default (modern, torch.export-based) exporter: dynamic opset-20 graph with parity.
+
+    Slow: 30-70 s of symbolic-shape tracing on two cores, whatever the network size.
+    """
+    pytest.importorskip("onnxscript")
+    net = tiny_net()
+    path = export_checkpoint(net, tmp_path, exporter="dynamo")
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["onnx"]["exporter"] == "dynamo"
+    assert _check_parity(path / "model.onnx", net) <= 1e-4
+    model = onnx.load(str(path / "model.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 20
+    # clean graph: no Identity / Constant clutter, no warping
+    ops = {n.op_type for n in model.graph.node}
+    assert "GridSample" not in ops and "Identity" not in ops
+
+
+def test_real_cross_stitch_parity(tmp_path: Path) -> None:
+    """The paper-sized cross-stitch (16/32/64 per branch) with the legacy exporter."""
+    net = calibrated(build("cross-stitch"))
+    path = export_checkpoint(net, tmp_path, exporter="legacy")
+    assert _check_parity(path / "model.onnx", net) <= 1e-4
+
+
+@pytest.mark.slow
+def test_real_cross_stitch_parity_dynamo(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript")
+    net = calibrated(build("cross-stitch"))
+    path = export_checkpoint(net, tmp_path, exporter="auto")
+    assert json.loads((path / "metadata.json").read_text())["onnx"]["exporter"] == "dynamo"
+    assert _check_parity(path / "model.onnx", net) <= 1e-4
