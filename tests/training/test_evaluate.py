@@ -97,7 +97,7 @@ def test_trained_beats_untrained(tmp_path: Path) -> None:
             "network": {"name": "cross-stitch", "overrides": {"channels": [8, 16, 32]}},
             "data": {"synthetic": {"count": 2, "size": 48}},
             "patch_size": 48,
-            "iterations": 150,
+            "iterations": 200,  # measured: ~4 min on 2 idle cores, much longer when shared
             "lr": 2e-3,
             "device": "cpu",
             "tensorboard": False,
