@@ -48,16 +48,16 @@ class AffineResult:
 
 
 def _coarse(volume: Volume, spacing: float) -> sitk.Image:
-    """Smoothed, clipped float copy of a CT on an isotropic `spacing` grid (same box)."""
+    """Block-averaged, clipped float copy of a CT with voxels of about `spacing` mm.
+
+    Integer block averaging (BinShrink) is one pass over the data, anti-aliases by itself and is
+    several times faster than Gaussian smoothing plus resampling of a 512 x 512 x 150 scan.
+    """
     image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
-    image = sitk.Clamp(image, sitk.sitkFloat32, -1000.0, 1500.0)
-    target = volume.geometry.resampled_grid(spacing)
-    sigma = [max(0.0, (spacing - s) / 2.0) for s in image.GetSpacing()]
-    if any(s > 0 for s in sigma):
-        image = sitk.SmoothingRecursiveGaussian(image, sigma)
-    return sitk.Resample(
-        image, target.reference_image(), sitk.Transform(), sitk.sitkLinear, -1000.0
-    )
+    factors = [max(1, round(spacing / s)) for s in image.GetSpacing()]
+    if any(f > 1 for f in factors):
+        image = sitk.BinShrink(image, factors)
+    return sitk.Clamp(image, sitk.sitkFloat32, -1000.0, 1500.0)
 
 
 def body_mask(image: sitk.Image, threshold: float = BODY_HU) -> sitk.Image:
@@ -95,7 +95,7 @@ def _register(
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0,
-        minStep=1e-3,
+        minStep=1e-2,
         numberOfIterations=iterations,
         relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-6,
@@ -116,8 +116,8 @@ def affine_prealign(
     *,
     spacing_mm: float = 4.0,
     stages: Literal["rigid", "affine"] = "affine",
-    sampling: float = 0.25,
-    iterations: int = 100,
+    sampling: float = 0.1,
+    iterations: int = 60,
     seed: int = 0,
 ) -> AffineResult:
     """Align a planning CT (moving) onto a daily CT (fixed): rigid, then affine.
