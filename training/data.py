@@ -122,7 +122,6 @@ def read_labelled_ct(
     """Read a CT series and its RTSTRUCT as (HU volume, label map 0..4 volume)."""
     from jrs.dicom.ct import read_ct_series
     from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
-
     from jrs.labels import label_map_from_masks
 
     series = read_ct_series(ct_dir)
