@@ -1,9 +1,10 @@
-"""The ``make demo`` job: a synthetic patient written as DICOM and read back.
+"""The ``make demo`` job: a synthetic patient re-contoured by the bundled model.
 
-Until the re-contouring pipeline lands, the demo generates one synthetic pelvic patient with one
-daily fraction (``jrs phantom``), re-reads the planning CT and RTSTRUCT with the product's own
-DICOM readers, rasterises every ROI on the CT grid and reports, per structure, the agreement with
-the masks the RTSTRUCT was written from (Dice, centroid error) and the files written.
+It generates one synthetic pelvic patient with one daily fraction (``jrs phantom``), re-contours
+the fraction from the planning CT and RTSTRUCT with the bundled model (``jrs recontour``), and
+prints the QA summary, the agreement of the new contours with the fraction's ground truth (Dice,
+mean surface distance) and the output paths. When no model is bundled yet, it falls back to a
+round trip of the planning RTSTRUCT through the product's DICOM reader and writer.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jrs.errors import ModelNotReady
+
 log = logging.getLogger("jrs.demo")
 
 
-def run(out: Path, seed: int = 0) -> dict[str, dict[str, float]]:
+def round_trip(out: Path, seed: int = 0) -> dict[str, dict[str, float]]:
     """Generate a phantom patient under `out` and round-trip its planning RTSTRUCT.
 
     Args:
@@ -29,31 +32,80 @@ def run(out: Path, seed: int = 0) -> dict[str, dict[str, float]]:
     Returns:
         ROI name -> {"dice", "centroid_mm", "volume_cc"} of the re-read masks against the truth.
     """
-    from jrs.dicom.ct import read_ct_series
-    from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
+    from jrs.dicom.rtstruct import masks_from_files
     from jrs.metrics import centroid_mm, dice, volume_cc
     from jrs.phantom import generate_patient, write_dataset
 
-    t0 = time.perf_counter()
     write_dataset(out, patients=1, fractions=1, seed=seed, progress=True)
-    t_write = time.perf_counter() - t0
-    patient_dir = next(p for p in sorted(out.iterdir()) if p.is_dir())
-    series = read_ct_series(patient_dir / "planning" / "ct")
-    masks = rtstruct_to_masks(read_rtstruct(patient_dir / "planning" / "rtstruct.dcm"), series)
+    patient_dir = out / f"phantom_{seed:03d}"
+    _, series, masks = masks_from_files(
+        patient_dir / "planning" / "ct", patient_dir / "planning" / "rtstruct.dcm"
+    )
     truth = generate_patient(seed).structures
     g = series.volume.geometry
     report: dict[str, dict[str, float]] = {}
     for name, mask in masks.items():
-        if name not in truth:
-            continue
         ref = truth[name]
         report[name] = {
             "dice": dice(mask.array, ref),
             "centroid_mm": float(np.linalg.norm(centroid_mm(mask.array, g) - centroid_mm(ref, g))),
             "volume_cc": volume_cc(mask.array, g),
         }
-    report["_timing"] = {"phantom_seconds": t_write, "total_seconds": time.perf_counter() - t0}
     return report
+
+
+def recontour_demo(out: Path, seed: int = 0, model: Path | None = None) -> list[str]:
+    """Generate a phantom and re-contour its fraction with the bundled model.
+
+    Args:
+        out: output folder (phantom under ``out/phantom_<seed>``, results under
+            ``out/recontoured``).
+        seed: phantom seed.
+        model: model folder (default: the bundled model).
+
+    Returns:
+        The lines of the report.
+    """
+    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.metrics import dice, surface_distances
+    from jrs.phantom import write_dataset
+    from jrs.pipeline import RecontourOptions, recontour
+
+    write_dataset(out, patients=1, fractions=1, seed=seed, progress=True)
+    pdir = out / f"phantom_{seed:03d}"
+    result = recontour(
+        pdir / "planning" / "ct",
+        pdir / "planning" / "rtstruct.dcm",
+        pdir / "fraction_1" / "ct",
+        out / "recontoured",
+        RecontourOptions(model_dir=model),
+    )
+    _, series, truth = masks_from_files(
+        pdir / "fraction_1" / "ct", pdir / "fraction_1" / "rtstruct.dcm"
+    )
+    _, _, new = masks_from_files(pdir / "fraction_1" / "ct", result.rtstruct)
+    qa = result.qa_data
+    lines = [
+        f"model {qa['model']['name']} v{qa['model']['version']} on "
+        f"{qa['model']['execution_provider']}",
+        f"{'structure':<18}{'source':<14}{'Dice':>7}{'MSD mm':>8}  QA flags",
+    ]
+    g = series.volume.geometry
+    for s in qa["structures"]:
+        name = s["name"]
+        d = dice(new[name].array, truth[name].array)
+        msd = surface_distances(new[name].array, truth[name].array, g).msd
+        flags = "; ".join(s["flags"]) or "-"
+        lines.append(f"{name:<18}{s['source']:<14}{d:>7.3f}{msd:>8.2f}  {flags}")
+    dvf = qa["dvf"]
+    lines.append(
+        f"DVF: min det J {dvf['min']:.3f}, folding {100 * dvf['folding_fraction']:.3f} % of body"
+    )
+    lines.append("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in qa["timings_s"].items()))
+    lines += [
+        str(p) for p in (result.rtstruct, result.dvf, result.registration, result.qa, result.review)
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,18 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report = run(args.out, args.seed)
-    timing = report.pop("_timing")
-    lines = [f"{'ROI':<18}{'Dice':>8}{'centroid err (mm)':>20}{'volume (cc)':>14}"]
-    for name, m in report.items():
-        lines.append(f"{name:<18}{m['dice']:>8.4f}{m['centroid_mm']:>20.3f}{m['volume_cc']:>14.1f}")
-    lines.append(
-        f"phantom written in {timing['phantom_seconds']:.1f} s; "
-        f"total {timing['total_seconds']:.1f} s"
-    )
-    lines.append(f"outputs under {args.out.resolve()}")
+    t0 = time.perf_counter()
+    from jrs.pipeline import default_model_dir
+
+    try:
+        model = args.model or default_model_dir()
+    except ModelNotReady as exc:
+        log.warning("%s: showing the DICOM round trip instead", exc)
+        model = None
+    if model is not None:
+        lines = recontour_demo(args.out, args.seed, model)
+    else:
+        report = round_trip(args.out, args.seed)
+        lines = [f"{'ROI':<18}{'Dice':>8}{'centroid err (mm)':>20}{'volume (cc)':>14}"]
+        for name, m in report.items():
+            lines.append(
+                f"{name:<18}{m['dice']:>8.4f}{m['centroid_mm']:>20.3f}{m['volume_cc']:>14.1f}"
+            )
+    lines.append(f"total {time.perf_counter() - t0:.1f} s; outputs under {args.out.resolve()}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
