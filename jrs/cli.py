@@ -304,6 +304,46 @@ def batch(
 
 @app.command()
 @_handle_errors
+def benchmark(
+    what: Annotated[
+        str, typer.Argument(help="phantom, prealign or recontour (one per process for memory).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the figures to this JSON file.")
+    ] = None,
+    fractions: Annotated[int, typer.Option("--fractions", min=1)] = 3,
+    slices: Annotated[int, typer.Option("--slices", min=2, help="prealign: CT slices.")] = 150,
+    slice_mm: Annotated[
+        float | None, typer.Option("--slice-mm", help="phantom/recontour: slice thickness.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    method: MethodOpt = "network",
+) -> None:
+    """Measure speed and peak memory (phantom generation, pre-alignment, re-contouring)."""
+    import json
+
+    from jrs import benchmark as bench
+    from jrs.errors import InvalidInput
+
+    if what == "phantom":
+        result = bench.bench_phantom(fractions, seed, slice_mm)
+    elif what == "prealign":
+        result = bench.bench_prealign(slices, seed=seed)
+    elif what == "recontour":
+        result = bench.bench_recontour(method, model, seed, device, slice_mm)
+    else:
+        raise InvalidInput(f"benchmark {what!r} unknown; use phantom, prealign or recontour")
+    result["machine"] = bench.machine()
+    text = json.dumps(result, indent=2)
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text + "\n")
+
+
+@app.command()
+@_handle_errors
 def train(
     config: Annotated[Path, typer.Option("--config", help="YAML training config.")],
     resume: Annotated[
