@@ -251,7 +251,29 @@ def _fixed_batch(pairs: list) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 def test_tiny_run_lowers_every_task_loss(tmp_path: Path) -> None:
-    """Acceptance: a tiny run (48^3 patches) lowers every task loss by >= 50 % within 200 steps."""
+    """Acceptance: a tiny run (48^3 patches) lowers every task loss by >= 50 % within 200 steps.
+
+    Measured on a fixed evaluation batch (the patch at the centre of each of the two training
+    pairs, plus the swapped copies; network deep-copied in train mode, i.e. batch statistics,
+    no side effect) before and after 200 training steps on region-balanced random patches.
+
+    Why this is a meaningful target (diagnosed in issue 3): with 48^3 patches the output windows
+    are only 8^3 / 6^3 / 5^3 voxels, and METHOD.md's soft Dice counts a class absent from both
+    maps as Dice 0. On the first synthetic generator (organs of ~100-600 voxels scattered around
+    the centre) the evaluation windows held one or two organs as slivers of 0-10 voxels, so
+    ``L_seg`` and ``L_regDSC`` had floors near 0.5 and even the exact inverse displacement raised
+    the low-level ``L_regDSC``; the run reached only -17 % / -43 % / -16 %. No alignment bug was
+    found: targets, skip crops and warps line up (best shift of the trained prediction is 0, the
+    true inverse displacement lowers NCC 0.73 -> 0.10 at the high level), gradients reach every
+    module, and a seg network alone overfits one batch at the low and mid levels. The generator
+    now makes the four organs meet at the centre, so every organ is present, with tens of voxels
+    or more, at every level of the evaluation batch (asserted below).
+
+    Measured (2 shared CPU cores, lr 5e-3): drops seg 73 %, reg 57 %, reg_dsc 58 %; ~4-10 min.
+    """
+    from training.networks import LEVELS, crop_to_level
+    from training.warp import one_hot
+
     torch.set_num_threads(2)
     pairs = [synthetic_pair(0, 48), synthetic_pair(1, 48)]
     cfg = tiny_config(
@@ -264,6 +286,10 @@ def test_tiny_run_lowers_every_task_loss(tmp_path: Path) -> None:
     )
     trainer = Trainer(cfg, pairs, [], progress=False)
     batch = _fixed_batch(pairs)
+    for level in LEVELS:
+        for labels in (batch[2], batch[3]):
+            per_class = crop_to_level(one_hot(labels), level)[:, 1:].sum(dim=(0, 2, 3, 4))
+            assert bool((per_class >= 10).all()), (level, per_class.tolist())
 
     def losses() -> dict[str, float]:
         net = copy.deepcopy(trainer.net).train()  # batch statistics, no side effect
@@ -281,9 +307,5 @@ def test_tiny_run_lowers_every_task_loss(tmp_path: Path) -> None:
     after = losses()
     drops = {k: 1 - after[k] / before[k] for k in before}
     print(f"tiny run: {wall:.1f} s; before {before}; after {after}; drops {drops}")  # noqa: T201
-    # regression guard: every task loss must fall clearly
-    assert all(d >= 0.1 for d in drops.values()), drops
-    if not all(d >= 0.5 for d in drops.values()):
-        # Acceptance target (>= 50 % per task in 200 steps) not reached yet on this data:
-        # measured ~17 % (seg), ~43 % (reg), ~16 % (reg_dsc) at lr 2e-3; shown, not hidden.
-        pytest.xfail(f"acceptance target of 50 % not reached: drops {drops}")
+    assert set(drops) == {"seg", "reg", "reg_dsc"}
+    assert all(d >= 0.5 for d in drops.values()), drops
