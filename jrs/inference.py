@@ -5,28 +5,17 @@ A model folder ``models/<name>/<version>/`` holds ``model.onnx`` (the network on
 on CUDA when available (``device="auto"``; a logged warning when it falls back to the CPU) or on
 the device asked for.
 
-:meth:`OnnxModel.predict` follows METHOD.md, "Inference on a whole scan": the 1 mm volumes are
-padded by 20 voxels per side (images with -1 = air after the intensity transform, labels with 0)
-and cut into input windows of size ``n`` with stride ``n - 40`` (:mod:`jrs.tiling`; see below for
-the 4-voxel seam overlap), so that the high-level outputs abut; the last window of an axis is
-shifted back to end at the border. Unless given, the window is chosen from a memory budget
-(:meth:`OnnxModel.choose_window`).
-The high-level segmentation logits and DVF of the windows are stitched into whole volumes; the
-pipeline then takes the softmax / arg-max and warps the whole moving labels once.
+:meth:`OnnxModel.predict` follows METHOD.md, "Inference on a whole scan", with the tiling of
+:mod:`jrs.tiling`: the 1 mm volumes are padded by 20 voxels per side (images with -1 = air after
+the intensity transform, labels with 0) and cut into input windows of size ``n``; unless given, the
+window is chosen from a memory budget (:meth:`OnnxModel.choose_window`). The high-level
+segmentation logits and DVF of the windows are stitched into whole volumes; the pipeline then takes
+the softmax / arg-max and warps the whole moving labels once.
 
-Two refinements keep the stitched result equal to a single window covering the whole volume
-(up to float rounding; tested):
-
-* alignment (``align=True``): the network down-samples twice by 2, so it is translation-
-  equivariant only for shifts that are multiples of 4 voxels. Each axis is first padded at its end
-  to a multiple of 4 (the result is cropped back), so every window start, the shifted last one
-  included, is a multiple of 4;
-* seam overlap (``seam_overlap=4``): the stride-2 blocks pad one voxel at the end of each axis
-  (TF "same"), which reaches the last 4 high-level output voxels of every window. Windows are
-  therefore placed with stride ``n - 44`` and the next window overwrites that tail
-  (:func:`plan_overlapping_tiles`). This costs up to ``((n-40)/(n-44))^3`` more windows (1.25x at
-  n = 96, 1.1x at n = 160); ``seam_overlap=0`` gives METHOD.md's abutting windows with their
-  4-voxel seams.
+By default (``align=True, seam_overlap=4``) the windows are aligned to multiples of 4 and overlap
+by 4 output voxels, which keeps the stitched result equal to a single window covering the whole
+volume (up to float rounding; tested); ``align=False, seam_overlap=0`` gives METHOD.md's plain
+abutting windows, with their 4-voxel seams. :mod:`jrs.tiling` explains why.
 
 Example::
 
@@ -53,13 +42,13 @@ import numpy.typing as npt
 
 from jrs.errors import InvalidInput, ModelNotReady
 from jrs.tiling import (
+    ALIGNMENT,
     MARGIN,
     MIN_WINDOW,
-    Stitcher,
-    TilePlan,
+    SEAM_OVERLAP,
     check_window,
-    pad_volume,
     plan_tiles,
+    run_tiled,
 )
 
 log = logging.getLogger(__name__)
@@ -88,11 +77,6 @@ ACTIVATION_LIVE_FRACTION = 0.4
 #: Fallback bytes per input voxel when the metadata lacks the figure (cross-stitch 16/32/64).
 DEFAULT_BYTES_PER_VOXEL = 3000.0
 
-#: High-level output voxels at the far end of a window that the stride-2 blocks' end padding
-#: (TF "same": 0 before, 1 after) reaches; measured identical for every n (see
-#: :func:`plan_overlapping_tiles`).
-SEAM_OVERLAP = 4
-
 Device = Literal["auto", "cpu", "cuda"]
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -114,7 +98,6 @@ __all__ = [
     "Prediction",
     "available_providers",
     "load_model",
-    "plan_overlapping_tiles",
     "read_metadata",
     "softmax",
 ]
@@ -322,62 +305,7 @@ class Prediction:
         return np.argmax(self.seg_logits, axis=0).astype(np.uint8)
 
 
-# --------------------------------------------------------------------------- tiles
-def _overlap_starts(size: int, window: int, overlap: int) -> tuple[int, ...]:
-    out = window - 2 * MARGIN
-    if size <= out:
-        return (0,)
-    stride = out - overlap
-    if stride < 4 or stride % 4:
-        raise InvalidInput(
-            f"window {window} leaves a stride of {stride} voxels with a seam overlap of {overlap};"
-            f" use a window >= {MIN_WINDOW + overlap + 4} (and an overlap that is a multiple of 4)"
-        )
-    starts = list(range(0, size - out + 1, stride))
-    if starts[-1] + out < size:
-        starts.append(size - out)
-    return tuple(starts)
-
-
-def plan_overlapping_tiles(
-    shape: Sequence[int], window: int, overlap: int = SEAM_OVERLAP
-) -> TilePlan:
-    """A :func:`jrs.tiling.plan_tiles` plan whose windows overlap by ``overlap`` output voxels.
-
-    The network's two stride-2 blocks pad one voxel at the end of each axis (TF "same"), which
-    reaches the last 4 high-level output voxels of a window: they differ from what a larger
-    window sees there. With a stride of ``n - 40 - overlap`` (``overlap >= 4``) the next window
-    overwrites that tail in the :class:`jrs.tiling.Stitcher` (later windows win), so only the
-    volume's own end keeps tail values, exactly as a single window covering the whole volume
-    would. Starts are multiples of 4 when ``shape`` is (same sampling phase for every window).
-
-    Args:
-        shape: ``(D, H, W)`` of the unpadded volume.
-        window: Requested window ``n``.
-        overlap: Output overlap of consecutive windows (0 = :func:`jrs.tiling.plan_tiles`).
-
-    Returns:
-        The plan (same windows and coverage as ``plan_tiles``, denser starts).
-    """
-    base = plan_tiles(shape, window)
-    if overlap == 0:
-        return base
-    starts = tuple(
-        _overlap_starts(c, w, overlap) for c, w in zip(base.covered, base.window, strict=True)
-    )
-    return TilePlan(
-        shape=base.shape,
-        window=base.window,
-        covered=base.covered,
-        starts=(starts[0], starts[1], starts[2]),
-    )
-
-
 # --------------------------------------------------------------------------- model
-def _ceil4(x: int) -> int:
-    return -(-int(x) // 4) * 4
-
-
 class OnnxModel:
     """A loaded model: ONNX Runtime session + metadata. Build it with :func:`load_model`.
 
@@ -462,6 +390,7 @@ class OnnxModel:
         shape: Sequence[int],
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         seam_overlap: int = SEAM_OVERLAP,
+        align: bool = True,
     ) -> int:
         """The window with the least network work among those that fit the memory budget.
 
@@ -473,17 +402,19 @@ class OnnxModel:
         the budget it is used anyway, with a warning.
 
         Args:
-            shape: ``(D, H, W)`` of the volume (after any alignment padding).
+            shape: ``(D, H, W)`` of the volume.
             memory_budget_mb: Budget of one run (MiB).
             seam_overlap: As in :meth:`predict`.
+            align: As in :meth:`predict`.
 
         Returns:
             The requested window ``n`` (per-axis windows follow :func:`jrs.tiling.plan_tiles`).
         """
-        cap = max(MIN_WINDOW + 4, max(_ceil4(int(s) + 2 * MARGIN) for s in shape))
+        alignment = ALIGNMENT if align else 1
+        cap = max(MIN_WINDOW + 4, *(-(-(int(s) + 2 * MARGIN) // 4) * 4 for s in shape))
         best, best_cost = MIN_WINDOW + 4, math.inf
         for n in range(MIN_WINDOW + 4, cap + 1, 4):
-            plan = plan_overlapping_tiles(shape, n, seam_overlap)
+            plan = plan_tiles(shape, n, seam_overlap, alignment)
             if self.estimate_memory_mb(plan.window) > memory_budget_mb:
                 continue
             cost = len(plan) * (float(np.prod(plan.window)) + MIN_WINDOW**3)
@@ -494,7 +425,7 @@ class OnnxModel:
                 "memory budget %.0f MiB is below the estimate %.0f MiB of the smallest window; "
                 "using window %d",
                 memory_budget_mb,
-                self.estimate_memory_mb(plan_tiles(shape, best).window),
+                self.estimate_memory_mb(plan_tiles(shape, best, seam_overlap, alignment).window),
                 best,
             )
         return best
@@ -554,10 +485,11 @@ class OnnxModel:
             batch_size: Windows per run; by default as many as fit the budget, at most 8 on CUDA
                 and 1 on the CPU (where batching brings no speed).
             align: Pad each axis to a multiple of 4 first so that every window sits on the same
-                sampling phase (see the module docstring).
+                sampling phase (``alignment=4`` of :func:`jrs.tiling.plan_tiles`).
             seam_overlap: Voxels by which consecutive windows' high-level outputs overlap, so
                 that the last 4 of each window (touched by the stride-2 blocks' end padding) are
-                overwritten by the next window; 0 gives METHOD.md's plain abutting windows.
+                overwritten by the next window. ``align=False, seam_overlap=0`` gives METHOD.md's
+                plain abutting windows (:mod:`jrs.tiling` explains the deviation).
             progress: Called with ``(windows done, windows in total)`` after each run.
 
         Returns:
@@ -568,60 +500,63 @@ class OnnxModel:
         """
         t0 = time.perf_counter()
         volume = self._stack_inputs(fixed, moving, moving_labels)
-        shape = volume.shape[1:]
-        if align:
-            target = tuple(_ceil4(s) for s in shape)
-            if target != shape:
-                padded = np.empty((volume.shape[0], *target), dtype=np.float32)
-                for c, fill in enumerate(self.spec.pad_values):
-                    padded[c] = fill
-                padded[:, : shape[0], : shape[1], : shape[2]] = volume
-                volume = padded
+        alignment = ALIGNMENT if align else 1
         if window is None:
-            window = self.choose_window(volume.shape[1:], memory_budget_mb, seam_overlap)
+            window = self.choose_window(volume.shape[1:], memory_budget_mb, seam_overlap, align)
         check_window(window)
-        plan = plan_overlapping_tiles(volume.shape[1:], window, seam_overlap)
+        plan = plan_tiles(volume.shape[1:], window, seam_overlap, alignment)
         one = self.estimate_memory_mb(plan.window)
         if batch_size is None:
             cap = 8 if self.on_gpu else 1
             batch_size = max(1, min(cap, len(plan), int(memory_budget_mb // max(one, 1e-9))))
         if int(batch_size) < 1:
             raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
-        batch_size = int(batch_size)
         timings = InferenceTimings(
             tiles=len(plan),
             window=plan.window,
-            batch_size=batch_size,
-            estimated_memory_mb=one * batch_size,
+            batch_size=int(batch_size),
+            estimated_memory_mb=one * int(batch_size),
             provider=self.execution_provider,
         )
+        stitched = run_tiled(
+            volume,
+            plan,
+            self._timed_runner(timings),
+            fill=self.spec.pad_values,
+            batch_size=int(batch_size),
+            progress=progress,
+        )
+        seg = stitched.get("seg_high")
+        pred = Prediction(
+            seg_logits=np.ascontiguousarray(seg) if seg is not None else None,
+            dvf=np.ascontiguousarray(stitched["dvf_high"]),
+            timings=timings,
+        )
+        timings.total_s = time.perf_counter() - t0
+        return pred
+
+    def _timed_runner(
+        self, timings: InferenceTimings
+    ) -> Callable[[npt.NDArray[Any]], dict[str, npt.NDArray[Any]]]:
+        """A :func:`jrs.tiling.run_tiled` predictor running the session on stacked windows.
+
+        Args:
+            timings: Receives the session time and the number of runs.
+
+        Returns:
+            Maps ``(B, C_in, n_z, n_y, n_x)`` windows to the session's named outputs.
+        """
         names = self.spec.inputs
-        padded = pad_volume(volume, plan, self.spec.pad_values)
-        channels = {"seg_high": len(self.spec.labels), "dvf_high": 3}
-        stitchers = {k: Stitcher(plan, channels[k]) for k in self._outputs}
-        tiles = list(plan.tiles())
-        for i in range(0, len(tiles), batch_size):
-            chunk = tiles[i : i + batch_size]
-            batch = np.stack([padded[(slice(None), *plan.input_slices(s))] for s in chunk])
+
+        def runner(batch: npt.NDArray[Any]) -> dict[str, npt.NDArray[Any]]:
             feed = {n: np.ascontiguousarray(batch[:, c : c + 1]) for c, n in enumerate(names)}
             ts = time.perf_counter()
             got = self.session.run(self._outputs, feed)
             timings.session_s += time.perf_counter() - ts
             timings.batches += 1
-            for name, out in zip(self._outputs, got, strict=True):
-                stitchers[name].add(out, chunk)
-            if progress is not None:
-                progress(i + len(chunk), len(tiles))
-        stitched = {k.removesuffix("_high"): s.result() for k, s in stitchers.items()}
-        crop = (slice(None), slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-        seg = stitched.get("seg")
-        pred = Prediction(
-            seg_logits=np.ascontiguousarray(seg[crop]) if seg is not None else None,
-            dvf=np.ascontiguousarray(stitched["dvf"][crop]),
-            timings=timings,
-        )
-        timings.total_s = time.perf_counter() - t0
-        return pred
+            return dict(zip(self._outputs, got, strict=True))
+
+        return runner
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,24 +1,48 @@
 """Whole-scan tiled inference: plan input windows and stitch high-level outputs (numpy only).
 
-METHOD.md, "Inference on a whole scan": the 1 mm volumes are padded by :data:`MARGIN` (20) voxels
-per side and cut into input windows of size ``n`` (a multiple of 4, ``>= 44``) with stride
-``n - 40``, so that the high-level outputs (``n - 40`` voxels per axis) abut; the last window on an
-axis is shifted back to end at the border. A high-level output voxel ``h`` of a window sits over
-input voxel ``h + 20`` of that window, so a window whose input starts at ``s`` in *padded*
-coordinates produces the output for voxels ``[s, s + n - 40)`` of the *unpadded* volume.
+The one implementation of METHOD.md's "Inference on a whole scan" tiling, shared by the ONNX
+Runtime inference (:mod:`jrs.inference`) and the torch evaluation (``training.evaluate``).
+
+**The spec's layout** (``seam_overlap=0, alignment=1``): the 1 mm volumes are padded by
+:data:`MARGIN` (20) voxels per side and cut into input windows of size ``n`` (a multiple of 4,
+``>= 44``) with stride ``n - 40``, so that the high-level outputs (``n - 40`` voxels per axis) abut;
+the last window on an axis is shifted back to end at the border. A high-level output voxel ``h`` of
+a window sits over input voxel ``h + 20`` of that window, so a window whose input starts at ``s``
+in *padded* coordinates produces the output for voxels ``[s, s + n - 40)`` of the *unpadded*
+volume.
+
+**The default layout** (``seam_overlap=4, alignment=4``) deviates from that on purpose, so that the
+stitched result equals one window covering the whole volume (up to float rounding; tested for the
+ONNX graph in ``tests/jrs/test_inference.py`` and for the torch network in
+``tests/training/test_evaluate.py``). With the spec's layout the networks show two artefacts:
+
+* **seams**: the two stride-2 down-sampling blocks pad one voxel at the *end* of each axis
+  (TensorFlow "same"), which changes the last :data:`SEAM_OVERLAP` (4) high-level output voxels of
+  every window compared with a larger window. With abutting windows every tile boundary carries a
+  4-voxel seam. The default stride is therefore ``n - 40 - seam_overlap`` (``n - 44``): the next
+  window overwrites that tail in the :class:`Stitcher` (later windows win), so only the volume's
+  own end keeps tail values, as a single window would;
+* **phase**: down-sampling twice by 2 makes the networks translation-equivariant only for shifts
+  that are multiples of 4 voxels, so the last window of an axis, shifted back to the border, sits on
+  another sampling phase than the others. Each axis is therefore first padded at its end to a
+  multiple of ``alignment`` (4; with the padding fill, cropped off again by
+  :meth:`Stitcher.result`), which makes every window start, the last one included, a multiple
+  of 4.
+
+The price is up to ``((n - 40) / (n - 44))^3`` more windows (1.25x at n = 96, 1.1x at n = 160).
 
 When an axis of the volume is shorter than ``n - 40`` the window on that axis shrinks to the
 smallest valid size (a multiple of 4, at least 44) that covers it; when even a 44 window's output
 (4 voxels) is longer than the axis, the volume is padded further at the end and the stitched result
 cropped back. Windows may therefore be non-cubic; the networks accept any valid size per axis.
 
-This module has no torch dependency: it serves the training evaluation and the ONNX inference.
+This module has no torch dependency.
 
 Example::
 
-    plan = plan_tiles(volume.shape, 96)
-    padded = pad_volume(np.stack([fixed, moving, labels]), plan, fill=(-1.0, -1.0, 0.0))
-    stitched = run_tiled(padded_fn, ...)  # or by hand with plan.tiles() and Stitcher
+    plan = plan_tiles(volume.shape, 96)                      # aligned, 4-voxel seam overlap
+    spec = plan_tiles(volume.shape, 96, seam_overlap=0, alignment=1)  # METHOD.md's layout
+    stitched = run_tiled(np.stack([fixed, moving, labels]), plan, predict, fill=(-1.0, -1.0, 0.0))
 """
 
 from __future__ import annotations
@@ -36,12 +60,21 @@ from jrs.errors import InvalidInput
 MARGIN = 20
 #: Smallest valid window (a multiple of 4, ``>= 44``).
 MIN_WINDOW = 44
+#: High-level output voxels at the far end of a window that the stride-2 blocks' end padding
+#: (TF "same": 0 before, 1 after) reaches; measured identical for every window size. Default
+#: output overlap of consecutive windows.
+SEAM_OVERLAP = 4
+#: Default alignment of every axis (and so of every window start): the networks' total
+#: down-sampling factor.
+ALIGNMENT = 4
 
 Shape3 = tuple[int, int, int]
 
 __all__ = [
+    "ALIGNMENT",
     "MARGIN",
     "MIN_WINDOW",
+    "SEAM_OVERLAP",
     "Stitcher",
     "TilePlan",
     "axis_starts",
@@ -59,8 +92,8 @@ def check_window(n: int) -> None:
         raise InvalidInput(f"window size must be a multiple of 4 and >= {MIN_WINDOW}, got {n}")
 
 
-def _ceil4(x: int) -> int:
-    return -(-x // 4) * 4
+def _ceil_to(x: int, multiple: int) -> int:
+    return -(-int(x) // multiple) * multiple
 
 
 def axis_window(size: int, n: int) -> int:
@@ -76,24 +109,40 @@ def axis_window(size: int, n: int) -> int:
         ``min(n, max(44, ceil4(size + 40)))``.
     """
     check_window(n)
-    return min(n, max(MIN_WINDOW, _ceil4(size + 2 * MARGIN)))
+    return min(n, max(MIN_WINDOW, _ceil_to(size + 2 * MARGIN, 4)))
 
 
-def axis_starts(size: int, window: int) -> tuple[int, ...]:
+def axis_starts(size: int, window: int, seam_overlap: int = SEAM_OVERLAP) -> tuple[int, ...]:
     """Output starts along one axis (= input starts in padded coordinates).
 
     Args:
         size: Axis length to cover (voxels), at least ``window - 40``.
         window: Input window on this axis.
+        seam_overlap: Output voxels by which consecutive windows overlap (a multiple of 4,
+            ``>= 0``); 0 gives METHOD.md's abutting outputs.
 
     Returns:
-        Starts ``0, s, 2s, ...`` with stride ``s = window - 40``, the last one shifted back to
-        ``size - s`` so that the outputs end exactly at the border.
+        Starts ``0, s, 2s, ...`` with stride ``s = window - 40 - seam_overlap``, the last one
+        shifted back to ``size - (window - 40)`` so that the outputs end exactly at the border.
+
+    Raises:
+        InvalidInput: When the axis is shorter than one output, or when more than one window is
+            needed and the stride is not a positive multiple of 4.
     """
     out = window - 2 * MARGIN
     if size < out:
         raise InvalidInput(f"axis of {size} voxels is shorter than the output {out} of window")
-    starts = list(range(0, size - out + 1, out))
+    if seam_overlap < 0 or seam_overlap % 4:
+        raise InvalidInput(f"seam overlap must be a multiple of 4 and >= 0, got {seam_overlap}")
+    if size == out:
+        return (0,)
+    stride = out - seam_overlap
+    if stride < 4:
+        raise InvalidInput(
+            f"window {window} leaves a stride of {stride} voxels with a seam overlap of "
+            f"{seam_overlap}; use a window >= {MIN_WINDOW + seam_overlap + 4}"
+        )
+    starts = list(range(0, size - out + 1, stride))
     if starts[-1] + out < size:
         starts.append(size - out)
     return tuple(starts)
@@ -106,15 +155,20 @@ class TilePlan:
     Attributes:
         shape: ``(D, H, W)`` of the unpadded volume (voxels).
         window: Input window per axis ``(n_z, n_y, n_x)``.
-        covered: Axis lengths covered by the outputs (``>= shape``; larger only for tiny axes).
+        covered: Axis lengths covered by the outputs (``>= shape``: the alignment padding and the
+            end padding of tiny axes come on top).
         starts: Per axis, the output starts in unpadded coordinates, which are also the input
             starts in padded coordinates.
+        seam_overlap: Output voxels by which consecutive windows overlap.
+        alignment: Multiple to which each axis was padded.
     """
 
     shape: Shape3
     window: Shape3
     covered: Shape3
     starts: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    seam_overlap: int = SEAM_OVERLAP
+    alignment: int = ALIGNMENT
 
     @property
     def output(self) -> Shape3:
@@ -139,7 +193,7 @@ class TilePlan:
         return len(self.starts[0]) * len(self.starts[1]) * len(self.starts[2])
 
     def tiles(self) -> Iterator[Shape3]:
-        """Every window's start ``(z, y, x)``, in C order."""
+        """Every window's start ``(z, y, x)``, in C order (the order :class:`Stitcher` needs)."""
         for s in itertools.product(*self.starts):
             yield (int(s[0]), int(s[1]), int(s[2]))
 
@@ -161,18 +215,29 @@ class TilePlan:
         )
 
 
-def plan_tiles(shape: Sequence[int], window: int) -> TilePlan:
+def plan_tiles(
+    shape: Sequence[int],
+    window: int,
+    seam_overlap: int = SEAM_OVERLAP,
+    alignment: int = ALIGNMENT,
+) -> TilePlan:
     """Plan the windows covering a volume.
 
     Args:
         shape: ``(D, H, W)`` of the unpadded 1 mm volume.
-        window: Requested input window ``n`` (a multiple of 4, ``>= 44``); larger is faster.
+        window: Requested input window ``n`` (a multiple of 4, ``>= 44``); larger is faster. With
+            a seam overlap, a volume that needs several windows on an axis needs
+            ``n >= 48 + seam_overlap`` there.
+        seam_overlap: Output voxels by which consecutive windows overlap (default 4, see the
+            module docstring); 0 for METHOD.md's abutting windows.
+        alignment: Each axis is padded at its end to a multiple of this (default 4, see the module
+            docstring); 1 for none, as METHOD.md.
 
     Returns:
         The plan.
 
     Raises:
-        InvalidInput: For an invalid window or shape.
+        InvalidInput: For an invalid window, shape, overlap or alignment.
     """
     check_window(window)
     dims = tuple(int(s) for s in shape)
@@ -180,14 +245,20 @@ def plan_tiles(shape: Sequence[int], window: int) -> TilePlan:
         raise InvalidInput(
             f"volume shape must be 3 positive integers (D, H, W), got {tuple(shape)}"
         )
+    if int(alignment) != alignment or alignment < 1:
+        raise InvalidInput(f"alignment must be a positive integer, got {alignment}")
     wins = tuple(axis_window(s, window) for s in dims)
-    covered = tuple(max(s, w - 2 * MARGIN) for s, w in zip(dims, wins, strict=True))
-    starts = tuple(axis_starts(c, w) for c, w in zip(covered, wins, strict=True))
+    covered = tuple(
+        max(_ceil_to(s, alignment), w - 2 * MARGIN) for s, w in zip(dims, wins, strict=True)
+    )
+    starts = tuple(axis_starts(c, w, seam_overlap) for c, w in zip(covered, wins, strict=True))
     return TilePlan(
         shape=(dims[0], dims[1], dims[2]),
         window=(wins[0], wins[1], wins[2]),
         covered=(covered[0], covered[1], covered[2]),
         starts=(starts[0], starts[1], starts[2]),
+        seam_overlap=int(seam_overlap),
+        alignment=int(alignment),
     )
 
 
@@ -196,7 +267,7 @@ def pad_volume(
     plan: TilePlan,
     fill: float | Sequence[float] = 0.0,
 ) -> npt.NDArray[np.generic]:
-    """Pad a volume for the plan: 20 voxels per side, plus the end padding of tiny axes.
+    """Pad a volume for the plan: 20 voxels per side, plus the alignment and tiny-axis end padding.
 
     Args:
         volume: ``(D, H, W)`` or channels-first ``(C, D, H, W)`` array on the plan's grid.
@@ -232,9 +303,11 @@ def pad_volume(
 class Stitcher:
     """Accumulates high-level window outputs into full volumes.
 
-    Overlapping windows (the last one of an axis, shifted back) overwrite the overlap; for a
-    translation-equivariant network the values agree. :attr:`count` records how many windows wrote
-    each voxel (for tests and sanity checks).
+    Where windows overlap, the later one overwrites the earlier one. Add the windows in the C order
+    of :meth:`TilePlan.tiles`: then the last writer of every voxel is, on each axis, the window
+    with the largest start covering it, so a window's tail (the :data:`SEAM_OVERLAP` voxels that
+    its end padding reaches) survives only at the volume's own end. :attr:`count` records how many
+    windows wrote each voxel (for tests and sanity checks).
 
     Args:
         plan: The tile plan.
@@ -264,7 +337,7 @@ class Stitcher:
             self.count[sl] += 1
 
     def result(self) -> npt.NDArray[np.generic]:
-        """The stitched ``(C, D, H, W)`` volume on the unpadded grid.
+        """The stitched ``(C, D, H, W)`` volume on the unpadded grid (padding cropped off).
 
         Raises:
             InvalidInput: When some voxel was never written.
@@ -277,43 +350,55 @@ class Stitcher:
 
 def run_tiled(
     volume: npt.NDArray[np.generic],
-    window: int,
+    window: int | TilePlan,
     predict: Callable[[npt.NDArray[np.generic]], Mapping[str, npt.NDArray[np.generic]]],
     fill: float | Sequence[float] = 0.0,
     batch_size: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, npt.NDArray[np.generic]]:
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    seam_overlap: int = SEAM_OVERLAP,
+    alignment: int = ALIGNMENT,
+) -> dict[str, npt.NDArray[np.float32]]:
     """Run a window-wise predictor over a whole volume and stitch its high-level outputs.
 
     Args:
         volume: ``(C_in, D, H, W)`` inputs on the 1 mm grid (e.g. fixed, moving, moving labels).
-        window: Requested input window ``n``.
+        window: Requested input window ``n``, or a ready :class:`TilePlan` for this volume (then
+            ``seam_overlap`` and ``alignment`` are the plan's).
         predict: Maps a batch ``(B, C_in, n_z, n_y, n_x)`` to named high-level outputs
             ``(B, C_k, n_z - 40, n_y - 40, n_x - 40)`` (e.g. ``{"seg": logits, "dvf": u}``).
         fill: Padding value per input channel.
         batch_size: Windows per call of ``predict``.
-        progress: Called with the number of windows done after each batch.
+        progress: Called with ``(windows done, windows in total)`` after each batch.
+        seam_overlap: As in :func:`plan_tiles` (0 with ``alignment=1``: METHOD.md's layout).
+        alignment: As in :func:`plan_tiles`.
 
     Returns:
         Output name -> stitched ``(C_k, D, H, W)`` float32 volume.
+
+    Raises:
+        InvalidInput: For a mis-shaped volume, an invalid window or plan, or mis-shaped outputs.
     """
     arr = np.asarray(volume)
     if arr.ndim != 4:
         raise InvalidInput(f"volume must be (C, D, H, W), got shape {tuple(arr.shape)}")
-    plan = plan_tiles(arr.shape[1:], window)
+    if isinstance(window, TilePlan):
+        plan = window
+    else:
+        plan = plan_tiles(arr.shape[1:], window, seam_overlap, alignment)
+    if int(batch_size) < 1:
+        raise InvalidInput(f"batch_size must be >= 1, got {batch_size}")
+    step = int(batch_size)
     padded = pad_volume(arr, plan, fill)
     tiles = list(plan.tiles())
     stitchers: dict[str, Stitcher] = {}
-    done = 0
-    for i in range(0, len(tiles), max(1, batch_size)):
-        chunk = tiles[i : i + max(1, batch_size)]
+    for i in range(0, len(tiles), step):
+        chunk = tiles[i : i + step]
         batch = np.stack([padded[(slice(None), *plan.input_slices(s))] for s in chunk])
-        outputs = predict(batch)
-        for name, out in outputs.items():
+        for name, out in predict(batch).items():
             if name not in stitchers:
                 stitchers[name] = Stitcher(plan, int(np.asarray(out).shape[1]))
             stitchers[name].add(out, chunk)
-        done += len(chunk)
         if progress is not None:
-            progress(done)
+            progress(i + len(chunk), len(tiles))
     return {k: np.asarray(s.result(), dtype=np.float32) for k, s in stitchers.items()}

@@ -1,16 +1,19 @@
 """Evaluate trained networks on held-out pairs with whole-scan tiled inference (METHOD.md).
 
 For each pair (1 mm grid) the network runs over the whole padded scan in windows
-(:mod:`jrs.tiling`); the high-level outputs are stitched into full volumes:
+(:mod:`jrs.tiling`, the same tiling as the ONNX inference: by default aligned to multiples of 4
+and overlapping by 4 output voxels, so that the stitched outputs equal one window covering the
+whole scan); the high-level outputs are stitched into full volumes:
 
 * segmentation path: ``argmax`` of the stitched logits (= of their softmax);
 * registration path: the stitched high-level DVF (voxels of the 1 mm grid = mm) warps the whole
   moving label map once (one-hot channels, trilinear, then ``argmax``).
 
-Both are post-processed without looking at the ground truth: the largest connected component per
-organ, the two largest for the seminal vesicles. Metrics per organ: DSC, MSD and HD95 (mm,
-:mod:`jrs.metrics`); DVF quality: Jacobian determinant of ``x -> x + u(x)`` over the body (its
-standard deviation, the folding fraction ``det <= 0`` and the std of ``log det`` over ``det > 0``).
+Both are post-processed without looking at the ground truth (:mod:`jrs.postprocess`): the largest
+connected component per organ, the two largest for the seminal vesicles. Metrics per organ: DSC,
+MSD and HD95 (mm, :mod:`jrs.metrics`); DVF quality (:func:`jrs.qa.jacobian_stats`): Jacobian
+determinant of ``x -> x + u(x)`` over the body (its standard deviation, the folding fraction
+``det <= 0`` and the std of ``log det`` over ``det > 0``).
 Results go to a per-pair CSV and a Markdown report in the layout of the paper's Tables 3-5, with a
 paired Wilcoxon signed-rank test of every network/path against the best one (lowest mean MSD).
 """
@@ -27,15 +30,16 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import SimpleITK as sitk
 import torch
 from torch import nn
 
 from jrs.errors import InvalidInput
-from jrs.geometry import Geometry
+from jrs.geometry import Geometry, Volume
 from jrs.labels import BLADDER, LABELS, PROSTATE, RECTUM, SEMINAL_VESICLES
 from jrs.metrics import dice, surface_distances
-from jrs.tiling import run_tiled
+from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
+from jrs.qa import jacobian_stats as qa_jacobian_stats
+from jrs.tiling import ALIGNMENT, SEAM_OVERLAP, run_tiled
 from training.data import AIR, TrainingPair
 from training.networks import NUM_CLASSES
 from training.warp import warp_labels
@@ -44,8 +48,16 @@ log = logging.getLogger(__name__)
 
 #: Organs evaluated, in the paper's table order.
 ORGANS: tuple[int, ...] = (PROSTATE, SEMINAL_VESICLES, RECTUM, BLADDER)
-#: Connected components kept per organ by the post-processing.
-COMPONENTS_KEPT: dict[int, int] = {BLADDER: 1, RECTUM: 1, SEMINAL_VESICLES: 2, PROSTATE: 1}
+#: Evaluation column -> key of :func:`jrs.qa.jacobian_stats`.
+JACOBIAN_COLUMNS: dict[str, str] = {
+    "jac_std": "std",
+    "folding": "folding_fraction",
+    "log_jac_std": "log_std",
+}
+
+#: Post-processing of a predicted label map: :func:`jrs.postprocess.keep_largest_components`
+#: (largest component per organ, two for the seminal vesicles; :data:`COMPONENTS_KEPT`).
+postprocess = keep_largest_components
 #: Output paths of a network.
 PATHS: tuple[str, ...] = ("seg", "reg")
 #: Metrics per organ.
@@ -53,6 +65,7 @@ METRICS: tuple[str, ...] = ("dsc", "msd", "hd95")
 
 __all__ = [
     "COMPONENTS_KEPT",
+    "JACOBIAN_COLUMNS",
     "ORGANS",
     "EvaluationReport",
     "Prediction",
@@ -62,6 +75,7 @@ __all__ = [
     "organ_metrics",
     "postprocess",
     "predict_pair",
+    "predict_volume",
     "report_markdown",
 ]
 
@@ -97,29 +111,41 @@ def _device_of(net: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict_pair(
+def predict_volume(
     net: nn.Module,
-    pair: TrainingPair,
+    fixed: npt.ArrayLike,
+    moving: npt.ArrayLike,
+    moving_labels: npt.ArrayLike,
     window: int = 96,
     batch_size: int = 1,
     amp: bool = False,
-) -> Prediction:
-    """Run a network over a whole pair with tiled inference and stitch its high-level outputs.
+    seam_overlap: int = SEAM_OVERLAP,
+    alignment: int = ALIGNMENT,
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Run a network over whole volumes in windows (:func:`jrs.tiling.run_tiled`) and stitch.
 
     The network is put in eval mode for the call and restored afterwards.
 
     Args:
         net: A network of :mod:`training.networks` (forward ``net(fixed, moving, moving_labels)``).
-        pair: The pair (``fixed``, ``moving``, ``moving_labels`` ``(D, H, W)`` on the 1 mm grid).
-        window: Input window ``n`` (multiple of 4, >= 44).
+        fixed: ``(D, H, W)`` daily CT on the 1 mm grid, ``clip(HU) / 1000``.
+        moving: ``(D, H, W)`` pre-aligned planning CT, same grid and transform.
+        moving_labels: ``(D, H, W)`` pre-aligned planning labels 0..4 (any dtype).
+        window: Input window ``n`` (multiple of 4, >= 44; >= 52 where an axis needs several
+            windows with the default seam overlap).
         batch_size: Windows per forward pass.
         amp: Autocast to float16 (CUDA only).
+        seam_overlap: As in :func:`jrs.tiling.plan_tiles` (0 with ``alignment=1``: METHOD.md's
+            plain abutting windows).
+        alignment: As in :func:`jrs.tiling.plan_tiles`.
 
     Returns:
-        The :class:`Prediction` (paths the network lacks are ``None``).
+        ``"seg"`` -> ``(5, D, H, W)`` high-level logits and ``"dvf"`` -> ``(3, D, H, W)``
+        high-level displacement (voxels = mm, channels (x, y, z)), float32, for the paths the
+        network has.
     """
     device = _device_of(net)
-    volume = np.stack([pair.fixed, pair.moving, pair.moving_labels.astype(np.float32)])
+    volume = np.stack([np.asarray(v, dtype=np.float32) for v in (fixed, moving, moving_labels)])
     was_training = net.training
     net.eval()
     use_amp = amp and device.type == "cuda"
@@ -136,45 +162,56 @@ def predict_pair(
         return res
 
     try:
-        stitched = run_tiled(volume, window, predict, fill=(AIR, AIR, 0.0), batch_size=batch_size)
-        pred = Prediction()
-        if "seg" in stitched:
-            pred.seg = np.argmax(stitched["seg"], axis=0).astype(np.uint8)
-        if "dvf" in stitched:
-            dvf = np.ascontiguousarray(stitched["dvf"], dtype=np.float32)
-            pred.dvf = dvf
-            labels = torch.from_numpy(pair.moving_labels.astype(np.int64))[None, None].to(device)
-            u = torch.from_numpy(dvf)[None].to(device)
-            soft = warp_labels(labels, u, num_classes=NUM_CLASSES)
-            pred.warped = soft.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+        return run_tiled(
+            volume,
+            window,
+            predict,
+            fill=(AIR, AIR, 0.0),
+            batch_size=batch_size,
+            seam_overlap=seam_overlap,
+            alignment=alignment,
+        )
     finally:
         net.train(was_training)
-    return pred
 
 
-def postprocess(labels: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.uint8]:
-    """Keep the largest connected component(s) of each organ (no ground truth involved).
+@torch.no_grad()
+def predict_pair(
+    net: nn.Module,
+    pair: TrainingPair,
+    window: int = 96,
+    batch_size: int = 1,
+    amp: bool = False,
+) -> Prediction:
+    """Run a network over a whole pair with tiled inference (:func:`predict_volume`).
 
-    One component per organ, two for the seminal vesicles (:data:`COMPONENTS_KEPT`), face-and-
-    edge-and-corner connectivity (SimpleITK ``ConnectedComponent`` + ``RelabelComponent``, which
-    sorts components by size).
+    The network is put in eval mode for the call and restored afterwards.
 
     Args:
-        labels: ``(D, H, W)`` label map 0..4.
+        net: A network of :mod:`training.networks` (forward ``net(fixed, moving, moving_labels)``).
+        pair: The pair (``fixed``, ``moving``, ``moving_labels`` ``(D, H, W)`` on the 1 mm grid).
+        window: Input window ``n`` (multiple of 4, >= 44).
+        batch_size: Windows per forward pass.
+        amp: Autocast to float16 (CUDA only).
 
     Returns:
-        ``(D, H, W)`` uint8 label map; dropped voxels become background.
+        The :class:`Prediction` (paths the network lacks are ``None``).
     """
-    arr = np.asarray(labels)
-    out = np.zeros(arr.shape, dtype=np.uint8)
-    for organ, keep in COMPONENTS_KEPT.items():
-        mask = arr == organ
-        if not mask.any():
-            continue
-        cc = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
-        ranked = sitk.GetArrayFromImage(sitk.RelabelComponent(cc, sortByObjectSize=True))
-        out[(ranked >= 1) & (ranked <= keep)] = organ
-    return out
+    stitched = predict_volume(
+        net, pair.fixed, pair.moving, pair.moving_labels, window, batch_size, amp
+    )
+    pred = Prediction()
+    if "seg" in stitched:
+        pred.seg = np.argmax(stitched["seg"], axis=0).astype(np.uint8)
+    if "dvf" in stitched:
+        dvf = np.ascontiguousarray(stitched["dvf"], dtype=np.float32)
+        pred.dvf = dvf
+        device = _device_of(net)
+        labels = torch.from_numpy(pair.moving_labels.astype(np.int64))[None, None].to(device)
+        u = torch.from_numpy(dvf)[None].to(device)
+        soft = warp_labels(labels, u, num_classes=NUM_CLASSES)
+        pred.warped = soft.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+    return pred
 
 
 def organ_metrics(
@@ -206,7 +243,10 @@ def jacobian_stats(
     mask: npt.NDArray[np.integer[Any]] | None = None,
     spacing: float = 1.0,
 ) -> dict[str, float]:
-    """Jacobian-determinant statistics of ``x -> x + u(x)`` (SimpleITK).
+    """Jacobian-determinant statistics of ``x -> x + u(x)`` under the evaluation's column names.
+
+    :func:`jrs.qa.jacobian_stats` on the evaluation's channels-first array (identity direction,
+    isotropic spacing), its keys renamed by :data:`JACOBIAN_COLUMNS`.
 
     Args:
         dvf: ``(3, D, H, W)`` displacement in mm, channels (x, y, z) = (W, H, D) axes.
@@ -215,21 +255,21 @@ def jacobian_stats(
 
     Returns:
         ``{"jac_std", "folding", "log_jac_std"}``: std of det J, fraction of voxels with
-        det J <= 0, std of log det J over det J > 0.
+        det J <= 0, std of log det J over det J > 0 (NaN for an empty region).
+
+    Raises:
+        InvalidInput: When ``dvf`` is not ``(3, D, H, W)``.
     """
-    field_zyx3 = np.moveaxis(np.asarray(dvf, dtype=np.float64), 0, -1)
-    image = sitk.GetImageFromArray(field_zyx3, isVector=True)
-    image.SetSpacing((spacing, spacing, spacing))
-    det = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(image))
-    sel = det[mask > 0] if mask is not None else det.ravel()
-    if sel.size == 0:
-        return {"jac_std": math.nan, "folding": math.nan, "log_jac_std": math.nan}
-    pos = sel[sel > 0]
-    return {
-        "jac_std": float(sel.std()),
-        "folding": float((sel <= 0).mean()),
-        "log_jac_std": float(np.log(pos).std()) if pos.size else math.nan,
-    }
+    arr = np.asarray(dvf, dtype=np.float32)
+    if arr.ndim != 4 or arr.shape[0] != 3:
+        raise InvalidInput(f"dvf must be (3, D, H, W), got shape {arr.shape}")
+    geometry = Geometry(
+        shape=(arr.shape[1], arr.shape[2], arr.shape[3]),
+        origin=np.zeros(3),
+        spacing=np.full(3, float(spacing)),
+    )
+    stats = qa_jacobian_stats(Volume(np.moveaxis(arr, 0, -1), geometry), mask)
+    return {column: stats[key] for column, key in JACOBIAN_COLUMNS.items()}
 
 
 def load_network(path: Path | str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -358,7 +398,7 @@ def evaluate(
             _write_csv(
                 out / "jacobian.csv",
                 report.jacobian,
-                ["model", "pair", "jac_std", "folding", "log_jac_std"],
+                ["model", "pair", *JACOBIAN_COLUMNS],
             )
         report.markdown_path = out / "report.md"
         report.markdown_path.write_text(report.markdown)

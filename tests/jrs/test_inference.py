@@ -20,7 +20,6 @@ from jrs.inference import (
     Prediction,
     available_providers,
     load_model,
-    plan_overlapping_tiles,
 )
 
 HAS_CUDA = CUDA_PROVIDER in available_providers()
@@ -29,20 +28,12 @@ HAS_CUDA = CUDA_PROVIDER in available_providers()
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny cross-stitch (channels 4/8/8, calibrated BatchNorm) exported to ONNX."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from model_export.export import export_checkpoint
-    from training.networks import build
+    from tests.model_export.test_export import tiny_net
 
-    torch.manual_seed(0)
-    net = build("cross-stitch", channels=(4, 8, 8))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm3d):
-            m.momentum = None
-            m.reset_running_stats()
-    with torch.no_grad():
-        net(*[torch.rand(2, 1, 48, 48, 48) * 2 - 1 for _ in range(3)])
     root = tmp_path_factory.mktemp("models")
-    return export_checkpoint(net.eval(), root, exporter="legacy")
+    return export_checkpoint(tiny_net(), root, exporter="legacy")
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +91,6 @@ def test_plain_abutting_tiles_show_seams(model) -> None:  # type: ignore[no-unty
     unaligned = model.predict(*vols, window=64, align=False)
     assert np.abs(plain.dvf - ref["dvf_high"]).max() > 1e-3
     assert np.abs(unaligned.dvf - ref["dvf_high"]).max() > 1e-3
-
-
-def test_overlapping_plan() -> None:
-    plan = plan_overlapping_tiles((160, 160, 120), 96)
-    assert plan.starts[0] == (0, 52, 104) and plan.starts[2] == (0, 52, 64)
-    assert all(s % 4 == 0 for axis in plan.starts for s in axis)
-    assert plan_overlapping_tiles((160, 160, 120), 96, overlap=0).starts[0] == (0, 56, 104)
-    with pytest.raises(InvalidInput, match="window"):
-        plan_overlapping_tiles((100, 100, 100), 44)
 
 
 def test_batching_and_outputs(model) -> None:  # type: ignore[no-untyped-def]

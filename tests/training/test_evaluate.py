@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from jrs.errors import InvalidInput
 from jrs.labels import BLADDER, PROSTATE, SEMINAL_VESICLES
+from jrs.tiling import plan_tiles
+from tests.model_export.test_export import tiny_net
 from training.evaluate import (
     evaluate,
     jacobian_stats,
     organ_metrics,
     postprocess,
     predict_pair,
+    predict_volume,
     report_markdown,
 )
 from training.networks import build
@@ -54,6 +58,56 @@ def test_jacobian_stats() -> None:
     fold = zero.copy()
     fold[0] = -2.0 * x[None, None, :]
     assert jacobian_stats(fold, interior)["folding"] == pytest.approx(1.0)
+
+
+def test_jacobian_stats_matches_core_and_validates() -> None:
+    from jrs.geometry import Geometry, Volume
+    from jrs.qa import jacobian_stats as core
+
+    rng = np.random.default_rng(0)
+    dvf = rng.normal(scale=0.3, size=(3, 8, 9, 10)).astype(np.float32)
+    mask = np.ones((8, 9, 10), np.uint8)
+    geo = Geometry(shape=(8, 9, 10), origin=np.zeros(3), spacing=np.ones(3))
+    ref = core(Volume(np.moveaxis(dvf, 0, -1), geo), mask)
+    got = jacobian_stats(dvf, mask)
+    assert got == {
+        "jac_std": ref["std"],
+        "folding": ref["folding_fraction"],
+        "log_jac_std": ref["log_std"],
+    }
+    assert all(np.isnan(v) for v in jacobian_stats(dvf, np.zeros_like(mask)).values())
+    with pytest.raises(InvalidInput, match="3, D, H, W"):
+        jacobian_stats(dvf[:2])
+
+
+def test_tiled_equals_single_window_torch() -> None:
+    """predict_volume's tiles (jrs.tiling's default layout) reproduce one whole-volume window."""
+    torch.set_num_threads(2)
+    net = tiny_net()  # cross-stitch 4/8/8 with calibrated BatchNorm: O(1) outputs
+    shape = (27, 26, 21)  # no axis a multiple of 4; window 56: 16-voxel outputs, 2 per axis
+    rng = np.random.default_rng(1)
+    fixed = rng.uniform(-1, 1, shape).astype(np.float32)
+    moving = rng.uniform(-1, 1, shape).astype(np.float32)
+    labels = rng.integers(0, 5, shape).astype(np.uint8)
+    # reference: one window over the whole volume, padded by 20 (+ end padding to a valid size)
+    win = [max(44, -(-(s + 40) // 4) * 4) for s in shape]
+    x = np.empty((3, 1, 1, *win), np.float32)
+    x[0], x[1], x[2] = -1.0, -1.0, 0.0
+    for c, v in enumerate((fixed, moving, labels)):
+        x[c, 0, 0, 20 : 20 + shape[0], 20 : 20 + shape[1], 20 : 20 + shape[2]] = v
+    with torch.no_grad():
+        out = net(*(torch.from_numpy(a) for a in x))
+    crop = (0, slice(None), slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+    ref = {"seg": out.seg["high"][crop].numpy(), "dvf": out.dvf["high"][crop].numpy()}
+    assert np.abs(ref["seg"]).max() > 0.05  # O(1) outputs: the comparison means something
+
+    tiled = predict_volume(net, fixed, moving, labels, window=56, batch_size=4)
+    assert len(plan_tiles(shape, 56)) == 8
+    for key in ("seg", "dvf"):
+        assert tiled[key].shape == ref[key].shape and tiled[key].dtype == np.float32
+        assert np.abs(tiled[key] - ref[key]).max() <= 1e-5, key
+    plain = predict_volume(net, fixed, moving, labels, 56, 4, seam_overlap=0, alignment=1)
+    assert np.abs(plain["dvf"] - ref["dvf"]).max() > 1e-3  # METHOD.md's layout shows seams
 
 
 def test_organ_metrics_identity_and_missing() -> None:
