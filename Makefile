@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint typecheck clean
+.PHONY: install demo test test-all lint typecheck clean
 
 install: $(VENV)/.installed
 
@@ -27,7 +27,10 @@ typecheck: install
 	$(BIN)/mypy
 
 test: install lint typecheck
-	$(BIN)/pytest -q -m "not gpu" --timeout=900
+	$(BIN)/pytest -q -m "not slow and not gpu" --timeout=900
+
+test-all: install
+	$(BIN)/pytest -q --timeout=3600
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
