@@ -91,6 +91,8 @@ def render_review(
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), facecolor="black")
     names = ["axial", "sagittal", "coronal"]
     for view, ax in enumerate(axes):
+        # contour() without X, Y puts Z[r, c] at (c, r): the same data coordinates as imshow's,
+        # whatever its origin, so only imshow gets the origin (passing it to contour flips it)
         origin = "upper" if view == 0 else "lower"
         ax.imshow(cut(image, view), cmap="gray", vmin=vmin, vmax=vmax, origin=origin)
         for name, mask in dashed.items():
@@ -102,7 +104,6 @@ def render_review(
                     colors=[_rgb((colors or {}).get(name))],
                     linewidths=1.0,
                     linestyles="dashed",
-                    origin=origin,
                 )
         for name, mask in solid.items():
             sl = cut(mask, view)
@@ -112,7 +113,6 @@ def render_review(
                     levels=[0.5],
                     colors=[_rgb((colors or {}).get(name))],
                     linewidths=1.4,
-                    origin=origin,
                 )
         ax.set_title(names[view], color="white")
         ax.axis("off")

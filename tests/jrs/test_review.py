@@ -55,3 +55,29 @@ def test_review_refuses_empty_contours(tmp_path: Path) -> None:
     ct, contours = _case()
     with pytest.raises(InvalidInput, match="every contour is empty"):
         render_review(ct, {"Prostate": np.zeros_like(contours["Prostate"])}, tmp_path / "x.png")
+
+
+def test_contours_are_drawn_where_the_structure_is(tmp_path: Path) -> None:
+    """An anterior blob must appear in the upper half of the axial panel (radiological view)."""
+    ct, contours = _case()
+    g = ct.geometry
+    c = g.voxel_centres()
+    anterior = np.linalg.norm(c - [0, -15, 0], axis=-1) < 6  # y < 0 is anterior in LPS
+    big = contours["Prostate"] | anterior
+    img = mpimg.imread(
+        render_review(
+            ct,
+            {"Blob": anterior, "Big": big},
+            tmp_path / "r.png",
+            colors={"Blob": (255, 0, 0), "Big": (0, 0, 255)},
+            focus="Big",
+        )
+    )
+    third = img.shape[1] // 3
+    axial = img[: int(img.shape[0] * 0.85), :third]  # axial panel, legend excluded
+    red = (axial[..., 0] > 0.8) & (axial[..., 1] < 0.3) & (axial[..., 2] < 0.3)
+    rows = np.nonzero(red.any(axis=1))[0]
+    blue = (axial[..., 2] > 0.8) & (axial[..., 0] < 0.3)
+    blue_rows = np.nonzero(blue.any(axis=1))[0]
+    assert rows.size and blue_rows.size
+    assert rows.mean() < blue_rows.mean()  # the anterior blob sits above the big structure's centre
