@@ -49,7 +49,6 @@ Instance Reference module lists the daily and the planning series with their ins
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import re
 from dataclasses import dataclass, field
@@ -58,26 +57,23 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
     ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
 )
 
 import jrs
 from jrs.dicom.ct import format_ds
-from jrs.dicom.series import DEFORMABLE_REGISTRATION_STORAGE, CTSeries, new_uid
+from jrs.dicom.derived import start_derived_dataset
+from jrs.dicom.series import DEFORMABLE_REGISTRATION_STORAGE, CTSeries
 from jrs.errors import GeometryMismatch, InvalidInput, JrsError
 from jrs.geometry import Geometry, Volume, reorient
 
 logger = logging.getLogger(__name__)
 
 #: Manufacturer written into General / Enhanced General Equipment.
-MANUFACTURER = "jrs"
 #: ManufacturerModelName of the Enhanced General Equipment module.
 MANUFACTURER_MODEL_NAME = "jrs deformable registration"
 #: DeviceSerialNumber of the Enhanced General Equipment module (software: no hardware serial).
@@ -87,8 +83,6 @@ SPATIAL_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
 #: Registration Type Code Sequence item (CID 7100 "RCS Registration Method Type").
 REGISTRATION_TYPE_CODE = ("125024", "DCM", "Image Content-based Alignment")
 
-_DA = re.compile(r"^\d{8}$")
-_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _CS = re.compile(r"^[A-Z0-9_ ]{1,16}$")
 _ORTHO_TOL = 1e-4
 
@@ -152,14 +146,6 @@ class DeformableRegistration:
 # ------------------------------------------------------------------------------ helpers
 def _ds_list(values: npt.ArrayLike) -> list[str]:
     return [format_ds(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-
-
-def _clean(value: str, pattern: re.Pattern[str], what: str, warnings: list[str]) -> str:
-    v = (value or "").strip()
-    if v and not pattern.match(v):
-        warnings.append(f"{what} of the daily CT is not a valid DICOM value; written empty")
-        return ""
-    return v
 
 
 def _check_matrix(matrix: npt.ArrayLike | None, name: str) -> npt.NDArray[np.float64]:
@@ -316,61 +302,21 @@ def write_deformable_registration(
     g = grid_field.geometry
 
     warnings: list[str] = []
-    now = _dt.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    study_uid = daily.study_instance_uid
-    if not study_uid:
-        study_uid = new_uid()
-        warnings.append("the daily CT has no StudyInstanceUID; the REG starts a new study")
-    sop_uid = new_uid()
-    patient = daily.patient
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(DEFORMABLE_REGISTRATION_STORAGE)
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "JRS_REG_1"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    # SOP Common
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.InstanceCreationDate = date
-    ds.InstanceCreationTime = time
-    ds.SOPClassUID = DEFORMABLE_REGISTRATION_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    # General Study
-    ds.StudyDate = _clean(patient.study_date, _DA, "StudyDate", warnings)
-    ds.StudyTime = _clean(patient.study_time, _TM, "StudyTime", warnings)
-    ds.AccessionNumber = patient.accession_number
-    ds.Modality = "REG"
-    ds.Manufacturer = MANUFACTURER
-    ds.ReferringPhysicianName = patient.referring_physician_name
-    ds.StudyDescription = patient.study_description
-    ds.SeriesDescription = series_description
-    ds.ManufacturerModelName = MANUFACTURER_MODEL_NAME
-    # Patient
-    ds.PatientName = patient.patient_name
-    ds.PatientID = patient.patient_id
-    ds.PatientBirthDate = _clean(patient.patient_birth_date, _DA, "PatientBirthDate", warnings)
-    sex = (patient.patient_sex or "").strip().upper()
-    if sex not in ("", "M", "F", "O"):
-        warnings.append("PatientSex of the daily CT is not M, F or O; written empty")
-        sex = ""
-    ds.PatientSex = sex
+    ds, date, time = start_derived_dataset(
+        DEFORMABLE_REGISTRATION_STORAGE,
+        daily,
+        modality="REG",
+        series_description=series_description,
+        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+        implementation_version_name="JRS_REG_1",
+        frame_of_reference_uid=daily_frame,
+        series_instance_uid=series_instance_uid,
+        warnings=warnings,
+        source="daily CT",
+    )
     ds.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
-    ds.SoftwareVersions = str(jrs.__version__)
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_instance_uid or new_uid()
-    ds.StudyID = patient.study_id
-    ds.SeriesNumber = 1
     ds.BodyPartExamined = "PELVIS"  # unpaired: Laterality (Type 2C) is then absent
-    ds.InstanceNumber = 1
-    ds.FrameOfReferenceUID = daily_frame
-    ds.PositionReferenceIndicator = ""
-    ds.SeriesDate = date
-    ds.SeriesTime = time
+    study_uid = str(ds.StudyInstanceUID)
     # Deformable Spatial Registration (with Content Identification)
     ds.ContentDate = date
     ds.ContentTime = time

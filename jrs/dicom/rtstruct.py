@@ -14,7 +14,6 @@ Patient names and IDs are never logged.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -26,14 +25,14 @@ import numpy.typing as npt
 import pydicom
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 import jrs
 from jrs.contours import RasterReport, contours_to_mask, mask_to_contours
+from jrs.dicom.derived import start_derived_dataset
 from jrs.dicom.series import (
     CT_IMAGE_STORAGE,
     RT_STRUCTURE_SET_STORAGE,
@@ -48,7 +47,6 @@ from jrs.labels import DEFAULT_COLORS, SynonymTable
 logger = logging.getLogger(__name__)
 
 #: Manufacturer written into General Equipment.
-MANUFACTURER = "jrs"
 #: ReferencedSOPClassUID of the RT Referenced Study Sequence (Detached Study Management, the
 #: value every TPS writes and expects).
 STUDY_REFERENCE_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
@@ -588,16 +586,6 @@ def _check_slice_links(
 
 
 # ------------------------------------------------------------------------------ writing
-_DA = re.compile(r"^\d{8}$")
-_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-
-
-def _clean(value: str, pattern: re.Pattern[str], what: str, warnings: list[str]) -> str:
-    v = (value or "").strip()
-    if v and not pattern.match(v):
-        warnings.append(f"{what} of the CT is not a valid DICOM value; written empty")
-        return ""
-    return v
 
 
 def interpreted_type_for(name: str) -> str:
@@ -708,64 +696,23 @@ def write_rtstruct(
         arrays[name] = arr != 0
 
     warnings: list[str] = []
-    now = _dt.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     frame_uid = ct.frame_of_reference_uid
     if not frame_uid:
         frame_uid = new_uid()
         warnings.append("the CT has no FrameOfReferenceUID; a new one was written")
-    study_uid = ct.study_instance_uid
-    if not study_uid:
-        study_uid = new_uid()
-        warnings.append("the CT has no StudyInstanceUID; the RTSTRUCT starts a new study")
-    sop_uid = new_uid()
-    patient = ct.patient
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(RT_STRUCTURE_SET_STORAGE)
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "JRS_RTSS_1"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    # SOP Common
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.InstanceCreationDate = date
-    ds.InstanceCreationTime = time
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    # General Study
-    ds.StudyDate = _clean(patient.study_date, _DA, "StudyDate", warnings)
-    ds.StudyTime = _clean(patient.study_time, _TM, "StudyTime", warnings)
-    ds.AccessionNumber = patient.accession_number
-    ds.Modality = "RTSTRUCT"
-    ds.Manufacturer = MANUFACTURER
-    ds.ReferringPhysicianName = patient.referring_physician_name
-    ds.StudyDescription = patient.study_description
-    ds.SeriesDescription = series_description
-    ds.ManufacturerModelName = "jrs RTSTRUCT writer"
-    # Patient
-    ds.PatientName = patient.patient_name
-    ds.PatientID = patient.patient_id
-    ds.PatientBirthDate = _clean(patient.patient_birth_date, _DA, "PatientBirthDate", warnings)
-    sex = (patient.patient_sex or "").strip().upper()
-    if sex not in ("", "M", "F", "O"):
-        warnings.append("PatientSex of the CT is not M, F or O; written empty")
-        sex = ""
-    ds.PatientSex = sex
-    ds.SoftwareVersions = str(jrs.__version__)
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_instance_uid or new_uid()
-    ds.StudyID = patient.study_id
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.FrameOfReferenceUID = frame_uid
-    ds.PositionReferenceIndicator = ""
+    ds, date, time = start_derived_dataset(
+        RT_STRUCTURE_SET_STORAGE,
+        ct,
+        modality="RTSTRUCT",
+        series_description=series_description,
+        manufacturer_model_name="jrs RTSTRUCT writer",
+        implementation_version_name="JRS_RTSS_1",
+        frame_of_reference_uid=frame_uid,
+        series_instance_uid=series_instance_uid,
+        warnings=warnings,
+    )
     ds.OperatorsName = ""
-    ds.SeriesDate = date
-    ds.SeriesTime = time
+    study_uid = str(ds.StudyInstanceUID)
     # Structure Set
     ds.StructureSetLabel = structure_set_label
     ds.StructureSetName = structure_set_label
