@@ -663,7 +663,8 @@ def _decode_hu(sl: _Slice, rows: int, columns: int) -> npt.NDArray[np.float32]:
     return hu
 
 
-def _patient_info(ds: Dataset) -> PatientInfo:
+def patient_info(ds: Dataset) -> PatientInfo:
+    """Patient and study attributes of a CT slice as `PatientInfo` (invalid values kept as text)."""
     return PatientInfo(
         patient_name=_text(ds, "PatientName"),
         patient_id=_text(ds, "PatientID"),
@@ -840,7 +841,7 @@ def _build_series(
         series_instance_uid=series_uid_read,
         sop_instance_uids=[_text(s.ds, "SOPInstanceUID") for s in slices],
         sop_class_uid=_text(first, "SOPClassUID") or CT_IMAGE_STORAGE,
-        patient=_patient_info(first),
+        patient=patient_info(first),
         patient_position=_text(first, "PatientPosition"),
         series_description=_text(first, "SeriesDescription"),
         files=[str(s.path) for s in slices],

@@ -37,7 +37,6 @@ from jrs.dicom.series import (
     CT_IMAGE_STORAGE,
     RT_STRUCTURE_SET_STORAGE,
     CTSeries,
-    PatientInfo,
     new_uid,
 )
 from jrs.errors import GeometryMismatch, InvalidInput, JrsError
@@ -841,6 +840,8 @@ def _scan_ct_headers(source: Path | str | Sequence[Path | str]) -> dict[str, lis
 
 def _single_slice_series(path: Path) -> CTSeries:
     """A one-slice CT series (slice thickness as z spacing) for partial rasterising."""
+    from jrs.dicom.ct import patient_info
+
     ds = pydicom.dcmread(path)
     try:
         iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
@@ -868,18 +869,7 @@ def _single_slice_series(path: Path) -> CTSeries:
         series_instance_uid=_text(ds, "SeriesInstanceUID"),
         sop_instance_uids=[_text(ds, "SOPInstanceUID")],
         sop_class_uid=_text(ds, "SOPClassUID") or CT_IMAGE_STORAGE,
-        patient=PatientInfo(
-            patient_name=_text(ds, "PatientName"),
-            patient_id=_text(ds, "PatientID"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime"),
-            study_id=_text(ds, "StudyID"),
-            accession_number=_text(ds, "AccessionNumber"),
-            referring_physician_name=_text(ds, "ReferringPhysicianName"),
-            study_description=_text(ds, "StudyDescription"),
-        ),
+        patient=patient_info(ds),
         patient_position=_text(ds, "PatientPosition"),
         files=[str(path)],
         warnings=[f"single-slice CT: slice thickness {thickness:g} mm used as the slice spacing"],
