@@ -27,8 +27,14 @@ def _imported_roots(package: str) -> dict[str, set[str]]:
 def test_core_never_imports_upper_layers_or_torch() -> None:
     roots = _imported_roots("jrs")
     for forbidden in ("torch", "training", "model_export", "service", "fastapi"):
-        offenders = roots.get(forbidden, set()) - {"jrs/cli.py"}
+        offenders = roots.get(forbidden, set())
         assert not offenders, f"jrs imports {forbidden} in {sorted(offenders)}"
+
+
+def test_nothing_imports_the_command() -> None:
+    for package in ("jrs", "training", "model_export", "service"):
+        offenders = _imported_roots(package).get("jrs_cli", set())
+        assert not offenders, f"{package} imports the jrs command in {sorted(offenders)}"
 
 
 def test_importing_the_core_does_not_load_torch() -> None:

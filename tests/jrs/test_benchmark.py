@@ -3,7 +3,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from jrs.cli import app
+from jrs_cli import app
 
 
 def test_prealign_benchmark_reports_time_memory_and_accuracy(tmp_path: Path) -> None:

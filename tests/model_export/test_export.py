@@ -246,7 +246,7 @@ def test_parity_check_on_other_network(tmp_path: Path) -> None:
 def test_cli_export(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from jrs.cli import app
+    from jrs_cli import app
 
     ckpt = write_checkpoint(tmp_path / "last.pt", tiny_net(), TINY)
     metrics = tmp_path / "m.json"

@@ -54,7 +54,7 @@ def test_recontour_command_with_an_exported_model_and_no_torch(tmp_path: Path) -
                 return None
 
         sys.meta_path.insert(0, Block())
-        from jrs.cli import app
+        from jrs_cli import app
         try:
             app({args!r})
         except SystemExit as exc:

@@ -177,7 +177,7 @@ def test_alpha_summary_empty_for_plain_unet() -> None:
 def test_cli_train_and_evaluate(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from jrs.cli import app
+    from jrs_cli import app
 
     cfg = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
     cfg["network"]["overrides"] = {"channels": [4, 8, 8]}
