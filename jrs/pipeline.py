@@ -117,6 +117,10 @@ class RecontourResult:
         qa: ``qa.json``.
         review: ``review.png``.
         qa_data: the content of ``qa.json``.
+        path_labels: the organ label maps (ids of `jrs.labels`, post-processed) of each output
+            path on the network grid (1 mm box): ``segmentation`` (network method only),
+            ``registration`` (or the iterative result) and ``chosen``; kept for validation,
+            not written.
     """
 
     out_dir: Path
@@ -126,6 +130,7 @@ class RecontourResult:
     qa: Path
     review: Path
     qa_data: dict[str, Any]
+    path_labels: dict[str, Volume] = field(default_factory=dict)
 
 
 def default_model_dir(name: str = "crossstitch") -> Path:
@@ -495,7 +500,13 @@ def recontour(
         opts.method,
         len(flagged),
     )
-    return RecontourResult(out_dir, rt_path, dvf_path, reg_path, qa_path, review_path, qa_data)
+    path_labels = {"registration": Volume(paths.registration, pair.grid)}
+    if paths.segmentation is not None:
+        path_labels["segmentation"] = Volume(paths.segmentation, pair.grid)
+    path_labels["chosen"] = Volume(chosen, pair.grid)
+    return RecontourResult(
+        out_dir, rt_path, dvf_path, reg_path, qa_path, review_path, qa_data, path_labels
+    )
 
 
 def _planned_on_daily(

@@ -112,6 +112,13 @@ def test_recontour_writes_every_output_consistently(
     assert prostate["path_dice"] is not None and prostate["path_dice"] > 0.9
     assert prostate["source"] == "segmentation"
 
+    # the output paths are kept on the network grid; the default choice here is segmentation
+    assert set(result.path_labels) == {"segmentation", "registration", "chosen"}
+    chosen = result.path_labels["chosen"]
+    assert chosen.geometry.same_grid(result.path_labels["segmentation"].geometry)
+    np.testing.assert_array_equal(chosen.array, result.path_labels["segmentation"].array)
+    assert set(np.unique(chosen.array)) == {0, 1, 2, 3, 4}
+
 
 def _affine_field(qa: dict[str, Any], points: np.ndarray) -> np.ndarray:
     """A(p) - p from the pre-alignment recorded in qa.json (SimpleITK affine with centre)."""
