@@ -7,6 +7,13 @@ status of every row is kept in ``OUT/batch_status.csv`` (id, status, seconds, er
 message), rewritten after each row, so a batch stopped for any reason resumes where it was: rows
 already ``done`` (with their ``qa.json`` present) are skipped. One failing row is recorded and
 never stops the others.
+
+A manifest can be split into shards run by separate processes or machines on a shared output
+folder (e.g. the pods of a Kubernetes Indexed Job): shard ``i`` of ``n`` takes the rows ``i``,
+``i + n``, ``i + 2n``, ... (round robin, so patients listed together are spread over the shards)
+and keeps its status in its own ``OUT/batch_status.shard-<i>-of-<n>.csv``, so no two shards ever
+write the same file. Rows any status file of ``OUT`` records as done are skipped, so a batch can
+be resumed with another shard count.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("planning_ct", "planning_rtstruct", "daily_ct")
 STATUS_FILE = "batch_status.csv"
 STATUS_COLUMNS = ("id", "status", "seconds", "error_code", "error")
+STATUS_GLOB = "batch_status*.csv"
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,38 @@ def read_manifest(path: Path | str) -> list[BatchRow]:
     return rows
 
 
+def select_shard(
+    rows: list[BatchRow], shard_index: int = 0, shard_count: int = 1
+) -> list[BatchRow]:
+    """The rows of one shard: ``rows[shard_index::shard_count]`` (round robin, manifest order).
+
+    Args:
+        rows: all rows of the manifest.
+        shard_index: this shard, ``0 <= shard_index < shard_count``.
+        shard_count: the number of shards.
+
+    Returns:
+        The rows of the shard (empty when there are fewer rows than shards).
+
+    Raises:
+        InvalidInput: a shard count below 1 or an index outside ``[0, shard_count)``.
+    """
+    if shard_count < 1:
+        raise InvalidInput(f"shard count must be at least 1, got {shard_count}")
+    if not 0 <= shard_index < shard_count:
+        raise InvalidInput(
+            f"shard index {shard_index} is outside 0..{shard_count - 1} (shard count {shard_count})"
+        )
+    return rows[shard_index::shard_count]
+
+
+def status_file_name(shard_index: int = 0, shard_count: int = 1) -> str:
+    """Name of the status file of a shard (``batch_status.csv`` when there is one shard)."""
+    if shard_count == 1:
+        return STATUS_FILE
+    return f"batch_status.shard-{shard_index:05d}-of-{shard_count:05d}.csv"
+
+
 def _read_status(path: Path) -> dict[str, dict[str, str]]:
     if not path.is_file():
         return {}
@@ -164,6 +204,8 @@ def run_batch(
     retry_failed: bool = False,
     on_progress: Callable[[str, str], object] | None = None,
     backend: NetworkBackend | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> BatchSummary:
     """Re-contour every row of a manifest (resumable, failures recorded and skipped).
 
@@ -175,22 +217,37 @@ def run_batch(
         retry_failed: also run rows an earlier run recorded as failed.
         on_progress: called with (row id, status) after each row (progress bars).
         backend: an already loaded network for in-process runs (``workers=1``).
+        shard_index: run only this shard of the manifest (see `select_shard`).
+        shard_count: the number of shards the manifest is split into (1: the whole manifest).
 
     Returns:
-        What was done, skipped and failed.
+        What was done, skipped and failed (rows of this shard only).
+
+    Raises:
+        InvalidInput: a bad manifest or shard index/count.
     """
     opts = options or RecontourOptions()
-    rows = read_manifest(manifest)
+    rows = select_shard(read_manifest(manifest), shard_index, shard_count)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    status_path = out_dir / STATUS_FILE
+    status_path = out_dir / status_file_name(shard_index, shard_count)
     status = _read_status(status_path)
+    done_elsewhere = {
+        row_id
+        for other in sorted(out_dir.glob(STATUS_GLOB))
+        if other != status_path
+        for row_id, record in _read_status(other).items()
+        if record.get("status") == "done"
+    }
     summary = BatchSummary()
     t0 = time.perf_counter()
 
     todo: list[BatchRow] = []
     for row in rows:
         prev = status.get(row.id, {}).get("status")
+        if prev != "done" and row.id in done_elsewhere:
+            prev = "done"  # by an earlier run with another shard count
+            status[row.id] = {"id": row.id, "status": "done"}
         if prev == "done" and (out_dir / row.id / "qa.json").is_file():
             summary.skipped.append(row.id)
             continue

@@ -1,0 +1,195 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "jrs.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name.
+We truncate at 63 chars because some Kubernetes name fields are limited to this (by the DNS naming spec).
+If release name contains chart name it will be used as a full name.
+*/}}
+{{- define "jrs.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Create chart name and version as used by the chart label.
+*/}}
+{{- define "jrs.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels (without the component, which tells the service, batch and test pods apart).
+*/}}
+{{- define "jrs.labels" -}}
+helm.sh/chart: {{ include "jrs.chart" . }}
+{{ include "jrs.baseSelectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "jrs.baseSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "jrs.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Selector labels of the REST service pods (the Service must never select batch or test pods).
+*/}}
+{{- define "jrs.selectorLabels" -}}
+{{ include "jrs.baseSelectorLabels" . }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{/*
+Create the name of the service account to use
+*/}}
+{{- define "jrs.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "jrs.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image: repository@digest, else repository:tag with the tag "<appVersion>-<cpu|gpu>" by default.
+*/}}
+{{- define "jrs.image" -}}
+{{- $flavour := .Values.image.flavour | default (ternary "gpu" "cpu" .Values.gpu.enabled) }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $flavour)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+JRS_DEVICE / --device: the value of `device`, else cuda with a GPU and cpu without.
+*/}}
+{{- define "jrs.device" -}}
+{{- .Values.device | default (ternary "cuda" "cpu" .Values.gpu.enabled) }}
+{{- end }}
+
+{{/*
+Resources with the GPU limit added when gpu.enabled. Call with (dict "resources" R "gpu" .Values.gpu).
+*/}}
+{{- define "jrs.resources" -}}
+{{- $res := deepCopy (.resources | default dict) }}
+{{- if .gpu.enabled }}
+{{- $limits := get $res "limits" | default dict }}
+{{- $_ := set $limits .gpu.resourceName (int .gpu.count) }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- with $res }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the API keys.
+*/}}
+{{- define "jrs.apiKeysSecretName" -}}
+{{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "jrs.fullname" .)) }}
+{{- end }}
+
+{{/*
+Base64 content of the chart-managed API key file: the given keys, else the key of the existing
+Secret (kept across upgrades), else a new random key.
+*/}}
+{{- define "jrs.apiKeysData" -}}
+{{- if .Values.apiKeys.keys }}
+{{- join "\n" .Values.apiKeys.keys | b64enc }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "jrs.apiKeysSecretName" .) | default dict }}
+{{- $data := get $existing "data" | default dict }}
+{{- get $data .Values.apiKeys.secretKey | default (randAlphaNum 48 | b64enc) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the data claim.
+*/}}
+{{- define "jrs.dataClaimName" -}}
+{{- .Values.persistence.existingClaim | default (printf "%s-data" (include "jrs.fullname" .)) }}
+{{- end }}
+
+{{/*
+Environment shared by the service and batch pods.
+*/}}
+{{- define "jrs.commonEnv" -}}
+- name: JRS_DEVICE
+  value: {{ include "jrs.device" . | quote }}
+{{- if .Values.model.volume }}
+- name: JRS_MODEL_DIR
+  value: {{ .Values.model.mountPath | quote }}
+{{- end }}
+- name: MPLCONFIGDIR
+  value: /tmp/matplotlib
+{{- end }}
+
+{{/*
+Pod-level scheduling: nodeSelector and tolerations merged with the GPU ones when gpu.enabled.
+Call with (dict "nodeSelector" N "tolerations" T "affinity" A "gpu" .Values.gpu).
+*/}}
+{{- define "jrs.scheduling" -}}
+{{- $nodeSelector := deepCopy (.nodeSelector | default dict) }}
+{{- $tolerations := .tolerations | default list }}
+{{- if .gpu.enabled }}
+{{- $nodeSelector = merge $nodeSelector (.gpu.nodeSelector | default dict) }}
+{{- $tolerations = concat $tolerations (.gpu.tolerations | default list) }}
+{{- if .gpu.runtimeClassName }}
+runtimeClassName: {{ .gpu.runtimeClassName }}
+{{- end }}
+{{- end }}
+{{- with $nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks of value combinations that the schema cannot express.
+*/}}
+{{- define "jrs.validate" -}}
+{{- if and .Values.persistence.enabled (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
+{{- fail "jrs keeps its job store (SQLite) and job folders per pod, and a pod that starts re-queues the jobs it finds running: pods must never share the data volume. With replicaCount > 1 or autoscaling.enabled set persistence.enabled=false (each pod keeps its jobs on an emptyDir) and service.sessionAffinity=ClientIP." }}
+{{- end }}
+{{- if and .Values.batchJob.enabled (not .Values.batchJob.claimName) (not .Values.persistence.enabled) }}
+{{- fail "batchJob needs a volume shared by its pods for the manifest, the DICOM inputs and the outputs: set batchJob.claimName, or persistence.enabled=true to use the chart's data claim." }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the batch Job: "<fullname>-batch[-<nameSuffix>]" (at most 57 characters).
+*/}}
+{{- define "jrs.batchJobName" -}}
+{{- $base := printf "%s-batch" (include "jrs.fullname" . | trunc 40 | trimSuffix "-") }}
+{{- with .Values.batchJob.nameSuffix }}
+{{- printf "%s-%s" $base . }}
+{{- else }}
+{{- $base }}
+{{- end }}
+{{- end }}

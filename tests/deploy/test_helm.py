@@ -1,0 +1,409 @@
+"""The Helm chart helm/jrs, rendered and linted offline (helm-python-sdk embeds Helm), the
+manifests validated against the Kubernetes schemas (kubernetes-validate, strict) and yamllint."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import CHART_DIR, DOCKER_DIR
+from tests.deploy.test_docker import SERVE_PORT, parse_dockerfile
+
+RELEASE = "demo"
+NAMESPACE = "radiotherapy"
+KUBE_VERSIONS = ("1.29.0", "1.33.0")  # the chart's kubeVersion floor and a recent release
+Manifests = dict[str, list[dict[str, Any]]]
+
+INGRESS_HPA_EXISTING_SECRET: dict[str, Any] = {
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "2g"},
+        "hosts": [{"host": "jrs.hospital.example", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+        "tls": [{"secretName": "jrs-tls", "hosts": ["jrs.hospital.example"]}],
+    },
+    "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 5},
+    "persistence": {"enabled": False},
+    "service": {"sessionAffinity": "ClientIP"},
+    "apiKeys": {"existingSecret": "hospital-jrs-keys", "secretKey": "keys.txt"},
+}
+BATCH: dict[str, Any] = {
+    "batchJob": {"enabled": True, "completions": 6, "parallelism": 3, "nameSuffix": "2024w23"}
+}
+GPU: dict[str, Any] = {"gpu": {"enabled": True, "count": 2, "runtimeClassName": "nvidia"}}
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gpu": GPU,
+    "ingress-hpa-existing-secret": INGRESS_HPA_EXISTING_SECRET,
+    "batch": BATCH,
+    "batch-gpu": {**BATCH, **GPU},
+}
+
+
+@pytest.fixture(scope="module")
+def helm() -> Any:
+    """The helm_python module with its native library loaded; skips when unavailable."""
+    module = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+    try:
+        module.helm_sdk_version()
+    except Exception as exc:  # the wheel's native library cannot load on this platform
+        pytest.skip(f"helm-python-sdk cannot load libhelm_c: {exc}")
+    return module
+
+
+@pytest.fixture(scope="module")
+def chart(helm: Any) -> Any:
+    with helm.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def render(chart: Any) -> Callable[[dict[str, Any]], Manifests]:
+    def run(values: dict[str, Any]) -> Manifests:
+        out: dict[str, str] = chart.render(
+            copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE, is_install=True
+        )
+        docs: Manifests = {}
+        for path, text in out.items():
+            if not path.endswith(".yaml"):
+                continue
+            docs[Path(path).name] = [d for d in yaml.safe_load_all(text) if d]
+        return docs
+
+    return run
+
+
+def _one(docs: Manifests, kind: str) -> dict[str, Any]:
+    found = [d for ds in docs.values() for d in ds if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def _kinds(docs: Manifests) -> list[str]:
+    return sorted(d["kind"] for ds in docs.values() for d in ds)
+
+
+def _container(workload: dict[str, Any]) -> dict[str, Any]:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_passes(helm: Any, scenario: str) -> None:
+    for kube in KUBE_VERSIONS:
+        report = helm.lint(
+            CHART_DIR, copy.deepcopy(SCENARIOS[scenario]), strict=True, kube_version=f"v{kube}"
+        )
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_manifests_are_valid_kubernetes(
+    render: Callable[[dict[str, Any]], Manifests], scenario: str
+) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = render(SCENARIOS[scenario])
+    for name, items in docs.items():
+        for doc in items:
+            for version in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except Exception as exc:
+                    pytest.fail(f"{scenario}: {name} ({doc['kind']}) invalid for {version}: {exc}")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_manifests_pass_yamllint(chart: Any, scenario: str) -> None:
+    pytest.importorskip("yamllint")
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    config = YamlLintConfig(
+        "{extends: default, rules: {document-start: disable, line-length: {max: 120},"
+        " indentation: {indent-sequences: whatever}, comments: {min-spaces-from-content: 1}}}"
+    )
+    out: dict[str, str] = chart.render(
+        copy.deepcopy(SCENARIOS[scenario]), name=RELEASE, namespace=NAMESPACE
+    )
+    for path, text in out.items():
+        if not path.endswith(".yaml") or not text.strip():
+            continue
+        problems = list(linter.run(text.strip() + "\n", config))
+        assert not problems, f"{path}: {[str(p) for p in problems]}"
+
+
+def test_chart_files_pass_yamllint() -> None:
+    pytest.importorskip("yamllint")
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    config = YamlLintConfig(
+        "{extends: default, rules: {document-start: disable, line-length: {max: 110}}}"
+    )
+    for name in ("Chart.yaml", "values.yaml"):
+        problems = list(linter.run((CHART_DIR / name).read_text(), config))
+        assert not problems, f"{name}: {[str(p) for p in problems]}"
+
+
+def test_default_render(render: Callable[[dict[str, Any]], Manifests]) -> None:
+    docs = render({})
+    assert _kinds(docs) == [
+        "Deployment",
+        "PersistentVolumeClaim",
+        "Pod",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    ]
+    deployment = _one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(deployment)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/health/live"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["automountServiceAccountToken"] is False
+    assert "nvidia.com/gpu" not in json.dumps(deployment)
+    assert "runtimeClassName" not in pod and "tolerations" not in pod
+    assert container["image"] == "jrs:0.1.0-cpu"
+    assert container["args"] == ["serve", "--host", "0.0.0.0", "--port", str(SERVE_PORT)]
+    assert container["ports"] == [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 1
+
+    env = _env(container)
+    assert env["JRS_DEVICE"] == "cpu"
+    assert env["JRS_DATA_DIR"] == "/var/lib/jrs"
+    assert env["JRS_API_KEYS_FILE"] == "/etc/jrs/api-keys/api-keys"
+    assert "JRS_MODEL_DIR" not in env, "the image's bundled model by default"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["api-keys"]["mountPath"] == "/etc/jrs/api-keys" and mounts["api-keys"]["readOnly"]
+    assert mounts["data"]["mountPath"] == "/var/lib/jrs"
+    assert mounts["tmp"]["mountPath"] == "/tmp"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret = _one(docs, "Secret")
+    assert volumes["api-keys"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert secret["data"]["api-keys"], "a key is generated when none is given"
+    pvc = _one(docs, "PersistentVolumeClaim")
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+
+    test_pod = _one(docs, "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = test_pod["spec"]["containers"][0]["command"][2]
+    assert f"http://{RELEASE}-jrs:{SERVE_PORT}" in script and "/health/ready" in script
+    compile(script, "test-connection", "exec")
+
+
+def test_chart_agrees_with_the_image() -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    for path in (DOCKER_DIR / "Dockerfile.cpu", DOCKER_DIR / "Dockerfile.gpu"):
+        final = parse_dockerfile(path).stages[-1]
+        assert final.all("EXPOSE") == [str(values["containerPort"])]
+        uid = final.all("USER")[-1].split(":")[0]
+        assert str(values["podSecurityContext"]["runAsUser"]) == uid
+        assert str(values["securityContext"]["runAsUser"]) == uid
+    chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    pyproject = (CHART_DIR.parents[1] / "pyproject.toml").read_text()
+    assert f'version = "{chart["appVersion"]}"' in pyproject
+
+
+def test_gpu_only_when_enabled(render: Callable[[dict[str, Any]], Manifests]) -> None:
+    docs = render(GPU)
+    deployment = _one(docs, "Deployment")
+    container = _container(deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["limits"]["memory"] == "16Gi", "other limits are kept"
+    assert container["image"] == "jrs:0.1.0-gpu"
+    assert _env(container)["JRS_DEVICE"] == "cuda"
+    assert pod["runtimeClassName"] == "nvidia"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    scheduled = render(
+        {
+            "gpu": {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+            "nodeSelector": {"topology.kubernetes.io/zone": "a"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "rt"}],
+            "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+            "image": {"flavour": "gpu", "tag": "0.1.0-gpu-hospital"},
+        }
+    )
+    pod = _one(scheduled, "Deployment")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        "nvidia.com/gpu.present": "true",
+        "topology.kubernetes.io/zone": "a",
+    }
+    assert [t["key"] for t in pod["tolerations"]] == ["dedicated", "nvidia.com/gpu"]
+    assert "nodeAffinity" in pod["affinity"]
+    assert pod["containers"][0]["image"] == "jrs:0.1.0-gpu-hospital"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # without the GPU: no GPU limit anywhere, even with the batch job
+    for values in ({}, BATCH):
+        assert "nvidia.com/gpu" not in json.dumps(render(values))
+
+
+def test_ingress_hpa_existing_secret(render: Callable[[dict[str, Any]], Manifests]) -> None:
+    docs = render(INGRESS_HPA_EXISTING_SECRET)
+    kinds = _kinds(docs)
+    assert "Secret" not in kinds, "an existing Secret is used, none is created"
+    assert "PersistentVolumeClaim" not in kinds
+    deployment = _one(docs, "Deployment")
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    assert "strategy" not in deployment["spec"]
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "hospital-jrs-keys"
+    assert volumes["api-keys"]["secret"]["items"] == [{"key": "keys.txt", "path": "keys.txt"}]
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+    assert _env(_container(deployment))["JRS_API_KEYS_FILE"] == "/etc/jrs/api-keys/keys.txt"
+
+    hpa = _one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    ingress = _one(docs, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["jrs.hospital.example"], "secretName": "jrs-tls"}]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = _one(docs, "Service")
+    assert backend == {"name": service["metadata"]["name"], "port": {"number": SERVE_PORT}}
+    assert service["spec"]["sessionAffinity"] == "ClientIP"
+
+
+def test_shared_data_volume_with_several_replicas_is_refused(chart: Any, helm: Any) -> None:
+    for values in ({"replicaCount": 2}, {"autoscaling": {"enabled": True}}):
+        with pytest.raises(helm.HelmError, match="must never share the data volume"):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(helm.HelmError, match="batchJob needs a volume shared"):
+        chart.render(
+            {"batchJob": {"enabled": True}, "persistence": {"enabled": False}},
+            name=RELEASE,
+            namespace=NAMESPACE,
+        )
+
+
+def test_batch_job_shards_the_manifest(render: Callable[[dict[str, Any]], Manifests]) -> None:
+    docs = render(BATCH)
+    job = _one(docs, "Job")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert (spec["completions"], spec["parallelism"]) == (6, 3)
+    assert job["metadata"]["name"] == f"{RELEASE}-jrs-batch-2024w23"
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    container = _container(job)
+    args = container["args"]
+    assert args[0] == "batch"
+    assert args[args.index("--shard-index") + 1] == "$(JOB_COMPLETION_INDEX)"
+    assert args[args.index("--shard-count") + 1] == "6"
+    assert args[args.index("--manifest") + 1] == "/data/batch/manifest.csv"
+    env = _env(container)
+    assert env["JOB_COMPLETION_INDEX"] == {
+        "fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        }
+    }
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    claim = spec["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == _one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+
+    # the Service never routes to batch (or test) pods
+    selector = _one(docs, "Service")["spec"]["selector"]
+    batch_labels = spec["template"]["metadata"]["labels"]
+    api_labels = _one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert all(api_labels.get(k) == v for k, v in selector.items())
+    assert not all(batch_labels.get(k) == v for k, v in selector.items())
+    test_labels = _one(docs, "Pod")["metadata"]["labels"]
+    assert not all(test_labels.get(k) == v for k, v in selector.items())
+
+    per_index = render(
+        {"batchJob": {"enabled": True, "backoffLimitPerIndex": 1, "claimName": "rt-batch-rwx"}}
+    )
+    job_spec = _one(per_index, "Job")["spec"]
+    assert job_spec["backoffLimitPerIndex"] == 1 and "backoffLimit" not in job_spec
+    assert job_spec["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {
+        "claimName": "rt-batch-rwx"
+    }
+
+
+def test_batch_job_arguments_parse_with_the_real_cli(
+    render: Callable[[dict[str, Any]], Manifests],
+) -> None:
+    """The Job's arguments are accepted by `jrs batch` (nothing is run)."""
+    typer_main = pytest.importorskip("typer.main")
+    from jrs_cli.main import app
+
+    command = typer_main.get_command(app)
+    values = {
+        "batchJob": {**BATCH["batchJob"], "retryFailed": True, "extraArgs": ["--dvf-spacing", "2"]}
+    }
+    args = _container(_one(render(values), "Job"))["args"]
+    for index in (0, 5):
+        argv = [a.replace("$(JOB_COMPLETION_INDEX)", str(index)) for a in args]
+        ctx = command.make_context("jrs", list(argv))
+        sub = command.get_command(ctx, argv[0])
+        assert sub is not None
+        sub_ctx = sub.make_context(argv[0], argv[1:], parent=ctx)
+        assert sub_ctx.params["shard_index"] == index
+        assert sub_ctx.params["shard_count"] == 6
+        assert sub_ctx.params["retry_failed"] is True
+        assert sub_ctx.params["dvf_spacing"] == 2.0
+        assert str(sub_ctx.params["out"]) == "/data/batch/out"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicaCount": "two"}, "replicaCount"),
+        ({"image": {"tag": "latest"}}, "tag"),
+        ({"gpu": {"enabled": "yes"}}, "enabled"),
+        ({"gpu": {"count": 0}}, "count"),
+        ({"service": {"port": 70000}}, "port"),
+        ({"batchJob": {"completions": 0}}, "completions"),
+        ({"batchJob": {"method": "magic"}}, "method"),
+        ({"config": {"MAX_JOBS": "2"}}, "MAX_JOBS"),
+        ({"device": "tpu"}, "device"),
+        ({"replicas": 2}, "replicas"),
+    ],
+)
+def test_schema_rejects_bad_values(
+    chart: Any, helm: Any, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmError) as caught:
+        chart.validate_schema(chart.merge_values(values))
+    assert message in str(caught.value)
+    with pytest.raises(helm.HelmError):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_schema_accepts_every_scenario(chart: Any) -> None:
+    for values in SCENARIOS.values():
+        chart.validate_schema(chart.merge_values(copy.deepcopy(values)))
+
+
+def test_notes_explain_keys_and_batch(chart: Any) -> None:
+    notes = chart.render({**BATCH}, name=RELEASE, namespace=NAMESPACE)["jrs/templates/NOTES.txt"]
+    assert f"get secret {RELEASE}-jrs-api-keys" in notes
+    assert f"helm test {RELEASE}" in notes
+    assert "batch_status.shard-<i>-of-<n>.csv" in notes
+    plain = chart.render({"ingress": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE)[
+        "jrs/templates/NOTES.txt"
+    ]
+    assert "http://jrs.example.org/" in plain and "no TLS section" in plain

@@ -1,0 +1,140 @@
+"""docker/install.sh, the install step of both Dockerfiles, run into a throw-away venv.
+
+The build context is rebuilt from the COPY lines of Dockerfile.cpu's build stage, so the test also
+proves that what the image copies is enough to install. It downloads the service's dependencies
+(PyPI or the pip cache) and takes a few minutes: marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.conftest import DOCKER_DIR, REPO_ROOT
+from tests.deploy.test_docker import parse_dockerfile
+
+
+def _build_context(dest: Path) -> Path:
+    """Copy what the build stage of Dockerfile.cpu copies, to the same places under ``dest``."""
+    builder = parse_dockerfile(DOCKER_DIR / "Dockerfile.cpu").stages[0]
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for args in builder.all("COPY"):
+        *sources, target = shlex.split(args)
+        into_dir = len(sources) > 1 or target.endswith("/")
+        for src in sources:
+            origin = REPO_ROOT / src
+            to = dest / target / origin.name if into_dir else dest / target
+            if origin.is_dir():
+                shutil.copytree(origin, to, ignore=ignore)
+            else:
+                to.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(origin, to)
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_install_script_gives_service_and_onnxruntime_without_torch(tmp_path: Path) -> None:
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not available")
+    src = _build_context(tmp_path / "src")
+    assert (src / "pyproject.toml").is_file() and (src / "docker" / "install.sh").is_file()
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(
+        ["bash", str(src / "docker" / "install.sh"), str(venv), "cpu", str(src)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    if proc.returncode != 0 and "No matching distribution" in tail:
+        pytest.skip(f"the package index cannot be reached: {tail[-300:]}")
+    assert proc.returncode == 0, tail
+    assert "install.sh: jrs (cpu) ready" in proc.stdout
+
+    python = venv / "bin" / "python"
+    outside = tmp_path / "elsewhere"  # not the source folder: the venv must hold everything
+    outside.mkdir()
+    check = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import service, onnxruntime, jrs, jrs_cli, service.app; "
+            "print(service.__file__); print(onnxruntime.get_available_providers())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=outside,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+    assert str(venv) in check.stdout, "service must come from the venv, not the source tree"
+    assert "CPUExecutionProvider" in check.stdout
+
+    torch = subprocess.run(
+        [str(python), "-c", "import torch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=outside,
+        check=False,
+    )
+    assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr
+
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
+    ).stdout.lower()
+    names = {line.split("==")[0] for line in listed.splitlines()}
+    assert "torch" not in names and "onnxruntime" in names and "fastapi" in names
+
+    # the `jrs` command of the image works: its help and the serve command's options
+    jrs = subprocess.run(
+        [str(venv / "bin" / "jrs"), "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=outside,
+        check=False,
+    )
+    assert jrs.returncode == 0 and "--port" in jrs.stdout, jrs.stderr
+
+
+def test_install_script_rejects_an_unknown_flavour(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["bash", str(DOCKER_DIR / "install.sh"), str(tmp_path / "v"), "tpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "cpu or gpu" in proc.stderr
+    assert not (tmp_path / "v").exists()
+
+
+def test_install_script_is_valid_bash() -> None:
+    script = DOCKER_DIR / "install.sh"
+    assert script.stat().st_mode & 0o111, "install.sh must be executable"
+    proc = subprocess.run(
+        ["bash", "-n", str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
