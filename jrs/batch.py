@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,6 +206,7 @@ def run_batch(
     backend: NetworkBackend | None = None,
     shard_index: int = 0,
     shard_count: int = 1,
+    row_runner: Callable[[BatchRow, Path], tuple[str, float, str, str]] | None = None,
 ) -> BatchSummary:
     """Re-contour every row of a manifest (resumable, failures recorded and skipped).
 
@@ -219,6 +220,10 @@ def run_batch(
         backend: an already loaded network for in-process runs (``workers=1``).
         shard_index: run only this shard of the manifest (see `select_shard`).
         shard_count: the number of shards the manifest is split into (1: the whole manifest).
+        row_runner: re-contours one row into ``OUT/<id>/`` in another way than the in-process
+            pipeline, e.g. through the REST service (``jrs batch --server``, `jrs_cli.remote`),
+            and returns (``done``/``failed``, seconds, error code, message); `options` and
+            `backend` are then unused and `workers` threads call it.
 
     Returns:
         What was done, skipped and failed (rows of this shard only).
@@ -277,7 +282,15 @@ def run_batch(
             on_progress(row_id, state)
 
     global _WORKER_BACKEND
-    if workers <= 1:
+    if row_runner is not None:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
+            jobs = {threads.submit(row_runner, row, out_dir): row.id for row in todo}
+            for job in as_completed(jobs):
+                try:
+                    record(jobs[job], job.result())
+                except Exception as exc:  # one bad row must never stop the batch
+                    record(jobs[job], ("failed", 0.0, "internal_error", f"{exc!r}"))
+    elif workers <= 1:
         if todo:
             if backend is not None:
                 _WORKER_BACKEND = backend

@@ -256,6 +256,30 @@ def recontour(
         typer.echo(str(path))
 
 
+ServerOpt = Annotated[
+    str | None, typer.Option("--server", help="URL of a jrs service to re-contour through.")
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="JRS_API_KEY", help="--server: the service's Bearer key."),
+]
+
+
+def _remote_rows(server: str | None, api_key: str | None, timeout_s: float) -> Any:
+    """Context manager: the row runner of `jrs_cli.remote` for ``--server``, else None."""
+    import contextlib
+
+    from jrs.errors import JrsError
+
+    if server is None:
+        return contextlib.nullcontext(None)
+    try:
+        from jrs_cli.remote import batch_runner
+    except ImportError as exc:
+        raise JrsError(f"--server needs httpx ({exc}); pip install 'jrs[serve]'") from exc
+    return batch_runner(server, api_key, timeout_s=timeout_s)
+
+
 @app.command()
 @_handle_errors
 def batch(
@@ -290,21 +314,34 @@ def batch(
             help="Split the rows round robin into this many shards (own status file each).",
         ),
     ] = 1,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
+    job_timeout: Annotated[
+        float, typer.Option("--job-timeout", min=1, help="--server: seconds a row may take.")
+    ] = 1800.0,
 ) -> None:
-    """Re-contour every fraction of a manifest; resumable; a failing row never stops the others."""
+    """Re-contour every fraction of a manifest; resumable; a failing row never stops the others.
+
+    With ``--server URL`` the rows are sent to a jrs service (``--workers`` requests at a time)
+    instead of being run here; the output layout and the status file are the same.
+    """
     from tqdm import tqdm
 
     from jrs.batch import read_manifest, run_batch, select_shard, status_file_name
 
     opts = _recontour_options(model, device, method, synonyms, dvf_spacing)
     total = len(select_shard(read_manifest(manifest), shard_index, shard_count))
-    with tqdm(total=total, desc="batch", unit="fraction") as bar:
+    with (
+        _remote_rows(server, api_key, job_timeout) as row_runner,
+        tqdm(total=total, desc="batch", unit="fraction") as bar,
+    ):
         summary = run_batch(
             manifest,
             out,
             opts,
             workers=workers,
             retry_failed=retry_failed,
+            row_runner=row_runner,
             on_progress=lambda _id, _state: bar.update(1),
             shard_index=shard_index,
             shard_count=shard_count,
@@ -327,7 +364,7 @@ def benchmark(
     what: Annotated[
         str,
         typer.Argument(
-            help="phantom, prealign, recontour or heldout (one per process for memory)."
+            help="phantom, prealign, recontour, heldout or service (one per process for memory)."
         ),
     ],
     out: Annotated[
@@ -352,12 +389,28 @@ def benchmark(
     report: Annotated[
         Path | None, typer.Option("--report", help="heldout: folder for CSV, timings and tables.")
     ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="service: requests to send.")] = 10,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="service: requests in flight.")
+    ] = 2,
+    matrix: Annotated[
+        int, typer.Option("--matrix", min=64, help="service: phantom in-plane matrix.")
+    ] = 512,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="service: jobs the local server runs at once.")
+    ] = 1,
+    server: ServerOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Measure speed, memory and accuracy (phantom, pre-alignment, re-contouring, held-out).
 
     ``heldout`` re-contours CASES held-out phantom fractions (seeds SEED.. never used in
     training) with the network and the iterative baseline and prints DSC/MSD per organ for the
     segmentation path, the registration path, the chosen contours and the baseline.
+
+    ``service`` sends JOBS requests for one phantom case (CONCURRENCY at a time) to the REST
+    service at --server, or to a local ``jrs serve`` it starts, and reports jobs per minute and
+    the p50/p95 latency (see `jrs_cli.service_bench`).
     """
     import json
 
@@ -384,9 +437,24 @@ def benchmark(
         )
         typer.echo(held.markdown)
         result = {"benchmark": "heldout", "rows": held.rows, "timings_s": held.timings}
+    elif what == "service":
+        from jrs_cli.service_bench import bench_service
+
+        result = bench_service(
+            jobs=jobs,
+            concurrency=concurrency,
+            server=server,
+            api_key=api_key,
+            seed=seed,
+            matrix=matrix,
+            slice_mm=slice_mm,
+            workers=workers,
+            device=device,
+            model=model,
+        )
     else:
         raise InvalidInput(
-            f"benchmark {what!r} unknown; use phantom, prealign, recontour or heldout"
+            f"benchmark {what!r} unknown; use phantom, prealign, recontour, heldout or service"
         )
     result["machine"] = bench.machine()
     text = json.dumps(result, indent=2)
