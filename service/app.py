@@ -88,7 +88,9 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level)
+        configure_logging(
+            settings.log_level, redact=[settings.data_dir, settings.data_dir.resolve()]
+        )
         if not settings.api_keys:
             logger.warning("JRS_INSECURE_DEV is set: no API key is required (development only)")
         settings.jobs_dir.mkdir(parents=True, exist_ok=True)

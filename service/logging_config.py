@@ -12,12 +12,16 @@ import contextvars
 import datetime as _dt
 import json
 import logging
+import re
 import sys
 import warnings
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("jrs_request_id", default="-")
 _HANDLER_NAME = "jrs-json"
+_redactor: RedactUploadPaths | None = None
 
 
 def current_request_id() -> str:
@@ -72,6 +76,56 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class RedactUploadPaths(logging.Filter):
+    """Remove upload paths (and what follows them) from every record, whatever its logger.
+
+    The core (`jrs.dicom`) names the files it reads in its log messages; under the service those
+    are uploaded files whose names may identify a patient. Any text from one of `prefixes` (the
+    data folder) to the end of the string it is in becomes ``<upload>``.
+
+    Args:
+        prefixes: folder paths whose contents must not be named in logs.
+    """
+
+    def __init__(self, prefixes: Iterable[str | Path]) -> None:
+        super().__init__()
+        words = sorted({str(p) for p in prefixes if str(p) not in ("", ".")}, key=len, reverse=True)
+        self._pattern = (
+            re.compile("(?:" + "|".join(re.escape(w) for w in words) + ").*", re.DOTALL)
+            if words
+            else None
+        )
+
+    def clean(self, value: Any) -> Any:
+        """`value` with upload paths removed (strings and paths; other values unchanged)."""
+        if self._pattern is None:
+            return value
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, str):
+            return self._pattern.sub("<upload>", value)
+        return value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact the record in place; always keep it."""
+        if self._pattern is None:
+            return True
+        record.msg = self.clean(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.clean(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: self.clean(v) for k, v in record.args.items()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = {k: self.clean(v) for k, v in fields.items()}
+        return True
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def _install_record_factory() -> None:
     """Stamp every record with the request id current when it is created."""
     previous = logging.getLogRecordFactory()
@@ -81,13 +135,15 @@ def _install_record_factory() -> None:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         record.request_id = current_request_id()
+        if _redactor is not None:  # at creation, so that every handler gets the redacted record
+            _redactor.filter(record)
         return record
 
     factory._jrs_request_id = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
 
 
-def configure_logging(level: str = "INFO") -> None:
+def configure_logging(level: str = "INFO", redact: Iterable[str | Path] = ()) -> None:
     """Send the root logger's records to stderr as JSON (idempotent).
 
     Plain console handlers already on the root logger are replaced; other handlers (files,
@@ -95,6 +151,8 @@ def configure_logging(level: str = "INFO") -> None:
 
     Args:
         level: logging level name.
+        redact: folders (the data folder) whose file paths are removed from every record when
+            it is created, so for every handler (see `RedactUploadPaths`).
     """
     _install_record_factory()
     root = logging.getLogger()
@@ -107,11 +165,18 @@ def configure_logging(level: str = "INFO") -> None:
         handler.name = _HANDLER_NAME
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
+    global _redactor
+    _redactor = RedactUploadPaths(redact) if redact else None
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error"):
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # pydicom's own warnings may quote header values: only its errors are kept (a filter, since
+    # pydicom sets its logger's level when it is imported)
+    pydicom_logger = logging.getLogger("pydicom")
+    if not any(isinstance(f, _ErrorsOnly) for f in pydicom_logger.filters):
+        pydicom_logger.addFilter(_ErrorsOnly())
     # pydicom warnings quote invalid header values (possibly patient names): never let them out
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")

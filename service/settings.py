@@ -41,6 +41,10 @@ class Settings(BaseSettings):
         max_zip_entries: most entries of one zip archive.
         max_compression_ratio: largest uncompressed/compressed ratio of a zip entry or archive.
         max_extracted_bytes: largest total uncompressed size of the zips of one request.
+        max_voxels: largest CT series accepted, slices x rows x columns as the headers declare
+            (2**29: a 512 x 512 series of 2048 slices; bounds the memory of reading it).
+        min_free_bytes: new uploads are refused with 507 while the data folder has less free
+            space than this.
         max_concurrent_jobs: worker threads running jobs.
         max_concurrent_validations: uploads unpacked and read with `jrs.dicom` at the same time
             (bounds the memory of reading CT series).
@@ -73,6 +77,8 @@ class Settings(BaseSettings):
     max_zip_entries: int = Field(default=4000, gt=0)
     max_compression_ratio: float = Field(default=100.0, gt=1.0)
     max_extracted_bytes: int = Field(default=4096 * MIB, gt=0)
+    max_voxels: int = Field(default=2**29, gt=0)
+    min_free_bytes: int = Field(default=512 * MIB, ge=0)
     max_concurrent_jobs: int = Field(default=1, ge=1)
     max_concurrent_validations: int = Field(default=2, ge=1)
     queue_size: int = Field(default=8, ge=0)

@@ -11,9 +11,11 @@ whose message names the file (as uploaded) and the attribute.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import stat
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +38,21 @@ FIELDS = ("planning", "daily")
 RATIO_FLOOR_BYTES = 8 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+\- ]")
+_TAGS = [
+    "SOPClassUID",
+    "Modality",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "PixelSpacing",
+]
 _RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+#: Largest Rows or Columns of an image slice (CT matrices are 512, sometimes 1024).
+MAX_MATRIX = 4096
+#: Plausible pixel and slice spacing of a CT, mm (outside: a header error, not a scan).
+PLAUSIBLE_SPACING_MM = (0.05, 20.0)
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,7 @@ class UploadLimits:
         max_zip_entries: most entries of one zip.
         max_compression_ratio: largest uncompressed/compressed ratio (entry or archive).
         max_extracted_bytes: largest total uncompressed size of the request's zips.
+        max_voxels: largest CT series (slices x rows x columns, from the headers).
     """
 
     max_upload_bytes: int
@@ -56,6 +73,7 @@ class UploadLimits:
     max_zip_entries: int
     max_compression_ratio: float
     max_extracted_bytes: int
+    max_voxels: int = 2**29
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UploadLimits:
@@ -66,6 +84,7 @@ class UploadLimits:
             max_zip_entries=settings.max_zip_entries,
             max_compression_ratio=settings.max_compression_ratio,
             max_extracted_bytes=settings.max_extracted_bytes,
+            max_voxels=settings.max_voxels,
         )
 
 
@@ -512,21 +531,163 @@ def unpack(files: list[ReceivedFile], input_dir: Path, limits: UploadLimits) -> 
 
 
 # ------------------------------------------------------------------------------ validation
-def _dicom_kind(path: Path) -> str:
-    """``rtstruct``, ``other`` or ``unreadable`` from a cheap header read."""
-    import pydicom
+@dataclass
+class _Header:
+    """What the header pre-scan read from one uploaded file."""
 
-    try:
-        ds = pydicom.dcmread(
-            path, stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"], force=True
+    path: Path
+    kind: str  # rtstruct, image, other, not_dicom or unreadable
+    series: str = ""
+    voxels: int = 0
+    rows: int = 0
+    columns: int = 0
+
+
+def _group_length_end(path: Path) -> int | None:
+    """Offset where the data set starts after the file meta group (None when unknown)."""
+    with path.open("rb") as fh:
+        head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        return None
+    if head[136:138] != b"UL":
+        return None
+    return 144 + int.from_bytes(head[140:144], "little")
+
+
+def _check_deflated(path: Path, name: str, limits: UploadLimits) -> None:
+    """Refuse a deflated-transfer-syntax DICOM file that inflates beyond the zip limits.
+
+    pydicom inflates such a file whole into memory before parsing it, so the inflated size is
+    counted here first, in chunks, without keeping the data.
+
+    Raises:
+        PayloadTooLarge: inflated size over ``max_compression_ratio`` times the file (above
+            `RATIO_FLOOR_BYTES`) or over ``max_extracted_bytes``.
+        InvalidInput: a corrupt deflate stream.
+    """
+    import zlib
+
+    start = _group_length_end(path)
+    if start is None:
+        return
+    with path.open("rb") as fh:
+        meta = fh.read(start)
+        if _DEFLATED.encode() not in meta:
+            return
+        size = path.stat().st_size
+        cap = min(
+            limits.max_extracted_bytes,
+            max(RATIO_FLOOR_BYTES, int(limits.max_compression_ratio * max(size, 1))),
         )
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while chunk := fh.read(_CHUNK):
+                while chunk:
+                    total += len(inflater.decompress(chunk, _CHUNK))
+                    chunk = inflater.unconsumed_tail
+                    if total > cap:
+                        raise PayloadTooLarge(
+                            f"{name}: the deflated DICOM file expands to more than {cap} bytes "
+                            f"from {size}; the limits are {limits.max_compression_ratio:g}x "
+                            "(JRS_MAX_COMPRESSION_RATIO, deflate bomb protection) and "
+                            f"{limits.max_extracted_bytes} bytes (JRS_MAX_EXTRACTED_BYTES)"
+                        )
+        except zlib.error as exc:
+            raise InvalidInput(f"{name}: corrupt deflated DICOM data ({exc})") from None
+
+
+def _number(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _read_header(path: Path, name: str) -> _Header:
+    """Kind, series and size of one file from a header-only read (tolerant of bad values)."""
+    import pydicom
+    from pydicom.multival import MultiValue
+
+    is_dicom = looks_like_dicom(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_TAGS)
     except Exception:
-        return "unreadable"
-    sop = str(ds.get("SOPClassUID", ""))
-    modality = str(ds.get("Modality", ""))
+        return _Header(path, "unreadable" if is_dicom else "not_dicom")
+    sop = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "")
     if sop == _RTSTRUCT_SOP_CLASS or (not sop and modality == "RTSTRUCT"):
-        return "rtstruct"
-    return "other"
+        return _Header(path, "rtstruct")
+    if not sop and not modality:
+        return _Header(path, "unreadable" if is_dicom else "not_dicom")
+    if "Rows" not in ds or "Columns" not in ds:
+        return _Header(path, "other")
+    rows, columns = (_number(ds.get(k)) for k in ("Rows", "Columns"))
+    frames = _number(ds.get("NumberOfFrames", 1)) or 1.0
+    header = _Header(path, "image", series=str(ds.get("SeriesInstanceUID", "") or ""))
+    if rows is None or columns is None:
+        return header  # the reader names the bad value
+    header.rows, header.columns = int(rows), int(columns)
+    header.voxels = int(rows) * int(columns) * max(1, int(frames))
+    if rows > MAX_MATRIX or columns > MAX_MATRIX:
+        raise PayloadTooLarge(
+            f"{name}: Rows x Columns = {int(rows)} x {int(columns)}; the largest accepted image "
+            f"is {MAX_MATRIX} x {MAX_MATRIX}"
+        )
+    spacing = ds.get("PixelSpacing")
+    items = list(spacing) if isinstance(spacing, MultiValue | list | tuple) else [spacing]
+    values = [_number(v) for v in items]
+    if len(values) == 2 and None not in values:
+        low, high = PLAUSIBLE_SPACING_MM
+        if any(not low <= v <= high for v in values if v is not None):
+            raise InvalidInput(
+                f"{name}: PixelSpacing {values} mm is outside the plausible range of a CT "
+                f"({low:g} to {high:g} mm)"
+            )
+    return header
+
+
+def _scan(folder: Path, input_dir: Path, role: str, limits: UploadLimits) -> list[_Header]:
+    """Header pre-scan of one upload: deflate bombs, sizes and spacings, before any full read.
+
+    Raises:
+        PayloadTooLarge: a deflate bomb, an image over `MAX_MATRIX`, a series over
+            ``max_voxels``.
+        InvalidInput: an implausible PixelSpacing.
+    """
+    headers = []
+    totals: dict[str, list[int]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = str(path.relative_to(input_dir))
+        _check_deflated(path, name, limits)
+        header = _read_header(path, name)
+        headers.append(header)
+        if header.kind == "image":
+            total = totals.setdefault(header.series, [0, 0, 0, 0])
+            total[0] += header.voxels
+            total[1] += 1
+            total[2] = max(total[2], header.rows)
+            total[3] = max(total[3], header.columns)
+    for series, (voxels, images, rows, columns) in totals.items():
+        if voxels > limits.max_voxels:
+            raise PayloadTooLarge(
+                f"{role}: the image series {series or '(no SeriesInstanceUID)'} declares "
+                f"{images} images of up to {rows} x {columns} pixels, {voxels} voxels; the limit "
+                f"is {limits.max_voxels} (JRS_MAX_VOXELS)"
+            )
+    return headers
+
+
+def _check_slice_spacing(dz: float, role: str) -> None:
+    low, high = PLAUSIBLE_SPACING_MM
+    if not low <= dz <= high:
+        raise InvalidInput(
+            f"{role}: slice spacing {dz:.4g} mm (from ImagePositionPatient) is outside the "
+            f"plausible range of a CT ({low:g} to {high:g} mm)"
+        )
 
 
 def _relabel(exc: JrsError, root: Path, role: str) -> JrsError:
@@ -539,15 +700,40 @@ def _relabel(exc: JrsError, root: Path, role: str) -> JrsError:
     return new
 
 
-def validate_inputs(input_dir: Path) -> ValidatedUpload:
+def _unexpected(exc: Exception, role: str) -> JrsError:
+    """A 4xx for an exception the DICOM readers did not anticipate on this input.
+
+    The readers raise `JrsError` for every problem they know; anything else raised while
+    parsing untrusted files is still a problem of the files. It is logged (type and place, not
+    its message) so that the reader can be taught the case.
+    """
+    logger.error(
+        "unexpected error while reading an upload",
+        exc_info=exc,
+        extra={"fields": {"role": role}},
+    )
+    if isinstance(exc, MemoryError):
+        return PayloadTooLarge(
+            f"{role}: the DICOM files do not fit in memory when read; send a smaller series"
+        )
+    return InvalidInput(
+        f"{role}: the DICOM files could not be read ({type(exc).__name__}: {str(exc)[:200]}); "
+        "check that every file is a complete, valid DICOM object"
+    )
+
+
+def validate_inputs(input_dir: Path, limits: UploadLimits | None = None) -> ValidatedUpload:
     """Validate a job's inputs with `jrs.dicom`; renames the planning RTSTRUCT to a fixed name.
 
-    Checks: the planning upload holds exactly one RTSTRUCT, it is readable, defines at least one
-    ROI with contours and belongs to the planning CT (frame of reference and referenced images);
-    the planning and daily CT series are readable, CT and valid (see `read_ct_series`).
+    First a header pre-scan of every file (deflate bombs, image sizes against `MAX_MATRIX` and
+    ``max_voxels``, plausible PixelSpacing), then the checks of `jrs.dicom`: the planning upload
+    holds exactly one RTSTRUCT, it is readable, defines at least one ROI with contours and
+    belongs to the planning CT (frame of reference and referenced images); the planning and daily
+    CT series are readable, CT, valid (see `read_ct_series`) and of a plausible slice spacing.
 
     Args:
         input_dir: folder with ``planning/`` and ``daily/``.
+        limits: the upload limits (the defaults of `UploadLimits` when None).
 
     Returns:
         Counts of what was found.
@@ -556,19 +742,26 @@ def validate_inputs(input_dir: Path) -> ValidatedUpload:
         InvalidInput: bad input (message names the upload-relative file and attribute).
         GeometryMismatch: the RTSTRUCT does not belong to the planning CT.
         UnsupportedData: MR or another modality instead of CT, gantry tilt, ...
+        PayloadTooLarge: a series or a deflated file over the limits.
     """
     from jrs.dicom.ct import read_ct_series
     from jrs.dicom.rtstruct import check_references, read_rtstruct
 
+    limits = limits or UploadLimits.from_settings(Settings.model_construct())
     planning = input_dir / "planning"
     daily = input_dir / "daily"
     try:
-        files = sorted(p for p in planning.rglob("*") if p.is_file())
-        rtstructs = [p for p in files if _dicom_kind(p) == "rtstruct"]
+        headers = _scan(planning, input_dir, "planning", limits)
+        rtstructs = [h.path for h in headers if h.kind == "rtstruct"]
         if not rtstructs:
+            unreadable = [h.path for h in headers if h.kind == "unreadable"]
+            why = ""
+            if unreadable:
+                names = ", ".join(str(p.relative_to(input_dir)) for p in unreadable[:5])
+                why = f" ({len(unreadable)} corrupt or truncated DICOM file(s): {names})"
             raise InvalidInput(
-                f"no RTSTRUCT among the {len(files)} planning files; the planning upload must "
-                "hold the planning CT series and its RT Structure Set (Modality RTSTRUCT)"
+                f"no RTSTRUCT among the {len(headers)} planning files{why}; the planning upload "
+                "must hold the planning CT series and its RT Structure Set (Modality RTSTRUCT)"
             )
         if len(rtstructs) > 1:
             names = ", ".join(str(p.relative_to(input_dir)) for p in rtstructs[:5])
@@ -583,6 +776,7 @@ def validate_inputs(input_dir: Path) -> ValidatedUpload:
                 "the planning contours are needed to re-contour the daily CT"
             )
         planning_ct = read_ct_series(planning)
+        _check_slice_spacing(float(planning_ct.volume.geometry.spacing[2]), "planning")
         check_references(
             structure_set,
             frame_of_reference_uid=planning_ct.frame_of_reference_uid,
@@ -591,16 +785,22 @@ def validate_inputs(input_dir: Path) -> ValidatedUpload:
         )
     except JrsError as exc:
         raise _relabel(exc, input_dir, "planning") from None
+    except Exception as exc:
+        raise _unexpected(exc, "planning") from None
     try:
+        daily_files = len(_scan(daily, input_dir, "daily", limits))
         daily_ct = read_ct_series(daily)
+        _check_slice_spacing(float(daily_ct.volume.geometry.spacing[2]), "daily")
     except JrsError as exc:
         raise _relabel(exc, input_dir, "daily") from None
+    except Exception as exc:
+        raise _unexpected(exc, "daily") from None
     target = planning / PLANNING_RTSTRUCT
     if rtstructs[0] != target:
         if target.exists():
             target.rename(_unique(planning / f"renamed_{PLANNING_RTSTRUCT}"))
         rtstructs[0].rename(target)
-    warnings = [
+    notes = [
         w.replace(str(input_dir) + "/", "")
         for w in [*structure_set.warnings, *planning_ct.warnings, *daily_ct.warnings]
     ]
@@ -608,8 +808,8 @@ def validate_inputs(input_dir: Path) -> ValidatedUpload:
         planning_slices=len(planning_ct.sop_instance_uids),
         daily_slices=len(daily_ct.sop_instance_uids),
         rois=len(structure_set.rois),
-        files=len(files) + sum(1 for p in daily.rglob("*") if p.is_file()),
-        warnings=warnings,
+        files=len(headers) + daily_files,
+        warnings=notes,
     )
 
 
@@ -627,7 +827,7 @@ def unpack_and_validate(
         What the validation found.
     """
     unpack(files, input_dir, limits)
-    return validate_inputs(input_dir)
+    return validate_inputs(input_dir, limits)
 
 
 __all__ = [
