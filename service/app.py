@@ -118,7 +118,15 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
         app.state.validation_slots = asyncio.Semaphore(settings.max_concurrent_validations)
         app.state.manager = manager
         if not app.state.ready:
-            logger.warning("not ready", extra={"fields": {"reason": app.state.ready_reason}})
+            logger.error(
+                "model not ready: /health/ready answers 503 and no job is accepted",
+                extra={"fields": {"reason": app.state.ready_reason, "device": settings.device}},
+            )
+        else:
+            logger.info(
+                "model ready",
+                extra={"fields": {"execution_provider": app.state.execution_provider}},
+            )
 
         async def cleanup_loop() -> None:
             while True:

@@ -10,6 +10,7 @@ or 202 has a row before the answer is sent, and a row never vanishes except by r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import queue
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from jrs.errors import InvalidInput, JrsError, ModelNotReady, ServiceBusy
+from jrs.errors import InvalidInput, JrsError, ModelNotReady, ServiceBusy, StorageFull
 
 logger = logging.getLogger("service.jobs")
 
@@ -45,6 +46,16 @@ PLANNING_RTSTRUCT = "rtstruct.dcm"
 ORPHAN_AGE_S = 6 * 3600.0
 #: Artefacts a job must produce to succeed.
 REQUIRED_ARTEFACTS = ("rtstruct", "qa")
+#: errno values meaning the storage is full (disk or quota).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes of the file system holding `folder` (None when it cannot be read)."""
+    try:
+        return int(shutil.disk_usage(folder).free)
+    except OSError:
+        return None
 
 
 @runtime_checkable
@@ -60,6 +71,48 @@ class Runner(Protocol):
     def __call__(self, job_dir: Path, planning_dir: Path, daily_dir: Path) -> dict[str, Any]:
         """Re-contour one job (see the class docstring)."""
         ...
+
+
+def _versions(folder: Path) -> list[Path]:
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def resolve_model_dir(model_dir: Path | None, name: str = "crossstitch") -> Path | None:
+    """The model version folder named by ``JRS_MODEL_DIR`` (None: the pipeline's default).
+
+    Accepted: a version folder (``model.onnx`` + ``metadata.json``, also when one of them is
+    missing so that the loader names it), a model folder of numeric versions (the newest is
+    used), or a root of ``<name>/<version>`` folders.
+
+    Args:
+        model_dir: the configured folder, or None.
+        name: the model looked for under a root folder.
+
+    Returns:
+        The version folder, or None when `model_dir` is None.
+
+    Raises:
+        ModelNotReady: the folder does not exist or holds no model (the message says what is
+            expected), so that a wrong path never falls back to another model.
+    """
+    if model_dir is None:
+        return None
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ModelNotReady(
+            f"JRS_MODEL_DIR {folder} does not exist; set it to a model version folder "
+            "(models/<name>/<version> with model.onnx and metadata.json)"
+        )
+    if (folder / "model.onnx").exists() or (folder / "metadata.json").exists():
+        return folder
+    versions = _versions(folder) or (_versions(folder / name) if (folder / name).is_dir() else [])
+    if versions:
+        return versions[-1]
+    raise ModelNotReady(
+        f"JRS_MODEL_DIR {folder} holds no model: expected model.onnx and metadata.json there, "
+        f"numeric version folders, or {name}/<version>/ folders"
+    )
 
 
 class PipelineRunner:
@@ -99,11 +152,7 @@ class PipelineRunner:
             missing = [name for name in needed if not hasattr(pipeline, name)]
             if missing:
                 raise ModelNotReady(f"jrs.pipeline lacks {', '.join(missing)}")
-            version_dir = (
-                self.model_dir
-                if self.model_dir is not None and (self.model_dir / "model.onnx").is_file()
-                else None
-            )
+            version_dir = resolve_model_dir(self.model_dir)
             options = pipeline.RecontourOptions(model_dir=version_dir, device=self.device)
             backend = pipeline.load_backend(options)
         except ModelNotReady as exc:
@@ -562,7 +611,8 @@ class JobManager:
             The queued job.
 
         Raises:
-            ServiceBusy: the queue is full or the service is shutting down.
+            ServiceBusy: the queue is full, the service is shutting down or the store is locked.
+            StorageFull: the job store cannot grow (disk full).
         """
         with self._lock:
             if not self._accepting:
@@ -572,7 +622,16 @@ class JobManager:
                     f"the job queue is full ({self._waiting} jobs waiting, {len(self._running)} "
                     "running); retry later"
                 )
-            job = self.store.create(job_id, request_id)
+            try:
+                job = self.store.create(job_id, request_id)
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc).lower():
+                    logger.error("the job store is full", extra={"fields": {"job_id": job_id}})
+                    raise StorageFull(
+                        "no space left for the job store; no job is accepted until space is freed"
+                    ) from None
+                logger.error("the job store failed", exc_info=exc)
+                raise ServiceBusy("the job store is unavailable; retry later") from None
             self._done[job_id] = threading.Event()
             self._waiting += 1
             self._queue.put(job_id)
@@ -611,10 +670,19 @@ class JobManager:
                 self._running.add(job_id)
             try:
                 self._run(job_id)
-            except Exception as exc:  # the store failed: keep the worker alive
+            except BaseException as exc:  # the store failed, or the runner stopped its thread
+                # (SystemExit, KeyboardInterrupt): mark the job and keep the worker alive
                 logger.error("worker error", exc_info=exc, extra={"fields": {"job_id": job_id}})
+                if isinstance(exc, Exception):
+                    code, message = "internal_error", "internal error; see the service log"
+                else:
+                    code = "interrupted"
+                    message = (
+                        f"the worker running the job was stopped ({type(exc).__name__}); submit "
+                        "the job again"
+                    )
                 with contextlib.suppress(Exception):
-                    self.store.mark_failed(job_id, "internal_error", "internal error; see the log")
+                    self.store.mark_failed(job_id, code, message)
                 self._finish(job_id, "failed")
             finally:
                 with self._lock:
@@ -642,10 +710,21 @@ class JobManager:
             return
         except Exception as exc:
             self._on_stage("run", time.monotonic() - started)
-            self.store.mark_failed(
-                job_id, "internal_error", "internal error while re-contouring; see the service log"
-            )
-            logger.error("job crashed", exc_info=exc, extra={"fields": {"job_id": job_id}})
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                self.store.mark_failed(
+                    job_id,
+                    StorageFull.code,
+                    "no space left in the artefact storage while writing the results; free "
+                    "space and submit the job again",
+                )
+                logger.error("job failed: storage full", extra={"fields": {"job_id": job_id}})
+            else:
+                self.store.mark_failed(
+                    job_id,
+                    "internal_error",
+                    "internal error while re-contouring; see the service log",
+                )
+                logger.error("job crashed", exc_info=exc, extra={"fields": {"job_id": job_id}})
             self._finish(job_id, "failed")
             return
         self._on_stage("run", time.monotonic() - started)
@@ -717,6 +796,7 @@ class JobManager:
 
 __all__ = [
     "ARTEFACTS",
+    "NO_SPACE",
     "STATUSES",
     "Job",
     "JobManager",
@@ -726,5 +806,7 @@ __all__ = [
     "PipelineRunner",
     "Runner",
     "ServiceBusy",
+    "free_bytes",
     "new_job_id",
+    "resolve_model_dir",
 ]

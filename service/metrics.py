@@ -10,6 +10,7 @@ Exposed at ``GET /metrics``:
 - ``jrs_jobs{state}``: jobs in the store by state (read from SQLite at scrape time).
 - ``jrs_execution_provider{provider,device}``: 1 for the provider the model runs on.
 - ``jrs_model_ready``: 1 when the runner is ready.
+- ``jrs_storage_free_bytes``: free bytes of the data folder's file system (read at scrape time).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("jrs_model_ready", "1 when the model is loaded.", registry=r)
+        self.storage_free = Gauge(
+            "jrs_storage_free_bytes", "Free bytes of the data folder's file system.", registry=r
+        )
         self._state_collector: _JobStateCollector | None = None
 
     def watch_job_states(self, counts: Callable[[], Mapping[str, int]]) -> None:

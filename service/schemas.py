@@ -135,5 +135,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         415: "Valid DICOM of an unsupported kind (e.g. MR instead of CT).",
         422: "Invalid input; the message names the file and attribute.",
         503: "Queue full or model not ready; retry after Retry-After seconds.",
+        507: "The artefact storage is full (below JRS_MIN_FREE_BYTES or out of space).",
     }
     return {s: {"model": ErrorOut, "description": words.get(s, "Error.")} for s in statuses}

@@ -17,6 +17,7 @@ import shutil
 import stat
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,7 +486,13 @@ def extract_zip(path: Path, dest: Path, label: str, budget: _Budget) -> int:
                     f"{label}: zip entry {info.filename[:200]!r} uses a compression method that "
                     f"cannot be read ({exc}); use deflate or store"
                 ) from None
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            except OSError as exc:
+                if exc.errno is not None:  # the file system failed (full disk), not the archive
+                    raise
+                raise InvalidInput(
+                    f"{label}: corrupt zip entry {info.filename[:200]!r} ({exc})"
+                ) from None
+            except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as exc:
                 raise InvalidInput(
                     f"{label}: corrupt zip entry {info.filename[:200]!r} ({exc})"
                 ) from None
@@ -565,8 +572,6 @@ def _check_deflated(path: Path, name: str, limits: UploadLimits) -> None:
             `RATIO_FLOOR_BYTES`) or over ``max_extracted_bytes``.
         InvalidInput: a corrupt deflate stream.
     """
-    import zlib
-
     start = _group_length_end(path)
     if start is None:
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import shutil
 import time
@@ -16,9 +15,10 @@ from starlette.concurrency import run_in_threadpool
 from jrs.errors import JrsError, ModelNotReady, ServiceBusy, StorageFull
 from service.auth import require_api_key
 from service.deps import ManagerDep, MetricsDep, SettingsDep
-from service.jobs import JobManager, new_job_id
+from service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id
 from service.logging_config import current_request_id
 from service.schemas import JOB_EXAMPLE, QUEUED_EXAMPLE, JobOut, error_responses
+from service.settings import MIB
 from service.uploads import UploadLimits, receive_multipart, unpack_and_validate
 
 logger = logging.getLogger("service.recontour")
@@ -97,7 +97,7 @@ async def _wait_for(manager: JobManager, job_id: str, timeout: float) -> None:
             "description": "Accepted; still queued or running. Poll the Location.",
             "content": {"application/json": {"example": QUEUED_EXAMPLE}},
         },
-        **error_responses(401, 413, 415, 422, 503),
+        **error_responses(401, 413, 415, 422, 503, 507),
     },
 )
 async def recontour(
@@ -120,6 +120,14 @@ async def recontour(
     state = request.app.state
     if not getattr(state, "ready", False):
         raise ModelNotReady(getattr(state, "ready_reason", "") or "the model is not loaded")
+    free = await run_in_threadpool(free_bytes, settings.data_dir)
+    if free is not None and free < settings.min_free_bytes:
+        metrics.jobs.labels(outcome="rejected").inc()
+        raise StorageFull(
+            f"the artefact storage has {free // MIB} MiB free, less than JRS_MIN_FREE_BYTES "
+            f"({settings.min_free_bytes // MIB} MiB); no upload is accepted until space is freed "
+            "(finished jobs are deleted after JRS_RETENTION_DAYS)"
+        )
     if not manager.has_room():
         metrics.jobs.labels(outcome="busy").inc()
         raise ServiceBusy(
@@ -142,8 +150,11 @@ async def recontour(
         job = manager.submit(job_id, current_request_id())
     except OSError as exc:
         shutil.rmtree(job_dir, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in NO_SPACE:
             metrics.jobs.labels(outcome="rejected").inc()
+            logger.error(
+                "no space left in the artefact storage", extra={"fields": {"stage": "upload"}}
+            )
             raise StorageFull(
                 "no space left in the artefact storage for this upload; retry later"
             ) from None

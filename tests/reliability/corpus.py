@@ -406,6 +406,15 @@ def _truncated(b: Builder) -> None:
         daily=[("daily.zip", daily_zip[:-100], "application/zip")],
         expect=["^daily", "daily.zip", "corrupt zip"],
     )
+    # a zip whose deflate stream is broken (invalid block type) and whose CRC cannot match
+    broken = bytearray(zip_bytes({"ct/CT.0001.dcm": b.case.daily_ct["CT.0001.dcm"]}))
+    broken[30 + len("ct/CT.0001.dcm")] = 0xFF
+    b.add(
+        "truncated",
+        "daily-zip-broken-deflate-stream",
+        daily=[("daily.zip", bytes(broken), "application/zip")],
+        expect=["^daily", "ct/CT.0001.dcm", "corrupt zip entry"],
+    )
     # a slice uploaded on its own (not in a zip), cut inside its pixel data
     files = dict(b.case.daily_ct)
     files["CT.0004.dcm"] = files["CT.0004.dcm"][:-700]

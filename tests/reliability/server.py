@@ -83,6 +83,7 @@ def start_server(
     env: dict[str, str] | None = None,
     port: int | None = None,
     timeout: float = 60.0,
+    wait: bool = True,
 ) -> ServerProcess:
     """Start ``python -m tests.reliability.stub_app`` and wait until ``/health/live`` answers.
 
@@ -92,6 +93,8 @@ def start_server(
         env: more ``JRS_*`` variables (they override the defaults here).
         port: TCP port (a free one when None).
         timeout: seconds to wait for the start.
+        wait: wait for ``/health/live`` (False: return at once, e.g. for a process expected to
+            die during its start).
 
     Returns:
         The running server.
@@ -111,6 +114,7 @@ def start_server(
     full_env.update(values)
     full_env["PYTHONPATH"] = str(REPO_ROOT)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.reliability.stub_app", "--port", str(port)],
@@ -120,6 +124,8 @@ def start_server(
         stderr=subprocess.STDOUT,
     )
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, data_dir, log)
+    if not wait:
+        return server
     deadline = time.monotonic() + timeout
     while True:
         if not server.alive():

@@ -61,10 +61,10 @@ class StubRunner:
 
     def __call__(self, job_dir: Path, planning_dir: Path, daily_dir: Path) -> dict[str, Any]:
         """Re-contour one job (stand-in)."""
-        if self.crash and any(planning_dir.rglob("CRASH")):
-            os._exit(137)  # the process dies mid-job, as under the OOM killer
         while self.hold_file is not None and self.hold_file.exists():
             time.sleep(0.02)
+        if self.crash and any(planning_dir.rglob("CRASH")):
+            os._exit(137)  # the process dies mid-job, as under the OOM killer
         if self.delay_s:
             time.sleep(self.delay_s)
         rtstruct = planning_dir / "rtstruct.dcm"
