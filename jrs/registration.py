@@ -204,7 +204,7 @@ def bspline_register(
     initial: sitk.Transform | None = None,
     fixed_mask: Volume | None = None,
     grid_spacing_mm: float = 20.0,
-    metric: Literal["ncc", "mattes"] = "ncc",
+    metric: Literal["ncc", "mattes"] = "mattes",
     shrink_factors: tuple[int, ...] = (4, 2, 1),
     smoothing_mm: tuple[float, ...] = (2.0, 1.0, 0.0),
     iterations: int = 60,
@@ -219,7 +219,10 @@ def bspline_register(
         initial: transform daily -> planning to start from (e.g. `AffineResult.transform`).
         fixed_mask: optional mask (same grid as `fixed`) restricting the metric.
         grid_spacing_mm: B-spline control-point spacing at the finest level, mm.
-        metric: ``ncc`` (ANTS neighbourhood correlation, radius 2) or ``mattes`` (mutual info).
+        metric: ``mattes`` (Mattes mutual information, 32 bins; the default: on phantom organ
+            boxes it gave Dice 0.96/0.85/0.97/0.97 for prostate/SV/rectum/bladder against
+            0.93/0.75/0.96/0.95 with ``ncc``, at about 4x the time) or ``ncc`` (ANTS
+            neighbourhood correlation, radius 2).
         shrink_factors: image shrink factor per resolution level.
         smoothing_mm: Gaussian smoothing sigma per level, mm.
         iterations: L-BFGS iterations per level.

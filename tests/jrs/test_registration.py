@@ -62,3 +62,53 @@ def test_refuses_images_without_a_body(planning: Volume) -> None:
     empty = planning.with_array(np.full(planning.geometry.shape, -1000, np.float32))
     with pytest.raises(InvalidInput, match="no body"):
         affine_prealign(empty, planning)
+
+
+@pytest.mark.parametrize(("metric", "max_mean_error_mm"), [("mattes", 1.0), ("ncc", 2.5)])
+def test_bspline_recovers_a_known_smooth_deformation(metric: str, max_mean_error_mm: float) -> None:
+    """Iterative baseline on a textured volume moved by a known 6 mm Gaussian bump (pull field).
+
+    Mutual information recovers it to < 1 mm mean where the truth moves more than 2 mm (3.5 mm
+    mean there); the neighbourhood correlation metric at least shrinks the error clearly.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    from jrs.registration import bspline_register
+    from jrs.transforms import warp
+
+    g = Geometry((24, 48, 48), origin=[-94, -94, -46], spacing=[4.0, 4.0, 4.0])
+    rng = np.random.default_rng(0)
+    texture = gaussian_filter(rng.normal(0, 1, g.shape), 2.0)
+    moving = Volume((texture / texture.std() * 300).astype(np.float32), g)
+    centres = g.voxel_centres()
+    bump = 6.0 * np.exp(-(centres**2).sum(axis=-1) / (2 * 30.0**2))
+    u = np.stack([bump, -0.5 * bump, 0.3 * bump], axis=-1).astype(np.float32)
+    fixed = warp(moving, Volume(u, g), "linear", 0.0)  # fixed(p) = moving(p + u(p))
+
+    result = bspline_register(
+        fixed,
+        moving,
+        metric=metric,  # type: ignore[arg-type]
+        grid_spacing_mm=32.0,
+        shrink_factors=(2, 1),
+        smoothing_mm=(4.0, 0.0),
+        sampling=0.3,
+        iterations=100,
+    )
+    moved = np.linalg.norm(u, axis=-1) > 2.0
+    pts, truth = centres[moved], u[moved]
+    mapped = np.array([result.transform.TransformPoint(p.tolist()) for p in pts])
+    err = np.linalg.norm(mapped - (pts + truth), axis=1)
+    assert np.linalg.norm(truth, axis=1).mean() > 3.0
+    assert err.mean() < max_mean_error_mm, (metric, float(err.mean()))
+
+
+def test_bspline_rejects_unknown_metric_and_level_mismatch() -> None:
+    from jrs.registration import bspline_register
+
+    g = Geometry((8, 16, 16), origin=[0, 0, 0], spacing=[2.0, 2.0, 2.0])
+    vol = Volume(np.zeros(g.shape, np.float32), g)
+    with pytest.raises(InvalidInput, match="metric 'mi' unknown"):
+        bspline_register(vol, vol, metric="mi")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="one entry per level"):
+        bspline_register(vol, vol, shrink_factors=(2, 1), smoothing_mm=(1.0,))
