@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.jobs import JobStore
 from tests.reliability.cases import TinyCase, zip_bytes
+from tests.reliability.conftest import FORBIDDEN
 from tests.reliability.server import AUTH, ServerProcess, signal, start_server
 from tests.service.conftest import AUTH as TEST_AUTH
 from tests.service.conftest import FakeRunner, make_settings
@@ -89,6 +90,10 @@ def processes(tmp_path: Path) -> Iterator[list[ServerProcess]]:
     for server in started:
         if server.alive():
             server.kill()
+    for server in started[:1]:  # one log file per test, shared by its processes
+        text = server.log_text()
+        leaked = [word for word in FORBIDDEN if word in text]
+        assert not leaked, f"the service log named {leaked}"
 
 
 # ------------------------------------------------------------------------------ processes
