@@ -20,6 +20,7 @@ service with the default, larger limits answers those cases with another 4xx or 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import re
@@ -336,15 +337,23 @@ def _raw_value(keyword: str, text: str) -> Callable[[Dataset], None]:
 
 # ------------------------------------------------------------------------------ the corpus
 def generate(case: TinyCase | None = None) -> list[BadInput]:
-    """All the bad inputs (deterministic; about 2 s).
+    """All the bad inputs (deterministic; about 3 s, once per process for the default case).
 
     Args:
-        case: the valid case they derive from (built when None).
+        case: the valid case they derive from (the default tiny case when None).
 
     Returns:
         The cases, ids unique.
     """
-    case = case or build_case()
+    return list(_default_corpus()) if case is None else _generate(case)
+
+
+@functools.cache
+def _default_corpus() -> tuple[BadInput, ...]:
+    return tuple(_generate(build_case()))
+
+
+def _generate(case: TinyCase) -> list[BadInput]:
     b = Builder(case)
     _truncated(b)
     _bit_flips(b)

@@ -249,3 +249,25 @@ def test_recovered_jobs_wait_when_the_model_is_not_ready(tmp_path: Path) -> None
     assert manager.wait(job_id, 10).finished and runner.calls == 1
     manager.shutdown(1)
     store.close()
+
+
+def test_model_dir_is_resolved_strictly(tmp_path: Path) -> None:
+    """A version folder, a folder of versions or a root of <name>/<version>; nothing else."""
+    from jrs.errors import ModelNotReady
+    from service.jobs import resolve_model_dir
+
+    assert resolve_model_dir(None) is None
+    root = tmp_path / "models"
+    for version in ("1", "2", "10"):
+        (root / "crossstitch" / version).mkdir(parents=True)
+    (root / "crossstitch" / "10" / "model.onnx").write_bytes(b"x")
+    assert resolve_model_dir(root / "crossstitch" / "10") == root / "crossstitch" / "10"
+    assert resolve_model_dir(root / "crossstitch") == root / "crossstitch" / "10"  # numeric
+    assert resolve_model_dir(root) == root / "crossstitch" / "10"
+    (root / "crossstitch" / "2" / "metadata.json").write_text("{}")
+    assert resolve_model_dir(root / "crossstitch" / "2") == root / "crossstitch" / "2"
+    with pytest.raises(ModelNotReady, match="does not exist"):
+        resolve_model_dir(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotReady, match="holds no model"):
+        resolve_model_dir(tmp_path / "empty")
