@@ -364,7 +364,7 @@ def _check_not_truncated(ds: Dataset, path: Path) -> None:
     tags = list(ds.keys())
     if not tags:
         return
-    raw = ds.get_item(tags[-1])
+    raw = ds.get_item(tags[-1], keep_deferred=True)
     if not isinstance(raw, RawDataElement):
         return
     size = path.stat().st_size

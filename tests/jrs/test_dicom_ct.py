@@ -613,3 +613,21 @@ def test_real_rt_utils_mock_ct(shared_data: Path) -> None:
 def test_real_single_slice_breast_ct_is_refused(shared_data: Path) -> None:
     with pytest.raises(InvalidInput, match="at least 2 slices"):
         read_ct_series(shared_data / "rt-edge-cases" / "dicompyler-breast")
+
+
+def test_pixel_data_length_past_the_end_of_file(tmp_path: Path) -> None:
+    """A bit flip that makes PixelData's length field 64 KiB larger than the file is truncation.
+
+    pydicom defers reading such a large value; the check must use the raw (deferred) element.
+    """
+    series = _write(tmp_path)
+    target = Path(series.files[1])
+    data = bytearray(target.read_bytes())
+    at = data.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData, explicit VR little endian
+    assert at > 0 and data[at + 4 : at + 6] == b"OW"
+    length_at = at + 8  # tag (4), VR (2), reserved (2), then the 32-bit length
+    data[length_at + 2] ^= 0x01  # + 65536 bytes
+    target.write_bytes(bytes(data))
+    with pytest.raises(InvalidInput, match="truncated") as info:
+        read_ct_series(tmp_path)
+    assert str(target) in str(info.value)

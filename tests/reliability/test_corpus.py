@@ -24,14 +24,7 @@ pytestmark = pytest.mark.integration
 
 #: Corpus cases the core (`jrs.dicom`) accepts today, with why; strict: a fix makes them fail
 #: here so that they are moved back to the expected 4xx.
-KNOWN_CORE_GAPS = {
-    "bit_flip/planning-pixeldata-length-2-0": (
-        "jrs.dicom.ct._check_not_truncated: a PixelData length field over 64 KiB past the end of "
-        "the file is read deferred by pydicom, get_item() returns the converted element and the "
-        "check is skipped; the 2048 pixel bytes present are then decoded as the image"
-    ),
-    "bit_flip/daily-pixeldata-length-2-0": "same as planning-pixeldata-length-2-0",
-}
+KNOWN_CORE_GAPS: dict[str, str] = {}
 
 
 @dataclass
