@@ -560,28 +560,42 @@ class OnnxModel:
 
 
 # --------------------------------------------------------------------------- loading
-def _session_providers(device: str) -> list[str]:
+def parse_device(device: str) -> tuple[str, int | None]:
+    """``auto``/``cpu``/``cuda``/``cuda:N`` -> (kind, CUDA device index or None).
+
+    Raises:
+        InvalidInput: For any other name.
+    """
+    d = str(device).strip().lower()
+    if d in ("auto", "cpu", "cuda"):
+        return d, None
+    if d.startswith("cuda:") and d[5:].isdigit():
+        return "cuda", int(d[5:])
+    raise InvalidInput(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _session_providers(device: str) -> list[Any]:
+    kind, index = parse_device(device)
     available = available_providers()
-    if device == "cpu":
+    cuda: Any = CUDA_PROVIDER if index is None else (CUDA_PROVIDER, {"device_id": index})
+    if kind == "cpu":
         return [CPU_PROVIDER]
-    if device == "cuda":
+    if kind == "cuda":
         if CUDA_PROVIDER not in available:
             raise ModelNotReady(
-                f"device 'cuda' requested but ONNX Runtime has no {CUDA_PROVIDER} "
+                f"device {device!r} requested but ONNX Runtime has no {CUDA_PROVIDER} "
                 f"(available providers: {', '.join(available)}); install onnxruntime-gpu with a "
                 "CUDA GPU, or use --device auto or cpu"
             )
-        return [CUDA_PROVIDER, CPU_PROVIDER]
-    if device == "auto":
-        if CUDA_PROVIDER in available:
-            return [CUDA_PROVIDER, CPU_PROVIDER]
-        log.warning(
-            "device auto: %s not available (providers: %s); running on the CPU",
-            CUDA_PROVIDER,
-            ", ".join(available),
-        )
-        return [CPU_PROVIDER]
-    raise InvalidInput(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        return [cuda, CPU_PROVIDER]
+    if CUDA_PROVIDER in available:
+        return [cuda, CPU_PROVIDER]
+    log.warning(
+        "device auto: %s not available (providers: %s); running on the CPU",
+        CUDA_PROVIDER,
+        ", ".join(available),
+    )
+    return [CPU_PROVIDER]
 
 
 def load_model(
@@ -596,7 +610,8 @@ def load_model(
 
     Args:
         model_dir: ``models/<name>/<version>`` holding ``model.onnx`` and ``metadata.json``.
-        device: ``auto`` (CUDA, else the CPU with a logged warning), ``cpu`` or ``cuda``.
+        device: ``auto`` (CUDA, else the CPU with a logged warning), ``cpu``, ``cuda`` or
+            ``cuda:N`` (CUDA device N).
         intra_op_threads: Threads inside one operator (``None``: ONNX Runtime's default, all
             physical cores).
         inter_op_threads: Threads across operators (``None``: default).
@@ -645,8 +660,9 @@ def load_model(
             f"match {METADATA_FILE} ({list(meta.inputs)} / {list(meta.outputs)})"
         )
     active = session.get_providers()
-    if CUDA_PROVIDER in providers and CUDA_PROVIDER not in active:
-        if device == "cuda":
+    asked = [p if isinstance(p, str) else p[0] for p in providers]
+    if CUDA_PROVIDER in asked and CUDA_PROVIDER not in active:
+        if parse_device(str(device))[0] == "cuda":
             raise ModelNotReady(
                 f"{onnx_path}: {CUDA_PROVIDER} failed to start (active providers: {active})"
             )

@@ -179,6 +179,25 @@ def test_cuda_unavailable_is_model_not_ready(model_dir: Path) -> None:
 def test_unknown_device(model_dir: Path) -> None:
     with pytest.raises(InvalidInput, match="device"):
         load_model(model_dir, "tpu")
+    with pytest.raises(InvalidInput, match="cuda:N"):
+        load_model(model_dir, "cuda:x")
+
+
+def test_device_names_parse_with_a_cuda_index() -> None:
+    from jrs.inference import _session_providers, parse_device
+
+    assert parse_device("auto") == ("auto", None)
+    assert parse_device(" CUDA:1 ") == ("cuda", 1)
+    assert parse_device("cpu") == ("cpu", None)
+    assert _session_providers("cpu") == [CPU_PROVIDER]
+    if HAS_CUDA:
+        assert _session_providers("cuda:1")[0] == (CUDA_PROVIDER, {"device_id": 1})
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA provider present")
+def test_cuda_index_unavailable_is_model_not_ready(model_dir: Path) -> None:
+    with pytest.raises(ModelNotReady, match="'cuda:0'"):
+        load_model(model_dir, "cuda:0")
 
 
 @pytest.mark.gpu
