@@ -37,6 +37,8 @@ from jrs.batch import BatchRow
 from jrs.errors import InvalidInput, JrsError
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: that would drown the batch progress bar and the messages
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 #: Environment variable read for the API key when none is given on the command line.
 API_KEY_ENV = "JRS_API_KEY"

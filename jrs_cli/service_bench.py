@@ -192,7 +192,7 @@ def run_jobs(
                 "run_s": _seconds_between(job.get("started_at"), job.get("finished_at")),
                 "rtstruct_kb": round(len(r.content) / 1024, 1),
             }
-            log.info("job %d/%d: %s", i + 1, jobs, figures)
+            log.info("job %d/%d: latency %.1f s", i + 1, jobs, figures["latency_s"])
             return figures
 
         t0 = time.perf_counter()
