@@ -220,7 +220,7 @@ def submit(
                     if r.status_code in (200, 202):
                         return r.json(), retry_after(r) if r.status_code == 202 else None
                     error = error_from(r, "POST /v1/recontour")
-                    if r.status_code != 503:
+                    if r.status_code not in (503, 507):
                         raise error
                     delay = retry_after(r) or pause
             if time.monotonic() + delay > deadline:
@@ -267,7 +267,7 @@ def wait_for_job(
             r = http.get(f"/v1/jobs/{job['id']}")
         except httpx.TransportError:
             continue
-        if r.status_code in (502, 503, 504):
+        if r.status_code in (502, 503, 504, 507):
             delay = retry_after(r) or pause
             continue
         if r.status_code != 200:

@@ -6,7 +6,8 @@ The product's client of the routes of DESIGN.md ("REST"), used by ``jrs batch --
 
 * ``POST /v1/recontour`` with the multipart fields ``planning`` (planning CT series + RTSTRUCT) and
   ``daily`` (daily CT series), each sent as one zip built on the fly in a temporary file;
-  ``503`` (queue full, model not ready) is retried after its ``Retry-After`` until a deadline;
+  ``503`` (queue full, model not ready) and ``507`` (storage full) are retried after their
+  ``Retry-After`` until a deadline;
   a request that never reached the server (connection refused) is retried the same way, a POST
   that may have reached it is never re-sent (no duplicate jobs);
 * ``GET /v1/jobs/{id}`` polled with exponential back-off (``Retry-After`` of a 202 or 503 answer
@@ -125,7 +126,7 @@ def error_from(response: httpx.Response, what: str) -> ServiceError:
         what: what was asked, e.g. ``POST /v1/recontour``.
 
     Returns:
-        The error (`ServiceUnavailable` for 502, 503 and 504).
+        The error (`ServiceUnavailable` for 502, 503, 504 and 507).
     """
     code: str | None = None
     detail = ""
@@ -144,7 +145,7 @@ def error_from(response: httpx.Response, what: str) -> ServiceError:
     message += f" {code}: {detail}" if code else f": {detail}"
     if request_id:
         message += f" (request id {request_id})"
-    kind = ServiceUnavailable if response.status_code in (502, 503, 504) else ServiceError
+    kind = ServiceUnavailable if response.status_code in (502, 503, 504, 507) else ServiceError
     return kind(message, status=response.status_code, code=code, request_id=request_id)
 
 
@@ -369,7 +370,7 @@ class ServiceClient:
                             job: dict[str, Any] = r.json()
                             return job, retry_after_s(r) if r.status_code == 202 else None
                         error = error_from(r, "POST /v1/recontour")
-                        if r.status_code not in (429, 503):
+                        if r.status_code not in (429, 503, 507):
                             raise error
                         delay = retry_after_s(r) or pause
                 left = deadline - time.monotonic()

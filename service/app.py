@@ -82,7 +82,14 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
     """
     settings = settings if settings is not None else load_settings()
     job_runner: RunnerCallable = (
-        runner if runner is not None else PipelineRunner(settings.model_dir, settings.device)
+        runner
+        if runner is not None
+        else PipelineRunner(
+            settings.model_dir,
+            settings.device,
+            margin_mm=settings.margin_mm,
+            dvf_spacing_mm=settings.dvf_spacing_mm,
+        )
     )
     app_metrics = Metrics()
 

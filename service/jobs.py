@@ -126,11 +126,22 @@ class PipelineRunner:
         model_dir: a model version folder (with ``model.onnx``), or None / the root of
             ``<name>/<version>`` folders to let the pipeline pick the newest bundled model.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        margin_mm: margin of the network box around the pre-aligned organs, mm.
+        dvf_spacing_mm: spacing of the written DVF grid, mm (None: the daily CT grid).
     """
 
-    def __init__(self, model_dir: Path | None, device: str = "auto") -> None:
+    def __init__(
+        self,
+        model_dir: Path | None,
+        device: str = "auto",
+        *,
+        margin_mm: float = 30.0,
+        dvf_spacing_mm: float | None = None,
+    ) -> None:
         self.model_dir = model_dir
         self.device = device
+        self.margin_mm = margin_mm
+        self.dvf_spacing_mm = dvf_spacing_mm
         self.ready = False
         self.reason = "the model has not been loaded yet"
         self.execution_provider = "none"
@@ -153,7 +164,12 @@ class PipelineRunner:
             if missing:
                 raise ModelNotReady(f"jrs.pipeline lacks {', '.join(missing)}")
             version_dir = resolve_model_dir(self.model_dir)
-            options = pipeline.RecontourOptions(model_dir=version_dir, device=self.device)
+            options = pipeline.RecontourOptions(
+                model_dir=version_dir,
+                device=self.device,
+                margin_mm=self.margin_mm,
+                dvf_spacing_mm=self.dvf_spacing_mm,
+            )
             backend = pipeline.load_backend(options)
         except ModelNotReady as exc:
             self.reason = exc.message

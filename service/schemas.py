@@ -92,13 +92,18 @@ class JobOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     @classmethod
-    def from_job(cls, job: Job) -> JobOut:
-        """The API view of a stored job."""
+    def from_job(cls, job: Job, root_path: str = "") -> JobOut:
+        """The API view of a stored job.
+
+        Args:
+            job: the stored job.
+            root_path: the ASGI ``root_path`` (a proxy's path prefix) put before the links.
+        """
 
         def ts(value: float | None) -> _dt.datetime | None:
             return None if value is None else _dt.datetime.fromtimestamp(value, _dt.UTC)
 
-        base = f"/v1/jobs/{job.id}"
+        base = f"{root_path.rstrip('/')}/v1/jobs/{job.id}"
         links = JobLinks(job=base)
         if job.status == "succeeded":
             have = job.artefacts

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         model_dir: a model version folder (``models/<name>/<version>`` with ``model.onnx``) or
             the root of such folders (the pipeline then uses the newest version).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        margin_mm: margin around the pre-aligned planning organs of the network box, mm
+            (`jrs.pipeline.RecontourOptions.margin_mm`).
+        dvf_spacing_mm: write ``dvf.mha`` and ``registration.dcm`` on a coarser grid with this
+            spacing (mm) instead of the daily CT grid: a 174 x 512 x 512 daily CT gives 550 MB
+            per file on its own grid, 30 MB at 2.5 mm. Unset: the daily CT grid.
+        poll_after_s: ``Retry-After`` of 202 answers (when to poll the job again).
         max_upload_bytes: largest request body (both fields together).
         max_files: most files in one request plus inside its zips.
         max_zip_entries: most entries of one zip archive.
@@ -72,6 +78,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("jrs-data")
     model_dir: Path | None = None
     device: str = "auto"
+    margin_mm: float = Field(default=30.0, ge=0, le=200)
+    dvf_spacing_mm: float | None = Field(default=None, gt=0, le=20)
+    poll_after_s: int = Field(default=5, ge=1)
     max_upload_bytes: int = Field(default=2048 * MIB, gt=0)
     max_files: int = Field(default=4000, gt=0)
     max_zip_entries: int = Field(default=4000, gt=0)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
 from jrs.errors import NotFound
@@ -55,9 +55,9 @@ def artefact_path(job: Job, key: str, manager: JobManager) -> Path:
 
 
 @router.get("/{job_id}", summary="Job status", responses=error_responses(401, 404))
-def get_job(job_id: str, manager: ManagerDep) -> JobOut:
+def get_job(job_id: str, manager: ManagerDep, request: Request) -> JobOut:
     """Status, QA and artefact links of a job."""
-    return JobOut.from_job(load_job(job_id, manager))
+    return JobOut.from_job(load_job(job_id, manager), request.scope.get("root_path", ""))
 
 
 @router.get(

@@ -180,9 +180,9 @@ async def recontour(
         limit = settings.job_wait_timeout_s if timeout is None else timeout
         await _wait_for(manager, job_id, min(limit, settings.max_wait_timeout_s))
         job = manager.store.get(job_id) or job
-    body = JobOut.from_job(job).model_dump(mode="json")
-    return JSONResponse(
-        body,
-        status_code=200 if job.finished else 202,
-        headers={"Location": f"/v1/jobs/{job_id}"},
-    )
+    root = str(request.scope.get("root_path", "")).rstrip("/")
+    body = JobOut.from_job(job, root).model_dump(mode="json")
+    headers = {"Location": f"{root}/v1/jobs/{job_id}"}
+    if not job.finished:
+        headers["Retry-After"] = str(settings.poll_after_s)
+    return JSONResponse(body, status_code=200 if job.finished else 202, headers=headers)

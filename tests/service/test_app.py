@@ -149,6 +149,8 @@ def test_pipeline_runner_adapts_the_pipeline_api(
     class Options:
         model_dir: Path | None = None
         device: str = "auto"
+        margin_mm: float = 30.0
+        dvf_spacing_mm: float | None = None
 
     class Backend:
         providers = ("CPUExecutionProvider",)
@@ -162,10 +164,11 @@ def test_pipeline_runner_adapts_the_pipeline_api(
     fake.load_backend = lambda options: Backend()
     fake.recontour = recontour
     monkeypatch.setitem(sys.modules, "jrs.pipeline", fake)
-    runner = PipelineRunner(None, device="cpu")
+    runner = PipelineRunner(None, device="cpu", margin_mm=12.0, dvf_spacing_mm=2.5)
     runner.load()
     assert runner.ready and runner.execution_provider == "CPUExecutionProvider"
     qa = runner(tmp_path / "job", tmp_path / "in" / "planning", tmp_path / "in" / "daily")
     assert qa == {"ok": True}
     assert calls["planning_rtstruct"] == tmp_path / "in" / "planning" / "rtstruct.dcm"
     assert isinstance(calls["backend"], Backend) and calls["options"].device == "cpu"
+    assert calls["options"].margin_mm == 12.0 and calls["options"].dvf_spacing_mm == 2.5

@@ -14,7 +14,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,26 +35,9 @@ from jrs_cli import remote
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "client-test-key-0123456789"
 
-#: A real uvicorn process: the service app with the real pipeline and the bundled model, the
-#: network box margin reduced to argv[2] mm (PipelineRunner has no setting for it).
-SERVER_BOOT = textwrap.dedent(
-    """
-    import dataclasses, sys
-    import uvicorn
-    from service.app import create_app
-    from service.jobs import PipelineRunner
-    from service.settings import load_settings
-
-    class SmallBoxRunner(PipelineRunner):
-        def load(self):
-            super().load()
-            self._options = dataclasses.replace(self._options, margin_mm=float(sys.argv[2]))
-
-    settings = load_settings()
-    app = create_app(settings, SmallBoxRunner(settings.model_dir, settings.device))
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_config=None, access_log=False)
-    """
-)
+#: A real service process: `jrs serve` (uvicorn) with the real pipeline and the bundled model,
+#: the network box margin reduced with JRS_MARGIN_MM so that a CPU job takes seconds.
+SMALL_BOX_MARGIN_MM = "5"
 
 
 def load_example_client() -> ModuleType:
@@ -101,7 +83,12 @@ class Server:
     log: Path
 
 
-def start_server(folder: Path, argv: list[str], timeout_s: float = 180.0) -> Server:
+def start_server(
+    folder: Path,
+    argv: list[str],
+    timeout_s: float = 180.0,
+    extra_env: dict[str, str] | None = None,
+) -> Server:
     """Start a service process (cwd `folder`, so no .env is read) and wait until it is ready."""
     from jrs_cli.service_bench import free_port
 
@@ -116,6 +103,7 @@ def start_server(folder: Path, argv: list[str], timeout_s: float = 180.0) -> Ser
         JRS_QUEUE_SIZE="4",
         PYTHONPATH=str(ROOT),
     )
+    env.update(extra_env or {})
     log = folder / "server.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(
@@ -149,8 +137,9 @@ def stop_server(server: Server) -> None:
 
 
 def start_small_box_server(folder: Path) -> Server:
-    """The real pipeline and bundled model with a 5 mm network-box margin (see SERVER_BOOT)."""
-    return start_server(folder, ["-c", SERVER_BOOT, "{port}", "5"])
+    """`jrs serve` with the bundled model and a 5 mm network-box margin (JRS_MARGIN_MM)."""
+    argv = ["-m", "jrs_cli", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+    return start_server(folder, argv, extra_env={"JRS_MARGIN_MM": SMALL_BOX_MARGIN_MM})
 
 
 @pytest.fixture(scope="module")
@@ -399,9 +388,15 @@ def test_product_client_failed_job_and_busy_retry(
         "status": "failed",
         "error": {"code": "geometry_mismatch", "message": "planning: frame of reference"},
     }
+    storage_full = {"error": "storage_full", "detail": "less than JRS_MIN_FREE_BYTES free"}
     script = Script(
         [
             ("POST", "/v1/recontour", busy),
+            (
+                "POST",
+                "/v1/recontour",
+                lambda r: httpx.Response(507, json=storage_full, headers={"Retry-After": "4"}),
+            ),
             ("POST", "/v1/recontour", lambda r: httpx.Response(202, json=QUEUED)),
             ("GET", f"/v1/jobs/{JOB_ID}", lambda r: httpx.Response(200, json=failed)),
         ]
@@ -411,7 +406,7 @@ def test_product_client_failed_job_and_busy_retry(
         c.recontour([upload[0]], [upload[1]], tmp_path / "out", wait_s=0)
     assert err.value.code == "geometry_mismatch"
     assert "planning: frame of reference" in err.value.message
-    assert sleeps == [7.0, 1.0]
+    assert sleeps == [7.0, 4.0, 1.0]  # 503 and 507 (storage full) are both retried later
     assert not (tmp_path / "out").exists()
 
 

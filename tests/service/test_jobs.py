@@ -61,6 +61,7 @@ def test_wait_timeout_answers_202_then_the_job_finishes(tmp_path: Path, case: Ca
     with TestClient(app) as client:
         r = _post(client, case, timeout="0.05")
         assert r.status_code == 202 and r.headers["location"].endswith(r.json()["id"])
+        assert r.headers["retry-after"] == "5"  # JRS_POLL_AFTER_S
         assert app.state.manager.wait(r.json()["id"], 10).status == "succeeded"
         assert client.get(r.headers["location"], headers=AUTH).json()["status"] == "succeeded"
 
@@ -271,3 +272,17 @@ def test_model_dir_is_resolved_strictly(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotReady, match="holds no model"):
         resolve_model_dir(tmp_path / "empty")
+
+
+def test_links_carry_the_proxy_root_path(tmp_path: Path, case: Case) -> None:
+    """Behind a proxy serving the API under a prefix, Location and links include it."""
+    app = create_app(make_settings(tmp_path), FakeRunner())
+    with TestClient(app, root_path="/jrs") as client:
+        r = _post(client, case)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert r.headers["location"] == f"/jrs/v1/jobs/{job['id']}"
+        assert job["links"]["job"] == f"/jrs/v1/jobs/{job['id']}"
+        assert job["links"]["rtstruct"].startswith("/jrs/v1/jobs/")
+        again = client.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()
+        assert again["links"]["job"] == f"/jrs/v1/jobs/{job['id']}"
