@@ -31,6 +31,8 @@ __all__ = [
     "DataConfig",
     "NetworkConfig",
     "PhantomSource",
+    "ScheduleConfig",
+    "StoreSource",
     "SyntheticSource",
     "TrainConfig",
     "ValidationConfig",
@@ -103,6 +105,38 @@ class SyntheticSource(_Strict):
     size: int = Field(default=64, ge=24)
 
 
+class StoreSource(_Strict):
+    """A training set built once by ``python -m training.build_data`` and memory-mapped.
+
+    Attributes:
+        path: The store folder (``index.json`` + one folder per pair).
+        sources: Keep only these sources (e.g. ``[phantom, real]``); ``None``: all.
+        exclude_groups: Patient groups held out (never trained on).
+    """
+
+    path: Path
+    sources: list[str] | None = None
+    exclude_groups: list[str] = Field(default_factory=list)
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule (METHOD.md allows one for a small compute budget).
+
+    Attributes:
+        name: ``constant`` (the paper's fixed lr) or ``cosine`` (linear warm-up, then a cosine
+            decay from ``lr`` to ``min_lr`` at ``iterations``).
+        warmup: Warm-up steps (lr rises linearly from ``lr / 10``).
+        min_lr: Final learning rate of the cosine.
+        horizon: Step at which the cosine reaches ``min_lr`` (default: ``iterations``); fix it
+            when a campaign is run in stages with growing ``iterations``.
+    """
+
+    name: Literal["constant", "cosine"] = "constant"
+    warmup: int = Field(default=0, ge=0)
+    min_lr: float = Field(default=1e-5, ge=0)
+    horizon: int | None = Field(default=None, ge=1)
+
+
 class ValidationConfig(_Strict):
     """Held-out pairs and how often to validate.
 
@@ -110,6 +144,7 @@ class ValidationConfig(_Strict):
         patients: Patient folder names held out from ``data.root`` (used for validation only).
         phantoms: Held-out phantoms (seeds must differ from the training ones).
         synthetic: Held-out synthetic pairs.
+        store: Held-out pairs of a built store (e.g. ``sources: [validation]``).
         every: Validate every this many steps (0: never).
         window: Input window of the whole-scan tiled inference (multiple of 4, >= 44).
         max_pairs: Validate on at most this many pairs.
@@ -118,6 +153,7 @@ class ValidationConfig(_Strict):
     patients: list[str] = Field(default_factory=list)
     phantoms: PhantomSource | None = None
     synthetic: SyntheticSource | None = None
+    store: StoreSource | None = None
     every: int = Field(default=1000, ge=0)
     window: int = 96
     max_pairs: int = Field(default=8, ge=1)
@@ -138,6 +174,9 @@ class DataConfig(_Strict):
         patients: Restrict training to these patients of ``root`` (default: all but validation).
         phantoms: Generate phantoms in memory.
         synthetic: Synthetic blob pairs.
+        store: A built, memory-mapped training set.
+        identity_share: Share of drawn slots that are identity pairs (same scan twice).
+        synthmorph_share: Share of slots that are domain-randomised pairs (SynthMorph).
         cache_dir: Cache of prepared pairs (default ``<output_dir>/cache``).
         validation: Held-out data and schedule.
     """
@@ -146,16 +185,20 @@ class DataConfig(_Strict):
     patients: list[str] | None = None
     phantoms: PhantomSource | None = None
     synthetic: SyntheticSource | None = None
+    store: StoreSource | None = None
+    identity_share: float = Field(default=0.0, ge=0, le=1)
+    synthmorph_share: float = Field(default=0.0, ge=0, le=1)
     cache_dir: Path | None = None
     validation: ValidationConfig = Field(default_factory=lambda: ValidationConfig())
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        given = [k for k in ("root", "phantoms", "synthetic") if getattr(self, k) is not None]
+        names = ("root", "phantoms", "synthetic", "store")
+        given = [k for k in names if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"data needs exactly one of 'root', 'phantoms', 'synthetic'; got {given or 'none'}"
-            )
+            raise ValueError(f"data needs exactly one of {names}; got {given or 'none'}")
+        if self.identity_share + self.synthmorph_share > 1:
+            raise ValueError("identity_share + synthmorph_share must not exceed 1")
         return self
 
 
@@ -179,7 +222,11 @@ class TrainConfig(_Strict):
         log_every: Write a CSV / TensorBoard row every this many steps.
         plot_every: Redraw the PNG plots every this many steps (and at the end).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        amp: Mixed precision (used on CUDA only).
+        amp: Mixed precision (fp16 autocast + gradient scaling) on CUDA.
+        precision: CPU compute precision of the network: ``bf16`` (autocast; losses, loss
+            weights and optimiser state stay fp32), ``fp32``, or ``auto`` (bf16 where the CPU has
+            AMX or AVX512-BF16, else fp32).
+        schedule: Learning-rate schedule.
         num_threads: CPU threads for torch (``None``: torch's default).
         tensorboard: Also write TensorBoard event files.
         output_dir: Run folder (checkpoints, logs, plots).
@@ -202,6 +249,8 @@ class TrainConfig(_Strict):
     plot_every: int = Field(default=5000, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
     num_threads: int | None = Field(default=None, ge=1)
     tensorboard: bool = True
     output_dir: Path = Path("runs/default")

@@ -141,6 +141,11 @@ class TrainingPair:
         fixed_labels: (nz, ny, nx) uint8 daily labels.
         moving_labels: (nz, ny, nx) uint8 pre-aligned planning labels.
         body: (nz, ny, nx) uint8 daily body mask.
+        known: label ids delineated in this pair (a scan without seminal vesicles: (1, 2, 4));
+            the Dice terms of the other organs are masked out for its samples.
+        regions: pre-computed sampling regions (see `training.store.compute_regions`), or None
+            to compute them from the arrays.
+        group: the patient the pair belongs to (pairs of one patient share it).
     """
 
     key: str
@@ -149,6 +154,9 @@ class TrainingPair:
     fixed_labels: npt.NDArray[np.uint8]
     moving_labels: npt.NDArray[np.uint8]
     body: npt.NDArray[np.uint8]
+    known: tuple[int, ...] = (BLADDER, RECTUM, SEMINAL_VESICLES, PROSTATE)
+    regions: dict[str, npt.NDArray[np.int32]] | None = None
+    group: str = ""
 
     @classmethod
     def from_prepared(cls, key: str, pair: PreparedPair) -> TrainingPair:
@@ -234,12 +242,19 @@ class PatchBatch:
         moving: (B, 1, n, n, n) float32 normalised moving images.
         fixed_labels: (B, 1, n, n, n) uint8 fixed labels.
         moving_labels: (B, 1, n, n, n) uint8 moving labels.
+        class_mask: (B, 5) float32, 1 where a class is delineated in the sample (None: all).
+        seg_valid: (B,) bool, False for domain-randomised samples whose labels are not organs
+            (None: all valid).
+        identity: (B,) bool, True for identity samples (same image twice, zero field).
     """
 
     fixed: npt.NDArray[np.float32]
     moving: npt.NDArray[np.float32]
     fixed_labels: npt.NDArray[np.uint8]
     moving_labels: npt.NDArray[np.uint8]
+    class_mask: npt.NDArray[np.float32] | None = None
+    seg_valid: npt.NDArray[np.bool_] | None = None
+    identity: npt.NDArray[np.bool_] | None = None
 
 
 class PatchSampler:
@@ -252,6 +267,13 @@ class PatchSampler:
         patches_per_pair: patches drawn from each chosen pair.
         swap: also add each patch with fixed <-> moving swapped (doubles the batch).
         seed: random seed (sampling is reproducible from it).
+        identity_share: probability that a drawn slot is an identity slot: its samples are the
+            pair's fixed image twice and (as the "swapped" copy) its moving image twice, with
+            their labels, i.e. the same scan twice with a zero true field.
+        synthmorph_share: probability that a slot is a domain-randomised pair
+            (`training.synthmorph`) instead of a stored pair: random label-map shapes with
+            random intensities and a random smooth field; its labels train the registration
+            Dice only.
     """
 
     def __init__(
@@ -262,16 +284,26 @@ class PatchSampler:
         patches_per_pair: int = 1,
         swap: bool = True,
         seed: int = 0,
+        identity_share: float = 0.0,
+        synthmorph_share: float = 0.0,
     ) -> None:
         if not pairs:
             raise InvalidInput("PatchSampler needs at least one training pair")
+        for name, v in (("identity_share", identity_share), ("synthmorph_share", synthmorph_share)):
+            if not 0.0 <= v <= 1.0:
+                raise InvalidInput(f"{name} must lie in [0, 1], got {v}")
         self.pairs = list(pairs)
         self.n = int(patch_size)
         self.pairs_per_batch = pairs_per_batch
         self.patches_per_pair = patches_per_pair
         self.swap = swap
+        self.identity_share = float(identity_share)
+        self.synthmorph_share = float(synthmorph_share)
         self.rng = np.random.default_rng(seed)
-        self._regions = [self._region_voxels(p) for p in self.pairs]
+        self._regions = [
+            p.regions if p.regions is not None else self._region_voxels(p) for p in self.pairs
+        ]
+        self._jitter = [p.regions is not None for p in self.pairs]
 
     @staticmethod
     def _region_voxels(pair: TrainingPair) -> dict[str, npt.NDArray[np.int32]]:
@@ -304,7 +336,12 @@ class PatchSampler:
         names = sorted(regions)
         name = names[int(self.rng.integers(len(names)))]
         vox = regions[name]
-        return vox[int(self.rng.integers(len(vox)))].astype(np.int64)
+        centre = vox[int(self.rng.integers(len(vox)))].astype(np.int64)
+        if self._jitter[pair_idx]:  # stored lists are sub-sampled: spread over the stride
+            from training.store import REGION_STRIDE
+
+            centre = centre + self.rng.integers(0, REGION_STRIDE[name], size=3)
+        return centre
 
     def _crop(self, arr: np.ndarray, centre: npt.NDArray[np.int64], fill: float) -> np.ndarray:
         n = self.n
@@ -322,34 +359,79 @@ class PatchSampler:
 
     def sample(self) -> PatchBatch:
         """Draw one batch."""
-        fixed, moving, fl, ml = [], [], [], []
+        fixed: list[np.ndarray] = []
+        moving: list[np.ndarray] = []
+        fl: list[np.ndarray] = []
+        ml: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        seg_ok: list[bool] = []
+        ident: list[bool] = []
+
+        def add(
+            f: np.ndarray,
+            m: np.ndarray,
+            a: np.ndarray,
+            b: np.ndarray,
+            mask: np.ndarray,
+            seg: bool,
+            is_identity: bool,
+        ) -> None:
+            fixed.append(f)
+            moving.append(m)
+            fl.append(a)
+            ml.append(b)
+            masks.append(mask)
+            seg_ok.append(seg)
+            ident.append(is_identity)
+
         chosen = self.rng.choice(
             len(self.pairs),
             size=self.pairs_per_batch,
             replace=len(self.pairs) < self.pairs_per_batch,
         )
+        all_known = np.ones(5, np.float32)
         for pi in chosen:
             pair = self.pairs[int(pi)]
+            known = np.zeros(5, np.float32)
+            known[0] = 1.0
+            known[list(pair.known)] = 1.0
             for _ in range(self.patches_per_pair):
+                u = (
+                    float(self.rng.random())
+                    if (self.identity_share or self.synthmorph_share)
+                    else 1.0
+                )
+                if u < self.synthmorph_share:
+                    from training.synthmorph import synthmorph_patch
+
+                    f, m, a, b = synthmorph_patch(self.n, self.rng)
+                    add(f, m, a, b, all_known, False, False)
+                    if self.swap:
+                        add(m, f, b, a, all_known, False, False)
+                    continue
                 c = self._centre(int(pi))
                 f = self._crop(pair.fixed, c, AIR)
-                m = self._crop(pair.moving, c, AIR)
                 a = self._crop(pair.fixed_labels, c, 0)
+                if u < self.synthmorph_share + self.identity_share:
+                    add(f, f, a, a, known, True, True)
+                    if self.swap:
+                        m = self._crop(pair.moving, c, AIR)
+                        b = self._crop(pair.moving_labels, c, 0)
+                        add(m, m, b, b, known, True, True)
+                    continue
+                m = self._crop(pair.moving, c, AIR)
                 b = self._crop(pair.moving_labels, c, 0)
-                fixed.append(f)
-                moving.append(m)
-                fl.append(a)
-                ml.append(b)
+                add(f, m, a, b, known, True, False)
                 if self.swap:
-                    fixed.append(m)
-                    moving.append(f)
-                    fl.append(b)
-                    ml.append(a)
+                    add(m, f, b, a, known, True, False)
         return PatchBatch(
             fixed=np.stack(fixed)[:, None],
             moving=np.stack(moving)[:, None],
             fixed_labels=np.stack(fl)[:, None],
             moving_labels=np.stack(ml)[:, None],
+            class_mask=np.stack(masks),
+            seg_valid=np.asarray(seg_ok, bool),
+            identity=np.asarray(ident, bool),
         )
 
     def __iter__(self) -> Iterator[PatchBatch]:

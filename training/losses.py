@@ -25,6 +25,8 @@ from training.warp import one_hot, warp
 LEVEL_WEIGHTS: dict[str, float] = {level: 1.0 / 3.0 for level in LEVELS}
 #: Fixed weight of the bending energy inside ``L_reg``.
 BENDING_WEIGHT = 0.5
+#: Weight of the zero-field term of identity samples (same image twice), in voxels^-2.
+IDENTITY_WEIGHT = 1.0
 #: Foreground classes over which the Dice loss is averaged (background excluded).
 DICE_CLASSES: tuple[int, ...] = (1, 2, 3, 4)
 #: Side of the NCC box window, in voxels of the level.
@@ -45,6 +47,7 @@ TASKS_BY_NETWORK: dict[str, tuple[str, ...]] = {
 
 __all__ = [
     "BENDING_WEIGHT",
+    "IDENTITY_WEIGHT",
     "LEVEL_WEIGHTS",
     "TASKS_BY_NETWORK",
     "TASK_NAMES",
@@ -66,16 +69,24 @@ def dice_loss(
     target: torch.Tensor,
     classes: Sequence[int] = DICE_CLASSES,
     eps: float = 1e-7,
+    class_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft Dice loss over the given classes, summed over batch and voxels.
 
     ``1 - mean_c 2 sum(p_c g_c) / (sum(p_c) + sum(g_c) + eps)``.
+
+    With ``class_mask`` a class is summed only over the samples where it is known (a label that
+    a training scan does not delineate, e.g. seminal vesicles of a patient without them, is
+    excluded from that sample's Dice terms instead of being counted as background), and a class
+    known in no sample of the batch is left out of the mean (METHOD.md, deviations).
 
     Args:
         probs: ``(B, K, D, H, W)`` class probabilities (softmax output or warped one-hot).
         target: ``(B, K, D, H, W)`` one-hot ground truth.
         classes: Channel indices included (default 1..4: background excluded).
         eps: Added to the denominator.
+        class_mask: ``(B, K)`` 1 where class k is delineated in sample b, 0 where it is unknown;
+            ``None``: every class known everywhere (the original formula).
 
     Returns:
         Scalar loss in ``[0, 1]``: 0 for identical one-hot maps, 1 for disjoint ones. (A class
@@ -87,9 +98,25 @@ def dice_loss(
             f"probs and target differ in shape: {tuple(probs.shape)} vs {tuple(target.shape)}"
         )
     idx = list(classes)
-    p = probs[:, idx].transpose(0, 1).reshape(len(idx), -1)
-    g = target[:, idx].transpose(0, 1).reshape(len(idx), -1).to(p.dtype)
-    dice = 2.0 * (p * g).sum(dim=1) / (p.sum(dim=1) + g.sum(dim=1) + eps)
+    if class_mask is None:
+        p = probs[:, idx].transpose(0, 1).reshape(len(idx), -1)
+        g = target[:, idx].transpose(0, 1).reshape(len(idx), -1).to(p.dtype)
+        dice = 2.0 * (p * g).sum(dim=1) / (p.sum(dim=1) + g.sum(dim=1) + eps)
+        return 1.0 - dice.mean()
+    if class_mask.shape != probs.shape[:2]:
+        raise ValueError(
+            f"class_mask must be (B, K) = {tuple(probs.shape[:2])}, got {tuple(class_mask.shape)}"
+        )
+    b = probs.shape[0]
+    p = probs[:, idx].reshape(b, len(idx), -1)
+    g = target[:, idx].reshape(b, len(idx), -1).to(p.dtype)
+    w = class_mask[:, idx].to(p.dtype)  # (B, C)
+    inter = (w * (p * g).sum(dim=2)).sum(dim=0)
+    denom = (w * (p.sum(dim=2) + g.sum(dim=2))).sum(dim=0)
+    known = w.sum(dim=0) > 0
+    if not bool(known.any()):
+        return probs.sum() * 0.0  # nothing to learn here; keeps the graph
+    dice = 2.0 * inter[known] / (denom[known] + eps)
     return 1.0 - dice.mean()
 
 
@@ -231,12 +258,17 @@ def _check_levels(outputs: Mapping[str, torch.Tensor], what: str) -> None:
         raise ValueError(f"{what} must hold levels {LEVELS}, got {sorted(outputs)}")
 
 
-def seg_loss(seg_logits: Mapping[str, torch.Tensor], fixed_labels: torch.Tensor) -> TaskLoss:
+def seg_loss(
+    seg_logits: Mapping[str, torch.Tensor],
+    fixed_labels: torch.Tensor,
+    class_mask: torch.Tensor | None = None,
+) -> TaskLoss:
     """``L_seg``: soft Dice of the softmax of each level's logits against the fixed labels.
 
     Args:
         seg_logits: level -> ``(B, 5, d, h, w)`` logits.
         fixed_labels: ``S_f`` ``(B, 1, n, n, n)`` label ids on the input grid.
+        class_mask: ``(B, 5)`` classes delineated per sample (see :func:`dice_loss`).
 
     Returns:
         :class:`TaskLoss`.
@@ -244,7 +276,10 @@ def seg_loss(seg_logits: Mapping[str, torch.Tensor], fixed_labels: torch.Tensor)
     _check_levels(seg_logits, "seg_logits")
     target = one_hot(fixed_labels, NUM_CLASSES)
     per_level = {
-        k: dice_loss(torch.softmax(seg_logits[k], dim=1), crop_to_level(target, k)) for k in LEVELS
+        k: dice_loss(
+            torch.softmax(seg_logits[k], dim=1), crop_to_level(target, k), class_mask=class_mask
+        )
+        for k in LEVELS
     }
     return TaskLoss(total=deep_supervision(per_level), per_level=per_level)
 
@@ -254,33 +289,48 @@ def reg_loss(
     fixed: torch.Tensor,
     moving: torch.Tensor,
     bending_weight: float = BENDING_WEIGHT,
+    identity: torch.Tensor | None = None,
+    identity_weight: float = IDENTITY_WEIGHT,
 ) -> TaskLoss:
     """``L_reg = NCC(I_f, I_m o u) + 0.5 BE(u)`` at each level, deep-supervised.
 
     At each level the fixed and moving images are cropped and decimated like the targets; the
-    moving one is warped by that level's DVF.
+    moving one is warped by that level's DVF. For identity samples (the same image twice, whose
+    true field is zero) the term ``identity_weight * mean(u^2)`` (voxels of the level, over those
+    samples) is added: "nothing moved" must give no displacement.
 
     Args:
         dvf: level -> ``(B, 3, d, h, w)`` displacement in voxels of the level grid, (x, y, z).
         fixed: ``I_f`` ``(B, 1, n, n, n)``.
         moving: ``I_m`` ``(B, 1, n, n, n)``.
         bending_weight: Fixed weight of the bending energy (0.5; not learned).
+        identity: ``(B,)`` bool, True for identity samples; ``None``: none.
+        identity_weight: Weight of the zero-field term of identity samples.
 
     Returns:
-        :class:`TaskLoss` with terms ``"ncc"`` and ``"bending"``.
+        :class:`TaskLoss` with terms ``"ncc"``, ``"bending"`` and ``"identity"``.
     """
     _check_levels(dvf, "dvf")
     ncc: dict[str, torch.Tensor] = {}
     be: dict[str, torch.Tensor] = {}
+    ident: dict[str, torch.Tensor] = {}
+    use_identity = identity is not None and bool(identity.any())
     for k in LEVELS:
         warped = warp(crop_to_level(moving, k), dvf[k])
         ncc[k] = ncc_loss(crop_to_level(fixed, k), warped)
         be[k] = bending_energy(dvf[k])
-    per_level = {k: ncc[k] + bending_weight * be[k] for k in LEVELS}
+        ident[k] = (
+            dvf[k][identity].pow(2).mean() if use_identity else dvf[k].sum() * 0.0
+        )
+    per_level = {k: ncc[k] + bending_weight * be[k] + identity_weight * ident[k] for k in LEVELS}
     return TaskLoss(
         total=deep_supervision(per_level),
         per_level=per_level,
-        terms={"ncc": deep_supervision(ncc), "bending": deep_supervision(be)},
+        terms={
+            "ncc": deep_supervision(ncc),
+            "bending": deep_supervision(be),
+            "identity": deep_supervision(ident),
+        },
     )
 
 
@@ -288,6 +338,7 @@ def reg_dsc_loss(
     dvf: Mapping[str, torch.Tensor],
     fixed_labels: torch.Tensor,
     moving_labels: torch.Tensor,
+    class_mask: torch.Tensor | None = None,
 ) -> TaskLoss:
     """``L_regDSC``: soft Dice of the trilinearly warped one-hot moving labels vs fixed labels.
 
@@ -295,6 +346,7 @@ def reg_dsc_loss(
         dvf: level -> ``(B, 3, d, h, w)`` displacement in voxels of the level grid, (x, y, z).
         fixed_labels: ``S_f`` ``(B, 1, n, n, n)`` label ids.
         moving_labels: ``S_m`` ``(B, 1, n, n, n)`` label ids.
+        class_mask: ``(B, 5)`` classes delineated per sample (see :func:`dice_loss`).
 
     Returns:
         :class:`TaskLoss` (differentiable in ``dvf``).
@@ -303,7 +355,11 @@ def reg_dsc_loss(
     target = one_hot(fixed_labels, NUM_CLASSES)
     source = one_hot(moving_labels, NUM_CLASSES)
     per_level = {
-        k: dice_loss(warp(crop_to_level(source, k), dvf[k]), crop_to_level(target, k))
+        k: dice_loss(
+            warp(crop_to_level(source, k), dvf[k]),
+            crop_to_level(target, k),
+            class_mask=class_mask,
+        )
         for k in LEVELS
     }
     return TaskLoss(total=deep_supervision(per_level), per_level=per_level)
@@ -316,6 +372,11 @@ def compute_task_losses(
     fixed_labels: torch.Tensor,
     moving_labels: torch.Tensor,
     tasks: Sequence[str] = TASK_NAMES,
+    *,
+    class_mask: torch.Tensor | None = None,
+    seg_valid: torch.Tensor | None = None,
+    identity: torch.Tensor | None = None,
+    identity_weight: float = IDENTITY_WEIGHT,
 ) -> dict[str, TaskLoss]:
     """Compute the requested task losses from a network output.
 
@@ -326,6 +387,11 @@ def compute_task_losses(
         fixed_labels: ``S_f`` ``(B, 1, n, n, n)`` label ids.
         moving_labels: ``S_m`` ``(B, 1, n, n, n)`` label ids.
         tasks: Subset of :data:`TASK_NAMES` (see :data:`TASKS_BY_NETWORK`).
+        class_mask: ``(B, 5)`` classes delineated per sample (both Dice losses); ``None``: all.
+        seg_valid: ``(B,)`` bool, False for samples whose labels are not organs (domain-
+            randomised pairs): left out of ``L_seg``; ``None``: all valid.
+        identity: ``(B,)`` bool identity samples (zero true field), see :func:`reg_loss`.
+        identity_weight: Weight of their zero-field term.
 
     Returns:
         Task name -> :class:`TaskLoss`, in the order of ``tasks``.
@@ -343,9 +409,23 @@ def compute_task_losses(
             kind = "segmentation logits" if task == "seg" else "displacement fields"
             raise ValueError(f"task {task!r} needs {kind}, which this network does not output")
         if task == "seg":
-            losses[task] = seg_loss(output.seg, fixed_labels)
+            seg_mask = class_mask
+            if seg_valid is not None:
+                base = (
+                    class_mask
+                    if class_mask is not None
+                    else torch.ones(
+                        (fixed.shape[0], NUM_CLASSES), device=fixed.device, dtype=fixed.dtype
+                    )
+                )
+                seg_mask = base * seg_valid.to(base.dtype)[:, None]
+            losses[task] = seg_loss(output.seg, fixed_labels, class_mask=seg_mask)
         elif task == "reg":
-            losses[task] = reg_loss(output.dvf, fixed, moving)
+            losses[task] = reg_loss(
+                output.dvf, fixed, moving, identity=identity, identity_weight=identity_weight
+            )
         else:
-            losses[task] = reg_dsc_loss(output.dvf, fixed_labels, moving_labels)
+            losses[task] = reg_dsc_loss(
+                output.dvf, fixed_labels, moving_labels, class_mask=class_mask
+            )
     return losses

@@ -43,6 +43,7 @@ from training.config import DataConfig, PhantomSource, SyntheticSource, TrainCon
 from training.data import PatchBatch, TrainingPair, discover_pairs, load_pair, phantom_pair
 from training.losses import TASKS_BY_NETWORK, TaskLoss, compute_task_losses
 from training.networks import LEVELS, build
+from training.store import load_store
 from training.weighting import HomoscedasticWeighting, LossWeighting, build_weighting
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,44 @@ def git_sha() -> str:
         return "unknown"
     sha = res.stdout.strip()
     return sha if res.returncode == 0 and sha else "unknown"
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, amp: bool, precision: str) -> torch.dtype | None:
+    """The autocast dtype of the network's forward pass, or ``None`` for plain fp32.
+
+    CUDA: fp16 when ``amp``. CPU: bf16 for ``precision="bf16"``, or for ``"auto"`` on a CPU with
+    native bf16 (:func:`cpu_supports_bf16`).
+    """
+    if device.type == "cuda":
+        return torch.float16 if amp else None
+    if precision == "bf16" or (precision == "auto" and cpu_supports_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def lr_factor(step: int, iterations: int, warmup: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the base lr at optimiser step ``step`` (0-based).
+
+    ``constant``: 1. ``cosine``: linear from 0.1 to 1 over ``warmup`` steps, then
+    ``min_ratio + (1 - min_ratio) (1 + cos(pi t)) / 2`` with ``t`` going from 0 to 1 at
+    ``iterations`` (and staying there).
+    """
+    if kind == "constant":
+        return 1.0
+    if warmup and step < warmup:
+        return 0.1 + 0.9 * step / warmup
+    span = max(iterations - warmup, 1)
+    t = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def seed_everything(seed: int) -> None:
@@ -126,6 +165,24 @@ def load_pairs(data: DataConfig, cache_dir: Path) -> tuple[list[TrainingPair], l
         InvalidInput: When training and validation overlap or no training pair is left.
     """
     val = data.validation
+    if data.store is not None:
+        st = data.store
+        train = load_store(st.path, sources=st.sources, exclude_groups=st.exclude_groups)
+        held = {p.group for p in train} & set(st.exclude_groups)
+        if held:  # pragma: no cover - load_store already drops them
+            raise InvalidInput(f"held-out groups {sorted(held)} found in the training pairs")
+        valid: list[TrainingPair] = []
+        if val.store is not None:
+            valid = load_store(
+                val.store.path, sources=val.store.sources, exclude_groups=val.store.exclude_groups
+            )
+            overlap = {p.key for p in valid} & {p.key for p in train}
+            if overlap:
+                raise InvalidInput(f"pairs {sorted(overlap)[:5]} are both training and validation")
+        valid += source_pairs(val.phantoms, val.synthetic)
+        if not train:
+            raise InvalidInput(f"{st.path}: no training pair left after the source/group filters")
+        return train, valid[: val.max_pairs]
     if data.root is not None:
         cache = data.cache_dir or cache_dir
         held_out = set(val.patients)
@@ -180,7 +237,7 @@ def _loss_columns(tasks: Sequence[str], terms: Mapping[str, Sequence[str]]) -> l
     return cols
 
 
-_TERMS = {"reg": ("ncc", "bending")}
+_TERMS = {"reg": ("ncc", "bending", "identity")}
 
 
 @dataclass
@@ -232,6 +289,7 @@ class Trainer:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.amp = bool(config.amp and self.device.type == "cuda")
+        self.autocast = autocast_dtype(self.device, config.amp, config.precision)
         if train_pairs is None:
             train, valid = load_pairs(config.data, self.out / "cache")
         else:
@@ -249,6 +307,17 @@ class Trainer:
         ).to(self.device)
         params = list(self.net.parameters()) + list(self.weighting.parameters())
         self.optimizer = torch.optim.RAdam(params, lr=config.lr)
+        sch = config.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(
+                step,
+                sch.horizon or config.iterations,
+                sch.warmup,
+                sch.name,
+                sch.min_lr / config.lr,
+            ),
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         from training.data import PatchSampler
 
@@ -259,13 +328,18 @@ class Trainer:
             patches_per_pair=config.patches_per_pair,
             swap=config.swap,
             seed=config.seed,
+            identity_share=config.data.identity_share,
+            synthmorph_share=config.data.synthmorph_share,
         )
+        self.data_s = 0.0  # wall time spent drawing batches in this process
         self.step = 0
         self.epoch = 0
         self.best_dice = -math.inf
         self.best_step = -1
         self.sha = git_sha()
-        self.columns = ["step", "epoch", "wall_s", "lr", *_loss_columns(self.tasks, _TERMS)]
+        self.columns = [
+            "step", "epoch", "wall_s", "data_s", "lr", *_loss_columns(self.tasks, _TERMS)
+        ]  # fmt: skip
         self.columns += [f"weight_{t}" for t in self.tasks]
         if isinstance(self.weighting, HomoscedasticWeighting):
             self.columns += [f"log_var_{t}" for t in self.tasks]
@@ -297,6 +371,7 @@ class Trainer:
             "patch_size": self.config.patch_size,
             "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "weighting": self.weighting.state_dict(),
             "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state(),
@@ -328,6 +403,8 @@ class Trainer:
         self.net.load_state_dict(ckpt["model"])
         self.weighting.load_state_dict(ckpt["weighting"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "scheduler" in ckpt:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.set_state(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -350,15 +427,47 @@ class Trainer:
 
         return t(batch.fixed), t(batch.moving), t(batch.fixed_labels), t(batch.moving_labels)
 
+    def _extras(self, batch: PatchBatch) -> dict[str, torch.Tensor | None]:
+        """Per-sample class masks, segmentation validity and identity flags as tensors."""
+
+        def t(a: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
+            if a is None:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
+
+        return {
+            "class_mask": t(batch.class_mask, torch.float32),
+            "seg_valid": t(batch.seg_valid, torch.bool),
+            "identity": t(batch.identity, torch.bool),
+        }
+
     def train_step(self) -> dict[str, float]:
         """Draw a batch, do one optimiser step, and return the logged values of this step."""
-        fixed, moving, fixed_labels, moving_labels = self._tensors(self.sampler.sample())
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        t_data = time.perf_counter()
+        batch = self.sampler.sample()
+        fixed, moving, fixed_labels, moving_labels = self._tensors(batch)
+        extras = self._extras(batch)
+        self.data_s += time.perf_counter() - t_data
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast or torch.float32,
+            enabled=self.autocast is not None,
+        ):
             out = self.net(fixed, moving, moving_labels)
         # losses in float32 (NCC and Dice sums are fragile in half precision)
         out.seg = {k: v.float() for k, v in out.seg.items()}
         out.dvf = {k: v.float() for k, v in out.dvf.items()}
-        losses = compute_task_losses(out, fixed, moving, fixed_labels, moving_labels, self.tasks)
+        losses = compute_task_losses(
+            out,
+            fixed,
+            moving,
+            fixed_labels,
+            moving_labels,
+            self.tasks,
+            class_mask=extras["class_mask"],
+            seg_valid=extras["seg_valid"],
+            identity=extras["identity"],
+        )
         weights = self.weighting.weights()  # the weights used for this step
         total = self.weighting({t: v.total for t, v in losses.items()})
         if not torch.isfinite(total):
@@ -367,6 +476,7 @@ class Trainer:
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.scheduler.step()
         self.step += 1
         row = self._row(total, losses, weights)
         if self.step % self.config.steps_per_epoch == 0:
@@ -381,6 +491,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "wall_s": time.monotonic() - self._wall0,
+            "data_s": self.data_s,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "loss_total": float(total.detach()),
         }
@@ -415,10 +526,12 @@ class Trainer:
                 self.net, pair, window=self.config.data.validation.window, amp=self.amp
             )
             for path, labels in pred.labels().items():
-                metrics = organ_metrics(postprocess(labels), pair.fixed_labels)
+                metrics = organ_metrics(postprocess(labels), np.asarray(pair.fixed_labels))
                 for organ in ORGANS:
+                    if organ not in pair.known:  # not delineated in this scan
+                        continue
                     acc.setdefault(f"dice_{path}_{LABELS[organ]}", []).append(metrics[organ]["dsc"])
-        res = {k: float(np.mean(v)) for k, v in acc.items()}
+        res = {k: float(np.mean(v)) for k, v in sorted(acc.items())}
         path = "seg" if any(k.startswith("dice_seg_") for k in res) else "reg"
         res["dice_mean"] = float(
             np.mean([v for k, v in res.items() if k.startswith(f"dice_{path}_")])

@@ -71,21 +71,58 @@ class AnatomyParams:
         return asdict(self)
 
 
-def sample_anatomy(rng: np.random.Generator) -> AnatomyParams:
+#: Ranges of the "broad" variety (training data that generalises): prostate volume (cc),
+#: bladder volume (mL), body semi-axes (mm), fat thickness (mm), CT noise (HU).
+BROAD_RANGES: dict[str, tuple[float, float]] = {
+    "prostate_cc": (20.0, 100.0),
+    "bladder_ml": (80.0, 600.0),
+    "body_lr": (145.0, 240.0),
+    "body_ap": (95.0, 165.0),
+    "fat": (8.0, 50.0),
+    "noise": (8.0, 45.0),
+}
+VARIETIES = ("standard", "broad")
+
+
+def _ellipsoid_cc(radii: list[float]) -> float:
+    return float(4.0 / 3.0 * np.pi * radii[0] * radii[1] * radii[2] / 1000.0)
+
+
+def sample_anatomy(rng: np.random.Generator, variety: str = "standard") -> AnatomyParams:
     """Draw one patient's anatomy.
 
     Args:
         rng: random generator (the patient's).
+        variety: ``"standard"`` (the phantoms of the tests and the demo) or ``"broad"``: wider
+            anatomy for training data (`BROAD_RANGES`: prostate 20-100 cc, bladder 80-600 mL,
+            slimmer to heavier body habitus, CT noise 8-45 HU), drawn after the standard
+            parameters so that the rest of the anatomy stays consistent.
 
     Returns:
         The parameters (organ sizes and positions vary between patients).
     """
+    if variety not in VARIETIES:
+        raise ValueError(f"unknown phantom variety {variety!r}; expected one of {VARIETIES}")
 
     def u(a: float, b: float) -> float:
         return float(rng.uniform(a, b))
 
     pr = [u(20, 26), u(15, 19), u(18, 23)]  # prostate semi-axes LR, AP, SI: ~20-45 cc
     br = [u(35, 50), u(25, 35), u(24, 34)]
+    broad: dict[str, float] = {}
+    if variety == "broad":
+        vrng = np.random.default_rng(rng.integers(2**63))  # separate stream: standard draws kept
+
+        def logu(lo_hi: tuple[float, float]) -> float:
+            lo, hi = lo_hi
+            return float(np.exp(vrng.uniform(np.log(lo), np.log(hi))))
+
+        sp = (logu(BROAD_RANGES["prostate_cc"]) / _ellipsoid_cc(pr)) ** (1.0 / 3.0)
+        sb = (logu(BROAD_RANGES["bladder_ml"]) / _ellipsoid_cc(br)) ** (1.0 / 3.0)
+        pr = [r * sp for r in pr]
+        br = [r * sb for r in br]
+        broad = {k: float(vrng.uniform(*BROAD_RANGES[k])) for k in ("body_lr", "body_ap", "fat")}
+        broad["noise"] = float(vrng.uniform(*BROAD_RANGES["noise"]))
     z_bottom = pr[2] * u(0.78, 0.9)
     bc = [u(-4, 4), u(-12, -4), z_bottom + br[2]]
     base = [bc[0], bc[1] + 0.25 * br[1], bc[2] - 0.55 * br[2]]
@@ -115,6 +152,8 @@ def sample_anatomy(rng: np.random.Generator) -> AnatomyParams:
     rx = [side * v for v in (0, 0, 0, 0, 0, 0, 1.0, 3.0, 8.0, 18.0, 30.0)]
     rx = [v + u(-3, 3) * (1 if z > 0 else 0) for v, z in zip(rx, zs, strict=True)]
     body_lr, body_ap = u(160, 210), u(100, 140)
+    if broad:
+        body_lr, body_ap = broad["body_lr"], broad["body_ap"]
     pubis_y = -pr[1] - u(22, 30)
     pubis_z = u(-8, 0)
     body_y = pubis_y - u(35, 55) + body_ap
@@ -137,7 +176,7 @@ def sample_anatomy(rng: np.random.Generator) -> AnatomyParams:
         body_ap=body_ap,
         body_power=u(2.4, 3.2),
         body_y=body_y,
-        fat_thickness=u(12, 35),
+        fat_thickness=broad["fat"] if broad else u(12, 35),
         prostate_radii=pr,
         prostate_base_widening=u(0.05, 0.2),
         bladder_centre=bc,
@@ -161,7 +200,7 @@ def sample_anatomy(rng: np.random.Generator) -> AnatomyParams:
         sacrum_gap=u(6, 14),
         pelvic_fat_radii=[u(40, 48), u(45, 60), u(80, 100)],
         hu=hu,
-        noise_std=u(15, 30),
+        noise_std=broad["noise"] if broad else u(15, 30),
     )
 
 

@@ -109,7 +109,7 @@ def pairs() -> tuple[list, list]:
 
 def _losses(run: Path) -> dict[str, np.ndarray]:
     log = read_log(run / "train_log.csv")
-    return {k: v for k, v in log.items() if k != "wall_s"}
+    return {k: v for k, v in log.items() if k not in ("wall_s", "data_s")}
 
 
 def test_resume_is_bit_for_bit(tmp_path: Path, pairs: tuple[list, list]) -> None:
