@@ -133,6 +133,7 @@ class PhantomFraction:
         params: the fraction's changes (`FractionParams.as_dict`) plus "min_det_jacobian".
         patient: DICOM patient/study attributes (study date = planning + index days).
         study_instance_uid: the daily study's UID.
+        engine: "analytic" (the analytic pull map) or "organ" (`jrs.phantom.engine`).
     """
 
     index: int
@@ -146,15 +147,17 @@ class PhantomFraction:
     params: dict[str, Any]
     patient: PatientInfo
     study_instance_uid: str
+    engine: str = "analytic"
 
     def ct_series(self) -> CTSeries:
         """The daily CT as a DICOM series identity (deterministic UIDs, no files)."""
+        key: tuple[object, ...] = (self.seed, "fraction", self.index)
         return _series(
             self.ct,
             self.patient,
             self.patient_position,
             self.study_instance_uid,
-            (self.seed, "fraction", self.index),
+            key if self.engine == "analytic" else (*key, self.engine),
             f"Phantom daily CT {self.index}",
         )
 
@@ -303,6 +306,7 @@ def generate_patient(
     *,
     matrix: int = 512,
     slice_thickness: float | None = None,
+    variety: str = "standard",
 ) -> PhantomPatient:
     """Generate a synthetic patient's planning CT, labels and structures.
 
@@ -313,13 +317,14 @@ def generate_patient(
         matrix: in-plane matrix (rows = columns); pixels are 0.8-1.2 mm unless a small matrix
             forces larger ones to cover the body (tests use 256 for speed).
         slice_thickness: slice spacing in mm; drawn from 1.5, 2, 2.5, 3 when None.
+        variety: "standard" or "broad" anatomy (see `jrs.phantom.anatomy.sample_anatomy`).
 
     Returns:
         The patient (planning scan, ground truth and the model needed for fractions).
     """
     pos = _check_position(patient_position)
     rng = np.random.default_rng([seed, 0])
-    anatomy = sample_anatomy(rng)
+    anatomy = sample_anatomy(rng, variety)
     planning, anchor, grid_info = _grid(anatomy, rng, matrix, slice_thickness)
     pad = int(np.ceil(MODEL_PAD_MM / planning.spacing[2]))
     nz, ny, nx = planning.shape
@@ -435,8 +440,44 @@ def _daily_box(
     )
 
 
+def _organ_fraction(patient: PhantomPatient, index: int, seed: int | None) -> PhantomFraction:
+    """A fraction made by the organ-aware engine from the planning scan alone."""
+    from jrs.phantom.engine import synthesize_fraction
+
+    rng = np.random.default_rng(seed if seed is not None else [patient.seed, 2000 + index])
+    key: tuple[object, ...] = (patient.seed, "fraction", index, "organ")
+    if seed is not None:
+        key = (*key, seed)
+    made = synthesize_fraction(
+        patient.ct,
+        patient.labels,
+        patient.structures,
+        rng,
+        frame_of_reference_uid=_uid(*key, "frame"),
+    )
+    info = PatientInfo(**{**patient.patient.__dict__})
+    info.study_date = str(int(STUDY_DATE) + index) if index < 28 else STUDY_DATE
+    info.study_id = f"FX{index}"
+    info.study_description = f"Phantom daily CT fraction {index}"
+    gas = made.gas if made.gas is not None else np.zeros(patient.ct.geometry.shape, bool)
+    return PhantomFraction(
+        index=index,
+        seed=patient.seed,
+        patient_position=patient.patient_position,
+        ct=made.ct,
+        labels=made.labels,
+        structures={k: np.asarray(v, bool) for k, v in made.structures.items()},
+        gas=gas,
+        true_dvf=made.true_dvf,
+        params=made.params,
+        patient=info,
+        study_instance_uid=_uid(*key, "study"),
+        engine="organ",
+    )
+
+
 def generate_fraction(
-    patient: PhantomPatient, index: int, seed: int | None = None
+    patient: PhantomPatient, index: int, seed: int | None = None, engine: str = "analytic"
 ) -> PhantomFraction:
     """Generate a daily scan of `patient` with its exact ground truth.
 
@@ -445,10 +486,20 @@ def generate_fraction(
         index: fraction number (>= 1); with ``seed=None`` the fraction is a deterministic function
             of the patient's seed and `index`.
         seed: optional explicit seed of the fraction's randomness.
+        engine: "analytic" (the analytic pull map of `jrs.phantom.deformation`, applied to the
+            noiseless model) or "organ" (`jrs.phantom.engine.synthesize_fraction` applied to the
+            planning CT, labels and structures, as for a real planning scan).
 
     Returns:
         The fraction: daily CT, labels, structures, gas, true DVF (daily grid) and parameters.
+
+    Raises:
+        InvalidInput: an unknown `engine`.
     """
+    if engine == "organ":
+        return _organ_fraction(patient, index, seed)
+    if engine != "analytic":
+        raise InvalidInput(f"fraction engine {engine!r} unknown; use 'analytic' or 'organ'")
     m = patient.model
     rng = np.random.default_rng(seed if seed is not None else [patient.seed, 1000 + index])
     fp = sample_fraction(rng)
