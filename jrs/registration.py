@@ -5,6 +5,15 @@ scan to the corresponding point of the planning (moving) scan, so that resamplin
 scan with it gives the planning scan on the daily grid. Two stages, each multi-resolution on
 coarse, smoothed copies of the scans with a randomly sampled metric restricted to the body:
 rigid (Euler, initialised by the body centres of mass), then full affine.
+
+Reproducibility: the same inputs give bit-identical transforms. Two things make ITK registration
+vary from run to run, and both are fixed here: a sampling seed of 0 is ITK's "seed from the wall
+clock" (``sitk.sitkWallClock``), so user seeds are shifted to non-zero ITK seeds (`itk_seed`); and
+the metric's multi-threaded accumulation (Mattes mutual information with a B-spline transform adds
+per-thread joint-histogram derivatives in whatever order the threads finish) depends on the
+thread count and timing, so each registration runs its metric on a fixed number of threads
+(`REGISTRATION_THREADS`, 1 by default: results then also agree across machines with different
+core counts).
 """
 
 from __future__ import annotations
@@ -24,6 +33,31 @@ log = logging.getLogger(__name__)
 
 BODY_HU = -400.0
 BONE_HU = 200.0
+#: threads of one registration (metric and optimiser). More threads are faster but make the
+#: result depend on the thread count and, for Mattes mutual information, on thread timing.
+REGISTRATION_THREADS = 1
+
+
+def itk_seed(seed: int) -> int:
+    """The ITK sampling seed for a user seed: never 0 (0 is ``sitk.sitkWallClock``: random).
+
+    Args:
+        seed: a non-negative seed.
+
+    Returns:
+        ``seed + 1`` (so seeds 0, 1, 2, ... stay distinct and reproducible).
+
+    Raises:
+        InvalidInput: for a negative seed.
+    """
+    if seed < 0:
+        raise InvalidInput(f"registration seed must be >= 0, got {seed}")
+    return int(seed) + 1
+
+
+def _check_threads(threads: int) -> None:
+    if threads < 1:
+        raise InvalidInput(f"registration threads must be >= 1, got {threads}")
 
 
 @dataclass
@@ -85,13 +119,16 @@ def _register(
     iterations: int,
     sampling: float,
     seed: int,
+    threads: int,
     scales_from_shift: bool = True,
 ) -> tuple[sitk.Transform, float]:
     reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(threads)
+    reg.SetNumberOfWorkUnits(threads)
     reg.SetMetricAsCorrelation()
     reg.SetMetricFixedMask(fixed_mask)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, seed)
+    reg.SetMetricSamplingPercentage(sampling, itk_seed(seed))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0,
@@ -119,6 +156,7 @@ def affine_prealign(
     sampling: float = 0.1,
     iterations: int = 60,
     seed: int = 0,
+    threads: int = REGISTRATION_THREADS,
 ) -> AffineResult:
     """Align a planning CT (moving) onto a daily CT (fixed): rigid, then affine.
 
@@ -129,13 +167,15 @@ def affine_prealign(
         stages: ``rigid`` stops after the rigid stage; ``affine`` adds the affine stage.
         sampling: fraction of the fixed body voxels sampled per iteration.
         iterations: maximum iterations per resolution level.
-        seed: sampling seed (results are reproducible for a given seed).
+        seed: sampling seed (>= 0; the same seed and thread count give identical results).
+        threads: threads of each registration stage (see `REGISTRATION_THREADS`).
 
     Returns:
         The transforms (daily point -> planning point) with metric value and timings.
     """
     if fixed.is_vector or moving.is_vector:
         raise InvalidInput("affine_prealign needs scalar CT volumes (HU), got a vector volume")
+    _check_threads(threads)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     f = _coarse(fixed, spacing_mm)
@@ -157,7 +197,7 @@ def affine_prealign(
         f_body, m_body, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
     rigid_tx, rigid_metric = _register(
-        f, m, f_body, init, iterations=iterations, sampling=sampling, seed=seed
+        f, m, f_body, init, iterations=iterations, sampling=sampling, seed=seed, threads=threads
     )
     rigid = sitk.Euler3DTransform(sitk.CompositeTransform(rigid_tx).GetNthTransform(0))
     times["rigid"] = time.perf_counter() - t1
@@ -170,7 +210,14 @@ def affine_prealign(
     if stages == "affine":
         t2 = time.perf_counter()
         affine_tx, metric = _register(
-            f, m, f_body, affine, iterations=iterations, sampling=sampling, seed=seed + 1
+            f,
+            m,
+            f_body,
+            affine,
+            iterations=iterations,
+            sampling=sampling,
+            seed=seed + 1,
+            threads=threads,
         )
         affine = sitk.AffineTransform(sitk.CompositeTransform(affine_tx).GetNthTransform(0))
         times["affine"] = time.perf_counter() - t2
@@ -210,6 +257,7 @@ def bspline_register(
     iterations: int = 60,
     sampling: float = 0.05,
     seed: int = 0,
+    threads: int = REGISTRATION_THREADS,
 ) -> DeformableResult:
     """Iterative deformable registration (B-spline, multi-resolution): the elastix-like baseline.
 
@@ -227,13 +275,16 @@ def bspline_register(
         smoothing_mm: Gaussian smoothing sigma per level, mm.
         iterations: L-BFGS iterations per level.
         sampling: fraction of fixed voxels sampled per iteration.
-        seed: sampling seed.
+        seed: sampling seed (>= 0; the same seed and thread count give identical results).
+        threads: threads of the registration (see `REGISTRATION_THREADS`; with more than one,
+            Mattes mutual information is not bit-reproducible).
 
     Returns:
         The composite transform (initial then B-spline) with metric and timing.
     """
     if len(shrink_factors) != len(smoothing_mm):
         raise InvalidInput("shrink_factors and smoothing_mm need one entry per level")
+    _check_threads(threads)
     t0 = time.perf_counter()
     f = sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32)
     m = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
@@ -243,6 +294,8 @@ def bspline_register(
     mesh = [max(1, round(float(e) / grid_spacing_mm / coarsest)) for e in extent]
     bspline = sitk.BSplineTransformInitializer(f, mesh, order=3)
     reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(threads)
+    reg.SetNumberOfWorkUnits(threads)
     if metric == "ncc":
         reg.SetMetricAsANTSNeighborhoodCorrelation(2)
     elif metric == "mattes":
@@ -253,7 +306,7 @@ def bspline_register(
         fixed.geometry.require_same_grid(fixed_mask.geometry, "fixed image and its mask")
         reg.SetMetricFixedMask(sitk.Cast(fixed_mask.to_sitk() > 0, sitk.sitkUInt8))
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, seed)
+    reg.SetMetricSamplingPercentage(sampling, itk_seed(seed))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsLBFGS2(
         solutionAccuracy=1e-5,

@@ -4,12 +4,17 @@ The daily CT and the masks are resampled onto a 1 mm canonical grid (LPS axes) a
 structures, so every scan orientation (HFS, FFS, prone, oblique) is shown the same way: axial in
 the radiological convention (patient's right on the left, anterior up), sagittal with anterior on
 the left and cranial up, coronal with the patient's right on the left and cranial up. New contours
-are solid; planning contours (after pre-alignment, before deformation) are dashed; structures
-flagged by QA are listed in red in the legend.
+are solid; planning contours (after pre-alignment, before deformation) are dashed.
+
+Structures flagged by QA are marked by a pattern, never by a colour (an organ may have any colour:
+the prostate's default is red): their inside is hatched, their outline gets a dotted white halo,
+a "⚠" marker sits on them in every view, and a "⚠ FLAG: <name>: <reason>" line per flag is
+printed above the views.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,12 +25,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from jrs.errors import InvalidInput
 from jrs.geometry import Volume
 from jrs.preprocess import canonical_grid, mask_box
 
 DEFAULT_COLOR = (0, 255, 0)
+#: the mark of a flagged structure (a glyph, not a colour).
+FLAG_MARK = "\u26a0"
+FLAG_HATCH = "////"
 
 
 def _rgb(color: Sequence[int] | None) -> tuple[float, float, float]:
@@ -41,7 +50,7 @@ def render_review(
     planned: Mapping[str, npt.NDArray[np.bool_]] | None = None,
     colors: Mapping[str, Sequence[int]] | None = None,
     focus: str | None = None,
-    flagged: Sequence[str] = (),
+    flagged: Sequence[str] | Mapping[str, Sequence[str]] = (),
     title: str = "",
     margin_mm: float = 40.0,
     window: tuple[float, float] = (40.0, 400.0),
@@ -56,7 +65,8 @@ def render_review(
             (drawn dashed).
         colors: ROI name -> (r, g, b) 0..255.
         focus: ROI whose centroid the three planes cross (default: the first non-empty ROI).
-        flagged: ROI names QA flagged (red in the legend).
+        flagged: ROI names QA flagged, or ROI name -> the flags' reasons (hatched, haloed,
+            marked with "⚠" and listed as "⚠ FLAG: <name>: <reason>").
         title: figure title (never patient identifiers).
         margin_mm: margin around the structures shown, mm.
         window: display window (level, width) in HU.
@@ -78,6 +88,7 @@ def render_review(
         vol = Volume(np.asarray(mask, dtype=np.uint8), ct.geometry)
         return vol.resample(grid, "linear", 0.0).array >= 0.5
 
+    reasons = flag_reasons(flagged)
     solid = {n: on_grid(contours[n]) for n in contours}
     dashed = {n: on_grid(m) for n, m in (planned or {}).items()}
     centre_name = focus if focus in solid and np.any(solid[focus]) else nonempty[0]
@@ -107,27 +118,34 @@ def render_review(
                 )
         for name, mask in solid.items():
             sl = cut(mask, view)
-            if sl.any():
-                ax.contour(
-                    sl,
-                    levels=[0.5],
-                    colors=[_rgb((colors or {}).get(name))],
-                    linewidths=1.4,
-                )
+            if not sl.any():
+                continue
+            if name in reasons:
+                _mark_flagged(ax, sl)
+            ax.contour(
+                sl,
+                levels=[0.5],
+                colors=[_rgb((colors or {}).get(name))],
+                linewidths=1.4,
+            )
         ax.set_title(names[view], color="white")
         ax.axis("off")
-    handles = [
-        Line2D(
-            [0],
-            [0],
-            color=_rgb((colors or {}).get(n)),
-            lw=2,
-            label=f"{n}{'  (check)' if n in flagged else ''}",
-        )
-        for n in nonempty
-    ]
+    handles: list[Line2D | Patch] = []
+    for n in nonempty:
+        if n in reasons:
+            handles.append(
+                Patch(
+                    facecolor="black",
+                    edgecolor=_rgb((colors or {}).get(n)),
+                    hatch=FLAG_HATCH,
+                    lw=2,
+                    label=f"{FLAG_MARK} {n}",
+                )
+            )
+        else:
+            handles.append(Line2D([0], [0], color=_rgb((colors or {}).get(n)), lw=2, label=n))
     handles.append(Line2D([0], [0], color="white", lw=1, ls="dashed", label="planning (dashed)"))
-    legend = fig.legend(
+    fig.legend(
         handles=handles,
         loc="lower center",
         ncol=min(len(handles), 6),
@@ -135,9 +153,19 @@ def render_review(
         labelcolor="white",
         frameon=False,
     )
-    for text in legend.get_texts():
-        if text.get_text().endswith("(check)"):
-            text.set_color("red")
+    lines = flag_lines(reasons)
+    if lines:
+        fig.text(  # above the title: the first thing a reviewer reads
+            0.01,
+            1.02,
+            "\n".join(lines),
+            color="white",
+            fontsize=10,
+            va="bottom",
+            ha="left",
+            fontweight="bold",
+            bbox={"facecolor": "black", "edgecolor": "white", "linestyle": "dashed"},
+        )
     if title:
         fig.suptitle(title, color="white")
     out = Path(path)
@@ -145,3 +173,39 @@ def render_review(
     fig.savefig(out, dpi=80, facecolor="black", bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def flag_reasons(flagged: Sequence[str] | Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """ROI name -> reasons (``["flagged by QA"]`` when only names are given)."""
+    if isinstance(flagged, Mapping):
+        return {str(n): [str(r) for r in rs] or ["flagged by QA"] for n, rs in flagged.items()}
+    return {str(n): ["flagged by QA"] for n in flagged}
+
+
+def flag_lines(reasons: Mapping[str, Sequence[str]], width: int = 150) -> list[str]:
+    """The text printed under the views: one ``⚠ FLAG: <name>: <reason>`` per flag (wrapped)."""
+    out: list[str] = []
+    for name, rs in reasons.items():
+        for r in rs:
+            out += textwrap.wrap(f"{FLAG_MARK} FLAG: {name}: {r}", width, subsequent_indent="    ")
+    return out
+
+
+def _mark_flagged(ax: plt.Axes, sl: npt.NDArray[np.bool_]) -> None:
+    """Hatch a flagged structure's cut, halo its outline (dotted white), put "⚠" on it."""
+    with plt.rc_context({"hatch.color": "white", "hatch.linewidth": 0.8}):
+        ax.contourf(sl.astype(np.uint8), levels=[0.5, 1.5], colors="none", hatches=[FLAG_HATCH])
+    ax.contour(sl, levels=[0.5], colors=["white"], linewidths=3.2, linestyles=":")
+    rows, cols = np.nonzero(sl)
+    top = int(np.argmin(rows))
+    ax.text(
+        float(cols[top]),
+        float(rows[top]),
+        FLAG_MARK,
+        color="white",
+        fontsize=13,
+        ha="center",
+        va="bottom",
+        fontweight="bold",
+        bbox={"facecolor": "black", "edgecolor": "white", "pad": 0.5},
+    )

@@ -19,4 +19,4 @@ def test_prealign_benchmark_reports_time_memory_and_accuracy(tmp_path: Path) -> 
 def test_unknown_benchmark_is_a_clear_error() -> None:
     result = CliRunner().invoke(app, ["benchmark", "everything"])
     assert result.exit_code == 2
-    assert "use phantom, prealign, recontour, heldout or service" in result.stderr
+    assert "use phantom, prealign, recontour, heldout, engines, service or gpu" in result.stderr

@@ -38,7 +38,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(model_dir: Path):  # type: ignore[no-untyped-def]
-    return load_model(model_dir, "cpu", intra_op_threads=1)
+    # ONNX Runtime fp32: the reference the tiling tests compare with (OpenVINO: test_engines.py)
+    return load_model(model_dir, "cpu", engine="onnxruntime", intra_op_threads=1)
 
 
 def volumes(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -161,7 +162,7 @@ def test_auto_falls_back_to_cpu_with_warning(
     model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="jrs.inference"):
-        m = load_model(model_dir, "auto")
+        m = load_model(model_dir, "auto", engine="onnxruntime")
     assert m.execution_provider == CPU_PROVIDER and not m.on_gpu
     assert any(
         r.levelno == logging.WARNING and CUDA_PROVIDER in r.getMessage() for r in caplog.records

@@ -23,7 +23,14 @@ from jrs.errors import ModelNotReady
 from jrs.geometry import Geometry, Volume
 from jrs.metrics import dice
 from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
-from jrs.pipeline import RecontourOptions, _taper, default_model_dir, recontour
+from jrs.pipeline import (
+    DEFAULT_DVF_SPACING_MM,
+    RecontourOptions,
+    _taper,
+    default_model_dir,
+    dvf_grid,
+    recontour,
+)
 from jrs.transforms import sample_dvf
 
 
@@ -84,10 +91,18 @@ def test_recontour_writes_every_output_consistently(
     for organ in ("Bladder", "Prostate", "Rectum"):
         assert dice(masks[organ].array, fraction.structures[organ]) > 0.6, organ
 
-    # the DVF is on the daily grid, and equals the affine pre-alignment where the network's is 0
+    # the DVF is on a 3 mm grid over the daily CT by default (it was the daily CT grid itself
+    # before the default changed; that grid is still written on request, see the "shift" run),
+    # and equals the affine pre-alignment where the network's is 0
     dvf = Volume.read(str(result.dvf))
-    assert dvf.geometry.same_grid(daily.volume.geometry)
+    assert DEFAULT_DVF_SPACING_MM == 3.0
+    assert dvf.geometry.same_grid(dvf_grid(daily.volume.geometry, DEFAULT_DVF_SPACING_MM))
+    np.testing.assert_allclose(dvf.geometry.spacing, [3.0, 3.0, 3.0])
+    full = Volume.read(str(runs["shift"].dvf))
+    assert full.geometry.same_grid(daily.volume.geometry)
     qa = json.loads(result.qa.read_text())
+    assert qa["dvf"]["grid"]["daily_ct_grid"] is False
+    np.testing.assert_allclose(qa["dvf"]["grid"]["spacing_mm"], [3.0, 3.0, 3.0])
     matrix = np.array(qa["prealign"]["matrix"]).reshape(3, 3)
     corner = daily.volume.geometry.corners()[:1]
     reg = read_deformable_registration(result.registration)
@@ -143,7 +158,7 @@ def runs(case: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> di
             *args,
             out / "shift",
             backend=ShiftBackend((0.0, 3.0, 0.0)),
-            options=RecontourOptions(path_choice={"prostate": "registration"}),
+            options=RecontourOptions(path_choice={"prostate": "registration"}, dvf_spacing_mm=None),
         ),
     }
 

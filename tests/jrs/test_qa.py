@@ -40,3 +40,104 @@ def test_structure_flags_name_their_reason() -> None:
         QaThresholds(),
     )
     assert any("border" in f for f in edge.flags)
+
+
+# ------------------------------------------------------------------ issue 13: flag mechanisms
+def test_prostate_volume_change_of_15_percent_is_flagged() -> None:
+    """The same pelvis twice grew the prostate by 14.5 %: the prostate hardly changes."""
+    grown = flag_structure(StructureQa("Prostata", "prostate", "registration", 40.0, 45.8))
+    assert grown.flag_codes == ["volume_change"]
+    assert grown.volume_change == pytest.approx(0.145)
+    assert "+14 %" in grown.flags[0] or "+15 %" in grown.flags[0]
+    bladder = flag_structure(StructureQa("Bladder", "bladder", "registration", 200.0, 290.0))
+    assert bladder.flags == []  # +45 %: a bladder fills
+    halved = flag_structure(StructureQa("Bladder", "bladder", "registration", 200.0, 60.0))
+    assert halved.flag_codes == ["volume_change"]  # -70 %
+
+
+def test_thresholds_live_in_one_place() -> None:
+    t = QaThresholds(volume_change_range={"prostate": (-0.2, 0.2)})
+    assert flag_structure(StructureQa("P", "prostate", "registration", 40.0, 45.8), t).flags == []
+
+
+def test_path_disagreement_is_silenced_for_a_path_not_validated() -> None:
+    from jrs.qa import validated_paths
+
+    noisy = StructureQa("Prostate", "prostate", "registration", 40.0, 40.0, path_dice=0.05)
+    assert flag_structure(noisy).flag_codes == ["path_disagreement"]
+    noisy.paths_validated = False
+    assert flag_structure(noisy).flags == []
+    assert noisy.path_dice == 0.05  # the figure stays, for calibration
+
+    # the bundled models' metadata: path_choice only -> the path not chosen is not vouched for
+    v2 = {"path_choice": {"prostate": "registration"}}
+    assert validated_paths(v2, "prostate") == {"registration"}
+    assert validated_paths(v2, "bladder") == {"segmentation", "registration"}
+    explicit = {
+        "path_choice": {"prostate": "registration"},
+        "validated_paths": {"prostate": ["segmentation", "registration"], "*": ["registration"]},
+    }
+    assert validated_paths(explicit, "prostate") == {"segmentation", "registration"}
+    assert validated_paths(explicit, "rectum") == {"registration"}
+    assert validated_paths(None, "prostate") == {"segmentation", "registration"}
+
+
+def test_contour_touching_the_network_box_is_flagged() -> None:
+    edge = flag_structure(
+        StructureQa("Bladder", "bladder", "registration", 100.0, 101.0, touches_crop_border=True)
+    )
+    assert edge.flag_codes == ["touches_box"]
+    quiet = flag_structure(
+        StructureQa("Bladder", "bladder", "registration", 100.0, 101.0, touches_crop_border=True),
+        QaThresholds(flag_touching_box=False),
+    )
+    assert quiet.flags == []
+
+
+def test_jacobian_outliers_inside_an_organ_are_flagged() -> None:
+    from jrs.qa import jacobian_report
+
+    pts = G.voxel_centres()
+    centre = pts.reshape(-1, 3).mean(axis=0)
+    inside = np.linalg.norm(pts - centre, axis=-1) < 6
+    # a local squeeze: x -> x + a * exp(-r^2/s^2) (x - c) shrinks det J well below 1 at the centre
+    r2 = ((pts - centre) ** 2).sum(axis=-1)
+    squeeze = (-0.6 * np.exp(-r2 / 4.0**2))[..., None] * (pts - centre)
+    body = np.ones(G.shape, bool)
+    stats, organs = jacobian_report(
+        Volume(squeeze.astype(np.float32), G),
+        body,
+        {"Prostate": ("prostate", inside), "Empty": (None, np.zeros(G.shape, bool))},
+    )
+    assert stats["min"] < 0.5
+    jac = organs["Prostate"]
+    assert jac is not None and jac["min"] < 0.7 and jac["outlier_fraction"] > 0.05
+    assert organs["Empty"] is None
+    qa = flag_structure(
+        StructureQa("Prostate", "prostate", "registration", 40.0, 40.0, jacobian=jac)
+    )
+    assert qa.flag_codes == ["jacobian_outliers"]
+    assert "det J outside 0.7 .. 1.4" in qa.flags[0]
+    # a translation is not an outlier anywhere
+    shift = np.broadcast_to(np.float32([3.0, -2.0, 1.0]), (*G.shape, 3)).copy()
+    _, calm = jacobian_report(Volume(shift, G), None, {"Prostate": ("prostate", inside)})
+    assert calm["Prostate"] is not None and calm["Prostate"]["outlier_fraction"] == 0.0
+
+
+def test_good_structures_raise_no_flag_at_all() -> None:
+    """Flags that always fire are noise: a quiet case is quiet."""
+    from jrs.qa import FLAG_CODES
+
+    jac = {"min": 0.95, "max": 1.05, "outlier_fraction": 0.0, "folding_fraction": 0.0}
+    jac |= {"low": 0.7, "high": 1.4}
+    for organ, before, after in [
+        ("prostate", 40.0, 41.0),
+        ("bladder", 200.0, 260.0),
+        ("rectum", 60.0, 75.0),
+        ("seminal_vesicles", 8.0, 7.0),
+    ]:
+        qa = flag_structure(
+            StructureQa(organ, organ, "registration", before, after, 0.9, jacobian=jac)
+        )
+        assert qa.flags == [] and qa.flag_codes == [], organ
+    assert set(FLAG_CODES) >= {"volume_change", "jacobian_outliers", "touches_box"}

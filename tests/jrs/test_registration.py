@@ -112,3 +112,75 @@ def test_bspline_rejects_unknown_metric_and_level_mismatch() -> None:
         bspline_register(vol, vol, metric="mi")  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="one entry per level"):
         bspline_register(vol, vol, shrink_factors=(2, 1), smoothing_mm=(1.0,))
+
+
+# ------------------------------------------------------------------ issue 13: reproducibility
+@pytest.fixture(scope="module")
+def phantom_pair() -> tuple[Volume, Volume, Volume]:
+    """A small synthetic planning scan, a daily fraction of it and its organ labels."""
+    from jrs.phantom import generate_fraction, generate_patient
+
+    patient = generate_patient(3, matrix=128)
+    fraction = generate_fraction(patient, 1)
+    return patient.ct, fraction.ct, fraction.labels
+
+
+def test_seed_zero_is_not_the_wall_clock() -> None:
+    from jrs.registration import itk_seed
+
+    assert sitk.sitkWallClock == 0
+    assert [itk_seed(s) for s in (0, 1, 2)] == [1, 2, 3]
+    with pytest.raises(InvalidInput, match="seed must be >= 0"):
+        itk_seed(-1)
+
+
+def _params(tx: sitk.Transform) -> np.ndarray:
+    return np.asarray(tx.GetParameters(), float)
+
+
+def test_prealignment_is_reproducible_whatever_the_thread_count(
+    phantom_pair: tuple[Volume, Volume, Volume],
+) -> None:
+    """Two runs (and a run with another global thread count) give bit-identical transforms."""
+    planning, daily, _ = phantom_pair
+    first = affine_prealign(daily, planning)
+    second = affine_prealign(daily, planning)
+    np.testing.assert_array_equal(_params(first.transform), _params(second.transform))
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(4, before * 2))
+        third = affine_prealign(daily, planning)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    np.testing.assert_array_equal(_params(first.transform), _params(third.transform))
+    with pytest.raises(InvalidInput, match="threads must be >= 1"):
+        affine_prealign(daily, planning, threads=0)
+
+
+def test_bspline_is_reproducible(phantom_pair: tuple[Volume, Volume, Volume]) -> None:
+    """Mattes mutual information on several threads adds up in a varying order: not here."""
+    from jrs.preprocess import mask_box, prepare_pair
+    from jrs.registration import bspline_register
+
+    planning, daily, labels = phantom_pair
+    box = mask_box(labels.array == 4, daily.geometry, 15.0)  # around the prostate
+    pair = prepare_pair(
+        daily,
+        planning,
+        planning.with_array(np.zeros(planning.geometry.shape, np.uint8)),
+        box=box,
+        spacing=2.0,
+    )
+    fixed, moving = Volume(pair.fixed, pair.grid), Volume(pair.moving, pair.grid)
+    kwargs: dict = {"shrink_factors": (2, 1), "smoothing_mm": (2.0, 0.0), "iterations": 15}
+    runs = [bspline_register(fixed, moving, **kwargs) for _ in range(2)]
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(4, before * 2))
+        runs.append(bspline_register(fixed, moving, **kwargs))
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    last = [r.transform.GetNthTransform(r.transform.GetNumberOfTransforms() - 1) for r in runs]
+    assert np.abs(_params(last[0])).max() > 0  # it did move
+    for other in last[1:]:
+        np.testing.assert_array_equal(_params(last[0]), _params(other))

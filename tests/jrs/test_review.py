@@ -81,3 +81,48 @@ def test_contours_are_drawn_where_the_structure_is(tmp_path: Path) -> None:
     blue_rows = np.nonzero(blue.any(axis=1))[0]
     assert rows.size and blue_rows.size
     assert rows.mean() < blue_rows.mean()  # the anterior blob sits above the big structure's centre
+
+
+# ------------------------------------------------------------------ issue 13: flag marking
+def _axial(img: np.ndarray) -> np.ndarray:
+    return img[: int(img.shape[0] * 0.8), : img.shape[1] // 3]
+
+
+def test_flagged_structure_is_marked_by_a_pattern_not_a_colour(tmp_path: Path) -> None:
+    """The prostate's own colour is red: a flag must not be (only) red."""
+    ct, contours = _case()
+    colors = {"Prostate": (255, 0, 0)}
+    plain = mpimg.imread(render_review(ct, contours, tmp_path / "a.png", colors=colors))
+    flagged = mpimg.imread(
+        render_review(
+            ct,
+            contours,
+            tmp_path / "b.png",
+            colors=colors,
+            flagged={"Prostate": ["volume changed by +15 % from planning"]},
+        )
+    )
+
+    def white(img: np.ndarray) -> int:
+        return int(((img[..., 0] > 0.9) & (img[..., 1] > 0.9) & (img[..., 2] > 0.9)).sum())
+
+    def red(img: np.ndarray) -> int:
+        return int(((img[..., 0] > 0.8) & (img[..., 1] < 0.3) & (img[..., 2] < 0.3)).sum())
+
+    # hatching, a dotted white halo and the warning glyph: white pixels on the structure
+    assert white(_axial(flagged)) > white(_axial(plain)) + 100
+    # and no extra red anywhere: the flag is not told by colour
+    assert red(flagged) <= red(plain) * 1.2 + 50
+    # the text lines above the views make the figure taller
+    assert flagged.shape[0] > plain.shape[0]
+
+
+def test_flag_lines_name_structure_and_reason() -> None:
+    from jrs.review import flag_lines, flag_reasons
+
+    reasons = flag_reasons({"Prostate": ["volume changed by +15 %", "DVF implausible"]})
+    assert flag_lines(reasons) == [
+        "\u26a0 FLAG: Prostate: volume changed by +15 %",
+        "\u26a0 FLAG: Prostate: DVF implausible",
+    ]
+    assert flag_reasons(["PTV"]) == {"PTV": ["flagged by QA"]}
