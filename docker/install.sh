@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install the jrs service (the `serve` extra: FastAPI + ONNX Runtime, never torch) into a
-# virtual environment, then check the result. The Dockerfiles RUN this script in their build stage;
+# Install the jrs service (the `serve` extra: FastAPI + ONNX Runtime + OpenVINO, never torch) into
+# a virtual environment, then check the result. The Dockerfiles RUN this script in their build stage;
 # tests/deploy/test_install.py runs it into a throw-away venv.
 #
 # usage: docker/install.sh VENV [cpu|gpu] [SOURCE]
@@ -46,6 +46,7 @@ import importlib.util
 import sys
 
 import onnxruntime
+import openvino
 
 import jrs_cli
 import service.app
@@ -56,5 +57,10 @@ if importlib.util.find_spec("torch") is not None:
 providers = onnxruntime.get_available_providers()
 if flavour == "gpu" and "CUDAExecutionProvider" not in providers:
     sys.exit(f"install.sh: onnxruntime has no CUDAExecutionProvider (providers: {providers})")
-print(f"install.sh: jrs ({flavour}) ready; onnxruntime {onnxruntime.__version__} {providers}")
+# the CPU engine (JRS_ENGINE=auto on the CPU): OpenVINO must see the CPU
+capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+print(
+    f"install.sh: jrs ({flavour}) ready; onnxruntime {onnxruntime.__version__} {providers}; "
+    f"openvino {openvino.__version__} CPU {list(capabilities)}"
+)
 PY

@@ -24,6 +24,17 @@ Command line::
     python client.py --url http://jrs.hospital.local:8000 --out export/result \
         --planning export/planning --daily export/daily
 
+A patient's planning can be uploaded once (``POST /v1/patients``; the server adapts a patient
+model in the background where it can train), then only each daily CT is sent::
+
+    python client.py --url URL --new-patient --planning export/planning   # prints the id
+    python client.py --url URL --patient ID --daily export/daily_fx3 --out export/fx3
+    python client.py --url URL --patient ID --status     # adaptation status and figures
+    python client.py --url URL --patient ID --delete     # planning, model and fractions go
+
+``qa.json`` of a fraction says which model contoured it (``model.kind``: ``patient`` or
+``generic``, and ``patient.generic_because``).
+
 Exit codes (the message on stderr carries the server's error code, detail and request id):
 
     0  the job succeeded, the files are in --out
@@ -41,7 +52,9 @@ As a module::
         job = client.wait_for_job(http, job, timeout_s=1800, first_delay_s=hint)
         files = client.download(http, job, out_dir)
 
-or ``client.recontour(url, key, [planning_dir], [daily_dir], out_dir)`` for all three steps.
+or ``client.recontour(url, key, [planning_dir], [daily_dir], out_dir)`` for all three steps, and
+``create_patient``, ``get_patient``, ``wait_for_adaptation``, ``submit_fraction``,
+``delete_patient`` for the patient workflow.
 """
 
 from __future__ import annotations
@@ -189,12 +202,31 @@ def submit(
         ClientError: refused, unreachable, or still busy after `busy_timeout_s`.
     """
     params = {"wait": "true", "timeout": str(wait_s)} if wait_s > 0 else {"wait": "false"}
+    fields = {"planning": planning, "daily": daily}
+    r = post_files(http, "/v1/recontour", fields, params, wait_s, busy_timeout_s, (200, 202))
+    return r.json(), retry_after(r) if r.status_code == 202 else None
+
+
+def post_files(
+    http: httpx.Client,
+    url: str,
+    fields: dict[str, Sequence[Path]],
+    params: dict[str, str],
+    wait_s: float,
+    busy_timeout_s: float,
+    accepted: Sequence[int],
+) -> httpx.Response:
+    """POST each field's paths as one zip; retry 503/507 after ``Retry-After`` (the protocol).
+
+    Returns:
+        The accepted answer (status in `accepted`).
+
+    Raises:
+        ClientError: refused, unreachable, or still busy after `busy_timeout_s`.
+    """
     timeout = httpx.Timeout(wait_s + 300.0, connect=10.0)
     with tempfile.TemporaryDirectory(prefix="jrs-client-") as tmp:
-        zips = {
-            "planning": zip_inputs(planning, Path(tmp) / "planning.zip"),
-            "daily": zip_inputs(daily, Path(tmp) / "daily.zip"),
-        }
+        zips = {f: zip_inputs(paths, Path(tmp) / f"{f}.zip") for f, paths in fields.items()}
         deadline = time.monotonic() + busy_timeout_s
         pause = 2.0
         while True:
@@ -204,7 +236,7 @@ def submit(
                     for field, path in zips.items()
                 ]
                 try:
-                    r = http.post("/v1/recontour", params=params, files=files, timeout=timeout)
+                    r = http.post(url, params=params, files=files, timeout=timeout)
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                     # the request never reached the server: safe to send again
                     error = ClientError(
@@ -213,13 +245,12 @@ def submit(
                     delay = pause
                 except httpx.TransportError as exc:  # it may have been accepted: do not resend
                     raise ClientError(
-                        f"POST /v1/recontour: {type(exc).__name__}: {exc}",
-                        EXIT_UNAVAILABLE,
+                        f"POST {url}: {type(exc).__name__}: {exc}", EXIT_UNAVAILABLE
                     ) from exc
                 else:
-                    if r.status_code in (200, 202):
-                        return r.json(), retry_after(r) if r.status_code == 202 else None
-                    error = error_from(r, "POST /v1/recontour")
+                    if r.status_code in accepted:
+                        return r
+                    error = error_from(r, f"POST {url}")
                     if r.status_code not in (503, 507):
                         raise error
                     delay = retry_after(r) or pause
@@ -228,6 +259,85 @@ def submit(
             print(f"{error}; retrying in {delay:.0f} s", file=sys.stderr)
             time.sleep(delay)
             pause = min(pause * 1.5, 30.0)
+
+
+# ------------------------------------------------------------------ patients
+def create_patient(
+    http: httpx.Client, planning: Sequence[Path], *, busy_timeout_s: float = 600.0
+) -> dict[str, Any]:
+    """Upload a patient's planning CT + RTSTRUCT once (``POST /v1/patients``).
+
+    Returns:
+        The patient (``id``; ``adaptation.status``: queued, or unavailable with the reason).
+
+    Raises:
+        ClientError: refused (e.g. no ROI maps to an organ), unreachable or busy.
+    """
+    r = post_files(http, "/v1/patients", {"planning": planning}, {}, 0.0, busy_timeout_s, (201,))
+    patient: dict[str, Any] = r.json()
+    return patient
+
+
+def get_patient(http: httpx.Client, patient_id: str) -> dict[str, Any]:
+    """The patient (``GET /v1/patients/{id}``): adaptation status, progress, figures, fractions.
+
+    Raises:
+        ClientError: unknown (404: deleted, or past the retention) or refused.
+    """
+    r = http.get(f"/v1/patients/{patient_id}")
+    if r.status_code != 200:
+        raise error_from(r, f"GET /v1/patients/{patient_id}")
+    patient: dict[str, Any] = r.json()
+    return patient
+
+
+def wait_for_adaptation(
+    http: httpx.Client, patient_id: str, timeout_s: float = 1800.0, poll_s: float = 10.0
+) -> dict[str, Any]:
+    """Poll the patient until its adaptation is over (succeeded, failed or unavailable).
+
+    Fractions never need this: before the patient model is ready they use the generic model.
+
+    Returns:
+        The patient.
+
+    Raises:
+        ClientError: still queued/running after `timeout_s` (exit code 5).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        patient = get_patient(http, patient_id)
+        if patient["adaptation"]["status"] in ("succeeded", "failed", "unavailable"):
+            return patient
+        if time.monotonic() >= deadline:
+            raise ClientError(
+                f"patient {patient_id}: adaptation still {patient['adaptation']['status']} after "
+                f"{timeout_s:.0f} s",
+                EXIT_TIMEOUT,
+            )
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+def submit_fraction(
+    http: httpx.Client,
+    patient_id: str,
+    daily: Sequence[Path],
+    *,
+    wait_s: float = 30.0,
+    busy_timeout_s: float = 600.0,
+) -> tuple[dict[str, Any], float | None]:
+    """Send a daily CT of a patient (``POST /v1/patients/{id}/fractions``): a job, as `submit`."""
+    params = {"wait": "true", "timeout": str(wait_s)} if wait_s > 0 else {"wait": "false"}
+    url = f"/v1/patients/{patient_id}/fractions"
+    r = post_files(http, url, {"daily": daily}, params, wait_s, busy_timeout_s, (200, 202))
+    return r.json(), retry_after(r) if r.status_code == 202 else None
+
+
+def delete_patient(http: httpx.Client, patient_id: str) -> None:
+    """Delete a patient: planning, patient model and finished fractions (``DELETE``)."""
+    r = http.delete(f"/v1/patients/{patient_id}")
+    if r.status_code != 204:
+        raise error_from(r, f"DELETE /v1/patients/{patient_id}")
 
 
 def wait_for_job(
@@ -382,18 +492,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--url", required=True, help="service URL, e.g. http://host:8000")
     parser.add_argument("--api-key", default=os.environ.get("JRS_API_KEY"), help="or JRS_API_KEY")
-    parser.add_argument(
-        "--planning", nargs="+", type=Path, required=True, help="planning CT + RTSTRUCT"
-    )
-    parser.add_argument("--daily", nargs="+", type=Path, required=True, help="daily CT")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results")
+    parser.add_argument("--planning", nargs="+", type=Path, help="planning CT + RTSTRUCT")
+    parser.add_argument("--daily", nargs="+", type=Path, help="daily CT")
+    parser.add_argument("--out", type=Path, help="folder for the results")
     parser.add_argument("--timeout", type=float, default=1800.0, help="job deadline, s")
     parser.add_argument("--busy-timeout", type=float, default=600.0, help="503 retries, s")
     parser.add_argument("--wait", type=float, default=30.0, help="server-side wait per POST, s")
+    parser.add_argument(
+        "--new-patient", action="store_true", help="upload --planning once; prints the id"
+    )
+    parser.add_argument("--patient", help="patient id: send --daily to it, or --status/--delete")
+    parser.add_argument("--status", action="store_true", help="with --patient: show it")
+    parser.add_argument("--delete", action="store_true", help="with --patient: delete it")
+    parser.add_argument(
+        "--wait-adaptation", type=float, default=0.0, help="--new-patient: wait this long, s"
+    )
     args = parser.parse_args(argv)
     if not args.api_key:
         print("error: no API key: pass --api-key or set JRS_API_KEY", file=sys.stderr)
         return EXIT_AUTH
+    if args.new_patient or args.patient:
+        return patient_main(args)
+    if not (args.planning and args.daily and args.out):
+        parser.error("--planning, --daily and --out are needed (or --new-patient / --patient)")
     try:
         job, files = recontour(
             args.url,
@@ -413,6 +534,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     print(f"job {job['id']} succeeded")
     for line in qa_summary(json.loads(files["qa"].read_text(encoding="utf-8"))):
+        print("  " + line)
+    for path in files.values():
+        print(path)
+    return EXIT_OK
+
+
+def patient_main(args: argparse.Namespace) -> int:
+    """The patient commands of `main` (``--new-patient``, ``--patient ID ...``)."""
+    headers = {"Authorization": f"Bearer {args.api_key}"}
+    timeout = httpx.Timeout(300, connect=10)
+    try:
+        with httpx.Client(base_url=args.url, headers=headers, timeout=timeout) as http:
+            if args.new_patient:
+                if not args.planning:
+                    raise ClientError("--new-patient needs --planning", EXIT_REFUSED)
+                patient = create_patient(http, args.planning, busy_timeout_s=args.busy_timeout)
+                if args.wait_adaptation > 0:
+                    patient = wait_for_adaptation(http, patient["id"], args.wait_adaptation)
+                print(json.dumps(patient["adaptation"], indent=2), file=sys.stderr)
+                print(patient["id"])
+                return EXIT_OK
+            if args.delete:
+                delete_patient(http, args.patient)
+                print(f"patient {args.patient} deleted")
+                return EXIT_OK
+            if args.status or not args.daily:
+                print(json.dumps(get_patient(http, args.patient), indent=2))
+                return EXIT_OK
+            if not args.out:
+                raise ClientError("--patient ID --daily DIR needs --out", EXIT_REFUSED)
+            job, hint = submit_fraction(
+                http, args.patient, args.daily, wait_s=args.wait, busy_timeout_s=args.busy_timeout
+            )
+            job = wait_for_job(http, job, args.timeout, first_delay_s=hint)
+            if job["status"] != "succeeded":
+                err = job.get("error") or {}
+                raise ClientError(
+                    f"job {job['id']} failed: {err.get('code')}: {err.get('message')}",
+                    EXIT_JOB_FAILED,
+                    code=err.get("code"),
+                )
+            files = download(http, job, args.out)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except httpx.HTTPError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    qa = json.loads(files["qa"].read_text(encoding="utf-8"))
+    model = (qa.get("model") or {}).get("kind", "generic")
+    why = (qa.get("patient") or {}).get("generic_because")
+    print(f"job {job['id']} succeeded ({model} model{f': {why}' if why else ''})")
+    for line in qa_summary(qa):
         print("  " + line)
     for path in files.values():
         print(path)

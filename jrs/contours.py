@@ -2,10 +2,11 @@
 
 The two directions are exact inverses of each other on the voxel grid:
 
-* `mask_to_contours` traces each slice with marching squares (`skimage.measure.find_contours` on
-  the zero-padded slice at level 0.5). The polygon passes half-way between voxel centres inside and
-  outside the mask, so every voxel centre of the mask lies strictly inside it and every other
-  centre strictly outside.
+* `mask_to_contours` traces each slice with marching squares at level 0.5 on the zero-padded
+  slice (the rings `skimage.measure.find_contours` gives, foreground voxels touching diagonally
+  connected; `trace_rings` computes them for all slices at once with numpy). The polygon passes
+  half-way between voxel centres inside and outside the mask, so every voxel centre of the mask
+  lies strictly inside it and every other centre strictly outside.
 * `contours_to_mask` fills, on the slice whose plane a polygon lies in, exactly the voxels whose
   CENTRE is inside the polygon; polygons of one slice are combined by XOR, so holes (and islands in
   holes) come back.
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from skimage.measure import approximate_polygon, find_contours
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from jrs.errors import GeometryMismatch, InvalidInput
 from jrs.geometry import Geometry
@@ -97,6 +99,16 @@ def _signed_area_ij(ij: npt.NDArray[np.float64]) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
 
 
+def _distinct_fewer_than_3(points: npt.NDArray[np.float64]) -> bool:
+    """Whether (N, D) points hold fewer than 3 distinct ones (compared at 1e-6), in O(N)."""
+    r = np.round(points, 6)
+    differ = np.any(r != r[0], axis=1) if len(r) else np.zeros(0, bool)
+    if not differ.any():
+        return True
+    second = r[int(np.argmax(differ))]
+    return not bool(np.any(differ & np.any(r != second, axis=1)))
+
+
 def _drop_collinear(ij: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Remove repeated and exactly collinear vertices of a closed polygon ((N, 2), no repeat)."""
     keep = np.ones(len(ij), dtype=bool)
@@ -109,6 +121,114 @@ def _drop_collinear(ij: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     keep &= ~((np.abs(cross) < 1e-9) & (dot >= 0))  # straight continuation
     keep &= np.any(np.abs(a) > 1e-9, axis=1)  # duplicate of the previous point
     return ij[keep] if keep.sum() >= 3 else ij
+
+
+# ------------------------------------------------------------------------------ marching squares
+#: Cell corners as (row, col) offsets: top-left, top-right, bottom-right, bottom-left; a cell's
+#: case has bit ``2**n`` set when corner ``n`` is foreground.
+_CELL_CORNERS = ((0, 0), (0, 1), (1, 1), (1, 0))
+#: Cell edges: (corner, corner, edge midpoint in doubled (row, col) offsets).
+_CELL_EDGES = ((0, 1, (0, 1)), (1, 2, (1, 2)), (2, 3, (2, 1)), (3, 0, (1, 0)))
+
+
+def _segment_table() -> npt.NDArray[np.int64]:
+    """Marching-squares segments of the 16 cell cases at level 0.5.
+
+    Returns:
+        (16, 2, 2, 2): per case up to two directed segments, (start, end) edge midpoints in
+        doubled (row, col) offsets from the cell's top-left corner, each with the foreground on
+        its left in the (i = column, j = row) frame; unused entries are -1. In the two saddle
+        cases the foreground corners are connected (each background corner is cut off).
+    """
+    table = np.full((16, 2, 2, 2), -1, np.int64)
+    for case in range(16):
+        on = [(case >> bit) & 1 for bit in range(4)]
+        crossed = [e for e in range(4) if on[_CELL_EDGES[e][0]] != on[_CELL_EDGES[e][1]]]
+        if not crossed:
+            continue
+        if len(crossed) == 2:
+            pairs = [(crossed[0], crossed[1])]
+        else:  # saddle
+            pairs = [
+                (e1, e2)
+                for corner in range(4)
+                if not on[corner]
+                for e1, e2 in [tuple(e for e in range(4) if corner in _CELL_EDGES[e][:2])]
+            ]
+        fg_corner = 2 * np.array(_CELL_CORNERS[on.index(1)])
+        for s, (e1, e2) in enumerate(pairs):
+            p, q = np.array(_CELL_EDGES[e1][2]), np.array(_CELL_EDGES[e2][2])
+            v, w = q - p, fg_corner - p
+            if v[1] * w[0] - v[0] * w[1] < 0:  # cross product in (x = col, y = row)
+                p, q = q, p
+            table[case, s, 0], table[case, s, 1] = p, q
+    return table
+
+
+_SEGMENTS = _segment_table()
+
+
+def trace_rings(
+    foreground: npt.NDArray[np.bool_],
+) -> list[tuple[int, npt.NDArray[np.float64]]]:
+    """Closed level-0.5 rings of every slice of a binary stack, traced with numpy only.
+
+    Marching squares on each slice (the rings of ``skimage.measure.find_contours(slice, 0.5,
+    fully_connected="high")``, vertex for vertex), computed for all slices at once: the cells'
+    segments come from a lookup table, every vertex (an edge midpoint) has exactly one segment
+    leaving it, and the rings are the cycles of that successor map, found with a connected
+    components pass and put in order by pointer jumping.
+
+    Args:
+        foreground: (nz, H, W) boolean stack whose in-plane border is background.
+
+    Returns:
+        (slice index, (N, 2) (row, col) vertices) per ring, not closed (first vertex not
+        repeated), foreground on the left in the (col, row) frame: outer boundaries
+        counter-clockwise, holes clockwise; ordered by slice, then by smallest vertex.
+    """
+    _, h, w = foreground.shape
+    b = np.asarray(foreground, dtype=np.uint8)
+    case = b[:, :-1, :-1] | (b[:, :-1, 1:] << 1) | (b[:, 1:, 1:] << 2) | (b[:, 1:, :-1] << 3)
+    k, r, c = np.nonzero((case != 0) & (case != 15))
+    if k.size == 0:
+        return []
+    table = _SEGMENTS[case[k, r, c]]  # (cells, 2, 2, 2)
+    used = table[:, :, 0, 0] >= 0
+    ends = table + np.stack([2 * r, 2 * c], axis=-1)[:, None, None, :]
+    kk = np.broadcast_to(k[:, None], used.shape)[used].astype(np.int64)
+    start, end = ends[:, :, 0][used], ends[:, :, 1][used]
+    h2, w2 = 2 * h, 2 * w
+    sid = (kk * h2 + start[:, 0]) * w2 + start[:, 1]
+    eid = (kk * h2 + end[:, 0]) * w2 + end[:, 1]
+    order = np.argsort(sid)
+    sid, eid, kk = sid[order], eid[order], kk[order]
+    n = sid.size
+    nxt = np.searchsorted(sid, eid)  # the segment leaving each segment's end
+    graph = coo_matrix((np.ones(n, np.int8), (np.arange(n), nxt)), shape=(n, n))
+    rings, label = connected_components(graph, directed=True, connection="weak")
+    first = np.full(rings, n, np.int64)
+    np.minimum.at(first, label, np.arange(n))
+    # list ranking: cut every cycle before its first segment, count the steps to the cut
+    succ = nxt.copy()
+    last = succ == first[label]
+    succ[last] = np.flatnonzero(last)
+    rank = (~last).astype(np.int64)
+    while True:
+        jump = succ[succ]
+        if np.array_equal(jump, succ):
+            break
+        rank = rank + rank[succ]
+        succ = jump
+    idx = np.lexsort((-rank, label))
+    rows = ((sid // w2) % h2) / 2.0
+    cols = (sid % w2) / 2.0
+    out = [
+        (int(kk[part[0]]), np.column_stack([rows[part], cols[part]]))
+        for part in np.split(idx, np.flatnonzero(np.diff(label[idx])) + 1)
+    ]
+    out.sort(key=lambda item: (item[0], *item[1].min(axis=0)))
+    return out
 
 
 # ------------------------------------------------------------------------------ mask -> polygons
@@ -146,31 +266,36 @@ def mask_to_contours(
         )
     if simplify_tolerance < 0:
         raise InvalidInput(f"simplify_tolerance must be >= 0 voxels, got {simplify_tolerance}")
-    fg = arr != 0
-    if not fg.any():
+    fg = arr if arr.dtype == np.bool_ else arr != 0
+    zs = np.flatnonzero(fg.reshape(fg.shape[0], -1).any(axis=1))
+    if zs.size == 0:
         return []
     sign = _reference_sign(geometry)
-    zs = np.flatnonzero(fg.any(axis=(1, 2)))
-    ys = np.flatnonzero(fg.any(axis=(0, 2)))
-    xs = np.flatnonzero(fg.any(axis=(0, 1)))
+    k0, k1 = int(zs[0]), int(zs[-1]) + 1
+    ys = np.flatnonzero(fg[k0:k1].any(axis=(0, 2)))
+    xs = np.flatnonzero(fg[k0:k1].any(axis=(0, 1)))
     j0, j1, i0, i1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+    stack = np.pad(fg[k0:k1, j0:j1, i0:i1], ((0, 0), (1, 1), (1, 1)))
+    by_slice: dict[int, list[npt.NDArray[np.float64]]] = {}
+    for k_rel, ring in trace_rings(stack):
+        by_slice.setdefault(k0 + k_rel, []).append(ring)
     out: list[PlanarContour] = []
-    for k in zs:
-        crop = np.pad(fg[k, j0:j1, i0:i1].astype(np.float32), 1)
+    for k, rings in by_slice.items():
         outers: list[PlanarContour] = []
         holes: list[PlanarContour] = []
-        for rc in find_contours(crop, 0.5, fully_connected="high"):
-            ring = rc[:-1] if np.allclose(rc[0], rc[-1]) else rc
+        for ring in rings:
             ij = np.column_stack([ring[:, 1] - 1 + i0, ring[:, 0] - 1 + j0])
             ij = _drop_collinear(ij)
             if simplify_tolerance > 0 and len(ij) > 4:
+                from skimage.measure import approximate_polygon
+
                 closed = approximate_polygon(np.vstack([ij, ij[:1]]), simplify_tolerance)
                 if len(closed) - 1 >= 3:
                     ij = closed[:-1]
-            if len(np.unique(np.round(ij, 6), axis=0)) < 3:
+            if _distinct_fewer_than_3(ij):
                 continue
-            # find_contours winds rings around foreground counter-clockwise in (i, j) and around
-            # background (holes) clockwise; simplification keeps the winding.
+            # the rings wind around foreground counter-clockwise in (i, j) and around background
+            # (holes) clockwise; simplification keeps the winding.
             area_ij = _signed_area_ij(ij)
             is_hole = area_ij < 0
             if (area_ij * sign > 0) == is_hole:  # outers counter-clockwise, holes clockwise
@@ -221,10 +346,20 @@ def _fill_even_odd(
         keep = col < nx
         rows_all.append(j[keep].astype(np.int64))
         cols_all.append(col[keep])
-    toggles = np.zeros((ny, nx), dtype=np.int32)
-    if rows_all:
-        np.add.at(toggles, (np.concatenate(rows_all), np.concatenate(cols_all)), 1)
-    return (np.cumsum(toggles, axis=1) & 1).astype(bool)
+    mask = np.zeros((ny, nx), dtype=bool)
+    if not rows_all:
+        return mask
+    rows, cols = np.concatenate(rows_all), np.concatenate(cols_all)
+    if rows.size == 0:
+        return mask
+    # only the rows the polygons cross and the columns from their leftmost crossing on (a row's
+    # parity after its last crossing is 0, or 1 up to the right edge for a clipped polygon)
+    r0, r1, c0 = int(rows.min()), int(rows.max()) + 1, int(cols.min())
+    width = nx - c0
+    flips = np.bincount((rows - r0) * width + (cols - c0), minlength=(r1 - r0) * width)
+    parity = (flips.reshape(r1 - r0, width) & 1).astype(np.uint8)
+    mask[r0:r1, c0:] = np.bitwise_xor.accumulate(parity, axis=1).astype(bool)
+    return mask
 
 
 def contours_to_mask(
@@ -288,7 +423,7 @@ def contours_to_mask(
         if arr.ndim != 2 or arr.shape[1] != 3:
             problem("degenerate", n, f"expected (N, 3) LPS points, got shape {arr.shape}")
             continue
-        if len(np.unique(np.round(arr, 6), axis=0)) < 3:
+        if _distinct_fewer_than_3(arr):
             problem("degenerate", n, f"has {len(arr)} points, fewer than 3 distinct; skipped")
             continue
         idx = geometry.physical_to_index(arr)

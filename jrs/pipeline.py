@@ -12,10 +12,17 @@ The one function the command line, batch re-contouring and the REST service all 
    registration (planning labels warped by the DVF) — post-processed (largest components);
 6. choose: per organ, the segmentation or the registration path (configurable; by default the
    model's validated choice);
-7. dvf: the full field on the daily grid, pre-alignment folded in:
+7. dvf: the full field, pre-alignment folded in:
    ``U(p) = A(p + w(p) u(p)) - p`` with ``u`` the network DVF inside the box and ``w`` a taper that
-   brings it smoothly to zero at the box border (outside, the field is the affine alone);
-8. propagate: every other planning ROI (PTV, femoral heads, body, ...) through the same mapping;
+   brings it smoothly to zero at the box border (outside, the field is the affine alone). It is
+   written on a grid over the daily CT with :data:`DEFAULT_DVF_SPACING_MM` (3 mm) spacing by
+   default (``dvf_spacing_mm``; an axis whose CT spacing is coarser keeps the CT's), or on the
+   daily CT grid itself on request (``dvf_spacing_mm=None``): a 174 x 512 x 512 daily CT gives
+   547 MB per file on its own grid and about 25 MB at 3 mm. The affine part is linear, so
+   trilinear interpolation of the coarse grid reproduces it exactly; the network part is smooth
+   (docs/benchmarks.md gives the measured difference from the full-grid field inside the body);
+8. propagate: every other planning ROI (PTV, femoral heads, body, ...) through the same mapping,
+   each warped only inside its own bounding box (the affine alone outside the network box);
 9. write: ``rtstruct.dcm``, ``dvf.mha``, ``registration.dcm``, ``qa.json``, ``review.png``.
 """
 
@@ -26,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,18 +44,27 @@ import SimpleITK as sitk
 
 from jrs.errors import InvalidInput, ModelNotReady
 from jrs.geometry import Geometry, Volume
-from jrs.labels import LABELS, SynonymTable, label_map_from_masks
+from jrs.labels import LABELS, SynonymTable, is_external_roi, label_map_from_mapping
 from jrs.metrics import dice, volume_cc
-from jrs.postprocess import keep_largest_components
-from jrs.preprocess import PreparedPair, prepare_pair
-from jrs.qa import QaThresholds, StructureQa, flag_dvf, flag_structure, jacobian_stats
+from jrs.plausibility import PlausibilityLimits, check_coverage, check_planning, enforce
+from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
+from jrs.preprocess import PreparedPair, mask_box, prepare_pair
+from jrs.qa import (
+    QaThresholds,
+    StructureQa,
+    flag_dvf,
+    flag_structure,
+    jacobian_report,
+    validated_paths,
+)
 from jrs.registration import affine_prealign, bspline_register
-from jrs.transforms import warp
 
 log = logging.getLogger(__name__)
 
 Path_ = Literal["segmentation", "registration"]
 TAPER_MM = 10.0
+#: Default spacing of the written DVF (``dvf.mha``, ``registration.dcm``), mm.
+DEFAULT_DVF_SPACING_MM = 3.0
 #: where the bundled models live (``models/<name>/<version>``), overridable by JRS_MODEL_DIR.
 BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -65,7 +82,7 @@ class NetworkPrediction(Protocol):
 
 
 class NetworkBackend(Protocol):
-    """A loaded network (`jrs.inference.OnnxModel` is one)."""
+    """A loaded network (`jrs.inference.Model` is one)."""
 
     metadata: dict[str, Any]
 
@@ -86,23 +103,34 @@ class RecontourOptions:
         method: ``network`` (the model) or ``iterative`` (B-spline baseline, registration path).
         model_dir: ``models/<name>/<version>`` folder; default the bundled model.
         device: ``auto``, ``cpu`` or ``cuda`` (network method).
+        engine: ``auto`` (ONNX Runtime on CUDA, else OpenVINO on the CPU, else ONNX Runtime),
+            ``onnxruntime`` or ``openvino`` (see `jrs.inference.load_model`).
+        precision: ``auto`` (bf16 with OpenVINO on a CPU that has it, else fp32), ``fp32``,
+            ``bf16`` or ``fp16`` (TensorRT).
         synonyms: ROI-name synonym table.
         path_choice: organ key -> ``segmentation`` or ``registration``; missing organs use the
             model's validated choice (metadata ``path_choice``), else ``segmentation``.
         margin_mm: margin around the pre-aligned planning organs for the network box, mm.
         thresholds: QA thresholds.
-        dvf_spacing_mm: write the DVF on a coarser grid (same box and orientation as the daily
-            CT) with this spacing; None = the daily CT grid itself.
+        plausibility: limits of the plausibility checks run before the network
+            (`jrs.plausibility`); a failed check refuses the network method, and is a warning
+            of the iterative method.
+        dvf_spacing_mm: write the DVF (``dvf.mha``, ``registration.dcm``) on a grid over the
+            daily CT (same orientation, covering it) with this spacing, mm; an axis whose CT
+            spacing is coarser keeps the CT's. None (or 0) = the daily CT grid itself.
     """
 
     method: Literal["network", "iterative"] = "network"
     model_dir: Path | None = None
     device: str = "auto"
+    engine: str = "auto"
+    precision: str = "auto"
     synonyms: SynonymTable | None = None
     path_choice: Mapping[str, Path_] = field(default_factory=dict)
     margin_mm: float = 30.0
     thresholds: QaThresholds = field(default_factory=QaThresholds)
-    dvf_spacing_mm: float | None = None
+    plausibility: PlausibilityLimits = field(default_factory=PlausibilityLimits)
+    dvf_spacing_mm: float | None = DEFAULT_DVF_SPACING_MM
 
 
 @dataclass
@@ -148,12 +176,282 @@ def default_model_dir(name: str = "crossstitch") -> Path:
 
 
 def load_backend(options: RecontourOptions) -> NetworkBackend:
-    """Load the ONNX model named by the options (never imports torch)."""
+    """Load and compile the model named by the options (never imports torch).
+
+    The engine, device and precision come from the options (`jrs.inference.load_model`); keep
+    the result for the next cases (the service and batch workers do).
+    """
     model_dir = options.model_dir or default_model_dir()
     from jrs.inference import load_model
 
-    backend: NetworkBackend = load_model(model_dir, device=options.device)
+    backend: NetworkBackend = load_model(
+        model_dir, device=options.device, engine=options.engine, precision=options.precision
+    )
     return backend
+
+
+def dvf_grid(daily: Geometry, spacing_mm: float | None) -> Geometry:
+    """The grid the DVF is written on: over the daily CT with ``spacing_mm``, or the CT's own.
+
+    The grid has the daily CT's orientation and covers its voxel centres (it overhangs by less
+    than one spacing, evenly on both sides); an axis whose CT spacing is already at least
+    ``spacing_mm`` keeps the CT's spacing and samples.
+
+    Args:
+        daily: the daily CT grid.
+        spacing_mm: target spacing, mm; ``None`` or 0 for the daily grid itself.
+
+    Returns:
+        The DVF grid (frame of reference of the daily CT).
+    """
+    if spacing_mm is None or spacing_mm <= 0:
+        return daily
+    native = np.asarray(daily.spacing, float)
+    spacing = np.maximum(native, float(spacing_mm))
+    n = np.asarray(daily.size_xyz, int)
+    extent = (n - 1) * native
+    coarse = spacing > native
+    m = np.where(coarse, np.ceil(extent / spacing - 1e-6).astype(int) + 1, n)
+    overhang = np.where(coarse, ((m - 1) * spacing - extent) / 2.0, 0.0)
+    origin = daily.origin - daily.direction @ overhang
+    return Geometry(
+        (int(m[2]), int(m[1]), int(m[0])),
+        origin,
+        spacing,
+        daily.direction,
+        daily.frame_of_reference_uid,
+    )
+
+
+def _index_box(
+    geometry: Geometry, points: npt.ArrayLike, pad_mm: float = 0.0
+) -> tuple[slice, slice, slice] | None:
+    """Array slices (z, y, x) of the part of a grid around LPS points (grown by ``pad_mm``).
+
+    Args:
+        geometry: the grid.
+        points: (N, 3) LPS points, mm.
+        pad_mm: margin added on every side, mm.
+
+    Returns:
+        The slices, clipped to the grid; None when the points fall outside it.
+    """
+    idx = geometry.physical_to_index(np.asarray(points, float).reshape(-1, 3))
+    pad = float(pad_mm) / geometry.spacing
+    size = np.asarray(geometry.size_xyz)
+    lo = np.clip(np.floor(idx.min(axis=0) - pad).astype(int), 0, size)
+    hi = np.clip(np.ceil(idx.max(axis=0) + pad).astype(int) + 1, 0, size)
+    if np.any(hi <= lo):
+        return None
+    return (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+
+
+def _sub_grid(geometry: Geometry, box: tuple[slice, slice, slice]) -> Geometry:
+    """The part of a grid that array slices (z, y, x) select."""
+    start = [float(box[2].start), float(box[1].start), float(box[0].start)]
+    return Geometry(
+        (box[0].stop - box[0].start, box[1].stop - box[1].start, box[2].stop - box[2].start),
+        geometry.index_to_physical(start),
+        geometry.spacing,
+        geometry.direction,
+        geometry.frame_of_reference_uid,
+    )
+
+
+def _intersect(
+    a: tuple[slice, slice, slice], b: tuple[slice, slice, slice]
+) -> tuple[slice, slice, slice] | None:
+    out = tuple(
+        slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b, strict=True)
+    )
+    return None if any(s.stop <= s.start for s in out) else out  # type: ignore[return-value]
+
+
+def _crop_to_mask(mask: Volume) -> Volume | None:
+    """The mask cut to its bounding box plus one empty voxel per side (None when empty)."""
+    arr = np.asarray(mask.array)
+    sl = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(arr.any(axis=other))
+        if hit.size == 0:
+            return None
+        sl.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, arr.shape[axis])))
+    box = (sl[0], sl[1], sl[2])
+    return Volume(np.ascontiguousarray(arr[box]), _sub_grid(mask.geometry, box))
+
+
+def _crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
+    """The part of a volume that array slices (z, y, x) select (a view of its array)."""
+    return Volume(volume.array[box], _sub_grid(volume.geometry, box))
+
+
+def _nonzero_box(array: npt.NDArray[Any], pad: int = 0) -> tuple[slice, slice, slice] | None:
+    """Array slices of the bounding box of the non-zero voxels, grown by ``pad`` (clipped)."""
+    sl = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(array.any(axis=other))
+        if hit.size == 0:
+            return None
+        sl.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, array.shape[axis])))
+    return (sl[0], sl[1], sl[2])
+
+
+def _largest_components(labels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """`keep_largest_components`, each organ's components found inside its own bounding box.
+
+    The same result as on the whole grid (components do not leave the box of their voxels), at
+    the cost of the organs' boxes rather than of the network box.
+    """
+    out = np.zeros(labels.shape, np.uint8)
+    for organ, keep in COMPONENTS_KEPT.items():
+        box = _nonzero_box(labels == organ)
+        if box is None:
+            continue
+        kept = keep_largest_components(np.ascontiguousarray(labels[box]), {organ: keep}) == organ
+        out[box][kept] = organ
+    return out
+
+
+def _warp_labels(
+    labels: npt.NDArray[np.uint8], dvf: npt.NDArray[np.float32], grid: Geometry, reach_mm: float
+) -> npt.NDArray[np.uint8]:
+    """Labels warped by a pull field on their own grid (`jrs.transforms.warp`, ``label``).
+
+    The result of ``warp(labels, dvf, "label", 0)``: each label's one-hot map interpolated
+    linearly at ``p + u(p)`` (neighbours clamped at the border, background outside), the
+    largest wins (ties: the lowest label). Computed in one numpy pass over the eight neighbours,
+    and only inside the labels' bounding box grown by the field's reach (no voxel further away
+    can pull a label).
+
+    Args:
+        labels: (nz, ny, nx) label map on ``grid``.
+        dvf: (nz, ny, nx, 3) pull displacement on ``grid``, mm, LPS (x, y, z) components.
+        grid: the grid.
+        reach_mm: largest displacement length, mm.
+
+    Returns:
+        (nz, ny, nx) warped label map, dtype of ``labels``.
+    """
+    out = np.zeros(labels.shape, labels.dtype)
+    pad = int(np.ceil(reach_mm / float(grid.spacing.min()))) + 2
+    box = _nonzero_box(labels, pad)
+    if box is None:
+        return out
+    src = np.ascontiguousarray(labels[box])
+    shape = np.asarray(src.shape)  # (z, y, x)
+    # continuous (k, j, i) source index of every output voxel of the box: q + D^T u / spacing
+    steps = (np.asarray(dvf[box], np.float64) @ grid.direction) / grid.spacing  # (i, j, k)
+    grids = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in src.shape), indexing="ij")
+    pos = [grids[a] + steps[..., 2 - a] for a in range(3)]  # (z, y, x) order
+    inside = np.ones(src.shape, bool)
+    for a in range(3):
+        inside &= (pos[a] >= -0.5) & (pos[a] < shape[a] - 0.5)
+    base = [np.floor(pos[a]).astype(np.int64) for a in range(3)]
+    frac = [pos[a] - base[a] for a in range(3)]
+    present = [int(v) for v in np.unique(src)]
+    prob = {lab: np.zeros(src.shape, np.float64) for lab in present}
+    for dz in (0, 1):
+        iz = np.clip(base[0] + dz, 0, shape[0] - 1)
+        wz = frac[0] if dz else 1.0 - frac[0]
+        for dy in (0, 1):
+            iy = np.clip(base[1] + dy, 0, shape[1] - 1)
+            wy = frac[1] if dy else 1.0 - frac[1]
+            for dx in (0, 1):
+                ix = np.clip(base[2] + dx, 0, shape[2] - 1)
+                weight = wz * wy * (frac[2] if dx else 1.0 - frac[2])
+                corner = src[iz, iy, ix]
+                for lab in present:
+                    prob[lab] += np.where(corner == lab, weight, 0.0)
+    best = np.full(src.shape, -1.0, np.float32)
+    result = np.zeros(src.shape, labels.dtype)
+    for lab in present:  # ascending: ties go to the lower label, as in the one-hot resampling
+        p = np.where(inside, prob[lab], 1.0 if lab == 0 else 0.0).astype(np.float32)
+        win = p > best
+        result[win] = lab
+        best[win] = p[win]
+    out[box] = result
+    return out
+
+
+def propagate_mask(
+    mask: Volume,
+    daily: Geometry,
+    prealign: sitk.AffineTransform,
+    full: sitk.Transform | None = None,
+    network_box: tuple[slice, slice, slice] | None = None,
+    reach_mm: float = 0.0,
+) -> npt.NDArray[np.bool_]:
+    """A planning mask on the daily grid through ``full`` (pull: daily point -> planning point).
+
+    Equivalent to resampling the whole 0/1 mask linearly onto the whole daily grid and keeping
+    ``>= 0.5``, but only the mask's own bounding box is resampled: the daily region whose
+    pre-aligned image can reach it (the affine pre-image of the box grown by ``reach_mm``, the
+    largest network displacement). There ``prealign`` alone maps daily to planning points, except
+    inside ``network_box`` (slices of the daily grid), where ``full`` (the affine plus the
+    tapered network field, which is zero outside that box) is used.
+
+    Args:
+        mask: (nz, ny, nx) planning mask, non-zero inside.
+        daily: the daily CT grid.
+        prealign: the affine pre-alignment (daily point -> planning point).
+        full: the whole mapping; None = the affine alone.
+        network_box: where ``full`` differs from ``prealign`` (slices of the daily grid).
+        reach_mm: largest length of the network displacement, mm.
+
+    Returns:
+        (nz, ny, nx) boolean mask on the daily grid.
+    """
+    out = np.zeros(daily.shape, dtype=bool)
+    crop = _crop_to_mask(mask)
+    if crop is None:
+        return out
+    inverse = prealign.GetInverse()
+    corners = np.array(
+        [inverse.TransformPoint(tuple(map(float, p))) for p in crop.geometry.corners()]
+    )
+    pad = 2.0 * float(daily.spacing.max()) + (float(reach_mm) if full is not None else 0.0)
+    box = _index_box(daily, corners, pad)
+    if box is None:
+        return out
+    source = crop.with_array(crop.array.astype(np.float32))
+    out[box] = (
+        source.resample(_sub_grid(daily, box), "linear", 0.0, transform=prealign).array >= 0.5
+    )
+    if full is not None and network_box is not None:
+        inner = _intersect(box, network_box)
+        if inner is not None:
+            warped = source.resample(_sub_grid(daily, inner), "linear", 0.0, transform=full)
+            out[inner] = warped.array >= 0.5
+    return out
+
+
+def box_field(prealign: sitk.AffineTransform, u: npt.NDArray[np.float32], grid: Geometry) -> Volume:
+    """``A(p + u(p)) - p`` on a grid, computed directly (equals `dense_field` of the composite).
+
+    Args:
+        prealign: the affine ``A`` (daily point -> planning point).
+        u: (nz, ny, nx, 3) displacement on ``grid``, mm, LPS components.
+        grid: the grid of ``u``.
+
+    Returns:
+        (nz, ny, nx, 3) float32 field, mm.
+    """
+    m = np.asarray(prealign.GetMatrix(), float).reshape(3, 3)
+    c = np.asarray(prealign.GetCenter(), float)
+    t = np.asarray(prealign.GetTranslation(), float)
+    # A(p + u) - p = (M - I) p + M u + (c + t - M c); p = origin + D S idx
+    a = grid.direction * grid.spacing[None, :]
+    lin = (m - np.eye(3)) @ a  # per index step
+    const = (m - np.eye(3)) @ grid.origin + c + t - m @ c
+    nz, ny, nx = grid.shape
+    out = np.einsum("zyxc,dc->zyxd", u, m.astype(np.float32), optimize=True).astype(np.float32)
+    out += (np.arange(nx, dtype=np.float32)[:, None] * lin[:, 0].astype(np.float32))[None, None]
+    out += (np.arange(ny, dtype=np.float32)[:, None] * lin[:, 1].astype(np.float32))[None, :, None]
+    out += (np.arange(nz, dtype=np.float32)[:, None] * lin[:, 2].astype(np.float32))[:, None, None]
+    out += const.astype(np.float32)
+    return Volume(out, grid)
 
 
 def _organ_box(
@@ -194,6 +492,71 @@ def _taper(grid: Geometry, width_mm: float = TAPER_MM) -> npt.NDArray[np.float32
         shape[axis] = n
         weights *= ramp.reshape(shape)
     return weights
+
+
+def composed_field(
+    prealign: sitk.AffineTransform, u_box: Volume, reference: Geometry, slab: int = 16
+) -> Volume:
+    """``A(p + u(p)) - p`` on any grid, ``u`` interpolated trilinearly (0 outside its grid).
+
+    The same field as ``dense_field(_full_transform(prealign, u_box), reference)``, computed
+    with numpy: the affine part is linear in the grid index, and ``u`` is interpolated only at
+    the points that fall inside its own (network box) grid.
+
+    Args:
+        prealign: the affine ``A`` (daily point -> planning point).
+        u_box: (nz, ny, nx, 3) displacement (mm, LPS) on its grid; zero at its faces (tapered).
+        reference: the output grid.
+        slab: output slices computed at a time (bounds the memory).
+
+    Returns:
+        (nz, ny, nx, 3) float32 field on ``reference``, mm.
+    """
+    from scipy import ndimage
+
+    m = np.asarray(prealign.GetMatrix(), float).reshape(3, 3)
+    c = np.asarray(prealign.GetCenter(), float)
+    t = np.asarray(prealign.GetTranslation(), float)
+    step = reference.direction * reference.spacing[None, :]  # LPS step per (i, j, k) index
+    lin = (m - np.eye(3)) @ step
+    const = (m - np.eye(3)) @ reference.origin + c + t - m @ c
+    nz, ny, nx = reference.shape
+    out = np.empty((nz, ny, nx, 3), np.float32)
+    plane = (
+        np.arange(nx, dtype=np.float64)[None, :, None] * lin[:, 0]
+        + np.arange(ny, dtype=np.float64)[:, None, None] * lin[:, 1]
+        + const
+    )  # (ny, nx, 3)
+    for k in range(nz):
+        out[k] = plane + k * lin[:, 2]
+    inner = _index_box(reference, u_box.geometry.corners(), 0.0)
+    if inner is None:
+        return Volume(out, reference)
+    box_grid = u_box.geometry
+    size = np.asarray(box_grid.size_xyz, float)
+    channels = [np.asarray(u_box.array[..., a], np.float32) for a in range(3)]
+    for k0 in range(inner[0].start, inner[0].stop, slab):
+        k1 = min(k0 + slab, inner[0].stop)
+        kk, jj, ii = np.meshgrid(
+            np.arange(k0, k1, dtype=np.float64),
+            np.arange(inner[1].start, inner[1].stop, dtype=np.float64),
+            np.arange(inner[2].start, inner[2].stop, dtype=np.float64),
+            indexing="ij",
+        )
+        pts = reference.index_to_physical(np.stack([ii, jj, kk], axis=-1))
+        idx = box_grid.physical_to_index(pts)  # (i, j, k) in the box grid
+        keep = np.all((idx >= 0.0) & (idx <= size - 1.0), axis=-1)
+        if not keep.any():
+            continue
+        coords = idx[keep][:, ::-1].T  # (k, j, i) rows
+        v = np.stack(
+            [ndimage.map_coordinates(ch, coords, order=1, mode="nearest") for ch in channels],
+            axis=-1,
+        )
+        region = out[k0:k1, inner[1], inner[2]]
+        region[keep] += (v @ m.T).astype(np.float32)
+        out[k0:k1, inner[1], inner[2]] = region
+    return Volume(out, reference)
 
 
 def _full_transform(prealign: sitk.Transform, dvf_grid: Volume | None) -> sitk.Transform:
@@ -256,16 +619,26 @@ class _Paths:
     segmentation: npt.NDArray[np.uint8] | None
     registration: npt.NDArray[np.uint8]
     dvf: npt.NDArray[np.float32]  # (nz, ny, nx, 3) mm on the prepared grid
+    network: dict[str, Any] | None = None  # inference timings (window, tiles, run/compile s)
 
 
 def _run_network(backend: NetworkBackend, pair: PreparedPair) -> _Paths:
     pred = backend.predict(pair.fixed, pair.moving, pair.moving_labels.astype(np.float32))
-    dvf = np.moveaxis(np.asarray(pred.dvf, np.float32), 0, -1)
+    dvf = np.ascontiguousarray(np.moveaxis(np.asarray(pred.dvf, np.float32), 0, -1))
     seg = None
-    if pred.seg_probs is not None:
-        seg = keep_largest_components(np.argmax(pred.seg_probs, axis=0).astype(np.uint8))
-    warped = warp(Volume(pair.moving_labels, pair.grid), Volume(dvf, pair.grid), "label", 0)
-    return _Paths(seg, keep_largest_components(warped.array), dvf)
+    # the arg-max of the logits is that of the soft-max: no need to compute the latter
+    logits_argmax = (
+        getattr(pred, "labels", None) if getattr(pred, "seg_logits", None) is not None else None
+    )
+    if logits_argmax is not None:
+        seg = _largest_components(np.asarray(logits_argmax, np.uint8))
+    elif pred.seg_probs is not None:
+        seg = _largest_components(np.argmax(pred.seg_probs, axis=0).astype(np.uint8))
+    reach = float(np.sqrt((dvf**2).sum(axis=-1)).max()) if dvf.size else 0.0
+    warped = _warp_labels(pair.moving_labels, dvf, pair.grid, reach)
+    timings = getattr(pred, "timings", None)
+    as_dict = getattr(timings, "as_dict", None)
+    return _Paths(seg, _largest_components(warped), dvf, as_dict() if callable(as_dict) else None)
 
 
 def _run_iterative(pair: PreparedPair) -> _Paths:
@@ -276,7 +649,7 @@ def _run_iterative(pair: PreparedPair) -> _Paths:
     warped = Volume(pair.moving_labels, pair.grid).resample(
         pair.grid, "label", 0, transform=result.transform
     )
-    return _Paths(None, keep_largest_components(warped.array), dvf)
+    return _Paths(None, _largest_components(warped.array), dvf)
 
 
 def recontour(
@@ -321,19 +694,69 @@ def recontour(
     if opts.method == "network" and backend is None:
         backend = load_backend(opts)
     t = lap("load_model", t)
+    # the daily CT is read beside the planning CT and RTSTRUCT, and the pre-alignment (one
+    # thread: deterministic) runs beside the label checks; errors come in the order of the
+    # stages (a refused case raises before the pre-alignment's result is awaited)
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-pipeline")
+    daily_job = background.submit(read_ct_series, daily_ct)
     structure_set, planning, planning_masks = masks_from_files(planning_ct, planning_rtstruct)
-    daily = read_ct_series(daily_ct)
+    daily = daily_job.result()
     t = lap("read", t)
+    prealign_job = background.submit(affine_prealign, daily.volume, planning.volume)
+    background.shutdown(wait=False)
 
-    label_array, used = label_map_from_masks(
-        {k: v.array for k, v in planning_masks.items()}, opts.synonyms
+    # ROI names -> organs (shown in the log and qa.json), then the plausibility checks: a case
+    # the network cannot handle is refused here (InvalidInput), before any registration
+    mapping = (opts.synonyms or SynonymTable()).resolve(planning_masks)
+    mapping.log(log)
+    pgrid = planning.volume.geometry
+    findings = enforce(
+        check_planning(planning_masks, mapping, pgrid, planning.volume, opts.plausibility),
+        opts.method,
     )
-    planning_labels = planning.volume.with_array(label_array)
-    prealign = affine_prealign(daily.volume, planning.volume)
+    used = mapping.used
+    if used:
+        arrays = {k: v.array for k, v in planning_masks.items()}
+        planning_labels = planning.volume.with_array(label_map_from_mapping(arrays, mapping)[0])
+        box_labels = planning_labels
+    else:  # iterative, no organ: register around the other ROIs, propagate them all
+        planning_labels = planning.volume.with_array(np.zeros(pgrid.shape, np.uint8))
+        box_labels = _propagation_region(structure_set, planning_masks, planning.volume)
+    t = lap("labels", t)
+    prealign = prealign_job.result()
+    findings += enforce(
+        check_coverage(
+            planning_masks,
+            mapping,
+            pgrid,
+            prealign.transform,
+            daily.volume.geometry,
+            opts.plausibility,
+        ),
+        opts.method,
+    )
     t = lap("prealign", t)
 
-    box = _organ_box(planning_labels, prealign.transform, daily.volume.geometry, opts.margin_mm)
-    pair = prepare_pair(daily.volume, planning.volume, planning_labels, box=box, prealign=prealign)
+    box = _organ_box(box_labels, prealign.transform, daily.volume.geometry, opts.margin_mm)
+    # only the planning region the box's pre-aligned image covers is ever sampled
+    corners = np.array(
+        [
+            [x, y, z]
+            for x in (box[0][0], box[1][0])
+            for y in (box[0][1], box[1][1])
+            for z in (box[0][2], box[1][2])
+        ]
+    )
+    reached = np.array([prealign.transform.TransformPoint(tuple(map(float, p))) for p in corners])
+    pgeom = planning.volume.geometry
+    footprint = _index_box(pgeom, reached, 2.0 * float(pgeom.spacing.max()) + 2.0)
+    planning_ct_box = planning.volume if footprint is None else _crop(planning.volume, footprint)
+    planning_labels_box = (
+        planning_labels if footprint is None else _crop(planning_labels, footprint)
+    )
+    pair = prepare_pair(
+        daily.volume, planning_ct_box, planning_labels_box, box=box, prealign=prealign
+    )
     t = lap("prepare", t)
 
     if opts.method == "network":
@@ -373,39 +796,53 @@ def recontour(
     t = lap("choose", t)
 
     # the full DVF, affine folded in, tapered network field inside the box
-    taper = _taper(pair.grid)[..., None]
-    u_box = Volume((paths.dvf * taper).astype(np.float32), pair.grid)
+    u_taper = paths.dvf * _taper(pair.grid)[..., None]
+    reach_mm = float(np.sqrt((u_taper**2).sum(axis=-1)).max()) if u_taper.size else 0.0
+    u_box = Volume(u_taper.astype(np.float32, copy=False), pair.grid)
     full = _full_transform(prealign.transform, u_box)
-    dvf_grid = daily.volume.geometry
-    if opts.dvf_spacing_mm is not None:
-        dvf_grid = dvf_grid.resampled_grid(opts.dvf_spacing_mm)
-    dvf = dense_field(full, dvf_grid)
-    box_field = dense_field(full, pair.grid)
-    jac = jacobian_stats(box_field, pair.body)
+    out_grid = dvf_grid(daily.volume.geometry, opts.dvf_spacing_mm)
+    dvf = composed_field(prealign.transform, u_box, out_grid)
+    jac, organ_jac = jacobian_report(
+        box_field(prealign.transform, u_box.array, pair.grid),
+        pair.body,
+        {name: (LABELS[lab], chosen == lab) for lab, name in used.items()},
+        opts.thresholds,
+    )
+    del u_taper
     t = lap("dvf", t)
 
-    # daily masks: organs from the chosen labels, every other ROI through the full mapping
+    # daily masks: organs from the chosen labels, every other ROI through the full mapping, each
+    # only where it can land (its own box; the network box is all the labels can cover)
     daily_geom = daily.volume.geometry
-    chosen_daily = Volume(chosen, pair.grid).resample(daily_geom, "label", 0).array
+    network_box = _index_box(daily_geom, pair.grid.corners(), 0.0)
+    chosen_daily = np.zeros(daily_geom.shape, np.uint8)
+    organs_box = _nonzero_box(chosen, 2)
+    if organs_box is not None:
+        organs = _crop(Volume(chosen, pair.grid), organs_box)
+        target = _index_box(daily_geom, organs.geometry.corners(), 0.0)
+        if target is not None:
+            chosen_daily[target] = organs.resample(_sub_grid(daily_geom, target), "label", 0).array
     organ_of_name = {name: lab for lab, name in used.items()}
     daily_masks: dict[str, npt.NDArray[np.bool_]] = {}
     for name, mask in planning_masks.items():
         if name in organ_of_name:
             daily_masks[name] = chosen_daily == organ_of_name[name]
         else:
-            warped = mask.with_array(mask.array.astype(np.float32)).resample(
-                daily_geom, "linear", 0.0, transform=full
+            daily_masks[name] = propagate_mask(
+                mask, daily_geom, prealign.transform, full, network_box, reach_mm
             )
-            daily_masks[name] = warped.array >= 0.5
     t = lap("propagate", t)
 
     # QA
+    meta = backend.metadata if backend is not None else {}
     structures: list[StructureQa] = []
     for name, daily_mask in daily_masks.items():
         organ_label = organ_of_name.get(name)
         path_dice = None
         border = False
+        both_valid = True
         if organ_label is not None:
+            both_valid = len(validated_paths(meta, LABELS[organ_label])) == 2
             if paths.segmentation is not None:
                 path_dice = dice(
                     paths.segmentation == organ_label, paths.registration == organ_label
@@ -422,6 +859,8 @@ def recontour(
             daily_cc=round(volume_cc(daily_mask, daily_geom), 3),
             path_dice=None if path_dice is None else round(path_dice, 4),
             touches_crop_border=border,
+            paths_validated=both_valid,
+            jacobian=organ_jac.get(name),
         )
         structures.append(flag_structure(qa_item, opts.thresholds))
     dvf_flags = flag_dvf(jac, opts.thresholds)
@@ -431,36 +870,52 @@ def recontour(
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = {r.name: r.color for r in structure_set.rois if r.color is not None}
     types = {r.name: r.interpreted_type for r in structure_set.rois if r.interpreted_type}
-    rt_path = out_dir / "rtstruct.dcm"
-    write_rtstruct(
-        daily_masks,
-        daily,
-        rt_path,
-        colors=colors,
-        interpreted_types=types,
-        structure_set_label="JRS",
-        series_description=f"jrs re-contoured ({opts.method})",
-    )
-    dvf_path = out_dir / "dvf.mha"
-    dvf.write(str(dvf_path), compress=False)
-    reg_path = out_dir / "registration.dcm"
-    write_deformable_registration(dvf, daily, planning, reg_path)
-    planned = _planned_on_daily(planning_masks, used, prealign.transform, daily_geom)
     flagged = [s.name for s in structures if s.flags]
-    review_path = render_review(
-        daily.volume,
-        {name: daily_masks[name] for name in used.values()},
-        out_dir / "review.png",
-        planned=planned,
-        colors=colors,
-        focus=used.get(4),
-        flagged=flagged,
-        title=f"jrs {opts.method}: solid = new contours, dashed = planning after pre-alignment",
-    )
+
+    def review() -> Path:
+        planned = _planned_on_daily(planning_masks, used, prealign.transform, daily_geom)
+        # the review shows the organs and every flagged ROI (the patient's outline aside)
+        external = {
+            r.name for r in structure_set.rois if is_external_roi(r.name, r.interpreted_type)
+        }
+        shown = list(dict.fromkeys([*used.values(), *(n for n in flagged if n not in external)]))
+        shown = shown or [n for n in daily_masks if n not in external and daily_masks[n].any()]
+        organ_masks = {name: daily_masks[name] for name in shown}
+        review_ct, organ_masks, planned = _review_crop(daily.volume, organ_masks, planned)
+        return render_review(
+            review_ct,
+            organ_masks,
+            out_dir / "review.png",
+            planned=planned,
+            colors=colors,
+            focus=used.get(4),
+            flagged={s.name: s.flags for s in structures if s.flags},
+            title=f"jrs {opts.method}: solid = new contours, dashed = planning after pre-alignment",
+        )
+
+    # the review (resampling and drawing) runs beside the DICOM writing: both take seconds, and
+    # much of each is spent outside the GIL (SimpleITK, zlib, file I/O)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-review") as pool:
+        review_job = pool.submit(review)
+        rt_path = out_dir / "rtstruct.dcm"
+        write_rtstruct(
+            daily_masks,
+            daily,
+            rt_path,
+            colors=colors,
+            interpreted_types=types,
+            structure_set_label="JRS",
+            series_description=f"jrs re-contoured ({opts.method})",
+        )
+        dvf_path = out_dir / "dvf.mha"
+        dvf.write(str(dvf_path), compress=False)
+        reg_path = out_dir / "registration.dcm"
+        write_deformable_registration(dvf, daily, planning, reg_path)
+        review_path = review_job.result()
     t = lap("write", t)
     times["total"] = round(time.perf_counter() - t_all, 4)
 
-    meta = backend.metadata if backend is not None else {}
+    engine = getattr(backend, "engine", None)
     qa_data: dict[str, Any] = {
         "method": opts.method,
         "model": {
@@ -469,14 +924,18 @@ def recontour(
             "git_sha": meta.get("git_sha"),
             "sha256": meta.get("sha256"),
             "execution_provider": getattr(backend, "execution_provider", None),
+            "engine": getattr(engine, "name", None),
+            "device": getattr(engine, "device", None),
+            "precision": getattr(engine, "precision", None),
         },
         "structures": [s.__dict__ for s in structures],
         "dvf": {
             **{k: round(v, 6) for k, v in jac.items()},
             "flags": dvf_flags,
             "grid": {
-                "shape_zyx": list(dvf_grid.shape),
-                "spacing_mm": [float(s) for s in dvf_grid.spacing],
+                "shape_zyx": list(out_grid.shape),
+                "spacing_mm": [float(s) for s in out_grid.spacing],
+                "daily_ct_grid": out_grid is daily_geom,
             },
         },
         "prealign": {
@@ -486,9 +945,19 @@ def recontour(
             "center_mm": list(prealign.transform.GetCenter()),
         },
         "network_box_mm": {"lower": box[0].tolist(), "upper": box[1].tolist()},
+        "network": paths.network,
         "flagged": flagged + (["DVF"] if dvf_flags else []),
+        "roi_mapping": mapping.to_json(),
+        "plausibility": [f.to_dict() for f in findings],
         "warnings": list(
-            dict.fromkeys([*daily.warnings, *planning.warnings, *structure_set.warnings])
+            dict.fromkeys(
+                [
+                    *daily.warnings,
+                    *planning.warnings,
+                    *structure_set.warnings,
+                    *(f.message for f in findings),
+                ]
+            )
         ),
         "timings_s": times,
     }
@@ -509,23 +978,62 @@ def recontour(
     )
 
 
+def _review_crop(
+    ct: Volume,
+    contours: dict[str, npt.NDArray[np.bool_]],
+    planned: dict[str, npt.NDArray[np.bool_]],
+    margin_mm: float = 40.0,
+) -> tuple[Volume, dict[str, npt.NDArray[np.bool_]], dict[str, npt.NDArray[np.bool_]]]:
+    """The daily CT and masks cut to what `render_review` shows (its figure is unchanged).
+
+    The review shows the box of the contours grown by ``margin_mm`` (its default); resampling
+    only that part of the full-size masks saves most of its time.
+    """
+    union = np.zeros(ct.geometry.shape, dtype=bool)
+    for mask in contours.values():
+        union |= mask
+    if not union.any():
+        return ct, contours, planned
+    lower, upper = mask_box(union, ct.geometry, margin_mm)
+    corners = np.array(
+        [
+            [x, y, z]
+            for x in (lower[0], upper[0])
+            for y in (lower[1], upper[1])
+            for z in (lower[2], upper[2])
+        ]
+    )
+    box = _index_box(ct.geometry, corners, 2.0 * float(ct.geometry.spacing.max()) + 1.0)
+    if box is None:
+        return ct, contours, planned
+    return (
+        _crop(ct, box),
+        {n: m[box] for n, m in contours.items()},
+        {n: m[box] for n, m in planned.items()},
+    )
+
+
+def _propagation_region(structure_set: Any, masks: Mapping[str, Volume], ct: Volume) -> Volume:
+    """The union of the ROIs but the patient's outline (all of them when that leaves none)."""
+    outline = {r.name for r in structure_set.rois if is_external_roi(r.name, r.interpreted_type)}
+    union = np.zeros(ct.geometry.shape, np.uint8)
+    for name, mask in masks.items():
+        if name not in outline:
+            union |= np.asarray(mask.array, bool)
+    if not union.any():
+        for mask in masks.values():
+            union |= np.asarray(mask.array, bool)
+    return ct.with_array(union)
+
+
 def _planned_on_daily(
     planning_masks: Mapping[str, Volume],
     used: Mapping[int, str],
-    prealign: sitk.Transform,
+    prealign: sitk.AffineTransform,
     daily: Geometry,
 ) -> dict[str, npt.NDArray[np.bool_]]:
     """Planning organ masks after pre-alignment only (the dashed contours of the review)."""
-    out: dict[str, npt.NDArray[np.bool_]] = {}
-    for name in used.values():
-        m = planning_masks[name]
-        out[name] = (
-            m.with_array(m.array.astype(np.float32))
-            .resample(daily, "linear", 0.0, transform=prealign)
-            .array
-            >= 0.5
-        )
-    return out
+    return {name: propagate_mask(planning_masks[name], daily, prealign) for name in used.values()}
 
 
 def _json_default(value: object) -> object:

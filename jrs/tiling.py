@@ -392,6 +392,17 @@ def run_tiled(
     padded = pad_volume(arr, plan, fill)
     tiles = list(plan.tiles())
     stitchers: dict[str, Stitcher] = {}
+    if len(tiles) == 1 and tuple(plan.window) == tuple(plan.padded_shape):
+        # one window covering the padded volume: no copies into a batch or a stitcher (the
+        # result is what the Stitcher would give: the window's output, padding cropped off)
+        d, h, w = plan.shape
+        single = predict(padded[None])
+        if progress is not None:
+            progress(1, 1)
+        return {
+            k: np.asarray(np.asarray(v)[0, :, :d, :h, :w], dtype=np.float32)
+            for k, v in single.items()
+        }
     for i in range(0, len(tiles), step):
         chunk = tiles[i : i + step]
         batch = np.stack([padded[(slice(None), *plan.input_slices(s))] for s in chunk])

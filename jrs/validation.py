@@ -42,7 +42,17 @@ ORGANS: tuple[int, ...] = (PROSTATE, SEMINAL_VESICLES, RECTUM, BLADDER)
 #: Output paths compared, in table order.
 PATHS: tuple[str, ...] = ("segmentation", "registration", "chosen", "iterative")
 
-__all__ = ["ORGANS", "PATHS", "HeldoutReport", "report_markdown", "validate_heldout"]
+__all__ = [
+    "ENGINE_DSC_TOLERANCE",
+    "ORGANS",
+    "PATHS",
+    "EngineComparison",
+    "HeldoutReport",
+    "compare_engines",
+    "engines_markdown",
+    "report_markdown",
+    "validate_heldout",
+]
 
 
 @dataclass
@@ -75,6 +85,8 @@ def validate_heldout(
     fraction: int = 1,
     model_dir: Path | None = None,
     device: str = "auto",
+    engine: str = "auto",
+    precision: str = "auto",
     iterative: bool = True,
     slice_mm: float | None = None,
     matrix: int = 512,
@@ -88,6 +100,8 @@ def validate_heldout(
         fraction: fraction index re-contoured for each patient.
         model_dir: model version folder; default the bundled model.
         device: ``auto``, ``cpu`` or ``cuda``.
+        engine: network engine (``auto``, ``onnxruntime``, ``openvino``).
+        precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``).
         iterative: also run the B-spline baseline (``--method iterative``).
         slice_mm: phantom slice thickness (None: the seed's draw).
         matrix: phantom in-plane matrix (512 as a clinical CT; smaller for quick checks).
@@ -124,7 +138,13 @@ def validate_heldout(
                     root / "planning" / "rtstruct.dcm",
                     daily_dir,
                     root / f"out_{method}",
-                    RecontourOptions(method=method, model_dir=model_dir, device=device),  # type: ignore[arg-type]
+                    RecontourOptions(
+                        method=method,  # type: ignore[arg-type]
+                        model_dir=model_dir,
+                        device=device,
+                        engine=engine,
+                        precision=precision,
+                    ),
                 )
                 wall = time.perf_counter() - t0
                 report.timings[case][method] = {
@@ -225,4 +245,237 @@ def report_markdown(
             + " | ".join(_mean_sd([run[s] for run in runs if s in run], 2) for s in stages)
             + " |",
         ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ engines
+#: Largest per-organ DSC difference between engines accepted (the issue's acceptance bar).
+ENGINE_DSC_TOLERANCE = 0.005
+
+
+@dataclass
+class EngineComparison:
+    """Outcome of `compare_engines`.
+
+    Attributes:
+        engines: the two configurations compared (`jrs.benchmark.RUN_CONFIGS` names), reference
+            first.
+        rows: one dict per (case, organ): ``dsc_<engine>`` against the truth (when known), the
+            difference ``dsc_diff`` (second - first) and ``dsc_between`` (the two engines'
+            contours against each other).
+        dvf: one dict per case: ``max_mm`` (largest vector difference of the written fields
+            anywhere) and ``mean_mm`` (mean inside the network box), with the grid spacing.
+        timings: case -> engine -> stage -> seconds (``qa.json``).
+        markdown: the report.
+    """
+
+    engines: tuple[str, str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dvf: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    markdown: str = ""
+
+    @property
+    def max_dsc_diff(self) -> float:
+        """Largest |DSC difference| against the truth over cases and organs (NaN if no truth)."""
+        diffs = [abs(r["dsc_diff"]) for r in self.rows if r.get("dsc_diff") is not None]
+        return max(diffs) if diffs else math.nan
+
+
+def compare_engines(
+    seeds: Sequence[int] = (),
+    *,
+    cases: Sequence[Any] = (),
+    engines: tuple[str, str] = ("onnxruntime-fp32", "openvino-bf16"),
+    model_dir: Path | None = None,
+    device: str = "cpu",
+    slice_mm: float | None = None,
+    matrix: int = 512,
+    out_dir: Path | str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EngineComparison:
+    """Re-contour the same cases with two engines and compare what comes out.
+
+    The accuracy guard of a faster engine (OpenVINO bf16) against the reference (ONNX Runtime
+    fp32): per organ, the DSC of each engine's ``rtstruct.dcm`` against the truth and their
+    difference, and the DSC between the two engines' contours; per case, the difference of the
+    written DVFs (max anywhere; mean inside the network box). Each engine is loaded once and
+    runs every case before the next engine is loaded (one model in memory at a time).
+
+    Args:
+        seeds: held-out phantom seeds (fraction 1 of each; seeds never used in training).
+        cases: more cases (`jrs.benchmark.Case`, e.g. synthetic fractions of real planning
+            scans); their truth is used when they have one.
+        engines: (reference, candidate) configuration names of `jrs.benchmark.RUN_CONFIGS`.
+        model_dir: model version folder; default the bundled model.
+        device: device of both engines (``cpu``).
+        slice_mm: phantom slice thickness (None: the seed's draw).
+        matrix: phantom in-plane matrix.
+        out_dir: where to write ``engines.csv``, ``dvf.csv`` and ``engines.md`` (None: nothing).
+        progress: called with a short message after each run.
+
+    Returns:
+        The comparison.
+    """
+    from jrs.benchmark import RUN_CONFIGS, Case, dice_against_truth, phantom_case
+    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.pipeline import RecontourOptions, load_backend, recontour
+
+    if not seeds and not cases:
+        raise InvalidInput("the engine comparison needs at least one phantom seed or case")
+    bad = [e for e in engines if e not in RUN_CONFIGS or RUN_CONFIGS[e][0] != "network"]
+    if len(engines) != 2 or bad:
+        raise InvalidInput(
+            f"compare two network configurations among "
+            f"{', '.join(k for k, v in RUN_CONFIGS.items() if v[0] == 'network')}; got {engines}"
+        )
+    report = EngineComparison(engines=(engines[0], engines[1]))
+    with tempfile.TemporaryDirectory(prefix="jrs-engines-") as tmp:
+        root = Path(tmp)
+        all_cases: dict[str, Case] = {}
+        for seed in seeds:
+            all_cases[f"phantom{seed}_f1"] = phantom_case(
+                root / f"phantom{seed}", seed, slice_mm, matrix=matrix
+            )
+        for k, case in enumerate(cases):
+            all_cases[f"case{k + 1}"] = case
+        outputs: dict[str, dict[str, Any]] = {name: {} for name in all_cases}
+        for engine in engines:
+            _, eng, precision = RUN_CONFIGS[engine]
+            opts = RecontourOptions(
+                method="network",
+                model_dir=model_dir,
+                device=device,
+                engine=eng,
+                precision=precision,
+            )
+            backend = load_backend(opts)
+            for name, case in all_cases.items():
+                result = recontour(
+                    case.planning_ct,
+                    case.planning_rtstruct,
+                    case.daily_ct,
+                    root / "out" / engine / name,
+                    opts,
+                    backend=backend,
+                )
+                outputs[name][engine] = result
+                report.timings.setdefault(name, {})[engine] = {
+                    k: float(v) for k, v in result.qa_data["timings_s"].items()
+                }
+                if progress is not None:
+                    total = result.qa_data["timings_s"]["total"]
+                    progress(f"{name} {engine}: {total:.1f} s")
+            del backend
+        ref, cand = engines
+        for name, case in all_cases.items():
+            a, b = outputs[name][ref], outputs[name][cand]
+            _, _, masks_a = masks_from_files(case.daily_ct, a.rtstruct)
+            _, _, masks_b = masks_from_files(case.daily_ct, b.rtstruct)
+            organs = [
+                s["name"]
+                for s in a.qa_data["structures"]
+                if s.get("organ") and s["name"] in masks_b
+            ]
+            truth_a = truth_b = {}
+            if case.truth_rtstruct is not None:
+                truth_a = dice_against_truth(case.daily_ct, a.rtstruct, case.truth_rtstruct, organs)
+                truth_b = dice_against_truth(case.daily_ct, b.rtstruct, case.truth_rtstruct, organs)
+            for organ in organs:
+                row: dict[str, Any] = {"case": name, "organ": organ}
+                if organ in truth_a and organ in truth_b:
+                    row[f"dsc_{ref}"] = truth_a[organ]
+                    row[f"dsc_{cand}"] = truth_b[organ]
+                    row["dsc_diff"] = round(truth_b[organ] - truth_a[organ], 4)
+                else:
+                    row["dsc_diff"] = None
+                row["dsc_between"] = round(dice(masks_a[organ].array, masks_b[organ].array), 4)
+                report.rows.append(row)
+            report.dvf.append({"case": name, **_dvf_difference(a, b)})
+    report.markdown = engines_markdown(report)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        keys = sorted({k for r in report.rows for k in r}, key=lambda k: (k != "case", k))
+        with (out / "engines.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(report.rows)
+        with (out / "dvf.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(report.dvf[0]))
+            writer.writeheader()
+            writer.writerows(report.dvf)
+        (out / "engines.md").write_text(report.markdown)
+    return report
+
+
+def _dvf_difference(a: Any, b: Any) -> dict[str, Any]:
+    """Difference of two runs' written DVFs (same grid): max anywhere, mean in the network box."""
+    fa, fb = Volume.read(str(a.dvf)), Volume.read(str(b.dvf))
+    if not fa.geometry.same_grid(fb.geometry):
+        raise InvalidInput(f"{a.dvf} and {b.dvf} are on different grids; cannot compare them")
+    diff = np.linalg.norm(fa.array.astype(np.float64) - fb.array.astype(np.float64), axis=-1)
+    box = a.qa_data["network_box_mm"]
+    pts = fa.geometry.voxel_centres()
+    inside = np.all((pts >= np.asarray(box["lower"])) & (pts <= np.asarray(box["upper"])), axis=-1)
+    return {
+        "max_mm": round(float(diff.max()), 4),
+        "mean_mm": round(float(diff[inside].mean()), 5) if inside.any() else math.nan,
+        "spacing_mm": [round(float(s), 3) for s in fa.geometry.spacing],
+    }
+
+
+def engines_markdown(report: EngineComparison) -> str:
+    """The Markdown tables of an engine comparison: per organ, then the DVF per case."""
+    ref, cand = report.engines
+    cases = sorted({r["case"] for r in report.rows})
+    organs = list(dict.fromkeys(r["organ"] for r in report.rows))
+    lines = [
+        f"# Engines: {cand} against {ref} ({len(cases)} case(s): {', '.join(cases)})",
+        "",
+        "DSC against the truth per engine (mean ± sd over the cases), the difference "
+        f"{cand} - {ref} (mean and largest |difference|), and the DSC between the two engines' "
+        "contours (mean).",
+        "",
+        f"| organ | DSC {ref} | DSC {cand} | mean diff | max abs diff | DSC between |",
+        "|---|---|---|---|---|---|",
+    ]
+    for organ in organs:
+        sel = [r for r in report.rows if r["organ"] == organ]
+        with_truth = [r for r in sel if r.get("dsc_diff") is not None]
+        a = [float(r[f"dsc_{ref}"]) for r in with_truth]
+        b = [float(r[f"dsc_{cand}"]) for r in with_truth]
+        d = [float(r["dsc_diff"]) for r in with_truth]
+        between = [float(r["dsc_between"]) for r in sel]
+        lines.append(
+            f"| {organ} | {_mean_sd(a, 4)} | {_mean_sd(b, 4)} | "
+            + (f"{np.mean(d):+.4f} | {np.max(np.abs(d)):.4f}" if d else "n/a | n/a")
+            + f" | {np.mean(between):.4f} |"
+        )
+    worst = report.max_dsc_diff
+    verdict = (
+        "n/a (no truth)"
+        if math.isnan(worst)
+        else f"{worst:.4f} ({'within' if worst <= ENGINE_DSC_TOLERANCE else 'ABOVE'} the "
+        f"{ENGINE_DSC_TOLERANCE} bar)"
+    )
+    lines += ["", f"Largest |DSC difference|: {verdict}.", ""]
+    lines += [
+        "| case | DVF max diff (mm) | DVF mean diff in the network box (mm) | grid (mm) |",
+        "|---|---|---|---|",
+    ]
+    for row in report.dvf:
+        lines.append(
+            f"| {row['case']} | {row['max_mm']:.4f} | {row['mean_mm']:.5f} | "
+            f"{' x '.join(f'{s:g}' for s in row['spacing_mm'])} |"
+        )
+    nets = {
+        e: [t[e]["network"] for t in report.timings.values() if e in t and "network" in t[e]]
+        for e in report.engines
+    }
+    lines += [
+        "",
+        "Network stage (s, mean over the cases): "
+        + ", ".join(f"{e} {np.mean(v):.2f}" for e, v in nets.items() if v),
+    ]
     return "\n".join(lines) + "\n"

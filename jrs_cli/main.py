@@ -91,12 +91,58 @@ def phantom(
     patient_position: Annotated[
         str, typer.Option("--patient-position", help="HFS, HFP, FFS or FFP.")
     ] = "HFS",
+    from_planning: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-planning",
+            help="Planning CT folder: write synthetic fractions of this real scan instead "
+            "(needs --rtstruct; --patients and --patient-position do not apply).",
+        ),
+    ] = None,
+    rtstruct: Annotated[
+        Path | None,
+        typer.Option("--rtstruct", help="With --from-planning: the planning RTSTRUCT file."),
+    ] = None,
+    synonyms: Annotated[
+        Path | None,
+        typer.Option("--synonyms", help="With --from-planning: YAML ROI-name synonym table."),
+    ] = None,
 ) -> None:
     """Write synthetic pelvic patients with planning and daily CTs, RTSTRUCTs and true DVFs.
 
     Layout: OUT/<patient>/planning/{ct/,rtstruct.dcm} and
-    OUT/<patient>/fraction_<k>/{ct/,rtstruct.dcm,true_dvf.mha}.
+    OUT/<patient>/fraction_<k>/{ct/,rtstruct.dcm,true_dvf.mha}. With --from-planning, the
+    fractions are synthetic daily scans of that planning CT + RTSTRUCT (organ-aware deformation
+    engine), written as OUT/planning_<hash>/... with fraction_<k>/params.json.
     """
+    from jrs.errors import InvalidInput
+
+    if from_planning is not None:
+        if rtstruct is None:
+            raise InvalidInput(
+                "--from-planning needs --rtstruct FILE (the planning RTSTRUCT of that CT)"
+            )
+        if patients != 1 or patient_position.upper() != "HFS":
+            raise InvalidInput(
+                "--patients and --patient-position do not apply with --from-planning (one "
+                "planning scan, stored as it was acquired)"
+            )
+        from jrs.labels import SynonymTable
+        from jrs.phantom.from_planning import write_from_planning
+
+        folder = write_from_planning(
+            from_planning,
+            rtstruct,
+            out,
+            fractions=fractions,
+            seed=seed,
+            synonyms=SynonymTable.from_yaml(synonyms) if synonyms is not None else None,
+            progress=True,
+        )
+        typer.echo(str(folder))
+        return
+    if rtstruct is not None or synonyms is not None:
+        raise InvalidInput("--rtstruct and --synonyms apply only with --from-planning CT_DIR")
     from jrs.phantom import write_dataset
 
     written = write_dataset(
@@ -181,27 +227,86 @@ def masks_to_rtstruct(
     typer.echo(str(out))
 
 
+@app.command("rois")
+@_handle_errors
+def rois(
+    rtstruct: Annotated[Path, typer.Option("--rtstruct", help="RTSTRUCT file.")],
+    synonyms: Annotated[
+        Path | None, typer.Option("--synonyms", help="YAML ROI-name synonym table.")
+    ] = None,
+    prefer_automatic: Annotated[
+        bool,
+        typer.Option(
+            "--prefer-automatic",
+            help="Use automatic contours (_DL, _MBS, _AI ...) rather than the manual ones.",
+        ),
+    ] = False,
+    ct: Annotated[
+        Path | None,
+        typer.Option("--ct", help="The RTSTRUCT's CT folder: also run the plausibility checks."),
+    ] = None,
+) -> None:
+    """Show which ROI maps to which organ, and why (and, with --ct, the plausibility checks)."""
+    from jrs.dicom.rtstruct import masks_from_files, read_rtstruct
+    from jrs.labels import SynonymTable
+
+    table = SynonymTable.from_yaml(synonyms) if synonyms is not None else SynonymTable()
+    if prefer_automatic:
+        table.prefer_automatic = True
+    names = read_rtstruct(rtstruct).roi_names
+    mapping = table.resolve(names)
+    width = max([len(n) for n in names] + [8]) + 2
+    typer.echo(f"{'ROI':<{width}}{'used as':<20}{'rule':<19}why")
+    for d in mapping.decisions:
+        typer.echo(f"{d.roi:<{width}}{d.used_as or '-':<20}{d.rule:<19}{d.reason}")
+    if not mapping.used:
+        typer.echo(
+            "no ROI maps to an organ the network re-contours: `jrs recontour` refuses this "
+            "structure set with --method network (--method iterative propagates its ROIs)"
+        )
+    if ct is not None:
+        from jrs.plausibility import check_planning
+
+        _, series, masks = masks_from_files(ct, rtstruct)
+        findings = check_planning(masks, mapping, series.volume.geometry, series.volume)
+        for f in findings:
+            typer.echo(f"{f.severity}: {f.check}: {f.message}")
+        if not findings:
+            typer.echo("plausibility: every check passed")
+
+
 def _recontour_options(
     model: Path | None,
     device: str,
     method: str,
     synonyms: Path | None,
     dvf_spacing: float | None,
+    engine: str = "auto",
+    precision: str = "auto",
 ) -> Any:
     from jrs.errors import InvalidInput
+    from jrs.inference import check_engine_options
     from jrs.labels import SynonymTable
-    from jrs.pipeline import RecontourOptions
+    from jrs.pipeline import DEFAULT_DVF_SPACING_MM, RecontourOptions
 
     if method not in ("network", "iterative"):
         raise InvalidInput(f"--method {method!r} unknown; use network or iterative")
     if device not in ("auto", "cpu", "cuda"):
         raise InvalidInput(f"--device {device!r} unknown; use auto, cpu or cuda")
+    engine, precision = check_engine_options(engine, precision)
+    if dvf_spacing is not None and dvf_spacing < 0:
+        raise InvalidInput(
+            f"--dvf-spacing must be >= 0 mm (0: the daily CT grid), got {dvf_spacing}"
+        )
+    spacing = DEFAULT_DVF_SPACING_MM if dvf_spacing is None else (dvf_spacing or None)
     return RecontourOptions(
         method=method,  # type: ignore[arg-type]
         model_dir=model,
         device=device,
+        engine=engine,
+        precision=precision,
         synonyms=SynonymTable.from_yaml(synonyms) if synonyms is not None else None,
-        dvf_spacing_mm=dvf_spacing,
+        dvf_spacing_mm=spacing,
     )
 
 
@@ -215,7 +320,27 @@ MethodOpt = Annotated[
 SynonymOpt = Annotated[Path | None, typer.Option("--synonyms", help="YAML ROI-name synonym table.")]
 DvfSpacingOpt = Annotated[
     float | None,
-    typer.Option("--dvf-spacing", help="Write the DVF at this spacing (mm), not the CT grid."),
+    typer.Option(
+        "--dvf-spacing",
+        help="Spacing (mm) of the written DVF and DICOM REG (default 3; 0: the daily CT grid).",
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        envvar="JRS_ENGINE",
+        help="auto (CUDA: ONNX Runtime; CPU: OpenVINO if installed), onnxruntime or openvino.",
+    ),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        envvar="JRS_PRECISION",
+        help="auto (bf16 on a CPU with AMX/AVX512-BF16 under OpenVINO, else fp32), fp32, bf16 "
+        "or fp16 (TensorRT).",
+    ),
 ]
 
 
@@ -233,11 +358,13 @@ def recontour(
     method: MethodOpt = "network",
     synonyms: SynonymOpt = None,
     dvf_spacing: DvfSpacingOpt = None,
+    engine: EngineOpt = "auto",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
     from jrs.pipeline import recontour as run
 
-    opts = _recontour_options(model, device, method, synonyms, dvf_spacing)
+    opts = _recontour_options(model, device, method, synonyms, dvf_spacing, engine, precision)
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")
@@ -252,6 +379,9 @@ def recontour(
         f"DVF: min det J {d['min']:.3f}, folding {100 * d['folding_fraction']:.3f} %, "
         f"std det J {d['std']:.3f}; total {qa['timings_s']['total']:.1f} s"
     )
+    m = qa["model"]
+    if m.get("engine"):
+        typer.echo(f"network: {m['engine']} on {m['device']}, {m['precision']}")
     for path in (result.rtstruct, result.dvf, result.registration, result.qa, result.review):
         typer.echo(str(path))
 
@@ -265,8 +395,13 @@ ApiKeyOpt = Annotated[
 ]
 
 
-def _remote_rows(server: str | None, api_key: str | None, timeout_s: float) -> Any:
-    """Context manager: the row runner of `jrs_cli.remote` for ``--server``, else None."""
+def _remote_rows(
+    server: str | None, api_key: str | None, timeout_s: float, patients_out: Path | None = None
+) -> Any:
+    """Context manager: the row runner of `jrs_cli.remote` for ``--server``, else None.
+
+    With ``patients_out`` (``--adapt``) the rows go through the service's patients resource.
+    """
     import contextlib
 
     from jrs.errors import JrsError
@@ -274,9 +409,11 @@ def _remote_rows(server: str | None, api_key: str | None, timeout_s: float) -> A
     if server is None:
         return contextlib.nullcontext(None)
     try:
-        from jrs_cli.remote import batch_runner
+        from jrs_cli.remote import batch_runner, patient_batch_runner
     except ImportError as exc:
         raise JrsError(f"--server needs httpx ({exc}); pip install 'jrs[serve]'") from exc
+    if patients_out is not None:
+        return patient_batch_runner(server, api_key, patients_out, timeout_s=timeout_s)
     return batch_runner(server, api_key, timeout_s=timeout_s)
 
 
@@ -297,6 +434,8 @@ def batch(
     method: MethodOpt = "network",
     synonyms: SynonymOpt = None,
     dvf_spacing: DvfSpacingOpt = None,
+    engine: EngineOpt = "auto",
+    precision: PrecisionOpt = "auto",
     shard_index: Annotated[
         int,
         typer.Option(
@@ -319,20 +458,42 @@ def batch(
     job_timeout: Annotated[
         float, typer.Option("--job-timeout", min=1, help="--server: seconds a row may take.")
     ] = 1800.0,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            "--adapt",
+            help="Adapt the model (--model) to each patient first (manifest column 'patient', "
+            "else the planning series) and re-contour its fractions with it (jrs adapt).",
+        ),
+    ] = False,
+    adapt_minutes: Annotated[
+        float, typer.Option("--adapt-minutes", min=0.01, help="--adapt: budget per patient, min.")
+    ] = 15.0,
 ) -> None:
     """Re-contour every fraction of a manifest; resumable; a failing row never stops the others.
 
     With ``--server URL`` the rows are sent to a jrs service (``--workers`` requests at a time)
-    instead of being run here; the output layout and the status file are the same.
+    instead of being run here; the output layout and the status file are the same. With
+    ``--adapt`` each patient's model is adapted once (OUT/patient_models/, OUT/adapt_status.csv)
+    and the status file's ``model`` column says which model each fraction used; with ``--server``
+    too, each patient is uploaded once to the service (POST /v1/patients), which adapts it.
     """
     from tqdm import tqdm
 
-    from jrs.batch import read_manifest, run_batch, select_shard, status_file_name
+    from jrs.batch import group_rows, read_manifest, run_batch, select_shard, status_file_name
+    from jrs.batch import select_shard_groups as shard_groups
 
-    opts = _recontour_options(model, device, method, synonyms, dvf_spacing)
-    total = len(select_shard(read_manifest(manifest), shard_index, shard_count))
+    opts = _recontour_options(model, device, method, synonyms, dvf_spacing, engine, precision)
+    rows = read_manifest(manifest)
+    local_adapt = adapt and server is None  # with --server, the service adapts per patient
+    if local_adapt:
+        mine = shard_groups(group_rows(rows), shard_index, shard_count)
+        total = sum(len(members) for members in mine.values())
+    else:
+        total = len(select_shard(rows, shard_index, shard_count))
+    adapter = _patient_adapter(model, adapt_minutes, device, opts.synonyms) if local_adapt else None
     with (
-        _remote_rows(server, api_key, job_timeout) as row_runner,
+        _remote_rows(server, api_key, job_timeout, out if adapt else None) as row_runner,
         tqdm(total=total, desc="batch", unit="fraction") as bar,
     ):
         summary = run_batch(
@@ -345,6 +506,8 @@ def batch(
             on_progress=lambda _id, _state: bar.update(1),
             shard_index=shard_index,
             shard_count=shard_count,
+            adapter=adapter,
+            on_adapt=lambda group, outcome: tqdm.write(f"patient model {group}: {outcome}"),
         )
         bar.update(len(summary.skipped))
     typer.echo(
@@ -364,7 +527,8 @@ def benchmark(
     what: Annotated[
         str,
         typer.Argument(
-            help="phantom, prealign, recontour, heldout or service (one per process for memory)."
+            help="phantom, prealign, recontour, heldout, engines, service, gpu or qa (one per "
+            "process for memory)."
         ),
     ],
     out: Annotated[
@@ -401,16 +565,79 @@ def benchmark(
     ] = 1,
     server: ServerOpt = None,
     api_key: ApiKeyOpt = None,
+    engine: EngineOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="recontour/gpu: runs per configuration (p50).")
+    ] = 3,
+    runs: Annotated[
+        str | None,
+        typer.Option(
+            "--runs",
+            help="recontour: configurations, comma-separated (default onnxruntime-fp32,"
+            "openvino-fp32,openvino-bf16,iterative; also auto); engines: reference,candidate "
+            "(default onnxruntime-fp32,openvino-bf16).",
+        ),
+    ] = None,
+    planning_ct: Annotated[
+        Path | None, typer.Option("--planning-ct", help="recontour/engines: a given case.")
+    ] = None,
+    planning_rtstruct: Annotated[
+        Path | None, typer.Option("--planning-rtstruct", help="recontour/engines: a given case.")
+    ] = None,
+    daily_ct: Annotated[
+        Path | None, typer.Option("--daily-ct", help="recontour/engines: a given case.")
+    ] = None,
+    truth_rtstruct: Annotated[
+        Path | None,
+        typer.Option("--truth-rtstruct", help="recontour/engines: the given daily CT's truth."),
+    ] = None,
+    dvf_error: Annotated[
+        bool,
+        typer.Option(
+            "--dvf-error/--no-dvf-error",
+            help="recontour: measure the coarse DVF grid against the full grid in the body.",
+        ),
+    ] = True,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="gpu: run the GPU script on the CPU, small sizes.")
+    ] = False,
 ) -> None:
     """Measure speed, memory and accuracy (phantom, pre-alignment, re-contouring, held-out).
+
+    ``recontour`` re-contours one case (a 512 x 512 x ~150 phantom, seed SEED, or the given
+    --planning-ct/--planning-rtstruct/--daily-ct) with ONNX Runtime fp32, OpenVINO fp32,
+    OpenVINO bf16 and the iterative baseline, each in its own process with the model loaded once,
+    and reports p50 per stage over --repeats runs, the cold first run, peak RSS, REG size, Dice,
+    engine ratios and the coarse DVF's error against the full-grid field in the body.
+
+    ``engines`` re-contours CASES held-out phantoms (and a given case) with two engines and
+    compares per-organ DSC and the DVFs (the accuracy guard of OpenVINO bf16).
+
+    ``gpu`` is the one-call measurement for a lent GPU (at most 8 minutes): warm network latency
+    per window, end-to-end p50 and batch fractions/hour with ONNX Runtime CUDA (TensorRT when
+    installed); --dry-run runs it on the CPU with small sizes.
 
     ``heldout`` re-contours CASES held-out phantom fractions (seeds SEED.. never used in
     training) with the network and the iterative baseline and prints DSC/MSD per organ for the
     segmentation path, the registration path, the chosen contours and the baseline.
 
+    ``adaptation`` adapts the model (--model) to CASES held-out phantoms (seeds SEED..) and to
+    the given --planning-ct/--planning-rtstruct (a real patient kept out of training), then
+    re-contours FRACTIONS test fractions of each with the generic model, the patient model and
+    the iterative baseline: DSC/MSD per organ, adaptation times, the acceptance checks
+    (`training.adapt_benchmark`); --dry-run: tiny phantoms and budget (a check of the command).
+
     ``service`` sends JOBS requests for one phantom case (CONCURRENCY at a time) to the REST
     service at --server, or to a local ``jrs serve`` it starts, and reports jobs per minute and
     the p50/p95 latency (see `jrs_cli.service_bench`).
+
+    ``qa`` calibrates the QA flags against the truth (`jrs.qa_calibration`, ``docs/qa.md``):
+    CASES held-out phantoms (seeds SEED.., 3000 when SEED is 0) and FRACTIONS synthetic
+    fractions of the real planning scan --planning-ct/--planning-rtstruct (skipped when absent),
+    re-contoured in the populations --runs (default network, other_path, iterative, dvf_noise,
+    shifted_planning, cutoff_fov); records and the report (JSON + Markdown) go to --report, and a
+    re-run resumes from the records there.
     """
     import json
 
@@ -421,8 +648,64 @@ def benchmark(
         result = bench.bench_phantom(fractions, seed, slice_mm)
     elif what == "prealign":
         result = bench.bench_prealign(slices, seed=seed)
-    elif what == "recontour":
-        result = bench.bench_recontour(method, model, seed, device, slice_mm)
+    elif what in ("recontour", "engines"):
+        given = (planning_ct, planning_rtstruct, daily_ct)
+        if any(v is not None for v in given) and not all(v is not None for v in given):
+            raise InvalidInput(
+                "a given case needs --planning-ct, --planning-rtstruct and --daily-ct together"
+            )
+        case = (
+            bench.given_case(planning_ct, planning_rtstruct, daily_ct, truth_rtstruct)  # type: ignore[arg-type]
+            if planning_ct is not None
+            else None
+        )
+        names = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+        if what == "recontour":
+            result = bench.bench_recontour(
+                case,
+                runs=names or bench.DEFAULT_RUNS,
+                repeats=repeats,
+                model=model,
+                device=device,
+                seed=seed,
+                slice_mm=1.2 if slice_mm is None else slice_mm,
+                dvf_error=dvf_error,
+                progress=lambda m: log.info("benchmark %s", m),
+            )
+            typer.echo(result.pop("markdown"))
+        else:
+            from jrs.validation import compare_engines
+
+            pair = names or ["onnxruntime-fp32", "openvino-bf16"]
+            if len(pair) != 2:
+                raise InvalidInput(f"--runs for engines takes two configurations, got {pair}")
+            compared = compare_engines(
+                list(range(seed, seed + cases)),
+                cases=[case] if case is not None else [],
+                engines=(pair[0], pair[1]),
+                model_dir=model,
+                device="cpu" if device == "auto" else device,
+                slice_mm=slice_mm,
+                out_dir=report,
+                progress=lambda m: log.info("engines %s", m),
+            )
+            typer.echo(compared.markdown)
+            result = {
+                "benchmark": "engines",
+                "engines": list(compared.engines),
+                "rows": compared.rows,
+                "dvf": compared.dvf,
+                "max_dsc_diff": compared.max_dsc_diff,
+                "timings_s": compared.timings,
+            }
+    elif what == "gpu":
+        result = bench.bench_gpu(
+            dry_run=dry_run,
+            model=model,
+            repeats=repeats,
+            fractions=fractions,
+            progress=lambda m: log.info("gpu %s", m),
+        )
     elif what == "heldout":
         from jrs.validation import validate_heldout
 
@@ -430,6 +713,8 @@ def benchmark(
             list(range(seed, seed + cases)),
             model_dir=model,
             device=device,
+            engine=engine,
+            precision=precision,
             iterative=iterative,
             slice_mm=slice_mm,
             out_dir=report,
@@ -437,6 +722,57 @@ def benchmark(
         )
         typer.echo(held.markdown)
         result = {"benchmark": "heldout", "rows": held.rows, "timings_s": held.timings}
+    elif what == "qa":
+        from jrs import qa_calibration as qac
+
+        if report is None:
+            raise InvalidInput("benchmark qa needs --report DIR (records and report go there)")
+        if (planning_ct is None) != (planning_rtstruct is None):
+            raise InvalidInput("a real planning scan needs --planning-ct and --planning-rtstruct")
+        real = []
+        if planning_ct is not None and planning_rtstruct is not None:
+            real = [qac.RealSource(planning_ct, planning_rtstruct)]
+        qa_report = qac.run_qa_calibration(
+            report,
+            cases=cases,
+            seed=seed or 3000,
+            real=real,
+            fractions=fractions,
+            populations=[r.strip() for r in runs.split(",") if r.strip()]
+            if runs
+            else qac.DEFAULT_POPULATIONS,
+            settings=qac.RunSettings(
+                model_dir=model,
+                device=device,
+                engine=engine,
+                precision=precision,
+                matrix=matrix,
+                slice_mm=slice_mm,
+            ),
+            progress=lambda m: log.info("qa %s", m),
+        )
+        typer.echo(qac.report_markdown(qa_report))
+        result = {
+            "benchmark": "qa",
+            "report": str(report / "qa_calibration.json"),
+            "counts": qa_report["counts"],
+            "current": qa_report["current"]["any"],
+            "chosen": {k: qa_report["chosen"][k] for k in ("met", "note", "any", "changes")},
+            "errors": qa_report["errors"],
+        }
+    elif what == "adaptation":
+        result = _bench_adaptation(
+            cases,
+            seed,
+            model,
+            device,
+            fractions,
+            iterative,
+            report,
+            slice_mm,
+            dry_run,
+            (planning_ct, planning_rtstruct),
+        )
     elif what == "service":
         from jrs_cli.service_bench import bench_service
 
@@ -454,13 +790,60 @@ def benchmark(
         )
     else:
         raise InvalidInput(
-            f"benchmark {what!r} unknown; use phantom, prealign, recontour, heldout or service"
+            f"benchmark {what!r} unknown; use phantom, prealign, recontour, heldout, engines, "
+            "adaptation, service, gpu or qa"
         )
     result["machine"] = bench.machine()
     text = json.dumps(result, indent=2)
     typer.echo(text)
     if out is not None:
         out.write_text(text + "\n")
+
+
+def _bench_adaptation(
+    cases: int,
+    seed: int,
+    model: Path | None,
+    device: str,
+    fractions: int,
+    iterative: bool,
+    report: Path | None,
+    slice_mm: float | None,
+    dry_run: bool,
+    real: tuple[Path | None, Path | None],
+) -> dict[str, Any]:
+    """``jrs benchmark adaptation`` (see `benchmark`)."""
+    from jrs.errors import InvalidInput
+    from model_export.export import ArtefactWriter
+    from training.adapt import AdaptOptions
+    from training.adapt_benchmark import benchmark_adaptation
+
+    if (real[0] is None) != (real[1] is None):
+        raise InvalidInput("a real patient needs --planning-ct and --planning-rtstruct together")
+    options = AdaptOptions()
+    if dry_run:  # a check of the command: tiny budget, one step, small phantoms
+        options = AdaptOptions(minutes=1.0, fractions=1, val_fractions=1, min_steps=1, max_steps=1)
+    held = benchmark_adaptation(
+        list(range(seed, seed + (1 if dry_run else cases))),
+        ArtefactWriter(),
+        base=model,
+        real=(real[0], real[1]) if real[0] is not None and real[1] is not None else None,
+        fractions=1 if dry_run else fractions,
+        options=options,
+        iterative=iterative,
+        matrix=128 if dry_run else 512,
+        slice_mm=slice_mm,
+        device=device,
+        out_dir=report,
+        progress=lambda m: log.info("adaptation benchmark %s", m),
+    )
+    typer.echo(held.markdown)
+    return {
+        "benchmark": "adaptation",
+        "adaptations": held.adaptations,
+        "checks": held.checks,
+        "rows": held.rows,
+    }
 
 
 @app.command()
@@ -602,6 +985,174 @@ def export(
         f"(exporter {meta['onnx']['exporter']}, opset {meta['onnx']['opset']})"
     )
     typer.echo(str(path))
+
+
+def _patient_adapter(base: Path | None, minutes: float, device: str, synonyms: Any) -> Any:
+    """``jrs batch --adapt``: the adapter of `jrs.batch.run_batch` (`training.adapt.adapt`)."""
+    from jrs.errors import JrsError
+
+    try:
+        from model_export.export import ArtefactWriter
+        from training.adapt import AdaptOptions
+        from training.adapt import adapt as run_adaptation
+    except ImportError as exc:
+        raise JrsError(f"--adapt needs torch ({exc}); pip install 'jrs[train]'") from exc
+
+    def run(planning_ct: Path, planning_rtstruct: Path, out: Path) -> dict[str, Any]:
+        result = run_adaptation(
+            planning_ct,
+            planning_rtstruct,
+            out,
+            ArtefactWriter(),
+            base=base,
+            options=AdaptOptions(minutes=minutes, device=device),
+            synonyms=synonyms,
+        )
+        return {"kept": result.kept, "reason": result.reason}
+
+    return run
+
+
+@app.command()
+@_handle_errors
+def adapt(
+    planning_ct: Annotated[Path, typer.Option("--planning-ct", help="Planning CT folder.")],
+    planning_rtstruct: Annotated[
+        Path, typer.Option("--planning-rtstruct", help="Planning RTSTRUCT file.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Patient model folder to write (like models/<n>/<v>).")
+    ],
+    synonyms: SynonymOpt = None,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="Base model folder models/<name>/<version> (default bundled)."),
+    ] = None,
+    base_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-weights",
+            help="Torch weights of the base (weights.pt or a training checkpoint; default: "
+            "weights.pt beside its model.onnx, else a matching checkpoint of models/checkpoints).",
+        ),
+    ] = None,
+    minutes: Annotated[
+        float, typer.Option("--minutes", min=0.01, help="Time budget of the whole run, minutes.")
+    ] = 15.0,
+    fractions: Annotated[
+        int, typer.Option("--fractions", min=1, help="Synthetic fractions to fine-tune on.")
+    ] = 6,
+    val_fractions: Annotated[
+        int, typer.Option("--val-fractions", min=1, help="Synthetic fractions held back.")
+    ] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the fractions and sampling.")] = 0,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="RAdam learning rate.")] = 1e-4,
+    device: DeviceOpt = "auto",
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Torch CPU threads (default: all).")
+    ] = None,
+    engine: EngineOpt = "auto",
+    tolerance: Annotated[
+        float,
+        typer.Option("--tolerance", min=0.0, help="DSC an organ may lose and keep the adapted."),
+    ] = 0.0,
+    min_steps: Annotated[
+        int, typer.Option("--min-steps", min=0, help="Fine-tuning steps even past the budget.")
+    ] = 0,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=0, help="At most this many steps.")
+    ] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option(
+            "--work", help="Work folder (default OUT/../.OUT.adapt); a rerun continues from it."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an OUT made from other inputs.")
+    ] = False,
+    keep_work: Annotated[
+        bool, typer.Option("--keep-work", help="Keep the work folder (pairs, checkpoints).")
+    ] = False,
+) -> None:
+    """Adapt a model to one patient: fine-tune it on synthetic fractions of the planning scan.
+
+    Writes a model folder (model.onnx, metadata.json, MODEL_CARD.md, weights.pt) for
+    `jrs recontour --model OUT`. Held-back synthetic fractions decide: the adapted weights are kept
+    only when no organ's DSC is lower than with the base model and the mean is higher; otherwise
+    OUT holds the base model and the command says why. SIGTERM / Ctrl-C checkpoint and stop
+    (exit code 75); the same command continues from the work folder.
+    """
+    import signal
+
+    from jrs.labels import SynonymTable
+    from model_export.export import ArtefactWriter
+    from training.adapt import AdaptationInterrupted, AdaptOptions
+    from training.adapt import adapt as run_adaptation
+
+    stop = {"requested": False}
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if stop["requested"]:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log.warning("signal %d: stopping at the next checkpoint (send again to abort)", signum)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    options = AdaptOptions(
+        minutes=minutes,
+        fractions=fractions,
+        val_fractions=val_fractions,
+        seed=seed,
+        lr=lr,
+        device=device,
+        threads=threads,
+        engine=engine,
+        tolerance=tolerance,
+        min_steps=min_steps,
+        max_steps=max_steps,
+        keep_work=keep_work,
+    )
+    try:
+        result = run_adaptation(
+            planning_ct,
+            planning_rtstruct,
+            out,
+            ArtefactWriter(),
+            base=base,
+            base_weights=base_weights,
+            options=options,
+            synonyms=SynonymTable.from_yaml(synonyms) if synonyms is not None else None,
+            work=work,
+            overwrite=overwrite,
+            should_stop=lambda: stop["requested"],
+            progress=typer.echo,
+        )
+    except AdaptationInterrupted as exc:
+        typer.secho(f"interrupted: {exc.message}; run the same command to continue", err=True)
+        raise typer.Exit(code=75) from exc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    ada = result.metadata["adaptation"]
+    val = ada["validation"]
+    typer.echo(f"{'organ':<20}{'base DSC':>10}{'adapted':>10}{'base MSD':>10}{'adapted':>10}")
+    figures = [val["base"], val.get("adapted") or {}]
+    for organ in val["base"].get("dsc") or {}:
+        cells = [
+            "-" if v is None else f"{v:.3f}"
+            for metric in ("dsc", "msd")
+            for v in ((fig.get(metric) or {}).get(organ) for fig in figures)
+        ]
+        typer.echo(f"{organ:<20}" + "".join(f"{c:>10}" for c in cells))
+    rate = ada.get("steps_per_s")
+    typer.echo(
+        f"{'ADAPTED' if result.kept else 'BASE'} model kept: {result.reason}\n"
+        f"{result.steps} fine-tuning steps"
+        + (f" ({rate:.3f} steps/s, {ada['precision']} on {ada['device']})" if rate else "")
+        + f", {result.seconds / 60:.1f} min in all"
+    )
+    typer.echo(str(result.out))
 
 
 @app.command()

@@ -13,7 +13,12 @@ The product's client of the routes of DESIGN.md ("REST"), used by ``jrs batch --
 * ``GET /v1/jobs/{id}`` polled with exponential back-off (``Retry-After`` of a 202 or 503 answer
   taking precedence) until the job has succeeded or failed;
 * the artefacts the job's ``links`` name written as ``rtstruct.dcm``, ``dvf.mha``,
-  ``registration.dcm``, ``review.png`` and ``qa.json`` (last) into an output folder.
+  ``registration.dcm``, ``review.png`` and ``qa.json`` (last) into an output folder;
+* the patient workflow: ``POST /v1/patients`` (the planning once; the server adapts a patient
+  model where it can train), ``GET``/``DELETE /v1/patients/{id}`` and
+  ``POST /v1/patients/{id}/fractions`` (only the daily CT; a job as above), which
+  ``jrs batch --server URL --adapt`` uses (`patient_row_runner`): one patient per planning scan,
+  kept in ``OUT/remote_patients.json`` so that a resumed batch reuses it.
 
 Every failure is a `ServiceError` (a `JrsError`) whose message holds the server's own ``error``
 code, ``detail`` and ``request_id``. Nothing in the core ``jrs`` package imports this module.
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import json
 import logging
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -334,11 +341,34 @@ class ServiceClient:
             ServiceError: the request was refused (4xx: message of the server).
         """
         params = {"wait": "true", "timeout": f"{wait_s:g}"} if wait_s > 0 else {"wait": "false"}
+        fields = {"planning": (planning, skip_planning), "daily": (daily, None)}
+        r = self._post("/v1/recontour", fields, params, wait_s, (200, 202))
+        job: dict[str, Any] = r.json()
+        return job, retry_after_s(r) if r.status_code == 202 else None
+
+    def _post(
+        self,
+        url: str,
+        fields: dict[str, tuple[Sequence[Path], Callable[[Path], bool] | None]],
+        params: dict[str, str],
+        wait_s: float,
+        accepted: Sequence[int],
+    ) -> httpx.Response:
+        """POST each field as one zip; retry 429/503/507 and refused connections (no duplicates).
+
+        Returns:
+            The accepted answer.
+
+        Raises:
+            InvalidInput: a path does not exist.
+            ServiceUnavailable: still 503 / unreachable after ``backoff.busy_timeout_s``.
+            ServiceError: the request was refused (4xx: message of the server).
+        """
         timeout = httpx.Timeout(max(self.http.timeout.read or 0.0, wait_s + 60.0), connect=10.0)
         with tempfile.TemporaryDirectory(prefix="jrs-upload-") as tmp:
             zips = {
-                "planning": zip_inputs(planning, Path(tmp) / "planning.zip", skip=skip_planning),
-                "daily": zip_inputs(daily, Path(tmp) / "daily.zip"),
+                field: zip_inputs(paths, Path(tmp) / f"{field}.zip", skip=skip)
+                for field, (paths, skip) in fields.items()
             }
             deadline = time.monotonic() + self.backoff.busy_timeout_s
             pause = self.backoff.first_s
@@ -352,24 +382,21 @@ class ServiceClient:
                         for field, path in zips.items()
                     ]
                     try:
-                        r = self.http.post(
-                            "/v1/recontour", params=params, files=files, timeout=timeout
-                        )
+                        r = self.http.post(url, params=params, files=files, timeout=timeout)
                     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                         # nothing reached the server: safe to send again
                         error: ServiceError = ServiceUnavailable(
-                            f"POST {self.base_url}/v1/recontour: cannot connect ({exc})"
+                            f"POST {self.base_url}{url}: cannot connect ({exc})"
                         )
                         delay = pause
                     except httpx.TransportError as exc:  # it may have been accepted: no resend
                         raise ServiceUnavailable(
-                            f"POST /v1/recontour: {type(exc).__name__}: {exc}"
+                            f"POST {url}: {type(exc).__name__}: {exc}"
                         ) from exc
                     else:
-                        if r.status_code in (200, 202):
-                            job: dict[str, Any] = r.json()
-                            return job, retry_after_s(r) if r.status_code == 202 else None
-                        error = error_from(r, "POST /v1/recontour")
+                        if r.status_code in accepted:
+                            return r
+                        error = error_from(r, f"POST {url}")
                         if r.status_code not in (429, 503, 507):
                             raise error
                         delay = retry_after_s(r) or pause
@@ -379,6 +406,112 @@ class ServiceClient:
                 log.info("%s; retrying in %.0f s", error.message, delay)
                 time.sleep(delay)
                 pause = min(pause * self.backoff.factor, self.backoff.max_s)
+
+    # -- patients
+    def create_patient(
+        self, planning: Sequence[Path], *, skip_planning: Callable[[Path], bool] | None = None
+    ) -> dict[str, Any]:
+        """Upload a patient's planning CT + RTSTRUCT once (``POST /v1/patients``).
+
+        Returns:
+            The patient (``id``, ``adaptation``: queued, or unavailable with the reason).
+
+        Raises:
+            ServiceError: refused (e.g. no ROI maps to an organ) or unreachable.
+        """
+        r = self._post("/v1/patients", {"planning": (planning, skip_planning)}, {}, 0.0, (201,))
+        patient: dict[str, Any] = r.json()
+        return patient
+
+    def patient(self, patient_id: str) -> dict[str, Any]:
+        """The patient (``GET /v1/patients/{id}``).
+
+        Raises:
+            ServiceError: 404 for a deleted patient (or one past the retention), or refused.
+        """
+        try:
+            r = self.http.get(f"/v1/patients/{patient_id}")
+        except httpx.TransportError as exc:
+            raise ServiceUnavailable(f"GET /v1/patients/{patient_id}: {exc}") from exc
+        if r.status_code != 200:
+            raise error_from(r, f"GET /v1/patients/{patient_id}")
+        body: dict[str, Any] = r.json()
+        return body
+
+    def wait_adaptation(
+        self, patient_id: str, timeout_s: float, poll_s: float = 10.0
+    ) -> dict[str, Any]:
+        """Poll a patient until its adaptation is over (succeeded, failed or unavailable).
+
+        Raises:
+            JobTimeout: still queued or running after `timeout_s`.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            body = self.patient(patient_id)
+            status = body["adaptation"]["status"]
+            if status in ("succeeded", "failed", "unavailable"):
+                return body
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise JobTimeout(
+                    f"patient {patient_id}: adaptation still {status} after {timeout_s:.0f} s"
+                )
+            time.sleep(min(poll_s, left))
+
+    def delete_patient(self, patient_id: str) -> None:
+        """Delete a patient: planning, patient model, finished fractions.
+
+        Raises:
+            ServiceError: unknown patient (404) or refused.
+        """
+        try:
+            r = self.http.delete(f"/v1/patients/{patient_id}")
+        except httpx.TransportError as exc:
+            raise ServiceUnavailable(f"DELETE /v1/patients/{patient_id}: {exc}") from exc
+        if r.status_code != 204:
+            raise error_from(r, f"DELETE /v1/patients/{patient_id}")
+
+    def submit_fraction(
+        self, patient_id: str, daily: Sequence[Path], *, wait_s: float = 0.0
+    ) -> tuple[dict[str, Any], float | None]:
+        """Send a daily CT of a patient (``POST /v1/patients/{id}/fractions``); as `submit`."""
+        params = {"wait": "true", "timeout": f"{wait_s:g}"} if wait_s > 0 else {"wait": "false"}
+        url = f"/v1/patients/{patient_id}/fractions"
+        r = self._post(url, {"daily": (daily, None)}, params, wait_s, (200, 202))
+        job: dict[str, Any] = r.json()
+        return job, retry_after_s(r) if r.status_code == 202 else None
+
+    def fraction(
+        self,
+        patient_id: str,
+        daily: Sequence[Path],
+        out_dir: Path,
+        *,
+        timeout_s: float = 1800.0,
+        wait_s: float = 30.0,
+    ) -> dict[str, Any]:
+        """Submit a fraction, wait and download (as `recontour`); ``qa.model.kind`` says which.
+
+        Raises:
+            JobFailed, JobTimeout, ServiceError: as `recontour`.
+        """
+        job, hint = self.submit_fraction(patient_id, daily, wait_s=wait_s)
+        return self._finish(job, hint, out_dir, timeout_s)
+
+    def _finish(
+        self, job: dict[str, Any], hint: float | None, out_dir: Path, timeout_s: float
+    ) -> dict[str, Any]:
+        job = self.wait(job, timeout_s, first_delay_s=hint)
+        if job["status"] != "succeeded":
+            err = job.get("error") or {}
+            raise JobFailed(
+                f"job {job['id']} failed: {err.get('code', 'internal_error')}: "
+                f"{err.get('message', '')}",
+                code=str(err.get("code") or "internal_error"),
+            )
+        self.download(job, out_dir)
+        return job
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The job (``GET /v1/jobs/{id}``).
@@ -508,16 +641,7 @@ class ServiceClient:
             ServiceError: a request was refused or the service unreachable.
         """
         job, hint = self.submit(planning, daily, wait_s=wait_s, skip_planning=skip_planning)
-        job = self.wait(job, timeout_s, first_delay_s=hint)
-        if job["status"] != "succeeded":
-            err = job.get("error") or {}
-            raise JobFailed(
-                f"job {job['id']} failed: {err.get('code', 'internal_error')}: "
-                f"{err.get('message', '')}",
-                code=str(err.get("code") or "internal_error"),
-            )
-        self.download(job, out_dir)
-        return job
+        return self._finish(job, hint, out_dir, timeout_s)
 
 
 # ------------------------------------------------------------------------------ batch
@@ -566,3 +690,92 @@ def batch_runner(
     with ServiceClient(server, api_key) as client:
         client.check()
         yield row_runner(client, timeout_s=timeout_s)
+
+
+# ------------------------------------------------------------------------------ patients batch
+PATIENTS_FILE = "remote_patients.json"
+
+
+def patient_row_runner(
+    client: ServiceClient,
+    out: Path,
+    *,
+    timeout_s: float = 1800.0,
+    adapt_timeout_s: float = 3600.0,
+) -> Callable[[BatchRow, Path], RowResult]:
+    """A ``run_batch(row_runner=...)`` for ``jrs batch --server URL --adapt``: patients first.
+
+    Each patient (the manifest's ``patient`` value, else the planning series) is uploaded once
+    (``POST /v1/patients``); its id is kept in ``OUT/remote_patients.json`` and reused by a
+    resumed batch while the service still has it. The first row of a patient waits for the
+    adaptation to end (the other rows of that patient wait for the first), then every fraction is
+    sent with its daily CT only, so all of them use the same model (``qa.model.kind``).
+    """
+    from jrs.batch import row_group
+
+    registry = Path(out) / PATIENTS_FILE
+    lock = threading.Lock()
+    group_locks: dict[str, threading.Lock] = {}
+    ready: set[str] = set()
+
+    def patient_for(row: BatchRow) -> str:
+        key = row_group(row)
+        with lock:
+            group = group_locks.setdefault(key, threading.Lock())
+        with group:
+            with lock:
+                known = json.loads(registry.read_text()) if registry.is_file() else {}
+            pid = known.get(key)
+            if pid is not None and key not in ready:
+                try:
+                    client.patient(pid)
+                except ServiceError as exc:
+                    if exc.status != 404:
+                        raise
+                    pid = None  # deleted or past the retention: upload again
+            if pid is None:
+                rtstruct = row.planning_rtstruct.resolve()
+
+                def skip(path: Path) -> bool:
+                    return path.resolve() != rtstruct and _is_rtstruct(path)
+
+                pid = str(
+                    client.create_patient(
+                        [row.planning_ct, row.planning_rtstruct], skip_planning=skip
+                    )["id"]
+                )
+                with lock:
+                    known = json.loads(registry.read_text()) if registry.is_file() else {}
+                    known[key] = pid
+                    tmp = registry.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(known, indent=2))
+                    tmp.replace(registry)
+            if key not in ready:
+                body = client.wait_adaptation(pid, adapt_timeout_s)
+                log.info("patient %s: adaptation %s", key, body["adaptation"]["status"])
+                ready.add(key)
+        return str(pid)
+
+    def run(row: BatchRow, out_dir: Path) -> RowResult:
+        t0 = time.perf_counter()
+        try:
+            if not row.planning_rtstruct.is_file():
+                raise InvalidInput(f"{row.planning_rtstruct}: no such RTSTRUCT file")
+            pid = patient_for(row)
+            client.fraction(pid, [row.daily_ct], out_dir / row.id, timeout_s=timeout_s)
+        except JrsError as exc:
+            return "failed", time.perf_counter() - t0, exc.code, exc.message
+        return "done", time.perf_counter() - t0, "", ""
+
+    return run
+
+
+@contextlib.contextmanager
+def patient_batch_runner(
+    server: str, api_key: str | None, out: Path, *, timeout_s: float = 1800.0
+) -> Iterator[Callable[[BatchRow, Path], RowResult]]:
+    """`batch_runner` for ``--adapt``: check the service, yield `patient_row_runner`."""
+    with ServiceClient(server, api_key) as client:
+        client.check()
+        Path(out).mkdir(parents=True, exist_ok=True)
+        yield patient_row_runner(client, Path(out), timeout_s=timeout_s)

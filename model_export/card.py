@@ -40,6 +40,57 @@ def _metrics_section(metrics: Any) -> list[str]:
     return ["```json", json.dumps(metrics, indent=2), "```"]
 
 
+def _weights_section(weights: Any) -> list[str]:
+    if not isinstance(weights, Mapping):
+        return []
+    return [
+        "## Torch weights",
+        "",
+        f"`{weights.get('file')}` ({weights.get('format')}, {_fmt(weights.get('bytes'))} bytes, "
+        f"sha256 `{weights.get('sha256')}`): the float32 weights that patient-specific "
+        "adaptation (`jrs adapt --base`) fine-tunes; the inference never reads them.",
+        "",
+    ]
+
+
+def _adaptation_section(adaptation: Any) -> list[str]:
+    """The patient-specific adaptation of a model made by ``jrs adapt`` (no patient data)."""
+    if not isinstance(adaptation, Mapping):
+        return []
+    base = adaptation.get("base") or {}
+    val = adaptation.get("validation") or {}
+    series = adaptation.get("planning_series_sha256")
+    decision = "adapted weights kept" if adaptation.get("kept") else "base weights kept"
+    lines = [
+        "## Patient-specific adaptation",
+        "",
+        f"- Base model: {base.get('name')} version {base.get('version')} "
+        f"(`model.onnx` sha256 `{base.get('sha256')}`)",
+        f"- Planning series: sha256 of its SeriesInstanceUID `{series}`",
+        f"- Decision: **{decision}** ({adaptation.get('reason')})",
+        f"- Steps: {_fmt(adaptation.get('steps'))}; time {_fmt(adaptation.get('seconds'))} s "
+        f"({adaptation.get('device')}, {adaptation.get('precision')})",
+        f"- Synthetic fractions: {_fmt(adaptation.get('train_fractions'))} for fine-tuning, "
+        f"{_fmt(adaptation.get('validation_fractions'))} held back",
+        "",
+    ]
+    organs = sorted(
+        set((val.get("base") or {}).get("dsc", {})) | set((val.get("adapted") or {}).get("dsc", {}))
+    )
+    if organs:
+        lines += ["| organ | base DSC | adapted DSC | base MSD (mm) | adapted MSD (mm) |"]
+        lines += ["|---|---|---|---|---|"]
+        for organ in organs:
+            cells = [
+                _fmt(((val.get(k) or {}).get(m) or {}).get(organ))
+                for m in ("dsc", "msd")
+                for k in ("base", "adapted")
+            ]
+            lines.append(f"| {organ} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+        lines.append("")
+    return lines
+
+
 def model_card(meta: Mapping[str, Any]) -> str:
     """Render the model card of an exported model.
 
@@ -134,6 +185,8 @@ def model_card(meta: Mapping[str, Any]) -> str:
         f"ONNX Runtime (CPU) vs PyTorch on random inputs of sizes {parity.get('sizes')}: "
         f"max |diff| {_fmt(parity.get('worst'))} (tolerance {_fmt(parity.get('tolerance'))}).",
         "",
+        *_weights_section(meta.get("weights")),
+        *_adaptation_section(meta.get("adaptation")),
         "## Intended use and limitations",
         "",
         "- Research and demonstration of the re-contouring pipeline; not a medical device.",

@@ -1,5 +1,9 @@
 """Training checkpoint -> ``<out>/<name>/<version>/{model.onnx, metadata.json, MODEL_CARD.md}``.
 
+Beside them goes ``weights.pt``: the torch weights (float32, no optimiser state;
+:mod:`training.weights`), named in ``metadata.json`` (``weights``), which patient-specific
+adaptation (``jrs adapt --base MODEL_DIR``) fine-tunes.
+
 The exported graph holds the network only: inputs ``fixed``, ``moving``, ``moving_labels`` (those
 the network reads) of shape ``(B, 1, D, H, W)`` and its high-level outputs ``seg_high``
 ``(B, 5, D-40, H-40, W-40)`` (logits) and ``dvf_high`` ``(B, 3, D-40, H-40, W-40)`` (voxels of the
@@ -77,9 +81,11 @@ __all__ = [
     "OPSET",
     "PARITY_SIZES",
     "PARITY_TOLERANCE",
+    "ArtefactWriter",
     "ExportError",
     "ExportResult",
     "ParityReport",
+    "checkpoint_weighting",
     "export_checkpoint",
     "load_checkpoint",
     "parity_check",
@@ -614,6 +620,57 @@ def _write_stage(
     return meta, parity
 
 
+def checkpoint_weighting(path: str | Path) -> dict[str, Any]:
+    """``{"name", "state"}`` of the loss weighting of a training checkpoint (for ``weights.pt``).
+
+    Args:
+        path: A :class:`training.trainer.Trainer` checkpoint (a trusted file: it is unpickled).
+
+    Returns:
+        The weighting's name (from the resolved config) and state dict (empty when absent).
+    """
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
+    config = ckpt.get("config") or {}
+    return {
+        "name": (config.get("weighting") or {}).get("name", "equal"),
+        "state": dict(ckpt.get("weighting") or {}),
+    }
+
+
+def _write_weights(
+    net: nn.Module,
+    stage: Path,
+    meta: dict[str, Any],
+    network: Mapping[str, Any] | None,
+    checkpoint: Mapping[str, Any] | None,
+    weighting: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Write ``weights.pt`` into ``stage`` and name it in ``metadata.json`` and the card."""
+    from model_export.card import model_card
+    from training.networks import NETWORK_NAMES
+    from training.weights import WEIGHTS_FILE, save_weights, weights_payload
+
+    if not network or str(network.get("name")) not in NETWORK_NAMES:
+        log.info("no buildable network spec (%r): %s not written", network, WEIGHTS_FILE)
+        return meta
+    ckpt = dict(checkpoint or {})
+    payload = weights_payload(
+        net,
+        network,
+        weighting=weighting,
+        tasks=list(ckpt.get("tasks") or []),
+        patch_size=ckpt.get("patch_size"),
+        config=ckpt.get("config"),
+        git_sha=ckpt.get("git_sha"),
+        step=ckpt.get("step"),
+    )
+    meta = dict(meta)
+    meta["weights"] = save_weights(stage / WEIGHTS_FILE, payload)
+    (stage / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (stage / CARD_FILE).write_text(model_card(meta))
+    return meta
+
+
 def export(
     net: nn.Module,
     out_dir: str | Path,
@@ -628,6 +685,8 @@ def export(
     parity_sizes: Sequence[Sequence[int]] = PARITY_SIZES,
     tolerance: float = PARITY_TOLERANCE,
     overwrite: bool = False,
+    weights: bool = True,
+    weighting: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Export a network module (see :func:`export_checkpoint` for checkpoints).
 
@@ -644,6 +703,11 @@ def export(
         parity_sizes: Input sizes ``(D, H, W)`` of the parity check.
         tolerance: Accepted max |ONNX - PyTorch|.
         overwrite: Replace an existing version folder.
+        weights: Also write the torch weights as ``weights.pt`` (float32, about 3 MB for the
+            cross-stitch network; :mod:`training.weights`) and name them in ``metadata.json``
+            (``weights``): what patient-specific adaptation (``jrs adapt``) fine-tunes. Needs a
+            buildable ``network`` spec; skipped (with a log line) without one.
+        weighting: ``{"name", "state"}`` of the loss weighting, kept in ``weights.pt``.
 
     Returns:
         The export result (folder, metadata, parity).
@@ -681,6 +745,8 @@ def export(
             parity_sizes,
             tolerance,
         )
+        if weights:
+            meta = _write_weights(net, stage, meta, network, checkpoint, weighting)
         if target.exists():
             shutil.rmtree(target)
         stage.rename(target)
@@ -730,6 +796,8 @@ def export_checkpoint(
     else:
         net, meta = load_checkpoint(checkpoint)
         network = meta.get("network")
+        if kwargs.get("weights", True) and "weighting" not in kwargs:
+            kwargs["weighting"] = checkpoint_weighting(checkpoint)
     result = export(
         net,
         out_dir,
@@ -741,3 +809,74 @@ def export_checkpoint(
         **kwargs,
     )
     return result.path
+
+
+class ArtefactWriter:
+    """The export as patient-specific adaptation needs it (``training.adapt.ArtefactWriter``).
+
+    ``training`` sits below ``model_export`` and cannot import it; ``jrs adapt`` hands an
+    instance to :func:`training.adapt.adapt`.
+
+    Args:
+        exporter: ONNX exporter (``legacy``: seconds on a CPU; ``dynamo``: about a minute).
+        parity_sizes: Input sizes of the parity check.
+        tolerance: Accepted max |ONNX - PyTorch|.
+    """
+
+    def __init__(
+        self,
+        exporter: str = "legacy",
+        parity_sizes: Sequence[Sequence[int]] = PARITY_SIZES,
+        tolerance: float = PARITY_TOLERANCE,
+    ) -> None:
+        self.exporter = exporter
+        self.parity_sizes = parity_sizes
+        self.tolerance = tolerance
+
+    def write(
+        self,
+        net: nn.Module,
+        dest: Path,
+        *,
+        name: str,
+        version: int,
+        network: Mapping[str, Any],
+        checkpoint: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None,
+        weighting: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Export ``net`` into the version folder ``dest`` (created; absent before).
+
+        Returns:
+            The written ``metadata.json`` content (with ``weights``).
+        """
+        dest = Path(dest)
+        if dest.exists():
+            raise InvalidInput(f"{dest} already exists")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.export-"))
+        try:
+            result = export(
+                net,
+                root,
+                name=name,
+                version=version,
+                network=network,
+                checkpoint=checkpoint,
+                metrics=metrics,
+                exporter=self.exporter,
+                parity_sizes=self.parity_sizes,
+                tolerance=self.tolerance,
+                weights=True,
+                weighting=weighting,
+            )
+            result.path.rename(dest)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return result.metadata
+
+    def card(self, metadata: Mapping[str, Any]) -> str:
+        """The model card of a metadata (:func:`model_export.card.model_card`)."""
+        from model_export.card import model_card
+
+        return model_card(metadata)

@@ -29,7 +29,8 @@ from service.jobs import JobManager, JobStore, PipelineRunner
 from service.logging_config import configure_logging
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
-from service.routers import health, jobs, metrics, recontour
+from service.patients import PatientAwareRunner, attach_patients
+from service.routers import health, jobs, metrics, patients, recontour
 from service.settings import Settings, load_settings
 
 logger = logging.getLogger("service.app")
@@ -42,6 +43,10 @@ Re-contouring of the prostate on the daily CT for online adaptive radiotherapy.
 `POST /v1/recontour` with the planning CT series + RTSTRUCT (`planning`) and the daily CT series
 (`daily`), each a zip or several DICOM files. The answer carries the job's id, status, QA and
 links to the RTSTRUCT for the TPS, the DVF (MetaImage or DICOM REG), the QA JSON and a review PNG.
+
+`POST /v1/patients` stores a patient's planning CT + RTSTRUCT once (and adapts a patient model in
+the background where the server can train); `POST /v1/patients/{id}/fractions` then takes only the
+daily CT and answers as `/v1/recontour`.
 
 Every route but `/health/*` needs `Authorization: Bearer <key>`.
 """
@@ -89,8 +94,11 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
             settings.device,
             margin_mm=settings.margin_mm,
             dvf_spacing_mm=settings.dvf_spacing_mm,
+            engine=settings.engine,
+            precision=settings.precision,
         )
     )
+    job_runner = PatientAwareRunner(job_runner, settings)  # patient fractions: patient model
     app_metrics = Metrics()
 
     @contextlib.asynccontextmanager
@@ -121,6 +129,9 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
         retention_s = settings.retention_days * 86400
         await run_in_threadpool(manager.cleanup, retention_s)
         await run_in_threadpool(manager.start, bool(app.state.ready))
+        patient_service = await run_in_threadpool(
+            attach_patients, app, settings, manager, job_runner
+        )
         app.state.store = store
         app.state.validation_slots = asyncio.Semaphore(settings.max_concurrent_validations)
         app.state.manager = manager
@@ -132,7 +143,12 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
         else:
             logger.info(
                 "model ready",
-                extra={"fields": {"execution_provider": app.state.execution_provider}},
+                extra={
+                    "fields": {
+                        "execution_provider": app.state.execution_provider,
+                        **dict(getattr(job_runner, "engine_info", {}) or {}),
+                    }
+                },
             )
 
         async def cleanup_loop() -> None:
@@ -161,7 +177,11 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
             with contextlib.suppress(asyncio.CancelledError):
                 await cleaner
             app.state.ready = False
-            await run_in_threadpool(manager.shutdown, settings.shutdown_grace_s)
+            await asyncio.gather(
+                run_in_threadpool(manager.shutdown, settings.shutdown_grace_s),
+                run_in_threadpool(patient_service.stop),
+            )
+            app.state.patients = None
             app.state.manager = None
             store.close()
             logger.info("service stopped")
@@ -189,6 +209,7 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
     app.include_router(metrics.router)
     app.include_router(recontour.router)
     app.include_router(jobs.router)
+    app.include_router(patients.router)
     if not public_docs:
 
         @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])

@@ -127,7 +127,9 @@ class PipelineRunner:
             ``<name>/<version>`` folders to let the pipeline pick the newest bundled model.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         margin_mm: margin of the network box around the pre-aligned organs, mm.
-        dvf_spacing_mm: spacing of the written DVF grid, mm (None: the daily CT grid).
+        dvf_spacing_mm: spacing of the written DVF grid, mm (None or 0: the daily CT grid).
+        engine: network engine (``auto``, ``onnxruntime``, ``openvino``).
+        precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``).
     """
 
     def __init__(
@@ -136,12 +138,17 @@ class PipelineRunner:
         device: str = "auto",
         *,
         margin_mm: float = 30.0,
-        dvf_spacing_mm: float | None = None,
+        dvf_spacing_mm: float | None = 3.0,
+        engine: str = "auto",
+        precision: str = "auto",
     ) -> None:
         self.model_dir = model_dir
         self.device = device
         self.margin_mm = margin_mm
-        self.dvf_spacing_mm = dvf_spacing_mm
+        self.dvf_spacing_mm = dvf_spacing_mm or None
+        self.engine = engine
+        self.precision = precision
+        self.engine_info: dict[str, Any] = {}
         self.ready = False
         self.reason = "the model has not been loaded yet"
         self.execution_provider = "none"
@@ -170,6 +177,10 @@ class PipelineRunner:
                 margin_mm=self.margin_mm,
                 dvf_spacing_mm=self.dvf_spacing_mm,
             )
+            # set apart: a pipeline without engines (older, or a test double) still loads
+            for name in ("engine", "precision"):
+                if hasattr(options, name):
+                    setattr(options, name, getattr(self, name))
             backend = pipeline.load_backend(options)
         except ModelNotReady as exc:
             self.reason = exc.message
@@ -190,6 +201,9 @@ class PipelineRunner:
         if isinstance(providers, list | tuple):
             providers = providers[0] if providers else None
         self.execution_provider = str(providers or "unknown")
+        engine = getattr(backend, "engine", None)
+        info = getattr(engine, "info", None)
+        self.engine_info = dict(info()) if callable(info) else {}
         self.ready = True
         self.reason = ""
 

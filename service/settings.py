@@ -36,11 +36,17 @@ class Settings(BaseSettings):
         model_dir: a model version folder (``models/<name>/<version>`` with ``model.onnx``) or
             the root of such folders (the pipeline then uses the newest version).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        engine: network engine (``JRS_ENGINE``): ``auto`` (ONNX Runtime on CUDA, else OpenVINO
+            on the CPU where installed, else ONNX Runtime), ``onnxruntime`` or ``openvino``. The
+            model is compiled once at start-up and kept for every job.
+        precision: network arithmetic (``JRS_PRECISION``): ``auto`` (bf16 with OpenVINO on a
+            CPU with AMX/AVX512-BF16, else fp32), ``fp32``, ``bf16`` or ``fp16`` (TensorRT).
         margin_mm: margin around the pre-aligned planning organs of the network box, mm
             (`jrs.pipeline.RecontourOptions.margin_mm`).
-        dvf_spacing_mm: write ``dvf.mha`` and ``registration.dcm`` on a coarser grid with this
-            spacing (mm) instead of the daily CT grid: a 174 x 512 x 512 daily CT gives 550 MB
-            per file on its own grid, 30 MB at 2.5 mm. Unset: the daily CT grid.
+        dvf_spacing_mm: spacing (mm) of the grid ``dvf.mha`` and ``registration.dcm`` are
+            written on (over the daily CT; an axis whose CT spacing is coarser keeps the CT's):
+            3 mm by default, about 25 MB per file for a 174 x 512 x 512 daily CT where its own
+            grid gives 550 MB; 0: the daily CT grid itself.
         poll_after_s: ``Retry-After`` of 202 answers (when to poll the job again).
         max_upload_bytes: largest request body (both fields together).
         max_files: most files in one request plus inside its zips.
@@ -65,6 +71,14 @@ class Settings(BaseSettings):
         max_attempts: a job interrupted this many times is marked failed instead of re-queued.
         keep_inputs: keep the uploaded DICOM of finished jobs (deleted by default).
         log_level: level of the JSON logs.
+        adaptation: patient-specific adaptation of ``/v1/patients`` (docs/adaptation.md):
+            ``auto`` (run ``jrs adapt`` in a subprocess where torch is installed, else the
+            patient says it is unavailable), ``local`` (the same, required), ``external`` (an
+            adaptation worker, ``python -m service.patients``, on the same data folder) or ``off``.
+        adapt_minutes: time budget of one adaptation, minutes (``jrs adapt --minutes``).
+        adapt_base_dir: model adapted (default: the served model, ``model_dir``).
+        adapt_args: more ``jrs adapt`` options, e.g. ``--fractions 8 --threads 8``.
+        patient_retention_days: a patient (planning, model) unused for this long is deleted.
     """
 
     model_config = SettingsConfigDict(
@@ -78,8 +92,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("jrs-data")
     model_dir: Path | None = None
     device: str = "auto"
+    engine: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     margin_mm: float = Field(default=30.0, ge=0, le=200)
-    dvf_spacing_mm: float | None = Field(default=None, gt=0, le=20)
+    dvf_spacing_mm: float = Field(default=3.0, ge=0, le=20)
     poll_after_s: int = Field(default=5, ge=1)
     max_upload_bytes: int = Field(default=2048 * MIB, gt=0)
     max_files: int = Field(default=4000, gt=0)
@@ -101,6 +117,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=2, ge=1)
     keep_inputs: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    adaptation: Literal["auto", "local", "external", "off"] = "auto"
+    adapt_minutes: float = Field(default=15.0, gt=0, le=600)
+    adapt_base_dir: Path | None = None
+    adapt_args: str = ""
+    patient_retention_days: float = Field(default=30.0, gt=0)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -108,6 +129,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("engine", "precision", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("device")
     @classmethod

@@ -146,9 +146,12 @@ def safe_name(name: str, default: str = "file") -> str:
 class _MultipartSink:
     """Callbacks of the multipart parser writing file parts to disk with limits."""
 
-    def __init__(self, raw_dir: Path, limits: UploadLimits) -> None:
+    def __init__(
+        self, raw_dir: Path, limits: UploadLimits, fields: tuple[str, ...] = FIELDS
+    ) -> None:
         self.raw_dir = raw_dir
         self.limits = limits
+        self.fields = fields
         self.files: list[ReceivedFile] = []
         self.total = 0
         self._headers: dict[bytes, bytes] = {}
@@ -185,10 +188,9 @@ class _MultipartSink:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name not in FIELDS:
+        if name not in self.fields:
             raise InvalidInput(
-                f"unknown form field {name[:64]!r}; expected the file fields 'planning' (planning "
-                "CT series + RTSTRUCT) and 'daily' (daily CT series)"
+                f"unknown form field {name[:64]!r}; expected {_expected(self.fields)}"
             )
         if b"filename" not in options:
             raise InvalidInput(
@@ -237,8 +239,19 @@ class _MultipartSink:
             self._fh = None
 
 
+_FIELD_MEANING = {
+    "planning": "zip or DICOM files of the planning CT series + RTSTRUCT",
+    "daily": "zip or DICOM files of the daily CT series",
+}
+
+
+def _expected(fields: tuple[str, ...]) -> str:
+    """``'planning' (...) and 'daily' (...)``: the file fields a route takes."""
+    return " and ".join(f"the file field {f!r} ({_FIELD_MEANING.get(f, 'files')})" for f in fields)
+
+
 async def receive_multipart(
-    request: Request, raw_dir: Path, limits: UploadLimits
+    request: Request, raw_dir: Path, limits: UploadLimits, fields: tuple[str, ...] = FIELDS
 ) -> list[ReceivedFile]:
     """Stream a ``multipart/form-data`` body to disk, one file per part.
 
@@ -246,6 +259,9 @@ async def receive_multipart(
         request: the request (its body is consumed).
         raw_dir: folder to write ``<field>/<n>`` files into.
         limits: the upload limits.
+        fields: the file fields the route takes, each required (``planning`` and ``daily`` for
+            ``/v1/recontour``; ``planning`` alone for ``/v1/patients``, ``daily`` alone for a
+            patient's fractions).
 
     Returns:
         The received files, in order.
@@ -258,7 +274,7 @@ async def receive_multipart(
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise InvalidInput(
-            f"expected a multipart/form-data body with the files 'planning' and 'daily', got "
+            f"expected a multipart/form-data body with {_expected(fields)}, got "
             f"Content-Type {content_type[:80]!r}"
         )
     declared = request.headers.get("content-length")
@@ -270,7 +286,7 @@ async def receive_multipart(
             f"{limits.max_upload_bytes} bytes (JRS_MAX_UPLOAD_BYTES)"
         )
     raw_dir.mkdir(parents=True, exist_ok=True)
-    sink = _MultipartSink(raw_dir, limits)
+    sink = _MultipartSink(raw_dir, limits, fields)
     parser = MultipartParser(params[b"boundary"], sink.callbacks())  # type: ignore[arg-type]
     received = 0
     try:
@@ -287,12 +303,9 @@ async def receive_multipart(
         raise InvalidInput(f"malformed multipart body ({type(exc).__name__})") from None
     finally:
         sink.close()
-    for name in FIELDS:
+    for name in fields:
         if not any(f.field == name for f in sink.files):
-            raise InvalidInput(
-                f"missing file field {name!r}: send 'planning' (zip or DICOM files of the planning "
-                "CT series + RTSTRUCT) and 'daily' (zip or DICOM files of the daily CT series)"
-            )
+            raise InvalidInput(f"missing file field {name!r}: send {_expected(fields)}")
     for f in sink.files:
         if f.size == 0:
             raise InvalidInput(f"{f.field}: uploaded file {f.name!r} is empty")
@@ -729,34 +742,52 @@ def _unexpected(exc: Exception, role: str) -> JrsError:
     )
 
 
-def validate_inputs(input_dir: Path, limits: UploadLimits | None = None) -> ValidatedUpload:
-    """Validate a job's inputs with `jrs.dicom`; renames the planning RTSTRUCT to a fixed name.
+@dataclass
+class ValidatedPart:
+    """What the validation of one upload found (nothing here is shown to a client but counts).
 
-    First a header pre-scan of every file (deflate bombs, image sizes against `MAX_MATRIX` and
-    ``max_voxels``, plausible PixelSpacing), then the checks of `jrs.dicom`: the planning upload
-    holds exactly one RTSTRUCT, it is readable, defines at least one ROI with contours and
-    belongs to the planning CT (frame of reference and referenced images); the planning and daily
-    CT series are readable, CT, valid (see `read_ct_series`) and of a plausible slice spacing.
+    Attributes:
+        slices: CT slices.
+        files: files of the upload.
+        rois: ROIs of the RTSTRUCT (planning uploads).
+        roi_names: their names (planning uploads; kept server-side for the organ mapping).
+        series_instance_uid: the CT's SeriesInstanceUID (server-side only: it is hashed).
+        warnings: non-fatal problems found (file names relative to the upload).
+    """
+
+    slices: int
+    files: int
+    rois: int = 0
+    roi_names: list[str] = field(default_factory=list)
+    series_instance_uid: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+def validate_planning(input_dir: Path, limits: UploadLimits | None = None) -> ValidatedPart:
+    """Validate ``input_dir/planning`` (CT series + its RTSTRUCT); renames the RTSTRUCT.
+
+    A header pre-scan of every file (deflate bombs, image sizes against `MAX_MATRIX` and
+    ``max_voxels``, plausible PixelSpacing), then the checks of `jrs.dicom`: exactly one
+    RTSTRUCT, readable, with at least one ROI with contours, belonging to the planning CT (frame
+    of reference and referenced images); the CT series readable, CT, valid (see
+    `read_ct_series`) and of a plausible slice spacing. The RTSTRUCT is renamed
+    ``planning/rtstruct.dcm``.
 
     Args:
-        input_dir: folder with ``planning/`` and ``daily/``.
+        input_dir: folder with ``planning/``.
         limits: the upload limits (the defaults of `UploadLimits` when None).
 
     Returns:
-        Counts of what was found.
+        What was found.
 
     Raises:
-        InvalidInput: bad input (message names the upload-relative file and attribute).
-        GeometryMismatch: the RTSTRUCT does not belong to the planning CT.
-        UnsupportedData: MR or another modality instead of CT, gantry tilt, ...
-        PayloadTooLarge: a series or a deflated file over the limits.
+        InvalidInput, GeometryMismatch, UnsupportedData, PayloadTooLarge: as `validate_inputs`.
     """
     from jrs.dicom.ct import read_ct_series
     from jrs.dicom.rtstruct import check_references, read_rtstruct
 
     limits = limits or UploadLimits.from_settings(Settings.model_construct())
     planning = input_dir / "planning"
-    daily = input_dir / "daily"
     try:
         headers = _scan(planning, input_dir, "planning", limits)
         rtstructs = [h.path for h in headers if h.kind == "rtstruct"]
@@ -794,6 +825,44 @@ def validate_inputs(input_dir: Path, limits: UploadLimits | None = None) -> Vali
         raise _relabel(exc, input_dir, "planning") from None
     except Exception as exc:
         raise _unexpected(exc, "planning") from None
+    target = planning / PLANNING_RTSTRUCT
+    if rtstructs[0] != target:
+        if target.exists():
+            target.rename(_unique(planning / f"renamed_{PLANNING_RTSTRUCT}"))
+        rtstructs[0].rename(target)
+    notes = [
+        w.replace(str(input_dir) + "/", "")
+        for w in [*structure_set.warnings, *planning_ct.warnings]
+    ]
+    return ValidatedPart(
+        slices=len(planning_ct.sop_instance_uids),
+        files=len(headers),
+        rois=len(structure_set.rois),
+        roi_names=[roi.name for roi in structure_set.rois],
+        series_instance_uid=planning_ct.series_instance_uid
+        or planning_ct.frame_of_reference_uid
+        or "",
+        warnings=notes,
+    )
+
+
+def validate_daily(input_dir: Path, limits: UploadLimits | None = None) -> ValidatedPart:
+    """Validate ``input_dir/daily`` (a CT series): header pre-scan, then `read_ct_series`.
+
+    Args:
+        input_dir: folder with ``daily/``.
+        limits: the upload limits (the defaults of `UploadLimits` when None).
+
+    Returns:
+        What was found.
+
+    Raises:
+        InvalidInput, UnsupportedData, PayloadTooLarge: as `validate_inputs`.
+    """
+    from jrs.dicom.ct import read_ct_series
+
+    limits = limits or UploadLimits.from_settings(Settings.model_construct())
+    daily = input_dir / "daily"
     try:
         daily_files = len(_scan(daily, input_dir, "daily", limits))
         daily_ct = read_ct_series(daily)
@@ -802,21 +871,41 @@ def validate_inputs(input_dir: Path, limits: UploadLimits | None = None) -> Vali
         raise _relabel(exc, input_dir, "daily") from None
     except Exception as exc:
         raise _unexpected(exc, "daily") from None
-    target = planning / PLANNING_RTSTRUCT
-    if rtstructs[0] != target:
-        if target.exists():
-            target.rename(_unique(planning / f"renamed_{PLANNING_RTSTRUCT}"))
-        rtstructs[0].rename(target)
-    notes = [
-        w.replace(str(input_dir) + "/", "")
-        for w in [*structure_set.warnings, *planning_ct.warnings, *daily_ct.warnings]
-    ]
+    return ValidatedPart(
+        slices=len(daily_ct.sop_instance_uids),
+        files=daily_files,
+        series_instance_uid=daily_ct.series_instance_uid,
+        warnings=[w.replace(str(input_dir) + "/", "") for w in daily_ct.warnings],
+    )
+
+
+def validate_inputs(input_dir: Path, limits: UploadLimits | None = None) -> ValidatedUpload:
+    """Validate a job's inputs with `jrs.dicom`; renames the planning RTSTRUCT to a fixed name.
+
+    `validate_planning` (header pre-scan, then exactly one RTSTRUCT, readable, with contours,
+    belonging to the planning CT; the CT series valid), then `validate_daily`.
+
+    Args:
+        input_dir: folder with ``planning/`` and ``daily/``.
+        limits: the upload limits (the defaults of `UploadLimits` when None).
+
+    Returns:
+        Counts of what was found.
+
+    Raises:
+        InvalidInput: bad input (message names the upload-relative file and attribute).
+        GeometryMismatch: the RTSTRUCT does not belong to the planning CT.
+        UnsupportedData: MR or another modality instead of CT, gantry tilt, ...
+        PayloadTooLarge: a series or a deflated file over the limits.
+    """
+    planning = validate_planning(input_dir, limits)
+    daily = validate_daily(input_dir, limits)
     return ValidatedUpload(
-        planning_slices=len(planning_ct.sop_instance_uids),
-        daily_slices=len(daily_ct.sop_instance_uids),
-        rois=len(structure_set.rois),
-        files=len(headers) + daily_files,
-        warnings=notes,
+        planning_slices=planning.slices,
+        daily_slices=daily.slices,
+        rois=planning.rois,
+        files=planning.files + daily.files,
+        warnings=[*planning.warnings, *daily.warnings],
     )
 
 
@@ -841,6 +930,7 @@ __all__ = [
     "FIELDS",
     "ReceivedFile",
     "UploadLimits",
+    "ValidatedPart",
     "ValidatedUpload",
     "extract_zip",
     "looks_like_dicom",
@@ -848,5 +938,7 @@ __all__ = [
     "safe_name",
     "unpack",
     "unpack_and_validate",
+    "validate_daily",
     "validate_inputs",
+    "validate_planning",
 ]

@@ -319,9 +319,7 @@ def reg_loss(
         warped = warp(crop_to_level(moving, k), dvf[k])
         ncc[k] = ncc_loss(crop_to_level(fixed, k), warped)
         be[k] = bending_energy(dvf[k])
-        ident[k] = (
-            dvf[k][identity].pow(2).mean() if use_identity else dvf[k].sum() * 0.0
-        )
+        ident[k] = dvf[k][identity].pow(2).mean() if use_identity else dvf[k].sum() * 0.0
     per_level = {k: ncc[k] + bending_weight * be[k] + identity_weight * ident[k] for k in LEVELS}
     return TaskLoss(
         total=deep_supervision(per_level),

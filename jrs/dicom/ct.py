@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -600,8 +602,20 @@ def _slice_spacing(slices: list[_Slice], label: str) -> float:
     return float((d[-1] - d[0]) / (len(d) - 1))
 
 
-def _decode_hu(sl: _Slice, rows: int, columns: int) -> npt.NDArray[np.float32]:
-    """Decode one slice's pixels and rescale them to HU, shape (rows, columns), float32."""
+def _decode_hu(
+    sl: _Slice, rows: int, columns: int, out: npt.NDArray[np.float32] | None = None
+) -> npt.NDArray[np.float32]:
+    """Decode one slice's pixels and rescale them to HU, shape (rows, columns), float32.
+
+    Args:
+        sl: the slice.
+        rows: expected Rows.
+        columns: expected Columns.
+        out: (rows, columns) float32 array to write into (a new one when None).
+
+    Returns:
+        The HU values (``out`` when given).
+    """
     ds = sl.ds
     if "PixelData" not in ds:
         raise InvalidInput(
@@ -655,12 +669,46 @@ def _decode_hu(sl: _Slice, rows: int, columns: int) -> npt.NDArray[np.float32]:
         )
     slope = _optional_float(ds, "RescaleSlope", 1.0)
     intercept = _optional_float(ds, "RescaleIntercept", 0.0)
-    hu = pixels.astype(np.float32)
+    hu = np.empty((rows, columns), np.float32) if out is None else out
+    np.copyto(hu, pixels, casting="unsafe")
     if slope != 1.0:
         hu *= np.float32(slope)
     if intercept != 0.0:
         hu += np.float32(intercept)
     return hu
+
+
+def decode_workers(slices: int) -> int:
+    """Threads that decode the slices of a series.
+
+    ``$JRS_DECODE_THREADS`` when set, else one per CPU core (at most 8); never more than the
+    slices.
+    """
+    env = os.environ.get("JRS_DECODE_THREADS", "").strip()
+    wanted = int(env) if env.isdigit() and int(env) > 0 else min(8, os.cpu_count() or 1)
+    return max(1, min(wanted, slices))
+
+
+def _decode_all(
+    slices: list[_Slice], rows: int, columns: int, out: npt.NDArray[np.float32]
+) -> None:
+    """Decode every slice into ``out[k]`` (k in slice order), in parallel threads.
+
+    Reading the files and converting the pixels release the GIL (compressed syntaxes decode in C),
+    so threads overlap them; the first error (in slice order) is raised, as a sequential loop
+    would.
+    """
+    workers = decode_workers(len(slices))
+    if workers == 1:
+        for k, sl in enumerate(slices):
+            _decode_hu(sl, rows, columns, out[k])
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jrs-decode") as pool:
+        futures = [
+            pool.submit(_decode_hu, sl, rows, columns, out[k]) for k, sl in enumerate(slices)
+        ]
+        for future in futures:
+            future.result()
 
 
 def patient_info(ds: Dataset) -> PatientInfo:
@@ -825,8 +873,7 @@ def _build_series(
 
     rows, columns = int(size[0]), int(size[1])
     array = np.empty((len(slices), rows, columns), dtype=np.float32)
-    for k, sl in enumerate(slices):
-        array[k] = _decode_hu(sl, rows, columns)
+    _decode_all(slices, rows, columns, array)
 
     geometry = Geometry(
         shape=(len(slices), rows, columns),

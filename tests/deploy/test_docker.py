@@ -153,6 +153,14 @@ def test_gpu_image_has_cuda_runtime_and_onnxruntime_gpu() -> None:
     assert "JRS_DEVICE=cuda" in " ".join(df.stages[-1].all("ENV"))
 
 
+def test_cpu_image_runs_the_network_with_openvino() -> None:
+    df = parse_dockerfile(DOCKER_DIR / "Dockerfile.cpu")
+    env = " ".join(df.stages[-1].all("ENV"))
+    assert "JRS_DEVICE=cpu" in env and "JRS_ENGINE=openvino" in env
+    # installed by the serve extra, which install.sh puts into the image and checks
+    assert "import openvino" in (DOCKER_DIR / "install.sh").read_text()
+
+
 def test_copied_paths_exist(dockerfile: tuple[Path, Dockerfile]) -> None:
     path, df = dockerfile
     for stage in df.stages:

@@ -190,6 +190,7 @@ def test_default_render(render: Callable[[dict[str, Any]], Manifests]) -> None:
 
     env = _env(container)
     assert env["JRS_DEVICE"] == "cpu"
+    assert env["JRS_ENGINE"] == "auto" and env["JRS_PRECISION"] == "auto"
     assert env["JRS_DATA_DIR"] == "/var/lib/jrs"
     assert env["JRS_API_KEYS_FILE"] == "/etc/jrs/api-keys/api-keys"
     assert "JRS_MODEL_DIR" not in env, "the image's bundled model by default"
@@ -233,6 +234,7 @@ def test_gpu_only_when_enabled(render: Callable[[dict[str, Any]], Manifests]) ->
     assert container["resources"]["limits"]["memory"] == "16Gi", "other limits are kept"
     assert container["image"] == "jrs:0.1.0-gpu"
     assert _env(container)["JRS_DEVICE"] == "cuda"
+    assert _env(container)["JRS_ENGINE"] == "auto"  # ONNX Runtime on CUDA
     assert pod["runtimeClassName"] == "nvidia"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
         "tolerations"
@@ -380,6 +382,8 @@ def test_batch_job_arguments_parse_with_the_real_cli(
         ({"batchJob": {"method": "magic"}}, "method"),
         ({"config": {"MAX_JOBS": "2"}}, "MAX_JOBS"),
         ({"device": "tpu"}, "device"),
+        ({"engine": "tensorflow"}, "engine"),
+        ({"precision": "int4"}, "precision"),
         ({"replicas": 2}, "replicas"),
     ],
 )

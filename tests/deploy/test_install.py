@@ -105,6 +105,8 @@ def test_install_script_gives_service_and_onnxruntime_without_torch(tmp_path: Pa
     ).stdout.lower()
     names = {line.split("==")[0] for line in listed.splitlines()}
     assert "torch" not in names and "onnxruntime" in names and "fastapi" in names
+    assert "openvino" in names  # the CPU engine (JRS_ENGINE=auto/openvino)
+    assert "openvino" in proc.stdout.split("ready;")[-1]
 
     # the `jrs` command of the image works: its help and the serve command's options
     jrs = subprocess.run(

@@ -174,3 +174,40 @@ def test_bad_arguments() -> None:
         contours_to_mask([], g, plane_tolerance=0.6)
     pc = mask_to_contours(_shapes(g)["sphere"], g)[0]
     assert isinstance(pc, PlanarContour)
+
+
+def test_vectorised_tracing_gives_the_rings_of_skimage_find_contours() -> None:
+    """`trace_rings` (all slices at once, numpy) = skimage's marching squares, ring for ring."""
+    from scipy import ndimage
+    from skimage.measure import find_contours
+
+    from jrs.contours import trace_rings
+
+    def canonical(ring: np.ndarray) -> tuple[tuple[float, float], ...]:
+        pts = [(float(a), float(b)) for a, b in np.round(ring, 6)]
+        i = min(range(len(pts)), key=lambda j: pts[j])
+        return tuple(pts[i:] + pts[:i])
+
+    def winding(ring: np.ndarray) -> float:
+        x, y = ring[:, 1], ring[:, 0]
+        return float(np.sign(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)))
+
+    rng = np.random.default_rng(0)
+    slices = []
+    for n in range(60):
+        h, w = rng.integers(3, 25, 2)
+        m = rng.random((h, w)) < rng.uniform(0.2, 0.8)  # holes, islands, diagonal touches
+        if n % 3 == 0:
+            m = ndimage.binary_opening(m)
+        slices.append(np.pad(m, ((1, 25 - h), (1, 25 - w))))
+    stack = np.stack(slices)
+    got: dict[int, list] = {}
+    for k, ring in trace_rings(stack):
+        got.setdefault(k, []).append((canonical(ring), winding(ring)))
+    for k, m in enumerate(slices):
+        ref = [
+            (canonical(rc[:-1]), winding(rc[:-1]))
+            for rc in find_contours(m.astype(np.float32), 0.5, fully_connected="high")
+        ]
+        assert sorted(got.get(k, [])) == sorted(ref), k
+    assert trace_rings(np.zeros((2, 5, 5), bool)) == []

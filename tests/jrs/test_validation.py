@@ -57,3 +57,58 @@ def test_heldout_run_scores_every_path(tmp_path: Path) -> None:
     for name in ("heldout.csv", "timings.json", "report.md"):
         assert (tmp_path / name).is_file()
     assert set(report.timings["phantom4242_f1"]) == {"network", "iterative"}
+
+
+def test_engine_report_bounds_the_dsc_difference() -> None:
+    from jrs.validation import ENGINE_DSC_TOLERANCE, EngineComparison, engines_markdown
+
+    report = EngineComparison(engines=("onnxruntime-fp32", "openvino-bf16"))
+    for case, diff in (("a", 0.001), ("b", -0.003)):
+        for organ in ("Prostate", "Rectum"):
+            report.rows.append(
+                {
+                    "case": case,
+                    "organ": organ,
+                    "dsc_onnxruntime-fp32": 0.9,
+                    "dsc_openvino-bf16": round(0.9 + diff, 4),
+                    "dsc_diff": diff,
+                    "dsc_between": 0.99,
+                }
+            )
+        report.dvf.append({"case": case, "max_mm": 0.02, "mean_mm": 0.001, "spacing_mm": [3.0] * 3})
+        report.timings[case] = {
+            "onnxruntime-fp32": {"network": 30.0},
+            "openvino-bf16": {"network": 3.0},
+        }
+    assert report.max_dsc_diff == pytest.approx(0.003)
+    assert report.max_dsc_diff <= ENGINE_DSC_TOLERANCE
+    text = engines_markdown(report)
+    assert "| Prostate | 0.9000 ± 0.0000 | 0.8990 ± 0.0020 | -0.0010 | 0.0030 | 0.9900 |" in text
+    assert "0.0030 (within the 0.005 bar)" in text
+    assert "| a | 0.0200 | 0.00100 | 3 x 3 x 3 |" in text
+    assert "onnxruntime-fp32 30.00, openvino-bf16 3.00" in text
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_engine_comparison_on_a_phantom(tmp_path: Path) -> None:
+    """Two real engines on one small held-out phantom: same contours within the bar."""
+    from jrs.inference import openvino_available
+    from jrs.validation import compare_engines
+
+    if not openvino_available():
+        pytest.skip("OpenVINO is not installed")
+    report = compare_engines(
+        [4243],
+        engines=("openvino-fp32", "openvino-bf16"),
+        matrix=160,
+        slice_mm=3.0,
+        out_dir=tmp_path,
+    )
+    assert {r["organ"] for r in report.rows} >= {"Prostate", "Rectum", "Bladder"}
+    assert all(r["dsc_between"] > 0.95 for r in report.rows)
+    assert report.max_dsc_diff <= 0.02
+    (dvf,) = report.dvf
+    assert 0 <= dvf["mean_mm"] <= dvf["max_mm"] < 1.0
+    for name in ("engines.csv", "dvf.csv", "engines.md"):
+        assert (tmp_path / name).is_file()

@@ -122,7 +122,12 @@ def _check_parity(onnx_path: Path, net: torch.nn.Module) -> float:
 def test_layout_and_parity_at_two_sizes(exported: tuple[Path, torch.nn.Module]) -> None:
     path, net = exported
     assert path == path.parent.parent / "crossstitch" / "3"
-    assert {p.name for p in path.iterdir()} == {"model.onnx", "metadata.json", "MODEL_CARD.md"}
+    assert {p.name for p in path.iterdir()} == {
+        "model.onnx",
+        "metadata.json",
+        "MODEL_CARD.md",
+        "weights.pt",
+    }
     assert _check_parity(path / "model.onnx", net) <= 1e-4
     meta = json.loads((path / "metadata.json").read_text())
     parity = meta["parity"]
@@ -295,3 +300,26 @@ def test_real_cross_stitch_parity_dynamo(tmp_path: Path) -> None:
     path = export_checkpoint(net, tmp_path, exporter="auto")
     assert json.loads((path / "metadata.json").read_text())["onnx"]["exporter"] == "dynamo"
     assert _check_parity(path / "model.onnx", net) <= 1e-4
+
+
+def test_weights_file_rebuilds_the_exported_network(exported: tuple[Path, torch.nn.Module]) -> None:
+    """``weights.pt`` (what ``jrs adapt`` fine-tunes) holds the exported network, fp32, no code."""
+    from training.weights import load_weights
+
+    path, net = exported
+    meta = json.loads((path / "metadata.json").read_text())
+    entry = meta["weights"]
+    assert entry["file"] == "weights.pt" and entry["format"] == "jrs-weights"
+    payload = load_weights(path / "weights.pt", entry["sha256"])
+    assert payload["network"] == {"name": "cross-stitch", "overrides": TINY}
+    assert (
+        payload["step"] == 1234 and payload["patch_size"] == 96 and payload["git_sha"] == "abc123"
+    )
+    assert payload["weighting"]["name"] == "homo"
+    rebuilt = build("cross-stitch", **TINY)
+    rebuilt.load_state_dict(payload["model"])
+    xs = [torch.from_numpy(x) for x in _random((1, 1, 48, 48, 48), seed=3)]
+    with torch.no_grad():
+        a, b = net(*xs).flat(), rebuilt.eval()(*xs).flat()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "weights.pt" in (path / "MODEL_CARD.md").read_text()

@@ -75,7 +75,16 @@ def test_recontour_command_with_an_exported_model_and_no_torch(tmp_path: Path) -
         assert (out / name).is_file(), name
     qa = json.loads((out / "qa.json").read_text())
     assert qa["model"]["name"] == "tiny" and str(qa["model"]["version"]) == "3"
-    assert qa["model"]["execution_provider"] == "CPUExecutionProvider"
+    # the CPU engine --engine auto picks (OpenVINO where installed; before there were several
+    # engines this was always ONNX Runtime's CPUExecutionProvider); qa.json says which
+    from jrs.inference import openvino_available
+
+    engine = "openvino" if openvino_available() else "onnxruntime"
+    assert qa["model"]["engine"] == engine and qa["model"]["device"] == "cpu"
+    assert qa["model"]["execution_provider"] == (
+        "OpenVINO:CPU" if engine == "openvino" else "CPUExecutionProvider"
+    )
+    assert qa["model"]["precision"] in ("bf16", "fp32")
     assert qa["timings_s"]["network"] > 0
     ds = pydicom.dcmread(out / "rtstruct.dcm")
     assert len(ds.StructureSetROISequence) == len(patient.structures)

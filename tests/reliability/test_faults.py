@@ -34,6 +34,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_MODEL = REPO_ROOT / "models" / "crossstitch" / "1"
 
 
+def _cpu_engine_provider() -> str:
+    """What JRS_ENGINE=auto runs on the CPU: OpenVINO where installed, else ONNX Runtime."""
+    from jrs.inference import openvino_available
+
+    return "OpenVINO:CPU" if openvino_available() else "CPUExecutionProvider"
+
+
 # ------------------------------------------------------------------------------ helpers
 def _files(case: TinyCase, crash: bool = False) -> list[tuple[str, tuple[str, bytes, str]]]:
     planning = {f"ct/{n}": d for n, d in case.planning_ct.items()}
@@ -349,7 +356,8 @@ BROKEN_MODELS = {
     "onnx-missing": "model file not found",
     "onnx-truncated": "sha256 does not match",
     "metadata-not-json": "unreadable model metadata",
-    "onnx-garbage-matching-digest": "ONNX Runtime cannot load the model",
+    # the engine (OpenVINO or ONNX Runtime, whichever JRS_ENGINE=auto takes on the CPU) says so
+    "onnx-garbage-matching-digest": "cannot load the model",
 }
 
 
@@ -378,7 +386,7 @@ def test_a_good_model_copy_is_ready(tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path, model_dir=_model_copy(tmp_path), device="cpu"))
     with TestClient(app) as client:
         r = client.get("/health/ready")
-        assert r.status_code == 200 and r.json()["execution_provider"] == "CPUExecutionProvider"
+        assert r.status_code == 200 and r.json()["execution_provider"] == _cpu_engine_provider()
 
 
 def _has_cuda() -> bool:
@@ -410,11 +418,12 @@ def test_cuda_unavailable_falls_back_to_the_cpu_with_a_warning(
     with TestClient(app) as client:
         r = client.get("/health/ready")
         assert r.status_code == 200, r.text
-        assert r.json()["execution_provider"] == "CPUExecutionProvider"
+        # the CPU engine JRS_ENGINE=auto picks (OpenVINO where installed; it was ONNX Runtime's
+        # CPUExecutionProvider before there were several engines)
+        provider = _cpu_engine_provider()
+        assert r.json()["execution_provider"] == provider
         metrics = client.get("/metrics", headers=TEST_AUTH).text
-        assert (
-            'jrs_execution_provider{device="auto",provider="CPUExecutionProvider"} 1.0' in metrics
-        )
+        assert f'jrs_execution_provider{{device="auto",provider="{provider}"}} 1.0' in metrics
     warnings = [
         r.getMessage()
         for r in caplog.records

@@ -134,6 +134,10 @@ Environment shared by the service and batch pods.
 {{- define "jrs.commonEnv" -}}
 - name: JRS_DEVICE
   value: {{ include "jrs.device" . | quote }}
+- name: JRS_ENGINE
+  value: {{ .Values.engine | default "auto" | quote }}
+- name: JRS_PRECISION
+  value: {{ .Values.precision | default "auto" | quote }}
 {{- if .Values.model.volume }}
 - name: JRS_MODEL_DIR
   value: {{ .Values.model.mountPath | quote }}

@@ -1,0 +1,1731 @@
+"""Calibrate the QA flags against ground truth (``jrs benchmark qa``).
+
+The QA flags of `jrs.qa` are only worth a reviewer's attention when they fire on bad contours and
+stay quiet on good ones. This module measures both, and picks the thresholds from the measurement:
+
+1. **Cases.** Held-out phantom fractions (`jrs.phantom.generate_patient` / `generate_fraction`,
+   seeds never used in training: 3000 and up by default) and synthetic fractions of real planning
+   scans (`jrs.phantom.from_planning.write_from_planning`, with a seed of its own), each with its
+   ground-truth RTSTRUCT on the daily grid.
+2. **Populations.** Each case is re-contoured by `jrs.pipeline.recontour` in several ways
+   (`POPULATIONS`): the model as it is, the model's other output path, the iterative baseline,
+   and deliberately degraded runs (a DVF with a smooth random error added, planning organ contours
+   shifted by 5-8 mm, a daily CT whose field of view cuts the body off), so that there are bad
+   contours to calibrate on. The network's prediction is computed once per input and replayed
+   for the populations that share that input.
+3. **Truth.** Every re-contoured structure but the patient's outline is scored against the truth
+   (DSC, MSD, HD95 on the daily grid, `jrs.metrics`) and labelled ``good`` (DSC >= 0.9, and not
+   bad), ``bad`` (DSC < 0.8 or MSD > 2 mm) or ``borderline`` (neither; not counted).
+4. **Rates.** Each flag, re-applied to the raw figures kept in ``qa.json`` (`jrs.qa.flag_structure`
+   and `jrs.qa.flag_dvf`, never a copy of their logic), gives a recall on bad contours and a
+   false-flag rate on good ones. ``dvf_folding`` (a flag of the whole DVF, a deliverable of its
+   own) is measured on every structure of its case, but it is not part of "any flag" and its
+   threshold is not searched: a DVF that folds is wrong whatever the contours.
+5. **Thresholds.** `choose_thresholds` searches the thresholds of `jrs.qa.QaThresholds` that the
+   figures allow re-applying (every one but the Jacobian ranges): starting from the current
+   values, it loosens flags until the false-flag rate of "any flag" is at most 0.1 over all good
+   contours and over those of each structure class, tightens them while that catches more bad
+   contours within those limits, until the recall reaches 0.9, and then loosens every threshold
+   whose loosening removes false flags without losing a bad contour. An organ's own volume range
+   moves only when enough good contours of that organ were measured. When no thresholds reach
+   both targets the report says so, with the bad contours no flag catches.
+
+Per case and population the harness keeps one JSON record under ``REPORT/cases/`` (raw figures,
+truth metrics, labels), so a run that stops resumes where it stopped, and a new threshold choice
+needs no re-run; the report is ``REPORT/qa_calibration.json`` and ``REPORT/qa_calibration.md``.
+No patient name or ID is logged or written: real planning scans are named by a hash of their path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from jrs.errors import InvalidInput, JrsError
+from jrs.qa import QaThresholds, StructureQa, flag_dvf, flag_structure
+
+log = logging.getLogger(__name__)
+
+#: A structure is good when its DSC against the truth is at least this (and it is not bad).
+GOOD_MIN_DSC = 0.9
+#: A structure is bad when its DSC is below this ...
+BAD_BELOW_DSC = 0.8
+#: ... or its mean surface distance is above this, mm.
+BAD_ABOVE_MSD_MM = 2.0
+#: Targets of the threshold choice: recall on bad contours, false-flag rate on good ones.
+TARGET_RECALL = 0.9
+TARGET_FALSE_FLAG_RATE = 0.1
+#: Version of the per-case record format (a record of another version is re-computed).
+RECORD_VERSION = 1
+
+#: Population -> what it is.
+POPULATIONS: dict[str, str] = {
+    "network": "the model as it is (its own path choice per organ)",
+    "other_path": (
+        "the model, every organ taken from the output path the model does not choose (for "
+        "version 2, the segmentation path its model card calls not working)"
+    ),
+    "iterative": "`--method iterative` (the B-spline baseline)",
+    "dvf_noise": (
+        "the model's DVF plus a smooth random displacement (RMS 2-6 mm, control points every "
+        "8-32 mm): a model that registers wrongly"
+    ),
+    "shifted_planning": (
+        "the planning organ contours shifted together by 5-8 mm in a random direction (a wrong "
+        "planning contour): re-contouring propagates the error"
+    ),
+    "cutoff_fov": (
+        "the daily CT with a reconstruction circle of 0.8 x the body's half width (air outside): "
+        "a cut-off field of view"
+    ),
+}
+#: What ``jrs benchmark qa`` runs by default.
+DEFAULT_POPULATIONS: tuple[str, ...] = (
+    "network",
+    "other_path",
+    "iterative",
+    "dvf_noise",
+    "shifted_planning",
+    "cutoff_fov",
+)
+#: Populations that run the network (the others need no model).
+_NETWORK_POPULATIONS = frozenset(DEFAULT_POPULATIONS) - {"iterative"}
+#: The flags measured (keys of `jrs.qa.FLAG_CODES`).
+FLAGS: tuple[str, ...] = (
+    "nearly_empty",
+    "volume_change",
+    "path_disagreement",
+    "touches_box",
+    "jacobian_outliers",
+    "dvf_folding",
+)
+#: The flags of a structure: calibrated against the truth of its contour. ``dvf_folding`` is a
+#: flag of the DVF (a deliverable of its own): measured, counted on every structure of its case,
+#: but never searched (a DVF that folds is wrong whatever the contours).
+STRUCTURE_FLAGS: tuple[str, ...] = FLAGS[:5]
+#: Seed of the synthetic fractions of real planning scans (training used 2002 and 2005).
+REAL_SEED = 5005
+#: The search keeps ``min_volume_cc`` at most this (cc): "nearly empty" means nearly vanished.
+MAX_NEARLY_EMPTY_CC = 2.0
+#: A structure class's own thresholds move only with at least this many good contours of it.
+MIN_CLASS_GOOD = 5
+#: Values of a threshold that never fires.
+_OFF_LOW, _OFF_HIGH = -1.0, 100.0
+
+
+# ============================================================================ cases and inputs
+@dataclass(frozen=True)
+class RealSource:
+    """A real planning scan whose synthetic fractions become cases.
+
+    Attributes:
+        ct: planning CT folder.
+        rtstruct: its RTSTRUCT.
+    """
+
+    ct: Path
+    rtstruct: Path
+
+    @property
+    def key(self) -> str:
+        """``real-<8 hex>``: a hash of the CT folder's path (never the patient's name or ID)."""
+        digest = hashlib.sha1(str(Path(self.ct).resolve()).encode()).hexdigest()[:8]
+        return f"real-{digest}"
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One daily fraction to re-contour.
+
+    Attributes:
+        case_id: ``phantom<seed>-f<k>`` or ``real-<hash>-s<seed>-f<k>`` (no patient data).
+        kind: ``phantom`` or ``real``.
+        seed: the phantom's seed, or the seed of the real scan's synthetic fractions.
+        fraction: fraction number.
+        source: the real planning scan (None for a phantom).
+    """
+
+    case_id: str
+    kind: str
+    seed: int
+    fraction: int
+    source: RealSource | None = None
+
+
+@dataclass
+class CaseInputs:
+    """The files of one case on disk.
+
+    Attributes:
+        planning_ct: planning CT folder.
+        planning_rtstruct: planning RTSTRUCT.
+        daily_ct: daily CT folder.
+        truth_rtstruct: the daily structures' ground truth.
+        work: the case's scratch folder (derived inputs go there).
+    """
+
+    planning_ct: Path
+    planning_rtstruct: Path
+    daily_ct: Path
+    truth_rtstruct: Path
+    work: Path
+
+
+def phantom_specs(seed: int, cases: int, fraction: int = 1) -> list[CaseSpec]:
+    """Phantom cases: seeds ``seed .. seed + cases - 1``, one fraction each."""
+    return [
+        CaseSpec(f"phantom{s}-f{fraction}", "phantom", s, fraction)
+        for s in range(seed, seed + cases)
+    ]
+
+
+def real_specs(source: RealSource, fractions: int, seed: int = REAL_SEED) -> list[CaseSpec]:
+    """Cases of fractions ``1 .. fractions`` of one real planning scan."""
+    return [
+        CaseSpec(f"{source.key}-s{seed}-f{k}", "real", seed, k, source)
+        for k in range(1, fractions + 1)
+    ]
+
+
+def _write_phantom(spec: CaseSpec, work: Path, matrix: int, slice_mm: float | None) -> CaseInputs:
+    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+
+    patient = generate_patient(spec.seed, matrix=matrix, slice_thickness=slice_mm)
+    write_patient(patient, work)
+    folder = work / f"fraction_{spec.fraction}"
+    write_fraction(generate_fraction(patient, spec.fraction), folder)
+    return CaseInputs(
+        work / "planning" / "ct",
+        work / "planning" / "rtstruct.dcm",
+        folder / "ct",
+        folder / "rtstruct.dcm",
+        work,
+    )
+
+
+def _write_real(source: RealSource, fractions: int, seed: int, work: Path) -> Path:
+    """Write the real scan's synthetic fractions once; returns the planning folder."""
+    from jrs.phantom.from_planning import write_from_planning
+
+    done = work / "written.json"
+    if done.is_file():
+        written = json.loads(done.read_text())
+        if int(written.get("fractions", 0)) >= fractions:
+            return Path(written["folder"])
+    folder = write_from_planning(source.ct, source.rtstruct, work, fractions=fractions, seed=seed)
+    done.write_text(json.dumps({"folder": str(folder), "fractions": fractions}))
+    return folder
+
+
+# ============================================================================ perturbations
+def smooth_random_field(
+    shape_zyx: tuple[int, int, int], rms_mm: float, control_mm: float, rng: np.random.Generator
+) -> npt.NDArray[np.float32]:
+    """A smooth random displacement on a 1 mm grid (the network's grid).
+
+    Random control-point displacements every ``control_mm`` are interpolated by cubic splines and
+    scaled to an RMS length of ``rms_mm``.
+
+    Args:
+        shape_zyx: the grid, (D, H, W) voxels of 1 mm.
+        rms_mm: root-mean-square length of the displacement, mm.
+        control_mm: control-point spacing, mm (larger = smoother).
+        rng: random generator.
+
+    Returns:
+        ``(3, D, H, W)`` float32 displacement, channels (x, y, z), mm.
+    """
+    from scipy.ndimage import zoom
+
+    coarse = tuple(max(math.ceil(n / control_mm) + 2, 2) for n in shape_zyx)
+    out = np.empty((3, *shape_zyx), np.float32)
+    for c in range(3):
+        knots = rng.normal(size=coarse)
+        factors = [n / k for n, k in zip(shape_zyx, coarse, strict=True)]
+        up = zoom(knots, factors, order=3, mode="nearest", grid_mode=True)
+        out[c] = up[: shape_zyx[0], : shape_zyx[1], : shape_zyx[2]]
+    rms = float(np.sqrt((out.astype(np.float64) ** 2).sum(axis=0).mean()))
+    if rms > 0:
+        out *= np.float32(rms_mm / rms)
+    return out
+
+
+@dataclass
+class _Perturbed:
+    """A prediction whose DVF is replaced; everything else is the base prediction's."""
+
+    base: Any
+    dvf: npt.NDArray[np.float32]
+
+    @property
+    def seg_probs(self) -> npt.NDArray[np.float32] | None:
+        """The base prediction's class probabilities."""
+        probs: npt.NDArray[np.float32] | None = self.base.seg_probs
+        return probs
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for attributes not found normally (seg_logits, labels, timings)
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+class ReplayBackend:
+    """A loaded network whose last prediction is replayed when the same inputs come again.
+
+    Several populations of one case (the model as it is, its other path, its DVF perturbed) give
+    the network the same inputs: it runs once. ``perturb`` (set per population) changes the
+    prediction handed to the pipeline.
+
+    Args:
+        inner: the loaded network (`jrs.pipeline.NetworkBackend`).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.metadata: dict[str, Any] = inner.metadata
+        self.perturb: Callable[[Any], Any] | None = None
+        self.calls = 0
+        self._key: str | None = None
+        self._pred: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def predict(
+        self,
+        fixed: npt.NDArray[np.float32],
+        moving: npt.NDArray[np.float32],
+        moving_labels: npt.NDArray[np.float32],
+    ) -> Any:
+        """The inner network's prediction (computed once per input), perturbed when asked."""
+        h = hashlib.sha1()
+        for a in (fixed, moving, moving_labels):
+            arr = np.ascontiguousarray(a)
+            h.update(str((arr.shape, arr.dtype.str)).encode())
+            h.update(arr.data)
+        key = h.hexdigest()
+        if key != self._key:
+            self._pred = None  # free the previous one first
+            self._pred = self.inner.predict(fixed, moving, moving_labels)
+            self._key = key
+            self.calls += 1
+        return self.perturb(self._pred) if self.perturb is not None else self._pred
+
+    def forget(self) -> None:
+        """Drop the kept prediction (its memory)."""
+        self._key, self._pred = None, None
+
+
+def _dvf_noise(seed_parts: Sequence[int]) -> tuple[Callable[[Any], Any], dict[str, float]]:
+    rng = np.random.default_rng([*seed_parts, 77])
+    rms = float(rng.uniform(2.0, 6.0))
+    control = float(rng.choice([8.0, 16.0, 32.0]))
+    noise_seed = int(rng.integers(2**62))
+
+    def perturb(pred: Any) -> Any:
+        base = np.asarray(pred.dvf, np.float32)
+        noise = smooth_random_field(base.shape[1:], rms, control, np.random.default_rng(noise_seed))
+        return _Perturbed(pred, base + noise)
+
+    return perturb, {"rms_mm": round(rms, 3), "control_mm": control}
+
+
+def shift_organs(
+    planning_ct: Path,
+    planning_rtstruct: Path,
+    out: Path,
+    shift_mm: npt.ArrayLike,
+) -> dict[str, Any]:
+    """Write a planning RTSTRUCT whose organ contours are all moved by one vector.
+
+    The organs are the ROIs the default synonym table maps (`jrs.labels.SynonymTable`); the
+    other ROIs are written unchanged.
+
+    Args:
+        planning_ct: planning CT folder.
+        planning_rtstruct: planning RTSTRUCT.
+        out: the RTSTRUCT to write.
+        shift_mm: (3,) LPS shift, mm.
+
+    Returns:
+        ``{"shift_mm": [x, y, z], "rois": [shifted ROI names]}`` (the shift actually applied,
+        rounded to whole voxels).
+    """
+    from jrs.dicom.rtstruct import masks_from_files, write_rtstruct
+    from jrs.labels import SynonymTable
+
+    ss, series, masks = masks_from_files(planning_ct, planning_rtstruct)
+    g = series.volume.geometry
+    step_xyz = np.rint(
+        (np.asarray(g.direction).T @ np.asarray(shift_mm, float)) / np.asarray(g.spacing)
+    ).astype(int)
+    organs = set(SynonymTable().resolve(list(masks)).used.values())
+    arrays: dict[str, npt.NDArray[np.bool_]] = {}
+    for name, vol in masks.items():
+        arr = np.asarray(vol.array) > 0
+        arrays[name] = _shifted(arr, step_xyz[::-1]) if name in organs else arr
+    write_rtstruct(
+        arrays,
+        series,
+        out,
+        colors={r.name: r.color for r in ss.rois if r.color is not None},
+        interpreted_types={r.name: r.interpreted_type for r in ss.rois if r.interpreted_type},
+        structure_set_label="SHIFTED",
+        series_description="planning organs shifted (QA calibration)",
+    )
+    applied = (np.asarray(g.direction) @ (step_xyz * np.asarray(g.spacing))).tolist()
+    return {"shift_mm": [round(float(v), 2) for v in applied], "rois": sorted(organs)}
+
+
+def _shifted(mask: npt.NDArray[np.bool_], step_zyx: npt.NDArray[np.int_]) -> npt.NDArray[np.bool_]:
+    """A mask moved by whole voxels (what leaves the grid is lost)."""
+    out = np.zeros_like(mask)
+    src: list[slice] = []
+    dst: list[slice] = []
+    for n, s in zip(mask.shape, step_zyx, strict=True):
+        s = int(s)
+        if abs(s) >= n:
+            return out
+        src.append(slice(max(-s, 0), n - max(s, 0)))
+        dst.append(slice(max(s, 0), n - max(-s, 0)))
+    out[tuple(dst)] = mask[tuple(src)]
+    return out
+
+
+def cut_field_of_view(
+    hu: npt.NDArray[np.float32], spacing_xy: tuple[float, float], fraction: float = 0.8
+) -> tuple[npt.NDArray[np.float32], float]:
+    """A CT whose reconstruction circle is smaller than the body (air outside it).
+
+    Args:
+        hu: ``(nz, ny, nx)`` CT, HU.
+        spacing_xy: pixel spacing along x (columns) and y (rows), mm.
+        fraction: circle radius as a fraction of the body's half width (HU > -500).
+
+    Returns:
+        (the cut CT, the circle's radius in mm; the circle is centred on the image).
+    """
+    out = np.array(hu, np.float32, copy=True)
+    cols = np.nonzero((out > -500.0).any(axis=(0, 1)))[0]
+    if cols.size == 0:
+        return out, math.inf
+    radius = float(fraction * 0.5 * (cols.max() - cols.min()) * spacing_xy[0])
+    ny, nx = out.shape[1:]
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    r = np.hypot((yy - (ny - 1) / 2.0) * spacing_xy[1], (xx - (nx - 1) / 2.0) * spacing_xy[0])
+    out[:, r > radius] = -1024.0
+    return out, radius
+
+
+def _write_cut_daily(daily_ct: Path, out: Path) -> dict[str, Any]:
+    """Write the daily CT with a cut-off field of view (same UIDs: the truth still applies)."""
+    from jrs.dicom.ct import read_ct_series, write_ct_series
+
+    series = read_ct_series(daily_ct)
+    g = series.volume.geometry
+    cut, radius = cut_field_of_view(series.volume.array, (float(g.spacing[0]), float(g.spacing[1])))
+    write_ct_series(dataclasses.replace(series, volume=series.volume.with_array(cut)), out)
+    return {"fov_radius_mm": round(radius, 1)}
+
+
+# ============================================================================ truth
+def label_contour(dsc: float, msd_mm: float | None) -> str:
+    """``bad`` (DSC < 0.8 or MSD > 2 mm), ``good`` (DSC >= 0.9) or ``borderline``."""
+    if dsc < BAD_BELOW_DSC or (msd_mm is not None and msd_mm > BAD_ABOVE_MSD_MM):
+        return "bad"
+    if dsc >= GOOD_MIN_DSC:
+        return "good"
+    return "borderline"
+
+
+def _truth_masks(daily_ct: Path, truth: Path) -> tuple[Any, dict[str, Any], set[str]]:
+    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.labels import is_external_roi
+
+    ss, series, masks = masks_from_files(daily_ct, truth)
+    external = {r.name for r in ss.rois if is_external_roi(r.name, r.interpreted_type)}
+    return series.volume.geometry, masks, external
+
+
+def score_against_truth(
+    daily_ct: Path,
+    written: Path,
+    truth: tuple[Any, Mapping[str, Any], set[str]],
+) -> dict[str, dict[str, Any]]:
+    """DSC, MSD and HD95 of every re-contoured ROI against the truth, on the daily grid.
+
+    Args:
+        daily_ct: the daily CT folder.
+        written: the re-contoured RTSTRUCT.
+        truth: (daily geometry, ROI name -> truth mask `Volume`, names of outline ROIs).
+
+    Returns:
+        ROI name -> ``{"dsc", "msd_mm", "hd95_mm", "label"}``, for the ROIs in both files, the
+        patient's outline and ROIs empty in the truth left out.
+    """
+    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.metrics import dice, surface_distances
+
+    geometry, ref, external = truth
+    _, _, got = masks_from_files(daily_ct, written)
+    out: dict[str, dict[str, Any]] = {}
+    for name, ref_mask in ref.items():
+        if name in external or name not in got:
+            continue
+        r = np.asarray(ref_mask.array) > 0
+        if not r.any():
+            continue
+        a = np.asarray(got[name].array) > 0
+        dsc = float(dice(a, r))
+        sd = surface_distances(a, r, geometry)
+        msd = None if math.isnan(sd.msd) else round(sd.msd, 3)
+        out[name] = {
+            "dsc": round(dsc, 4),
+            "msd_mm": msd,
+            "hd95_mm": None if math.isnan(sd.hd95) else round(sd.hd95, 3),
+            "label": label_contour(dsc, msd),
+            "truth_cc": round(float(r.sum()) * float(np.prod(geometry.spacing)) / 1000.0, 3),
+        }
+    return out
+
+
+# ============================================================================ running
+@dataclass
+class RunSettings:
+    """How `run_qa_calibration` re-contours.
+
+    Attributes:
+        model_dir: model version folder (None: the newest bundled one).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        engine: inference engine (`jrs.pipeline.RecontourOptions.engine`).
+        precision: inference precision.
+        matrix: phantom in-plane matrix.
+        slice_mm: phantom slice thickness (None: each seed's draw).
+        keep_work: keep the DICOM inputs and outputs of each case (else removed once its
+            populations are done).
+    """
+
+    model_dir: Path | None = None
+    device: str = "auto"
+    engine: str = "auto"
+    precision: str = "auto"
+    matrix: int = 512
+    slice_mm: float | None = None
+    keep_work: bool = False
+
+
+def record_path(report_dir: Path, case_id: str, population: str) -> Path:
+    """Where the record of one case and population is kept."""
+    return Path(report_dir) / "cases" / case_id / f"{population}.json"
+
+
+def _load_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("record_version") == RECORD_VERSION else None
+
+
+def _seed_parts(spec: CaseSpec) -> list[int]:
+    return [spec.seed, spec.fraction, int(hashlib.sha1(spec.case_id.encode()).hexdigest()[:8], 16)]
+
+
+def _other_path(metadata: Mapping[str, Any]) -> dict[str, str]:
+    from jrs.labels import LABELS
+
+    choice = metadata.get("path_choice") or {}
+    out = {}
+    for organ in (v for k, v in LABELS.items() if k > 0):
+        own = choice.get(organ, "segmentation")
+        out[organ] = "registration" if own == "segmentation" else "segmentation"
+    return out
+
+
+def run_population(
+    spec: CaseSpec,
+    inputs: CaseInputs,
+    population: str,
+    settings: RunSettings,
+    backend: ReplayBackend | None,
+    truth: tuple[Any, Mapping[str, Any], set[str]],
+) -> dict[str, Any]:
+    """Re-contour one case in one population and score it (the record kept on disk).
+
+    Args:
+        spec: the case.
+        inputs: its files.
+        population: a key of `POPULATIONS`.
+        settings: run settings.
+        backend: the loaded network (None for the iterative population).
+        truth: `_truth_masks` of the case.
+
+    Returns:
+        The record: case and population, the run's model and DVF figures, and per structure the
+        raw QA figures (`jrs.qa.StructureQa` fields), DSC, MSD, HD95 and label; a refused run
+        (a `jrs.errors.JrsError` such as a failed plausibility check) has ``status: refused``.
+    """
+    from jrs.pipeline import RecontourOptions, recontour
+
+    if population not in POPULATIONS:
+        raise InvalidInput(f"population {population!r} unknown; use one of {sorted(POPULATIONS)}")
+    method = "iterative" if population == "iterative" else "network"
+    opts = RecontourOptions(
+        method=method,  # type: ignore[arg-type]
+        model_dir=settings.model_dir,
+        device=settings.device,
+        engine=settings.engine,
+        precision=settings.precision,
+    )
+    planning_rs, daily_ct = inputs.planning_rtstruct, inputs.daily_ct
+    perturbation: dict[str, Any] = {}
+    perturb = None
+    if population == "other_path" and backend is not None:
+        opts.path_choice = _other_path(backend.metadata)  # type: ignore[assignment]
+        perturbation["path_choice"] = dict(opts.path_choice)
+    elif population == "dvf_noise":
+        perturb, perturbation = _dvf_noise(_seed_parts(spec))
+    elif population == "shifted_planning":
+        rng = np.random.default_rng([*_seed_parts(spec), 55])
+        direction = rng.normal(size=3)
+        length = float(rng.uniform(5.0, 8.0))
+        planning_rs = inputs.work / "shifted_rtstruct.dcm"
+        shift = direction / np.linalg.norm(direction) * length
+        perturbation = shift_organs(
+            inputs.planning_ct, inputs.planning_rtstruct, planning_rs, shift
+        )
+    elif population == "cutoff_fov":
+        daily_ct = inputs.work / "daily_cut_fov"
+        perturbation = _write_cut_daily(inputs.daily_ct, daily_ct)
+    out = inputs.work / f"out_{population}"
+    record: dict[str, Any] = {
+        "record_version": RECORD_VERSION,
+        "case_id": spec.case_id,
+        "kind": spec.kind,
+        "population": population,
+        "method": method,
+        "perturbation": perturbation,
+    }
+    if backend is not None:
+        backend.perturb = perturb
+    t0 = time.perf_counter()
+    try:
+        result = recontour(
+            inputs.planning_ct,
+            planning_rs,
+            daily_ct,
+            out,
+            opts,
+            backend=backend if method == "network" else None,
+        )
+    except JrsError as exc:  # a refusal: caught before any contour is made
+        record.update(status="refused", message=str(exc), seconds=round(time.perf_counter() - t0))
+        return record
+    finally:
+        if backend is not None:
+            backend.perturb = None
+    qa = result.qa_data
+    scores = score_against_truth(inputs.daily_ct, result.rtstruct, truth)
+    structures = []
+    for s in qa["structures"]:
+        if s["name"] not in scores:
+            continue
+        figures = {k: s.get(k) for k in _QA_FIELDS if k in s}
+        structures.append({**figures, **scores[s["name"]]})
+    record.update(
+        status="done",
+        model={k: qa["model"].get(k) for k in ("name", "version", "sha256", "engine", "precision")},
+        dvf={k: qa["dvf"].get(k) for k in ("min", "folding_fraction", "log_std")},
+        dvf_flags=list(qa["dvf"].get("flags", [])),
+        plausibility=list(qa.get("plausibility", [])),
+        structures=structures,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    return record
+
+
+_QA_FIELDS = tuple(f.name for f in dataclasses.fields(StructureQa))
+
+
+def run_qa_calibration(
+    report_dir: Path,
+    *,
+    cases: int = 5,
+    seed: int = 3000,
+    real: Sequence[RealSource] = (),
+    fractions: int = 3,
+    real_seed: int = REAL_SEED,
+    populations: Sequence[str] = DEFAULT_POPULATIONS,
+    settings: RunSettings | None = None,
+    backend: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Re-contour held-out cases in every population, score them, then calibrate the flags.
+
+    Records already under ``REPORT/cases`` are reused (resumable): re-running the command with
+    every record present only recomputes the report.
+
+    Args:
+        report_dir: the report folder (records, scratch space, report files).
+        cases: phantom cases (seeds ``seed .. seed + cases - 1``, fraction 1); 0 for none.
+        seed: the first phantom seed (3000 and up: never used in training).
+        real: real planning scans; one whose CT folder is absent is skipped (and reported).
+        fractions: synthetic fractions per real planning scan.
+        real_seed: seed of those fractions.
+        populations: keys of `POPULATIONS`.
+        settings: how to re-contour.
+        backend: an already loaded network (tests pass a fake one); loaded from the settings
+            when a network population needs it.
+        progress: called with one line per run.
+
+    Returns:
+        The report (`calibrate`), also written as ``qa_calibration.json`` and ``.md``.
+    """
+    from jrs.pipeline import RecontourOptions, load_backend
+
+    report_dir = Path(report_dir)
+    settings = settings or RunSettings()
+    say = progress or (lambda _m: None)
+    unknown = [p for p in populations if p not in POPULATIONS]
+    if unknown:
+        raise InvalidInput(f"population(s) {unknown} unknown; use some of {', '.join(POPULATIONS)}")
+    specs = phantom_specs(seed, cases) if cases > 0 else []
+    skipped: list[str] = []
+    for src in real:
+        if Path(src.ct).is_dir() and Path(src.rtstruct).is_file():
+            specs += real_specs(src, fractions, real_seed)
+        else:
+            skipped.append(f"{src.key}: planning CT or RTSTRUCT absent, skipped")
+            log.warning("real planning scan %s absent: skipped", src.key)
+    replay: ReplayBackend | None = ReplayBackend(backend) if backend is not None else None
+    errors: list[str] = []
+    for i, spec in enumerate(specs, 1):
+        todo = [
+            p for p in populations if _load_record(record_path(report_dir, spec.case_id, p)) is None
+        ]
+        if not todo:
+            continue
+        if replay is None and any(p in _NETWORK_POPULATIONS for p in todo):
+            replay = ReplayBackend(
+                load_backend(
+                    RecontourOptions(
+                        model_dir=settings.model_dir,
+                        device=settings.device,
+                        engine=settings.engine,
+                        precision=settings.precision,
+                    )
+                )
+            )
+        try:
+            inputs = _case_inputs(spec, report_dir, settings, fractions, real_seed)
+            truth = _truth_masks(inputs.daily_ct, inputs.truth_rtstruct)
+        except Exception as exc:  # a case that cannot be made never stops the others
+            msg = f"{spec.case_id}: inputs: {type(exc).__name__}: {exc}"
+            log.exception("QA calibration case failed: %s", msg)
+            errors.append(msg)
+            continue
+        failed = False
+        for pop in todo:
+            try:
+                rec = run_population(spec, inputs, pop, settings, replay, truth)
+            except Exception as exc:  # one failing run never stops the others
+                msg = f"{spec.case_id}/{pop}: {type(exc).__name__}: {exc}"
+                log.exception("QA calibration run failed: %s", msg)
+                errors.append(msg)
+                failed = True
+                continue
+            path = record_path(report_dir, spec.case_id, pop)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rec, indent=1))
+            what = f", {len(rec['structures'])} structures" if rec["status"] == "done" else ""
+            say(
+                f"case {i}/{len(specs)} {spec.case_id} {pop}: {rec['status']}{what} "
+                f"({rec.get('seconds', 0)} s)"
+            )
+        if replay is not None:
+            replay.forget()
+        if not settings.keep_work and not failed:
+            shutil.rmtree(inputs.work, ignore_errors=True)
+    if not settings.keep_work and _all_done(specs, populations, report_dir):
+        shutil.rmtree(report_dir / "work", ignore_errors=True)
+    records = load_records(report_dir, [s.case_id for s in specs], populations)
+    report = calibrate(records)
+    report["skipped_sources"] = skipped
+    report["errors"] = errors
+    report["command"] = {
+        "cases": cases,
+        "seed": seed,
+        "real_sources": [s.key for s in real],
+        "fractions": fractions,
+        "real_seed": real_seed,
+        "populations": list(populations),
+        "matrix": settings.matrix,
+        "slice_mm": settings.slice_mm,
+    }
+    write_report(report, report_dir)
+    return report
+
+
+def _all_done(specs: Sequence[CaseSpec], populations: Sequence[str], root: Path) -> bool:
+    """Whether every case has a record for every population."""
+    return all(record_path(root, s.case_id, p).is_file() for s in specs for p in populations)
+
+
+def _case_inputs(
+    spec: CaseSpec, root: Path, settings: RunSettings, fractions: int, real_seed: int
+) -> CaseInputs:
+    work = root / "work" / spec.case_id
+    work.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "phantom":
+        marker = work / "inputs.json"
+        if not marker.is_file():
+            inputs = _write_phantom(spec, work, settings.matrix, settings.slice_mm)
+            marker.write_text("{}")
+            return inputs
+        folder = work / f"fraction_{spec.fraction}"
+        return CaseInputs(
+            work / "planning" / "ct",
+            work / "planning" / "rtstruct.dcm",
+            folder / "ct",
+            folder / "rtstruct.dcm",
+            work,
+        )
+    if spec.source is None:  # pragma: no cover - real_specs always sets it
+        raise InvalidInput(f"case {spec.case_id} has no planning scan")
+    planning = _write_real(
+        spec.source, fractions, real_seed, root / "work" / f"{spec.source.key}-s{real_seed}"
+    )
+    folder = planning / f"fraction_{spec.fraction}"
+    return CaseInputs(
+        planning / "planning" / "ct",
+        planning / "planning" / "rtstruct.dcm",
+        folder / "ct",
+        folder / "rtstruct.dcm",
+        work,
+    )
+
+
+def load_records(
+    report_dir: Path,
+    case_ids: Iterable[str] | None = None,
+    populations: Iterable[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The records under ``REPORT/cases`` (all of them, or those of some cases / populations)."""
+    root = Path(report_dir) / "cases"
+    wanted = None if case_ids is None else set(case_ids)
+    pops = None if populations is None else set(populations)
+    out = []
+    for path in sorted(root.glob("*/*.json")):
+        if wanted is not None and path.parent.name not in wanted:
+            continue
+        if pops is not None and path.stem not in pops:
+            continue
+        rec = _load_record(path)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+# ============================================================================ samples
+@dataclass
+class Samples:
+    """Scored structures as arrays (one entry per structure of a finished run).
+
+    Attributes:
+        items: the per-structure dicts (record fields + ``case_id``, ``population``,
+            ``dvf_folding``).
+        label: ``good``, ``bad`` or ``borderline``.
+        organ: organ key, ``""`` for a propagated ROI.
+        population: the population of each.
+        planning_cc, daily_cc, volume_change, path_dice, jacobian_outliers, dvf_folding: the raw
+            figures (NaN where absent).
+        paths_validated, touches_box: flags' conditions.
+    """
+
+    items: list[dict[str, Any]]
+    label: npt.NDArray[np.str_]
+    organ: npt.NDArray[np.str_]
+    population: npt.NDArray[np.str_]
+    planning_cc: npt.NDArray[np.float64]
+    daily_cc: npt.NDArray[np.float64]
+    volume_change: npt.NDArray[np.float64]
+    path_dice: npt.NDArray[np.float64]
+    jacobian_outliers: npt.NDArray[np.float64]
+    dvf_folding: npt.NDArray[np.float64]
+    paths_validated: npt.NDArray[np.bool_]
+    touches_box: npt.NDArray[np.bool_]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def bad(self) -> npt.NDArray[np.bool_]:
+        """Bad contours."""
+        return self.label == "bad"
+
+    @property
+    def good(self) -> npt.NDArray[np.bool_]:
+        """Good contours."""
+        return self.label == "good"
+
+
+def _num(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
+    """Flatten finished records into `Samples`."""
+    items: list[dict[str, Any]] = []
+    for rec in records:
+        if rec.get("status") != "done":
+            continue
+        fold = (rec.get("dvf") or {}).get("folding_fraction")
+        for s in rec.get("structures", []):
+            items.append(
+                {
+                    **s,
+                    "case_id": rec["case_id"],
+                    "population": rec["population"],
+                    "dvf_folding": fold,
+                }
+            )
+
+    def col(fn: Callable[[dict[str, Any]], Any], dtype: Any) -> Any:
+        return np.array([fn(s) for s in items], dtype=dtype)
+
+    def planning(s: dict[str, Any]) -> float:
+        return _num(s.get("planning_cc"))
+
+    def change(s: dict[str, Any]) -> float:
+        p, d = _num(s.get("planning_cc")), _num(s.get("daily_cc"))
+        return d / p - 1.0 if p > 0 else math.nan
+
+    return Samples(
+        items=items,
+        label=col(lambda s: s["label"], np.str_),
+        organ=col(lambda s: s.get("organ") or "", np.str_),
+        population=col(lambda s: s["population"], np.str_),
+        planning_cc=col(planning, np.float64),
+        daily_cc=col(lambda s: _num(s.get("daily_cc")), np.float64),
+        volume_change=col(change, np.float64),
+        path_dice=col(lambda s: _num(s.get("path_dice")), np.float64),
+        jacobian_outliers=col(
+            lambda s: _num((s.get("jacobian") or {}).get("outlier_fraction")), np.float64
+        ),
+        dvf_folding=col(lambda s: _num(s.get("dvf_folding")), np.float64),
+        paths_validated=col(lambda s: bool(s.get("paths_validated", True)), bool),
+        touches_box=col(lambda s: bool(s.get("touches_crop_border", False)), bool),
+    )
+
+
+def flags_of(item: Mapping[str, Any], thresholds: QaThresholds) -> list[str]:
+    """The flag codes of one scored structure under some thresholds (`jrs.qa` decides).
+
+    ``dvf_folding`` is added when `jrs.qa.flag_dvf` flags the DVF of the structure's case.
+    """
+    qa = StructureQa(**{k: item[k] for k in _QA_FIELDS if k in item})
+    qa.flags, qa.flag_codes = [], []
+    codes = list(flag_structure(qa, thresholds).flag_codes)
+    fold = item.get("dvf_folding")
+    if fold is not None and flag_dvf({"folding_fraction": float(fold)}, thresholds):
+        codes.append("dvf_folding")
+    return codes
+
+
+def fired_matrix(samples: Samples, thresholds: QaThresholds) -> dict[str, npt.NDArray[np.bool_]]:
+    """Flag code -> which samples it fires on, by `flags_of` (exact, one call per sample)."""
+    fired = {code: np.zeros(len(samples), bool) for code in FLAGS}
+    for i, item in enumerate(samples.items):
+        for code in flags_of(item, thresholds):
+            if code in fired:
+                fired[code][i] = True
+    return fired
+
+
+def rates(
+    fired: npt.NDArray[np.bool_], samples: Samples, where: npt.NDArray[np.bool_] | None = None
+) -> dict[str, Any]:
+    """Recall on bad contours and false-flag rate on good ones.
+
+    Args:
+        fired: which samples are flagged.
+        samples: the samples (their labels).
+        where: restrict to these samples (a population, an organ).
+
+    Returns:
+        ``{"recall", "bad_flagged", "bad", "false_flag_rate", "good_flagged", "good"}``; a rate
+        is None when its denominator is 0.
+    """
+    sel = np.ones(len(samples), bool) if where is None else where
+    bad, good = samples.bad & sel, samples.good & sel
+    nb, ng = int(bad.sum()), int(good.sum())
+    fb, fg = int((fired & bad).sum()), int((fired & good).sum())
+    return {
+        "recall": round(fb / nb, 4) if nb else None,
+        "bad_flagged": fb,
+        "bad": nb,
+        "false_flag_rate": round(fg / ng, 4) if ng else None,
+        "good_flagged": fg,
+        "good": ng,
+    }
+
+
+# ============================================================================ threshold choice
+@dataclass
+class _Param:
+    """One threshold of `QaThresholds` the search may move.
+
+    Attributes:
+        key: ``min_path_dice``, ``volume_change_range.<organ>.low`` ...
+        flag: the flag code it belongs to.
+        candidates: values, loosest (fires least) first.
+        fires: value -> which samples it fires on.
+    """
+
+    key: str
+    flag: str
+    candidates: list[float]
+    fires: Callable[[float], npt.NDArray[np.bool_]]
+
+
+def _cuts(values: npt.NDArray[np.float64], extra: Iterable[float]) -> list[float]:
+    """Midpoints between the distinct finite values, and the values of ``extra``."""
+    v = np.unique(values[np.isfinite(values)])
+    mids = [round(float(x), 6) for x in (v[1:] + v[:-1]) / 2.0] if v.size > 1 else []
+    return sorted({*mids, *(float(x) for x in extra)})
+
+
+def _get(t: QaThresholds, key: str) -> float:
+    if key.startswith("volume_change_range."):
+        _, organ, side = key.split(".")
+        rng = (
+            t.default_volume_change_range
+            if organ == "*"
+            else t.volume_change_range.get(organ, t.default_volume_change_range)
+        )
+        return float(rng[0] if side == "low" else rng[1])
+    value = getattr(t, key)
+    return float(value)
+
+
+def thresholds_with(t: QaThresholds, values: Mapping[str, float]) -> QaThresholds:
+    """A copy of ``t`` with some search parameters (`_Param.key`) set."""
+    ranges = dict(t.volume_change_range)
+    default = t.default_volume_change_range
+    plain: dict[str, Any] = {}
+    for key, value in values.items():
+        if key.startswith("volume_change_range."):
+            _, organ, side = key.split(".")
+            old = default if organ == "*" else ranges.get(organ, default)
+            new = (float(value), old[1]) if side == "low" else (old[0], float(value))
+            if organ == "*":
+                default = new
+            else:
+                ranges[organ] = new
+        elif key == "flag_touching_box":
+            plain[key] = bool(value >= 0.5)
+        else:
+            plain[key] = float(value)
+    return dataclasses.replace(
+        t, volume_change_range=ranges, default_volume_change_range=default, **plain
+    )
+
+
+def _below(x: npt.NDArray[np.float64]) -> Callable[[float], npt.NDArray[np.bool_]]:
+    """Threshold v -> where x < v (NaN never)."""
+    filled = np.nan_to_num(x, nan=np.inf)
+    return lambda v: filled < v
+
+
+def _above(x: npt.NDArray[np.float64]) -> Callable[[float], npt.NDArray[np.bool_]]:
+    """Threshold v -> where x > v (NaN never)."""
+    filled = np.nan_to_num(x, nan=-np.inf)
+    return lambda v: filled > v
+
+
+def search_parameters(
+    samples: Samples,
+    prior: QaThresholds,
+    flags: Iterable[str] = FLAGS,
+    min_class_good: int = MIN_CLASS_GOOD,
+) -> list[_Param]:
+    """The thresholds the search may move, with their candidate values and what they fire on.
+
+    The Jacobian ranges stay as they are (the figures kept are outlier fractions against them);
+    the rest follow `jrs.qa.flag_structure` and `jrs.qa.flag_dvf`. A structure class's own
+    volume-change range moves only when the class has at least ``min_class_good`` good contours
+    (with none, "flag them all" would cost no false flag on the measured set).
+    """
+    s = samples
+    wanted = set(flags)
+    params: list[_Param] = []
+    if "nearly_empty" in wanted:
+        params.append(
+            _Param(
+                "min_volume_cc",
+                "nearly_empty",
+                [
+                    c
+                    for c in _cuts(s.daily_cc, [0.0, prior.min_volume_cc])
+                    if c <= max(MAX_NEARLY_EMPTY_CC, prior.min_volume_cc)
+                ],
+                lambda v: (s.daily_cc < v) & (v <= s.planning_cc),
+            )
+        )
+    if "volume_change" in wanted:
+        organs = sorted({o for o in s.organ.tolist() if o in prior.volume_change_range})
+        groups = [(o, s.organ == o) for o in organs]
+        rest = ~np.isin(s.organ, list(prior.volume_change_range))
+        if rest.any():
+            groups.append(("*", rest))
+        for organ, member in groups:
+            if int((member & s.good).sum()) < min_class_good:
+                continue  # too few good contours of this class to know what it does
+            vc = np.where(member, s.volume_change, np.nan)
+            low0, high0 = (
+                _get(prior, f"volume_change_range.{organ}.low"),
+                _get(prior, f"volume_change_range.{organ}.high"),
+            )
+            lows = [c for c in _cuts(vc, [_OFF_LOW, low0]) if c <= 0.0]
+            highs = [c for c in _cuts(vc, [_OFF_HIGH, high0]) if c >= 0.0]
+            params.append(
+                _Param(
+                    f"volume_change_range.{organ}.low",
+                    "volume_change",
+                    lows,
+                    _below(vc),
+                )
+            )
+            params.append(
+                _Param(
+                    f"volume_change_range.{organ}.high",
+                    "volume_change",
+                    highs[::-1],
+                    _above(vc),
+                )
+            )
+    if "path_disagreement" in wanted:
+        pd = np.where(s.paths_validated, s.path_dice, np.nan)
+        params.append(
+            _Param(
+                "min_path_dice",
+                "path_disagreement",
+                _cuts(pd, [0.0, prior.min_path_dice, 1.0 + 1e-6]),
+                _below(pd),
+            )
+        )
+    if "touches_box" in wanted:
+        params.append(
+            _Param(
+                "flag_touching_box", "touches_box", [0.0, 1.0], lambda v: s.touches_box & (v >= 0.5)
+            )
+        )
+    if "jacobian_outliers" in wanted:
+        jo = s.jacobian_outliers
+        params.append(
+            _Param(
+                "max_jacobian_outlier_fraction",
+                "jacobian_outliers",
+                _cuts(jo, [1.0, prior.max_jacobian_outlier_fraction, 0.0])[::-1],
+                _above(jo),
+            )
+        )
+    if "dvf_folding" in wanted:
+        fo = s.dvf_folding
+        params.append(
+            _Param(
+                "max_folding_fraction",
+                "dvf_folding",
+                _cuts(fo, [1.0, prior.max_folding_fraction, 0.0])[::-1],
+                _above(fo),
+            )
+        )
+    for p in params:
+        p.candidates = [c for c in p.candidates if np.isfinite(c)]
+    return params
+
+
+@dataclass
+class ThresholdChoice:
+    """The outcome of `choose_thresholds`.
+
+    Attributes:
+        values: search parameter -> chosen value.
+        thresholds: the chosen `QaThresholds`.
+        recall: recall of "any flag" on bad contours (None without bad contours).
+        false_flag_rate: false-flag rate of "any flag" on good contours (None without good).
+        met: both targets reached.
+        steps: what the search did, one line a move.
+        held: thresholds left as they were for want of good contours of their class.
+    """
+
+    values: dict[str, float]
+    thresholds: QaThresholds
+    recall: float | None
+    false_flag_rate: float | None
+    met: bool
+    steps: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
+
+
+def choose_thresholds(
+    samples: Samples,
+    prior: QaThresholds | None = None,
+    *,
+    target_recall: float = TARGET_RECALL,
+    max_false_flag_rate: float = TARGET_FALSE_FLAG_RATE,
+    flags: Iterable[str] = STRUCTURE_FLAGS,
+) -> ThresholdChoice:
+    """Thresholds for the flags from the measured figures (greedy, one threshold at a time).
+
+    The false-flag limit holds over all good contours **and** over the good contours of each
+    structure class (each organ, and the other ROIs together): a flag that fires on most good
+    bladders is noise even when femoral heads outnumber bladders. Starting from ``prior``:
+
+    1. while a limit is exceeded, loosen the threshold that removes the most excess false flags
+       per bad contour lost (a move may also loosen, just enough, every threshold that fires on
+       one good contour: two flags firing on it are silenced together);
+    2. while the recall on bad contours is under ``target_recall``, tighten the threshold that
+       catches the most bad contours more within the limits (fewest false flags on a tie);
+    3. loosen every threshold (or set of thresholds, as in 1) whose loosening removes false
+       flags without losing a bad contour (only as far as needed to drop them).
+
+    Thresholds are cut halfway between measured figures, then rounded to the fewest decimals that
+    flag the same structures.
+
+    Args:
+        samples: the scored structures.
+        prior: where to start (the current `QaThresholds` by default).
+        target_recall: recall wanted on bad contours ("any flag").
+        max_false_flag_rate: most false-flag rate allowed on good contours, overall and per
+            structure class.
+        flags: the flags the search may move (the other structure flags stay as in ``prior``;
+            ``dvf_folding`` counts only when searched).
+
+    Returns:
+        The choice; ``met`` says whether the recall target was reached within the limits.
+    """
+    prior = prior or QaThresholds()
+    # every threshold fires; those of classes with too few good contours never move
+    params = search_parameters(samples, prior, flags, min_class_good=0)
+    movable = {p.key for p in search_parameters(samples, prior, flags)}
+    held = [p.key for p in params if p.key not in movable]
+    bad, good = samples.bad, samples.good
+    nb, ng = int(bad.sum()), int(good.sum())
+    classes = [good & (samples.organ == o) for o in sorted(set(samples.organ.tolist()))]
+    limits = [(m, max_false_flag_rate * int(m.sum())) for m in [good, *classes] if m.any()]
+    values = {p.key: _get(prior, p.key) for p in params}
+    cache: dict[tuple[str, float], npt.NDArray[np.bool_]] = {}
+
+    def fires(p: _Param, v: float) -> npt.NDArray[np.bool_]:
+        k = (p.key, v)
+        if k not in cache:
+            cache[k] = p.fires(v)
+        return cache[k]
+
+    # flags the search does not move still fire as in the prior
+    fixed = np.zeros(len(samples), bool)
+    moved = {p.flag for p in params}
+    if len(samples):
+        for code, f in fired_matrix(samples, prior).items():
+            if code in STRUCTURE_FLAGS and code not in moved:
+                fixed |= f
+
+    def union(changes: Mapping[str, float] | None = None) -> npt.NDArray[np.bool_]:
+        u = fixed.copy()
+        for p in params:
+            u |= fires(p, (changes or {}).get(p.key, values[p.key]))
+        return u
+
+    def state(u: npt.NDArray[np.bool_]) -> tuple[int, int, float]:
+        """(bad flagged, good flagged, false flags over the limits)."""
+        excess = sum(max(0.0, int((u & m).sum()) - lim) for m, lim in limits)
+        return int((u & bad).sum()), int((u & good).sum()), excess
+
+    steps: list[str] = []
+    Move = tuple[dict[str, float], int]  # (key -> new value, candidate steps taken)
+
+    def single_moves(loosen: bool) -> Iterable[Move]:
+        for p in params:
+            if p.key not in movable:
+                continue
+            i = p.candidates.index(values[p.key])
+            span = p.candidates[:i][::-1] if loosen else p.candidates[i + 1 :]
+            for j, v in enumerate(span, 1):
+                yield {p.key: v}, j
+
+    def unflag_moves() -> Iterable[Move]:
+        """Per flagged good contour: loosen every threshold firing on it just enough."""
+        u = union()
+        for k in np.nonzero(u & good & ~fixed)[0]:
+            changes: dict[str, float] = {}
+            taken = 0
+            for p in params:
+                if not fires(p, values[p.key])[k]:
+                    continue
+                i = p.candidates.index(values[p.key])
+                quiet = next(
+                    (j for j in range(i - 1, -1, -1) if not fires(p, p.candidates[j])[k]), None
+                )
+                if p.key not in movable or quiet is None:
+                    break
+                changes[p.key] = p.candidates[quiet]
+                taken += i - quiet
+            else:
+                if len(changes) > 1:  # single ones are among `single_moves`
+                    yield changes, taken
+
+    def move(changes: Mapping[str, float], why: str) -> tuple[int, int, float]:
+        for key, v in changes.items():
+            steps.append(f"{why}: {key} {values[key]:g} -> {v:g}")
+            values[key] = v
+        return state(union())
+
+    fb, fg, ex = state(union())
+    # 1. false flags down to the limits: most excess removed per bad contour lost
+    while ex > 1e-9:
+        best: tuple[tuple[float, float, int], dict[str, float]] | None = None
+        for changes, j in [*single_moves(loosen=True), *unflag_moves()]:
+            b, _g, e = state(union(changes))
+            if e < ex - 1e-9:
+                score = ((fb - b) / (ex - e), e, j)
+                if best is None or score < best[0]:
+                    best = (score, changes)
+        if best is None:
+            break
+        fb, fg, ex = move(best[1], "fewer false flags")
+    # 2. recall up to the target within the limits: most bad caught, fewest false flags
+    while nb and fb / nb < target_recall and ex <= 1e-9:
+        pick: tuple[tuple[int, int, int], dict[str, float]] | None = None
+        for changes, j in single_moves(loosen=False):
+            b, g, e = state(union(changes))
+            if b > fb and e <= 1e-9:
+                score2 = (-(b - fb), g, j)
+                if pick is None or score2 < pick[0]:
+                    pick = (score2, changes)
+        if pick is None:
+            break
+        fb, fg, ex = move(pick[1], "more bad contours caught")
+    # 3. loosen what only adds false flags
+    while True:
+        gain: tuple[tuple[int, int], dict[str, float]] | None = None
+        for changes, j in [*single_moves(loosen=True), *unflag_moves()]:
+            b, g, _e = state(union(changes))
+            if b >= fb and g < fg:
+                score3 = (g, j)
+                if gain is None or score3 < gain[0]:
+                    gain = (score3, changes)
+        if gain is None:
+            break
+        fb, fg, ex = move(gain[1], "false flags only")
+    for p in params:  # moved thresholds: the fewest digits that flag the same structures
+        if values[p.key] != _get(prior, p.key):
+            values[p.key] = _tidy(values[p.key], fires(p, values[p.key]), p.fires)
+    recall = fb / nb if nb else None
+    ffr = fg / ng if ng else None
+    met = (recall is None or recall >= target_recall) and ex <= 1e-9
+    return ThresholdChoice(
+        values=dict(values),
+        thresholds=thresholds_with(prior, values),
+        recall=None if recall is None else round(recall, 4),
+        false_flag_rate=None if ffr is None else round(ffr, 4),
+        met=met,
+        steps=steps,
+        held=held,
+    )
+
+
+def _tidy(
+    value: float,
+    fired: npt.NDArray[np.bool_],
+    fires: Callable[[float], npt.NDArray[np.bool_]],
+) -> float:
+    """``value`` rounded to the fewest decimals (at most 6) that fire on the same samples."""
+    for digits in range(1, 7):
+        r = round(value, digits)
+        if np.array_equal(fires(r), fired):
+            return r
+    return value
+
+
+# ============================================================================ report
+def thresholds_to_dict(t: QaThresholds) -> dict[str, Any]:
+    """JSON-able `QaThresholds` (ranges as lists)."""
+    out = dataclasses.asdict(t)
+    out["volume_change_range"] = {k: list(v) for k, v in t.volume_change_range.items()}
+    out["jacobian_range"] = {k: list(v) for k, v in t.jacobian_range.items()}
+    out["default_volume_change_range"] = list(t.default_volume_change_range)
+    out["default_jacobian_range"] = list(t.default_jacobian_range)
+    return out
+
+
+def thresholds_from_dict(data: Mapping[str, Any]) -> QaThresholds:
+    """`QaThresholds` from `thresholds_to_dict` (e.g. ``chosen.thresholds`` of a report)."""
+    names = {f.name for f in dataclasses.fields(QaThresholds)}
+    kw: dict[str, Any] = {}
+    for k, v in data.items():
+        if k not in names:
+            continue
+        if k in ("volume_change_range", "jacobian_range"):
+            kw[k] = {o: (float(r[0]), float(r[1])) for o, r in v.items()}
+        elif k in ("default_volume_change_range", "default_jacobian_range"):
+            kw[k] = (float(v[0]), float(v[1]))
+        else:
+            kw[k] = v
+    return QaThresholds(**kw)
+
+
+def _flag_rates(samples: Samples, t: QaThresholds) -> dict[str, Any]:
+    fired = fired_matrix(samples, t)
+    anyf = np.zeros(len(samples), bool)
+    for code in STRUCTURE_FLAGS:
+        anyf |= fired[code]
+    return {
+        "flags": {code: rates(f, samples) for code, f in fired.items()},
+        "any": rates(anyf, samples),
+        "any_organs_only": rates(anyf, samples, samples.organ != ""),
+        "fired": anyf,
+    }
+
+
+def calibrate(
+    records: Sequence[Mapping[str, Any]],
+    prior: QaThresholds | None = None,
+    *,
+    target_recall: float = TARGET_RECALL,
+    max_false_flag_rate: float = TARGET_FALSE_FLAG_RATE,
+) -> dict[str, Any]:
+    """Rates of every flag at the current thresholds, the threshold choice and its rates.
+
+    Args:
+        records: per case and population (`run_population`).
+        prior: the current thresholds (default `QaThresholds()`).
+        target_recall: recall wanted on bad contours.
+        max_false_flag_rate: most false-flag rate allowed on good contours.
+
+    Returns:
+        The JSON-able report (see ``docs/qa.md``).
+    """
+    prior = prior or QaThresholds()
+    samples = samples_from_records(records)
+    done = [r for r in records if r.get("status") == "done"]
+    refused = [r for r in records if r.get("status") == "refused"]
+    now = _flag_rates(samples, prior)
+    choice = choose_thresholds(
+        samples, prior, target_recall=target_recall, max_false_flag_rate=max_false_flag_rate
+    )
+    chosen = _flag_rates(samples, choice.thresholds)
+    standalone = {
+        code: _standalone(samples, code, prior, target_recall, max_false_flag_rate)
+        for code in FLAGS
+    }
+    by_pop = {
+        pop: rates(chosen["fired"], samples, samples.population == pop)
+        for pop in dict.fromkeys(samples.population.tolist())
+    }
+    by_organ = {
+        (organ or "other ROIs"): rates(chosen["fired"], samples, samples.organ == organ)
+        for organ in sorted(set(samples.organ.tolist()))
+    }
+    by_organ_now = {
+        (organ or "other ROIs"): rates(now["fired"], samples, samples.organ == organ)
+        for organ in sorted(set(samples.organ.tolist()))
+    }
+    by_pop_now = {
+        pop: rates(now["fired"], samples, samples.population == pop)
+        for pop in dict.fromkeys(samples.population.tolist())
+    }
+    missed = [
+        {k: samples.items[i].get(k) for k in ("case_id", "population", "name", "dsc", "msd_mm")}
+        for i in np.nonzero(samples.bad & ~chosen["fired"])[0]
+    ]
+    false = [
+        {
+            **{k: samples.items[i].get(k) for k in ("case_id", "population", "name", "dsc")},
+            "flags": flags_of(samples.items[i], choice.thresholds),
+        }
+        for i in np.nonzero(samples.good & chosen["fired"])[0]
+    ]
+    model = next((r.get("model") for r in done if r.get("method") == "network"), None)
+    pops = list(dict.fromkeys([*samples.population.tolist(), *(r["population"] for r in refused)]))
+    counts = {
+        "runs": len(records),
+        "runs_done": len(done),
+        "runs_refused": len(refused),
+        "structures": len(samples),
+        "good": int(samples.good.sum()),
+        "bad": int(samples.bad.sum()),
+        "borderline": int((samples.label == "borderline").sum()),
+        "cases": len({r["case_id"] for r in records}),
+        "by_population": {
+            pop: {
+                lab: int(((samples.population == pop) & (samples.label == lab)).sum())
+                for lab in ("good", "bad", "borderline")
+            }
+            | {"refused_runs": sum(1 for r in refused if r["population"] == pop)}
+            for pop in pops
+        },
+    }
+    if choice.met:
+        note = (
+            f"thresholds found: recall {choice.recall} on bad contours, false-flag rate "
+            f"{choice.false_flag_rate} on good ones"
+        )
+    else:
+        note = (
+            f"no thresholds reach recall >= {target_recall} with a false-flag rate <= "
+            f"{max_false_flag_rate} (overall and per structure) on this set: the best found has "
+            f"recall {choice.recall} and false-flag rate {choice.false_flag_rate}; "
+            f"{len(missed)} bad contour(s) raise no flag (listed under 'missed')"
+        )
+    return {
+        "benchmark": "qa",
+        "definitions": {
+            "good": f"DSC >= {GOOD_MIN_DSC} (and not bad)",
+            "bad": f"DSC < {BAD_BELOW_DSC} or MSD > {BAD_ABOVE_MSD_MM} mm",
+            "borderline": "neither (not counted)",
+            "recall": "flagged bad contours / bad contours",
+            "false_flag_rate": "flagged good contours / good contours",
+            "limits": (
+                "the false-flag limit holds over all good contours and over those of each "
+                "structure class (each organ; the other ROIs together)"
+            ),
+            "dvf_folding": (
+                "a flag of the whole DVF, counted on every structure of its case; not part of "
+                "'any flag' and not searched"
+            ),
+            "targets": {"recall": target_recall, "false_flag_rate": max_false_flag_rate},
+        },
+        "populations": {p: POPULATIONS[p] for p in pops if p in POPULATIONS},
+        "model": model,
+        "counts": counts,
+        "current": {
+            "thresholds": thresholds_to_dict(prior),
+            "flags": now["flags"],
+            "any": now["any"],
+            "any_organs_only": now["any_organs_only"],
+            "by_population": by_pop_now,
+            "by_organ": by_organ_now,
+        },
+        "chosen": {
+            "thresholds": thresholds_to_dict(choice.thresholds),
+            "values": choice.values,
+            "changes": {
+                k: {"from": _get(prior, k), "to": v}
+                for k, v in choice.values.items()
+                if not math.isclose(_get(prior, k), v)
+            },
+            "met": choice.met,
+            "note": note,
+            "steps": choice.steps,
+            "held": choice.held,
+            "flags": chosen["flags"],
+            "any": chosen["any"],
+            "any_organs_only": chosen["any_organs_only"],
+            "by_population": by_pop,
+            "by_organ": by_organ,
+        },
+        "standalone": standalone,
+        "missed": missed,
+        "false_flags": false,
+        "refused": [
+            {"case_id": r["case_id"], "population": r["population"], "message": r.get("message")}
+            for r in refused
+        ],
+    }
+
+
+def _standalone(
+    samples: Samples,
+    code: str,
+    prior: QaThresholds,
+    target_recall: float,
+    max_false_flag_rate: float,
+) -> dict[str, Any]:
+    """One flag alone (every other flag off), its thresholds chosen by `choose_thresholds`.
+
+    With one flag the recall target is seldom reached: the choice is then the most recall that
+    flag gives within the false-flag limit. ``dvf_folding`` is not searched: its rates at
+    ``prior``.
+    """
+    if code not in STRUCTURE_FLAGS:
+        r = rates(fired_matrix(samples, prior)[code], samples)
+        return {**r, "met": None, "values": {}}
+    others_off = thresholds_with(
+        prior,
+        {
+            p.key: p.candidates[0]
+            for p in search_parameters(samples, prior, [f for f in STRUCTURE_FLAGS if f != code])
+        },
+    )
+    if len(samples) == 0:
+        return {"recall": None, "false_flag_rate": None, "met": False, "values": {}}
+    choice = choose_thresholds(
+        samples,
+        others_off,
+        target_recall=target_recall,
+        max_false_flag_rate=max_false_flag_rate,
+        flags=[code],
+    )
+    fired = fired_matrix(samples, choice.thresholds)[code]
+    r = rates(fired, samples)
+    return {**r, "met": choice.met, "values": choice.values}
+
+
+def _fmt_rate(r: Mapping[str, Any], which: str) -> str:
+    if which == "recall":
+        v, a, n = r["recall"], r["bad_flagged"], r["bad"]
+    else:
+        v, a, n = r["false_flag_rate"], r["good_flagged"], r["good"]
+    return "n/a" if v is None else f"{v:.2f} ({a}/{n})"
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """The report as Markdown tables (``qa_calibration.md``; the table of ``docs/qa.md``)."""
+    c = report["counts"]
+    lines = [
+        "# QA flag calibration",
+        "",
+        f"{c['cases']} cases, {c['runs']} runs ({c['runs_refused']} refused before re-contouring), "
+        f"{c['structures']} scored structures: {c['good']} good (DSC >= {GOOD_MIN_DSC}), "
+        f"{c['bad']} bad (DSC < {BAD_BELOW_DSC} or MSD > {BAD_ABOVE_MSD_MM} mm), "
+        f"{c['borderline']} borderline (not counted).",
+        "",
+    ]
+    model = report.get("model") or {}
+    if model:
+        lines += [f"Model: {model.get('name')} version {model.get('version')}.", ""]
+    lines += [
+        "| flag | recall on bad, current | false-flag rate on good, current | "
+        "recall on bad, chosen | false-flag rate on good, chosen | alone: recall / false-flag "
+        "rate (targets met) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for code in FLAGS:
+        now, ch = report["current"]["flags"][code], report["chosen"]["flags"][code]
+        solo = report["standalone"][code]
+        met = {True: "yes", False: "no", None: "not searched"}[solo["met"]]
+        solo_txt = f"{_fmt_rate(solo, 'recall')} / {_fmt_rate(solo, 'ffr')} ({met})"
+        lines.append(
+            f"| `{code}`{' (DVF; not in any flag)' if code not in STRUCTURE_FLAGS else ''} | "
+            f"{_fmt_rate(now, 'recall')} | {_fmt_rate(now, 'ffr')} | "
+            f"{_fmt_rate(ch, 'recall')} | {_fmt_rate(ch, 'ffr')} | {solo_txt} |"
+        )
+    now, ch = report["current"]["any"], report["chosen"]["any"]
+    lines.append(
+        f"| **any flag** | **{_fmt_rate(now, 'recall')}** | **{_fmt_rate(now, 'ffr')}** | "
+        f"**{_fmt_rate(ch, 'recall')}** | **{_fmt_rate(ch, 'ffr')}** | |"
+    )
+    now, ch = report["current"]["any_organs_only"], report["chosen"]["any_organs_only"]
+    lines.append(
+        f"| any flag, the four organs only | {_fmt_rate(now, 'recall')} | "
+        f"{_fmt_rate(now, 'ffr')} | {_fmt_rate(ch, 'recall')} | {_fmt_rate(ch, 'ffr')} | |"
+    )
+    lines += ["", f"Threshold choice: {report['chosen']['note']}.", ""]
+    changes = report["chosen"]["changes"]
+    if changes:
+        lines += ["| threshold | current | chosen |", "|---|---|---|"]
+        for k, v in changes.items():
+            lines.append(f"| `{k}` | {v['from']:g} | {v['to']:g} |")
+        lines.append("")
+    else:
+        lines += ["The chosen thresholds are the current ones.", ""]
+    held = report["chosen"].get("held") or []
+    if held:
+        lines += [
+            f"Left as they are (fewer than {MIN_CLASS_GOOD} good contours of their structure): "
+            + ", ".join(f"`{k}`" for k in held)
+            + ".",
+            "",
+        ]
+    lines += [
+        "By population (any flag; current -> chosen thresholds):",
+        "",
+        "| population | good / bad / borderline | refused runs | recall on bad | false-flag rate |",
+        "|---|---|---|---|---|",
+    ]
+    for pop, cnt in c["by_population"].items():
+        r_now = report["current"]["by_population"].get(pop)
+        r_ch = report["chosen"]["by_population"].get(pop)
+        rec = f"{_fmt_rate(r_now, 'recall')} -> {_fmt_rate(r_ch, 'recall')}" if r_ch else "n/a"
+        ffr = f"{_fmt_rate(r_now, 'ffr')} -> {_fmt_rate(r_ch, 'ffr')}" if r_ch else "n/a"
+        lines.append(
+            f"| {pop} | {cnt['good']} / {cnt['bad']} / {cnt['borderline']} | "
+            f"{cnt['refused_runs']} | {rec} | {ffr} |"
+        )
+    lines += [
+        "",
+        "By structure (any flag; current -> chosen thresholds):",
+        "",
+        "| structure | recall on bad | false-flag rate on good |",
+        "|---|---|---|",
+    ]
+    for organ, r in report["chosen"]["by_organ"].items():
+        r0 = report["current"]["by_organ"][organ]
+        lines.append(
+            f"| {organ.replace('_', ' ')} | {_fmt_rate(r0, 'recall')} -> {_fmt_rate(r, 'recall')} "
+            f"| {_fmt_rate(r0, 'ffr')} -> {_fmt_rate(r, 'ffr')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Mapping[str, Any], report_dir: Path) -> tuple[Path, Path]:
+    """Write ``qa_calibration.json`` and ``qa_calibration.md`` into the report folder."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    js = report_dir / "qa_calibration.json"
+    md = report_dir / "qa_calibration.md"
+    js.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    md.write_text(report_markdown(report))
+    return js, md
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+__all__ = [
+    "DEFAULT_POPULATIONS",
+    "FLAGS",
+    "POPULATIONS",
+    "STRUCTURE_FLAGS",
+    "CaseSpec",
+    "RealSource",
+    "ReplayBackend",
+    "RunSettings",
+    "Samples",
+    "ThresholdChoice",
+    "calibrate",
+    "choose_thresholds",
+    "cut_field_of_view",
+    "flags_of",
+    "label_contour",
+    "load_records",
+    "rates",
+    "report_markdown",
+    "run_qa_calibration",
+    "samples_from_records",
+    "score_against_truth",
+    "shift_organs",
+    "smooth_random_field",
+    "write_report",
+]

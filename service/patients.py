@@ -1,0 +1,1053 @@
+"""Patients: the planning scan uploaded once, a patient model adapted in the background.
+
+``POST /v1/patients`` stores a validated planning CT + RTSTRUCT under
+``<data_dir>/patients/<id>/planning/`` and a row in ``<data_dir>/patients.sqlite3``; each
+``POST /v1/patients/{id}/fractions`` is an ordinary job (``service.jobs``) whose planning input
+is hard-linked from there and whose ``input/patient.json`` names the patient, so that the
+:class:`PatientAwareRunner` re-contours it with the patient model once it is ready, and with the
+generic model before that (``qa.json``: ``model.kind`` and ``patient``).
+
+Adaptation (``jrs adapt``, :mod:`training.adapt`) needs torch, which the service never imports:
+it runs in a subprocess (``python -m jrs_cli adapt ...``) started by an :class:`AdaptationWorker`,
+one patient at a time (the fine-tuning takes every core). Its state is the patient row:
+``unavailable`` (the server cannot train: the reason says why), ``queued``, ``running``,
+``succeeded`` (``result.kept`` says whether the adapted model beat the generic one on held-back
+synthetic fractions; only then is it used) or ``failed`` (with the reason). The worker runs in
+the service process (``JRS_ADAPTATION=auto|local``) or in a separate process on the same data
+folder (``JRS_ADAPTATION=external``: ``python -m service.patients``, e.g. the adaptation image
+variant beside a service image without torch). A restart loses nothing: a graceful stop sends
+SIGTERM (``jrs adapt`` checkpoints and exits) and queues the patient again; at the next start the
+same command continues from the work folder (``<id>/adapt/``); an adaptation interrupted
+`MAX_ADAPT_ATTEMPTS` times fails with the reason. Fractions never wait for it.
+
+Patients unused for ``JRS_PATIENT_RETENTION_DAYS`` are deleted with their planning, model and
+finished fraction jobs, as ``DELETE /v1/patients/{id}`` does at once. Nothing identifying the
+patient is logged: ids are random, the planning series is recorded as a SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from jrs.errors import JrsError, ModelNotReady, NotFound
+from service.jobs import PLANNING_RTSTRUCT, resolve_model_dir
+from service.settings import Settings
+
+logger = logging.getLogger("service.patients")
+
+AdaptStatus = Literal["unavailable", "queued", "running", "succeeded", "failed"]
+ADAPT_STATUSES: tuple[AdaptStatus, ...] = (
+    "unavailable",
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+)
+#: Marker in a fraction job's input folder: ``{"patient_id": ...}``.
+PATIENT_MARKER = "patient.json"
+#: Inside a patient folder.
+PLANNING_DIR = "planning"
+MODEL_DIR = "model"
+WORK_DIR = "adapt"
+ADAPT_LOG = "adapt.log"
+#: An adaptation started this many times without finishing fails.
+MAX_ADAPT_ATTEMPTS = 4
+#: Exit code of ``jrs adapt`` when it stopped on request (it continues when run again).
+EXIT_INTERRUPTED = 75
+#: Seconds ``jrs adapt`` gets to checkpoint after SIGTERM before it is killed.
+STOP_GRACE_S = 60.0
+#: Patient folders without a row older than this (s) are removed by the cleanup.
+ORPHAN_AGE_S = 6 * 3600.0
+
+__all__ = [
+    "ADAPT_STATUSES",
+    "PATIENT_MARKER",
+    "AdaptationWorker",
+    "Patient",
+    "PatientAwareRunner",
+    "PatientService",
+    "PatientStore",
+    "adaptation_availability",
+    "attach_patients",
+    "delete_finished_jobs",
+    "new_patient_id",
+]
+
+
+def new_patient_id() -> str:
+    """A fresh patient id (32 lowercase hex digits; random, not derived from patient data)."""
+    return uuid.uuid4().hex
+
+
+def series_sha256(uid: str) -> str:
+    """Hex SHA-256 of the planning SeriesInstanceUID (what is kept instead of the UID)."""
+    return hashlib.sha256(uid.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ store
+@dataclass
+class Patient:
+    """One row of the patient store.
+
+    Attributes:
+        id: patient id (32 hex digits).
+        created_at: UNIX time of the upload.
+        last_used_at: UNIX time of the upload or of the last fraction (retention counts from it).
+        planning: what the validation found: ``slices``, ``rois``, ``organs`` (organ keys the
+            ROI names map to), ``series_sha256``, ``warnings``.
+        adapt_status: see `ADAPT_STATUSES`.
+        adapt_reason: why it is unavailable or failed, or a note (``interrupted; resumes``).
+        adapt_attempts: how many times an adaptation process was started.
+        adapt_queued_at: UNIX time it was queued.
+        adapt_started_at: UNIX time the last attempt started.
+        adapt_finished_at: UNIX time it ended.
+        adapt_pid: process id of the running ``jrs adapt``.
+        adapt_result: of a succeeded adaptation: ``kept``, ``reason``, ``steps``, ``seconds``,
+            figures (from the model's ``metadata.json``).
+        request_id: the request that created it.
+    """
+
+    id: str
+    created_at: float
+    last_used_at: float
+    planning: dict[str, Any] = field(default_factory=dict)
+    adapt_status: AdaptStatus = "queued"
+    adapt_reason: str | None = None
+    adapt_attempts: int = 0
+    adapt_queued_at: float | None = None
+    adapt_started_at: float | None = None
+    adapt_finished_at: float | None = None
+    adapt_pid: int | None = None
+    adapt_result: dict[str, Any] | None = None
+    request_id: str | None = None
+
+    @property
+    def uses_patient_model(self) -> bool:
+        """Whether fractions now use the patient model (adapted and kept)."""
+        return self.adapt_status == "succeeded" and bool((self.adapt_result or {}).get("kept"))
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS patients (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    last_used_at REAL NOT NULL,
+    planning TEXT NOT NULL DEFAULT '{}',
+    adapt_status TEXT NOT NULL CHECK (adapt_status IN
+        ('unavailable', 'queued', 'running', 'succeeded', 'failed')),
+    adapt_reason TEXT,
+    adapt_attempts INTEGER NOT NULL DEFAULT 0,
+    adapt_queued_at REAL,
+    adapt_started_at REAL,
+    adapt_finished_at REAL,
+    adapt_pid INTEGER,
+    adapt_result TEXT,
+    request_id TEXT
+);
+CREATE INDEX IF NOT EXISTS patients_status ON patients (adapt_status);
+CREATE TABLE IF NOT EXISTS patient_fractions (
+    patient_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (patient_id, job_id)
+);
+"""
+
+_JSON_FIELDS = ("planning", "adapt_result")
+
+
+class PatientStore:
+    """SQLite patient store in WAL mode, shared by the service and an adaptation worker process.
+
+    Args:
+        path: the database file (its folder is created).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @staticmethod
+    def _patient(row: sqlite3.Row) -> Patient:
+        values = dict(row)
+        for name in _JSON_FIELDS:
+            values[name] = json.loads(values[name]) if values[name] else None
+        values["planning"] = values["planning"] or {}
+        return Patient(**values)
+
+    def create(self, patient: Patient) -> None:
+        """Insert a patient row."""
+        values = dict(patient.__dict__)
+        for name in _JSON_FIELDS:
+            values[name] = json.dumps(values[name]) if values[name] is not None else None
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        with self._tx() as c:
+            c.execute(f"INSERT INTO patients ({columns}) VALUES ({marks})", tuple(values.values()))
+
+    def get(self, patient_id: str) -> Patient | None:
+        """The patient with this id, or None."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT * FROM patients WHERE id = ?", (patient_id,)
+            ).fetchone()
+        return self._patient(row) if row is not None else None
+
+    def patients(self, status: AdaptStatus | None = None) -> list[Patient]:
+        """Patients (all or of one adaptation status), oldest first."""
+        query = "SELECT * FROM patients"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            query += " WHERE adapt_status = ?"
+            args = (status,)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY created_at", args).fetchall()
+        return [self._patient(r) for r in rows]
+
+    def update(self, patient_id: str, **values: Any) -> None:
+        """Set columns of a patient row (JSON columns given as Python values)."""
+        if not values:
+            return
+        for name in _JSON_FIELDS:
+            if name in values and values[name] is not None:
+                values[name] = json.dumps(values[name])
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._tx() as c:
+            c.execute(f"UPDATE patients SET {sets} WHERE id = ?", (*values.values(), patient_id))
+
+    def claim_next(self) -> Patient | None:
+        """Mark the oldest queued adaptation running (one attempt more) and return it."""
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT id FROM patients WHERE adapt_status = 'queued' "
+                "ORDER BY adapt_queued_at, created_at LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute(
+                "UPDATE patients SET adapt_status = 'running', adapt_started_at = ?, "
+                "adapt_attempts = adapt_attempts + 1, adapt_pid = NULL WHERE id = ?",
+                (time.time(), row[0]),
+            )
+        return self.get(row[0])
+
+    def add_fraction(self, patient_id: str, job_id: str) -> None:
+        """Record a fraction job of a patient (and count it as use for the retention)."""
+        now = time.time()
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO patient_fractions (patient_id, job_id, created_at) "
+                "VALUES (?, ?, ?)",
+                (patient_id, job_id, now),
+            )
+            c.execute("UPDATE patients SET last_used_at = ? WHERE id = ?", (now, patient_id))
+
+    def fractions(self, patient_id: str) -> list[str]:
+        """Job ids of a patient's fractions, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT job_id FROM patient_fractions WHERE patient_id = ? ORDER BY created_at",
+                (patient_id,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def delete(self, patient_id: str) -> bool:
+        """Delete a patient row and its fraction records; whether it existed."""
+        with self._tx() as c:
+            cur = c.execute("DELETE FROM patients WHERE id = ?", (patient_id,))
+            c.execute("DELETE FROM patient_fractions WHERE patient_id = ?", (patient_id,))
+        return cur.rowcount > 0
+
+    def unused_since(self, cutoff: float) -> list[str]:
+        """Ids of patients last used before `cutoff` (UNIX time)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id FROM patients WHERE last_used_at < ?", (cutoff,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+
+# ------------------------------------------------------------------------------ availability
+def _has_weights(model_dir: Path) -> bool:
+    """Whether a model folder has torch weights (``weights.pt``, or a repository checkpoint)."""
+    if (model_dir / "weights.pt").is_file():
+        return True
+    try:
+        meta = json.loads((model_dir / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if isinstance(meta.get("weights"), dict) or meta.get("checkpoint"):
+        return True
+    repo = model_dir.resolve().parent.parent / "checkpoints"
+    return repo.is_dir() and any(repo.glob("*.pt"))
+
+
+def base_model_dir(settings: Settings) -> Path | None:
+    """The model adaptation starts from: ``JRS_ADAPT_BASE_DIR``, else the served model."""
+    chosen = settings.adapt_base_dir or settings.model_dir
+    try:
+        folder = resolve_model_dir(chosen)
+        if folder is None:
+            from jrs.pipeline import default_model_dir
+
+            folder = default_model_dir()
+    except JrsError:
+        return None
+    return folder
+
+
+def adaptation_availability(settings: Settings) -> tuple[bool, str]:
+    """Whether this server can adapt models, and the reason when it cannot.
+
+    ``external`` is always available (a worker process does the work); ``off`` never; ``auto``
+    and ``local`` need torch and the ``training`` package importable (checked without importing
+    them) and a base model with torch weights.
+    """
+    mode = settings.adaptation
+    if mode == "off":
+        return False, "patient-specific adaptation is switched off on this server (JRS_ADAPTATION)"
+    if mode == "external":
+        return True, ""
+    missing = [m for m in ("torch", "training") if importlib.util.find_spec(m) is None]
+    if missing:
+        return False, (
+            f"this server cannot train ({' and '.join(missing)} not installed): fractions use the "
+            "generic model; run the adaptation image variant or an adaptation worker "
+            "(docs/adaptation.md)"
+        )
+    folder = base_model_dir(settings)
+    if folder is None or not _has_weights(folder):
+        return False, (
+            "the served model has no torch weights (weights.pt) to fine-tune: fractions use the "
+            "generic model; export it with `jrs export` or set JRS_ADAPT_BASE_DIR"
+        )
+    return True, ""
+
+
+# ------------------------------------------------------------------------------ the worker
+def adapt_command(settings: Settings, patient_dir: Path) -> list[str]:
+    """The ``jrs adapt`` command line of one patient folder (run with this interpreter)."""
+    device = settings.device if settings.device in ("auto", "cpu", "cuda") else "cuda"
+    argv = [
+        sys.executable,
+        "-m",
+        "jrs_cli",
+        "adapt",
+        "--planning-ct",
+        str(patient_dir / PLANNING_DIR),
+        "--planning-rtstruct",
+        str(patient_dir / PLANNING_DIR / PLANNING_RTSTRUCT),
+        "--out",
+        str(patient_dir / MODEL_DIR),
+        "--work",
+        str(patient_dir / WORK_DIR),
+        "--minutes",
+        f"{settings.adapt_minutes:g}",
+        "--device",
+        device,
+        "--engine",
+        settings.engine,
+        "--overwrite",
+    ]
+    base = settings.adapt_base_dir or settings.model_dir
+    with contextlib.suppress(JrsError):
+        folder = resolve_model_dir(base)
+        if folder is not None:
+            argv += ["--base", str(folder)]
+    return argv + shlex.split(settings.adapt_args)
+
+
+def _result_of(model_dir: Path) -> dict[str, Any]:
+    """The ``adapt_result`` of a finished adaptation (from the model's metadata)."""
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    ada = meta.get("adaptation") or {}
+    val = ada.get("validation") or {}
+    base = val.get("base") or {}
+    adapted = val.get("adapted") or {}
+    organs = list((base.get("dsc") or {}).keys())
+    return {
+        "kept": bool(ada.get("kept")),
+        "reason": ada.get("reason"),
+        "steps": ada.get("steps"),
+        "seconds": ada.get("seconds"),
+        "steps_per_s": ada.get("steps_per_s"),
+        "model": {
+            "name": meta.get("name"),
+            "version": meta.get("version"),
+            "sha256": meta.get("sha256"),
+        },
+        "base_model": ada.get("base"),
+        "validation_fractions": ada.get("validation_fractions"),
+        "dsc": {
+            o: {
+                "base": (base.get("dsc") or {}).get(o),
+                "adapted": (adapted.get("dsc") or {}).get(o),
+            }
+            for o in organs
+        },
+        "mean_dsc": {"base": base.get("mean_dsc"), "adapted": adapted.get("mean_dsc")},
+    }
+
+
+def _last_error(log_path: Path) -> str:
+    """The ``error (...)`` line ``jrs adapt`` printed last, else the last line of its log."""
+    try:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-200:]):
+        if line.startswith("error (") or "Error" in line.split(":")[0]:
+            return line.strip()[:400]
+    return lines[-1].strip()[:400] if lines else ""
+
+
+class AdaptationWorker:
+    """Runs the queued adaptations of a store, one ``jrs adapt`` subprocess at a time.
+
+    Args:
+        store: the patient store.
+        patients_dir: folder of the patient folders.
+        command: ``command(patient_dir) -> argv`` of the adaptation.
+        poll_s: seconds between two looks at the queue.
+        stop_grace_s: seconds a stopped ``jrs adapt`` gets to checkpoint before it is killed.
+        max_attempts: starts after which an unfinished adaptation fails.
+    """
+
+    def __init__(
+        self,
+        store: PatientStore,
+        patients_dir: Path,
+        command: Callable[[Path], list[str]],
+        *,
+        poll_s: float = 1.0,
+        stop_grace_s: float = STOP_GRACE_S,
+        max_attempts: int = MAX_ADAPT_ATTEMPTS,
+    ) -> None:
+        self.store = store
+        self.patients_dir = Path(patients_dir)
+        self.command = command
+        self.poll_s = poll_s
+        self.stop_grace_s = stop_grace_s
+        self.max_attempts = max_attempts
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._current: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> str | None:
+        """The patient being adapted now."""
+        with self._lock:
+            return self._current
+
+    def recover(self) -> dict[str, list[str]]:
+        """Queue again (or fail) adaptations a previous process left running.
+
+        Returns:
+            ``{"requeued": [...], "failed": [...]}``.
+        """
+        out: dict[str, list[str]] = {"requeued": [], "failed": []}
+        for p in self.store.patients("running"):
+            if p.adapt_attempts >= self.max_attempts:
+                self.store.update(
+                    p.id,
+                    adapt_status="failed",
+                    adapt_finished_at=time.time(),
+                    adapt_pid=None,
+                    adapt_reason=(
+                        f"the adaptation was interrupted {p.adapt_attempts} times (service "
+                        "restarts); fractions use the generic model; upload the patient again "
+                        "to retry"
+                    ),
+                )
+                out["failed"].append(p.id)
+            else:
+                self.store.update(
+                    p.id,
+                    adapt_status="queued",
+                    adapt_pid=None,
+                    adapt_reason="interrupted by a service restart; continues from its last "
+                    "checkpoint",
+                )
+                out["requeued"].append(p.id)
+        if out["requeued"] or out["failed"]:
+            logger.warning(
+                "recovered adaptations of a previous process",
+                extra={"fields": {k: len(v) for k, v in out.items()}},
+            )
+        return out
+
+    def start(self) -> None:
+        """Recover, then run the queue in a daemon thread."""
+        self.recover()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run_forever, name="jrs-adapt", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop: a running ``jrs adapt`` checkpoints (SIGTERM) and its patient is queued again."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s if timeout_s is not None else self.stop_grace_s + 10)
+            self._thread = None
+
+    def run_forever(self) -> None:
+        """Claim and run queued adaptations until `stop`."""
+        while not self._stop.is_set():
+            try:
+                ran = self.run_once()
+            except Exception as exc:  # keep the worker alive (the store may be busy)
+                logger.error("adaptation worker error", exc_info=exc)
+                ran = False
+            if not ran:
+                self._stop.wait(self.poll_s)
+
+    def run_once(self) -> bool:
+        """Run the oldest queued adaptation, if any; whether one was run."""
+        patient = self.store.claim_next()
+        if patient is None:
+            return False
+        with self._lock:
+            self._current = patient.id
+        try:
+            self._run(patient)
+        finally:
+            with self._lock:
+                self._current = None
+        return True
+
+    def _run(self, patient: Patient) -> None:
+        folder = self.patients_dir / patient.id
+        argv = self.command(folder)
+        logger.info(
+            "adaptation started",
+            extra={"fields": {"patient_id": patient.id, "attempt": patient.adapt_attempts}},
+        )
+        t0 = time.monotonic()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with (folder / ADAPT_LOG).open("ab") as log_fh:
+                proc = subprocess.Popen(
+                    argv,
+                    stdout=log_fh,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+        except OSError as exc:  # the command cannot start: say so, never leave it "running"
+            self.store.update(
+                patient.id,
+                adapt_status="failed",
+                adapt_finished_at=time.time(),
+                adapt_reason=f"the adaptation could not start ({type(exc).__name__}); fractions "
+                "use the generic model",
+            )
+            logger.error("adaptation could not start", exc_info=exc)
+            return
+        self.store.update(patient.id, adapt_pid=proc.pid)
+        cancelled = False
+        stopped = False
+        last_check = 0.0
+        while True:
+            try:
+                rc = proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if not stopped and self._stop.is_set():
+                stopped = True
+                self._terminate(proc)
+            if time.monotonic() - last_check > 2.0:
+                last_check = time.monotonic()
+                if not cancelled and self.store.get(patient.id) is None:  # deleted
+                    cancelled = True
+                    self._terminate(proc)
+        seconds = time.monotonic() - t0
+        if cancelled or self.store.get(patient.id) is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("adaptation cancelled", extra={"fields": {"patient_id": patient.id}})
+            return
+        attempts = patient.adapt_attempts
+        if rc == 0 and (folder / MODEL_DIR / "metadata.json").is_file():
+            result = _result_of(folder / MODEL_DIR)
+            self.store.update(
+                patient.id,
+                adapt_status="succeeded",
+                adapt_finished_at=time.time(),
+                adapt_pid=None,
+                adapt_result=result,
+                adapt_reason=None if result["kept"] else result["reason"],
+            )
+            logger.info(
+                "adaptation succeeded",
+                extra={
+                    "fields": {
+                        "patient_id": patient.id,
+                        "kept": result["kept"],
+                        "seconds": round(seconds, 1),
+                    }
+                },
+            )
+        elif (stopped or rc == EXIT_INTERRUPTED) and attempts < self.max_attempts:
+            self.store.update(
+                patient.id,
+                adapt_status="queued",
+                adapt_pid=None,
+                adapt_reason="interrupted (service stop); continues from its last checkpoint",
+            )
+            logger.info("adaptation interrupted", extra={"fields": {"patient_id": patient.id}})
+        else:
+            why = _last_error(folder / ADAPT_LOG) or f"jrs adapt exited with code {rc}"
+            if stopped or rc == EXIT_INTERRUPTED:
+                why = f"interrupted {attempts} times; fractions use the generic model"
+            self.store.update(
+                patient.id,
+                adapt_status="failed",
+                adapt_finished_at=time.time(),
+                adapt_pid=None,
+                adapt_reason=f"{why} (fractions use the generic model)"[:600],
+            )
+            logger.warning(
+                "adaptation failed",
+                extra={"fields": {"patient_id": patient.id, "exit_code": rc}},
+            )
+
+    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM (``jrs adapt`` checkpoints and exits), then SIGKILL after the grace."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.stop_grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------ the service side
+class PatientService:
+    """The patients of a service: store, folders, the in-process worker and the retention.
+
+    Args:
+        settings: the service settings.
+        command: ``command(patient_dir) -> argv`` of an adaptation (default `adapt_command`).
+        delete_jobs: deletes finished job ids, rows and folders (the app passes the job
+            manager's); used for the fractions of deleted patients.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        command: Callable[[Path], list[str]] | None = None,
+        delete_jobs: Callable[[list[str]], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.delete_jobs: Callable[[list[str]], object] = delete_jobs or (lambda ids: None)
+        self.patients_dir = settings.data_dir / "patients"
+        self.patients_dir.mkdir(parents=True, exist_ok=True)
+        self.store = PatientStore(settings.data_dir / "patients.sqlite3")
+        self.available, self.unavailable_reason = adaptation_availability(settings)
+        self.worker: AdaptationWorker | None = None
+        if settings.adaptation in ("auto", "local") and self.available:
+            self.worker = AdaptationWorker(
+                self.store,
+                self.patients_dir,
+                command or (lambda folder: adapt_command(settings, folder)),
+                stop_grace_s=max(10.0, settings.shutdown_grace_s),
+            )
+        elif settings.adaptation == "local":
+            logger.error(
+                "JRS_ADAPTATION=local but adaptation is unavailable",
+                extra={"fields": {"reason": self.unavailable_reason}},
+            )
+        self._stop = threading.Event()
+        self._cleaner: threading.Thread | None = None
+
+    # -- lifecycle
+    def start(self) -> None:
+        """Start the worker (when this process adapts) and the retention cleanup."""
+        self.cleanup()
+        if self.worker is not None:
+            self.worker.start()
+        self._stop.clear()
+        self._cleaner = threading.Thread(
+            target=self._cleanup_loop, name="jrs-patients", daemon=True
+        )
+        self._cleaner.start()
+
+    def stop(self) -> None:
+        """Stop the worker (a running adaptation checkpoints) and the cleanup; close the store."""
+        self._stop.set()
+        if self.worker is not None:
+            self.worker.stop()
+        if self._cleaner is not None:
+            self._cleaner.join(5)
+        self.store.close()
+
+    def _cleanup_loop(self) -> None:
+        while not self._stop.wait(self.settings.cleanup_interval_s):
+            try:
+                self.cleanup()
+            except Exception as exc:  # keep the loop alive
+                logger.error("patient retention cleanup failed", exc_info=exc)
+
+    # -- patients
+    def folder(self, patient_id: str) -> Path:
+        """The folder of a patient."""
+        return self.patients_dir / patient_id
+
+    def initial_status(self) -> tuple[AdaptStatus, str | None]:
+        """Adaptation status and note of a new patient on this server."""
+        if not self.available:
+            return "unavailable", self.unavailable_reason
+        if self.settings.adaptation == "external":
+            return "queued", "waiting for an adaptation worker (JRS_ADAPTATION=external)"
+        return "queued", None
+
+    def progress(self, patient: Patient) -> dict[str, Any] | None:
+        """``progress.json`` of a running adaptation (phase, step, spent_s, budget_s)."""
+        if patient.adapt_status not in ("running", "queued"):
+            return None
+        try:
+            data = json.loads((self.folder(patient.id) / WORK_DIR / "progress.json").read_text())
+        except (OSError, ValueError):
+            return None
+        keep = ("phase", "step", "spent_s", "budget_s")
+        return {k: data.get(k) for k in keep} if isinstance(data, dict) else None
+
+    def model_dir(self, patient: Patient) -> Path | None:
+        """The patient model folder when fractions should use it."""
+        folder = self.folder(patient.id) / MODEL_DIR
+        if patient.uses_patient_model and (folder / "model.onnx").is_file():
+            return folder
+        return None
+
+    def link_planning(self, patient_id: str, dest: Path) -> None:
+        """Hard-link (else copy) the stored planning files into a fraction job's input folder.
+
+        Raises:
+            NotFound: the patient's planning is gone (deleted meanwhile).
+        """
+        src = self.folder(patient_id) / PLANNING_DIR
+        if not src.is_dir():
+            raise NotFound(f"patient {patient_id} has no stored planning (deleted?)")
+        for path in sorted(src.rglob("*")):
+            target = dest / path.relative_to(src)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+
+    def delete(self, patient_id: str) -> bool:
+        """Delete a patient: row, folder (planning, model, work), finished fraction jobs.
+
+        A running adaptation is stopped by its worker (it sees the row gone). Fraction jobs still
+        queued or running finish and are then removed by the job retention.
+
+        Args:
+            patient_id: the patient.
+
+        Returns:
+            Whether the patient existed.
+        """
+        jobs = self.store.fractions(patient_id)
+        existed = self.store.delete(patient_id)
+        shutil.rmtree(self.folder(patient_id), ignore_errors=True)
+        if jobs:
+            self.delete_jobs(jobs)
+        if existed:
+            logger.info("patient deleted", extra={"fields": {"patient_id": patient_id}})
+        return existed
+
+    def cleanup(self, now: float | None = None) -> list[str]:
+        """Delete patients unused for ``JRS_PATIENT_RETENTION_DAYS`` and orphan folders.
+
+        Returns:
+            The deleted patient ids.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - self.settings.patient_retention_days * 86400
+        deleted = []
+        for pid in self.store.unused_since(cutoff):
+            patient = self.store.get(pid)
+            if patient is None or patient.adapt_status == "running":
+                continue
+            if self.delete(pid):
+                deleted.append(pid)
+        for folder in self.patients_dir.iterdir() if self.patients_dir.is_dir() else []:
+            try:
+                old = folder.stat().st_mtime < now - ORPHAN_AGE_S
+            except OSError:
+                continue
+            if old and folder.is_dir() and self.store.get(folder.name) is None:
+                shutil.rmtree(folder, ignore_errors=True)
+        if deleted:
+            logger.info("patient retention cleanup", extra={"fields": {"deleted": len(deleted)}})
+        return deleted
+
+
+def delete_finished_jobs(manager: Any, job_ids: list[str]) -> list[str]:
+    """Delete the finished jobs among ``job_ids`` (rows and folders) of a ``JobManager``.
+
+    Returns:
+        The ids deleted (jobs still queued or running are left to the job retention).
+    """
+    gone = []
+    for job_id in job_ids:
+        job = manager.store.get(job_id)
+        if job is not None and job.finished:
+            shutil.rmtree(manager.job_dir(job_id), ignore_errors=True)
+            gone.append(job_id)
+    if gone:
+        manager.store.delete(gone)
+    return gone
+
+
+def attach_patients(app: Any, settings: Settings, manager: Any, runner: Any) -> PatientService:
+    """Start the patients of an app (its lifespan calls this once the job manager runs).
+
+    Sets ``app.state.patients``, gives a `PatientAwareRunner` its store, starts the in-process
+    adaptation worker (when this server adapts) and the retention cleanup.
+
+    Returns:
+        The patient service (``stop`` it on shutdown).
+    """
+    patients = PatientService(settings, delete_jobs=lambda ids: delete_finished_jobs(manager, ids))
+    if isinstance(runner, PatientAwareRunner):
+        runner.patients = patients
+    patients.start()
+    app.state.patients = patients
+    if not patients.available:
+        logger.warning(
+            "patient-specific adaptation unavailable",
+            extra={"fields": {"reason": patients.unavailable_reason}},
+        )
+    return patients
+
+
+# ------------------------------------------------------------------------------ fractions
+class PatientAwareRunner:
+    """The job runner of the app: patient fractions get the patient model once it is ready.
+
+    Jobs without `PATIENT_MARKER` (``/v1/recontour``) go to the wrapped runner unchanged. A
+    fraction job uses the patient model when the patient's adaptation succeeded and kept the
+    adapted model, else the wrapped (generic) runner; ``qa.json`` then says which:
+    ``model.kind`` (``patient`` / ``generic``) and ``patient`` (id, model, adaptation status and
+    why the generic model was used).
+
+    Attributes read by the app and the job manager (``ready``, ``reason``, ``device``,
+    ``execution_provider``, ``engine_info``, ``load``) are those of the wrapped runner.
+
+    Args:
+        inner: the generic runner (``PipelineRunner`` or a test double).
+        settings: the service settings (engine, device, margins of the pipeline options).
+    """
+
+    def __init__(
+        self, inner: Callable[[Path, Path, Path], dict[str, Any]], settings: Settings
+    ) -> None:
+        self.inner = inner
+        self.settings = settings
+        self.patients: PatientService | None = None
+        self._backends: OrderedDict[Path, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes this wrapper lacks: those of the wrapped runner
+        if name in ("inner", "settings", "patients", "_backends", "_lock"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, job_dir: Path, planning_dir: Path, daily_dir: Path) -> dict[str, Any]:
+        """Re-contour one job (see the class docstring)."""
+        marker = planning_dir.parent / PATIENT_MARKER
+        if not marker.is_file():
+            return self.inner(job_dir, planning_dir, daily_dir)
+        patient_id = str(json.loads(marker.read_text()).get("patient_id", ""))
+        patient = self.patients.store.get(patient_id) if self.patients is not None else None
+        model_dir = (
+            self.patients.model_dir(patient) if patient is not None and self.patients else None
+        )
+        kind = "generic"
+        note: str | None = None
+        if model_dir is not None:
+            try:
+                qa = self.run_with_model(job_dir, planning_dir, daily_dir, model_dir)
+                kind = "patient"
+            except ModelNotReady as exc:
+                logger.error(
+                    "patient model unusable; generic model used",
+                    extra={"fields": {"patient_id": patient_id, "error": exc.code}},
+                )
+                note = f"the patient model could not be loaded ({exc.message[:200]})"
+                qa = self.inner(job_dir, planning_dir, daily_dir)
+        else:
+            qa = self.inner(job_dir, planning_dir, daily_dir)
+            note = _why_generic(patient)
+        qa = dict(qa)
+        qa["model"] = {**dict(qa.get("model") or {}), "kind": kind}
+        qa["patient"] = {
+            "id": patient_id,
+            "model": kind,
+            "adaptation_status": patient.adapt_status if patient is not None else "deleted",
+            "generic_because": note,
+        }
+        (job_dir / "qa.json").write_text(json.dumps(qa, indent=2, default=str), encoding="utf-8")
+        return qa
+
+    def run_with_model(
+        self, job_dir: Path, planning_dir: Path, daily_dir: Path, model_dir: Path
+    ) -> dict[str, Any]:
+        """Re-contour with another model folder (the wrapped runner's own, when it has one).
+
+        Raises:
+            ModelNotReady: the model cannot be loaded.
+        """
+        own = getattr(self.inner, "run_with_model", None)
+        if callable(own):
+            result: dict[str, Any] = own(job_dir, planning_dir, daily_dir, model_dir)
+            return result
+        import importlib
+
+        pipeline = importlib.import_module("jrs.pipeline")
+        options = pipeline.RecontourOptions(
+            model_dir=model_dir,
+            device=self.settings.device,
+            margin_mm=self.settings.margin_mm,
+            dvf_spacing_mm=self.settings.dvf_spacing_mm or None,
+        )
+        for name in ("engine", "precision"):
+            if hasattr(options, name):
+                setattr(options, name, getattr(self.settings, name))
+        with self._lock:
+            backend = self._backends.pop(model_dir, None)
+            if backend is None:
+                try:
+                    backend = pipeline.load_backend(options)
+                except JrsError as exc:
+                    raise ModelNotReady(exc.message) from exc
+            self._backends[model_dir] = backend
+            while len(self._backends) > 2:  # a few compiled patient models at most
+                self._backends.popitem(last=False)
+        result = pipeline.recontour(
+            planning_dir,
+            planning_dir / PLANNING_RTSTRUCT,
+            daily_dir,
+            job_dir,
+            options,
+            backend=backend,
+        )
+        qa = getattr(result, "qa_data", None)
+        return dict(qa) if isinstance(qa, dict) else {}
+
+
+def _why_generic(patient: Patient | None) -> str:
+    if patient is None:
+        return "the patient was deleted"
+    status = patient.adapt_status
+    if status == "succeeded":
+        return (patient.adapt_result or {}).get("reason") or "the adapted model was not better"
+    if status in ("queued", "running"):
+        return f"the patient model is not ready yet (adaptation {status})"
+    return patient.adapt_reason or f"adaptation {status}"
+
+
+# ------------------------------------------------------------------------------ external worker
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.patients``: the adaptation worker of ``JRS_ADAPTATION=external``.
+
+    Reads the service settings from the environment (``JRS_DATA_DIR`` must be the service's data
+    folder), recovers adaptations a previous worker left running, then runs queued adaptations
+    until SIGTERM (which checkpoints the running one: it continues at the next start). Run one
+    worker per data folder.
+    """
+    from service.settings import load_settings
+
+    parser = argparse.ArgumentParser(
+        description=main.__doc__.splitlines()[0] if main.__doc__ else None
+    )
+    parser.add_argument("--once", action="store_true", help="run the queued adaptations, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = load_settings(insecure_dev=True)
+    missing = [m for m in ("torch", "training") if importlib.util.find_spec(m) is None]
+    if missing:
+        logger.error("the adaptation worker needs %s (pip install 'jrs[train]')", missing)
+        return 2
+    patients_dir = settings.data_dir / "patients"
+    patients_dir.mkdir(parents=True, exist_ok=True)
+    store = PatientStore(settings.data_dir / "patients.sqlite3")
+    worker = AdaptationWorker(store, patients_dir, lambda folder: adapt_command(settings, folder))
+    worker.recover()
+    if args.once:
+        while worker.run_once():
+            pass
+        store.close()
+        return 0
+    done = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.start()
+    done.wait()
+    worker.stop()
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

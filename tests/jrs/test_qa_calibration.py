@@ -1,0 +1,483 @@
+"""The QA-flag calibration harness (`jrs.qa_calibration`, ``jrs benchmark qa``).
+
+Most tests run on hand-made records (the rate computation and the threshold choice need no
+re-contouring); the harness itself runs on a 128 x 128 phantom with a fake network, and once
+with the bundled model (slow).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from jrs.qa import QaThresholds
+from jrs.qa_calibration import (
+    FLAGS,
+    RECORD_VERSION,
+    ReplayBackend,
+    RunSettings,
+    _shifted,
+    calibrate,
+    choose_thresholds,
+    cut_field_of_view,
+    fired_matrix,
+    flags_of,
+    label_contour,
+    load_records,
+    rates,
+    record_path,
+    report_markdown,
+    run_qa_calibration,
+    samples_from_records,
+    search_parameters,
+    smooth_random_field,
+    thresholds_from_dict,
+    thresholds_to_dict,
+    thresholds_with,
+    write_report,
+)
+
+
+# ------------------------------------------------------------------ hand-made records
+def _structure(
+    name: str,
+    organ: str | None,
+    planning_cc: float,
+    daily_cc: float,
+    dsc: float,
+    msd: float | None = 1.0,
+    *,
+    path_dice: float | None = None,
+    validated: bool = True,
+    touches: bool = False,
+    outliers: float | None = 0.0,
+) -> dict[str, Any]:
+    jac = (
+        None
+        if outliers is None
+        else {
+            "min": 0.9,
+            "max": 1.1,
+            "outlier_fraction": outliers,
+            "folding_fraction": 0.0,
+            "low": 0.7,
+            "high": 1.4,
+        }
+    )
+    return {
+        "name": name,
+        "organ": organ,
+        "source": "registration",
+        "planning_cc": planning_cc,
+        "daily_cc": daily_cc,
+        "path_dice": path_dice,
+        "touches_crop_border": touches,
+        "flags": [],
+        "paths_validated": validated,
+        "jacobian": jac,
+        "volume_change": None,
+        "flag_codes": [],
+        "dsc": dsc,
+        "msd_mm": msd,
+        "label": label_contour(dsc, msd),
+    }
+
+
+def _record(
+    case_id: str, population: str, structures: list[dict[str, Any]], fold: float = 0.0
+) -> dict[str, Any]:
+    return {
+        "record_version": RECORD_VERSION,
+        "case_id": case_id,
+        "kind": "phantom",
+        "population": population,
+        "method": "network",
+        "status": "done",
+        "model": {"name": "fake", "version": 0},
+        "dvf": {"min": 0.5, "folding_fraction": fold, "log_std": 0.1},
+        "structures": structures,
+    }
+
+
+def _separable_records() -> list[dict[str, Any]]:
+    """Good prostates change volume by <= 4 %, bad ones by 20-40 %; bladders are all good."""
+    recs = []
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        good = [
+            _structure("Prostate", "prostate", 40.0, 40.0 * (1 + rng.uniform(-0.04, 0.04)), 0.93),
+            _structure("Bladder", "bladder", 200.0, 200.0 * (1 + rng.uniform(-0.5, 1.0)), 0.95),
+        ]
+        recs.append(_record(f"c{i}", "network", good))
+        change = rng.uniform(0.2, 0.4) * (1 if i % 2 else -1)
+        bad = [_structure("Prostate", "prostate", 40.0, 40.0 * (1 + change), 0.6, 3.0)]
+        recs.append(_record(f"c{i}", "dvf_noise", bad))
+    return recs
+
+
+def _with_prostate_range(low: float, high: float) -> QaThresholds:
+    ranges = dict(QaThresholds().volume_change_range)
+    ranges["prostate"] = (low, high)
+    return QaThresholds(volume_change_range=ranges)
+
+
+# ------------------------------------------------------------------ labels and rates
+def test_contours_are_labelled_good_bad_or_borderline() -> None:
+    assert label_contour(0.95, 0.8) == "good"
+    assert label_contour(0.9, 2.0) == "good"
+    assert label_contour(0.79, 0.5) == "bad"
+    assert label_contour(0.95, 2.5) == "bad"  # a big organ can keep DSC 0.95 and be 2.5 mm off
+    assert label_contour(0.85, 1.0) == "borderline"
+    assert label_contour(0.0, None) == "bad"
+
+
+def test_rates_are_recall_on_bad_and_false_flags_on_good() -> None:
+    recs = [
+        _record(
+            "a",
+            "network",
+            [
+                _structure("Prostate", "prostate", 40, 40, 0.95),  # good, quiet
+                _structure("Rectum", "rectum", 60, 62, 0.92, touches=True),  # good, flagged
+                _structure("SV", "seminal_vesicles", 10, 4, 0.4),  # bad, -60 %: flagged
+                _structure("Bladder", "bladder", 200, 210, 0.7),  # bad, quiet
+                _structure("PTV", None, 100, 101, 0.85),  # borderline: not counted
+            ],
+        ),
+        _record("b", "network", [], fold=0.0) | {"status": "refused", "message": "not a pelvis"},
+    ]
+    samples = samples_from_records(recs)
+    assert len(samples) == 5 and int(samples.good.sum()) == 2 and int(samples.bad.sum()) == 2
+    fired = fired_matrix(samples, QaThresholds())
+    assert fired["touches_box"].tolist() == [False, True, False, False, False]
+    assert fired["volume_change"].tolist() == [False, False, True, False, False]
+    anyf = np.zeros(len(samples), bool)
+    for f in fired.values():
+        anyf |= f
+    r = rates(anyf, samples)
+    assert r == {
+        "recall": 0.5,
+        "bad_flagged": 1,
+        "bad": 2,
+        "false_flag_rate": 0.5,
+        "good_flagged": 1,
+        "good": 2,
+    }
+    assert rates(anyf, samples, samples.organ == "prostate")["recall"] is None  # no bad prostate
+
+
+def test_dvf_folding_counts_on_every_structure_of_its_case() -> None:
+    rec = _record(
+        "a",
+        "dvf_noise",
+        [_structure("Prostate", "prostate", 40, 40, 0.5), _structure("B", "bladder", 9, 9, 0.95)],
+        fold=0.02,
+    )
+    items = samples_from_records([rec]).items
+    assert flags_of(items[0], QaThresholds()) == ["dvf_folding"]
+    assert flags_of(items[1], QaThresholds()) == ["dvf_folding"]
+    assert flags_of(items[0], QaThresholds(max_folding_fraction=0.05)) == []
+
+
+def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
+    """The search's vectorised thresholds agree with `flag_structure` / `flag_dvf`."""
+    rng = np.random.default_rng(3)
+    organs = ["prostate", "bladder", "rectum", "seminal_vesicles", None]
+    structures = []
+    for i in range(200):
+        organ = organs[i % len(organs)]
+        planning = float(rng.uniform(0.2, 300))
+        structures.append(
+            _structure(
+                f"s{i}",
+                organ,
+                planning,
+                planning * float(rng.uniform(0.0, 2.5)),
+                float(rng.uniform(0.5, 1.0)),
+                path_dice=None if i % 7 == 0 else float(rng.uniform(0, 1)),
+                validated=bool(i % 3),
+                touches=bool(i % 5 == 0),
+                outliers=None if i % 11 == 0 else float(rng.uniform(0, 0.2)),
+            )
+        )
+    recs = [
+        _record(f"c{k}", "network", structures[k * 20 : (k + 1) * 20], float(rng.uniform(0, 0.01)))
+        for k in range(10)
+    ]
+    samples = samples_from_records(recs)
+    params = search_parameters(samples, QaThresholds(), min_class_good=0)
+    assert {p.flag for p in params} == set(FLAGS)
+    for trial in range(20):
+        values = {p.key: p.candidates[rng.integers(len(p.candidates))] for p in params}
+        if trial == 0:
+            values = {p.key: p.candidates[0] for p in params}  # everything off
+        t = thresholds_with(QaThresholds(), values)
+        vector = np.zeros(len(samples), bool)
+        for p in params:
+            vector |= p.fires(values[p.key])
+        exact = np.array([bool(flags_of(it, t)) for it in samples.items])
+        np.testing.assert_array_equal(vector, exact)
+        if trial == 0:
+            assert not exact.any()
+
+
+# ------------------------------------------------------------------ threshold choice
+def test_choice_tightens_a_flag_until_the_bad_contours_are_caught() -> None:
+    samples = samples_from_records(_separable_records())
+    loose = _with_prostate_range(-0.5, 0.5)
+    before = rates(fired_matrix(samples, loose)["volume_change"], samples)
+    assert before["recall"] == 0.0
+    choice = choose_thresholds(samples, loose)
+    assert choice.met and choice.recall == 1.0 and choice.false_flag_rate == 0.0
+    low, high = choice.thresholds.volume_change_range["prostate"]
+    assert -0.2 < low < -0.04 and 0.04 < high < 0.2
+    assert choice.steps and all("prostate" in s for s in choice.steps)
+    # the bladder's range is left alone: nothing in the data asks to move it
+    assert choice.thresholds.volume_change_range["bladder"] == loose.volume_change_range["bladder"]
+    # rounded to the fewest digits that flag the same structures
+    assert len(repr(low)) <= 6 and len(repr(high)) <= 6
+
+
+def test_choice_silences_a_flag_that_fires_on_good_contours() -> None:
+    recs = _separable_records()
+    for rec in recs:  # every good contour touches the box: noise
+        for s in rec["structures"]:
+            s["touches_crop_border"] = s["label"] == "good"
+    samples = samples_from_records(recs)
+    noisy = rates(fired_matrix(samples, QaThresholds())["touches_box"], samples)
+    assert noisy["false_flag_rate"] == 1.0
+    choice = choose_thresholds(samples)
+    assert choice.thresholds.flag_touching_box is False
+    assert choice.met and choice.false_flag_rate == 0.0
+
+
+def test_choice_says_when_no_thresholds_reach_both_targets() -> None:
+    recs = _separable_records()
+    # bad contours that look exactly like good ones (a shifted planning contour): no flag sees them
+    recs += [
+        _record(f"s{i}", "shifted_planning", [_structure("Prostate", "prostate", 40, 40, 0.5, 4.0)])
+        for i in range(12)
+    ]
+    report = calibrate(recs)
+    assert report["chosen"]["met"] is False
+    assert "no thresholds reach recall >= 0.9" in report["chosen"]["note"]
+    assert len(report["missed"]) == 12
+    assert {m["population"] for m in report["missed"]} == {"shifted_planning"}
+    assert report["chosen"]["by_population"]["dvf_noise"]["recall"] == 1.0
+    assert report["chosen"]["by_population"]["shifted_planning"]["recall"] == 0.0
+    assert report["chosen"]["any"]["false_flag_rate"] <= 0.1
+
+
+def test_thresholds_of_a_class_with_few_good_contours_are_held() -> None:
+    """No good seminal vesicles measured: "flag them all" would cost nothing, so it stays."""
+    recs = _separable_records()
+    recs += [
+        _record(f"v{i}", "network", [_structure("SV", "seminal_vesicles", 10, 10.2 + i, 0.6)])
+        for i in range(4)
+    ]
+    recs += [_record("v9", "network", [_structure("SV", "seminal_vesicles", 10, 5.0, 0.95)])]
+    samples = samples_from_records(recs)
+    choice = choose_thresholds(samples)
+    assert "volume_change_range.seminal_vesicles.high" in choice.held
+    assert choice.thresholds.volume_change_range["seminal_vesicles"] == (-0.35, 0.35)
+    # a held threshold still fires: SV -50 % is flagged, and counted in the choice's recall
+    exact = np.zeros(len(samples), bool)
+    for f in fired_matrix(samples, choice.thresholds).values():
+        exact |= f
+    assert exact[-1]
+    assert choice.recall == rates(exact, samples)["recall"]
+    assert choice.false_flag_rate == rates(exact, samples)["false_flag_rate"]
+
+
+def test_report_json_and_markdown(tmp_path: Path) -> None:
+    loose = _with_prostate_range(-0.5, 0.5)
+    report = calibrate(_separable_records(), loose)
+    js, md = write_report(report, tmp_path)
+    data = json.loads(js.read_text())
+    assert data["counts"]["good"] == 24 and data["counts"]["bad"] == 12
+    assert set(data["current"]["flags"]) == set(FLAGS)
+    chosen = thresholds_from_dict(data["chosen"]["thresholds"])
+    assert chosen.volume_change_range["prostate"] != (-0.5, 0.5)
+    assert data["current"]["any"]["recall"] == 0.0 and data["chosen"]["any"]["recall"] == 1.0
+    text = md.read_text()
+    assert text == report_markdown(report)
+    assert "| `volume_change` |" in text and "**any flag**" in text
+    assert "| dvf_noise | 0 / 12 / 0 | 0 |" in text
+    assert "volume_change_range.prostate.low" in text
+
+
+def test_thresholds_round_trip_through_json() -> None:
+    t = QaThresholds(min_path_dice=0.7, volume_change_range={"prostate": (-0.08, 0.12)})
+    back = thresholds_from_dict(json.loads(json.dumps(thresholds_to_dict(t))))
+    assert back == t
+
+
+# ------------------------------------------------------------------ perturbations
+def test_smooth_random_field_has_the_asked_size_and_is_reproducible() -> None:
+    a = smooth_random_field((40, 48, 56), 4.0, 16.0, np.random.default_rng(1))
+    b = smooth_random_field((40, 48, 56), 4.0, 16.0, np.random.default_rng(1))
+    assert a.shape == (3, 40, 48, 56) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert np.sqrt((a.astype(np.float64) ** 2).sum(axis=0).mean()) == pytest.approx(4.0, rel=1e-4)
+    rough = smooth_random_field((40, 48, 56), 4.0, 4.0, np.random.default_rng(1))
+    assert np.abs(np.diff(rough, axis=3)).mean() > 2 * np.abs(np.diff(a, axis=3)).mean()
+
+
+def test_cut_field_of_view_puts_air_outside_a_circle() -> None:
+    hu = np.full((2, 64, 64), -1000.0, np.float32)
+    hu[:, 8:56, 4:60] = 40.0  # body 56 px wide
+    cut, radius = cut_field_of_view(hu, (1.0, 1.0), 0.8)
+    assert radius == pytest.approx(0.8 * 0.5 * 55)
+    assert cut[0, 32, 4] == -1024.0 and cut[0, 32, 32] == 40.0
+    assert (cut[:, 32, 10:54] == 40.0).all()
+
+
+def test_shifted_mask_moves_by_whole_voxels() -> None:
+    m = np.zeros((4, 6, 8), bool)
+    m[1, 2, 3] = True
+    out = _shifted(m, np.array([1, -2, 3]))
+    assert np.argwhere(out).tolist() == [[2, 0, 6]]
+    assert not _shifted(m, np.array([0, 0, 9])).any()
+
+
+@dataclass
+class _Pred:
+    seg_probs: np.ndarray | None
+    dvf: np.ndarray
+
+
+class ZeroBackend:
+    """Fake network: segmentation = the pre-aligned planning labels; DVF = 0."""
+
+    def __init__(self) -> None:
+        self.metadata: dict[str, Any] = {"name": "fake", "version": "0", "path_choice": {}}
+        self.calls = 0
+
+    def predict(self, fixed: np.ndarray, moving: np.ndarray, moving_labels: np.ndarray) -> _Pred:
+        self.calls += 1
+        lab = moving_labels.astype(int)
+        probs = np.stack([(lab == c).astype(np.float32) for c in range(5)])
+        return _Pred(probs, np.zeros((3, *fixed.shape), np.float32))
+
+
+def test_replay_backend_runs_the_network_once_per_input() -> None:
+    inner = ZeroBackend()
+    replay = ReplayBackend(inner)
+    x = np.zeros((8, 8, 8), np.float32)
+    first = replay.predict(x, x, x)
+    assert replay.predict(x, x, x) is first and inner.calls == 1
+    replay.perturb = lambda p: _Pred(p.seg_probs, p.dvf + 1.0)
+    assert float(replay.predict(x, x, x).dvf.mean()) == 1.0 and inner.calls == 1
+    replay.perturb = None
+    replay.predict(x + 1, x, x)
+    assert inner.calls == 2
+    assert replay.metadata["name"] == "fake"
+
+
+# ------------------------------------------------------------------ the harness end to end
+@pytest.mark.slow
+@pytest.mark.integration
+def test_harness_records_resumes_and_reports(tmp_path: Path) -> None:
+    """One 128 x 128 phantom fraction, a fake network, four populations; then a resumed run."""
+    backend = ZeroBackend()
+    settings = RunSettings(device="cpu", matrix=128, slice_mm=3.0)
+    pops = ("network", "dvf_noise", "shifted_planning", "cutoff_fov")
+    lines: list[str] = []
+    report = run_qa_calibration(
+        tmp_path,
+        cases=1,
+        seed=3000,
+        populations=pops,
+        settings=settings,
+        backend=backend,
+        progress=lines.append,
+    )
+    assert report["errors"] == []
+    assert backend.calls == 3  # network and dvf_noise share one prediction
+    assert len(lines) == 4 and all("phantom3000-f1" in line for line in lines)
+    recs = load_records(tmp_path)
+    assert [r["population"] for r in recs] == sorted(pops)
+    for rec in recs:
+        assert rec["status"] == "done", rec
+        names = {s["name"] for s in rec["structures"]}
+        assert {"Prostate", "Bladder", "Rectum", "SeminalVesicles"} <= names
+        assert "Body" not in names  # the outline is not scored
+        for s in rec["structures"]:
+            assert 0.0 <= s["dsc"] <= 1.0 and s["label"] in ("good", "bad", "borderline")
+            assert "planning_cc" in s and "jacobian" in s and "path_dice" in s
+    by_pop = {r["population"]: r for r in recs}
+    assert by_pop["dvf_noise"]["perturbation"]["rms_mm"] >= 2.0
+    assert np.linalg.norm(by_pop["shifted_planning"]["perturbation"]["shift_mm"]) >= 4.0
+    prostate = {
+        r["population"]: next(s for s in r["structures"] if s["name"] == "Prostate") for r in recs
+    }
+    assert prostate["shifted_planning"]["dsc"] < prostate["network"]["dsc"]
+    assert (tmp_path / "qa_calibration.md").is_file() and not (tmp_path / "work").exists()
+    assert report["counts"]["runs"] == 4 and report["counts"]["structures"] > 0
+
+    # resumed: nothing re-runs, the report is the same
+    again = run_qa_calibration(
+        tmp_path, cases=1, seed=3000, populations=pops, settings=settings, backend=backend
+    )
+    assert backend.calls == 3
+    assert again["counts"] == report["counts"]
+
+
+def test_cli_benchmark_qa_needs_a_report_folder() -> None:
+    from jrs_cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", "qa", "--cases", "1"])
+    assert result.exit_code == 2
+    assert "--report" in result.stderr
+
+
+def test_cli_benchmark_qa_reports_from_kept_records(tmp_path: Path) -> None:
+    from jrs_cli import app
+
+    for rec in _separable_records()[:2]:
+        rec = rec | {"case_id": "phantom3000-f1"}
+        path = record_path(tmp_path, rec["case_id"], rec["population"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+    result = CliRunner().invoke(
+        app,
+        [
+            "benchmark",
+            "qa",
+            "--cases",
+            "1",
+            "--seed",
+            "3000",
+            "--runs",
+            "network,dvf_noise",
+            "--report",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "# QA flag calibration" in result.stdout
+    data = json.loads((tmp_path / "qa_calibration.json").read_text())
+    assert data["counts"]["runs"] == 2 and data["command"]["seed"] == 3000
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_harness_with_the_bundled_model(tmp_path: Path) -> None:
+    """One held-out phantom fraction with the bundled model and the iterative baseline."""
+    report = run_qa_calibration(
+        tmp_path,
+        cases=1,
+        seed=3001,
+        populations=("network", "iterative"),
+        settings=RunSettings(device="cpu", matrix=128, slice_mm=3.0),
+    )
+    assert report["errors"] == [] and report["counts"]["runs_done"] == 2
+    assert report["model"]["name"] == "crossstitch"
+    iterative = report["counts"]["by_population"]["iterative"]
+    assert iterative["good"] + iterative["bad"] + iterative["borderline"] >= 4
