@@ -1,6 +1,6 @@
 """Build the memory-mapped training set once: broad phantoms, real planning scans, validation.
 
-Run as ``python -m training.build_data --spec training/configs/data_v3.yaml --out STORE``.
+Run as ``python -m training.build_data --spec training/data_specs/data_v3.yaml --out STORE``.
 
 Every pair is made by the ONE deformation engine of `jrs.phantom.engine` (synthetic daily
 fractions with known fields of a planning scan), pre-aligned and resampled by

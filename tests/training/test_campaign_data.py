@@ -220,3 +220,12 @@ def test_bf16_training_step_keeps_fp32_state(tmp_path: Path, pairs: list[Trainin
     assert math.isfinite(row["loss_total"]) and "loss_reg_identity" in row
     assert all(p.dtype == torch.float32 for p in t.net.parameters())
     assert t.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr)  # warm-up done
+
+
+def test_shipped_data_spec_is_valid() -> None:
+    from training.build_data import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "training/data_specs/data_v3.yaml")
+    assert sum(p.count * p.fractions for p in spec.phantoms if p.source == "phantom") >= 180
+    assert {r.group for r in spec.real if r.source == "validation"} == {"pelvic-ref-005"}
+    assert all(r.source != "validation" for r in spec.real if r.group == "pelvic-ref-002")
