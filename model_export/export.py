@@ -179,25 +179,9 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     Raises:
         InvalidInput: When the file is missing, unreadable or not a training checkpoint.
     """
-    from training.networks import build
+    from training.weights import rebuild_from_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInput(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise InvalidInput(f"{path}: not a readable torch checkpoint ({exc})") from exc
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "network" not in ckpt:
-        raise InvalidInput(
-            f"{path}: not a jrs training checkpoint (expected the entries 'model' and 'network')"
-        )
-    spec = ckpt["network"]
-    try:
-        net = build(spec["name"], **dict(spec.get("overrides") or {}))
-        net.load_state_dict(ckpt["model"])
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise InvalidInput(f"{path}: cannot rebuild network {spec!r}: {exc}") from exc
+    net, ckpt = rebuild_from_checkpoint(path)
     drop = {"model", "optimizer", "weighting", "scaler", "sampler", "rng"}
     return net.eval(), {k: v for k, v in ckpt.items() if k not in drop}
 

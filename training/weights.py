@@ -162,14 +162,14 @@ def load_weights(path: Path, sha256: str | None = None) -> dict[str, Any]:
     return payload
 
 
-def weights_from_checkpoint(path: Path) -> dict[str, Any]:
-    """The ``weights.pt`` payload of a :class:`training.trainer.Trainer` checkpoint.
+def rebuild_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Read a :class:`training.trainer.Trainer` checkpoint and rebuild its network.
 
     Args:
         path: ``last.pt`` / ``best.pt`` of a run (a trusted file: it is unpickled).
 
     Returns:
-        The payload (network, float32 weights, weighting state, patch size, config, sha, step).
+        ``(network with the checkpoint's weights, on the CPU, the whole checkpoint dict)``.
 
     Raises:
         InvalidInput: When the file is missing, unreadable or not a training checkpoint.
@@ -193,6 +193,23 @@ def weights_from_checkpoint(path: Path) -> dict[str, Any]:
         net.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise InvalidInput(f"{path}: cannot rebuild network {spec!r}: {exc}") from exc
+    return net, ckpt
+
+
+def weights_from_checkpoint(path: Path) -> dict[str, Any]:
+    """The ``weights.pt`` payload of a :class:`training.trainer.Trainer` checkpoint.
+
+    Args:
+        path: ``last.pt`` / ``best.pt`` of a run (a trusted file: it is unpickled).
+
+    Returns:
+        The payload (network, float32 weights, weighting state, patch size, config, sha, step).
+
+    Raises:
+        InvalidInput: When the file is missing, unreadable or not a training checkpoint.
+    """
+    net, ckpt = rebuild_from_checkpoint(path)
+    spec = ckpt["network"]
     config = ckpt.get("config") or {}
     weighting_name = (config.get("weighting") or {}).get("name", "equal")
     return weights_payload(
