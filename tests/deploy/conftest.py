@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,27 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO_ROOT / "docker"
 CHART_DIR = REPO_ROOT / "helm" / "jrs"
-DOCKERFILES = (DOCKER_DIR / "Dockerfile.cpu", DOCKER_DIR / "Dockerfile.gpu")
+DOCKERFILES = (
+    DOCKER_DIR / "Dockerfile.cpu",
+    DOCKER_DIR / "Dockerfile.gpu",
+    DOCKER_DIR / "Dockerfile.adapt-cpu",
+)
+#: PyTorch's index of the CPU builds (the adaptation image's torch).
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def flavour_of(dockerfile: Path) -> str:
+    """The install.sh flavour of a Dockerfile: ``Dockerfile.<flavour>``."""
+    return dockerfile.suffix.lstrip(".")
+
+
+def train_torch_pin() -> str:
+    """The ``torch==X`` requirement of the ``train`` extra in pyproject.toml."""
+    with (REPO_ROOT / "pyproject.toml").open("rb") as fh:
+        extra = tomllib.load(fh)["project"]["optional-dependencies"]["train"]
+    pins = [r.replace(" ", "") for r in extra if r.replace(" ", "").startswith("torch==")]
+    assert len(pins) == 1, f"the train extra must pin torch exactly once: {extra}"
+    return pins[0]
 
 
 def find_tool(name: str) -> str | None:

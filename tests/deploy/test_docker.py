@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import DOCKER_DIR, DOCKERFILES, REPO_ROOT
+from tests.deploy.conftest import (
+    DOCKER_DIR,
+    DOCKERFILES,
+    REPO_ROOT,
+    TORCH_CPU_INDEX,
+    flavour_of,
+    train_torch_pin,
+)
 
 SERVE_PORT = 8000
 
@@ -141,8 +148,7 @@ def test_model_bundled_and_settings_point_at_it(dockerfile: tuple[Path, Dockerfi
     # the service is installed by the shared script, with the serve extra only
     runs = " ".join(df.stages[0].all("RUN"))
     assert "docker/install.sh /opt/venv" in runs, path.name
-    flavour = "gpu" if path.name.endswith(".gpu") else "cpu"
-    assert f"/opt/venv {flavour} /src" in runs
+    assert f"/opt/venv {flavour_of(path)} /src" in runs
 
 
 def test_gpu_image_has_cuda_runtime_and_onnxruntime_gpu() -> None:
@@ -161,6 +167,62 @@ def test_cpu_image_runs_the_network_with_openvino() -> None:
     assert "import openvino" in (DOCKER_DIR / "install.sh").read_text()
 
 
+def test_adapt_image_installs_cpu_torch_of_the_train_extra() -> None:
+    """Dockerfile.adapt-cpu: exactly the train extra's torch, the CPU build from PyTorch's CPU
+    index, then the train extra itself, all through install.sh (which checks the result)."""
+    df = parse_dockerfile(DOCKER_DIR / "Dockerfile.adapt-cpu")
+    builder = df.stages[0]
+    args = dict(a.split("=", 1) for a in builder.all("ARG"))
+    assert f"torch=={args['TORCH_VERSION']}" == train_torch_pin() == "torch==2.13.0"
+    assert args["TORCH_INDEX"] == TORCH_CPU_INDEX
+    (run,) = builder.all("RUN")
+    words = shlex.split(run)
+    assert "JRS_TORCH=torch==${TORCH_VERSION}" in words
+    assert "JRS_TORCH_INDEX=${TORCH_INDEX}" in words
+    assert words[-4:] == ["docker/install.sh", "/opt/venv", "adapt-cpu", "/src"]
+    # the same base as the CPU image: one Python, one OpenVINO
+    cpu = parse_dockerfile(DOCKER_DIR / "Dockerfile.cpu")
+    assert {df.expand(s.base) for s in df.stages} == {cpu.expand(s.base) for s in cpu.stages}
+
+    script = (DOCKER_DIR / "install.sh").read_text()
+    # torch from the CPU index alone, then the serve and train extras (torch kept: 2.13.0+cpu
+    # satisfies ==2.13.0), and the check that the build is the CPU one of the pin
+    assert f"torch_index=${{JRS_TORCH_INDEX:-{TORCH_CPU_INDEX}}}" in script
+    torch_line = '"${pip[@]}" install --index-url "$torch_index" "$torch_req"'
+    extras_line = '"${pip[@]}" install "${src}[serve,train]"'
+    assert script.index(torch_line) < script.index(extras_line)
+    assert "--extra-index-url" not in script, "one index per install: no dependency confusion"
+    assert "torch.version.cuda is not None" in script
+    assert 'req.marker.evaluate({"extra": "train"})' in script
+
+
+def test_adapt_image_runs_like_the_cpu_image_plus_adaptation() -> None:
+    """The adaptation image is the CPU service image (same user, port, entry point, health
+    check, model) plus torch, the weights of the bundled model and the JRS_ADAPT* defaults."""
+    cpu = parse_dockerfile(DOCKER_DIR / "Dockerfile.cpu").stages[-1]
+    adapt = parse_dockerfile(DOCKER_DIR / "Dockerfile.adapt-cpu").stages[-1]
+    for keyword in ("USER", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "CMD", "WORKDIR", "SHELL"):
+        assert adapt.all(keyword) == cpu.all(keyword), keyword
+    assert adapt.all("RUN") == cpu.all("RUN"), "the same jrs user and data folder"
+    assert set(cpu.all("COPY")) < set(adapt.all("COPY"))
+    (extra,) = set(adapt.all("COPY")) - set(cpu.all("COPY"))
+    source, dest = shlex.split(extra)
+    assert (REPO_ROOT / source).is_file() and source.endswith(".pt")
+    # jrs adapt looks for the weights of <repo>/<name>/<version> in <repo>/checkpoints/
+    assert dest == "/opt/jrs/models/checkpoints/"
+
+    def env(stage: Stage) -> dict[str, str]:
+        return dict(w.split("=", 1) for e in stage.all("ENV") for w in shlex.split(e))
+
+    cpu_env, adapt_env = env(cpu), env(adapt)
+    assert {k: v for k, v in adapt_env.items() if k in cpu_env} == cpu_env
+    assert adapt_env["JRS_ADAPTATION"] == "auto"
+    assert float(adapt_env["JRS_ADAPT_MINUTES"]) == 15
+    # torch and friends write their caches under /tmp (read-only root filesystem)
+    assert adapt_env["XDG_CACHE_HOME"].startswith("/tmp/")
+    assert adapt_env["TORCHINDUCTOR_CACHE_DIR"].startswith("/tmp/")
+
+
 def test_copied_paths_exist(dockerfile: tuple[Path, Dockerfile]) -> None:
     path, df = dockerfile
     for stage in df.stages:
@@ -172,8 +234,16 @@ def test_copied_paths_exist(dockerfile: tuple[Path, Dockerfile]) -> None:
                 assert (REPO_ROOT / src).exists(), f"{path.name}: COPY {src} does not exist"
 
 
-def _dockerignore() -> list[str]:
-    lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+def _ignore_file(dockerfile: Path) -> Path:
+    """BuildKit's ignore file of a Dockerfile: ``<Dockerfile>.dockerignore`` beside it, else the
+    root ``.dockerignore``."""
+    own = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    return own if own.is_file() else REPO_ROOT / ".dockerignore"
+
+
+def _dockerignore(dockerfile: Path | None = None) -> list[str]:
+    path = _ignore_file(dockerfile) if dockerfile else REPO_ROOT / ".dockerignore"
+    lines = path.read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
@@ -192,22 +262,46 @@ def _in_context(relpath: str, patterns: list[str]) -> bool:
     return included
 
 
-def test_dockerignore_keeps_what_the_images_copy_and_nothing_heavy() -> None:
-    patterns = _dockerignore()
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerignore_keeps_what_the_images_copy_and_nothing_heavy(path: Path) -> None:
+    patterns = _dockerignore(path)
+    ignore = _ignore_file(path).name
     assert patterns[0] == "*", "the context starts from nothing and adds what is copied"
-    for path in DOCKERFILES:
-        df = parse_dockerfile(path)
-        for stage in df.stages:
-            for args in stage.all("COPY"):
-                if args.startswith("--from="):
-                    continue
-                *sources, _ = shlex.split(args)
-                for src in sources:
-                    assert _in_context(src, patterns), f".dockerignore drops {src}"
+    copied: list[str] = []
+    for stage in parse_dockerfile(path).stages:
+        for args in stage.all("COPY"):
+            if args.startswith("--from="):
+                continue
+            *sources, _ = shlex.split(args)
+            copied += sources
+    for src in copied:
+        assert _in_context(src, patterns), f"{ignore} drops {src}"
     for heavy in (".venv/bin/python", ".git/HEAD", "models/checkpoints/x.pt", "runs/a", "tests"):
-        assert not _in_context(heavy, patterns), f".dockerignore lets {heavy} in"
+        assert not _in_context(heavy, patterns), f"{ignore} lets {heavy} in"
     assert not _in_context("jrs/__pycache__/x.pyc", patterns)
     assert not _in_context("docker/secrets/api-keys.txt", patterns)
+    assert not _in_context("models/checkpoints/crossstitch_v3_last.pt", patterns)
+    # nothing in the context that the image does not copy
+    for name in (
+        "pyproject.toml",
+        "models/crossstitch",
+        "models/checkpoints/crossstitch_cpu_last.pt",
+    ):
+        assert _in_context(name, patterns) == any(
+            name == src or name.startswith(src.rstrip("/") + "/") for src in copied
+        ), f"{ignore}: {name}"
+
+
+def test_only_the_adaptation_image_has_its_own_ignore_file() -> None:
+    """BuildKit uses <Dockerfile>.dockerignore in place of the root one; the CPU and GPU images
+    keep the root .dockerignore (no torch weights in them)."""
+    owned = sorted(p.name for p in DOCKER_DIR.glob("*.dockerignore"))
+    assert owned == ["Dockerfile.adapt-cpu.dockerignore"]
+    assert _dockerignore(DOCKER_DIR / "Dockerfile.cpu") == _dockerignore()
+    # the adaptation image's context is the root one plus the checkpoint of the bundled model
+    extra = set(_dockerignore(DOCKER_DIR / "Dockerfile.adapt-cpu")) - set(_dockerignore())
+    assert extra == {"!models/checkpoints/crossstitch_cpu_last.pt"}
+    assert set(_dockerignore()) <= set(_dockerignore(DOCKER_DIR / "Dockerfile.adapt-cpu"))
 
 
 def test_hadolint_passes(hadolint: str) -> None:

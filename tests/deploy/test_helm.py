@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import CHART_DIR, DOCKER_DIR
+from tests.deploy.conftest import CHART_DIR, DOCKER_DIR, DOCKERFILES
 from tests.deploy.test_docker import SERVE_PORT, parse_dockerfile
 
 RELEASE = "demo"
@@ -37,12 +38,18 @@ BATCH: dict[str, Any] = {
     "batchJob": {"enabled": True, "completions": 6, "parallelism": 3, "nameSuffix": "2024w23"}
 }
 GPU: dict[str, Any] = {"gpu": {"enabled": True, "count": 2, "runtimeClassName": "nvidia"}}
+ADAPT_SERVICE: dict[str, Any] = {"adaptation": {"enabled": True}}
+ADAPT_WORKER: dict[str, Any] = {
+    "adaptation": {"enabled": True, "mode": "worker", "extraArgs": ["--fractions", "8"]}
+}
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default": {},
     "gpu": GPU,
     "ingress-hpa-existing-secret": INGRESS_HPA_EXISTING_SECRET,
     "batch": BATCH,
     "batch-gpu": {**BATCH, **GPU},
+    "adaptation-service": ADAPT_SERVICE,
+    "adaptation-worker-gpu": {**ADAPT_WORKER, **GPU},
 }
 
 
@@ -214,7 +221,8 @@ def test_default_render(render: Callable[[dict[str, Any]], Manifests]) -> None:
 
 def test_chart_agrees_with_the_image() -> None:
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
-    for path in (DOCKER_DIR / "Dockerfile.cpu", DOCKER_DIR / "Dockerfile.gpu"):
+    assert DOCKER_DIR / "Dockerfile.adapt-cpu" in DOCKERFILES
+    for path in DOCKERFILES:
         final = parse_dockerfile(path).stages[-1]
         assert final.all("EXPOSE") == [str(values["containerPort"])]
         uid = final.all("USER")[-1].split(":")[0]
@@ -411,3 +419,334 @@ def test_notes_explain_keys_and_batch(chart: Any) -> None:
         "jrs/templates/NOTES.txt"
     ]
     assert "http://jrs.example.org/" in plain and "no TLS section" in plain
+
+
+# ----------------------------------------------------------------- patient-specific adaptation
+ADAPT_ENV = ("JRS_ADAPTATION", "JRS_ADAPT_MINUTES", "JRS_ADAPT_ARGS", "JRS_ADAPT_BASE_DIR")
+
+
+def _workloads(docs: Manifests) -> dict[str, dict[str, Any]]:
+    """Deployments, Jobs and Pods by their component label."""
+    found = {}
+    for ds in docs.values():
+        for doc in ds:
+            if doc["kind"] in ("Deployment", "Job", "Pod"):
+                found[doc["metadata"]["labels"]["app.kubernetes.io/component"]] = doc
+    return found
+
+
+def _pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = workload["spec"]
+    return spec if workload["kind"] == "Pod" else spec["template"]["spec"]
+
+
+def _pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    meta = (
+        workload["metadata"]
+        if workload["kind"] == "Pod"
+        else workload["spec"]["template"]["metadata"]
+    )
+    labels: dict[str, str] = meta["labels"]
+    return labels
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions In) selects labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def _data_claim(pod: dict[str, Any], container: dict[str, Any]) -> tuple[str, str]:
+    """(claim name, mount path) of the data volume of a pod."""
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (name,) = claims
+    return claims[name], mounts[name]
+
+
+def test_adaptation_absent_when_disabled(render: Callable[[dict[str, Any]], Manifests]) -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert values["adaptation"]["enabled"] is False, "adaptation is opt-in"
+    for scenario in ("default", "gpu", "batch", "ingress-hpa-existing-secret"):
+        docs = render(SCENARIOS[scenario])
+        workloads = _workloads(docs)
+        assert "adaptation" not in workloads, scenario
+        text = json.dumps(docs)
+        assert "adapt-cpu" not in text and "service.patients" not in text, scenario
+        assert "podAffinity" not in text, scenario
+        for workload in workloads.values():
+            pod = _pod_spec(workload)
+            for container in pod["containers"]:
+                names = {e["name"] for e in container.get("env", [])}
+                assert not names & {*ADAPT_ENV, "JRS_PATIENT_RETENTION_DAYS"}, scenario
+        api = workloads["api"]
+        assert (
+            _pod_spec(api)["terminationGracePeriodSeconds"]
+            == values["terminationGracePeriodSeconds"]
+        )
+        assert _container(api)["resources"]["requests"] == values["resources"]["requests"]
+    # extra adaptation values change nothing while it is off
+    off = {"adaptation": {"enabled": False, "mode": "worker", "minutes": 5}}
+    assert _kinds(render(off)) == _kinds(render({}))
+    assert _one(render(off), "Deployment") == _one(render({}), "Deployment")
+
+
+def test_adaptation_in_the_service_pod(render: Callable[[dict[str, Any]], Manifests]) -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    ada = values["adaptation"]
+    assert ada["mode"] == "service"
+    docs = render(ADAPT_SERVICE)
+    workloads = _workloads(docs)
+    assert sorted(workloads) == ["api", "test"], "no worker: the service adapts itself"
+    api = workloads["api"]
+    container = _container(api)
+    pod = _pod_spec(api)
+    assert container["image"] == "jrs:0.1.0-adapt-cpu"
+    assert container["args"][0] == "serve"
+    env = _env(container)
+    assert env["JRS_ADAPTATION"] == "local", "required: an error in the log where it cannot train"
+    assert env["JRS_ADAPT_MINUTES"] == "15"
+    assert env["JRS_ADAPT_ARGS"] == "--threads 4"
+    assert env["JRS_PATIENT_RETENTION_DAYS"] == "30"
+    assert env["JRS_DEVICE"] == "cpu"
+    assert "JRS_ADAPT_BASE_DIR" not in env, "the served model by default"
+    # the patient store lives in JRS_DATA_DIR, on the chart's persistent claim (kept on uninstall)
+    claim, mount = _data_claim(pod, container)
+    assert env["JRS_DATA_DIR"] == mount == "/var/lib/jrs"
+    pvc = _one(docs, "PersistentVolumeClaim")
+    assert claim == pvc["metadata"]["name"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert api["spec"]["strategy"] == {"type": "Recreate"}, "one process on the store at a time"
+    # resources for a re-contouring job and a fine-tuning at once
+    resources = container["resources"]
+    assert resources == ada["serviceResources"]
+    assert (
+        int(resources["requests"]["cpu"]) - int(values["resources"]["requests"]["cpu"])
+        >= ada["threads"]
+    )
+    assert resources["limits"]["memory"] == "28Gi" and resources["requests"]["memory"] == "16Gi"
+    # a stopping pod lets `jrs adapt` checkpoint (the service gives it JRS_SHUTDOWN_GRACE_S)
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace == 120 and grace > float(values["config"]["JRS_SHUTDOWN_GRACE_S"]) + 30
+    assert "affinity" not in pod, "one pod: nothing to keep together"
+    # helm test runs the image the service runs (the CPU image need not be pushed)
+    assert _pod_spec(workloads["test"])["containers"][0]["image"] == "jrs:0.1.0-adapt-cpu"
+
+    custom = render(
+        {
+            "image": {"repository": "registry.example/jrs"},
+            "adaptation": {
+                "enabled": True,
+                "minutes": 18,
+                "threads": None,
+                "baseDir": "/models/crossstitch/3",
+                "patientRetentionDays": 7.5,
+                "extraArgs": ["--fractions", "8", "--base-weights", "/weights/my ckpt.pt"],
+            },
+        }
+    )
+    container = _container(_workloads(custom)["api"])
+    env = _env(container)
+    assert container["image"] == "registry.example/jrs:0.1.0-adapt-cpu"
+    assert env["JRS_ADAPT_MINUTES"] == "18" and env["JRS_PATIENT_RETENTION_DAYS"] == "7.5"
+    assert env["JRS_ADAPT_BASE_DIR"] == "/models/crossstitch/3"
+    assert env["JRS_ADAPT_ARGS"] == "--fractions 8 --base-weights '/weights/my ckpt.pt'"
+    digest = "sha256:" + "ab" * 32
+    pinned = render(
+        {"adaptation": {"enabled": True, "image": {"repository": "r/jrs-adapt", "digest": digest}}}
+    )
+    assert _container(_workloads(pinned)["api"])["image"] == f"r/jrs-adapt@{digest}"
+
+
+def test_adaptation_worker_beside_a_gpu_service(
+    render: Callable[[dict[str, Any]], Manifests],
+) -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    docs = render(SCENARIOS["adaptation-worker-gpu"])
+    workloads = _workloads(docs)
+    assert sorted(workloads) == ["adaptation", "api", "test"]
+    api, worker = workloads["api"], workloads["adaptation"]
+    assert worker["kind"] == "Deployment"
+    assert worker["metadata"]["name"] == f"{RELEASE}-jrs-adaptation"
+    assert worker["spec"]["replicas"] == 1, "one worker per data folder"
+    assert worker["spec"]["strategy"] == {"type": "Recreate"}
+
+    # the service keeps its GPU image and leaves the adaptation to the worker
+    api_container = _container(api)
+    api_env = _env(api_container)
+    assert api_container["image"] == "jrs:0.1.0-gpu"
+    assert api_env["JRS_ADAPTATION"] == "external" and api_env["JRS_DEVICE"] == "cuda"
+    assert api_container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert api_container["resources"]["requests"] == values["resources"]["requests"]
+
+    # the worker: adapt-cpu image, `python -m service.patients`, on the CPU, no GPU
+    container = _container(worker)
+    pod = _pod_spec(worker)
+    assert container["image"] == "jrs:0.1.0-adapt-cpu"
+    assert container["command"] == ["python", "-m", "service.patients"]
+    assert "args" not in container and "ports" not in container
+    env = _env(container)
+    assert env["JRS_DEVICE"] == "cpu"
+    assert env["JRS_ADAPTATION"] == "external"
+    assert env["JRS_ADAPT_MINUTES"] == "15"
+    assert env["JRS_ADAPT_ARGS"] == "--threads 4 --fractions 8"
+    assert "JRS_API_KEYS_FILE" not in env, "the worker serves nothing"
+    assert "nvidia.com/gpu" not in json.dumps(container), "no GPU request or limit"
+    assert "runtimeClassName" not in pod
+    resources = container["resources"]
+    assert resources == values["adaptation"]["worker"]["resources"]
+    assert int(resources["requests"]["cpu"]) >= values["adaptation"]["threads"]
+    assert resources["limits"]["memory"] == "12Gi"
+    # same patient store: the same claim at the same JRS_DATA_DIR as the service
+    assert _data_claim(pod, container) == _data_claim(_pod_spec(api), api_container)
+    assert env["JRS_DATA_DIR"] == api_env["JRS_DATA_DIR"]
+    assert _data_claim(pod, container)[0] == _one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    # the worker checkpoints on SIGTERM (up to STOP_GRACE_S = 60 s) before the kill
+    assert pod["terminationGracePeriodSeconds"] >= 90
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # it may run on the (tainted) GPU node of the service
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+
+    # service and worker share a node (WAL-mode SQLite, a ReadWriteOnce claim), whichever starts
+    # first: each one's required pod affinity selects the other and itself
+    for one in (api, worker):
+        (term,) = _pod_spec(one)["affinity"]["podAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        for other in (api, worker):
+            assert _selects(term["labelSelector"], _pod_labels(other))
+        for stranger in (workloads["test"],):
+            assert not _selects(term["labelSelector"], _pod_labels(stranger))
+    assert not _selects(
+        _pod_spec(api)["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            0
+        ]["labelSelector"],
+        {**_pod_labels(api), "app.kubernetes.io/instance": "another-release"},
+    )
+    # the Service never routes to the worker
+    selector = _one(docs, "Service")["spec"]["selector"]
+    assert not all(_pod_labels(worker).get(k) == v for k, v in selector.items())
+
+    # a user's affinity is kept, the co-location term is added to it
+    user: dict[str, Any] = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    kept = render({**ADAPT_WORKER, "affinity": user})
+    for one in _workloads(kept).values():
+        if one["kind"] == "Deployment":
+            affinity = _pod_spec(one)["affinity"]
+            assert "nodeAffinity" in affinity and "podAffinity" in affinity
+
+
+def test_adaptation_settings_parse_with_the_service_and_the_cli(
+    render: Callable[[dict[str, Any]], Manifests], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The worker's environment is valid service settings, and the `jrs adapt` command the worker
+    builds from it is accepted by the real command line (nothing is run)."""
+    typer_main = pytest.importorskip("typer.main")
+    settings_module = pytest.importorskip("service.settings")
+    patients = pytest.importorskip("service.patients")
+    from jrs_cli.main import app
+
+    for scenario in ("adaptation-service", "adaptation-worker-gpu"):
+        workloads = _workloads(render(SCENARIOS[scenario]))
+        container = _container(workloads["adaptation" if "worker" in scenario else "api"])
+        monkeypatch.chdir(tmp_path)  # no .env file
+        for key in [k for k in os.environ if k.startswith("JRS_")]:
+            monkeypatch.delenv(key)
+        for item in container["env"]:
+            if "value" in item and item["name"].startswith("JRS_"):
+                monkeypatch.setenv(item["name"], item["value"])
+        monkeypatch.delenv("JRS_API_KEYS_FILE", raising=False)
+        settings = settings_module.load_settings(insecure_dev=True)
+        assert settings.adaptation == ("local" if scenario == "adaptation-service" else "external")
+        assert settings.adapt_minutes == 15
+        argv = patients.adapt_command(settings, Path("/var/lib/jrs/patients/p1"))
+        assert argv[1:4] == ["-m", "jrs_cli", "adapt"]
+        command = typer_main.get_command(app)
+        ctx = command.make_context("jrs", argv[3:])
+        sub = command.get_command(ctx, "adapt")
+        assert sub is not None
+        params = sub.make_context("adapt", argv[4:], parent=ctx).params
+        assert params["threads"] == 4 and params["minutes"] == 15
+        assert params["device"] == "cpu"
+        assert str(params["out"]).startswith("/var/lib/jrs/patients/p1")
+        if "worker" in scenario:
+            assert params["fractions"] == 8
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"adaptation": {"enabled": True}, "persistence": {"enabled": False}},
+            "set persistence.enabled=true",
+        ),
+        ({"adaptation": {"enabled": True}, "gpu": {"enabled": True}}, "set adaptation.mode=worker"),
+        (
+            {
+                "adaptation": {"enabled": True, "mode": "worker"},
+                "persistence": {"accessModes": ["ReadWriteOncePod"]},
+            },
+            "ReadWriteOncePod allows one",
+        ),
+        (
+            {"adaptation": {"enabled": True}, "config": {"JRS_ADAPT_MINUTES": "20"}},
+            "config.JRS_ADAPT_MINUTES conflicts",
+        ),
+        (
+            {"adaptation": {"enabled": True, "mode": "worker"}, "replicaCount": 2},
+            "must never share the data volume",
+        ),
+    ],
+)
+def test_adaptation_refuses_what_cannot_work(
+    chart: Any, helm: Any, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"adaptation": {"enabled": "yes"}}, "enabled"),
+        ({"adaptation": {"mode": "cluster"}}, "mode"),
+        ({"adaptation": {"image": {"tag": "latest"}}}, "tag"),
+        ({"adaptation": {"minutes": 0}}, "minutes"),
+        ({"adaptation": {"threads": 0}}, "threads"),
+        ({"adaptation": {"extraArgs": "--fractions 8"}}, "extraArgs"),
+        ({"adaptation": {"worker": {"replicas": 2}}}, "replicas"),
+    ],
+)
+def test_schema_rejects_bad_adaptation_values(
+    chart: Any, helm: Any, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmError) as caught:
+        chart.validate_schema(chart.merge_values(values))
+    assert message in str(caught.value)
+
+
+def test_notes_explain_adaptation(chart: Any) -> None:
+    for mode, logs in (
+        ("service", f"deployment/{RELEASE}-jrs -f"),
+        ("worker", f"deployment/{RELEASE}-jrs-adaptation"),
+    ):
+        notes = chart.render(
+            {"adaptation": {"enabled": True, "mode": mode}}, name=RELEASE, namespace=NAMESPACE
+        )["jrs/templates/NOTES.txt"]
+        assert f"Patient-specific adaptation ({mode} mode, image jrs:0.1.0-adapt-cpu)" in notes
+        assert logs in notes and "/var/lib/jrs/patients/<id>/adapt.log" in notes
+    plain = chart.render({}, name=RELEASE, namespace=NAMESPACE)["jrs/templates/NOTES.txt"]
+    assert "adaptation" not in plain.lower()

@@ -184,6 +184,22 @@ Checks of value combinations that the schema cannot express.
 {{- if and .Values.batchJob.enabled (not .Values.batchJob.claimName) (not .Values.persistence.enabled) }}
 {{- fail "batchJob needs a volume shared by its pods for the manifest, the DICOM inputs and the outputs: set batchJob.claimName, or persistence.enabled=true to use the chart's data claim." }}
 {{- end }}
+{{- if .Values.adaptation.enabled }}
+{{- if not .Values.persistence.enabled }}
+{{- fail "adaptation keeps the patient store (patients.sqlite3, planning scans, adaptation checkpoints, patient models) in JRS_DATA_DIR: set persistence.enabled=true, so that a restarted pod keeps its patients and continues a stopped adaptation." }}
+{{- end }}
+{{- if and (eq .Values.adaptation.mode "service") .Values.gpu.enabled }}
+{{- fail "adaptation.mode=service runs the service from the CPU adaptation image, which cannot use the GPU: with gpu.enabled set adaptation.mode=worker (the GPU service and a CPU adaptation worker on one data volume)." }}
+{{- end }}
+{{- if and (eq .Values.adaptation.mode "worker") (has "ReadWriteOncePod" .Values.persistence.accessModes) }}
+{{- fail "adaptation.mode=worker mounts the data claim in two pods (service and worker): ReadWriteOncePod allows one; use ReadWriteOnce (both pods are kept on one node)." }}
+{{- end }}
+{{- range $name := list "JRS_ADAPTATION" "JRS_ADAPT_MINUTES" "JRS_ADAPT_ARGS" "JRS_ADAPT_BASE_DIR" "JRS_PATIENT_RETENTION_DAYS" }}
+{{- if hasKey $.Values.config $name }}
+{{- fail (printf "config.%s conflicts with adaptation.enabled, which sets it: use the adaptation.* values (mode, minutes, threads, extraArgs, baseDir, patientRetentionDays)." $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -195,5 +211,106 @@ Name of the batch Job: "<fullname>-batch[-<nameSuffix>]" (at most 57 characters)
 {{- printf "%s-%s" $base . }}
 {{- else }}
 {{- $base }}
+{{- end }}
+{{- end }}
+
+{{/*
+Patient-specific adaptation (docs/adaptation.md). "service": the service pod adapts, "worker": a
+separate Deployment does; "" when adaptation is off.
+*/}}
+{{- define "jrs.adaptationMode" -}}
+{{- if .Values.adaptation.enabled }}
+{{- .Values.adaptation.mode }}
+{{- end }}
+{{- end }}
+
+{{/*
+The adaptation image (docker/Dockerfile.adapt-cpu): repository@digest, else repository:tag with
+the repository of `image` and the tag "<appVersion>-adapt-cpu" by default.
+*/}}
+{{- define "jrs.adaptationImage" -}}
+{{- $image := .Values.adaptation.image }}
+{{- $repository := $image.repository | default .Values.image.repository }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository ($image.tag | default (printf "%s-adapt-cpu" .Chart.AppVersion)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image of the service pods: the adaptation image when they adapt themselves, else `image`.
+*/}}
+{{- define "jrs.serviceImage" -}}
+{{- if eq (include "jrs.adaptationMode" .) "service" }}
+{{- include "jrs.adaptationImage" . }}
+{{- else }}
+{{- include "jrs.image" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the adaptation worker Deployment: "<fullname>-adaptation".
+*/}}
+{{- define "jrs.adaptationWorkerName" -}}
+{{- printf "%s-adaptation" (include "jrs.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+JRS_ADAPT_ARGS: `--threads <threads>` and adaptation.extraArgs, each argument single-quoted
+unless it is plain (the service splits the value like a shell).
+*/}}
+{{- define "jrs.adaptationArgs" -}}
+{{- $args := list }}
+{{- if not (kindIs "invalid" .Values.adaptation.threads) }}
+{{- $args = append $args "--threads" }}
+{{- $args = append $args (toString .Values.adaptation.threads) }}
+{{- end }}
+{{- range .Values.adaptation.extraArgs }}
+{{- $args = append $args (ternary . (squote .) (regexMatch "^[-A-Za-z0-9_.,:=/+@]+$" .)) }}
+{{- end }}
+{{- join " " $args }}
+{{- end }}
+
+{{/*
+Environment of adaptation, for the service pods and the worker (only when adaptation.enabled):
+JRS_ADAPTATION is "local" where the service adapts itself, "external" where the worker does.
+*/}}
+{{- define "jrs.adaptationEnv" -}}
+{{- $ada := .Values.adaptation -}}
+- name: JRS_ADAPTATION
+  value: {{ ternary "local" "external" (eq $ada.mode "service") | quote }}
+- name: JRS_ADAPT_MINUTES
+  value: {{ $ada.minutes | toString | quote }}
+- name: JRS_ADAPT_ARGS
+  value: {{ include "jrs.adaptationArgs" . | quote }}
+{{- with $ada.baseDir }}
+- name: JRS_ADAPT_BASE_DIR
+  value: {{ . | quote }}
+{{- end }}
+- name: JRS_PATIENT_RETENTION_DAYS
+  value: {{ $ada.patientRetentionDays | toString | quote }}
+{{- end }}
+
+{{/*
+Affinity of the pods that open the data volume's SQLite stores: with an adaptation worker, the
+service and worker pods must share a node (the stores run in WAL mode, which needs one host; a
+ReadWriteOnce volume attaches to one node). Adds a required podAffinity term to the given
+affinity. Call with (dict "root" $ "affinity" A).
+*/}}
+{{- define "jrs.storeAffinity" -}}
+{{- $affinity := deepCopy (.affinity | default dict) }}
+{{- if eq (include "jrs.adaptationMode" .root) "worker" }}
+{{- $podAffinity := get $affinity "podAffinity" | default dict }}
+{{- $required := get $podAffinity "requiredDuringSchedulingIgnoredDuringExecution" | default list }}
+{{- $labels := include "jrs.baseSelectorLabels" .root | fromYaml }}
+{{- $component := dict "key" "app.kubernetes.io/component" "operator" "In" "values" (list "api" "adaptation") }}
+{{- $selector := dict "matchLabels" $labels "matchExpressions" (list $component) }}
+{{- $term := dict "labelSelector" $selector "topologyKey" "kubernetes.io/hostname" }}
+{{- $_ := set $podAffinity "requiredDuringSchedulingIgnoredDuringExecution" (append $required $term) }}
+{{- $_ := set $affinity "podAffinity" $podAffinity }}
+{{- end }}
+{{- with $affinity }}
+{{- toYaml . }}
 {{- end }}
 {{- end }}
