@@ -31,12 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -48,16 +49,21 @@ from jrs.labels import LABELS, SynonymTable, is_external_roi, label_map_from_map
 from jrs.metrics import dice, volume_cc
 from jrs.plausibility import PlausibilityLimits, check_coverage, check_planning, enforce
 from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
-from jrs.preprocess import PreparedPair, mask_box, prepare_pair
+from jrs.preprocess import HU_SCALE, PreparedPair, mask_box, prepare_pair
 from jrs.qa import (
     QaThresholds,
     StructureQa,
     flag_dvf,
     flag_structure,
+    image_evidence,
     jacobian_report,
+    structure_evidence,
     validated_paths,
 )
-from jrs.registration import affine_prealign, bspline_register
+from jrs.registration import AffineResult, affine_prealign, bspline_register
+
+if TYPE_CHECKING:
+    from jrs.dicom.series import CTSeries
 
 log = logging.getLogger(__name__)
 
@@ -320,10 +326,9 @@ def _warp_labels(
     """Labels warped by a pull field on their own grid (`jrs.transforms.warp`, ``label``).
 
     The result of ``warp(labels, dvf, "label", 0)``: each label's one-hot map interpolated
-    linearly at ``p + u(p)`` (neighbours clamped at the border, background outside), the
-    largest wins (ties: the lowest label). Computed in one numpy pass over the eight neighbours,
-    and only inside the labels' bounding box grown by the field's reach (no voxel further away
-    can pull a label).
+    linearly at ``p + u(p)`` (background outside the grid), the largest wins (ties: the lowest
+    label); SimpleITK's ``sitkLabelLinear`` interpolator, multi-threaded, and only inside the
+    labels' bounding box grown by the field's reach (no voxel further away can pull a label).
 
     Args:
         labels: (nz, ny, nx) label map on ``grid``.
@@ -339,39 +344,12 @@ def _warp_labels(
     box = _nonzero_box(labels, pad)
     if box is None:
         return out
-    src = np.ascontiguousarray(labels[box])
-    shape = np.asarray(src.shape)  # (z, y, x)
-    # continuous (k, j, i) source index of every output voxel of the box: q + D^T u / spacing
-    steps = (np.asarray(dvf[box], np.float64) @ grid.direction) / grid.spacing  # (i, j, k)
-    grids = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in src.shape), indexing="ij")
-    pos = [grids[a] + steps[..., 2 - a] for a in range(3)]  # (z, y, x) order
-    inside = np.ones(src.shape, bool)
-    for a in range(3):
-        inside &= (pos[a] >= -0.5) & (pos[a] < shape[a] - 0.5)
-    base = [np.floor(pos[a]).astype(np.int64) for a in range(3)]
-    frac = [pos[a] - base[a] for a in range(3)]
-    present = [int(v) for v in np.unique(src)]
-    prob = {lab: np.zeros(src.shape, np.float64) for lab in present}
-    for dz in (0, 1):
-        iz = np.clip(base[0] + dz, 0, shape[0] - 1)
-        wz = frac[0] if dz else 1.0 - frac[0]
-        for dy in (0, 1):
-            iy = np.clip(base[1] + dy, 0, shape[1] - 1)
-            wy = frac[1] if dy else 1.0 - frac[1]
-            for dx in (0, 1):
-                ix = np.clip(base[2] + dx, 0, shape[2] - 1)
-                weight = wz * wy * (frac[2] if dx else 1.0 - frac[2])
-                corner = src[iz, iy, ix]
-                for lab in present:
-                    prob[lab] += np.where(corner == lab, weight, 0.0)
-    best = np.full(src.shape, -1.0, np.float32)
-    result = np.zeros(src.shape, labels.dtype)
-    for lab in present:  # ascending: ties go to the lower label, as in the one-hot resampling
-        p = np.where(inside, prob[lab], 1.0 if lab == 0 else 0.0).astype(np.float32)
-        win = p > best
-        result[win] = lab
-        best[win] = p[win]
-    out[box] = result
+    source = Volume(np.ascontiguousarray(labels[box]), _sub_grid(grid, box)).to_sitk()
+    field = sitk.GetImageFromArray(np.ascontiguousarray(dvf[box], dtype=np.float64), isVector=True)
+    field.CopyInformation(source)
+    transform = sitk.DisplacementFieldTransform(field)
+    warped = sitk.Resample(source, source, transform, sitk.sitkLabelLinear, 0)
+    out[box] = sitk.GetArrayViewFromImage(warped)
     return out
 
 
@@ -416,14 +394,14 @@ def propagate_mask(
     if box is None:
         return out
     source = crop.with_array(crop.array.astype(np.float32))
-    out[box] = (
-        source.resample(_sub_grid(daily, box), "linear", 0.0, transform=prealign).array >= 0.5
-    )
-    if full is not None and network_box is not None:
-        inner = _intersect(box, network_box)
-        if inner is not None:
-            warped = source.resample(_sub_grid(daily, inner), "linear", 0.0, transform=full)
-            out[inner] = warped.array >= 0.5
+    inner = _intersect(box, network_box) if full is not None and network_box is not None else None
+    if inner != box:  # (a ROI the network box covers needs the full mapping alone)
+        out[box] = (
+            source.resample(_sub_grid(daily, box), "linear", 0.0, transform=prealign).array >= 0.5
+        )
+    if full is not None and inner is not None:
+        warped = source.resample(_sub_grid(daily, inner), "linear", 0.0, transform=full)
+        out[inner] = warped.array >= 0.5
     return out
 
 
@@ -630,15 +608,21 @@ def _run_network(backend: NetworkBackend, pair: PreparedPair) -> _Paths:
     logits_argmax = (
         getattr(pred, "labels", None) if getattr(pred, "seg_logits", None) is not None else None
     )
-    if logits_argmax is not None:
-        seg = _largest_components(np.asarray(logits_argmax, np.uint8))
-    elif pred.seg_probs is not None:
-        seg = _largest_components(np.argmax(pred.seg_probs, axis=0).astype(np.uint8))
     reach = float(np.sqrt((dvf**2).sum(axis=-1)).max()) if dvf.size else 0.0
-    warped = _warp_labels(pair.moving_labels, dvf, pair.grid, reach)
+    # the registration path (label warping, components) runs beside the segmentation path's
+    # arg-max and components: each is numpy/SimpleITK work that mostly releases the GIL
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-regpath") as pool:
+        reg_job = pool.submit(
+            lambda: _largest_components(_warp_labels(pair.moving_labels, dvf, pair.grid, reach))
+        )
+        if logits_argmax is not None:
+            seg = _largest_components(np.asarray(logits_argmax, np.uint8))
+        elif pred.seg_probs is not None:
+            seg = _largest_components(np.argmax(pred.seg_probs, axis=0).astype(np.uint8))
+        registration = reg_job.result()
     timings = getattr(pred, "timings", None)
     as_dict = getattr(timings, "as_dict", None)
-    return _Paths(seg, _largest_components(warped), dvf, as_dict() if callable(as_dict) else None)
+    return _Paths(seg, registration, dvf, as_dict() if callable(as_dict) else None)
 
 
 def _run_iterative(pair: PreparedPair) -> _Paths:
@@ -697,12 +681,25 @@ def recontour(
     # the daily CT is read beside the planning CT and RTSTRUCT, and the pre-alignment (one
     # thread: deterministic) runs beside the label checks; errors come in the order of the
     # stages (a refused case raises before the pre-alignment's result is awaited)
+    # the pre-alignment starts as soon as both CTs are read, while the planning ROIs are
+    # rasterised (one worker: it runs after the daily read)
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-pipeline")
     daily_job = background.submit(read_ct_series, daily_ct)
-    structure_set, planning, planning_masks = masks_from_files(planning_ct, planning_rtstruct)
+    prealign_jobs: list[Future[AffineResult]] = []
+
+    def start_prealign(planning_series: CTSeries) -> None:
+        prealign_jobs.append(
+            background.submit(
+                lambda: affine_prealign(daily_job.result().volume, planning_series.volume)
+            )
+        )
+
+    structure_set, planning, planning_masks = masks_from_files(
+        planning_ct, planning_rtstruct, on_ct=start_prealign
+    )
     daily = daily_job.result()
     t = lap("read", t)
-    prealign_job = background.submit(affine_prealign, daily.volume, planning.volume)
+    prealign_job = prealign_jobs[0]
     background.shutdown(wait=False)
 
     # ROI names -> organs (shown in the log and qa.json), then the plausibility checks: a case
@@ -810,6 +807,23 @@ def recontour(
     )
     del u_taper
     t = lap("dvf", t)
+    # the DVF and the DICOM REG are written in the background, beside propagation, QA and the
+    # RTSTRUCT, into a hidden folder of out_dir; they are moved into place once everything else
+    # succeeded. On a failure the folder goes with the closure that holds it (after the writer
+    # finished), so no partial output is left behind.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.TemporaryDirectory(dir=out_dir, prefix=".jrs-fields-")
+
+    def write_fields() -> tuple[Path, Path]:
+        folder = Path(staging.name)
+        dvf.write(str(folder / "dvf.mha"), compress=False)
+        write_deformable_registration(dvf, daily, planning, folder / "registration.dcm")
+        return folder / "dvf.mha", folder / "registration.dcm"
+
+    field_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-fields")
+    fields_job = field_writer.submit(write_fields)
+    field_writer.shutdown(wait=False)
+    del write_fields
 
     # daily masks: organs from the chosen labels, every other ROI through the full mapping, each
     # only where it can land (its own box; the network box is all the labels can cover)
@@ -823,18 +837,37 @@ def recontour(
         if target is not None:
             chosen_daily[target] = organs.resample(_sub_grid(daily_geom, target), "label", 0).array
     organ_of_name = {name: lab for lab, name in used.items()}
-    daily_masks: dict[str, npt.NDArray[np.bool_]] = {}
-    for name, mask in planning_masks.items():
-        if name in organ_of_name:
-            daily_masks[name] = chosen_daily == organ_of_name[name]
-        else:
-            daily_masks[name] = propagate_mask(
-                mask, daily_geom, prealign.transform, full, network_box, reach_mm
+    # the other ROIs are resampled two at a time (SimpleITK and numpy release the GIL)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="jrs-propagate") as pool:
+        jobs = {
+            name: pool.submit(
+                propagate_mask, mask, daily_geom, prealign.transform, full, network_box, reach_mm
             )
+            for name, mask in planning_masks.items()
+            if name not in organ_of_name
+        }
+        daily_masks: dict[str, npt.NDArray[np.bool_]] = {
+            name: chosen_daily == organ_of_name[name]
+            if name in organ_of_name
+            else jobs[name].result()
+            for name in planning_masks
+        }
     t = lap("propagate", t)
 
     # QA
     meta = backend.metadata if backend is not None else {}
+    # image evidence per organ (model-independent): daily CT vs planning CT mapped onto it, and
+    # the centroid's shift from the pre-alignment; inside each organ's bounding box only
+    evidence = image_evidence(
+        pair.fixed,
+        pair.moving,
+        u_box.array,
+        pair.grid,
+        chosen,
+        pair.moving_labels,
+        used,
+        hu_per_unit=HU_SCALE,
+    )
     structures: list[StructureQa] = []
     for name, daily_mask in daily_masks.items():
         organ_label = organ_of_name.get(name)
@@ -861,13 +894,13 @@ def recontour(
             touches_crop_border=border,
             paths_validated=both_valid,
             jacobian=organ_jac.get(name),
+            **structure_evidence(evidence.get(organ_label) if organ_label is not None else None),
         )
         structures.append(flag_structure(qa_item, opts.thresholds))
     dvf_flags = flag_dvf(jac, opts.thresholds)
     t = lap("qa", t)
 
     # outputs
-    out_dir.mkdir(parents=True, exist_ok=True)
     colors = {r.name: r.color for r in structure_set.rois if r.color is not None}
     types = {r.name: r.interpreted_type for r in structure_set.rois if r.interpreted_type}
     flagged = [s.name for s in structures if s.flags]
@@ -907,10 +940,12 @@ def recontour(
             structure_set_label="JRS",
             series_description=f"jrs re-contoured ({opts.method})",
         )
+        staged_dvf, staged_reg = fields_job.result()
         dvf_path = out_dir / "dvf.mha"
-        dvf.write(str(dvf_path), compress=False)
         reg_path = out_dir / "registration.dcm"
-        write_deformable_registration(dvf, daily, planning, reg_path)
+        os.replace(staged_dvf, dvf_path)
+        os.replace(staged_reg, reg_path)
+        staging.cleanup()
         review_path = review_job.result()
     t = lap("write", t)
     times["total"] = round(time.perf_counter() - t_all, 4)

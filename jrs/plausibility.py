@@ -450,10 +450,14 @@ def _air_fraction(ct: Volume, kji: npt.NDArray[np.intp], margin_mm: float, air_h
     inside = np.zeros(tuple(int(b - a) for a, b in zip(lo, hi, strict=True)), bool)
     rel = kji - lo
     inside[rel[:, 0], rel[:, 1], rel[:, 2]] = True
-    # the body is filled on whole slices: in a crop, a lung would touch the border (no hole)
-    tissue = np.asarray(ct.array[box[0]]) > air_hu
-    body = _fill_slices(tissue)[:, box[1], box[2]] & ~inside
-    tissue = tissue[:, box[1], box[2]]
+    # the body is filled on whole slices: in a crop, a lung would touch the border (no hole);
+    # counted on every s-th row and column (pixels of about 2 mm: 4x less work, same fraction)
+    s = max(1, int(2.0 // float(min(g.spacing[0], g.spacing[1]))))
+    (j0, j1), (i0, i1) = ((-(-b.start // s), -(-b.stop // s)) for b in box[1:])
+    tissue = np.asarray(ct.array[box[0], ::s, ::s]) > air_hu
+    body = _fill_slices(tissue)[:, j0:j1, i0:i1]
+    body &= ~inside[:, s * j0 - int(lo[1]) :: s, s * i0 - int(lo[2]) :: s]
+    tissue = tissue[:, j0:j1, i0:i1]
     n = int(body.sum())
     return float((body & ~tissue).sum()) / n if n else 0.0
 

@@ -7,6 +7,14 @@ the organ, and flags with reasons. For the DVF: the Jacobian determinant of x ->
 over the body: minimum, folding fraction (det J <= 0), standard deviation and the standard
 deviation of log det J (as Learn2Reg).
 
+Image evidence (`image_evidence`), which does not depend on the model's own outputs: per organ,
+the normalised cross-correlation of the daily CT with the planning CT mapped onto it by the final
+mapping, in a band around the organ's surface (inside and outside), beside the same figure for
+the planning CT after the affine pre-alignment alone; and how far the organ's centroid moved from
+its pre-aligned planning position. A contour placed where the two scans do not agree, or moved
+further than the organ plausibly moves, is flagged even when its volume and its field look
+plausible.
+
 Figures and decisions are kept apart so that the flags can be calibrated against ground truth:
 each `StructureQa` keeps the raw figures, `flag_structure` turns them into flags with one
 `QaThresholds`, and every flag has a machine-readable code (`FLAG_CODES`). Re-flagging stored
@@ -19,15 +27,32 @@ whose model metadata does not vouch for both paths (`validated_paths`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy import ndimage
 
-from jrs.geometry import Volume
+from jrs.geometry import Geometry, Volume
 from jrs.transforms import jacobian_determinant
+
+#: HU window the two scans are compared in (`image_evidence`): bone and gas are clipped, so
+#: that rectal gas that came or went, or a bone edge, does not dominate the soft-tissue figure.
+IMAGE_WINDOW_HU: tuple[float, float] = (-250.0, 250.0)
+#: Half width of the band around the organ's surface where the scans are compared, mm.
+IMAGE_BAND_MM = 5.0
+#: Gaussian smoothing of both scans before they are compared (sigma, mm): CT noise down.
+IMAGE_SMOOTH_MM = 1.0
+#: The band is sampled every this many mm per axis (the scans are smoothed; fewer samples, less
+#: time).
+IMAGE_SAMPLE_MM = 2.0
+#: Fewest samples of a band for an image figure (else None).
+MIN_BAND_SAMPLES = 64
+#: Least standard deviation (HU, in the window) of either scan in the band for an NCC: a band
+#: without structure says nothing about where the contour is.
+MIN_BAND_STD_HU = 2.0
 
 
 def jacobian_stats(dvf: Volume, mask: npt.ArrayLike | None = None) -> dict[str, float]:
@@ -74,6 +99,11 @@ FLAG_CODES: dict[str, str] = {
     "path_disagreement": "the segmentation and registration paths disagree (validated paths only)",
     "touches_box": "the contour reaches the border of the network's box: may be cut off",
     "jacobian_outliers": "the DVF compresses, stretches or folds the organ implausibly",
+    "image_disagreement": (
+        "the daily CT and the planning CT mapped onto it disagree around the organ (or agree "
+        "less than after the pre-alignment alone)"
+    ),
+    "centroid_shift": "the organ moved further from its pre-aligned position than is plausible",
     "dvf_folding": "the DVF folds in part of the body",
 }
 
@@ -83,7 +113,10 @@ class QaThresholds:
     """When a structure or the DVF is flagged for review (all thresholds in one place).
 
     The defaults are clinical priors, not yet calibrated against ground truth; calibration
-    replaces them (one `QaThresholds`), the figures they apply to are kept in ``qa.json``.
+    replaces them (one `QaThresholds`), the figures they apply to are kept in ``qa.json``. The
+    image-NCC minima are priors from four phantom fractions (NCC 0.88-0.98 with the true mapping,
+    0.35-0.92 with the pre-alignment alone), the centroid limits from the phantom's motion
+    model (prostate <= 6 mm against the setup): both are to be calibrated (`jrs.qa_calibration`).
 
     Attributes:
         min_path_dice: flag when the segmentation and registration paths agree less (Dice);
@@ -100,6 +133,15 @@ class QaThresholds:
         max_folding_fraction: flag the DVF when more body voxels fold (det J <= 0).
         min_volume_cc: flag a structure smaller than this (lost or nearly lost).
         flag_touching_box: flag an organ whose contour reaches the network box's border.
+        min_image_ncc: organ key -> flag the organ when the daily CT and the planning CT mapped
+            onto it correlate less (NCC in the band around the organ, `image_evidence`); an
+            organ not in the table is not flagged on it.
+        max_image_ncc_loss: flag an organ when that NCC is lower than the NCC of the planning CT
+            after the pre-alignment alone by more than this: the mapping made the scans agree
+            less around the organ than an affine did.
+        max_centroid_shift_mm: organ key -> flag the organ when its daily centroid lies further
+            than this from its pre-aligned planning centroid, mm (the prostate moves a few mm
+            against the pre-alignment, not 2 cm); an organ not in the table is not flagged.
     """
 
     min_path_dice: float = 0.8
@@ -125,6 +167,23 @@ class QaThresholds:
     max_folding_fraction: float = 0.005
     min_volume_cc: float = 0.5
     flag_touching_box: bool = True
+    min_image_ncc: dict[str, float] = field(
+        default_factory=lambda: {
+            "bladder": 0.8,
+            "rectum": 0.7,
+            "seminal_vesicles": 0.8,
+            "prostate": 0.8,
+        }
+    )
+    max_image_ncc_loss: float = 0.1
+    max_centroid_shift_mm: dict[str, float] = field(
+        default_factory=lambda: {
+            "bladder": 20.0,
+            "rectum": 12.0,
+            "seminal_vesicles": 10.0,
+            "prostate": 8.0,
+        }
+    )
 
 
 def organ_jacobian(
@@ -142,18 +201,22 @@ def organ_jacobian(
         thresholds: QA thresholds (the range).
 
     Returns:
-        ``{"min", "max", "outlier_fraction", "folding_fraction", "low", "high"}`` or None for an
-        empty mask; ``outlier_fraction`` counts voxels outside ``[low, high]`` (folding
-        included).
+        ``{"min", "max", "p01", "p99", "outlier_fraction", "folding_fraction", "low", "high"}``
+        or None for an empty mask; ``p01`` and ``p99`` are the 1st and 99th percentiles of det J
+        over the organ's voxels (robust to a few edge voxels, unlike min and max);
+        ``outlier_fraction`` counts voxels outside ``[low, high]`` (folding included).
     """
     t = thresholds or QaThresholds()
     sel = np.asarray(det)[np.asarray(mask) > 0]
     if sel.size == 0:
         return None
     low, high = t.jacobian_range.get(organ or "", t.default_jacobian_range)
+    p01, p99 = np.quantile(sel, [0.01, 0.99])
     return {
         "min": round(float(sel.min()), 4),
         "max": round(float(sel.max()), 4),
+        "p01": round(float(p01), 4),
+        "p99": round(float(p99), 4),
         "outlier_fraction": round(float(((sel < low) | (sel > high)).mean()), 5),
         "folding_fraction": round(float((sel <= 0).mean()), 5),
         "low": low,
@@ -185,6 +248,175 @@ def jacobian_report(
     }
 
 
+def _ncc(
+    a: npt.NDArray[np.floating[Any]], b: npt.NDArray[np.floating[Any]], min_std: float
+) -> float | None:
+    """Pearson correlation of two samples (None when either has less spread than ``min_std``)."""
+    if a.size < 2:
+        return None
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    da, db = a - a.mean(), b - b.mean()
+    sa, sb = float(np.sqrt((da * da).mean())), float(np.sqrt((db * db).mean()))
+    if sa < min_std or sb < min_std:
+        return None
+    return float((da * db).mean() / (sa * sb))
+
+
+def _grown(
+    box: tuple[slice, ...], pad: npt.NDArray[np.int_], shape: tuple[int, ...]
+) -> tuple[slice, ...]:
+    """A bounding box (slices) grown by ``pad`` voxels per axis, clipped to ``shape``."""
+    return tuple(
+        slice(max(int(s.start) - int(p), 0), min(int(s.stop) + int(p), n))
+        for s, p, n in zip(box, pad, shape, strict=True)
+    )
+
+
+def _window(
+    image: npt.NDArray[np.floating[Any]],
+    box: tuple[slice, ...],
+    hu_per_unit: float,
+    window_hu: tuple[float, float],
+    sigma_vox: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float32]:
+    """The box of an image in HU, clipped to the window and smoothed (Gaussian, ``sigma_vox``)."""
+    crop = np.clip(np.asarray(image[box], np.float32) * np.float32(hu_per_unit), *window_hu)
+    if np.any(sigma_vox > 0):
+        crop = ndimage.gaussian_filter(crop, sigma_vox.tolist(), mode="nearest", truncate=2.0)
+    return crop
+
+
+def image_evidence(
+    daily: npt.NDArray[np.floating[Any]],
+    prealigned: npt.NDArray[np.floating[Any]],
+    displacement: npt.NDArray[np.floating[Any]] | None,
+    grid: Geometry,
+    daily_labels: npt.NDArray[np.integer[Any]],
+    prealigned_labels: npt.NDArray[np.integer[Any]],
+    labels: Iterable[int],
+    *,
+    hu_per_unit: float = 1.0,
+    window_hu: tuple[float, float] = IMAGE_WINDOW_HU,
+    band_mm: float = IMAGE_BAND_MM,
+    smooth_mm: float = IMAGE_SMOOTH_MM,
+    sample_mm: float = IMAGE_SAMPLE_MM,
+) -> dict[int, dict[str, Any]]:
+    """Image figures per organ that do not depend on the model: do the scans agree around it?
+
+    For each label, inside the bounding box of its daily contour only:
+
+    - ``image_ncc``: normalised cross-correlation (Pearson) of the daily CT with the planning CT
+      pulled by the final mapping, ``prealigned(p + u(p))``, over a band around the daily
+      contour's surface (the voxels with a voxel of the other side within ``band_mm`` along each
+      axis, inside and outside), sampled every ``sample_mm``; both scans clipped to
+      ``window_hu`` and smoothed by a Gaussian of ``smooth_mm``;
+    - ``image_ncc_prealigned``: the same with the planning CT after the pre-alignment alone
+      (``u = 0``), on the same band: what an affine gives;
+    - ``centroid_shift_mm`` and ``centroid_shift_xyz_mm``: the daily contour's centroid minus the
+      pre-aligned planning organ's centroid (length, and LPS vector), mm.
+
+    A contour that the mapping moved where the daily CT does not show the organ gives a low
+    ``image_ncc`` (and usually one lower than ``image_ncc_prealigned``); the same scan twice gives
+    1.0 for both and no shift.
+
+    Args:
+        daily: (nz, ny, nx) daily CT on ``grid`` (HU / ``hu_per_unit``).
+        prealigned: (nz, ny, nx) planning CT after the pre-alignment, on ``grid``, same units.
+        displacement: (nz, ny, nx, 3) pull displacement on ``grid`` beyond the pre-alignment, mm,
+            LPS (x, y, z) components (the final mapping is ``p -> A(p + u(p))``); None for none.
+        grid: the grid of every array.
+        daily_labels: (nz, ny, nx) integer label map of the daily contours.
+        prealigned_labels: (nz, ny, nx) integer planning label map after the pre-alignment.
+        labels: the label values to measure.
+        hu_per_unit: HU per image unit (1000 for the network's normalised intensities).
+        window_hu: HU window the scans are compared in.
+        band_mm: half width of the band around the daily contour's surface, mm.
+        smooth_mm: Gaussian sigma applied to both scans, mm (0: none).
+        sample_mm: the band is sampled every this many mm per axis (at least every voxel).
+
+    Returns:
+        label -> ``{"image_ncc", "image_ncc_prealigned", "band_samples", "centroid_shift_mm",
+        "centroid_shift_xyz_mm"}`` (``band_samples``: how many band samples the NCC is over); a
+        figure is None where it cannot be measured (empty contour, a band with too few samples
+        or no structure: `MIN_BAND_SAMPLES`, `MIN_BAND_STD_HU`).
+    """
+    wanted = sorted({int(v) for v in labels if int(v) > 0})
+    out: dict[int, dict[str, Any]] = {}
+    if not wanted:
+        return out
+    shape = tuple(int(n) for n in grid.shape)
+    spacing_zyx = np.asarray(grid.spacing, float)[::-1]
+    direction = np.asarray(grid.direction, float)
+    sigma_vox = np.full(3, float(smooth_mm)) / spacing_zyx
+    band_vox = np.maximum(np.rint(band_mm / spacing_zyx).astype(int), 1)
+    spacing_xyz = np.asarray(grid.spacing, np.float32)
+    pad = band_vox + np.ceil(2.0 * sigma_vox).astype(int) + 1
+    stride = np.maximum(np.rint(sample_mm / spacing_zyx).astype(int), 1)
+    sub = tuple(slice(None, None, int(n)) for n in stride)
+    smooth_pad = np.ceil(2.0 * sigma_vox).astype(int) + 1
+    daily_boxes = ndimage.find_objects(np.asarray(daily_labels), max_label=wanted[-1])
+    planning_boxes = ndimage.find_objects(np.asarray(prealigned_labels), max_label=wanted[-1])
+
+    def centroid(lab_map: npt.NDArray[Any], box: tuple[slice, ...], lab: int) -> Any:
+        local = ndimage.center_of_mass(np.asarray(lab_map[box] == lab, np.float32))
+        return np.asarray(local) + np.array([s.start for s in box], float)
+
+    for lab in wanted:
+        figures: dict[str, Any] = {
+            "image_ncc": None,
+            "image_ncc_prealigned": None,
+            "band_samples": 0,
+            "centroid_shift_mm": None,
+            "centroid_shift_xyz_mm": None,
+        }
+        out[lab] = figures
+        dbox, pbox = daily_boxes[lab - 1], planning_boxes[lab - 1]
+        if dbox is None:
+            continue
+        if pbox is not None:
+            step_zyx = centroid(daily_labels, dbox, lab) - centroid(prealigned_labels, pbox, lab)
+            shift = direction @ (step_zyx[::-1] * np.asarray(grid.spacing, float))
+            figures["centroid_shift_mm"] = round(float(np.linalg.norm(shift)), 2)
+            figures["centroid_shift_xyz_mm"] = [round(float(v), 2) for v in shift]
+
+        box = _grown(dbox, pad, shape)
+        inside = np.asarray(daily_labels[box] == lab, np.uint8)
+        # the band: voxels within band_mm (per axis) of a voxel on the other side of the surface
+        size = tuple(int(v) for v in 2 * band_vox + 1)
+        band = ndimage.maximum_filter(inside, size=size, mode="constant", cval=0) != (
+            ndimage.minimum_filter(inside, size=size, mode="constant", cval=0)
+        )
+        # every ``stride``-th voxel of the band (the scans are smoothed: neighbours say the same)
+        band = band[sub]
+        kji = np.argwhere(band) * stride  # (n, 3) local (k, j, i)
+        figures["band_samples"] = int(kji.shape[0])
+        if kji.shape[0] < MIN_BAND_SAMPLES:
+            continue
+        lo = np.array([s.start for s in box])
+        fixed = _window(daily, box, hu_per_unit, window_hu, sigma_vox)[sub][band]
+        # where the final mapping samples the pre-aligned planning CT: q + D^T u / spacing
+        pos = (kji + lo).astype(np.float32)
+        if displacement is not None:
+            u = np.asarray(displacement[box][sub][band], np.float32)  # (n, 3) mm, (x, y, z)
+            pos += ((u @ direction.astype(np.float32)) / spacing_xyz)[:, ::-1]
+        src_lo = np.maximum(np.minimum(np.floor(pos.min(axis=0)).astype(int), lo) - smooth_pad, 0)
+        src_hi = np.minimum(
+            np.maximum(np.ceil(pos.max(axis=0)).astype(int) + 1, [s.stop for s in box])
+            + smooth_pad,
+            shape,
+        )
+        src_box = tuple(slice(int(a), int(b)) for a, b in zip(src_lo, src_hi, strict=True))
+        moving = _window(prealigned, src_box, hu_per_unit, window_hu, sigma_vox)
+        affine = moving[tuple((kji + lo - src_lo).T)]
+        pos -= src_lo.astype(np.float32)
+        warped = ndimage.map_coordinates(moving, pos.T, order=1, mode="nearest", prefilter=False)
+        ncc = _ncc(fixed, warped, MIN_BAND_STD_HU)
+        ncc0 = _ncc(fixed, affine, MIN_BAND_STD_HU)
+        figures["image_ncc"] = None if ncc is None else round(ncc, 4)
+        figures["image_ncc_prealigned"] = None if ncc0 is None else round(ncc0, 4)
+    return out
+
+
 def validated_paths(metadata: Mapping[str, Any] | None, organ: str) -> set[str]:
     """The output paths a model's metadata vouches for, for one organ.
 
@@ -213,6 +445,14 @@ def validated_paths(metadata: Mapping[str, Any] | None, organ: str) -> set[str]:
     return both
 
 
+def structure_evidence(figures: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `StructureQa` fields of one organ's `image_evidence` figures (none when None)."""
+    if not figures:
+        return {}
+    keys = ("image_ncc", "image_ncc_prealigned", "centroid_shift_mm", "centroid_shift_xyz_mm")
+    return {k: figures.get(k) for k in keys}
+
+
 @dataclass
 class StructureQa:
     """QA of one output structure: raw figures, then the flags `flag_structure` derives.
@@ -232,6 +472,12 @@ class StructureQa:
         jacobian: `organ_jacobian` figures inside the organ (None when not computed).
         volume_change: daily/planning - 1 (None when the planning volume is 0).
         flag_codes: one `FLAG_CODES` key per flag, same order as ``flags``.
+        image_ncc: NCC of the daily CT with the planning CT mapped onto it by the final mapping,
+            in a band around the organ (`image_evidence`; organs only, None when not measured).
+        image_ncc_prealigned: the same NCC with the planning CT after the pre-alignment alone.
+        centroid_shift_mm: distance of the daily contour's centroid from the pre-aligned
+            planning organ's centroid, mm (organs only).
+        centroid_shift_xyz_mm: that shift as an LPS vector (x, y, z), mm.
     """
 
     name: str
@@ -246,6 +492,10 @@ class StructureQa:
     jacobian: dict[str, float] | None = None
     volume_change: float | None = None
     flag_codes: list[str] = field(default_factory=list)
+    image_ncc: float | None = None
+    image_ncc_prealigned: float | None = None
+    centroid_shift_mm: float | None = None
+    centroid_shift_xyz_mm: list[float] | None = None
 
 
 def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> StructureQa:
@@ -290,6 +540,29 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
             f"DVF implausible inside the {what}: {100 * jac['outlier_fraction']:.1f} % of its "
             f"voxels have det J outside {jac['low']:g} .. {jac['high']:g} (min {jac['min']:.2f}, "
             f"max {jac['max']:.2f}; limit {100 * t.max_jacobian_outlier_fraction:.0f} %)",
+        )
+    ncc, ncc0 = qa.image_ncc, qa.image_ncc_prealigned
+    min_ncc = t.min_image_ncc.get(qa.organ or "")
+    if ncc is not None and min_ncc is not None and ncc < min_ncc:
+        flag(
+            "image_disagreement",
+            f"daily CT and planning CT disagree around the {what} after the mapping (NCC "
+            f"{ncc:.2f} < {min_ncc:.2f}): the contour may be misplaced",
+        )
+    elif ncc is not None and ncc0 is not None and ncc0 - ncc > t.max_image_ncc_loss:
+        flag(
+            "image_disagreement",
+            f"the mapping made the scans agree less around the {what} than the pre-alignment "
+            f"alone (NCC {ncc:.2f} vs {ncc0:.2f}; limit -{t.max_image_ncc_loss:.2f}): the "
+            "contour may be misplaced",
+        )
+    max_shift = t.max_centroid_shift_mm.get(qa.organ or "")
+    shift = qa.centroid_shift_mm
+    if shift is not None and max_shift is not None and shift > max_shift:
+        flag(
+            "centroid_shift",
+            f"the {what} moved {shift:.1f} mm from its pre-aligned planning position (plausible: "
+            f"up to {max_shift:g} mm)",
         )
     return qa
 

@@ -22,13 +22,15 @@ stay quiet on good ones. This module measures both, and picks the thresholds fro
    own) is measured on every structure of its case, but it is not part of "any flag" and its
    threshold is not searched: a DVF that folds is wrong whatever the contours.
 5. **Thresholds.** `choose_thresholds` searches the thresholds of `jrs.qa.QaThresholds` that the
-   figures allow re-applying (every one but the Jacobian ranges): starting from the current
+   figures allow re-applying (every one but the Jacobian ranges; the image flags' per-organ NCC
+   minima and centroid limits and their NCC-loss limit included): starting from the current
    values, it loosens flags until the false-flag rate of "any flag" is at most 0.1 over all good
    contours and over those of each structure class, tightens them while that catches more bad
    contours within those limits, until the recall reaches 0.9, and then loosens every threshold
    whose loosening removes false flags without losing a bad contour. An organ's own volume range
    moves only when enough good contours of that organ were measured. When no thresholds reach
-   both targets the report says so, with the bad contours no flag catches.
+   both targets the report says so, with the bad contours no flag catches. The report also gives
+   the distribution of each raw figure (`figure_summary`) per organ, good and bad apart.
 
 Per case and population the harness keeps one JSON record under ``REPORT/cases/`` (raw figures,
 truth metrics, labels), so a run that stops resumes where it stopped, and a new threshold choice
@@ -67,8 +69,10 @@ BAD_ABOVE_MSD_MM = 2.0
 #: Targets of the threshold choice: recall on bad contours, false-flag rate on good ones.
 TARGET_RECALL = 0.9
 TARGET_FALSE_FLAG_RATE = 0.1
-#: Version of the per-case record format (a record of another version is re-computed).
-RECORD_VERSION = 1
+#: Version of the per-case record format (a record of another version is re-computed). Version 2
+#: adds the image figures (``image_ncc``, ``image_ncc_prealigned``, ``centroid_shift_mm``) that
+#: the version-1 records lack.
+RECORD_VERSION = 2
 
 #: Population -> what it is.
 POPULATIONS: dict[str, str] = {
@@ -109,12 +113,26 @@ FLAGS: tuple[str, ...] = (
     "path_disagreement",
     "touches_box",
     "jacobian_outliers",
+    "image_disagreement",
+    "centroid_shift",
     "dvf_folding",
 )
 #: The flags of a structure: calibrated against the truth of its contour. ``dvf_folding`` is a
 #: flag of the DVF (a deliverable of its own): measured, counted on every structure of its case,
 #: but never searched (a DVF that folds is wrong whatever the contours).
-STRUCTURE_FLAGS: tuple[str, ...] = FLAGS[:5]
+STRUCTURE_FLAGS: tuple[str, ...] = tuple(f for f in FLAGS if f != "dvf_folding")
+#: Per-organ thresholds of `QaThresholds` held in a table (organ key -> value); the search keys
+#: are ``<table>.<organ>``. An organ not in the table is never flagged on that figure.
+_ORGAN_TABLES: tuple[str, ...] = ("min_image_ncc", "max_centroid_shift_mm")
+#: The raw figures summarised per structure class and label in the report (threshold choice by
+#: hand): `Samples` attribute -> what it is.
+FIGURES: dict[str, str] = {
+    "image_ncc": "NCC of the daily CT with the mapped planning CT around the organ",
+    "image_ncc_loss": "NCC after the pre-alignment alone minus NCC after the mapping",
+    "centroid_shift_mm": "centroid shift from the pre-aligned planning organ, mm",
+    "volume_change": "daily / planning volume - 1",
+    "jacobian_outliers": "fraction of the organ's voxels with det J outside its range",
+}
 #: Seed of the synthetic fractions of real planning scans (training used 2002 and 2005).
 REAL_SEED = 5005
 #: The search keeps ``min_volume_cc`` at most this (cc): "nearly empty" means nearly vanished.
@@ -123,6 +141,8 @@ MAX_NEARLY_EMPTY_CC = 2.0
 MIN_CLASS_GOOD = 5
 #: Values of a threshold that never fires.
 _OFF_LOW, _OFF_HIGH = -1.0, 100.0
+#: ... for the image NCC (never below -1), its loss (never above 2) and the centroid shift (mm).
+_OFF_NCC, _OFF_NCC_LOSS, _OFF_SHIFT_MM = -1.0, 2.0, 1000.0
 
 
 # ============================================================================ cases and inputs
@@ -855,6 +875,10 @@ class Samples:
         planning_cc, daily_cc, volume_change, path_dice, jacobian_outliers, dvf_folding: the raw
             figures (NaN where absent).
         paths_validated, touches_box: flags' conditions.
+        image_ncc: NCC of the daily CT with the mapped planning CT around the organ (NaN where
+            absent: propagated ROIs, version-1 records).
+        image_ncc_loss: ``image_ncc_prealigned - image_ncc`` (NaN where either is absent).
+        centroid_shift_mm: the organ's centroid shift from the pre-aligned planning organ, mm.
     """
 
     items: list[dict[str, Any]]
@@ -869,6 +893,9 @@ class Samples:
     dvf_folding: npt.NDArray[np.float64]
     paths_validated: npt.NDArray[np.bool_]
     touches_box: npt.NDArray[np.bool_]
+    image_ncc: npt.NDArray[np.float64]
+    image_ncc_loss: npt.NDArray[np.float64]
+    centroid_shift_mm: npt.NDArray[np.float64]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -915,6 +942,11 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
         p, d = _num(s.get("planning_cc")), _num(s.get("daily_cc"))
         return d / p - 1.0 if p > 0 else math.nan
 
+    def ncc_loss(s: dict[str, Any]) -> float:
+        # the same arithmetic as jrs.qa.flag_structure: prealigned - final
+        pre, ncc = s.get("image_ncc_prealigned"), s.get("image_ncc")
+        return math.nan if pre is None or ncc is None else float(pre) - float(ncc)
+
     return Samples(
         items=items,
         label=col(lambda s: s["label"], np.str_),
@@ -930,6 +962,9 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
         dvf_folding=col(lambda s: _num(s.get("dvf_folding")), np.float64),
         paths_validated=col(lambda s: bool(s.get("paths_validated", True)), bool),
         touches_box=col(lambda s: bool(s.get("touches_crop_border", False)), bool),
+        image_ncc=col(lambda s: _num(s.get("image_ncc")), np.float64),
+        image_ncc_loss=col(ncc_loss, np.float64),
+        centroid_shift_mm=col(lambda s: _num(s.get("centroid_shift_mm")), np.float64),
     )
 
 
@@ -1019,6 +1054,9 @@ def _get(t: QaThresholds, key: str) -> float:
             else t.volume_change_range.get(organ, t.default_volume_change_range)
         )
         return float(rng[0] if side == "low" else rng[1])
+    table, _, organ = key.partition(".")
+    if table in _ORGAN_TABLES:
+        return float(getattr(t, table)[organ])
     value = getattr(t, key)
     return float(value)
 
@@ -1028,8 +1066,12 @@ def thresholds_with(t: QaThresholds, values: Mapping[str, float]) -> QaThreshold
     ranges = dict(t.volume_change_range)
     default = t.default_volume_change_range
     plain: dict[str, Any] = {}
+    tables: dict[str, Any] = {k: dict(getattr(t, k)) for k in _ORGAN_TABLES}
     for key, value in values.items():
-        if key.startswith("volume_change_range."):
+        table, _, organ = key.partition(".")
+        if table in tables:
+            tables[table][organ] = float(value)
+        elif key.startswith("volume_change_range."):
             _, organ, side = key.split(".")
             old = default if organ == "*" else ranges.get(organ, default)
             new = (float(value), old[1]) if side == "low" else (old[0], float(value))
@@ -1042,7 +1084,7 @@ def thresholds_with(t: QaThresholds, values: Mapping[str, float]) -> QaThreshold
         else:
             plain[key] = float(value)
     return dataclasses.replace(
-        t, volume_change_range=ranges, default_volume_change_range=default, **plain
+        t, volume_change_range=ranges, default_volume_change_range=default, **tables, **plain
     )
 
 
@@ -1056,6 +1098,21 @@ def _above(x: npt.NDArray[np.float64]) -> Callable[[float], npt.NDArray[np.bool_
     """Threshold v -> where x > v (NaN never)."""
     filled = np.nan_to_num(x, nan=-np.inf)
     return lambda v: filled > v
+
+
+def _organ_classes(
+    s: Samples, table: Mapping[str, float], min_class_good: int
+) -> list[tuple[str, npt.NDArray[np.bool_]]]:
+    """(organ, which samples) of the organs of a per-organ threshold table that were measured.
+
+    An organ with fewer than ``min_class_good`` good contours is left out (its threshold holds).
+    """
+    out = []
+    for organ in sorted(table):
+        member = s.organ == organ
+        if member.any() and int((member & s.good).sum()) >= min_class_good:
+            out.append((organ, member))
+    return out
 
 
 def search_parameters(
@@ -1145,6 +1202,42 @@ def search_parameters(
                 _above(jo),
             )
         )
+    if "image_disagreement" in wanted:
+        for organ, member in _organ_classes(s, prior.min_image_ncc, min_class_good):
+            ncc = np.where(member, s.image_ncc, np.nan)
+            params.append(
+                _Param(
+                    f"min_image_ncc.{organ}",
+                    "image_disagreement",
+                    _cuts(ncc, [_OFF_NCC, prior.min_image_ncc[organ]]),
+                    _below(ncc),
+                )
+            )
+        # either condition raises the flag (jrs.qa.flag_structure), for any organ with figures;
+        # a negative limit ("flag unless the mapping improved the agreement") would flag every
+        # organ that did not move: the loss limit stays >= 0
+        loss = s.image_ncc_loss
+        params.append(
+            _Param(
+                "max_image_ncc_loss",
+                "image_disagreement",
+                [c for c in _cuts(loss, [_OFF_NCC_LOSS, prior.max_image_ncc_loss]) if c >= 0.0][
+                    ::-1
+                ],
+                _above(loss),
+            )
+        )
+    if "centroid_shift" in wanted:
+        for organ, member in _organ_classes(s, prior.max_centroid_shift_mm, min_class_good):
+            shift = np.where(member, s.centroid_shift_mm, np.nan)
+            params.append(
+                _Param(
+                    f"max_centroid_shift_mm.{organ}",
+                    "centroid_shift",
+                    _cuts(shift, [_OFF_SHIFT_MM, prior.max_centroid_shift_mm[organ]])[::-1],
+                    _above(shift),
+                )
+            )
     if "dvf_folding" in wanted:
         fo = s.dvf_folding
         params.append(
@@ -1403,6 +1496,43 @@ def _flag_rates(samples: Samples, t: QaThresholds) -> dict[str, Any]:
     }
 
 
+def figure_summary(samples: Samples) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """Distribution of each raw figure (`FIGURES`) per structure class, good and bad apart.
+
+    What a threshold set by hand would separate: a figure whose good and bad quantiles overlap
+    little makes a flag that can reach the targets.
+
+    Args:
+        samples: the scored structures.
+
+    Returns:
+        figure -> class (organ key, ``other ROIs``) -> ``good`` / ``bad`` -> ``{"n", "p05",
+        "median", "p95"}`` over the structures where the figure was measured (quantiles None
+        when none was).
+    """
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    classes = sorted(set(samples.organ.tolist()))
+    for fig in FIGURES:
+        values = np.asarray(getattr(samples, fig), np.float64)
+        per: dict[str, dict[str, dict[str, Any]]] = {}
+        for organ in classes:
+            row: dict[str, dict[str, Any]] = {}
+            for lab, which in (("good", samples.good), ("bad", samples.bad)):
+                v = values[which & (samples.organ == organ) & np.isfinite(values)]
+                q = np.quantile(v, [0.05, 0.5, 0.95]) if v.size else [None] * 3
+                row[lab] = {
+                    "n": int(v.size),
+                    **{
+                        k: None if x is None else round(float(x), 4)
+                        for k, x in zip(("p05", "median", "p95"), q, strict=True)
+                    },
+                }
+            if row["good"]["n"] or row["bad"]["n"]:
+                per[organ or "other ROIs"] = row
+        out[fig] = per
+    return out
+
+
 def calibrate(
     records: Sequence[Mapping[str, Any]],
     prior: QaThresholds | None = None,
@@ -1541,6 +1671,7 @@ def calibrate(
             "by_organ": by_organ,
         },
         "standalone": standalone,
+        "figures": figure_summary(samples),
         "missed": missed,
         "false_flags": false,
         "refused": [
@@ -1681,7 +1812,29 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"| {organ.replace('_', ' ')} | {_fmt_rate(r0, 'recall')} -> {_fmt_rate(r, 'recall')} "
             f"| {_fmt_rate(r0, 'ffr')} -> {_fmt_rate(r, 'ffr')} |"
         )
+    figures = report.get("figures") or {}
+    shown = [f for f in ("image_ncc", "image_ncc_loss", "centroid_shift_mm") if figures.get(f)]
+    if shown:
+        lines += [
+            "",
+            "Image figures by structure (5th percentile / median / 95th percentile, n):",
+            "",
+            "| figure | structure | good | bad |",
+            "|---|---|---|---|",
+        ]
+        for fig in shown:
+            for organ, row in figures[fig].items():
+                lines.append(
+                    f"| `{fig}` | {organ.replace('_', ' ')} | {_fmt_quantiles(row['good'])} | "
+                    f"{_fmt_quantiles(row['bad'])} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def _fmt_quantiles(q: Mapping[str, Any]) -> str:
+    if not q["n"]:
+        return "n/a"
+    return f"{q['p05']:.3g} / {q['median']:.3g} / {q['p95']:.3g} ({q['n']})"
 
 
 def write_report(report: Mapping[str, Any], report_dir: Path) -> tuple[Path, Path]:
@@ -1705,6 +1858,7 @@ def _json_default(value: object) -> object:
 
 __all__ = [
     "DEFAULT_POPULATIONS",
+    "FIGURES",
     "FLAGS",
     "POPULATIONS",
     "STRUCTURE_FLAGS",
@@ -1717,6 +1871,7 @@ __all__ = [
     "calibrate",
     "choose_thresholds",
     "cut_field_of_view",
+    "figure_summary",
     "flags_of",
     "label_contour",
     "load_records",

@@ -24,11 +24,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
+import SimpleITK as sitk
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from jrs.errors import InvalidInput
-from jrs.geometry import Volume
+from jrs.geometry import Geometry, Volume
 from jrs.preprocess import canonical_grid, mask_box
 
 DEFAULT_COLOR = (0, 255, 0)
@@ -40,6 +41,21 @@ FLAG_HATCH = "////"
 def _rgb(color: Sequence[int] | None) -> tuple[float, float, float]:
     c = color if color is not None else DEFAULT_COLOR
     return (c[0] / 255.0, c[1] / 255.0, c[2] / 255.0)
+
+
+def _plane(grid: Geometry, axis: int, index: int) -> Geometry:
+    """One plane of a grid: array axis ``axis`` (0: z, 1: y, 2: x) kept at ``index`` only."""
+    start = [0.0, 0.0, 0.0]  # (i, j, k)
+    start[2 - axis] = float(index)
+    shape = list(grid.shape)
+    shape[axis] = 1
+    return Geometry(
+        (shape[0], shape[1], shape[2]),
+        grid.index_to_physical(start),
+        grid.spacing,
+        grid.direction,
+        grid.frame_of_reference_uid,
+    )
 
 
 def render_review(
@@ -82,22 +98,39 @@ def render_review(
         union |= np.asarray(contours[name], dtype=bool)
     lower, upper = mask_box(union, ct.geometry, margin_mm)
     grid = canonical_grid(lower, upper, 1.0)
-    image = ct.resample(grid, "linear", -1000.0).array
+    centre_name = (
+        focus
+        if focus is not None and focus in contours and np.any(contours[focus])
+        else nonempty[0]
+    )
+    # the three planes through the focus's centroid, each resampled on its own (1 mm grid)
+    centroid = np.argwhere(np.asarray(contours[centre_name], dtype=bool)).mean(axis=0)
+    at = grid.physical_to_index(ct.geometry.index_to_physical(centroid[::-1])[None])[0]
+    k, j, i = np.clip(np.round(at[::-1]).astype(int), 0, np.asarray(grid.shape) - 1)
+    planes = [_plane(grid, 0, int(k)), _plane(grid, 2, int(i)), _plane(grid, 1, int(j))]
 
-    def on_grid(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-        vol = Volume(np.asarray(mask, dtype=np.uint8), ct.geometry)
-        return vol.resample(grid, "linear", 0.0).array >= 0.5
+    def on_planes(array: npt.ArrayLike, fill: float) -> list[npt.NDArray[np.float32]]:
+        image = Volume(np.asarray(array, dtype=np.float32), ct.geometry).to_sitk()
+        cuts = []
+        for axis, plane in zip((0, 2, 1), planes, strict=True):
+            out = sitk.Resample(
+                image, plane.reference_image(), sitk.Transform(), sitk.sitkLinear, fill
+            )
+            cuts.append(np.take(sitk.GetArrayFromImage(out), 0, axis=axis))
+        return cuts
+
+    def mask_planes(mask: npt.ArrayLike) -> list[npt.NDArray[np.bool_]]:
+        return [c >= 0.5 for c in on_planes(mask, 0.0)]
 
     reasons = flag_reasons(flagged)
-    solid = {n: on_grid(contours[n]) for n in contours}
-    dashed = {n: on_grid(m) for n, m in (planned or {}).items()}
-    centre_name = focus if focus in solid and np.any(solid[focus]) else nonempty[0]
-    k, j, i = np.argwhere(solid[centre_name]).mean(axis=0).round().astype(int)
+    image_cuts = on_planes(ct.array, -1000.0)
+    solid = {n: mask_planes(contours[n]) for n in contours}
+    dashed = {n: mask_planes(m) for n, m in (planned or {}).items()}
     level, width = window
     vmin, vmax = level - width / 2, level + width / 2
 
-    def cut(a: np.ndarray, view: int) -> np.ndarray:
-        return [a[k], a[:, :, i], a[:, j, :]][view]
+    def cut(a: Sequence[np.ndarray], view: int) -> np.ndarray:
+        return a[view]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), facecolor="black")
     names = ["axial", "sagittal", "coronal"]
@@ -105,7 +138,7 @@ def render_review(
         # contour() without X, Y puts Z[r, c] at (c, r): the same data coordinates as imshow's,
         # whatever its origin, so only imshow gets the origin (passing it to contour flips it)
         origin = "upper" if view == 0 else "lower"
-        ax.imshow(cut(image, view), cmap="gray", vmin=vmin, vmax=vmax, origin=origin)
+        ax.imshow(cut(image_cuts, view), cmap="gray", vmin=vmin, vmax=vmax, origin=origin)
         for name, mask in dashed.items():
             sl = cut(mask, view)
             if sl.any():

@@ -536,6 +536,14 @@ def benchmark(
     ] = None,
     fractions: Annotated[int, typer.Option("--fractions", min=1)] = 3,
     slices: Annotated[int, typer.Option("--slices", min=2, help="prealign: CT slices.")] = 150,
+    prealign_spacings: Annotated[
+        str | None,
+        typer.Option(
+            "--prealign-spacings",
+            help="prealign: coarse spacings to compare, mm, comma-separated (default: the "
+            "pipeline's); with --planning-ct the given CT is used instead of the phantom.",
+        ),
+    ] = None,
     slice_mm: Annotated[
         float | None, typer.Option("--slice-mm", help="phantom/recontour: slice thickness.")
     ] = None,
@@ -647,7 +655,12 @@ def benchmark(
     if what == "phantom":
         result = bench.bench_phantom(fractions, seed, slice_mm)
     elif what == "prealign":
-        result = bench.bench_prealign(slices, seed=seed)
+        spacings = (
+            [float(v) for v in prealign_spacings.split(",") if v.strip()]
+            if prealign_spacings
+            else None
+        )
+        result = bench.bench_prealign(slices, seed=seed, ct=planning_ct, spacings_mm=spacings)
     elif what in ("recontour", "engines"):
         given = (planning_ct, planning_rtstruct, daily_ct)
         if any(v is not None for v in given) and not all(v is not None for v in given):

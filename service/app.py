@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
             dvf_spacing_mm=settings.dvf_spacing_mm,
             engine=settings.engine,
             precision=settings.precision,
+            synonyms=settings.synonym_table,
         )
     )
     job_runner = PatientAwareRunner(job_runner, settings)  # patient fractions: patient model

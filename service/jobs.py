@@ -130,6 +130,8 @@ class PipelineRunner:
         dvf_spacing_mm: spacing of the written DVF grid, mm (None or 0: the daily CT grid).
         engine: network engine (``auto``, ``onnxruntime``, ``openvino``).
         precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``).
+        synonyms: the site's ROI-name synonym table (`jrs.labels.SynonymTable`, ``JRS_SYNONYMS``);
+            None: the built-in table.
     """
 
     def __init__(
@@ -141,8 +143,10 @@ class PipelineRunner:
         dvf_spacing_mm: float | None = 3.0,
         engine: str = "auto",
         precision: str = "auto",
+        synonyms: Any = None,
     ) -> None:
         self.model_dir = model_dir
+        self.synonyms = synonyms
         self.device = device
         self.margin_mm = margin_mm
         self.dvf_spacing_mm = dvf_spacing_mm or None
@@ -178,7 +182,7 @@ class PipelineRunner:
                 dvf_spacing_mm=self.dvf_spacing_mm,
             )
             # set apart: a pipeline without engines (older, or a test double) still loads
-            for name in ("engine", "precision"):
+            for name in ("engine", "precision", "synonyms"):
                 if hasattr(options, name):
                     setattr(options, name, getattr(self, name))
             backend = pipeline.load_backend(options)

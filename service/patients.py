@@ -394,6 +394,8 @@ def adapt_command(settings: Settings, patient_dir: Path) -> list[str]:
         settings.engine,
         "--overwrite",
     ]
+    if settings.synonyms is not None:  # the site's ROI names, as every job uses them
+        argv += ["--synonyms", str(settings.synonyms)]
     base = settings.adapt_base_dir or settings.model_dir
     with contextlib.suppress(JrsError):
         folder = resolve_model_dir(base)
@@ -968,6 +970,8 @@ class PatientAwareRunner:
         for name in ("engine", "precision"):
             if hasattr(options, name):
                 setattr(options, name, getattr(self.settings, name))
+        if hasattr(options, "synonyms"):  # the site's ROI names (JRS_SYNONYMS)
+            options.synonyms = self.settings.synonym_table
         with self._lock:
             backend = self._backends.pop(model_dir, None)
             if backend is None:

@@ -6,8 +6,10 @@ Example::
     JRS_DATA_DIR=/var/lib/jrs             # artefacts (jobs/<id>/) and the SQLite job store
     JRS_MAX_CONCURRENT_JOBS=2
     JRS_QUEUE_SIZE=8
+    JRS_SYNONYMS=/etc/jrs/synonyms.yaml   # the site's ROI names (as ``jrs ... --synonyms FILE``)
 
-The service refuses to start without at least one API key unless ``JRS_INSECURE_DEV=1``.
+The service refuses to start without at least one API key unless ``JRS_INSECURE_DEV=1``, and with
+a synonym file it cannot read or that is not a valid synonym table.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.errors import ConfigurationError
@@ -79,6 +81,11 @@ class Settings(BaseSettings):
         adapt_base_dir: model adapted (default: the served model, ``model_dir``).
         adapt_args: more ``jrs adapt`` options, e.g. ``--fractions 8 --threads 8``.
         patient_retention_days: a patient (planning, model) unused for this long is deleted.
+        synonyms: the site's ROI-name synonym table (``JRS_SYNONYMS``, a YAML file as for
+            ``jrs recontour --synonyms FILE``: ``{organ_key: [names...]}``, extending the built-in
+            table), loaded once at start-up; every job, every patient's planning check and every
+            adaptation uses it. A file that cannot be read or is not a valid table stops the
+            start-up with an error naming it.
     """
 
     model_config = SettingsConfigDict(
@@ -122,6 +129,8 @@ class Settings(BaseSettings):
     adapt_base_dir: Path | None = None
     adapt_args: str = ""
     patient_retention_days: float = Field(default=30.0, gt=0)
+    synonyms: Path | None = None
+    _synonym_table: Any = PrivateAttr(default=None)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -165,6 +174,28 @@ class Settings(BaseSettings):
                 "authentication"
             )
         return self
+
+    @model_validator(mode="after")
+    def _load_synonyms(self) -> Settings:
+        if self.synonyms is None:
+            return self
+        from jrs.errors import JrsError
+        from jrs.labels import SynonymTable
+
+        try:
+            self._synonym_table = SynonymTable.from_yaml(self.synonyms)
+        except JrsError as exc:
+            detail = str(exc).removeprefix(f"{self.synonyms}: ")
+            raise ValueError(
+                f"JRS_SYNONYMS: the synonym file {self.synonyms} is not usable: {detail} (format: "
+                "a YAML mapping of organ keys to lists of ROI names, e.g. 'prostate: [CTVp]')"
+            ) from exc
+        return self
+
+    @property
+    def synonym_table(self) -> Any:
+        """The `jrs.labels.SynonymTable` of ``JRS_SYNONYMS`` (None: the built-in table)."""
+        return self._synonym_table
 
     @property
     def db_path(self) -> Path:

@@ -239,7 +239,8 @@ def write_ct_series(
         paths.append(path)
 
     series.files = [str(p) for p in paths]
-    logger.info("wrote CT series of %d slices (%d x %d) to %s", nz, ny, nx, out)
+    # no path in the log: folder names often carry patient names or IDs
+    logger.info("wrote CT series of %d slices (%d x %d)", nz, ny, nx)
     return paths
 
 
@@ -489,8 +490,16 @@ def _series_summary(groups: dict[str, list[_Slice]]) -> str:
     return "; ".join(parts)
 
 
-def _warn(warnings_out: list[str], message: str) -> None:
-    logger.warning("%s", message)
+def _warn(warnings_out: list[str], message: str, logged: str) -> None:
+    """Keep a warning for the user and log it without any path.
+
+    Args:
+        warnings_out: the series' warnings (shown to the user: they may name the files given).
+        message: the warning as the user reads it.
+        logged: the same warning without any folder or file name (names often carry patient
+            names or IDs, and logs go where patient data must not).
+    """
+    logger.warning("%s", logged)
     warnings_out.append(message)
 
 
@@ -828,6 +837,7 @@ def _build_series(
             warnings_out,
             f"skipped {len(localizers)} localizer (scout) image(s) of the series, e.g. "
             f"{localizers[0].path}",
+            f"skipped {len(localizers)} localizer (scout) image(s) of the CT series",
         )
         slices = [s for s in slices if s not in localizers]
     if len(slices) < 2:
@@ -855,7 +865,11 @@ def _build_series(
             message = f"{keyword} is empty or missing in the CT files of {label}"
             if not allow_empty_uids:
                 raise InvalidInput(f"{message}; every CT slice needs a {keyword}")
-            _warn(warnings_out, f"{message}; it is kept empty")
+            _warn(
+                warnings_out,
+                f"{message}; it is kept empty",
+                f"{keyword} is empty or missing in the CT files; it is kept empty",
+            )
     frame_uid = _text(first, "FrameOfReferenceUID")
     other_frames = {_text(s.ds, "FrameOfReferenceUID") for s in slices} - {frame_uid}
     if other_frames:
@@ -863,12 +877,16 @@ def _build_series(
             warnings_out,
             f"the CT slices of {label} carry {len(other_frames) + 1} different "
             f"FrameOfReferenceUIDs; the one of the first slice ({frame_uid or 'empty'}) is used",
+            f"the CT slices carry {len(other_frames) + 1} different FrameOfReferenceUIDs; the "
+            "one of the first slice is used",
         )
     if not frame_uid:
         _warn(
             warnings_out,
             f"FrameOfReferenceUID is missing in the CT files of {label}; contours and "
             "registrations cannot be tied to this CT's frame of reference",
+            "FrameOfReferenceUID is missing in the CT files; contours and registrations cannot "
+            "be tied to this CT's frame of reference",
         )
 
     rows, columns = int(size[0]), int(size[1])
@@ -894,12 +912,12 @@ def _build_series(
         files=[str(s.path) for s in slices],
         warnings=warnings_out,
     )
+    # no path in the log: folder names often carry patient names or IDs
     logger.info(
-        "read CT series of %d slices (%d x %d), spacing %s mm, from %s",
+        "read CT series of %d slices (%d x %d), spacing %s mm",
         len(slices),
         rows,
         columns,
         _fmt(geometry.spacing),
-        label,
     )
     return series

@@ -388,13 +388,13 @@ def write_deformable_registration(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out, enforce_file_format=True)
+    # no path in the log: folder names often carry patient names or IDs
     for w in warnings:
-        logger.warning("%s: %s", out, w)
+        logger.warning("deformable registration: %s", w)
     logger.info(
-        "wrote deformable registration (grid %s x, y, z; %.1f MB) to %s",
+        "wrote deformable registration (grid %s x, y, z; %.1f MB)",
         g.size_xyz,
         len(grid.VectorGridData) / 1e6,
-        out,
     )
     return ds
 

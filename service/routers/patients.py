@@ -324,21 +324,21 @@ async def _admit(request: Request, settings: Settings, manager: JobManager, metr
         )
 
 
-def _organs(roi_names: list[str]) -> list[str]:
-    """Organ keys the ROI names map to (the pipeline's synonym table)."""
+def _organs(roi_names: list[str], synonyms: Any = None) -> list[str]:
+    """Organ keys the ROI names map to (the pipeline's synonym table: the site's, or built-in)."""
     from jrs.labels import LABELS, SynonymTable
 
-    mapping = SynonymTable().resolve(roi_names)
+    mapping = (synonyms or SynonymTable()).resolve(roi_names)
     return [LABELS[k] for k in sorted(mapping.used)]
 
 
 def _store_planning(
-    files: list[Any], folder: Any, limits: UploadLimits
+    files: list[Any], folder: Any, limits: UploadLimits, synonyms: Any = None
 ) -> tuple[dict[str, Any], int]:
     """Unpack and validate a planning upload into ``folder/input``; the planning record."""
     unpack(files, folder / "input", limits)
     part = validate_planning(folder / "input", limits)
-    organs = _organs(part.roi_names)
+    organs = _organs(part.roi_names, synonyms)
     if not organs:
         raise InvalidInput(
             f"planning: none of the {part.rois} ROI names of the RTSTRUCT maps to an organ "
@@ -401,7 +401,9 @@ async def create_patient(
     try:
         files = await receive_multipart(request, folder / "upload", limits, fields=("planning",))
         async with request.app.state.validation_slots:
-            record, count = await run_in_threadpool(_store_planning, files, folder, limits)
+            record, count = await run_in_threadpool(
+                _store_planning, files, folder, limits, settings.synonym_table
+            )
         shutil.rmtree(folder / "upload", ignore_errors=True)
         status, reason = patients.initial_status()
         now = time.time()

@@ -42,6 +42,16 @@ ADAPT_SERVICE: dict[str, Any] = {"adaptation": {"enabled": True}}
 ADAPT_WORKER: dict[str, Any] = {
     "adaptation": {"enabled": True, "mode": "worker", "extraArgs": ["--fractions", "8"]}
 }
+#: a site synonym table (docs/tps-guide.md): names YAML must quote, a landmark, prefer_automatic
+SITE_SYNONYMS: dict[str, Any] = {
+    "prostate": ["CTVp", "Prost MR: site"],
+    "seminal_vesicles": ["SV_prox"],
+    "bladder": ["Blase_voll", "no", "1.10"],
+    "femoral_head_left": ["HueftkopfLi"],
+    "prefer_automatic": True,
+}
+SYNONYMS: dict[str, Any] = {"synonyms": {"table": SITE_SYNONYMS}}
+SYNONYMS_MOUNTED = "/etc/jrs/synonyms/synonyms.yaml"
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default": {},
     "gpu": GPU,
@@ -50,6 +60,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "batch-gpu": {**BATCH, **GPU},
     "adaptation-service": ADAPT_SERVICE,
     "adaptation-worker-gpu": {**ADAPT_WORKER, **GPU},
+    "synonyms-batch-adaptation-worker": {**SYNONYMS, **BATCH, **ADAPT_WORKER},
 }
 
 
@@ -750,3 +761,283 @@ def test_notes_explain_adaptation(chart: Any) -> None:
         assert logs in notes and "/var/lib/jrs/patients/<id>/adapt.log" in notes
     plain = chart.render({}, name=RELEASE, namespace=NAMESPACE)["jrs/templates/NOTES.txt"]
     assert "adaptation" not in plain.lower()
+
+
+# ------------------------------------------------------------------- site synonym table (ROIs)
+def _synonym_mount(workload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, mount) of the synonym ConfigMap in a workload's pod (its only container)."""
+    pod = _pod_spec(workload)
+    volumes = [v for v in pod["volumes"] if "configMap" in v]
+    assert len(volumes) == 1, f"one ConfigMap volume expected: {pod['volumes']}"
+    (volume,) = volumes
+    mounts = [m for m in _container(workload)["volumeMounts"] if m["name"] == volume["name"]]
+    assert len(mounts) == 1, mounts
+    return volume, mounts[0]
+
+
+def _mounted_file(workload: dict[str, Any]) -> str:
+    """The path the synonym file has in the pod: the mount path and the projected item path."""
+    volume, mount = _synonym_mount(workload)
+    (item,) = volume["configMap"]["items"]
+    return f"{mount['mountPath'].rstrip('/')}/{item['path']}"
+
+
+def test_synonyms_absent_when_unset(render: Callable[[dict[str, Any]], Manifests]) -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert values["synonyms"]["table"] == {} and values["synonyms"]["existingConfigMap"] == ""
+    for scenario, scenario_values in SCENARIOS.items():
+        if "synonyms" in scenario_values:
+            continue
+        docs = render(scenario_values)
+        assert "ConfigMap" not in _kinds(docs), scenario
+        text = json.dumps([d for ds in docs.values() for d in ds])  # not the template file names
+        assert "JRS_SYNONYMS" not in text and "synonyms" not in text, scenario
+        assert "checksum/synonyms" not in text, scenario
+    # the other synonym values change nothing while no table is given
+    base = {**BATCH, **ADAPT_WORKER, "apiKeys": {"keys": ["k" * 32]}}  # no random key
+    idle = {"synonyms": {"key": "site.yaml", "mountPath": "/srv/rois"}}
+    assert render({**idle, **base}) == render(base)
+
+
+def test_synonyms_table_is_mounted_read_only_everywhere_it_is_read(
+    render: Callable[[dict[str, Any]], Manifests],
+) -> None:
+    docs = render(SCENARIOS["synonyms-batch-adaptation-worker"])
+    config_map = _one(docs, "ConfigMap")
+    assert config_map["metadata"]["name"] == f"{RELEASE}-jrs-synonyms"
+    assert list(config_map["data"]) == ["synonyms.yaml"]
+    # the file is the given mapping, value for value (names YAML would misread stay strings)
+    assert yaml.safe_load(config_map["data"]["synonyms.yaml"]) == SITE_SYNONYMS
+
+    workloads = _workloads(docs)
+    assert sorted(workloads) == ["adaptation", "api", "batch", "test"]
+    checksums = set()
+    for component in ("api", "adaptation", "batch"):
+        workload = workloads[component]
+        volume, mount = _synonym_mount(workload)
+        assert volume["configMap"]["name"] == config_map["metadata"]["name"], component
+        assert volume["configMap"]["items"] == [{"key": "synonyms.yaml", "path": "synonyms.yaml"}]
+        assert volume["configMap"]["defaultMode"] == 0o444, component
+        assert mount["readOnly"] is True, component
+        assert mount["mountPath"] == "/etc/jrs/synonyms", component
+        assert _mounted_file(workload) == SYNONYMS_MOUNTED
+        container = _container(workload)
+        env = _env(container)
+        if component == "batch":  # `jrs batch` takes the file as an option, not from the env
+            args = container["args"]
+            assert args[args.index("--synonyms") + 1] == SYNONYMS_MOUNTED
+            annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+            assert "checksum/synonyms" not in annotations, "a Job's pod template cannot change"
+        else:
+            assert env["JRS_SYNONYMS"] == SYNONYMS_MOUNTED, component
+            assert [e["name"] for e in container["env"]].count("JRS_SYNONYMS") == 1
+            checksums.add(
+                workload["spec"]["template"]["metadata"]["annotations"]["checksum/synonyms"]
+            )
+    # the helm test pod reads no ROI
+    assert "synonyms" not in json.dumps(workloads["test"])
+
+    # a changed table rolls the service and the worker; other values leave the checksum alone
+    assert len(checksums) == 1
+    changed = copy.deepcopy(SCENARIOS["synonyms-batch-adaptation-worker"])
+    changed["synonyms"]["table"]["rectum"] = ["Rektum_site"]
+    again = copy.deepcopy(SCENARIOS["synonyms-batch-adaptation-worker"])
+    again["config"] = {"JRS_QUEUE_SIZE": "4"}
+    for values, same in ((changed, False), (again, True)):
+        for component in ("api", "adaptation"):
+            workload = _workloads(render(values))[component]
+            checksum = workload["spec"]["template"]["metadata"]["annotations"]["checksum/synonyms"]
+            assert (checksum in checksums) is same, component
+    # podAnnotations are kept beside the checksum
+    annotated = render({**SYNONYMS, "podAnnotations": {"example.org/team": "rt"}})
+    annotations = _one(annotated, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["example.org/team"] == "rt" and "checksum/synonyms" in annotations
+
+
+def test_synonyms_from_an_existing_config_map(
+    render: Callable[[dict[str, Any]], Manifests],
+) -> None:
+    values = {
+        "synonyms": {
+            "existingConfigMap": "site-roi-names",
+            "key": "rois.yaml",
+            "mountPath": "/srv/jrs/rois",
+        },
+        **BATCH,
+        **ADAPT_SERVICE,
+    }
+    docs = render(values)
+    assert "ConfigMap" not in _kinds(docs), "the chart creates none"
+    workloads = _workloads(docs)
+    for component in ("api", "batch"):
+        volume, mount = _synonym_mount(workloads[component])
+        assert volume["configMap"]["name"] == "site-roi-names"
+        assert volume["configMap"]["items"] == [{"key": "rois.yaml", "path": "rois.yaml"}]
+        assert mount["readOnly"] is True
+        assert _mounted_file(workloads[component]) == "/srv/jrs/rois/rois.yaml"
+    assert _env(_container(workloads["api"]))["JRS_SYNONYMS"] == "/srv/jrs/rois/rois.yaml"
+    # the chart does not know the content: no checksum (NOTES.txt says to restart)
+    assert "checksum/synonyms" not in json.dumps(docs)
+
+
+def test_synonyms_load_as_service_settings_and_cli_options(
+    render: Callable[[dict[str, Any]], Manifests], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The rendered file, at the path the environment names, is loaded by the real settings; the
+    worker's `jrs adapt` and the batch Job's `jrs batch` get it as --synonyms (nothing is run)."""
+    typer_main = pytest.importorskip("typer.main")
+    settings_module = pytest.importorskip("service.settings")
+    patients = pytest.importorskip("service.patients")
+    from jrs.labels import SynonymTable
+    from jrs_cli.main import app
+    from service.errors import ConfigurationError
+
+    command = typer_main.get_command(app)
+
+    def parse(argv: list[str]) -> dict[str, Any]:
+        ctx = command.make_context("jrs", list(argv))
+        sub = command.get_command(ctx, argv[0])
+        assert sub is not None
+        params: dict[str, Any] = sub.make_context(argv[0], argv[1:], parent=ctx).params
+        return params
+
+    docs = render(SCENARIOS["synonyms-batch-adaptation-worker"])
+    content = _one(docs, "ConfigMap")["data"]["synonyms.yaml"]
+    workloads = _workloads(docs)
+    root = tmp_path / "pod"  # stands for the pod's filesystem: the ConfigMap at its mount path
+    assert SynonymTable().organ_of("Prost MR: site") is None, "not a built-in name"
+
+    for component in ("api", "adaptation"):
+        container = _container(workloads[component])
+        monkeypatch.chdir(tmp_path)  # no .env file
+        for key in [k for k in os.environ if k.startswith("JRS_")]:
+            monkeypatch.delenv(key)
+        for item in container["env"]:
+            if "value" in item and item["name"].startswith("JRS_"):
+                monkeypatch.setenv(item["name"], item["value"])
+        monkeypatch.delenv("JRS_API_KEYS_FILE", raising=False)
+        mounted = os.environ["JRS_SYNONYMS"]
+        assert mounted == _mounted_file(workloads[component])
+        assert Path(mounted).is_absolute()
+        local = root / Path(mounted).relative_to("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(content, encoding="utf-8")
+        monkeypatch.setenv("JRS_SYNONYMS", str(local))
+
+        settings = settings_module.load_settings(insecure_dev=True)
+        assert settings.synonyms == local
+        table = settings.synonym_table
+        assert table.organ_of("Prost MR: site") == "prostate"
+        assert table.organ_of("CTVp") == "prostate" and table.organ_of("SV_prox") == (
+            "seminal_vesicles"
+        )
+        assert table.organ_of("no") == "bladder" and table.organ_of("1.10") == "bladder"
+        assert table.prefer_automatic is True
+        if component == "adaptation":
+            argv = patients.adapt_command(settings, Path("/var/lib/jrs/patients/p1"))
+            assert argv[argv.index("--synonyms") + 1] == str(local)
+            assert parse(argv[3:])["synonyms"] == local
+
+        # the service refuses to start with a file that is not a table, and names it
+        local.write_text("prostate: CTVp\n", encoding="utf-8")
+        with pytest.raises(ConfigurationError, match="JRS_SYNONYMS") as caught:
+            settings_module.load_settings(insecure_dev=True)
+        assert str(local) in str(caught.value)
+
+    args = _container(workloads["batch"])["args"]
+    params = parse([a.replace("$(JOB_COMPLETION_INDEX)", "0") for a in args])
+    assert params["synonyms"] == Path(SYNONYMS_MOUNTED)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {**SYNONYMS, "config": {"JRS_SYNONYMS": "/etc/site.yaml"}},
+            "config.JRS_SYNONYMS conflicts with synonyms.table",
+        ),
+        (
+            {"synonyms": {"existingConfigMap": "rois"}, "config": {"JRS_SYNONYMS": "/x.yaml"}},
+            "config.JRS_SYNONYMS conflicts with synonyms.existingConfigMap",
+        ),
+        (
+            {**SYNONYMS, "extraEnv": [{"name": "JRS_SYNONYMS", "value": "/x.yaml"}]},
+            "extraEnv JRS_SYNONYMS conflicts",
+        ),
+        (
+            {"synonyms": {"table": SITE_SYNONYMS, "existingConfigMap": "rois"}},
+            "are both set",
+        ),
+        (
+            {**SYNONYMS, "batchJob": {**BATCH["batchJob"], "extraArgs": ["--synonyms=/x.yaml"]}},
+            "batchJob.extraArgs has --synonyms",
+        ),
+    ],
+)
+def test_synonyms_refuse_a_second_source(
+    chart: Any, helm: Any, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_jrs_synonyms_in_config_alone_still_renders(
+    render: Callable[[dict[str, Any]], Manifests],
+) -> None:
+    """Without the synonyms values, config.JRS_SYNONYMS (a file mounted through volumes) works
+    as before."""
+    docs = render({"config": {"JRS_SYNONYMS": "/site/synonyms.yaml"}})
+    assert _env(_container(_one(docs, "Deployment")))["JRS_SYNONYMS"] == "/site/synonyms.yaml"
+    assert "ConfigMap" not in _kinds(docs)
+
+
+def test_schema_organ_keys_are_the_synonym_tables() -> None:
+    from jrs.labels import LABELS, LANDMARKS
+
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    table = schema["properties"]["synonyms"]["properties"]["table"]
+    assert set(table["propertyNames"]["enum"]) == {
+        *LABELS.values(),
+        *LANDMARKS,
+        "prefer_automatic",
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"synonyms": {"table": ["prostate", "CTVp"]}}, "/synonyms/table"),
+        ({"synonyms": {"table": "prostate: [CTVp]"}}, "/synonyms/table"),
+        ({"synonyms": {"table": {"prostate": "CTVp"}}}, "/synonyms/table/prostate"),
+        ({"synonyms": {"table": {"bladder": ["Blase", False]}}}, "/synonyms/table/bladder/1"),
+        ({"synonyms": {"table": {"kidney": ["Niere"]}}}, "kidney"),
+        ({"synonyms": {"table": {"prefer_automatic": "yes"}}}, "prefer_automatic"),
+        ({"synonyms": {"existingConfigMap": 5}}, "existingConfigMap"),
+        ({"synonyms": {"key": "rois/site.yaml"}}, "/synonyms/key"),
+        ({"synonyms": {"mountPath": "etc/jrs"}}, "/synonyms/mountPath"),
+        ({"synonyms": {"mountPath": "/"}}, "/synonyms/mountPath"),
+        ({"synonyms": {"file": "site.yaml"}}, "file"),
+    ],
+)
+def test_schema_rejects_bad_synonyms_values(
+    chart: Any, helm: Any, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmError) as caught:
+        chart.validate_schema(chart.merge_values(copy.deepcopy(values)))
+    assert message in str(caught.value)
+    with pytest.raises(helm.HelmError):
+        chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_notes_explain_synonyms(chart: Any) -> None:
+    notes = chart.render(copy.deepcopy(SYNONYMS), name=RELEASE, namespace=NAMESPACE)[
+        "jrs/templates/NOTES.txt"
+    ]
+    assert f"ConfigMap {RELEASE}-jrs-synonyms" in notes and SYNONYMS_MOUNTED in notes
+    assert "After changing the ConfigMap" not in notes, "a changed table rolls the pods"
+    existing = chart.render(
+        {"synonyms": {"existingConfigMap": "rois"}}, name=RELEASE, namespace=NAMESPACE
+    )["jrs/templates/NOTES.txt"]
+    assert "After changing the ConfigMap" in existing and "ConfigMap rois" in existing
+    plain = chart.render({}, name=RELEASE, namespace=NAMESPACE)["jrs/templates/NOTES.txt"]
+    assert "synonym" not in plain.lower()

@@ -17,6 +17,31 @@ def test_prealign_benchmark_reports_time_memory_and_accuracy(tmp_path: Path) -> 
     assert data["peak_rss_mb"] > 0 and data["machine"]["cpu_cores"] >= 1
 
 
+def test_prealign_benchmark_compares_spacings_on_a_given_ct(tmp_path: Path) -> None:
+    from jrs.dicom.ct import write_ct_series
+    from jrs.dicom.series import CTSeries
+    from jrs.phantom import generate_patient
+
+    ct = generate_patient(1).ct
+    coarse = ct.resample(ct.geometry.resampled_grid([2.0, 2.0, 3.0]), "linear", -1000.0)
+    write_ct_series(CTSeries.from_volume(coarse), tmp_path / "ct")
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(
+        app,
+        ["benchmark", "prealign", "--planning-ct", str(tmp_path / "ct"),
+         "--prealign-spacings", "4,6", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["ct"] == "given CT series" and data["grid_zyx"] == list(coarse.geometry.shape)
+    # both spacings on the same 3 setup errors
+    assert [t["spacing_mm"] for t in data["trials"]] == [4.0, 6.0] * 3
+    assert data["trials"][0]["setup_mm"] == data["trials"][1]["setup_mm"]
+    assert set(data["per_spacing"]) == {"4.0", "6.0"}
+    for figures in data["per_spacing"].values():
+        assert figures["mean_error_mm"] < 1.5  # the known setup errors are recovered
+
+
 def test_unknown_benchmark_is_a_clear_error() -> None:
     result = CliRunner().invoke(app, ["benchmark", "everything"])
     assert result.exit_code == 2

@@ -200,6 +200,26 @@ Checks of value combinations that the schema cannot express.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if include "jrs.synonymsEnabled" . }}
+{{- if and .Values.synonyms.table .Values.synonyms.existingConfigMap }}
+{{- fail "synonyms.table and synonyms.existingConfigMap are both set: give the site's synonym table in one of them." }}
+{{- end }}
+{{- if hasKey .Values.config "JRS_SYNONYMS" }}
+{{- fail (printf "config.JRS_SYNONYMS conflicts with synonyms.%s, which mounts the synonym file and sets JRS_SYNONYMS to %s: remove config.JRS_SYNONYMS." (ternary "table" "existingConfigMap" (not (empty .Values.synonyms.table))) (include "jrs.synonymsPath" .)) }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if eq (get . "name" | toString) "JRS_SYNONYMS" }}
+{{- fail (printf "extraEnv JRS_SYNONYMS conflicts with synonyms.table / synonyms.existingConfigMap, which set JRS_SYNONYMS to %s: remove it from extraEnv." (include "jrs.synonymsPath" $)) }}
+{{- end }}
+{{- end }}
+{{- if .Values.batchJob.enabled }}
+{{- range .Values.batchJob.extraArgs }}
+{{- if or (eq (toString .) "--synonyms") (hasPrefix "--synonyms=" (toString .)) }}
+{{- fail (printf "batchJob.extraArgs has --synonyms, which the chart passes itself (%s) while synonyms.table or synonyms.existingConfigMap is set: remove it from batchJob.extraArgs." (include "jrs.synonymsPath" $)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -313,4 +333,66 @@ affinity. Call with (dict "root" $ "affinity" A).
 {{- with $affinity }}
 {{- toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+The site's ROI-name synonym table (JRS_SYNONYMS): "true" when synonyms.table or
+synonyms.existingConfigMap is set, else "".
+*/}}
+{{- define "jrs.synonymsEnabled" -}}
+{{- if or .Values.synonyms.table .Values.synonyms.existingConfigMap }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the ConfigMap holding the synonym file: synonyms.existingConfigMap, else
+"<fullname>-synonyms" (rendered from synonyms.table).
+*/}}
+{{- define "jrs.synonymsConfigMapName" -}}
+{{- .Values.synonyms.existingConfigMap | default (printf "%s-synonyms" (include "jrs.fullname" .)) }}
+{{- end }}
+
+{{/*
+The synonym file in the pods: <synonyms.mountPath>/<synonyms.key>.
+*/}}
+{{- define "jrs.synonymsPath" -}}
+{{- printf "%s/%s" (.Values.synonyms.mountPath | trimSuffix "/") .Values.synonyms.key }}
+{{- end }}
+
+{{/*
+The file the chart writes from synonyms.table (the ConfigMap's data and its checksum).
+*/}}
+{{- define "jrs.synonymsFile" -}}
+{{- toYaml .Values.synonyms.table }}
+{{- end }}
+
+{{/*
+Pod annotation that rolls the pods when the chart's synonym file changes (none for an existing
+ConfigMap, whose content the chart does not know).
+*/}}
+{{- define "jrs.synonymsChecksum" -}}
+{{- if and .Values.synonyms.table (not .Values.synonyms.existingConfigMap) }}
+checksum/synonyms: {{ include "jrs.synonymsFile" . | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/*
+Read-only mount of the synonym file (a container's volumeMounts item).
+*/}}
+{{- define "jrs.synonymsVolumeMount" -}}
+- name: synonyms
+  mountPath: {{ .Values.synonyms.mountPath | quote }}
+  readOnly: true
+{{- end }}
+
+{{/*
+The volume of the synonym file (a pod's volumes item).
+*/}}
+{{- define "jrs.synonymsVolume" -}}
+- name: synonyms
+  configMap:
+    name: {{ include "jrs.synonymsConfigMapName" . }}
+    defaultMode: 0444
+    items:
+      - key: {{ .Values.synonyms.key | quote }}
+        path: {{ .Values.synonyms.key | quote }}
 {{- end }}
