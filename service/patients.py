@@ -327,6 +327,20 @@ def _has_weights(model_dir: Path) -> bool:
     return repo.is_dir() and any(repo.glob("*.pt"))
 
 
+def _given_base_weights(settings: Settings) -> Path | None:
+    """The ``--base-weights FILE`` given in ``JRS_ADAPT_ARGS`` when that file exists, else None."""
+    args = shlex.split(settings.adapt_args)
+    for k, arg in enumerate(args):
+        value = None
+        if arg == "--base-weights" and k + 1 < len(args):
+            value = args[k + 1]
+        elif arg.startswith("--base-weights="):
+            value = arg.split("=", 1)[1]
+        if value and Path(value).is_file():
+            return Path(value)
+    return None
+
+
 def base_model_dir(settings: Settings) -> Path | None:
     """The model adaptation starts from: ``JRS_ADAPT_BASE_DIR``, else the served model."""
     chosen = settings.adapt_base_dir or settings.model_dir
@@ -361,10 +375,11 @@ def adaptation_availability(settings: Settings) -> tuple[bool, str]:
             "(docs/adaptation.md)"
         )
     folder = base_model_dir(settings)
-    if folder is None or not _has_weights(folder):
+    if _given_base_weights(settings) is None and (folder is None or not _has_weights(folder)):
         return False, (
             "the served model has no torch weights (weights.pt) to fine-tune: fractions use the "
-            "generic model; export it with `jrs export` or set JRS_ADAPT_BASE_DIR"
+            "generic model; export it with `jrs export`, set JRS_ADAPT_BASE_DIR, or give "
+            "--base-weights FILE in JRS_ADAPT_ARGS"
         )
     return True, ""
 

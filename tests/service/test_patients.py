@@ -526,6 +526,13 @@ def test_availability_says_why_the_server_cannot_adapt(
     (empty / "model.onnx").write_bytes(b"x")
     ok, why = adaptation_availability(make_settings(tmp_path, model_dir=empty))
     assert not ok and "no torch weights" in why
+    # weights given to `jrs adapt` directly (JRS_ADAPT_ARGS) make it available; a missing file not
+    weights = tmp_path / "base.pt"
+    weights.write_bytes(b"torch weights")
+    given = make_settings(tmp_path, model_dir=empty, adapt_args=f"--base-weights {weights}")
+    assert adaptation_availability(given) == (True, "")
+    missing = make_settings(tmp_path, model_dir=empty, adapt_args="--base-weights=/no/such.pt")
+    assert not adaptation_availability(missing)[0]
     assert adaptation_availability(make_settings(tmp_path, adaptation="external")) == (True, "")
 
 
