@@ -22,14 +22,17 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from jrs.errors import InvalidInput
-from jrs.geometry import Volume
 from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, SynonymTable
-from jrs.preprocess import PreparedPair, prepare_pair
+
+if TYPE_CHECKING:  # SimpleITK is imported only where DICOM pairs are prepared (lazily, below)
+    from jrs.geometry import Volume
+    from jrs.preprocess import PreparedPair
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +209,8 @@ def load_pair(
             return TrainingPair.load(record.key, path)
         except (OSError, ValueError, KeyError, InvalidInput) as exc:
             log.warning("cache %s unreadable (%s); preparing again", path.name, exc)
+    from jrs.preprocess import prepare_pair
+
     daily_ct, daily_labels = read_labelled_ct(record.daily_ct, record.daily_rtstruct, synonyms)
     planning_ct, planning_labels = read_labelled_ct(
         record.planning_ct, record.planning_rtstruct, synonyms
@@ -220,6 +225,7 @@ def load_pair(
 def phantom_pair(patient_seed: int, fraction: int = 1) -> TrainingPair:
     """Generate a phantom pair in memory (no DICOM round trip): the on-the-fly data option."""
     from jrs.phantom import generate_fraction, generate_patient
+    from jrs.preprocess import prepare_pair
 
     patient = generate_patient(patient_seed)
     frac = generate_fraction(patient, fraction)

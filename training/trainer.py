@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,12 +39,14 @@ from tqdm import tqdm
 
 from jrs.errors import InvalidInput
 from jrs.labels import LABELS
-from training.config import DataConfig, PhantomSource, SyntheticSource, TrainConfig
 from training.data import PatchBatch, TrainingPair, discover_pairs, load_pair, phantom_pair
 from training.losses import TASKS_BY_NETWORK, TaskLoss, compute_task_losses
 from training.networks import LEVELS, build
 from training.store import load_store
 from training.weighting import HomoscedasticWeighting, LossWeighting, build_weighting
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (e.g. on a lent GPU)
+    from training.config import DataConfig, PhantomSource, SyntheticSource, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +346,9 @@ class Trainer:
         if isinstance(self.weighting, HomoscedasticWeighting):
             self.columns += [f"log_var_{t}" for t in self.tasks]
         self.columns += list(alpha_summary(self.net))
+        # segments of this run's history that ran elsewhere (e.g. on a lent GPU with a data
+        # subset, see training.gpu_run); carried from checkpoint to checkpoint, never computed on
+        self.provenance: list[dict[str, Any]] = []
         if resume:
             self._load(self.ckpt_dir / "last.pt")
         self._wall0 = time.monotonic()
@@ -358,7 +363,7 @@ class Trainer:
         }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
+        state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "step": self.step,
@@ -381,6 +386,9 @@ class Trainer:
             "git_sha": self.sha,
             "torch_version": torch.__version__,
         }
+        if self.provenance:
+            state["provenance"] = [dict(p) for p in self.provenance]
+        return state
 
     def save(self, path: Path) -> None:
         """Write a checkpoint atomically (temporary file, then rename)."""
@@ -416,6 +424,7 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.best_dice = float(ckpt["best"]["dice"])
         self.best_step = int(ckpt["best"]["step"])
+        self.provenance = [dict(p) for p in ckpt.get("provenance", [])]
         for name in ("train_log.csv", "validation.csv"):
             _truncate_csv(self.out / name, self.step)
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
