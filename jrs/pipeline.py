@@ -10,7 +10,8 @@ The one function the command line, batch re-contouring and the REST service all 
    and the planning labels resampled there, intensities normalised;
 5. network (or iterative B-spline): both output paths — segmentation (soft-max, arg-max) and
    registration (planning labels warped by the DVF) — post-processed (largest components);
-6. choose: per organ, the segmentation or the registration path (configurable; by default the
+6. choose: per organ, the segmentation or the registration path, or their fusion
+   (`jrs.fusion`, computed inside the fused organs' boxes only) (configurable; by default the
    model's validated choice);
 7. dvf: the full field, pre-alignment folded in:
    ``U(p) = A(p + w(p) u(p)) - p`` with ``u`` the network DVF inside the box and ``w`` a taper that
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Path_ = Literal["segmentation", "registration"]
+Path_ = Literal["segmentation", "registration", "fusion"]
 TAPER_MM = 10.0
 #: Default spacing of the written DVF (``dvf.mha``, ``registration.dcm``), mm.
 DEFAULT_DVF_SPACING_MM = 3.0
@@ -114,7 +115,9 @@ class RecontourOptions:
         precision: ``auto`` (bf16 with OpenVINO on a CPU that has it, else fp32), ``fp32``,
             ``bf16`` or ``fp16`` (TensorRT).
         synonyms: ROI-name synonym table.
-        path_choice: organ key -> ``segmentation`` or ``registration``; missing organs use the
+        path_choice: organ key -> ``segmentation``, ``registration`` or ``fusion`` (the two
+            paths fused, `jrs.fusion`, with the method and per-organ weights of the model's
+            metadata ``fusion``; 0.5 / 0.5 ``weighted`` without); missing organs use the
             model's validated choice (metadata ``path_choice``), else ``segmentation``.
         margin_mm: margin around the pre-aligned planning organs for the network box, mm.
         thresholds: QA thresholds.
@@ -124,6 +127,10 @@ class RecontourOptions:
         dvf_spacing_mm: write the DVF (``dvf.mha``, ``registration.dcm``) on a grid over the
             daily CT (same orientation, covering it) with this spacing, mm; an axis whose CT
             spacing is coarser keeps the CT's. None (or 0) = the daily CT grid itself.
+        fusion_method: ``weighted`` or ``staple``: overrides the method of the model's metadata
+            ``fusion`` for the organs fused (None: the model's, else ``weighted``).
+        keep_fusion: also fuse every organ the path choice does not (network method), for
+            validation: kept in `RecontourResult.path_labels` (``fusion``), never written.
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -137,6 +144,8 @@ class RecontourOptions:
     thresholds: QaThresholds = field(default_factory=QaThresholds)
     plausibility: PlausibilityLimits = field(default_factory=PlausibilityLimits)
     dvf_spacing_mm: float | None = DEFAULT_DVF_SPACING_MM
+    fusion_method: str | None = None
+    keep_fusion: bool = False
 
 
 @dataclass
@@ -153,8 +162,8 @@ class RecontourResult:
         qa_data: the content of ``qa.json``.
         path_labels: the organ label maps (ids of `jrs.labels`, post-processed) of each output
             path on the network grid (1 mm box): ``segmentation`` (network method only),
-            ``registration`` (or the iterative result) and ``chosen``; kept for validation,
-            not written.
+            ``registration`` (or the iterative result), ``fusion`` (the organs fused; every
+            organ with ``keep_fusion``) and ``chosen``; kept for validation, not written.
     """
 
     out_dir: Path
@@ -598,6 +607,8 @@ class _Paths:
     registration: npt.NDArray[np.uint8]
     dvf: npt.NDArray[np.float32]  # (nz, ny, nx, 3) mm on the prepared grid
     network: dict[str, Any] | None = None  # inference timings (window, tiles, run/compile s)
+    # the backend's prediction (seg logits or probabilities), read by fusion inside organ boxes
+    prediction: NetworkPrediction | None = None
 
 
 def _run_network(backend: NetworkBackend, pair: PreparedPair) -> _Paths:
@@ -622,7 +633,62 @@ def _run_network(backend: NetworkBackend, pair: PreparedPair) -> _Paths:
         registration = reg_job.result()
     timings = getattr(pred, "timings", None)
     as_dict = getattr(timings, "as_dict", None)
-    return _Paths(seg, registration, dvf, as_dict() if callable(as_dict) else None)
+    return _Paths(seg, registration, dvf, as_dict() if callable(as_dict) else None, pred)
+
+
+def _fuse_paths(
+    paths: _Paths,
+    pair: PreparedPair,
+    organs: list[int],
+    metadata: Mapping[str, Any],
+    method: str | None,
+) -> npt.NDArray[np.uint8] | None:
+    """The fused label map of some organs (`jrs.fusion.fuse`), or None when nothing is fused.
+
+    The segmentation path's probabilities are the soft-max of the prediction's logits computed
+    inside each fused organ's box only (or the backend's probabilities, read there); the
+    registration path's are the planning one-hot maps warped linearly by the DVF there. Nothing
+    is fused without a segmentation path (iterative method, or a model without one).
+
+    Args:
+        paths: the two paths, the DVF and the prediction of `_run_network`.
+        pair: the prepared network grid, with the pre-aligned planning labels.
+        organs: label ids to fuse.
+        metadata: the model's ``metadata.json`` content (its ``fusion`` entry).
+        method: overrides the metadata's fusion method (None: keep it).
+
+    Returns:
+        (nz, ny, nx) uint8 map of the fused organs on the network grid, or None.
+    """
+    if not organs or paths.segmentation is None:
+        return None
+    from jrs.fusion import (
+        FusionSpec,
+        ProbabilitySource,
+        fuse,
+        probability_source,
+        softmax_source,
+        warped_probability,
+    )
+
+    spec = FusionSpec.from_metadata(metadata)
+    if method is not None:
+        spec = FusionSpec(method, spec.weights)  # type: ignore[arg-type]
+    pred = paths.prediction
+    seg_p: ProbabilitySource | None = None
+    logits = getattr(pred, "seg_logits", None)
+    if logits is not None:
+        seg_p = softmax_source(logits)
+    elif pred is not None and pred.seg_probs is not None:
+        seg_p = probability_source(pred.seg_probs)
+    return fuse(
+        paths.segmentation,
+        paths.registration,
+        organs,
+        spec,
+        seg_probability=seg_p,
+        reg_probability=warped_probability(pair.moving_labels, paths.dvf, pair.grid),
+    )
 
 
 def _run_iterative(pair: PreparedPair) -> _Paths:
@@ -766,19 +832,36 @@ def recontour(
         raise InvalidInput(f"method {opts.method!r} unknown; use 'network' or 'iterative'")
     t = lap("network" if opts.method == "network" else "iterative", t)
 
-    # choose a path per organ
+    # choose a path per organ (or fuse the two, inside the fused organs' boxes: `_fuse_paths`)
     model_choice: Mapping[str, str] = (
         backend.metadata.get("path_choice", {}) if backend is not None else {}
     )
-    chosen = np.zeros(pair.grid.shape, np.uint8)
-    sources: dict[int, str] = {}
+    wants: dict[int, str] = {}
     for lab in sorted(used):
         organ = LABELS[lab]
         want = opts.path_choice.get(organ, model_choice.get(organ, "segmentation"))
-        if want not in ("segmentation", "registration"):
+        if want not in ("segmentation", "registration", "fusion"):
             raise InvalidInput(
-                f"path choice {want!r} for {organ} unknown; use 'segmentation' or 'registration'"
+                f"path choice {want!r} for {organ} unknown; use 'segmentation', 'registration' "
+                "or 'fusion'"
             )
+        wants[lab] = want
+    fused = _fuse_paths(
+        paths,
+        pair,
+        [lab for lab, want in wants.items() if want == "fusion" or opts.keep_fusion],
+        backend.metadata if backend is not None else {},
+        opts.fusion_method,
+    )
+    paths.prediction = None  # (the logits are not read any more)
+    chosen = np.zeros(pair.grid.shape, np.uint8)
+    sources: dict[int, str] = {}
+    for lab in sorted(used):
+        want = wants[lab]
+        if want == "fusion" and fused is not None:
+            chosen[fused == lab] = lab
+            sources[lab] = "fusion"
+            continue
         src = (
             paths.segmentation
             if want == "segmentation" and paths.segmentation is not None
@@ -876,6 +959,8 @@ def recontour(
         both_valid = True
         if organ_label is not None:
             both_valid = len(validated_paths(meta, LABELS[organ_label])) == 2
+            # a fused contour is made of both paths: their disagreement is worth a look
+            both_valid = both_valid or sources.get(organ_label) == "fusion"
             if paths.segmentation is not None:
                 path_dice = dice(
                     paths.segmentation == organ_label, paths.registration == organ_label
@@ -1007,6 +1092,8 @@ def recontour(
     path_labels = {"registration": Volume(paths.registration, pair.grid)}
     if paths.segmentation is not None:
         path_labels["segmentation"] = Volume(paths.segmentation, pair.grid)
+    if fused is not None:
+        path_labels["fusion"] = Volume(fused, pair.grid)
     path_labels["chosen"] = Volume(chosen, pair.grid)
     return RecontourResult(
         out_dir, rt_path, dvf_path, reg_path, qa_path, review_path, qa_data, path_labels

@@ -7,11 +7,13 @@ path is compared with the phantom's true daily structures on the daily CT grid:
 
 * ``segmentation``: the network's segmentation path (post-processed);
 * ``registration``: the planning organs warped by the network DVF (post-processed);
+* ``fusion``: the two paths fused per organ (`jrs.fusion`, the model's ``fusion`` method and
+  weights; kept by the network run with ``keep_fusion``, whatever the model's path choice);
 * ``chosen``: the contours of the written ``rtstruct.dcm`` (per-organ path choice of the model);
 * ``iterative``: the contours of the B-spline baseline's ``rtstruct.dcm``.
 
-Per organ: DSC and MSD (mm); per run: the per-stage timings of ``qa.json``. Results go to a CSV
-(one row per case, path and organ), a JSON of the timings and a Markdown report.
+Per organ: DSC, MSD and HD95 (mm); per run: the per-stage timings of ``qa.json``. Results go to a
+CSV (one row per case, path and organ), a JSON of the timings and a Markdown report.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 #: Organs of the tables, in the paper's order.
 ORGANS: tuple[int, ...] = (PROSTATE, SEMINAL_VESICLES, RECTUM, BLADDER)
 #: Output paths compared, in table order.
-PATHS: tuple[str, ...] = ("segmentation", "registration", "chosen", "iterative")
+PATHS: tuple[str, ...] = ("segmentation", "registration", "fusion", "chosen", "iterative")
 
 __all__ = [
     "ENGINE_DSC_TOLERANCE",
@@ -60,7 +62,8 @@ class HeldoutReport:
     """Outcome of `validate_heldout`.
 
     Attributes:
-        rows: one dict per (case, path, organ): ``case``, ``path``, ``organ``, ``dsc``, ``msd``.
+        rows: one dict per (case, path, organ): ``case``, ``path``, ``organ``, ``dsc``, ``msd``,
+            ``hd95``.
         timings: case -> method -> stage -> seconds (from ``qa.json``) plus ``wall``.
         markdown: the Markdown report.
     """
@@ -73,9 +76,11 @@ class HeldoutReport:
 def _score(
     pred: npt.NDArray[Any], truth: npt.NDArray[np.bool_], volume: Volume
 ) -> dict[str, float]:
+    distances = surface_distances(pred, truth, volume.geometry)
     return {
         "dsc": round(dice(pred, truth), 4),
-        "msd": round(surface_distances(pred, truth, volume.geometry).msd, 3),
+        "msd": round(distances.msd, 3),
+        "hd95": round(distances.hd95, 3),
     }
 
 
@@ -92,6 +97,8 @@ def validate_heldout(
     matrix: int = 512,
     out_dir: Path | str | None = None,
     progress: Callable[[str], None] | None = None,
+    fusion_method: str | None = None,
+    backend: Any | None = None,
 ) -> HeldoutReport:
     """Re-contour held-out phantom fractions and score every output path against the truth.
 
@@ -107,6 +114,10 @@ def validate_heldout(
         matrix: phantom in-plane matrix (512 as a clinical CT; smaller for quick checks).
         out_dir: where to write ``heldout.csv``, ``timings.json`` and ``report.md`` (None: nothing).
         progress: called with a short message after each run.
+        fusion_method: method of the ``fusion`` rows (``weighted``, ``staple``; None: the
+            model's metadata ``fusion``, else ``weighted``).
+        backend: an already loaded network (`jrs.pipeline.NetworkBackend`) to use instead of
+            loading ``model_dir``.
 
     Returns:
         The report.
@@ -144,7 +155,10 @@ def validate_heldout(
                         device=device,
                         engine=engine,
                         precision=precision,
+                        keep_fusion=method == "network",
+                        fusion_method=fusion_method,
                     ),
+                    backend=backend if method == "network" else None,
                 )
                 wall = time.perf_counter() - t0
                 report.timings[case][method] = {
@@ -155,7 +169,7 @@ def validate_heldout(
                 if method == "network":
                     maps = {
                         name: result.path_labels[name].resample(daily_ref.geometry, "label", 0)
-                        for name in ("segmentation", "registration")
+                        for name in ("segmentation", "registration", "fusion")
                         if name in result.path_labels
                     }
                     for name, lab_map in maps.items():
@@ -186,7 +200,9 @@ def validate_heldout(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with (out / "heldout.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["case", "path", "organ", "dsc", "msd"])
+            writer = csv.DictWriter(
+                fh, fieldnames=["case", "path", "organ", "dsc", "msd", "hd95"], restval=""
+            )
             writer.writeheader()
             writer.writerows(report.rows)
         (out / "timings.json").write_text(json.dumps(report.timings, indent=2) + "\n")
@@ -206,7 +222,10 @@ def _mean_sd(values: Sequence[float], digits: int) -> str:
 def report_markdown(
     rows: Sequence[dict[str, Any]], timings: dict[str, dict[str, dict[str, float]]]
 ) -> str:
-    """The Markdown tables: DSC and MSD per organ and path (mean ± sd), stage times per method."""
+    """The Markdown tables: DSC and MSD per organ and path (mean ± sd), HD95, stage times.
+
+    The HD95 table lists the rows that have ``hd95``; stage times are given per method.
+    """
     cases = sorted({r["case"] for r in rows})
     lines = [
         f"# Held-out validation ({len(cases)} phantom fractions: {', '.join(cases)})",
@@ -227,6 +246,23 @@ def report_markdown(
             cells.append(_mean_sd([float(r["dsc"]) for r in org], 3))
             cells.append(_mean_sd([float(r["msd"]) for r in org], 2))
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    with_hd95 = [r for r in rows if "hd95" in r]
+    if with_hd95:
+        lines += [
+            "",
+            "HD95 (mm), mean ± sd over the cases:",
+            "",
+            "| path | " + " | ".join(f"{LABELS[o]} HD95" for o in ORGANS) + " |",
+            "|---|" + "---|" * len(ORGANS),
+        ]
+        for path in PATHS:
+            sel = [r for r in with_hd95 if r["path"] == path]
+            if sel:
+                cells = [
+                    _mean_sd([float(r["hd95"]) for r in sel if r["organ"] == LABELS[o]], 2)
+                    for o in ORGANS
+                ]
+                lines.append(f"| {path} | " + " | ".join(cells) + " |")
     methods = sorted({m for per in timings.values() for m in per})
     for method in methods:
         runs = [per[method] for per in timings.values() if method in per]

@@ -275,6 +275,31 @@ def rois(
             typer.echo("plausibility: every check passed")
 
 
+def _parse_path_choice(values: list[str] | None) -> dict[str, str]:
+    """``--path-choice`` values (``ORGAN=PATH``, comma-separated or repeated) -> organ -> path.
+
+    ``ORGAN`` is an organ key (``prostate``, ``seminal_vesicles``, ``rectum``, ``bladder``) or
+    ``all``; ``PATH`` is ``segmentation``, ``registration`` or ``fusion``. Later items win.
+    """
+    from jrs.errors import InvalidInput
+    from jrs.labels import LABELS
+
+    paths = ("segmentation", "registration", "fusion")
+    organs = list(LABELS.values())
+    out: dict[str, str] = {}
+    for item in (part.strip() for value in values or [] for part in value.split(",")):
+        if not item:
+            continue
+        organ, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or path not in paths or organ not in (*organs, "all"):
+            raise InvalidInput(
+                f"--path-choice {item!r}: expected ORGAN=PATH with ORGAN one of "
+                f"{', '.join(organs)} or all, and PATH one of {', '.join(paths)}"
+            )
+        out.update(dict.fromkeys(organs, path) if organ == "all" else {organ: path})
+    return out
+
+
 def _recontour_options(
     model: Path | None,
     device: str,
@@ -283,6 +308,7 @@ def _recontour_options(
     dvf_spacing: float | None,
     engine: str = "auto",
     precision: str = "auto",
+    path_choice: list[str] | None = None,
 ) -> Any:
     from jrs.errors import InvalidInput
     from jrs.inference import check_engine_options
@@ -307,6 +333,7 @@ def _recontour_options(
         precision=precision,
         synonyms=SynonymTable.from_yaml(synonyms) if synonyms is not None else None,
         dvf_spacing_mm=spacing,
+        path_choice=_parse_path_choice(path_choice),  # type: ignore[arg-type]
     )
 
 
@@ -342,6 +369,15 @@ PrecisionOpt = Annotated[
         "or fp16 (TensorRT).",
     ),
 ]
+PathChoiceOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--path-choice",
+        help="ORGAN=PATH[,ORGAN=PATH] (repeatable): the output path of an organ (prostate, "
+        "seminal_vesicles, rectum, bladder or all): segmentation, registration or fusion (the "
+        "two fused, method and weights from the model). Default: the model's validated choice.",
+    ),
+]
 
 
 @app.command()
@@ -360,11 +396,14 @@ def recontour(
     dvf_spacing: DvfSpacingOpt = None,
     engine: EngineOpt = "auto",
     precision: PrecisionOpt = "auto",
+    path_choice: PathChoiceOpt = None,
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
     from jrs.pipeline import recontour as run
 
-    opts = _recontour_options(model, device, method, synonyms, dvf_spacing, engine, precision)
+    opts = _recontour_options(
+        model, device, method, synonyms, dvf_spacing, engine, precision, path_choice
+    )
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")

@@ -30,8 +30,9 @@ def _metrics_section(metrics: Any) -> list[str]:
     if not metrics:
         return [
             f"{TODO}: no held-out metrics were given to the export (`jrs export --metrics FILE`). "
-            "Report DSC and MSD per organ for the segmentation path, the registration path and "
-            "the chosen contours on held-out phantom fractions (seeds never used in training).",
+            "Report DSC and MSD per organ for the segmentation path, the registration path, "
+            "their fusion and the chosen contours on held-out phantom fractions (seeds never "
+            "used in training).",
         ]
     if isinstance(metrics, Mapping) and all(not isinstance(v, Mapping) for v in metrics.values()):
         lines = ["| metric | value |", "|---|---|"]
@@ -88,6 +89,47 @@ def _adaptation_section(adaptation: Any) -> list[str]:
             ]
             lines.append(f"| {organ} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
         lines.append("")
+    return lines
+
+
+def _path_section(meta: Mapping[str, Any]) -> list[str]:
+    """The per-organ output path the pipeline uses, and the fusion of the two paths."""
+    choice = meta.get("path_choice") or {}
+    fusion = meta.get("fusion")
+    lines = [
+        "## Output path per organ",
+        "",
+        "The network gives two contours of each organ: the segmentation path (soft-max of the "
+        "logits) and the registration path (the planning contours warped by the DVF). "
+        "`jrs recontour` uses, per organ, the path of `path_choice` in `metadata.json` "
+        "(`--path-choice ORGAN=PATH` overrides it): `segmentation`, `registration`, or "
+        "`fusion`, the two paths fused (`jrs.fusion`): `weighted` averages the segmentation "
+        "probability and the linearly warped planning label with per-organ weights "
+        "(w_seg, w_reg) and keeps p >= 0.5 (at most one organ a voxel); `staple` is "
+        "SimpleITK's binary STAPLE of the two paths' masks. Organs not listed use "
+        "`segmentation`.",
+        "",
+    ]
+    if choice:
+        lines += ["| organ | path | fusion weights (seg, reg) |", "|---|---|---|"]
+    weights = (fusion.get("weights") or {}) if isinstance(fusion, Mapping) else {}
+    for organ, path in choice.items():
+        w = weights.get(organ)
+        cell = f"{_fmt(float(w[0]))}, {_fmt(float(w[1]))}" if w else "0.5, 0.5 (default)"
+        lines.append(f"| {organ} | {path} | {cell} |")
+    if choice:
+        lines.append("")
+    if isinstance(fusion, Mapping):
+        lines += [
+            f"Fusion method: `{fusion.get('method', 'weighted')}`; weights: "
+            f"{fusion.get('rule', 'as given')}.",
+            "",
+        ]
+    else:
+        lines += [
+            "No fusion entry: `fusion` uses the `weighted` method with weights 0.5, 0.5.",
+            "",
+        ]
     return lines
 
 
@@ -180,6 +222,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "",
         *_metrics_section(meta.get("metrics")),
         "",
+        *_path_section(meta),
         "## Export check",
         "",
         f"ONNX Runtime (CPU) vs PyTorch on random inputs of sizes {parity.get('sizes')}: "

@@ -26,6 +26,12 @@ is recorded in ``metadata.json`` (``onnx.exporter``); both give max |diff| ~1e-6
 
 Every export is checked against PyTorch on random inputs of two valid sizes (ONNX Runtime, CPU);
 a max |diff| above the tolerance (1e-4) aborts the export and nothing is written.
+
+Path choice and fusion (the pipeline's ``choose`` stage, :mod:`jrs.fusion`): ``metadata.json``
+gets ``path_choice`` (organ -> ``segmentation``, ``registration`` or ``fusion``) and, when the
+metrics allow it, ``fusion`` (``{"method", "weights": {organ: [w_seg, w_reg]}, "rule"}``), from
+the held-out metrics given to the export (:func:`path_dsc`, :func:`_path_choice`,
+:func:`_fusion`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 import warnings
@@ -482,6 +489,7 @@ def build_metadata(
         },
         "git_sha": checkpoint.get("git_sha", "unknown"),
         "path_choice": _path_choice(metrics),
+        **({"fusion": fusion} if (fusion := _fusion(metrics)) is not None else {}),
         "network": _jsonable(dict(network)),
         "inputs": [
             {
@@ -536,21 +544,152 @@ def build_metadata(
     }
 
 
-def _path_choice(metrics: Mapping[str, Any] | None) -> dict[str, str]:
-    """Per-organ output path validated on held-out data (``metrics["path_choice"]``), if any.
+#: Path names of the validation DSC figures, and the names they may go by.
+_PATH_NAMES: dict[str, str] = {
+    "segmentation": "segmentation",
+    "seg": "segmentation",
+    "registration": "registration",
+    "reg": "registration",
+    "fusion": "fusion",
+    "fused": "fusion",
+}
+#: What the pipeline accepts as a path choice.
+PATH_CHOICES: tuple[str, ...] = ("segmentation", "registration", "fusion")
+#: The rule of the ``weighted`` fusion weights, as written to ``metadata.json``.
+FUSION_WEIGHT_RULE = (
+    "w_seg = DSC_seg / (DSC_seg + DSC_reg), w_reg = 1 - w_seg, from each path's validation DSC "
+    "of the organ (0.5 / 0.5 when both are 0); organs without figures use 0.5 / 0.5"
+)
 
-    The pipeline reads it from the top level of ``metadata.json`` for organs its options leave
-    open: organ key -> ``"segmentation"`` or ``"registration"``.
+
+def path_dsc(metrics: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Each output path's validation DSC per organ, as the metrics give them.
+
+    Read from ``metrics["path_dsc"]`` (path -> organ key -> mean DSC; paths ``segmentation``,
+    ``registration``, ``fusion``, or ``seg``, ``reg``, ``fused``), else from flat keys
+    ``dice_<path>_<organ>`` (the names of the trainer's validation, ``validation.csv``). A
+    figure that is None or NaN counts as missing.
+
+    Args:
+        metrics: the held-out metrics given to the export.
+
+    Returns:
+        ``{"segmentation" | "registration" | "fusion": {organ: dsc}}`` (empty without figures).
+
+    Raises:
+        InvalidInput: For an unknown path or organ, or a DSC that is not a number in [0, 1].
+    """
+    if not metrics:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    table = metrics.get("path_dsc")
+    if table is not None:
+        if not isinstance(table, Mapping) or not all(
+            isinstance(v, Mapping) for v in table.values()
+        ):
+            raise InvalidInput(
+                "metrics 'path_dsc' must map paths (segmentation, registration, fusion) to "
+                f"{{organ: DSC}}, got {table!r}"
+            )
+        for path, per_organ in table.items():
+            if path not in _PATH_NAMES:
+                raise InvalidInput(
+                    f"metrics 'path_dsc' names path {path!r}; use segmentation, registration "
+                    "or fusion"
+                )
+            found.setdefault(_PATH_NAMES[path], {}).update(per_organ)
+    else:
+        organs = set(LABELS.values())
+        for key, value in metrics.items():
+            parts = str(key).split("_", 2)
+            if len(parts) == 3 and parts[0] == "dice" and parts[1] in _PATH_NAMES:
+                # (other dice_* keys, e.g. dice_mean, are not per-path figures)
+                if parts[2] not in organs:
+                    continue
+                found.setdefault(_PATH_NAMES[parts[1]], {})[parts[2]] = value
+    out: dict[str, dict[str, float]] = {}
+    for path, per_organ in found.items():
+        for organ, value in per_organ.items():
+            if organ not in LABELS.values():
+                raise InvalidInput(
+                    f"metrics name organ {organ!r} for the {path} path; use organ keys "
+                    f"{', '.join(LABELS.values())}"
+                )
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue  # no figure (e.g. an organ absent from the validation scans)
+            try:
+                dsc = float(value)
+            except (TypeError, ValueError):
+                dsc = float("nan")
+            if not 0.0 <= dsc <= 1.0:
+                raise InvalidInput(
+                    f"metrics give the {path} path's DSC of {organ} as {value!r}; expected a "
+                    "number in [0, 1]"
+                )
+            out.setdefault(path, {})[str(organ)] = dsc
+    return out
+
+
+def _path_choice(metrics: Mapping[str, Any] | None) -> dict[str, str]:
+    """Per-organ output path validated on held-out data.
+
+    ``metrics["path_choice"]`` (organ -> ``segmentation``, ``registration`` or ``fusion``) as
+    given; for the organs it leaves open, the path with the best validation DSC
+    (:func:`path_dsc`): ``fusion`` only when the metrics hold a fused figure and it beats both
+    paths, ``registration`` when it beats the segmentation path (ties: ``segmentation``, the
+    pipeline's default). The pipeline reads the result from the top level of
+    ``metadata.json`` for organs its options leave open.
     """
     choice = (metrics or {}).get("path_choice") or {}
-    if not isinstance(choice, Mapping) or any(
-        v not in ("segmentation", "registration") for v in choice.values()
-    ):
+    if not isinstance(choice, Mapping) or any(v not in PATH_CHOICES for v in choice.values()):
         raise InvalidInput(
-            f"metrics 'path_choice' must map organ keys to 'segmentation' or 'registration', "
-            f"got {choice!r}"
+            f"metrics 'path_choice' must map organ keys to 'segmentation', 'registration' or "
+            f"'fusion', got {choice!r}"
         )
-    return {str(k): str(v) for k, v in choice.items()}
+    out = {str(k): str(v) for k, v in choice.items()}
+    figures = path_dsc(metrics)
+    for organ in LABELS.values():
+        if organ in out:
+            continue
+        scores = {p: figures[p][organ] for p in PATH_CHOICES if organ in figures.get(p, {})}
+        if not scores.keys() & {"segmentation", "registration"}:
+            continue
+        paths = [p for p in ("segmentation", "registration") if p in scores]
+        best: str = max(paths, key=lambda p: (scores[p], p == "segmentation"))
+        if "fusion" in scores and scores["fusion"] > scores[best]:
+            best = "fusion"
+        out[organ] = best
+    return out
+
+
+def _fusion(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ``fusion`` entry of ``metadata.json`` (None when the metrics say nothing of it).
+
+    The method is ``metrics["fusion"]["method"]`` (default ``weighted``); the per-organ weights
+    are ``metrics["fusion"]["weights"]`` where given, else derived from each path's validation
+    DSC (:func:`path_dsc`) by :func:`jrs.fusion.weights_from_dice`: each path's DSC over the sum
+    of both (:data:`FUSION_WEIGHT_RULE`).
+    """
+    from jrs.fusion import FusionSpec, weights_from_dice
+
+    given = (metrics or {}).get("fusion")
+    figures = path_dsc(metrics)
+    derived = {
+        organ: weights_from_dice(dsc, figures["registration"][organ])
+        for organ, dsc in figures.get("segmentation", {}).items()
+        if organ in figures.get("registration", {})
+    }
+    if given is None and not derived:
+        return None
+    spec = FusionSpec.from_json(given, "metrics 'fusion'")
+    weights = {**derived, **spec.weights}
+    entry = FusionSpec(spec.method, weights).to_json()
+    entry["rule"] = (
+        FUSION_WEIGHT_RULE
+        if not spec.weights
+        else "given for " + ", ".join(sorted(spec.weights)) + "; else " + FUSION_WEIGHT_RULE
+    )
+    return entry
 
 
 def _git_sha() -> str:
@@ -707,6 +846,7 @@ def export(
     if "high" not in levels:
         raise InvalidInput(f"levels must include 'high' (whole-scan inference), got {levels}")
     _path_choice(metrics)  # validate before the (slow) export
+    _fusion(metrics)
     target = Path(out_dir) / name / str(int(version))
     if target.exists() and not overwrite:
         raise InvalidInput(f"{target} already exists; choose another version or overwrite")

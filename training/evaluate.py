@@ -10,7 +10,10 @@ whole scan); the high-level outputs are stitched into full volumes:
   moving label map once (one-hot channels, trilinear, then ``argmax``).
 
 Both are post-processed without looking at the ground truth (:mod:`jrs.postprocess`): the largest
-connected component per organ, the two largest for the seminal vesicles. Metrics per organ: DSC,
+connected component per organ, the two largest for the seminal vesicles. A network with both paths
+is also scored on their per-organ fusion (``fused``, :func:`jrs.fusion.fuse`: by default the
+``weighted`` method, 0.5 / 0.5, from the soft-max of the logits and the trilinearly warped one-hot
+moving labels), as the pipeline's path choice ``fusion`` would contour it. Metrics per organ: DSC,
 MSD and HD95 (mm, :mod:`jrs.metrics`); DVF quality (:func:`jrs.qa.jacobian_stats`): Jacobian
 determinant of ``x -> x + u(x)`` over the body (its standard deviation, the folding fraction
 ``det <= 0`` and the std of ``log det`` over ``det > 0``).
@@ -58,8 +61,8 @@ JACOBIAN_COLUMNS: dict[str, str] = {
 #: Post-processing of a predicted label map: :func:`jrs.postprocess.keep_largest_components`
 #: (largest component per organ, two for the seminal vesicles; :data:`COMPONENTS_KEPT`).
 postprocess = keep_largest_components
-#: Output paths of a network.
-PATHS: tuple[str, ...] = ("seg", "reg")
+#: Output paths of a network (``fused``: the two fused per organ, :mod:`jrs.fusion`).
+PATHS: tuple[str, ...] = ("seg", "reg", "fused")
 #: Metrics per organ.
 METRICS: tuple[str, ...] = ("dsc", "msd", "hd95")
 
@@ -88,11 +91,17 @@ class Prediction:
         seg: ``(D, H, W)`` uint8 labels from the segmentation path, or ``None``.
         dvf: ``(3, D, H, W)`` float32 displacement (voxels = mm), channels (x, y, z), or ``None``.
         warped: ``(D, H, W)`` uint8 moving labels warped by ``dvf`` (argmax), or ``None``.
+        seg_logits: ``(5, D, H, W)`` float32 stitched logits (``predict_pair(keep_soft=True)``
+            only), or ``None``.
+        reg_probs: ``(5, D, H, W)`` float32 one-hot moving labels warped trilinearly
+            (``keep_soft=True`` only), or ``None``.
     """
 
     seg: npt.NDArray[np.uint8] | None = None
     dvf: npt.NDArray[np.float32] | None = None
     warped: npt.NDArray[np.uint8] | None = None
+    seg_logits: npt.NDArray[np.float32] | None = None
+    reg_probs: npt.NDArray[np.float32] | None = None
 
     def labels(self) -> dict[str, npt.NDArray[np.uint8]]:
         """Path name (``"seg"``, ``"reg"``) -> label map, for the paths the network has."""
@@ -182,6 +191,7 @@ def predict_pair(
     window: int = 96,
     batch_size: int = 1,
     amp: bool = False,
+    keep_soft: bool = False,
 ) -> Prediction:
     """Run a network over a whole pair with tiled inference (:func:`predict_volume`).
 
@@ -193,6 +203,7 @@ def predict_pair(
         window: Input window ``n`` (multiple of 4, >= 44).
         batch_size: Windows per forward pass.
         amp: Autocast to float16 (CUDA only).
+        keep_soft: Also keep the stitched logits and the soft warped labels (for fusion).
 
     Returns:
         The :class:`Prediction` (paths the network lacks are ``None``).
@@ -203,6 +214,8 @@ def predict_pair(
     pred = Prediction()
     if "seg" in stitched:
         pred.seg = np.argmax(stitched["seg"], axis=0).astype(np.uint8)
+        if keep_soft:
+            pred.seg_logits = stitched["seg"]
     if "dvf" in stitched:
         dvf = np.ascontiguousarray(stitched["dvf"], dtype=np.float32)
         pred.dvf = dvf
@@ -211,6 +224,8 @@ def predict_pair(
         u = torch.from_numpy(dvf)[None].to(device)
         soft = warp_labels(labels, u, num_classes=NUM_CLASSES)
         pred.warped = soft.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+        if keep_soft:
+            pred.reg_probs = soft[0].float().cpu().numpy()
     return pred
 
 
@@ -351,6 +366,7 @@ def evaluate(
     window: int = 96,
     batch_size: int = 1,
     progress: Callable[[str], None] | None = None,
+    fusion: Any = "weighted",
 ) -> EvaluationReport:
     """Evaluate networks on held-out pairs and write the CSV and Markdown report.
 
@@ -362,18 +378,27 @@ def evaluate(
         window: Tiled-inference window ``n``.
         batch_size: Windows per forward pass.
         progress: Called with a short message after each (model, pair).
+        fusion: How the ``fused`` rows of networks with both paths are made: a
+            :class:`jrs.fusion.FusionSpec`, or a method name (``weighted``, ``staple``; weights
+            0.5 / 0.5); ``None``: no fused rows.
 
     Returns:
         The :class:`EvaluationReport`.
     """
     if not pairs:
         raise InvalidInput("evaluation needs at least one held-out pair")
+    spec = _fusion_spec(fusion)
     report = EvaluationReport()
     for name, net in models.items():
         for pair in pairs:
-            pred = predict_pair(net, pair, window=window, batch_size=batch_size)
-            for path, labels in pred.labels().items():
-                metrics = organ_metrics(postprocess(labels), pair.fixed_labels)
+            pred = predict_pair(
+                net, pair, window=window, batch_size=batch_size, keep_soft=spec is not None
+            )
+            processed = {path: postprocess(labels) for path, labels in pred.labels().items()}
+            if spec is not None and pred.seg_logits is not None and pred.reg_probs is not None:
+                processed["fused"] = _fused(pred, processed, spec)
+            for path, labels in processed.items():
+                metrics = organ_metrics(labels, pair.fixed_labels)
                 for organ, vals in metrics.items():
                     report.rows.append(
                         {"model": name, "path": path, "pair": pair.key, "organ": organ, **vals}
@@ -403,6 +428,37 @@ def evaluate(
         report.markdown_path = out / "report.md"
         report.markdown_path.write_text(report.markdown)
     return report
+
+
+def _fusion_spec(fusion: Any) -> Any:
+    """The :class:`jrs.fusion.FusionSpec` of :func:`evaluate`'s ``fusion`` (None: no fusion)."""
+    if fusion is None:
+        return None
+    from jrs.fusion import FusionSpec
+
+    return fusion if isinstance(fusion, FusionSpec) else FusionSpec(str(fusion))  # type: ignore[arg-type]
+
+
+def _fused(
+    pred: Prediction, processed: Mapping[str, npt.NDArray[np.uint8]], spec: Any
+) -> npt.NDArray[np.uint8]:
+    """The per-organ fusion of a prediction's two post-processed paths (:func:`jrs.fusion.fuse`).
+
+    The segmentation probabilities are the soft-max of the stitched logits and the registration
+    ones the trilinearly warped one-hot moving labels, both read inside each organ's box only.
+    """
+    from jrs.fusion import fuse, probability_source, softmax_source
+
+    if pred.seg_logits is None or pred.reg_probs is None:
+        raise InvalidInput("fusion needs the logits and the soft warped labels (keep_soft=True)")
+    return fuse(
+        processed["seg"],
+        processed["reg"],
+        ORGANS,
+        spec,
+        seg_probability=softmax_source(pred.seg_logits),
+        reg_probability=probability_source(pred.reg_probs),
+    )
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:

@@ -50,13 +50,56 @@ def test_heldout_run_scores_every_path(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     report = validate_heldout([4242], matrix=192, slice_mm=3.0, device="cpu", out_dir=tmp_path)
     paths = {r["path"] for r in report.rows}
-    assert paths == {"segmentation", "registration", "chosen", "iterative"}
-    assert len(report.rows) == 16
+    assert paths == {"segmentation", "registration", "fusion", "chosen", "iterative"}
+    assert len(report.rows) == 20
     reg = {r["organ"]: r["dsc"] for r in report.rows if r["path"] == "registration"}
     assert reg["bladder"] > 0.6 and reg["prostate"] > 0.6
     for name in ("heldout.csv", "timings.json", "report.md"):
         assert (tmp_path / name).is_file()
     assert set(report.timings["phantom4242_f1"]) == {"network", "iterative"}
+
+
+def test_report_lists_the_fused_rows_and_hd95() -> None:
+    rows = _rows()
+    for organ in ("prostate", "seminal_vesicles", "rectum", "bladder"):
+        rows.append(
+            {"case": "a", "path": "fusion", "organ": organ, "dsc": 0.9, "msd": 1.0, "hd95": 3.0}
+        )
+    text = report_markdown(rows, {})
+    lines = text.splitlines()
+    fused = [line for line in lines if line.startswith("| fusion |")]
+    assert len(fused) == 2  # the DSC / MSD table and the HD95 table
+    assert fused[0].count("0.900 ± 0.000") == 4 and fused[1].count("3.00 ± 0.00") == 4
+    # the fused rows sit between the registration path and the chosen contours
+    order = [line.split("|")[1].strip() for line in lines if line.startswith("| ")][1:4]
+    assert order == ["registration", "fusion", "iterative"]
+
+
+@pytest.mark.integration
+def test_heldout_reports_the_fused_contours(tmp_path: Path) -> None:
+    """One small phantom, a fake network (no model needed): every path scored, fusion too."""
+    from tests.jrs.test_fusion import FusionBackend
+
+    report = validate_heldout(
+        [4242],
+        matrix=128,
+        slice_mm=3.0,
+        iterative=False,
+        backend=FusionBackend(),
+        out_dir=tmp_path,
+    )
+    organs = {"prostate", "seminal_vesicles", "rectum", "bladder"}
+    by_path: dict[str, set[str]] = {}
+    for r in report.rows:
+        by_path.setdefault(r["path"], set()).add(r["organ"])
+        assert {"dsc", "msd", "hd95"} <= set(r)
+    assert by_path == dict.fromkeys(("segmentation", "registration", "fusion", "chosen"), organs)
+    fused = {r["organ"]: r for r in report.rows if r["path"] == "fusion"}
+    assert all(0.5 < r["dsc"] <= 1.0 and r["hd95"] >= r["msd"] for r in fused.values())
+    csv_text = (tmp_path / "heldout.csv").read_text()
+    assert csv_text.splitlines()[0] == "case,path,organ,dsc,msd,hd95"
+    assert csv_text.count(",fusion,") == 4
+    assert "| fusion |" in (tmp_path / "report.md").read_text()
 
 
 def test_engine_report_bounds_the_dsc_difference() -> None:

@@ -223,6 +223,82 @@ def test_bad_path_choice_refused_before_export(tmp_path: Path) -> None:
         export_checkpoint(tiny_net(), tmp_path, metrics={"path_choice": {"prostate": "both"}})
 
 
+def test_path_choice_and_fusion_weights_from_validation_dsc() -> None:
+    from jrs.fusion import FusionSpec
+    from model_export.card import model_card
+    from model_export.export import _fusion, _path_choice, path_dsc
+
+    metrics = {
+        "path_dsc": {
+            "segmentation": {
+                "prostate": 0.6,
+                "rectum": 0.9,
+                "bladder": 0.0,
+                "seminal_vesicles": 0.5,
+            },
+            "registration": {
+                "prostate": 0.9,
+                "rectum": 0.9,
+                "bladder": 0.8,
+                "seminal_vesicles": 0.7,
+            },
+            "fusion": {"prostate": 0.92, "rectum": 0.85},
+        },
+        "path_choice": {"seminal_vesicles": "segmentation"},  # given: kept as it is
+    }
+    # fusion where its figure beats both paths, else the better path (ties: segmentation)
+    assert _path_choice(metrics) == {
+        "seminal_vesicles": "segmentation",
+        "prostate": "fusion",
+        "rectum": "segmentation",
+        "bladder": "registration",
+    }
+    # weights: each path's DSC over the sum of both (a path with DSC 0 gets weight 0)
+    entry = _fusion(metrics)
+    assert entry is not None and entry["method"] == "weighted"
+    assert entry["weights"] == {
+        "prostate": [0.4, 0.6],
+        "rectum": [0.5, 0.5],
+        "bladder": [0.0, 1.0],
+        "seminal_vesicles": [0.4167, 0.5833],
+    }
+    assert "DSC_seg / (DSC_seg + DSC_reg)" in entry["rule"]
+    spec = FusionSpec.from_json(entry)  # what the pipeline reads
+    assert spec.weights_for("bladder") == (0.0, 1.0)
+    # the trainer's flat validation names give the same figures; dice_mean is not a path
+    flat = {"dice_seg_prostate": 0.6, "dice_reg_prostate": 0.9, "dice_mean": 0.6}
+    assert path_dsc(flat) == {"segmentation": {"prostate": 0.6}, "registration": {"prostate": 0.9}}
+    assert _path_choice(flat) == {"prostate": "registration"}  # no fused figure: never fusion
+    # a given method and weights win over the derived ones
+    given = {**flat, "fusion": {"method": "staple", "weights": {"prostate": [1, 1]}}}
+    entry = _fusion(given)
+    assert entry is not None and entry["method"] == "staple"
+    assert entry["weights"] == {"prostate": [0.5, 0.5]}
+    # nothing to derive from: no fusion entry, path choice as given (the metadata unchanged)
+    assert _fusion(METRICS) is None and _fusion(None) is None
+    assert _path_choice(METRICS) == METRICS["path_choice"]
+    assert _path_choice({"path_choice": {"rectum": "fusion"}}) == {"rectum": "fusion"}
+    # refused with a message naming the problem
+    with pytest.raises(InvalidInput, match="number in"):
+        path_dsc({"path_dsc": {"seg": {"prostate": 1.5}}})
+    with pytest.raises(InvalidInput, match="names path 'best'"):
+        path_dsc({"path_dsc": {"best": {"prostate": 0.5}}})
+    with pytest.raises(InvalidInput, match="organ 'liver'"):
+        path_dsc({"path_dsc": {"seg": {"liver": 0.5}}})
+    with pytest.raises(InvalidInput, match="method 'vote' unknown"):
+        _fusion({"fusion": {"method": "vote"}})
+    # the model card shows the choice and the weights
+    card = model_card({"path_choice": _path_choice(metrics), "fusion": _fusion(metrics)})
+    assert "| prostate | fusion | 0.4, 0.6 |" in card
+    assert "Fusion method: `weighted`" in card
+    assert "0.5, 0.5" in model_card({"path_choice": {"rectum": "fusion"}})
+
+
+def test_bad_fusion_refused_before_export(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="fusion"):
+        export_checkpoint(tiny_net(), tmp_path, metrics={"fusion": {"weights": {"x": [1, 1]}}})
+
+
 def test_bad_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="not found"):
         export_checkpoint(tmp_path / "missing.pt", tmp_path)

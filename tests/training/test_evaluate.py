@@ -129,14 +129,48 @@ def test_predict_pair_shapes_and_report(tmp_path: Path) -> None:
     assert net.training  # mode restored
     seg_only = build("seg", channels=(4, 8, 8))
     report = evaluate({"a": net, "b": seg_only}, pairs, out_dir=tmp_path, window=96)
-    assert {r["path"] for r in report.rows if r["model"] == "a"} == {"seg", "reg"}
+    # a network with both paths is also scored on their fusion
+    assert {r["path"] for r in report.rows if r["model"] == "a"} == {"seg", "reg", "fused"}
     assert {r["path"] for r in report.rows if r["model"] == "b"} == {"seg"}
-    assert len(report.rows) == 3 * 4 * 3
+    assert len(report.rows) == (3 + 1) * 4 * 3
+    assert "| a | fused |" in report.markdown
     md = (tmp_path / "report.md").read_text()
     for title in ("## DSC", "## MSD (mm)", "## HD95 (mm)", "Jacobian", "Wilcoxon"):
         assert title in md
     assert (tmp_path / "metrics.csv").read_text().count("\n") == len(report.rows) + 1
     assert report_markdown(report.rows) == report_markdown(report.rows)
+
+
+def test_fused_path_of_the_evaluation() -> None:
+    from jrs.fusion import FusionSpec
+
+    torch.manual_seed(0)
+    net = build("cross-stitch", channels=(4, 8, 8))
+    pair = synthetic_pair(21, 40)
+    plain = predict_pair(net, pair, window=96)
+    assert plain.seg_logits is None and plain.reg_probs is None  # nothing kept by default
+    pred = predict_pair(net, pair, window=96, keep_soft=True)
+    assert pred.seg_logits is not None and pred.seg_logits.shape == (5, *pair.fixed.shape)
+    assert pred.reg_probs is not None and pred.reg_probs.shape == (5, *pair.fixed.shape)
+    np.testing.assert_allclose(pred.reg_probs.sum(axis=0), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(pred.reg_probs.argmax(axis=0), pred.warped)
+    np.testing.assert_array_equal(pred.seg, plain.seg)
+    np.testing.assert_array_equal(pred.warped, plain.warped)
+    # weights (0, 1): the fused organs are the registration path's (P_reg >= 0.5 = its arg-max
+    # away from ties), post-processed
+    reg_only = FusionSpec(
+        weights=dict.fromkeys(("bladder", "rectum", "seminal_vesicles", "prostate"), (0.0, 1.0))
+    )
+    no_fusion = evaluate({"a": net}, [pair], window=96, fusion=None)
+    assert {r["path"] for r in no_fusion.rows} == {"seg", "reg"}
+    fused = evaluate({"a": net}, [pair], window=96, fusion=reg_only)
+    by = {(r["path"], r["organ"]): r["dsc"] for r in fused.rows}
+    for organ in (1, 2, 3, 4):
+        assert by[("fused", organ)] == pytest.approx(by[("reg", organ)], abs=0.02)
+    staple = evaluate({"a": net}, [pair], window=96, fusion="staple")
+    assert {r["path"] for r in staple.rows} == {"seg", "reg", "fused"}
+    with pytest.raises(InvalidInput, match="fusion method"):
+        evaluate({"a": net}, [pair], window=96, fusion="vote")
 
 
 @pytest.mark.slow
