@@ -29,6 +29,7 @@ The one function the command line, batch re-contouring and the REST service all 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -890,10 +891,9 @@ def recontour(
     )
     del u_taper
     t = lap("dvf", t)
-    # the DVF and the DICOM REG are written in the background, beside propagation, QA and the
-    # RTSTRUCT, into a hidden folder of out_dir; they are moved into place once everything else
-    # succeeded. On a failure the folder goes with the closure that holds it (after the writer
-    # finished), so no partial output is left behind.
+    # every output is written into a hidden folder of out_dir and moved into place once all of
+    # them exist (the folder is removed on a failure: no partial output is left behind); the DVF
+    # and the DICOM REG in the background from now on, beside propagation, QA and the RTSTRUCT
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = tempfile.TemporaryDirectory(dir=out_dir, prefix=".jrs-fields-")
 
@@ -906,132 +906,163 @@ def recontour(
     field_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-fields")
     fields_job = field_writer.submit(write_fields)
     field_writer.shutdown(wait=False)
-    del write_fields
-
-    # daily masks: organs from the chosen labels, every other ROI through the full mapping, each
-    # only where it can land (its own box; the network box is all the labels can cover)
-    daily_geom = daily.volume.geometry
-    network_box = _index_box(daily_geom, pair.grid.corners(), 0.0)
-    chosen_daily = np.zeros(daily_geom.shape, np.uint8)
-    organs_box = _nonzero_box(chosen, 2)
-    if organs_box is not None:
-        organs = _crop(Volume(chosen, pair.grid), organs_box)
-        target = _index_box(daily_geom, organs.geometry.corners(), 0.0)
-        if target is not None:
-            chosen_daily[target] = organs.resample(_sub_grid(daily_geom, target), "label", 0).array
-    organ_of_name = {name: lab for lab, name in used.items()}
-    # the other ROIs are resampled two at a time (SimpleITK and numpy release the GIL)
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="jrs-propagate") as pool:
-        jobs = {
-            name: pool.submit(
-                propagate_mask, mask, daily_geom, prealign.transform, full, network_box, reach_mm
-            )
-            for name, mask in planning_masks.items()
-            if name not in organ_of_name
-        }
-        daily_masks: dict[str, npt.NDArray[np.bool_]] = {
-            name: chosen_daily == organ_of_name[name]
-            if name in organ_of_name
-            else jobs[name].result()
-            for name in planning_masks
-        }
-    t = lap("propagate", t)
-
-    # QA
-    meta = backend.metadata if backend is not None else {}
-    # image evidence per organ (model-independent): daily CT vs planning CT mapped onto it, and
-    # the centroid's shift from the pre-alignment; inside each organ's bounding box only
-    evidence = image_evidence(
-        pair.fixed,
-        pair.moving,
-        u_box.array,
-        pair.grid,
-        chosen,
-        pair.moving_labels,
-        used,
-        hu_per_unit=HU_SCALE,
-    )
-    structures: list[StructureQa] = []
-    for name, daily_mask in daily_masks.items():
-        organ_label = organ_of_name.get(name)
-        path_dice = None
-        border = False
-        both_valid = True
-        if organ_label is not None:
-            both_valid = len(validated_paths(meta, LABELS[organ_label])) == 2
-            # a fused contour is made of both paths: their disagreement is worth a look
-            both_valid = both_valid or sources.get(organ_label) == "fusion"
-            if paths.segmentation is not None:
-                path_dice = dice(
-                    paths.segmentation == organ_label, paths.registration == organ_label
+    try:
+        # daily masks: organs from the chosen labels, every other ROI through the full mapping,
+        # each only where it can land (its own box; the network box is all the labels can cover)
+        daily_geom = daily.volume.geometry
+        network_box = _index_box(daily_geom, pair.grid.corners(), 0.0)
+        chosen_daily = np.zeros(daily_geom.shape, np.uint8)
+        organs_box = _nonzero_box(chosen, 2)
+        if organs_box is not None:
+            organs = _crop(Volume(chosen, pair.grid), organs_box)
+            target = _index_box(daily_geom, organs.geometry.corners(), 0.0)
+            if target is not None:
+                chosen_daily[target] = organs.resample(
+                    _sub_grid(daily_geom, target), "label", 0
+                ).array
+        organ_of_name = {name: lab for lab, name in used.items()}
+        # the other ROIs are resampled two at a time (SimpleITK and numpy release the GIL)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="jrs-propagate") as pool:
+            jobs = {
+                name: pool.submit(
+                    propagate_mask,
+                    mask,
+                    daily_geom,
+                    prealign.transform,
+                    full,
+                    network_box,
+                    reach_mm,
                 )
-            border = _touches_border(chosen == organ_label)
-        default_source = "iterative" if opts.method == "iterative" else "registration"
-        qa_item = StructureQa(
-            name=name,
-            organ=LABELS[organ_label] if organ_label is not None else None,
-            source=sources.get(organ_label, default_source)
-            if organ_label is not None
-            else default_source,
-            planning_cc=round(volume_cc(planning_masks[name].array, planning.volume.geometry), 3),
-            daily_cc=round(volume_cc(daily_mask, daily_geom), 3),
-            path_dice=None if path_dice is None else round(path_dice, 4),
-            touches_crop_border=border,
-            paths_validated=both_valid,
-            jacobian=organ_jac.get(name),
-            **structure_evidence(evidence.get(organ_label) if organ_label is not None else None),
+                for name, mask in planning_masks.items()
+                if name not in organ_of_name
+            }
+            daily_masks: dict[str, npt.NDArray[np.bool_]] = {
+                name: chosen_daily == organ_of_name[name]
+                if name in organ_of_name
+                else jobs[name].result()
+                for name in planning_masks
+            }
+        t = lap("propagate", t)
+
+        # QA
+        meta = backend.metadata if backend is not None else {}
+        # image evidence per organ (model-independent): daily CT vs planning CT mapped onto it, and
+        # the centroid's shift from the pre-alignment; inside each organ's bounding box only
+        evidence = image_evidence(
+            pair.fixed,
+            pair.moving,
+            u_box.array,
+            pair.grid,
+            chosen,
+            pair.moving_labels,
+            used,
+            hu_per_unit=HU_SCALE,
         )
-        structures.append(flag_structure(qa_item, opts.thresholds))
-    dvf_flags = flag_dvf(jac, opts.thresholds)
-    t = lap("qa", t)
+        structures: list[StructureQa] = []
+        for name, daily_mask in daily_masks.items():
+            organ_label = organ_of_name.get(name)
+            path_dice = None
+            border = False
+            both_valid = True
+            if organ_label is not None:
+                both_valid = len(validated_paths(meta, LABELS[organ_label])) == 2
+                # a fused contour is made of both paths: their disagreement is worth a look
+                both_valid = both_valid or sources.get(organ_label) == "fusion"
+                if paths.segmentation is not None:
+                    path_dice = dice(
+                        paths.segmentation == organ_label, paths.registration == organ_label
+                    )
+                border = _touches_border(chosen == organ_label)
+            default_source = "iterative" if opts.method == "iterative" else "registration"
+            qa_item = StructureQa(
+                name=name,
+                organ=LABELS[organ_label] if organ_label is not None else None,
+                source=sources.get(organ_label, default_source)
+                if organ_label is not None
+                else default_source,
+                planning_cc=round(
+                    volume_cc(planning_masks[name].array, planning.volume.geometry), 3
+                ),
+                daily_cc=round(volume_cc(daily_mask, daily_geom), 3),
+                path_dice=None if path_dice is None else round(path_dice, 4),
+                touches_crop_border=border,
+                paths_validated=both_valid,
+                jacobian=organ_jac.get(name),
+                **structure_evidence(
+                    evidence.get(organ_label) if organ_label is not None else None
+                ),
+            )
+            structures.append(flag_structure(qa_item, opts.thresholds))
+        dvf_flags = flag_dvf(jac, opts.thresholds)
+        t = lap("qa", t)
 
-    # outputs
-    colors = {r.name: r.color for r in structure_set.rois if r.color is not None}
-    types = {r.name: r.interpreted_type for r in structure_set.rois if r.interpreted_type}
-    flagged = [s.name for s in structures if s.flags]
+        # outputs
+        colors = {r.name: r.color for r in structure_set.rois if r.color is not None}
+        types = {r.name: r.interpreted_type for r in structure_set.rois if r.interpreted_type}
+        flagged = [s.name for s in structures if s.flags]
 
-    def review() -> Path:
-        planned = _planned_on_daily(planning_masks, used, prealign.transform, daily_geom)
-        # the review shows the organs and every flagged ROI (the patient's outline aside)
-        external = {
-            r.name for r in structure_set.rois if is_external_roi(r.name, r.interpreted_type)
-        }
-        shown = list(dict.fromkeys([*used.values(), *(n for n in flagged if n not in external)]))
-        shown = shown or [n for n in daily_masks if n not in external and daily_masks[n].any()]
-        organ_masks = {name: daily_masks[name] for name in shown}
-        review_ct, organ_masks, planned = _review_crop(daily.volume, organ_masks, planned)
-        return render_review(
-            review_ct,
-            organ_masks,
+        def review() -> Path:
+            planned = _planned_on_daily(planning_masks, used, prealign.transform, daily_geom)
+            # the review shows the organs and every flagged ROI (the patient's outline aside)
+            external = {
+                r.name for r in structure_set.rois if is_external_roi(r.name, r.interpreted_type)
+            }
+            shown = list(
+                dict.fromkeys([*used.values(), *(n for n in flagged if n not in external)])
+            )
+            shown = shown or [n for n in daily_masks if n not in external and daily_masks[n].any()]
+            organ_masks = {name: daily_masks[name] for name in shown}
+            review_ct, organ_masks, planned = _review_crop(daily.volume, organ_masks, planned)
+            return render_review(
+                review_ct,
+                organ_masks,
+                Path(staging.name) / "review.png",
+                planned=planned,
+                colors=colors,
+                focus=used.get(4),
+                flagged={s.name: s.flags for s in structures if s.flags},
+                title=(
+                    f"jrs {opts.method}: solid = new contours, "
+                    "dashed = planning after pre-alignment"
+                ),
+            )
+
+        # the review (resampling and drawing) runs beside the DICOM writing: both take seconds, and
+        # much of each is spent outside the GIL (SimpleITK, zlib, file I/O)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-review") as pool:
+            review_job = pool.submit(review)
+            staged_rt = Path(staging.name) / "rtstruct.dcm"
+            write_rtstruct(
+                daily_masks,
+                daily,
+                staged_rt,
+                colors=colors,
+                interpreted_types=types,
+                structure_set_label="JRS",
+                series_description=f"jrs re-contoured ({opts.method})",
+            )
+            staged_dvf, staged_reg = fields_job.result()
+            staged_review = review_job.result()
+        # every output was written into the staging folder: now they take their places
+        rt_path, dvf_path, reg_path, review_path = (
+            out_dir / "rtstruct.dcm",
+            out_dir / "dvf.mha",
+            out_dir / "registration.dcm",
             out_dir / "review.png",
-            planned=planned,
-            colors=colors,
-            focus=used.get(4),
-            flagged={s.name: s.flags for s in structures if s.flags},
-            title=f"jrs {opts.method}: solid = new contours, dashed = planning after pre-alignment",
         )
-
-    # the review (resampling and drawing) runs beside the DICOM writing: both take seconds, and
-    # much of each is spent outside the GIL (SimpleITK, zlib, file I/O)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-review") as pool:
-        review_job = pool.submit(review)
-        rt_path = out_dir / "rtstruct.dcm"
-        write_rtstruct(
-            daily_masks,
-            daily,
-            rt_path,
-            colors=colors,
-            interpreted_types=types,
-            structure_set_label="JRS",
-            series_description=f"jrs re-contoured ({opts.method})",
-        )
-        staged_dvf, staged_reg = fields_job.result()
-        dvf_path = out_dir / "dvf.mha"
-        reg_path = out_dir / "registration.dcm"
-        os.replace(staged_dvf, dvf_path)
-        os.replace(staged_reg, reg_path)
+        for staged, final in (
+            (staged_rt, rt_path),
+            (staged_dvf, dvf_path),
+            (staged_reg, reg_path),
+            (staged_review, review_path),
+        ):
+            os.replace(staged, final)
         staging.cleanup()
-        review_path = review_job.result()
+    except BaseException:
+        # nothing half-written stays behind: wait for the field writer, drop its folder
+        concurrent.futures.wait([fields_job])
+        staging.cleanup()
+        raise
     t = lap("write", t)
     times["total"] = round(time.perf_counter() - t_all, 4)
 

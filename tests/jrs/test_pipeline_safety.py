@@ -246,3 +246,29 @@ def test_iterative_method_twice_gives_identical_contours(
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name].array, b[name].array, err_msg=name)
+
+
+@pytest.mark.integration
+def test_a_failure_after_the_field_is_written_leaves_no_partial_output(
+    italian: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DVF and REG are written in the background; a later failure must not leave them."""
+    import jrs.dicom.rtstruct as rtstruct_module
+
+    root, _ = italian
+
+    def broken_writer(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rtstruct_module, "write_rtstruct", broken_writer)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        recontour(
+            root / "planning" / "ct",
+            root / "planning" / "rtstruct.dcm",
+            root / "fraction_1" / "ct",
+            out,
+            backend=ZeroBackend(),
+        )
+    assert out.is_dir()
+    assert sorted(p.name for p in out.iterdir()) == []  # no dvf.mha, registration.dcm, staging
