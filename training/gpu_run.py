@@ -54,7 +54,6 @@ import torch
 from jrs.errors import InvalidInput
 from training.data import PatchBatch, PatchSampler, TrainingPair
 from training.gpu_pack import file_sha256, load_pack
-from training.losses import compute_task_losses
 from training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
 
 if TYPE_CHECKING:
@@ -217,25 +216,8 @@ def probe_loss(trainer: Trainer, batches: Sequence[PatchBatch]) -> float:
         with torch.no_grad():
             for batch in batches:
                 fixed, moving, fixed_labels, moving_labels = trainer._tensors(batch)
-                extras = trainer._extras(batch)
-                with torch.autocast(
-                    trainer.device.type,
-                    dtype=trainer.autocast or torch.float32,
-                    enabled=trainer.autocast is not None,
-                ):
-                    out = trainer.net(fixed, moving, moving_labels)
-                out.seg = {k: v.float() for k, v in out.seg.items()}
-                out.dvf = {k: v.float() for k, v in out.dvf.items()}
-                losses = compute_task_losses(
-                    out,
-                    fixed,
-                    moving,
-                    fixed_labels,
-                    moving_labels,
-                    trainer.tasks,
-                    class_mask=extras["class_mask"],
-                    seg_valid=extras["seg_valid"],
-                    identity=extras["identity"],
+                losses = trainer.forward_losses(
+                    fixed, moving, fixed_labels, moving_labels, trainer._extras(batch)
                 )
                 total = trainer.weighting({t: v.total for t, v in losses.items()})
                 totals.append(float(total))

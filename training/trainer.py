@@ -450,13 +450,26 @@ class Trainer:
             "identity": t(batch.identity, torch.bool),
         }
 
-    def train_step(self) -> dict[str, float]:
-        """Draw a batch, do one optimiser step, and return the logged values of this step."""
-        t_data = time.perf_counter()
-        batch = self.sampler.sample()
-        fixed, moving, fixed_labels, moving_labels = self._tensors(batch)
-        extras = self._extras(batch)
-        self.data_s += time.perf_counter() - t_data
+    def forward_losses(
+        self,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        fixed_labels: torch.Tensor,
+        moving_labels: torch.Tensor,
+        extras: Mapping[str, torch.Tensor | None],
+    ) -> dict[str, TaskLoss]:
+        """The network on one batch (autocast as configured) and its task losses in float32.
+
+        Args:
+            fixed: ``(B, 1, D, H, W)`` daily patches.
+            moving: ``(B, 1, D, H, W)`` pre-aligned planning patches.
+            fixed_labels: ``(B, 1, D, H, W)`` daily labels 0..4.
+            moving_labels: ``(B, 1, D, H, W)`` planning labels 0..4.
+            extras: :meth:`_extras` of the batch (class masks, segmentation validity, identity).
+
+        Returns:
+            Task name -> :class:`TaskLoss`.
+        """
         with torch.autocast(
             self.device.type,
             dtype=self.autocast or torch.float32,
@@ -466,7 +479,7 @@ class Trainer:
         # losses in float32 (NCC and Dice sums are fragile in half precision)
         out.seg = {k: v.float() for k, v in out.seg.items()}
         out.dvf = {k: v.float() for k, v in out.dvf.items()}
-        losses = compute_task_losses(
+        return compute_task_losses(
             out,
             fixed,
             moving,
@@ -477,6 +490,15 @@ class Trainer:
             seg_valid=extras["seg_valid"],
             identity=extras["identity"],
         )
+
+    def train_step(self) -> dict[str, float]:
+        """Draw a batch, do one optimiser step, and return the logged values of this step."""
+        t_data = time.perf_counter()
+        batch = self.sampler.sample()
+        fixed, moving, fixed_labels, moving_labels = self._tensors(batch)
+        extras = self._extras(batch)
+        self.data_s += time.perf_counter() - t_data
+        losses = self.forward_losses(fixed, moving, fixed_labels, moving_labels, extras)
         weights = self.weighting.weights()  # the weights used for this step
         total = self.weighting({t: v.total for t, v in losses.items()})
         if not torch.isfinite(total):
