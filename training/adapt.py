@@ -326,7 +326,7 @@ class BaseModel:
 
     @property
     def path_choice(self) -> dict[str, str]:
-        """Organ -> validated output path (``segmentation`` / ``registration``)."""
+        """Organ -> validated output path (``segmentation`` / ``registration`` / ``fusion``)."""
         return {str(k): str(v) for k, v in (self.metadata.get("path_choice") or {}).items()}
 
     def build(self) -> nn.Module:
@@ -716,26 +716,32 @@ def score_model(
     device: str = "auto",
     engine: str = "auto",
     should_stop: Callable[[], bool] | None = None,
+    fusion: Mapping[str, Any] | None = None,
 ) -> Figures:
     """Score a model folder on held-back pairs as the pipeline would contour them.
 
     Each pair runs through :func:`jrs.inference.load_model` (the deployed engine); the
     segmentation path is the arg-max of the logits, the registration path the moving labels
     warped by the DVF (:func:`jrs.transforms.warp`, ``label``), both post-processed with
-    :func:`jrs.postprocess.keep_largest_components`; the organ's path is the model's
+    :func:`jrs.postprocess.keep_largest_components`; organs whose choice is ``fusion`` are
+    fused from both (:func:`jrs.fusion.fuse`, soft-max and warped one-hot probabilities, with the
+    model's ``fusion`` entry) as the pipeline fuses them; the organ's path is the model's
     ``path_choice`` (``segmentation`` where it names none, as the pipeline).
 
     Args:
         model_dir: The model version folder.
         pairs: Held-back pairs with ``fixed_labels`` (truth).
-        path_choice: Organ key -> ``segmentation`` / ``registration``.
+        path_choice: Organ key -> ``segmentation`` / ``registration`` / ``fusion``.
         organs: Label ids scored.
         device: Inference device.
         engine: Inference engine.
         should_stop: Checked after each pair.
+        fusion: The model's ``metadata.json`` ``fusion`` entry (method and weights; None: the
+            defaults of :class:`jrs.fusion.FusionSpec`).
 
     Returns:
-        Mean DSC / MSD per organ of the chosen path, per-path DSC, per-fraction rows.
+        Mean DSC / MSD per organ of the chosen path, per-path DSC (``fusion``: the fused
+        organs only), per-fraction rows.
     """
     from jrs.inference import load_model
     from jrs.metrics import dice, surface_distances
@@ -746,6 +752,7 @@ def score_model(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, device=device, engine=engine)
+    fused = [lab for lab in organs if path_choice.get(LABELS[lab]) == "fusion"]
     rows: list[dict[str, Any]] = []
     by_path: dict[str, dict[str, list[float]]] = {}
     for pair in pairs:
@@ -757,10 +764,14 @@ def score_model(
         paths = {"registration": keep_largest_components(np.asarray(warped, np.uint8))}
         if pred.seg_logits is not None:
             paths["segmentation"] = keep_largest_components(pred.labels)
+            if fused:
+                paths["fusion"] = _fused_labels(paths, pred, pair, dvf, geo, fused, fusion)
         truth = np.asarray(pair.fixed_labels)
         for lab in organs:
             organ = LABELS[lab]
             for name, labels in paths.items():
+                if name == "fusion" and lab not in fused:
+                    continue
                 by_path.setdefault(name, {}).setdefault(organ, []).append(
                     dice(labels == lab, truth == lab)
                 )
@@ -788,6 +799,41 @@ def score_model(
         p: {o: round(float(np.mean(v)), 4) for o, v in d.items()} for p, d in by_path.items()
     }
     return figs
+
+
+def _fused_labels(
+    paths: Mapping[str, npt.NDArray[np.uint8]],
+    pred: Any,
+    pair: TrainingPair,
+    dvf: npt.NDArray[np.float32],
+    geo: Geometry,
+    organs: Sequence[int],
+    fusion: Mapping[str, Any] | None,
+) -> npt.NDArray[np.uint8]:
+    """The fused organs of one pair, as :func:`jrs.pipeline` fuses them.
+
+    Args:
+        paths: ``segmentation`` and ``registration`` label maps ``(nz, ny, nx)``.
+        pred: The engine's prediction (``seg_logits`` ``(5, nz, ny, nx)``).
+        pair: The pair (its pre-aligned ``moving_labels``).
+        dvf: ``(nz, ny, nx, 3)`` pull displacement on ``geo`` (voxels = mm here).
+        geo: The pair's unit grid.
+        organs: Label ids to fuse.
+        fusion: The model's ``fusion`` metadata entry.
+
+    Returns:
+        ``(nz, ny, nx)`` uint8 map holding the fused organs only.
+    """
+    from jrs.fusion import FusionSpec, fuse, softmax_source, warped_probability
+
+    return fuse(
+        paths["segmentation"],
+        paths["registration"],
+        organs,
+        FusionSpec.from_json(fusion),
+        seg_probability=softmax_source(pred.seg_logits),
+        reg_probability=warped_probability(np.asarray(pair.moving_labels), dvf, geo),
+    )
 
 
 def decide(base: Figures, adapted: Figures, tolerance: float = 0.0) -> tuple[bool, str]:
@@ -1237,6 +1283,7 @@ def adapt(
                 device=opts.device,
                 engine=opts.engine,
                 should_stop=stop_here,
+                fusion=base_model.metadata.get("fusion"),
             )
             state.base = figs.as_dict()
             timed("base_validation", t)
@@ -1314,7 +1361,15 @@ def adapt(
                     "tasks": list(trainer.tasks),
                     "torch_version": torch.__version__,
                 },
-                metrics={"path_choice": base_model.path_choice},
+                metrics={
+                    "path_choice": base_model.path_choice,
+                    # the base model's fusion method and weights, as validated for it
+                    **(
+                        {"fusion": base_model.metadata["fusion"]}
+                        if base_model.metadata.get("fusion")
+                        else {}
+                    ),
+                },
                 weighting=weighting,
             )
             timed("export", t)
@@ -1333,6 +1388,7 @@ def adapt(
                 device=opts.device,
                 engine=opts.engine,
                 should_stop=stop_here,
+                fusion=base_model.metadata.get("fusion"),
             )
             state.adapted = figs.as_dict()
             timed("validation", t)

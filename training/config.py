@@ -29,6 +29,7 @@ from jrs.errors import InvalidInput
 
 __all__ = [
     "DataConfig",
+    "LossConfig",
     "NetworkConfig",
     "PhantomSource",
     "ScheduleConfig",
@@ -137,6 +138,19 @@ class ScheduleConfig(_Strict):
     horizon: int | None = Field(default=None, ge=1)
 
 
+class LossConfig(_Strict):
+    """Options of the task losses (METHOD.md, Losses; the defaults are the paper's formulas).
+
+    Attributes:
+        reg_dice_classes: Classes of ``L_regDSC`` per level and sample: ``known`` (every class
+            delineated in the scan, the paper's mean; a class outside the patch adds a constant)
+            or ``present`` (only the classes that occur in the level's region of the fixed or
+            moving labels; a documented deviation, see ``training.losses.reg_dsc_loss``).
+    """
+
+    reg_dice_classes: Literal["known", "present"] = "known"
+
+
 class ValidationConfig(_Strict):
     """Held-out pairs and how often to validate.
 
@@ -227,6 +241,7 @@ class TrainConfig(_Strict):
             weights and optimiser state stay fp32), ``fp32``, or ``auto`` (bf16 where the CPU has
             AMX or AVX512-BF16, else fp32).
         schedule: Learning-rate schedule.
+        losses: Options of the task losses.
         num_threads: CPU threads for torch (``None``: torch's default).
         tensorboard: Also write TensorBoard event files.
         output_dir: Run folder (checkpoints, logs, plots).
@@ -251,6 +266,7 @@ class TrainConfig(_Strict):
     amp: bool = True
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
+    losses: LossConfig = Field(default_factory=lambda: LossConfig())
     num_threads: int | None = Field(default=None, ge=1)
     tensorboard: bool = True
     output_dir: Path = Path("runs/default")

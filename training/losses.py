@@ -58,6 +58,7 @@ __all__ = [
     "deep_supervision",
     "dice_loss",
     "ncc_loss",
+    "present_classes",
     "reg_dsc_loss",
     "reg_loss",
     "seg_loss",
@@ -332,19 +333,40 @@ def reg_loss(
     )
 
 
+def present_classes(*one_hots: torch.Tensor) -> torch.Tensor:
+    """Which classes occur in a sample of any of the given one-hot maps.
+
+    Args:
+        *one_hots: ``(B, K, d, h, w)`` one-hot maps of the same shape.
+
+    Returns:
+        ``(B, K)`` float 1 where class k has at least one voxel in sample b of any map, else 0.
+    """
+    hits = torch.stack([t.flatten(2).sum(dim=2) > 0 for t in one_hots]).any(dim=0)
+    return hits.to(one_hots[0].dtype)
+
+
 def reg_dsc_loss(
     dvf: Mapping[str, torch.Tensor],
     fixed_labels: torch.Tensor,
     moving_labels: torch.Tensor,
     class_mask: torch.Tensor | None = None,
+    present_only: bool = False,
 ) -> TaskLoss:
     """``L_regDSC``: soft Dice of the trilinearly warped one-hot moving labels vs fixed labels.
+
+    With ``present_only`` each level's Dice runs only over the classes that occur in that level's
+    output region of the fixed or the moving labels of a sample. A class outside the region
+    otherwise adds a constant Dice of 0 to the mean: no gradient, yet it dilutes the gradient of
+    the classes that are there (on a 64^3 patch the high level sees 24^3 voxels, which often hold
+    one or two organs). A documented deviation (METHOD.md, docs/training.md).
 
     Args:
         dvf: level -> ``(B, 3, d, h, w)`` displacement in voxels of the level grid, (x, y, z).
         fixed_labels: ``S_f`` ``(B, 1, n, n, n)`` label ids.
         moving_labels: ``S_m`` ``(B, 1, n, n, n)`` label ids.
         class_mask: ``(B, 5)`` classes delineated per sample (see :func:`dice_loss`).
+        present_only: Restrict each level's Dice to the classes present in its region.
 
     Returns:
         :class:`TaskLoss` (differentiable in ``dvf``).
@@ -352,14 +374,14 @@ def reg_dsc_loss(
     _check_levels(dvf, "dvf")
     target = one_hot(fixed_labels, NUM_CLASSES)
     source = one_hot(moving_labels, NUM_CLASSES)
-    per_level = {
-        k: dice_loss(
-            warp(crop_to_level(source, k), dvf[k]),
-            crop_to_level(target, k),
-            class_mask=class_mask,
-        )
-        for k in LEVELS
-    }
+    per_level: dict[str, torch.Tensor] = {}
+    for k in LEVELS:
+        t, s = crop_to_level(target, k), crop_to_level(source, k)
+        mask = class_mask
+        if present_only:
+            here = present_classes(t, s)
+            mask = here if class_mask is None else class_mask.to(here.dtype) * here
+        per_level[k] = dice_loss(warp(s, dvf[k]), t, class_mask=mask)
     return TaskLoss(total=deep_supervision(per_level), per_level=per_level)
 
 
@@ -375,6 +397,7 @@ def compute_task_losses(
     seg_valid: torch.Tensor | None = None,
     identity: torch.Tensor | None = None,
     identity_weight: float = IDENTITY_WEIGHT,
+    reg_dice_present_only: bool = False,
 ) -> dict[str, TaskLoss]:
     """Compute the requested task losses from a network output.
 
@@ -390,6 +413,8 @@ def compute_task_losses(
             randomised pairs): left out of ``L_seg``; ``None``: all valid.
         identity: ``(B,)`` bool identity samples (zero true field), see :func:`reg_loss`.
         identity_weight: Weight of their zero-field term.
+        reg_dice_present_only: ``L_regDSC`` over the classes present per level and sample only
+            (see :func:`reg_dsc_loss`).
 
     Returns:
         Task name -> :class:`TaskLoss`, in the order of ``tasks``.
@@ -424,6 +449,10 @@ def compute_task_losses(
             )
         else:
             losses[task] = reg_dsc_loss(
-                output.dvf, fixed_labels, moving_labels, class_mask=class_mask
+                output.dvf,
+                fixed_labels,
+                moving_labels,
+                class_mask=class_mask,
+                present_only=reg_dice_present_only,
             )
     return losses

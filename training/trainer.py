@@ -408,6 +408,18 @@ class Trainer:
                 f"{path}: checkpoint of network {ckpt['network']['name']!r}, config asks for "
                 f"{self.config.network.name!r}"
             )
+        from training.phase import network_overrides
+
+        name = self.config.network.name
+        trained = network_overrides(name, ckpt["network"].get("overrides") or {})
+        asked = network_overrides(name, self.config.network.overrides)
+        if trained != asked:
+            diff = {k: [trained.get(k), asked.get(k)] for k in asked if trained.get(k) != asked[k]}
+            raise InvalidInput(
+                f"{path}: trained with other network settings than the config asks for "
+                f"(setting: [checkpoint, config]) {diff}; to change them mid-campaign run "
+                "python -m training.phase --config CONFIG, which converts the checkpoint"
+            )
         self.net.load_state_dict(ckpt["model"])
         self.weighting.load_state_dict(ckpt["weighting"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -489,6 +501,7 @@ class Trainer:
             class_mask=extras["class_mask"],
             seg_valid=extras["seg_valid"],
             identity=extras["identity"],
+            reg_dice_present_only=self.config.losses.reg_dice_classes == "present",
         )
 
     def train_step(self) -> dict[str, float]:

@@ -23,6 +23,7 @@ from training.adapt import (
     decide,
     read_progress,
     resolve_base,
+    score_model,
 )
 from training.weights import WEIGHTS_FILE, load_weights
 
@@ -99,6 +100,24 @@ def test_export_writes_the_weights_adaptation_needs(base_dir: Path) -> None:
     assert "Torch weights" in (base_dir / "MODEL_CARD.md").read_text()
     base = resolve_base(base_dir)
     assert base.weights_source == WEIGHTS_FILE and base.path_choice == PATH_CHOICE
+
+
+def test_scoring_fuses_the_organs_whose_choice_is_fusion(base_dir: Path) -> None:
+    from training.synthetic import synthetic_pair
+
+    pairs = [synthetic_pair(3, 48)]
+    organs = [1, 2, 3, 4]
+    choice = {**PATH_CHOICE, "prostate": "fusion"}
+    reg_only = {"method": "weighted", "weights": {"prostate": [0.0, 1.0]}}
+    got = score_model(base_dir, pairs, choice, organs, device="cpu", fusion=reg_only)
+    assert set(got.paths["fusion"]) == {"prostate"}  # only the fused organ has a fused figure
+    assert got.dsc["prostate"] == got.paths["fusion"]["prostate"]  # the chosen path is fusion
+    # all weight on the registration path: the fused organ is the warped planning organ
+    assert got.paths["fusion"]["prostate"] == pytest.approx(
+        got.paths["registration"]["prostate"], abs=0.02
+    )
+    plain = score_model(base_dir, pairs, PATH_CHOICE, organs, device="cpu")
+    assert "fusion" not in plain.paths
 
 
 def test_a_model_without_weights_finds_its_training_checkpoint(

@@ -59,24 +59,32 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "channels": DEFAULT_CHANNELS,
         "seg_head": False,
         "reg_head": True,
+        "dvf_scale": 1.0,
     },
     "jrs-reg": {
         "inputs": ("fixed", "moving", "moving_labels"),
         "channels": DEFAULT_CHANNELS,
         "seg_head": False,
         "reg_head": True,
+        "dvf_scale": 1.0,
     },
     "dense": {
         "inputs": ("fixed", "moving", "moving_labels"),
         "channels": DEFAULT_CHANNELS,
         "seg_head": True,
         "reg_head": True,
+        "dvf_scale": 1.0,
     },
-    "sedd": {"inputs": ("fixed", "moving", "moving_labels"), "channels": SEDD_CHANNELS},
+    "sedd": {
+        "inputs": ("fixed", "moving", "moving_labels"),
+        "channels": SEDD_CHANNELS,
+        "dvf_scale": 1.0,
+    },
     "cross-stitch": {
         "seg_inputs": ("fixed",),
         "reg_inputs": ("fixed", "moving", "moving_labels"),
         "channels": CROSS_STITCH_CHANNELS,
+        "dvf_scale": 1.0,
     },
 }
 
@@ -97,7 +105,9 @@ def build(name: str, **overrides: Any) -> nn.Module:
         name: One of :data:`NETWORK_NAMES`.
         **overrides: Constructor arguments replacing the defaults, e.g. ``channels=(8, 16, 32)``,
             ``inputs=("fixed", "moving")`` (single U-Net networks and SEDD) or
-            ``seg_inputs=(...)``, ``reg_inputs=(...)`` (cross-stitch).
+            ``seg_inputs=(...)``, ``reg_inputs=(...)`` (cross-stitch), ``dvf_scale=10.0``
+            (networks with DVF heads: a fixed output scale, see
+            :class:`~training.networks.blocks.Head`).
 
     Returns:
         The initialised network (train mode), whose forward returns a :class:`NetworkOutput`.

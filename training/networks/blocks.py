@@ -105,20 +105,36 @@ def center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 class Head(nn.Module):
-    """Plain 1x1x1 convolution head (no activation).
+    """1x1x1 convolution head (no activation), optionally with a fixed output scale.
 
     Maps ``(B, C_in, D, H, W) -> (B, C_out, D, H, W)``: 5 segmentation logits or 3 displacement
-    components.
+    components. With ``scale != 1`` the output is ``scale * conv(x)`` and the convolution is
+    initialised with weights ``N(0, 0.02 / scale)``: the initial outputs are distributed as with
+    ``scale = 1``, but each optimiser step moves the output ``scale`` times as far (a per-head
+    learning-rate multiplier that survives Adam's gradient normalisation). The scale is a
+    constructor argument, not a parameter: state dicts are the same for every scale.
+
+    Args:
+        in_channels: ``C_in``.
+        out_channels: ``C_out``.
+        scale: Fixed output multiplier (> 0; 1: the plain head of the paper).
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, scale: float = 1.0) -> None:
         super().__init__()
+        if not scale > 0:
+            raise ValueError(f"head scale must be > 0, got {scale}")
+        self.scale = float(scale)
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=True)
         init_conv(self.conv)
+        if self.scale != 1.0:
+            with torch.no_grad():
+                self.conv.weight.div_(self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the 1x1x1 convolution to ``x`` of shape ``(B, C_in, D, H, W)``."""
-        return self.conv(x)
+        """Apply the head to ``x`` of shape ``(B, C_in, D, H, W)``."""
+        y = self.conv(x)
+        return y * self.scale if self.scale != 1.0 else y
 
 
 class CrossStitch(nn.Module):

@@ -41,6 +41,8 @@ class CrossStitchNet(nn.Module):
         seg_inputs: Input names of the segmentation branch, in channel order.
         reg_inputs: Input names of the registration branch, in channel order.
         channels: ``(c0, c1, c2)`` of each branch.
+        dvf_scale: Fixed output scale of the DVF heads (1: the paper's heads; see
+            :class:`~training.networks.blocks.Head`).
     """
 
     has_seg = True
@@ -51,6 +53,7 @@ class CrossStitchNet(nn.Module):
         seg_inputs: Sequence[str] = ("fixed",),
         reg_inputs: Sequence[str] = ("fixed", "moving", "moving_labels"),
         channels: Sequence[int] = CROSS_STITCH_CHANNELS,
+        dvf_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if len(channels) != 3:
@@ -76,7 +79,7 @@ class CrossStitchNet(nn.Module):
             }
         )
         self.seg_heads = make_heads(self.channels, NUM_CLASSES)
-        self.dvf_heads = make_heads(self.channels, NUM_DVF)
+        self.dvf_heads = make_heads(self.channels, NUM_DVF, dvf_scale)
 
     def cross_stitch_alphas(self) -> dict[str, torch.Tensor]:
         """The four cross-stitch matrices, detached, for logging.

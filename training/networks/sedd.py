@@ -35,6 +35,8 @@ class SEDD(nn.Module):
     Args:
         inputs: Input names in channel order (default ``I_f, I_m, S_m``).
         channels: ``(c0, c1, c2)``.
+        dvf_scale: Fixed output scale of the DVF heads (see
+            :class:`~training.networks.blocks.Head`).
     """
 
     has_seg = True
@@ -44,6 +46,7 @@ class SEDD(nn.Module):
         self,
         inputs: Sequence[str] = ("fixed", "moving", "moving_labels"),
         channels: Sequence[int] = SEDD_CHANNELS,
+        dvf_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if len(channels) != 3:
@@ -54,7 +57,7 @@ class SEDD(nn.Module):
         self.seg_decoder = UNetDecoder(self.channels)
         self.reg_decoder = UNetDecoder(self.channels)
         self.seg_heads = make_heads(self.channels, NUM_CLASSES)
-        self.dvf_heads = make_heads(self.channels, NUM_DVF)
+        self.dvf_heads = make_heads(self.channels, NUM_DVF, dvf_scale)
 
     def forward(
         self,

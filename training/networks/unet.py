@@ -266,9 +266,17 @@ def level_channels(channels: Sequence[int]) -> dict[str, int]:
     return {"low": channels[2], "mid": channels[1], "high": channels[0]}
 
 
-def make_heads(channels: Sequence[int], out_channels: int) -> nn.ModuleDict:
-    """One 1x1x1 head per level mapping the level's features to ``out_channels``."""
-    return nn.ModuleDict({k: Head(c, out_channels) for k, c in level_channels(channels).items()})
+def make_heads(channels: Sequence[int], out_channels: int, scale: float = 1.0) -> nn.ModuleDict:
+    """One 1x1x1 head per level mapping the level's features to ``out_channels``.
+
+    Args:
+        channels: ``(c0, c1, c2)`` of the network.
+        out_channels: Output channels of every head.
+        scale: Fixed output scale of every head (see :class:`~training.networks.blocks.Head`).
+    """
+    return nn.ModuleDict(
+        {k: Head(c, out_channels, scale) for k, c in level_channels(channels).items()}
+    )
 
 
 class UNetNetwork(nn.Module):
@@ -283,6 +291,8 @@ class UNetNetwork(nn.Module):
         channels: ``(c0, c1, c2)``.
         seg_head: Whether to attach 5-class segmentation heads.
         reg_head: Whether to attach 3-component DVF heads.
+        dvf_scale: Fixed output scale of the DVF heads (1: the paper's heads; see
+            :class:`~training.networks.blocks.Head`).
     """
 
     def __init__(
@@ -291,6 +301,7 @@ class UNetNetwork(nn.Module):
         channels: Sequence[int] = DEFAULT_CHANNELS,
         seg_head: bool = True,
         reg_head: bool = False,
+        dvf_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not (seg_head or reg_head):
@@ -302,7 +313,7 @@ class UNetNetwork(nn.Module):
         self.encoder = UNetEncoder(len(self.inputs), self.channels)
         self.decoder = UNetDecoder(self.channels)
         self.seg_heads = make_heads(self.channels, NUM_CLASSES) if seg_head else None
-        self.dvf_heads = make_heads(self.channels, NUM_DVF) if reg_head else None
+        self.dvf_heads = make_heads(self.channels, NUM_DVF, dvf_scale) if reg_head else None
 
     @property
     def has_seg(self) -> bool:
