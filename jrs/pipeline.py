@@ -35,7 +35,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +70,46 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Path_ = Literal["segmentation", "registration", "fusion"]
+#: The output paths a path choice may name.
+PATHS: tuple[str, ...] = ("segmentation", "registration", "fusion")
+
+
+def parse_path_choice(
+    values: Iterable[str] | None, source: str = "--path-choice"
+) -> dict[str, str]:
+    """Parse ``ORGAN=PATH`` items (comma-separated or repeated) into organ key -> path.
+
+    ``ORGAN`` is an organ key (``prostate``, ``seminal_vesicles``, ``rectum``, ``bladder``) or
+    ``all``; ``PATH`` is ``segmentation``, ``registration`` or ``fusion``. Later items win.
+
+    Args:
+        values: The items, e.g. ``["all=registration", "prostate=fusion"]`` or
+            ``["all=registration,prostate=fusion"]``.
+        source: Where they come from (``--path-choice``, ``JRS_PATH_CHOICE``), for errors.
+
+    Returns:
+        Organ key -> path (empty for no items).
+
+    Raises:
+        InvalidInput: For an item that is not ``ORGAN=PATH`` with a known organ and path.
+    """
+    from jrs.labels import LABELS
+
+    organs = list(LABELS.values())
+    out: dict[str, str] = {}
+    for item in (part.strip() for value in values or [] for part in value.split(",")):
+        if not item:
+            continue
+        organ, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or path not in PATHS or organ not in (*organs, "all"):
+            raise InvalidInput(
+                f"{source} {item!r}: expected ORGAN=PATH with ORGAN one of "
+                f"{', '.join(organs)} or all, and PATH one of {', '.join(PATHS)}"
+            )
+        out.update(dict.fromkeys(organs, path) if organ == "all" else {organ: path})
+    return out
+
+
 TAPER_MM = 10.0
 #: Default spacing of the written DVF (``dvf.mha``, ``registration.dcm``), mm.
 DEFAULT_DVF_SPACING_MM = 3.0

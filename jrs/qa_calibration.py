@@ -566,14 +566,31 @@ def _seed_parts(spec: CaseSpec) -> list[int]:
     return [spec.seed, spec.fraction, int(hashlib.sha1(spec.case_id.encode()).hexdigest()[:8], 16)]
 
 
-def _other_path(metadata: Mapping[str, Any]) -> dict[str, str]:
+def other_path(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """Per organ, the output path a model does not choose (the ``other_path`` population).
+
+    ``segmentation`` <-> ``registration``; for an organ the model fuses, the path its fusion
+    weights trust less (the registration path on a tie), i.e. the worse of the two alone.
+
+    Args:
+        metadata: The model's ``metadata.json`` content (``path_choice``, ``fusion``).
+
+    Returns:
+        Organ key -> ``segmentation`` or ``registration``.
+    """
+    from jrs.fusion import FusionSpec
     from jrs.labels import LABELS
 
     choice = metadata.get("path_choice") or {}
+    spec = FusionSpec.from_metadata(metadata)
     out = {}
     for organ in (v for k, v in LABELS.items() if k > 0):
         own = choice.get(organ, "segmentation")
-        out[organ] = "registration" if own == "segmentation" else "segmentation"
+        if own == "fusion":
+            w_seg, w_reg = spec.weights_for(organ)
+            out[organ] = "segmentation" if w_seg < w_reg else "registration"
+        else:
+            out[organ] = "registration" if own == "segmentation" else "segmentation"
     return out
 
 
@@ -616,7 +633,7 @@ def run_population(
     perturbation: dict[str, Any] = {}
     perturb = None
     if population == "other_path" and backend is not None:
-        opts.path_choice = _other_path(backend.metadata)  # type: ignore[assignment]
+        opts.path_choice = other_path(backend.metadata)  # type: ignore[assignment]
         perturbation["path_choice"] = dict(opts.path_choice)
     elif population == "dvf_noise":
         perturb, perturbation = _dvf_noise(_seed_parts(spec))
@@ -1875,6 +1892,7 @@ __all__ = [
     "flags_of",
     "label_contour",
     "load_records",
+    "other_path",
     "rates",
     "report_markdown",
     "run_qa_calibration",

@@ -275,31 +275,6 @@ def rois(
             typer.echo("plausibility: every check passed")
 
 
-def _parse_path_choice(values: list[str] | None) -> dict[str, str]:
-    """``--path-choice`` values (``ORGAN=PATH``, comma-separated or repeated) -> organ -> path.
-
-    ``ORGAN`` is an organ key (``prostate``, ``seminal_vesicles``, ``rectum``, ``bladder``) or
-    ``all``; ``PATH`` is ``segmentation``, ``registration`` or ``fusion``. Later items win.
-    """
-    from jrs.errors import InvalidInput
-    from jrs.labels import LABELS
-
-    paths = ("segmentation", "registration", "fusion")
-    organs = list(LABELS.values())
-    out: dict[str, str] = {}
-    for item in (part.strip() for value in values or [] for part in value.split(",")):
-        if not item:
-            continue
-        organ, sep, path = (x.strip() for x in item.partition("="))
-        if not sep or path not in paths or organ not in (*organs, "all"):
-            raise InvalidInput(
-                f"--path-choice {item!r}: expected ORGAN=PATH with ORGAN one of "
-                f"{', '.join(organs)} or all, and PATH one of {', '.join(paths)}"
-            )
-        out.update(dict.fromkeys(organs, path) if organ == "all" else {organ: path})
-    return out
-
-
 def _recontour_options(
     model: Path | None,
     device: str,
@@ -313,7 +288,7 @@ def _recontour_options(
     from jrs.errors import InvalidInput
     from jrs.inference import check_engine_options
     from jrs.labels import SynonymTable
-    from jrs.pipeline import DEFAULT_DVF_SPACING_MM, RecontourOptions
+    from jrs.pipeline import DEFAULT_DVF_SPACING_MM, RecontourOptions, parse_path_choice
 
     if method not in ("network", "iterative"):
         raise InvalidInput(f"--method {method!r} unknown; use network or iterative")
@@ -333,7 +308,7 @@ def _recontour_options(
         precision=precision,
         synonyms=SynonymTable.from_yaml(synonyms) if synonyms is not None else None,
         dvf_spacing_mm=spacing,
-        path_choice=_parse_path_choice(path_choice),  # type: ignore[arg-type]
+        path_choice=parse_path_choice(path_choice),  # type: ignore[arg-type]
     )
 
 
@@ -508,6 +483,7 @@ def batch(
     adapt_minutes: Annotated[
         float, typer.Option("--adapt-minutes", min=0.01, help="--adapt: budget per patient, min.")
     ] = 15.0,
+    path_choice: PathChoiceOpt = None,
 ) -> None:
     """Re-contour every fraction of a manifest; resumable; a failing row never stops the others.
 
@@ -521,8 +497,16 @@ def batch(
 
     from jrs.batch import group_rows, read_manifest, run_batch, select_shard, status_file_name
     from jrs.batch import select_shard_groups as shard_groups
+    from jrs.errors import InvalidInput
 
-    opts = _recontour_options(model, device, method, synonyms, dvf_spacing, engine, precision)
+    if path_choice and server is not None:
+        raise InvalidInput(
+            "--path-choice applies to rows run here; a service uses its operator's setting "
+            "(JRS_PATH_CHOICE, or the model's validated choice)"
+        )
+    opts = _recontour_options(
+        model, device, method, synonyms, dvf_spacing, engine, precision, path_choice
+    )
     rows = read_manifest(manifest)
     local_adapt = adapt and server is None  # with --server, the service adapts per patient
     if local_adapt:

@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
             engine=settings.engine,
             precision=settings.precision,
             synonyms=settings.synonym_table,
+            path_choice=settings.path_choices,
         )
     )
     job_runner = PatientAwareRunner(job_runner, settings)  # patient fractions: patient model

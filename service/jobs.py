@@ -132,6 +132,8 @@ class PipelineRunner:
         precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``).
         synonyms: the site's ROI-name synonym table (`jrs.labels.SynonymTable`, ``JRS_SYNONYMS``);
             None: the built-in table.
+        path_choice: the site's output path per organ (``JRS_PATH_CHOICE``); organs not named
+            keep the model's validated choice.
     """
 
     def __init__(
@@ -144,9 +146,11 @@ class PipelineRunner:
         engine: str = "auto",
         precision: str = "auto",
         synonyms: Any = None,
+        path_choice: dict[str, str] | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.synonyms = synonyms
+        self.path_choice = dict(path_choice or {})
         self.device = device
         self.margin_mm = margin_mm
         self.dvf_spacing_mm = dvf_spacing_mm or None
@@ -182,7 +186,7 @@ class PipelineRunner:
                 dvf_spacing_mm=self.dvf_spacing_mm,
             )
             # set apart: a pipeline without engines (older, or a test double) still loads
-            for name in ("engine", "precision", "synonyms"):
+            for name in ("engine", "precision", "synonyms", "path_choice"):
                 if hasattr(options, name):
                     setattr(options, name, getattr(self, name))
             backend = pipeline.load_backend(options)

@@ -987,6 +987,8 @@ class PatientAwareRunner:
                 setattr(options, name, getattr(self.settings, name))
         if hasattr(options, "synonyms"):  # the site's ROI names (JRS_SYNONYMS)
             options.synonyms = self.settings.synonym_table
+        if hasattr(options, "path_choice"):  # the site's output paths (JRS_PATH_CHOICE)
+            options.path_choice = self.settings.path_choices
         with self._lock:
             backend = self._backends.pop(model_dir, None)
             if backend is None:

@@ -7,6 +7,7 @@ Example::
     JRS_MAX_CONCURRENT_JOBS=2
     JRS_QUEUE_SIZE=8
     JRS_SYNONYMS=/etc/jrs/synonyms.yaml   # the site's ROI names (as ``jrs ... --synonyms FILE``)
+    JRS_PATH_CHOICE=prostate=fusion       # output path per organ (as ``jrs ... --path-choice``)
 
 The service refuses to start without at least one API key unless ``JRS_INSECURE_DEV=1``, and with
 a synonym file it cannot read or that is not a valid synonym table.
@@ -86,6 +87,11 @@ class Settings(BaseSettings):
             table), loaded once at start-up; every job, every patient's planning check and every
             adaptation uses it. A file that cannot be read or is not a valid table stops the
             start-up with an error naming it.
+        path_choice: the site's output path per organ (``JRS_PATH_CHOICE``, ``ORGAN=PATH``
+            items, comma-separated, as ``jrs recontour --path-choice``: e.g.
+            ``all=registration,prostate=fusion``); organs not named keep the model's validated
+            choice. Every job and every patient fraction uses it; an invalid item stops the
+            start-up with an error naming it.
     """
 
     model_config = SettingsConfigDict(
@@ -131,6 +137,8 @@ class Settings(BaseSettings):
     patient_retention_days: float = Field(default=30.0, gt=0)
     synonyms: Path | None = None
     _synonym_table: Any = PrivateAttr(default=None)
+    path_choice: str = ""
+    _path_choice: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -191,6 +199,24 @@ class Settings(BaseSettings):
                 "a YAML mapping of organ keys to lists of ROI names, e.g. 'prostate: [CTVp]')"
             ) from exc
         return self
+
+    @model_validator(mode="after")
+    def _parse_path_choice(self) -> Settings:
+        if not self.path_choice.strip():
+            return self
+        from jrs.errors import JrsError
+        from jrs.pipeline import parse_path_choice
+
+        try:
+            self._path_choice = parse_path_choice([self.path_choice], "JRS_PATH_CHOICE item")
+        except JrsError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+    @property
+    def path_choices(self) -> dict[str, str]:
+        """Organ key -> path of ``JRS_PATH_CHOICE`` (empty: the model's choice everywhere)."""
+        return dict(self._path_choice)
 
     @property
     def synonym_table(self) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -439,8 +440,9 @@ def test_pipeline_refuses_an_unknown_path_choice(phantom_case: tuple, tmp_path: 
 def test_cli_path_choice_is_parsed_and_checked_before_any_work(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from jrs.pipeline import parse_path_choice as _parse_path_choice
     from jrs_cli import app
-    from jrs_cli.main import _parse_path_choice, _recontour_options
+    from jrs_cli.main import _recontour_options
 
     assert _parse_path_choice(None) == {}
     assert _parse_path_choice(["prostate=fusion, rectum=registration", "bladder=segmentation"]) == {
@@ -463,3 +465,33 @@ def test_cli_path_choice_is_parsed_and_checked_before_any_work(tmp_path: Path) -
         result = CliRunner().invoke(app, ["recontour", *args, "--path-choice", bad])
         assert result.exit_code == 2, bad
         assert "expected ORGAN=PATH" in result.stderr
+
+
+def test_batch_path_choice_reaches_every_row_and_is_refused_with_a_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import jrs.batch
+    from jrs_cli import app
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("planning_ct,planning_rtstruct,daily_ct,id\np,p/rs.dcm,d,case1\n")
+    seen: list[dict[str, str]] = []
+
+    def run_batch(manifest: Path, out: Path, opts: Any, **_: Any) -> Any:
+        seen.append(dict(opts.path_choice))
+        return SimpleNamespace(done=["case1"], skipped=[], failed={}, seconds=0.1)
+
+    monkeypatch.setattr(jrs.batch, "run_batch", run_batch)
+    args = ["batch", "--manifest", str(manifest), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*args, "--path-choice", "prostate=fusion"])
+    assert result.exit_code == 0, result.output
+    assert seen == [{"prostate": "fusion"}]
+    result = CliRunner().invoke(
+        app, [*args, "--path-choice", "prostate=fusion", "--server", "http://127.0.0.1:9"]
+    )
+    assert result.exit_code == 2
+    assert "JRS_PATH_CHOICE" in result.stderr

@@ -30,6 +30,7 @@ from jrs.qa_calibration import (
     flags_of,
     label_contour,
     load_records,
+    other_path,
     rates,
     record_path,
     report_markdown,
@@ -481,3 +482,21 @@ def test_harness_with_the_bundled_model(tmp_path: Path) -> None:
     assert report["model"]["name"] == "crossstitch"
     iterative = report["counts"]["by_population"]["iterative"]
     assert iterative["good"] + iterative["bad"] + iterative["borderline"] >= 4
+
+
+def test_other_path_swaps_single_paths_and_takes_the_less_trusted_one_of_a_fusion() -> None:
+    meta = {
+        "path_choice": {
+            "prostate": "fusion",
+            "seminal_vesicles": "fusion",
+            "rectum": "registration",
+        },
+        "fusion": {"method": "weighted", "weights": {"prostate": [0.7, 0.3]}},
+    }
+    got = other_path(meta)
+    assert got == {
+        "prostate": "registration",  # w_reg 0.3 < w_seg 0.7
+        "seminal_vesicles": "registration",  # no weights: 0.5 / 0.5, a tie
+        "rectum": "segmentation",
+        "bladder": "registration",  # not named: the pipeline's default, segmentation
+    }
