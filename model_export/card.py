@@ -92,6 +92,30 @@ def _adaptation_section(adaptation: Any) -> list[str]:
     return lines
 
 
+def _provenance_lines(entries: Any) -> list[str]:
+    """One line per recipe phase or outside segment of the training run (may be empty)."""
+    out: list[str] = []
+    for entry in entries or []:
+        if not isinstance(entry, Mapping):
+            continue
+        kind = entry.get("kind")
+        if kind == "phase":
+            changes = "; ".join(
+                f"`{k}` {_fmt(v[0])} -> {_fmt(v[1])}"
+                for k, v in (entry.get("changes") or {}).items()
+                if isinstance(v, (list, tuple)) and len(v) == 2
+            )
+            out.append(f"- From step {_fmt(entry.get('step'))}: {changes} (recipe phase)")
+        elif kind == "gpu-segment":
+            out.append(
+                f"- Steps {_fmt(entry.get('start_step'))} -> {_fmt(entry.get('end_step'))} on "
+                f"{_fmt(entry.get('device'))} (GPU segment)"
+            )
+        elif kind == "cpu-continuation":
+            out.append(f"- Step {_fmt(entry.get('step'))}: continued on the CPU (not bit for bit)")
+    return out
+
+
 def _path_section(meta: Mapping[str, Any]) -> list[str]:
     """The per-organ output path the pipeline uses, and the fusion of the two paths."""
     choice = meta.get("path_choice") or {}
@@ -212,6 +236,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
         f"- Loss weighting: {_fmt((config.get('weighting') or {}).get('name'))}; "
         f"learning rate {_fmt(config.get('lr'))}; patch size {_fmt(config.get('patch_size'))}; "
         f"seed {_fmt(config.get('seed'))}",
+        *_provenance_lines(training.get("provenance")),
         f"- Hardware: {TODO}",
         f"- Wall time: {TODO}",
         f"- Training data: {TODO}",

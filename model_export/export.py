@@ -532,6 +532,8 @@ def build_metadata(
             "epoch": checkpoint.get("epoch"),
             "best": _jsonable(checkpoint.get("best")),
             "torch_version": checkpoint.get("torch_version"),
+            # recipe phases and segments run elsewhere (training.phase, training.gpu_run)
+            "provenance": _jsonable(list(checkpoint.get("provenance") or [])),
         },
         "metrics": _jsonable(dict(metrics)) if metrics is not None else None,
         "parity": parity.as_dict(),

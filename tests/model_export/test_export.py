@@ -399,3 +399,27 @@ def test_weights_file_rebuilds_the_exported_network(exported: tuple[Path, torch.
         a, b = net(*xs).flat(), rebuilt.eval()(*xs).flat()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "weights.pt" in (path / "MODEL_CARD.md").read_text()
+
+
+def test_card_lists_the_recipe_phases_and_outside_segments() -> None:
+    from model_export.card import model_card
+
+    meta = {
+        "training": {
+            "step": 9000,
+            "provenance": [
+                {
+                    "kind": "phase",
+                    "step": 5000,
+                    "changes": {"network.overrides.dvf_scale": [1.0, 10.0]},
+                },
+                {"kind": "gpu-segment", "start_step": 6000, "end_step": 8000, "device": "H100"},
+                {"kind": "cpu-continuation", "step": 8000},
+            ],
+        }
+    }
+    card = model_card(meta)
+    assert "From step 5000: `network.overrides.dvf_scale` 1 -> 10 (recipe phase)" in card
+    assert "Steps 6000 -> 8000 on H100 (GPU segment)" in card
+    assert "Step 8000: continued on the CPU (not bit for bit)" in card
+    assert "recipe phase" not in model_card({"training": {"step": 1}})
