@@ -171,7 +171,8 @@ class RecontourOptions:
         fusion_method: ``weighted`` or ``staple``: overrides the method of the model's metadata
             ``fusion`` for the organs fused (None: the model's, else ``weighted``).
         keep_fusion: also fuse every organ the path choice does not (network method), for
-            validation: kept in `RecontourResult.path_labels` (``fusion``), never written.
+            validation: kept in `RecontourResult.path_labels` (``fusion``, and the pre-aligned
+            planning organs as ``prealigned``), never written.
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -204,7 +205,9 @@ class RecontourResult:
         path_labels: the organ label maps (ids of `jrs.labels`, post-processed) of each output
             path on the network grid (1 mm box): ``segmentation`` (network method only),
             ``registration`` (or the iterative result), ``fusion`` (the organs fused; every
-            organ with ``keep_fusion``) and ``chosen``; kept for validation, not written.
+            organ with ``keep_fusion``), ``chosen`` and, with ``keep_fusion``, ``prealigned``
+            (the planning organs after the pre-alignment alone); kept for validation, not
+            written.
     """
 
     out_dir: Path
@@ -1166,6 +1169,8 @@ def recontour(
     if fused is not None:
         path_labels["fusion"] = Volume(fused, pair.grid)
     path_labels["chosen"] = Volume(chosen, pair.grid)
+    if opts.keep_fusion:  # validation: the planning organs after the pre-alignment alone
+        path_labels["prealigned"] = Volume(pair.moving_labels, pair.grid)
     return RecontourResult(
         out_dir, rt_path, dvf_path, reg_path, qa_path, review_path, qa_data, path_labels
     )

@@ -1,10 +1,13 @@
-"""Held-out validation of the whole pipeline on generated phantom fractions.
+"""Held-out validation of the whole pipeline on phantom fractions and real planning scans.
 
 For each phantom (a seed never used in training) the planning CT + RTSTRUCT and one daily
-fraction are written as DICOM and re-contoured through `jrs.pipeline.recontour` exactly as a user
-would run it, once with the network and once with the iterative B-spline baseline. Every output
-path is compared with the phantom's true daily structures on the daily CT grid:
+fraction are written as DICOM; for each real planning scan kept out of training, synthetic daily
+fractions are made of it (`jrs.phantom.write_from_planning`: the planning contours moved by the
+known field are the truth). Each case is re-contoured through `jrs.pipeline.recontour` exactly as
+a user would run it, once with the network and once with the iterative B-spline baseline. Every
+output path is compared with the true daily structures on the daily CT grid:
 
+* ``no_registration``: the planning organs moved by the pre-alignment alone;
 * ``segmentation``: the network's segmentation path (post-processed);
 * ``registration``: the planning organs warped by the network DVF (post-processed);
 * ``fusion``: the two paths fused per organ (`jrs.fusion`, the model's ``fusion`` method and
@@ -12,7 +15,8 @@ path is compared with the phantom's true daily structures on the daily CT grid:
 * ``chosen``: the contours of the written ``rtstruct.dcm`` (per-organ path choice of the model);
 * ``iterative``: the contours of the B-spline baseline's ``rtstruct.dcm``.
 
-Per organ: DSC, MSD and HD95 (mm); per run: the per-stage timings of ``qa.json``. Results go to a
+Per organ: DSC, MSD and HD95 (mm); per run: the per-stage timings and the deformation's folding
+fraction and std log J of ``qa.json``. Results go to a
 CSV (one row per case, path and organ), a JSON of the timings and a Markdown report.
 """
 
@@ -22,9 +26,10 @@ import csv
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +47,21 @@ log = logging.getLogger(__name__)
 #: Organs of the tables, in the paper's order.
 ORGANS: tuple[int, ...] = (PROSTATE, SEMINAL_VESICLES, RECTUM, BLADDER)
 #: Output paths compared, in table order.
-PATHS: tuple[str, ...] = ("segmentation", "registration", "fusion", "chosen", "iterative")
+PATHS: tuple[str, ...] = (
+    "no_registration",
+    "segmentation",
+    "registration",
+    "fusion",
+    "chosen",
+    "iterative",
+)
 
 __all__ = [
     "ENGINE_DSC_TOLERANCE",
     "ORGANS",
     "PATHS",
     "EngineComparison",
+    "HeldoutPlanning",
     "HeldoutReport",
     "compare_engines",
     "engines_markdown",
@@ -65,11 +78,14 @@ class HeldoutReport:
         rows: one dict per (case, path, organ): ``case``, ``path``, ``organ``, ``dsc``, ``msd``,
             ``hd95``.
         timings: case -> method -> stage -> seconds (from ``qa.json``) plus ``wall``.
+        fields: case -> method -> the DVF's ``folding_fraction`` (det J <= 0, share of body
+            voxels), ``log_std`` (std of log det J), ``min`` and ``max`` det J (``qa.json``).
         markdown: the Markdown report.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    fields: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     markdown: str = ""
 
 
@@ -82,6 +98,94 @@ def _score(
         "msd": round(distances.msd, 3),
         "hd95": round(distances.hd95, 3),
     }
+
+
+@dataclass(frozen=True)
+class HeldoutPlanning:
+    """A real planning scan kept out of training, whose synthetic fractions are held-out cases.
+
+    Attributes:
+        planning_ct: Folder of the planning CT series.
+        planning_rtstruct: Its RTSTRUCT file.
+        fractions: Synthetic daily fractions made of it (`jrs.phantom.write_from_planning`).
+        seed: Seed of the fractions.
+        synonyms: ROI-name synonym table (YAML) for its organ names (None: the built-in table).
+    """
+
+    planning_ct: Path
+    planning_rtstruct: Path
+    fractions: int = 3
+    seed: int = 1
+    synonyms: Path | None = None
+
+
+@dataclass
+class _Case:
+    name: str
+    planning_ct: Path
+    planning_rtstruct: Path
+    daily_ct: Path
+    truth: dict[int, npt.NDArray[np.bool_]]  # organ label -> daily truth mask
+    roi: dict[int, str]  # organ label -> ROI name in the written RTSTRUCT
+    reference: Volume  # the daily CT grid
+    synonyms: Any = None  # the ROI-name table of a real planning (None: the built-in one)
+
+
+def _phantom_cases(
+    seeds: Sequence[int], fraction: int, matrix: int, slice_mm: float | None, root: Path
+) -> Iterator[_Case]:
+    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+
+    for seed in seeds:
+        folder = root / f"phantom{seed}"
+        patient = generate_patient(seed, matrix=matrix, slice_thickness=slice_mm)
+        write_patient(patient, folder)
+        frac = generate_fraction(patient, fraction)
+        write_fraction(frac, folder / f"fraction_{fraction}")
+        yield _Case(
+            name=f"phantom{seed}_f{fraction}",
+            planning_ct=folder / "planning" / "ct",
+            planning_rtstruct=folder / "planning" / "rtstruct.dcm",
+            daily_ct=folder / f"fraction_{fraction}" / "ct",
+            truth={lab: frac.structures[DEFAULT_ROI_NAMES[LABELS[lab]]] for lab in ORGANS},
+            roi={lab: DEFAULT_ROI_NAMES[LABELS[lab]] for lab in ORGANS},
+            reference=Volume(np.zeros(frac.ct.geometry.shape, np.uint8), frac.ct.geometry),
+        )
+        del patient, frac
+
+
+def _real_cases(source: HeldoutPlanning, root: Path) -> Iterator[_Case]:
+    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.labels import SynonymTable, label_map_from_masks
+    from jrs.phantom.from_planning import write_from_planning
+
+    table = SynonymTable.from_yaml(source.synonyms) if source.synonyms is not None else None
+    planning = write_from_planning(
+        source.planning_ct,
+        source.planning_rtstruct,
+        root,
+        fractions=source.fractions,
+        seed=source.seed,
+        synonyms=table,
+    )
+    for k in range(1, source.fractions + 1):
+        daily = planning / f"fraction_{k}"
+        _, series, masks = masks_from_files(daily / "ct", daily / "rtstruct.dcm")
+        structures = {name: vol.array.view(np.bool_) for name, vol in masks.items()}
+        labels, used = label_map_from_masks(structures, table)
+        geometry = series.volume.geometry
+        yield _Case(
+            # the planning folder's name is a hash of its series UID: no patient data
+            name=f"{planning.name}_f{k}",
+            planning_ct=planning / "planning" / "ct",
+            planning_rtstruct=planning / "planning" / "rtstruct.dcm",
+            daily_ct=daily / "ct",
+            truth={lab: labels == lab for lab in ORGANS if lab in used},
+            roi={lab: used[lab] for lab in ORGANS if lab in used},
+            reference=Volume(np.zeros(geometry.shape, np.uint8), geometry),
+            synonyms=table,
+        )
+        del masks, structures, labels
 
 
 def validate_heldout(
@@ -99,12 +203,18 @@ def validate_heldout(
     progress: Callable[[str], None] | None = None,
     fusion_method: str | None = None,
     backend: Any | None = None,
+    real: Sequence[HeldoutPlanning] = (),
 ) -> HeldoutReport:
-    """Re-contour held-out phantom fractions and score every output path against the truth.
+    """Re-contour held-out fractions and score every output path against the truth.
+
+    The cases are phantom fractions (one per seed) and the synthetic fractions of real planning
+    scans kept out of training (``real``; their truth is the planning contours moved by the
+    known field, as `jrs phantom --from-planning` writes them).
 
     Args:
-        seeds: phantom seeds (one patient each; use seeds never used in training).
-        fraction: fraction index re-contoured for each patient.
+        seeds: phantom seeds (one patient each; use seeds never used in training; may be empty
+            when ``real`` is given).
+        fraction: fraction index re-contoured for each phantom.
         model_dir: model version folder; default the bundled model.
         device: ``auto``, ``cpu`` or ``cuda``.
         engine: network engine (``auto``, ``onnxruntime``, ``openvino``).
@@ -112,43 +222,44 @@ def validate_heldout(
         iterative: also run the B-spline baseline (``--method iterative``).
         slice_mm: phantom slice thickness (None: the seed's draw).
         matrix: phantom in-plane matrix (512 as a clinical CT; smaller for quick checks).
-        out_dir: where to write ``heldout.csv``, ``timings.json`` and ``report.md`` (None: nothing).
+        out_dir: where to write ``heldout.csv``, ``timings.json``, ``fields.json`` and
+            ``report.md`` (None: nothing).
         progress: called with a short message after each run.
         fusion_method: method of the ``fusion`` rows (``weighted``, ``staple``; None: the
             model's metadata ``fusion``, else ``weighted``).
         backend: an already loaded network (`jrs.pipeline.NetworkBackend`) to use instead of
             loading ``model_dir``.
+        real: real planning scans whose synthetic fractions are cases too.
 
     Returns:
         The report.
     """
     from jrs.dicom.rtstruct import masks_from_files
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
     from jrs.pipeline import RecontourOptions, recontour
 
-    if not seeds:
-        raise InvalidInput("held-out validation needs at least one phantom seed")
+    if not seeds and not real:
+        raise InvalidInput(
+            "held-out validation needs at least one phantom seed or a real planning scan"
+        )
     report = HeldoutReport()
-    for seed in seeds:
-        case = f"phantom{seed}_f{fraction}"
-        report.timings[case] = {}
-        with tempfile.TemporaryDirectory(prefix="jrs-heldout-") as tmp:
-            root = Path(tmp)
-            patient = generate_patient(seed, matrix=matrix, slice_thickness=slice_mm)
-            write_patient(patient, root)
-            frac = generate_fraction(patient, fraction)
-            write_fraction(frac, root / f"fraction_{fraction}")
-            daily_dir = root / f"fraction_{fraction}" / "ct"
-            truth = {lab: frac.structures[DEFAULT_ROI_NAMES[LABELS[lab]]] for lab in ORGANS}
-            daily_ref = Volume(np.zeros(frac.ct.geometry.shape, np.uint8), frac.ct.geometry)
+    with tempfile.TemporaryDirectory(prefix="jrs-heldout-") as tmp:
+        root = Path(tmp)
+        sources: list[Iterator[_Case]] = [
+            _phantom_cases(seeds, fraction, matrix, slice_mm, root / "phantoms")
+        ]
+        sources += [_real_cases(src, root / f"real{i}") for i, src in enumerate(real)]
+        for case in (c for source in sources for c in source):
+            report.timings[case.name] = {}
+            report.fields[case.name] = {}
             methods = ["network", "iterative"] if iterative else ["network"]
             for method in methods:
+                out = root / "out" / case.name / method
                 t0 = time.perf_counter()
                 result = recontour(
-                    root / "planning" / "ct",
-                    root / "planning" / "rtstruct.dcm",
-                    daily_dir,
-                    root / f"out_{method}",
+                    case.planning_ct,
+                    case.planning_rtstruct,
+                    case.daily_ct,
+                    out,
                     RecontourOptions(
                         method=method,  # type: ignore[arg-type]
                         model_dir=model_dir,
@@ -157,57 +268,73 @@ def validate_heldout(
                         precision=precision,
                         keep_fusion=method == "network",
                         fusion_method=fusion_method,
+                        synonyms=case.synonyms,
                     ),
                     backend=backend if method == "network" else None,
                 )
                 wall = time.perf_counter() - t0
-                report.timings[case][method] = {
+                report.timings[case.name][method] = {
                     **{k: float(v) for k, v in result.qa_data["timings_s"].items()},
                     "wall": round(wall, 3),
                 }
-                _, _, written = masks_from_files(daily_dir, result.rtstruct)
+                field_stats = result.qa_data.get("dvf", {})
+                report.fields[case.name][method] = {
+                    k: float(field_stats[k])
+                    for k in ("folding_fraction", "log_std", "min", "max")
+                    if isinstance(field_stats.get(k), (int, float))
+                }
+                _, _, written = masks_from_files(case.daily_ct, result.rtstruct)
                 if method == "network":
+                    names = ("prealigned", "segmentation", "registration", "fusion")
                     maps = {
-                        name: result.path_labels[name].resample(daily_ref.geometry, "label", 0)
-                        for name in ("segmentation", "registration", "fusion")
+                        _ROW_NAME.get(name, name): result.path_labels[name].resample(
+                            case.reference.geometry, "label", 0
+                        )
+                        for name in names
                         if name in result.path_labels
                     }
                     for name, lab_map in maps.items():
-                        for lab in ORGANS:
+                        for lab, truth in case.truth.items():
                             report.rows.append(
                                 {
-                                    "case": case,
+                                    "case": case.name,
                                     "path": name,
                                     "organ": LABELS[lab],
-                                    **_score(lab_map.array == lab, truth[lab], daily_ref),
+                                    **_score(lab_map.array == lab, truth, case.reference),
                                 }
                             )
                 path = "chosen" if method == "network" else "iterative"
-                for lab in ORGANS:
-                    mask = written[DEFAULT_ROI_NAMES[LABELS[lab]]].array
+                for lab, truth in case.truth.items():
+                    mask = written[case.roi[lab]].array
                     report.rows.append(
                         {
-                            "case": case,
+                            "case": case.name,
                             "path": path,
                             "organ": LABELS[lab],
-                            **_score(mask, truth[lab], daily_ref),
+                            **_score(mask, truth, case.reference),
                         }
                     )
                 if progress is not None:
-                    progress(f"{case} {method}: {wall:.1f} s")
-    report.markdown = report_markdown(report.rows, report.timings)
+                    progress(f"{case.name} {method}: {wall:.1f} s")
+                shutil.rmtree(out, ignore_errors=True)
+    report.markdown = report_markdown(report.rows, report.timings, report.fields)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "heldout.csv").open("w", newline="") as fh:
+        out_path = Path(out_dir)
+        out_path.mkdir(parents=True, exist_ok=True)
+        with (out_path / "heldout.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(
                 fh, fieldnames=["case", "path", "organ", "dsc", "msd", "hd95"], restval=""
             )
             writer.writeheader()
             writer.writerows(report.rows)
-        (out / "timings.json").write_text(json.dumps(report.timings, indent=2) + "\n")
-        (out / "report.md").write_text(report.markdown)
+        (out_path / "timings.json").write_text(json.dumps(report.timings, indent=2) + "\n")
+        (out_path / "fields.json").write_text(json.dumps(report.fields, indent=2) + "\n")
+        (out_path / "report.md").write_text(report.markdown)
     return report
+
+
+#: Row names of the network run's extra label maps.
+_ROW_NAME = {"prealigned": "no_registration"}
 
 
 def _mean_sd(values: Sequence[float], digits: int) -> str:
@@ -220,19 +347,44 @@ def _mean_sd(values: Sequence[float], digits: int) -> str:
 
 
 def report_markdown(
-    rows: Sequence[dict[str, Any]], timings: dict[str, dict[str, dict[str, float]]]
+    rows: Sequence[dict[str, Any]],
+    timings: dict[str, dict[str, dict[str, float]]],
+    fields: dict[str, dict[str, dict[str, float]]] | None = None,
 ) -> str:
-    """The Markdown tables: DSC and MSD per organ and path (mean ± sd), HD95, stage times.
+    """The Markdown tables: DSC and MSD per organ and path (mean ± sd), HD95, DVF, stage times.
 
-    The HD95 table lists the rows that have ``hd95``; stage times are given per method.
+    The HD95 table lists the rows that have ``hd95``; the DVF table (folding, std log J) and the
+    stage times are given per method. Cases whose name starts with ``phantom`` and the others
+    (synthetic fractions of real planning scans) get a table each, then all cases together.
     """
     cases = sorted({r["case"] for r in rows})
+    groups = {
+        "phantom fractions": [c for c in cases if c.startswith("phantom")],
+        "synthetic fractions of real planning scans": [
+            c for c in cases if not c.startswith("phantom")
+        ],
+    }
+    groups = {k: v for k, v in groups.items() if v}
     lines = [
-        f"# Held-out validation ({len(cases)} phantom fractions: {', '.join(cases)})",
+        f"# Held-out validation ({len(cases)} fractions: {', '.join(cases)})",
         "",
-        "DSC and MSD (mm) against the phantom's true daily structures on the daily CT grid; "
-        "mean ± sd over the cases. MSD is n/a where a path produced an empty structure.",
-        "",
+        "DSC and MSD (mm) against the true daily structures on the daily CT grid; mean ± sd over "
+        "the cases. MSD is n/a where a path produced an empty structure. `no_registration`: the "
+        "planning contours moved by the pre-alignment alone.",
+    ]
+    if len(groups) > 1:
+        for title, members in groups.items():
+            lines += ["", f"## {title[0].upper()}{title[1:]} ({len(members)})", ""]
+            lines += _dsc_table([r for r in rows if r["case"] in members])
+        lines += ["", f"## All {len(cases)} fractions"]
+    lines += [""]
+    lines += _dsc_table(rows)
+    lines += _hd95_and_fields(rows, fields)
+    return _stage_times(lines, timings)
+
+
+def _dsc_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
         "| path | " + " | ".join(f"{LABELS[o]} DSC | {LABELS[o]} MSD" for o in ORGANS) + " |",
         "|---|" + "---|---|" * len(ORGANS),
     ]
@@ -246,6 +398,13 @@ def report_markdown(
             cells.append(_mean_sd([float(r["dsc"]) for r in org], 3))
             cells.append(_mean_sd([float(r["msd"]) for r in org], 2))
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _hd95_and_fields(
+    rows: Sequence[dict[str, Any]], fields: dict[str, dict[str, dict[str, float]]] | None
+) -> list[str]:
+    lines: list[str] = []
     with_hd95 = [r for r in rows if "hd95" in r]
     if with_hd95:
         lines += [
@@ -263,6 +422,29 @@ def report_markdown(
                     for o in ORGANS
                 ]
                 lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    methods = sorted({m for per in (fields or {}).values() for m in per})
+    if methods:
+        lines += [
+            "",
+            "The deformation (`qa.json` `dvf`, inside the body), mean ± sd over the cases:",
+            "",
+            "| method | folding (% of body voxels) | std log J | min det J | max det J |",
+            "|---|---|---|---|---|",
+        ]
+        for method in methods:
+            runs = [per[method] for per in (fields or {}).values() if method in per]
+
+            def col(key: str, scale: float = 1.0, digits: int = 3) -> str:
+                return _mean_sd([scale * r[key] for r in runs if key in r], digits)  # noqa: B023
+
+            lines.append(
+                f"| {method} | {col('folding_fraction', 100.0)} | {col('log_std')} | "
+                f"{col('min', digits=2)} | {col('max', digits=2)} |"
+            )
+    return lines
+
+
+def _stage_times(lines: list[str], timings: dict[str, dict[str, dict[str, float]]]) -> str:
     methods = sorted({m for per in timings.values() for m in per})
     for method in methods:
         runs = [per[method] for per in timings.values() if method in per]

@@ -611,11 +611,18 @@ def benchmark(
         ),
     ] = None,
     planning_ct: Annotated[
-        Path | None, typer.Option("--planning-ct", help="recontour/engines: a given case.")
+        Path | None,
+        typer.Option(
+            "--planning-ct",
+            help="recontour/engines: a given case; heldout/qa/adaptation: a real planning scan "
+            "kept out of training (FRACTIONS synthetic fractions of it are cases).",
+        ),
     ] = None,
     planning_rtstruct: Annotated[
-        Path | None, typer.Option("--planning-rtstruct", help="recontour/engines: a given case.")
+        Path | None,
+        typer.Option("--planning-rtstruct", help="With --planning-ct: its RTSTRUCT."),
     ] = None,
+    synonyms: SynonymOpt = None,
     daily_ct: Annotated[
         Path | None, typer.Option("--daily-ct", help="recontour/engines: a given case.")
     ] = None,
@@ -650,8 +657,11 @@ def benchmark(
     installed); --dry-run runs it on the CPU with small sizes.
 
     ``heldout`` re-contours CASES held-out phantom fractions (seeds SEED.. never used in
-    training) with the network and the iterative baseline and prints DSC/MSD per organ for the
-    segmentation path, the registration path, the chosen contours and the baseline.
+    training) and FRACTIONS synthetic fractions of --planning-ct/--planning-rtstruct (a real
+    patient kept out of training; --synonyms for its ROI names) with the network and the
+    iterative baseline and prints DSC/MSD/HD95 per organ for no registration (pre-alignment
+    alone), the segmentation path, the registration path, their fusion, the chosen contours and
+    the baseline, and the folding and std log J of each method's field.
 
     ``adaptation`` adapts the model (--model) to CASES held-out phantoms (seeds SEED..) and to
     the given --planning-ct/--planning-rtstruct (a real patient kept out of training), then
@@ -743,10 +753,21 @@ def benchmark(
             progress=lambda m: log.info("gpu %s", m),
         )
     elif what == "heldout":
-        from jrs.validation import validate_heldout
+        from jrs.validation import HeldoutPlanning, validate_heldout
 
+        if (planning_ct is None) != (planning_rtstruct is None):
+            raise InvalidInput(
+                "heldout: give both --planning-ct and --planning-rtstruct (a real planning scan "
+                "kept out of training), or neither"
+            )
+        held_real: list[HeldoutPlanning] = []
+        if planning_ct is not None and planning_rtstruct is not None:
+            held_real.append(
+                HeldoutPlanning(planning_ct, planning_rtstruct, fractions, seed, synonyms)
+            )
         held = validate_heldout(
             list(range(seed, seed + cases)),
+            real=held_real,
             model_dir=model,
             device=device,
             engine=engine,

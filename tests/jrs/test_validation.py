@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from jrs.errors import InvalidInput
 from jrs.validation import report_markdown, validate_heldout
 
 
@@ -41,7 +42,8 @@ def test_report_gives_mean_sd_per_path_and_organ_and_stage_times() -> None:
     assert "0.000 ± 0.000" in it and "n/a" in it
     assert "| segmentation |" not in text  # no rows, no line
     assert "| read | total |" in text and "| 2.00 ± 1.00 | 15.00 ± 5.00 |" in text
-    assert "2 phantom fractions: a, b" in text
+    assert "2 fractions: a, b" in text
+    assert "## " not in text  # one kind of case: one table
 
 
 @pytest.mark.slow
@@ -50,13 +52,21 @@ def test_heldout_run_scores_every_path(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     report = validate_heldout([4242], matrix=192, slice_mm=3.0, device="cpu", out_dir=tmp_path)
     paths = {r["path"] for r in report.rows}
-    assert paths == {"segmentation", "registration", "fusion", "chosen", "iterative"}
-    assert len(report.rows) == 20
+    assert paths == {
+        "no_registration",
+        "segmentation",
+        "registration",
+        "fusion",
+        "chosen",
+        "iterative",
+    }
+    assert len(report.rows) == 24
     reg = {r["organ"]: r["dsc"] for r in report.rows if r["path"] == "registration"}
     assert reg["bladder"] > 0.6 and reg["prostate"] > 0.6
-    for name in ("heldout.csv", "timings.json", "report.md"):
+    for name in ("heldout.csv", "timings.json", "fields.json", "report.md"):
         assert (tmp_path / name).is_file()
     assert set(report.timings["phantom4242_f1"]) == {"network", "iterative"}
+    assert set(report.fields["phantom4242_f1"]) == {"network", "iterative"}
 
 
 def test_report_lists_the_fused_rows_and_hd95() -> None:
@@ -93,7 +103,14 @@ def test_heldout_reports_the_fused_contours(tmp_path: Path) -> None:
     for r in report.rows:
         by_path.setdefault(r["path"], set()).add(r["organ"])
         assert {"dsc", "msd", "hd95"} <= set(r)
-    assert by_path == dict.fromkeys(("segmentation", "registration", "fusion", "chosen"), organs)
+    assert by_path == dict.fromkeys(
+        ("no_registration", "segmentation", "registration", "fusion", "chosen"), organs
+    )
+    # the fake network's field is zero: its registration path is the pre-alignment alone
+    reg = {r["organ"]: r["dsc"] for r in report.rows if r["path"] == "registration"}
+    none = {r["organ"]: r["dsc"] for r in report.rows if r["path"] == "no_registration"}
+    assert reg == pytest.approx(none, abs=0.01)
+    assert report.fields["phantom4242_f1"]["network"]["folding_fraction"] == 0.0
     fused = {r["organ"]: r for r in report.rows if r["path"] == "fusion"}
     assert all(0.5 < r["dsc"] <= 1.0 and r["hd95"] >= r["msd"] for r in fused.values())
     csv_text = (tmp_path / "heldout.csv").read_text()
@@ -155,3 +172,38 @@ def test_engine_comparison_on_a_phantom(tmp_path: Path) -> None:
     assert 0 <= dvf["mean_mm"] <= dvf["max_mm"] < 1.0
     for name in ("engines.csv", "dvf.csv", "engines.md"):
         assert (tmp_path / name).is_file()
+
+
+@pytest.mark.integration
+def test_heldout_scores_synthetic_fractions_of_a_real_planning_scan(tmp_path: Path) -> None:
+    """A planning scan given as DICOM (here a phantom's) becomes held-out synthetic fractions."""
+    from jrs.phantom import generate_patient, write_patient
+    from jrs.validation import HeldoutPlanning
+    from tests.jrs.test_fusion import FusionBackend
+
+    write_patient(generate_patient(4244, matrix=128, slice_thickness=3.0), tmp_path / "p")
+    planning = HeldoutPlanning(
+        tmp_path / "p" / "planning" / "ct",
+        tmp_path / "p" / "planning" / "rtstruct.dcm",
+        fractions=2,
+        seed=5,
+    )
+    report = validate_heldout(
+        [], real=[planning], iterative=False, backend=FusionBackend(), out_dir=tmp_path / "r"
+    )
+    cases = sorted({r["case"] for r in report.rows})
+    assert len(cases) == 2 and all(c.startswith("planning_") for c in cases)
+    assert [c[-3:] for c in cases] == ["_f1", "_f2"]
+    chosen = [r for r in report.rows if r["path"] == "chosen"]
+    assert {r["organ"] for r in chosen} == {"prostate", "seminal_vesicles", "rectum", "bladder"}
+    # the truth moved: the planning contours alone do not match it perfectly
+    assert all(r["dsc"] < 0.999 for r in report.rows if r["path"] == "no_registration")
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "folding (% of body voxels)" in text
+    mixed = report_markdown(
+        [*report.rows, *({**r, "case": "phantom1_f1"} for r in report.rows)], {}, report.fields
+    )
+    assert "## Phantom fractions (1)" in mixed
+    assert "## Synthetic fractions of real planning scans (2)" in mixed
+    with pytest.raises(InvalidInput, match="at least one phantom seed or a real planning"):
+        validate_heldout([])
