@@ -18,7 +18,21 @@ choosing one path per organ, the pipeline may *fuse* them (path choice ``fusion`
   specificities and by the foreground prior, all estimated inside the organ's box; when both
   paths are equally reliable this is close to their intersection.
 
-Both give one probability map per fused organ; one rule turns them into a label map, the same for
+* ``evidence``: the registration path, corrected by the segmentation path only where the images
+  show that the registration failed:
+
+  ``p_k(v) = a(v) * P_seg(k | v) + (1 - a(v)) * P_reg(k | v)``
+
+  with ``a(v)`` in [0, 1] the local evidence of misalignment: the absolute value of the daily CT
+  minus the planning CT warped by the DVF, averaged over a ``EVIDENCE_WINDOW_MM`` cube (the mean
+  of the signed difference, so that noise averages out and a misplaced edge does not), mapped
+  linearly from 0 at ``EVIDENCE_LOW_HU`` to 1 at ``EVIDENCE_HIGH_HU``. Where the warped planning
+  CT matches the daily CT the registration path is kept exactly; the planning scan given again
+  as the daily scan therefore returns the registration path (the planning contours when the
+  field is zero), whatever the segmentation path says. Where a bladder filled or rectal gas
+  appeared and the field did not follow, the segmentation path decides.
+
+All give one probability map per fused organ; one rule turns them into a label map, the same for
 every method and consistent across organs: a voxel gets the fused organ of the largest ``p_k``
 among those with ``p_k >= 0.5`` (ties: the lower label id), else background, so that a voxel
 gets at most one organ. Each organ is then post-processed as the paths are (largest connected
@@ -52,15 +66,21 @@ from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
 
 __all__ = [
     "DEFAULT_WEIGHTS",
+    "EVIDENCE_HIGH_HU",
+    "EVIDENCE_LOW_HU",
+    "EVIDENCE_WINDOW_MM",
     "FUSION_METHODS",
     "FUSION_THRESHOLD",
     "Box",
+    "EvidenceSource",
     "FusionMethod",
     "FusionSpec",
     "ProbabilitySource",
+    "evidence_probability",
     "fuse",
     "fuse_probabilities",
     "hard_probability",
+    "misalignment_evidence",
     "organ_box",
     "probability_source",
     "softmax_source",
@@ -70,9 +90,15 @@ __all__ = [
     "weights_from_dice",
 ]
 
-FusionMethod = Literal["weighted", "staple"]
+FusionMethod = Literal["weighted", "staple", "evidence"]
 #: The fusion methods, by name.
-FUSION_METHODS: tuple[str, ...] = ("weighted", "staple")
+FUSION_METHODS: tuple[str, ...] = ("weighted", "staple", "evidence")
+#: ``evidence``: edge of the cube over which the image difference is averaged, mm.
+EVIDENCE_WINDOW_MM = 5.0
+#: ``evidence``: a mean absolute image difference up to this (HU) is no evidence of misalignment.
+EVIDENCE_LOW_HU = 10.0
+#: ``evidence``: from this mean absolute image difference (HU) on, the segmentation path decides.
+EVIDENCE_HIGH_HU = 40.0
 #: (segmentation, registration) weights of an organ the model's metadata gives none for.
 DEFAULT_WEIGHTS: tuple[float, float] = (0.5, 0.5)
 #: A voxel joins a fused organ when its fused probability is at least this.
@@ -81,6 +107,8 @@ FUSION_THRESHOLD = 0.5
 Box = tuple[slice, slice, slice]
 #: ``(organ label id, box) -> (bz, by, bx)`` float32 probability of that organ inside the box.
 ProbabilitySource = Callable[[int, Box], npt.NDArray[np.float32]]
+#: ``box -> (bz, by, bx)`` float32 evidence of misalignment in [0, 1] inside the box.
+EvidenceSource = Callable[[Box], npt.NDArray[np.float32]]
 
 
 # ------------------------------------------------------------------------------ the spec
@@ -338,6 +366,108 @@ def warped_probability(
     return source
 
 
+def misalignment_evidence(
+    fixed: npt.NDArray[np.floating[Any]],
+    moving: npt.NDArray[np.floating[Any]],
+    dvf: npt.NDArray[np.floating[Any]],
+    grid: Geometry,
+    *,
+    hu_per_unit: float = 1000.0,
+    window_mm: float = EVIDENCE_WINDOW_MM,
+    low_hu: float = EVIDENCE_LOW_HU,
+    high_hu: float = EVIDENCE_HIGH_HU,
+) -> EvidenceSource:
+    """The local evidence that the registration misaligned the scans, for ``evidence`` fusion.
+
+    Inside a box: ``a = clip((|mean_w(I_f - I_m o u)| - low) / (high - low), 0, 1)``, with
+    ``mean_w`` the mean over a ``window_mm`` cube, ``I_m o u`` the moving image warped by the
+    pull field (linear interpolation), intensities in HU. Only the box grown by the window and by
+    the field's largest displacement inside it is read.
+
+    Args:
+        fixed: (nz, ny, nx) daily image on ``grid`` (normalised: HU / ``hu_per_unit``).
+        moving: (nz, ny, nx) pre-aligned planning image on ``grid``, same units.
+        dvf: (nz, ny, nx, 3) pull displacement on ``grid``, mm, LPS (x, y, z) components.
+        grid: the grid of all three.
+        hu_per_unit: HU per image unit (1000 for `jrs.preprocess.normalise_hu`).
+        window_mm: edge of the averaging cube, mm.
+        low_hu: mean absolute difference (HU) below which there is no evidence.
+        high_hu: mean absolute difference (HU) from which the evidence is 1.
+
+    Returns:
+        The evidence source.
+
+    Raises:
+        InvalidInput: For images or a field that do not fit the grid, or ``high_hu <= low_hu``.
+    """
+    shape = tuple(int(n) for n in grid.shape)
+    if fixed.shape != shape or moving.shape != shape or dvf.shape != (*shape, 3):
+        raise InvalidInput(
+            f"evidence fusion needs images {shape} and a field {(*shape, 3)} on the network "
+            f"grid, got {fixed.shape}, {moving.shape} and {dvf.shape}"
+        )
+    if not high_hu > low_hu:
+        raise InvalidInput(f"evidence thresholds must rise: {low_hu} HU to {high_hu} HU")
+    size = np.asarray(shape)
+    half = np.maximum(np.round(window_mm / (2.0 * np.asarray(grid.spacing)[::-1])), 0).astype(int)
+    step = float(np.asarray(grid.spacing).min())
+
+    def source(box: Box) -> npt.NDArray[np.float32]:
+        lo = [max(b.start - int(h), 0) for b, h in zip(box, half, strict=True)]
+        hi = [min(b.stop + int(h), int(n)) for b, h, n in zip(box, half, size, strict=True)]
+        win: Box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        u = np.asarray(dvf[win], np.float64)
+        reach = float(np.sqrt((u**2).sum(axis=-1)).max()) if u.size else 0.0
+        pad = int(np.ceil(reach / step)) + 2
+        slo = [max(w.start - pad, 0) for w in win]
+        shi = [min(w.stop + pad, int(n)) for w, n in zip(win, size, strict=True)]
+        src: Box = (slice(slo[0], shi[0]), slice(slo[1], shi[1]), slice(slo[2], shi[2]))
+        source_img = _sub_grid(grid, src).apply_to_sitk(
+            sitk.GetImageFromArray(np.ascontiguousarray(moving[src], np.float32))
+        )
+        target = _sub_grid(grid, win)
+        field_img = target.apply_to_sitk(sitk.GetImageFromArray(u, isVector=True))
+        warped = sitk.Resample(
+            source_img,
+            target.reference_image(),
+            sitk.DisplacementFieldTransform(field_img),
+            sitk.sitkLinear,
+            float(np.min(moving[src])) if moving[src].size else 0.0,
+            sitk.sitkFloat32,
+        )
+        diff = (np.asarray(fixed[win], np.float32) - sitk.GetArrayFromImage(warped)) * np.float32(
+            hu_per_unit
+        )
+        radius = [int(h) for h in half[::-1]]  # (x, y, z) for SimpleITK
+        mean = sitk.GetArrayFromImage(sitk.Mean(sitk.GetImageFromArray(diff), radius))
+        inner = tuple(
+            slice(b.start - w.start, b.stop - w.start) for b, w in zip(box, win, strict=True)
+        )
+        a = (np.abs(mean[inner]) - low_hu) / (high_hu - low_hu)
+        return np.clip(a, 0.0, 1.0).astype(np.float32)
+
+    return source
+
+
+def evidence_probability(
+    seg: npt.ArrayLike, reg: npt.ArrayLike, evidence: npt.ArrayLike
+) -> npt.NDArray[np.float32]:
+    """``a * seg + (1 - a) * reg``: the segmentation path where the evidence ``a`` says so.
+
+    Args:
+        seg: (...) probability of the organ from the segmentation path, in [0, 1].
+        reg: the same shape, from the registration path.
+        evidence: the same shape, misalignment evidence ``a`` in [0, 1].
+
+    Returns:
+        float32 fused probability, the shape of the inputs.
+    """
+    a = np.clip(np.asarray(evidence, np.float32), 0.0, 1.0)
+    return (a * np.asarray(seg, np.float32) + (1.0 - a) * np.asarray(reg, np.float32)).astype(
+        np.float32, copy=False
+    )
+
+
 # ------------------------------------------------------------------------------ fusion
 def organ_box(
     organ: int, maps: Iterable[npt.NDArray[np.integer[Any]]], margin: int = 3
@@ -433,6 +563,7 @@ def fuse(
     *,
     seg_probability: ProbabilitySource | None = None,
     reg_probability: ProbabilitySource | None = None,
+    evidence: EvidenceSource | None = None,
     margin: int = 3,
     postprocess: bool = True,
 ) -> npt.NDArray[np.uint8]:
@@ -440,7 +571,8 @@ def fuse(
 
     Each organ is fused inside its box (`organ_box` of both hard maps, grown by ``margin``):
     ``weighted`` from the two probability sources (the hard maps as 0/1 when a source is not
-    given), ``staple`` from the two hard maps; `fuse_probabilities`' rule then decides every
+    given), ``staple`` from the two hard maps, ``evidence`` from the two probability sources and
+    the misalignment evidence; `fuse_probabilities`' rule then decides every
     voxel (at most one organ), and each organ keeps its largest connected component(s)
     (`jrs.postprocess.COMPONENTS_KEPT`, found inside its box) unless ``postprocess`` is False.
 
@@ -452,6 +584,7 @@ def fuse(
         seg_probability: the segmentation path's soft probability (`softmax_source`,
             `probability_source`), for ``weighted``.
         reg_probability: the registration path's (`warped_probability`, `probability_source`).
+        evidence: the misalignment evidence (`misalignment_evidence`), for ``evidence``.
         margin: voxels around the organ's hard masks where it may be fused.
         postprocess: keep the largest connected component(s) of each fused organ.
 
@@ -478,6 +611,13 @@ def fuse(
             continue
         if spec.method == "staple":
             p = staple_probability(segmentation[box] == organ, registration[box] == organ)
+        elif spec.method == "evidence":
+            if evidence is None:
+                raise InvalidInput(
+                    "evidence fusion needs the daily and planning images and the field "
+                    "(misalignment_evidence); use weighted or staple without them"
+                )
+            p = evidence_probability(seg_p(organ, box), reg_p(organ, box), evidence(box))
         else:
             p = weighted_probability(
                 seg_p(organ, box), reg_p(organ, box), spec.weights_for(LABELS[organ])

@@ -710,6 +710,7 @@ def _fuse_paths(
         FusionSpec,
         ProbabilitySource,
         fuse,
+        misalignment_evidence,
         probability_source,
         softmax_source,
         warped_probability,
@@ -725,6 +726,11 @@ def _fuse_paths(
         seg_p = softmax_source(logits)
     elif pred is not None and pred.seg_probs is not None:
         seg_p = probability_source(pred.seg_probs)
+    evidence = (
+        misalignment_evidence(pair.fixed, pair.moving, paths.dvf, pair.grid)
+        if spec.method == "evidence"
+        else None
+    )
     return fuse(
         paths.segmentation,
         paths.registration,
@@ -732,6 +738,7 @@ def _fuse_paths(
         spec,
         seg_probability=seg_p,
         reg_probability=warped_probability(pair.moving_labels, paths.dvf, pair.grid),
+        evidence=evidence,
     )
 
 

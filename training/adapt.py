@@ -824,15 +824,28 @@ def _fused_labels(
     Returns:
         ``(nz, ny, nx)`` uint8 map holding the fused organs only.
     """
-    from jrs.fusion import FusionSpec, fuse, softmax_source, warped_probability
+    from jrs.fusion import (
+        FusionSpec,
+        fuse,
+        misalignment_evidence,
+        softmax_source,
+        warped_probability,
+    )
 
+    spec = FusionSpec.from_json(fusion)
+    evidence = (
+        misalignment_evidence(np.asarray(pair.fixed), np.asarray(pair.moving), dvf, geo)
+        if spec.method == "evidence"
+        else None
+    )
     return fuse(
         paths["segmentation"],
         paths["registration"],
         organs,
-        FusionSpec.from_json(fusion),
+        spec,
         seg_probability=softmax_source(pred.seg_logits),
         reg_probability=warped_probability(np.asarray(pair.moving_labels), dvf, geo),
+        evidence=evidence,
     )
 
 

@@ -12,9 +12,13 @@ import pytest
 from jrs.errors import InvalidInput
 from jrs.fusion import (
     DEFAULT_WEIGHTS,
+    EVIDENCE_HIGH_HU,
+    EVIDENCE_LOW_HU,
     FusionSpec,
+    evidence_probability,
     fuse,
     fuse_probabilities,
+    misalignment_evidence,
     organ_box,
     probability_source,
     softmax_source,
@@ -269,6 +273,42 @@ def test_warped_probability_is_the_linearly_warped_one_hot_map() -> None:
     assert (p > 0.0).sum() > (p >= 0.5).sum()  # a soft map, not a hard one
 
 
+def test_misalignment_evidence_from_the_image_difference() -> None:
+    grid = Geometry(SHAPE, origin=[0.0, 0.0, 0.0], spacing=[1.0, 1.0, 1.0])
+    rng = np.random.default_rng(0)
+    planning = rng.normal(0.0, 0.02, SHAPE).astype(np.float32)  # 20 HU noise, normalised
+    zero = np.zeros((*SHAPE, 3), np.float32)
+    box = (slice(5, 30), slice(6, 38), slice(4, 40))
+    # the same scan: no evidence at all
+    same = misalignment_evidence(planning, planning, zero, grid)(box)
+    assert same.shape == (25, 32, 36) and float(same.max()) == 0.0
+    # a uniform offset between the scans: a = (|offset| - low) / (high - low) everywhere
+    offset_hu = 0.5 * (EVIDENCE_LOW_HU + EVIDENCE_HIGH_HU)
+    shifted = planning + np.float32(offset_hu / 1000.0)
+    a = misalignment_evidence(shifted, planning, zero, grid)(box)
+    np.testing.assert_allclose(a, 0.5, atol=1e-3)
+    # an edge misplaced by 4 voxels: evidence at the edge, none far from it
+    fixed = np.zeros(SHAPE, np.float32)
+    moving = np.zeros(SHAPE, np.float32)
+    fixed[:, :, 24:] = 0.1  # +100 HU
+    moving[:, :, 28:] = 0.1
+    a = misalignment_evidence(fixed, moving, zero, grid)(box)
+    assert float(a[:, :, 24 - 4 : 28 - 4].min()) == 1.0  # box x starts at 4
+    assert float(a[:, :, :10].max()) == 0.0 and float(a[:, :, -5:].max()) == 0.0
+    # the field that undoes the misplacement removes the evidence (pull: fixed x <- x + 4 mm)
+    undo = zero.copy()
+    undo[..., 0] = 4.0
+    inner = (slice(5, 30), slice(6, 38), slice(10, 36))
+    assert float(misalignment_evidence(fixed, moving, undo, grid)(inner).max()) == 0.0
+    np.testing.assert_allclose(
+        evidence_probability([1.0, 0.0], [0.0, 1.0], [0.25, 0.25]), [0.25, 0.75]
+    )
+    with pytest.raises(InvalidInput, match="network grid"):
+        misalignment_evidence(fixed[:-1], moving, zero, grid)
+    with pytest.raises(InvalidInput, match="evidence fusion needs"):
+        fuse(_scene(), _scene(), ORGANS, FusionSpec("evidence"))
+
+
 def test_bad_inputs_are_refused() -> None:
     labels = _scene()
     with pytest.raises(InvalidInput, match="one 3-D shape"):
@@ -423,6 +463,37 @@ def test_pipeline_staple_fusion(fusion_runs: dict) -> None:
     assert _sources(result)["prostate"] == "fusion"
     assert (seg & reg).sum() <= mask.sum() <= (seg | reg).sum()
     assert not (seg & reg & ~mask).any() and not (mask & ~(seg | reg)).any()
+
+
+@pytest.mark.integration
+def test_evidence_fusion_keeps_the_same_scan_twice_unchanged(
+    phantom_case: tuple, tmp_path: Path
+) -> None:
+    """Planning CT given again as the daily CT: the fusion is the registration path exactly,
+    although the segmentation path disagrees (shifted by 3 voxels) and the model's weights trust
+    it more (0.7 / 0.3); the weighted fusion with those weights follows the segmentation."""
+    from jrs.pipeline import RecontourOptions, recontour
+
+    planning_ct, planning_rs, _ = phantom_case
+    organs = ("bladder", "rectum", "seminal_vesicles", "prostate")
+    choice = dict.fromkeys(organs, "fusion")
+    trust_seg = {"fusion": {"method": "weighted", "weights": dict.fromkeys(organs, [0.7, 0.3])}}
+    runs = {
+        method: recontour(
+            planning_ct,
+            planning_rs,
+            planning_ct,
+            tmp_path / method,
+            RecontourOptions(path_choice=choice, fusion_method=method),  # type: ignore[arg-type]
+            backend=FusionBackend(trust_seg),
+        )
+        for method in ("evidence", "weighted")
+    }
+    reg = runs["evidence"].path_labels["registration"].array
+    seg = runs["evidence"].path_labels["segmentation"].array
+    assert (seg != reg).sum() > 1000
+    np.testing.assert_array_equal(runs["evidence"].path_labels["chosen"].array, reg)
+    assert (runs["weighted"].path_labels["chosen"].array != reg).any()
 
 
 def test_pipeline_refuses_an_unknown_path_choice(phantom_case: tuple, tmp_path: Path) -> None:
