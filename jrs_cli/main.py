@@ -354,6 +354,25 @@ PathChoiceOpt = Annotated[
     ),
 ]
 
+FusionMethodOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fusion-method",
+        help="Method of the organs fused (path choice fusion): weighted, staple or evidence "
+        "(the registration path, corrected by the segmentation path where the daily CT and the "
+        "warped planning CT disagree). Default: the model's.",
+    ),
+]
+
+
+def _fusion_method(value: str | None) -> str | None:
+    from jrs.errors import InvalidInput
+    from jrs.fusion import FUSION_METHODS
+
+    if value is not None and value not in FUSION_METHODS:
+        raise InvalidInput(f"--fusion-method {value!r} unknown; use {', '.join(FUSION_METHODS)}")
+    return value
+
 
 @app.command()
 @_handle_errors
@@ -372,6 +391,7 @@ def recontour(
     engine: EngineOpt = "auto",
     precision: PrecisionOpt = "auto",
     path_choice: PathChoiceOpt = None,
+    fusion_method: FusionMethodOpt = None,
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
     from jrs.pipeline import recontour as run
@@ -379,6 +399,7 @@ def recontour(
     opts = _recontour_options(
         model, device, method, synonyms, dvf_spacing, engine, precision, path_choice
     )
+    opts.fusion_method = _fusion_method(fusion_method)
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")
@@ -623,6 +644,7 @@ def benchmark(
         typer.Option("--planning-rtstruct", help="With --planning-ct: its RTSTRUCT."),
     ] = None,
     synonyms: SynonymOpt = None,
+    fusion_method: FusionMethodOpt = None,
     daily_ct: Annotated[
         Path | None, typer.Option("--daily-ct", help="recontour/engines: a given case.")
     ] = None,
@@ -768,6 +790,7 @@ def benchmark(
         held = validate_heldout(
             list(range(seed, seed + cases)),
             real=held_real,
+            fusion_method=_fusion_method(fusion_method),
             model_dir=model,
             device=device,
             engine=engine,

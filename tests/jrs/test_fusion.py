@@ -536,6 +536,9 @@ def test_cli_path_choice_is_parsed_and_checked_before_any_work(tmp_path: Path) -
         result = CliRunner().invoke(app, ["recontour", *args, "--path-choice", bad])
         assert result.exit_code == 2, bad
         assert "expected ORGAN=PATH" in result.stderr
+    result = CliRunner().invoke(app, ["recontour", *args, "--fusion-method", "average"])
+    assert result.exit_code == 2
+    assert "use weighted, staple, evidence" in result.stderr
 
 
 def test_batch_path_choice_reaches_every_row_and_is_refused_with_a_server(
