@@ -976,6 +976,26 @@ def evaluate(
     synthetic: Annotated[
         int | None, typer.Option("--synthetic", min=1, help="N synthetic blob pairs (smoke).")
     ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store", help="A training store (python -m training.build_data); with --source."
+        ),
+    ] = None,
+    store_source: Annotated[
+        list[str] | None,
+        typer.Option("--source", help="--store: the pairs of these sources (e.g. validation)."),
+    ] = None,
+    max_pairs: Annotated[
+        int | None, typer.Option("--max-pairs", min=1, help="--store: at most N pairs.")
+    ] = None,
+    fusion: Annotated[
+        str,
+        typer.Option(
+            "--fusion",
+            help="Fused rows of networks with both paths: weighted, staple, evidence or none.",
+        ),
+    ] = "weighted",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first phantom.")] = 1000,
     fractions: Annotated[
         int, typer.Option("--fractions", min=1, help="Fractions per generated phantom.")
@@ -996,14 +1016,23 @@ def evaluate(
     from training.trainer import resolve_device, source_pairs
 
     check_window(window)
-    if sum(x is not None for x in (data, phantoms, synthetic)) != 1:
-        raise InvalidInput("give exactly one of --data DIR, --phantoms N or --synthetic N")
+    if sum(x is not None for x in (data, phantoms, synthetic, store)) != 1:
+        raise InvalidInput(
+            "give exactly one of --data DIR, --phantoms N, --synthetic N or --store DIR"
+        )
+    fusion_method = None if fusion == "none" else _fusion_method(fusion)
     if not checkpoint and not untrained:
         raise InvalidInput("nothing to evaluate: give --checkpoint FILE and/or --untrained NAME")
     dev = resolve_device(device)
     if data is not None:
         records = discover_pairs(data, patients)
         pairs = [load_pair(r, out / "cache") for r in records]
+    elif store is not None:
+        from training.store import load_store
+
+        pairs = load_store(store, sources=store_source or None)[:max_pairs]
+        if not pairs:
+            raise InvalidInput(f"{store}: no pair of the sources {store_source or 'any'}")
     elif phantoms is not None:
         pairs = source_pairs(PhantomSource(count=phantoms, seed=seed, fractions=fractions), None)
     else:
@@ -1020,7 +1049,12 @@ def evaluate(
     for net_name in untrained or []:
         models[f"{net_name} (untrained)"] = build(net_name).to(dev).eval()
     report = run_evaluation(
-        models, pairs, out_dir=out, window=window, progress=lambda m: log.info("evaluated %s", m)
+        models,
+        pairs,
+        out_dir=out,
+        window=window,
+        progress=lambda m: log.info("evaluated %s", m),
+        fusion=fusion_method,
     )
     typer.echo(report.markdown)
     typer.echo(f"written: {report.csv_path}, {report.markdown_path}")

@@ -379,8 +379,8 @@ def evaluate(
         batch_size: Windows per forward pass.
         progress: Called with a short message after each (model, pair).
         fusion: How the ``fused`` rows of networks with both paths are made: a
-            :class:`jrs.fusion.FusionSpec`, or a method name (``weighted``, ``staple``; weights
-            0.5 / 0.5); ``None``: no fused rows.
+            :class:`jrs.fusion.FusionSpec`, or a method name (``weighted``, ``staple``,
+            ``evidence``; weights 0.5 / 0.5); ``None``: no fused rows.
 
     Returns:
         The :class:`EvaluationReport`.
@@ -396,7 +396,7 @@ def evaluate(
             )
             processed = {path: postprocess(labels) for path, labels in pred.labels().items()}
             if spec is not None and pred.seg_logits is not None and pred.reg_probs is not None:
-                processed["fused"] = _fused(pred, processed, spec)
+                processed["fused"] = _fused(pred, processed, spec, pair)
             for path, labels in processed.items():
                 metrics = organ_metrics(labels, pair.fixed_labels)
                 for organ, vals in metrics.items():
@@ -440,17 +440,31 @@ def _fusion_spec(fusion: Any) -> Any:
 
 
 def _fused(
-    pred: Prediction, processed: Mapping[str, npt.NDArray[np.uint8]], spec: Any
+    pred: Prediction,
+    processed: Mapping[str, npt.NDArray[np.uint8]],
+    spec: Any,
+    pair: TrainingPair | None = None,
 ) -> npt.NDArray[np.uint8]:
     """The per-organ fusion of a prediction's two post-processed paths (:func:`jrs.fusion.fuse`).
 
     The segmentation probabilities are the soft-max of the stitched logits and the registration
-    ones the trilinearly warped one-hot moving labels, both read inside each organ's box only.
+    ones the trilinearly warped one-hot moving labels, both read inside each organ's box only;
+    ``evidence`` also reads the pair's two images and the DVF there.
     """
-    from jrs.fusion import fuse, probability_source, softmax_source
+    from jrs.fusion import fuse, misalignment_evidence, probability_source, softmax_source
 
     if pred.seg_logits is None or pred.reg_probs is None:
         raise InvalidInput("fusion needs the logits and the soft warped labels (keep_soft=True)")
+    evidence = None
+    if spec.method == "evidence":
+        if pair is None or pred.dvf is None:
+            raise InvalidInput("evidence fusion needs the pair's images and the DVF")
+        shape = pair.fixed.shape
+        grid = Geometry(shape, origin=np.zeros(3), spacing=np.ones(3))  # voxels = mm
+        dvf = np.ascontiguousarray(np.moveaxis(pred.dvf, 0, -1), np.float32)
+        evidence = misalignment_evidence(
+            np.asarray(pair.fixed, np.float32), np.asarray(pair.moving, np.float32), dvf, grid
+        )
     return fuse(
         processed["seg"],
         processed["reg"],
@@ -458,6 +472,7 @@ def _fused(
         spec,
         seg_probability=softmax_source(pred.seg_logits),
         reg_probability=probability_source(pred.reg_probs),
+        evidence=evidence,
     )
 
 

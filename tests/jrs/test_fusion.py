@@ -477,7 +477,7 @@ def test_evidence_fusion_keeps_the_same_scan_twice_unchanged(
     planning_ct, planning_rs, _ = phantom_case
     organs = ("bladder", "rectum", "seminal_vesicles", "prostate")
     choice = dict.fromkeys(organs, "fusion")
-    trust_seg = {"fusion": {"method": "weighted", "weights": dict.fromkeys(organs, [0.7, 0.3])}}
+    trust_seg = {"fusion": {"method": "weighted", "weights": {k: (0.7, 0.3) for k in organs}}}
     runs = {
         method: recontour(
             planning_ct,

@@ -169,6 +169,8 @@ def test_fused_path_of_the_evaluation() -> None:
         assert by[("fused", organ)] == pytest.approx(by[("reg", organ)], abs=0.02)
     staple = evaluate({"a": net}, [pair], window=96, fusion="staple")
     assert {r["path"] for r in staple.rows} == {"seg", "reg", "fused"}
+    evidence = evaluate({"a": net}, [pair], window=96, fusion="evidence")
+    assert {r["path"] for r in evidence.rows} == {"seg", "reg", "fused"}
     with pytest.raises(InvalidInput, match="fusion method"):
         evaluate({"a": net}, [pair], window=96, fusion="vote")
 
@@ -204,3 +206,42 @@ def test_trained_beats_untrained(tmp_path: Path) -> None:
         trained = np.mean([s[("trained", path, o)]["dsc"] for o in (1, 2, 3, 4)])
         base = np.mean([s[("untrained", path, o)]["dsc"] for o in (1, 2, 3, 4)])
         assert trained > base, (path, trained, base)
+
+
+def test_cli_evaluates_a_store_source_with_evidence_fusion(tmp_path: Path) -> None:
+    """`jrs evaluate --store S --source validation --fusion evidence`: the release's validation."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from jrs_cli import app
+    from tests.training.test_trainer import tiny_config
+    from training.store import save_pair, write_index
+    from training.trainer import Trainer
+
+    store = tmp_path / "store"
+    records = []
+    for key, seed, source in (
+        ("t1", 1, "phantom"),
+        ("v1", 2, "validation"),
+        ("v2", 3, "validation"),
+    ):
+        pair = dataclasses.replace(synthetic_pair(seed, 48), key=key)
+        records.append(save_pair(pair, store, {"source": source, "group": key}))
+    write_index(store, records)
+    trainer = Trainer(
+        tiny_config(tmp_path / "run", iterations=1),
+        [synthetic_pair(0, 48)],
+        [synthetic_pair(50, 48)],
+        progress=False,
+    )
+    trainer.run()
+    args = ["evaluate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt")]
+    args += ["--store", str(store), "--source", "validation", "--window", "104"]
+    res = CliRunner().invoke(app, [*args, "--fusion", "evidence", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    rows = (tmp_path / "ev" / "metrics.csv").read_text().splitlines()
+    assert {r.split(",")[2] for r in rows[1:]} == {"v1", "v2"}  # the validation pairs only
+    assert {r.split(",")[1] for r in rows[1:]} == {"seg", "reg", "fused"}
+    res = CliRunner().invoke(app, [*args, "--fusion", "vote", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "use weighted, staple, evidence" in res.output
