@@ -24,6 +24,7 @@ paired Wilcoxon signed-rank test of every network/path against the best one (low
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -68,11 +69,13 @@ METRICS: tuple[str, ...] = ("dsc", "msd", "hd95")
 
 __all__ = [
     "COMPONENTS_KEPT",
+    "EXPORT_METRICS_FILE",
     "JACOBIAN_COLUMNS",
     "ORGANS",
     "EvaluationReport",
     "Prediction",
     "evaluate",
+    "export_metrics",
     "jacobian_stats",
     "load_network",
     "organ_metrics",
@@ -400,6 +403,8 @@ def evaluate(
             for path, labels in processed.items():
                 metrics = organ_metrics(labels, pair.fixed_labels)
                 for organ, vals in metrics.items():
+                    if organ not in pair.known:  # not delineated in this scan: no figure
+                        continue
                     report.rows.append(
                         {"model": name, "path": path, "pair": pair.key, "organ": organ, **vals}
                     )
@@ -427,7 +432,43 @@ def evaluate(
             )
         report.markdown_path = out / "report.md"
         report.markdown_path.write_text(report.markdown)
+        if len(models) == 1:
+            (out / EXPORT_METRICS_FILE).write_text(
+                json.dumps(export_metrics(report, spec, [p.key for p in pairs]), indent=2) + "\n"
+            )
     return report
+
+
+#: The file of :func:`evaluate` that ``jrs export --metrics`` reads (one model evaluated).
+EXPORT_METRICS_FILE = "export_metrics.json"
+_PATH_KEYS = {"seg": "segmentation", "reg": "registration", "fused": "fusion"}
+
+
+def export_metrics(
+    report: EvaluationReport, fusion: Any = None, pairs: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The held-out figures of one evaluated model in the form ``jrs export --metrics`` reads.
+
+    ``path_dsc`` (path -> organ key -> mean DSC over the pairs that delineate the organ) lets the
+    export choose each organ's output path (fusion only where it beats both paths) and derive
+    the fusion weights; ``fusion`` names the method the fused figures were made with.
+
+    Args:
+        report: The evaluation of exactly one model.
+        fusion: The :class:`jrs.fusion.FusionSpec` of the fused rows (None: none).
+        pairs: The evaluated pairs' keys (recorded).
+
+    Returns:
+        JSON-able metrics.
+    """
+    table: dict[str, dict[str, float]] = {}
+    for (_model, path, organ), vals in report.summary().items():
+        if path in _PATH_KEYS and math.isfinite(vals["dsc"]):
+            table.setdefault(_PATH_KEYS[path], {})[LABELS[organ]] = round(vals["dsc"], 4)
+    out: dict[str, Any] = {"path_dsc": table, "pairs": list(pairs)}
+    if fusion is not None and "fusion" in table:
+        out["fusion"] = {"method": fusion.method}
+    return out
 
 
 def _fusion_spec(fusion: Any) -> Any:
