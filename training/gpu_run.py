@@ -72,8 +72,21 @@ PROBE_SEED = 20261202
 #: Steps left out of the steady-state steps/s (CUDA and cuDNN warm-up).
 WARMUP_STEPS = 20
 _SECTIONS = frozenset(
-    {"network", "weighting", "data", "validation", "schedule", "store", "phantoms", "synthetic"}
+    {
+        "network",
+        "weighting",
+        "data",
+        "validation",
+        "schedule",
+        "store",
+        "phantoms",
+        "synthetic",
+        "losses",
+    }
 )
+#: Sections later versions of the config added, with the values that keep older checkpoints'
+#: behaviour (a checkpoint written before a section existed trained with these).
+_ADDED_SECTIONS: dict[str, dict[str, Any]] = {"losses": {"reg_dice_classes": "known"}}
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -95,8 +108,11 @@ class RunConfig(SimpleNamespace):
     """
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
-        super().__init__(**_attrs(raw))
-        self._raw = copy.deepcopy(dict(raw))
+        full = copy.deepcopy(dict(raw))
+        for section, defaults in _ADDED_SECTIONS.items():
+            full[section] = {**defaults, **dict(full.get(section) or {})}
+        super().__init__(**_attrs(full))
+        self._raw = full
 
     def resolved(self) -> dict[str, Any]:
         """The configuration as plain JSON-able data (what ``TrainConfig.resolved`` gives)."""
