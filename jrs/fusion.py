@@ -321,6 +321,51 @@ def _sub_grid(grid: Geometry, box: Box) -> Geometry:
     )
 
 
+def _warp_box(
+    image: Callable[[Box], npt.NDArray[np.float32]],
+    dvf: npt.NDArray[np.floating[Any]],
+    grid: Geometry,
+    box: Box,
+    default: float,
+) -> npt.NDArray[np.float32]:
+    """An image warped by the pull field inside a box (linear interpolation).
+
+    Only the region the box can pull from (the box grown by the field's largest displacement in
+    it, plus 2 voxels) is read, through ``image(region) -> (rz, ry, rx)`` float32.
+
+    Args:
+        image: Reads the moving image inside a region of ``grid``.
+        dvf: (nz, ny, nx, 3) pull displacement on ``grid``, mm, LPS (x, y, z) components.
+        grid: The grid of the image and the field.
+        box: Where to warp.
+        default: Value pulled from outside the grid.
+
+    Returns:
+        (bz, by, bx) float32 warped image.
+    """
+    size = np.asarray(grid.shape)
+    u = np.asarray(dvf[box], np.float64)
+    reach = float(np.sqrt((u**2).sum(axis=-1)).max()) if u.size else 0.0
+    pad = int(np.ceil(reach / float(np.asarray(grid.spacing).min()))) + 2
+    lo = [max(s.start - pad, 0) for s in box]
+    hi = [min(s.stop + pad, int(n)) for s, n in zip(box, size, strict=True)]
+    src: Box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    source_img = _sub_grid(grid, src).apply_to_sitk(
+        sitk.GetImageFromArray(np.ascontiguousarray(image(src), np.float32))
+    )
+    target = _sub_grid(grid, box)
+    field_img = target.apply_to_sitk(sitk.GetImageFromArray(u, isVector=True))
+    warped = sitk.Resample(
+        source_img,
+        target.reference_image(),
+        sitk.DisplacementFieldTransform(field_img),
+        sitk.sitkLinear,
+        float(default),
+        sitk.sitkFloat32,
+    )
+    return sitk.GetArrayFromImage(warped)
+
+
 def warped_probability(
     labels: npt.NDArray[np.integer[Any]],
     dvf: npt.NDArray[np.floating[Any]],
@@ -338,30 +383,12 @@ def warped_probability(
         dvf: (nz, ny, nx, 3) pull displacement on ``grid``, mm, LPS (x, y, z) components.
         grid: the grid of both.
     """
-    size = np.asarray(grid.shape)
-    step = float(grid.spacing.min())
 
     def source(organ: int, box: Box) -> npt.NDArray[np.float32]:
-        u = np.asarray(dvf[box], np.float64)
-        reach = float(np.sqrt((u**2).sum(axis=-1)).max()) if u.size else 0.0
-        pad = int(np.ceil(reach / step)) + 2
-        lo = [max(s.start - pad, 0) for s in box]
-        hi = [min(s.stop + pad, int(n)) for s, n in zip(box, size, strict=True)]
-        src_box: Box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-        onehot = np.ascontiguousarray(labels[src_box] == organ, np.float32)
-        source_img = _sub_grid(grid, src_box).apply_to_sitk(sitk.GetImageFromArray(onehot))
-        target = _sub_grid(grid, box)
-        field_img = target.apply_to_sitk(sitk.GetImageFromArray(u, isVector=True))
-        transform = sitk.DisplacementFieldTransform(field_img)
-        warped = sitk.Resample(
-            source_img,
-            target.reference_image(),
-            transform,
-            sitk.sitkLinear,
-            0.0,
-            sitk.sitkFloat32,
-        )
-        return sitk.GetArrayFromImage(warped)
+        def onehot(region: Box) -> npt.NDArray[np.float32]:
+            return (labels[region] == organ).astype(np.float32)
+
+        return _warp_box(onehot, dvf, grid, box, 0.0)
 
     return source
 
@@ -410,34 +437,16 @@ def misalignment_evidence(
         raise InvalidInput(f"evidence thresholds must rise: {low_hu} HU to {high_hu} HU")
     size = np.asarray(shape)
     half = np.maximum(np.round(window_mm / (2.0 * np.asarray(grid.spacing)[::-1])), 0).astype(int)
-    step = float(np.asarray(grid.spacing).min())
+    outside = float(np.min(moving)) if moving.size else 0.0
 
     def source(box: Box) -> npt.NDArray[np.float32]:
         lo = [max(b.start - int(h), 0) for b, h in zip(box, half, strict=True)]
         hi = [min(b.stop + int(h), int(n)) for b, h, n in zip(box, half, size, strict=True)]
         win: Box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-        u = np.asarray(dvf[win], np.float64)
-        reach = float(np.sqrt((u**2).sum(axis=-1)).max()) if u.size else 0.0
-        pad = int(np.ceil(reach / step)) + 2
-        slo = [max(w.start - pad, 0) for w in win]
-        shi = [min(w.stop + pad, int(n)) for w, n in zip(win, size, strict=True)]
-        src: Box = (slice(slo[0], shi[0]), slice(slo[1], shi[1]), slice(slo[2], shi[2]))
-        source_img = _sub_grid(grid, src).apply_to_sitk(
-            sitk.GetImageFromArray(np.ascontiguousarray(moving[src], np.float32))
+        warped = _warp_box(
+            lambda region: np.asarray(moving[region], np.float32), dvf, grid, win, outside
         )
-        target = _sub_grid(grid, win)
-        field_img = target.apply_to_sitk(sitk.GetImageFromArray(u, isVector=True))
-        warped = sitk.Resample(
-            source_img,
-            target.reference_image(),
-            sitk.DisplacementFieldTransform(field_img),
-            sitk.sitkLinear,
-            float(np.min(moving[src])) if moving[src].size else 0.0,
-            sitk.sitkFloat32,
-        )
-        diff = (np.asarray(fixed[win], np.float32) - sitk.GetArrayFromImage(warped)) * np.float32(
-            hu_per_unit
-        )
+        diff = (np.asarray(fixed[win], np.float32) - warped) * np.float32(hu_per_unit)
         radius = [int(h) for h in half[::-1]]  # (x, y, z) for SimpleITK
         mean = sitk.GetArrayFromImage(sitk.Mean(sitk.GetImageFromArray(diff), radius))
         inner = tuple(
