@@ -48,6 +48,7 @@ import numpy.typing as npt
 from jrs.errors import InvalidInput
 from training.data import AIR, TrainingPair
 from training.store import REGION_STRIDE, list_store, load_stored_pair
+from training.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +72,12 @@ __all__ = [
     "Pack",
     "build_pack",
     "cut_crop",
-    "file_sha256",
     "load_pack",
     "select_pairs",
     "stratum",
     "training_records",
     "travelling_tree_bytes",
 ]
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def travelling_tree_bytes(repo: Path) -> int | None:

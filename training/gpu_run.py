@@ -53,8 +53,9 @@ import torch
 
 from jrs.errors import InvalidInput
 from training.data import PatchBatch, PatchSampler, TrainingPair
-from training.gpu_pack import file_sha256, load_pack
+from training.gpu_pack import load_pack
 from training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
+from training.weights import file_sha256
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
