@@ -78,6 +78,7 @@ __all__ = [
     "ProbabilitySource",
     "evidence_probability",
     "fuse",
+    "fuse_network_paths",
     "fuse_probabilities",
     "hard_probability",
     "misalignment_evidence",
@@ -645,3 +646,59 @@ def fuse(
             kept = keep_largest_components(mask.astype(np.uint8) * np.uint8(organ), {organ: keep})
             region[mask & (kept != organ)] = 0
     return out
+
+
+def fuse_network_paths(
+    segmentation: npt.NDArray[np.integer[Any]],
+    registration: npt.NDArray[np.integer[Any]],
+    organs: Iterable[int],
+    spec: FusionSpec,
+    *,
+    seg_probability: ProbabilitySource,
+    moving_labels: npt.NDArray[np.integer[Any]],
+    dvf: npt.NDArray[np.floating[Any]],
+    grid: Geometry,
+    fixed: npt.NDArray[np.floating[Any]] | None = None,
+    moving: npt.NDArray[np.floating[Any]] | None = None,
+    reg_probability: ProbabilitySource | None = None,
+) -> npt.NDArray[np.uint8]:
+    """`fuse` of a network's two paths, with the sources every method needs built here.
+
+    The registration probability is the moving labels warped by the field
+    (`warped_probability`) unless given; ``evidence`` also reads the two images
+    (`misalignment_evidence`). The pipeline, the training evaluation and the adaptation's
+    scoring all fuse through this.
+
+    Args:
+        segmentation: (nz, ny, nx) segmentation-path labels (post-processed).
+        registration: (nz, ny, nx) registration-path labels (post-processed).
+        organs: Label ids to fuse.
+        spec: Method and weights.
+        seg_probability: The segmentation path's soft probability (e.g. `softmax_source`).
+        moving_labels: (nz, ny, nx) pre-aligned planning labels on ``grid``.
+        dvf: (nz, ny, nx, 3) pull displacement on ``grid``, mm, LPS (x, y, z).
+        grid: The grid of all arrays.
+        fixed: (nz, ny, nx) daily image (normalised HU / 1000), for ``evidence``.
+        moving: (nz, ny, nx) pre-aligned planning image, same units, for ``evidence``.
+        reg_probability: The registration path's soft probability, when already computed.
+
+    Returns:
+        (nz, ny, nx) uint8 map holding the fused organs only.
+
+    Raises:
+        InvalidInput: ``evidence`` without the two images.
+    """
+    evidence = None
+    if spec.method == "evidence":
+        if fixed is None or moving is None:
+            raise InvalidInput("evidence fusion needs the daily and the planning image")
+        evidence = misalignment_evidence(fixed, moving, dvf, grid)
+    return fuse(
+        segmentation,
+        registration,
+        organs,
+        spec,
+        seg_probability=seg_probability,
+        reg_probability=reg_probability or warped_probability(moving_labels, dvf, grid),
+        evidence=evidence,
+    )

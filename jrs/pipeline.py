@@ -709,11 +709,10 @@ def _fuse_paths(
     from jrs.fusion import (
         FusionSpec,
         ProbabilitySource,
-        fuse,
-        misalignment_evidence,
+        fuse_network_paths,
+        hard_probability,
         probability_source,
         softmax_source,
-        warped_probability,
     )
 
     spec = FusionSpec.from_metadata(metadata)
@@ -726,19 +725,19 @@ def _fuse_paths(
         seg_p = softmax_source(logits)
     elif pred is not None and pred.seg_probs is not None:
         seg_p = probability_source(pred.seg_probs)
-    evidence = (
-        misalignment_evidence(pair.fixed, pair.moving, paths.dvf, pair.grid)
-        if spec.method == "evidence"
-        else None
-    )
-    return fuse(
+    if seg_p is None:
+        seg_p = hard_probability(paths.segmentation)
+    return fuse_network_paths(
         paths.segmentation,
         paths.registration,
         organs,
         spec,
         seg_probability=seg_p,
-        reg_probability=warped_probability(pair.moving_labels, paths.dvf, pair.grid),
-        evidence=evidence,
+        moving_labels=pair.moving_labels,
+        dvf=paths.dvf,
+        grid=pair.grid,
+        fixed=pair.fixed,
+        moving=pair.moving,
     )
 
 

@@ -824,28 +824,19 @@ def _fused_labels(
     Returns:
         ``(nz, ny, nx)`` uint8 map holding the fused organs only.
     """
-    from jrs.fusion import (
-        FusionSpec,
-        fuse,
-        misalignment_evidence,
-        softmax_source,
-        warped_probability,
-    )
+    from jrs.fusion import FusionSpec, fuse_network_paths, softmax_source
 
-    spec = FusionSpec.from_json(fusion)
-    evidence = (
-        misalignment_evidence(np.asarray(pair.fixed), np.asarray(pair.moving), dvf, geo)
-        if spec.method == "evidence"
-        else None
-    )
-    return fuse(
+    return fuse_network_paths(
         paths["segmentation"],
         paths["registration"],
         organs,
-        spec,
+        FusionSpec.from_json(fusion),
         seg_probability=softmax_source(pred.seg_logits),
-        reg_probability=warped_probability(np.asarray(pair.moving_labels), dvf, geo),
-        evidence=evidence,
+        moving_labels=np.asarray(pair.moving_labels),
+        dvf=dvf,
+        grid=geo,
+        fixed=np.asarray(pair.fixed),
+        moving=np.asarray(pair.moving),
     )
 
 

@@ -484,7 +484,7 @@ def _fused(
     pred: Prediction,
     processed: Mapping[str, npt.NDArray[np.uint8]],
     spec: Any,
-    pair: TrainingPair | None = None,
+    pair: TrainingPair,
 ) -> npt.NDArray[np.uint8]:
     """The per-organ fusion of a prediction's two post-processed paths (:func:`jrs.fusion.fuse`).
 
@@ -492,28 +492,23 @@ def _fused(
     ones the trilinearly warped one-hot moving labels, both read inside each organ's box only;
     ``evidence`` also reads the pair's two images and the DVF there.
     """
-    from jrs.fusion import fuse, misalignment_evidence, probability_source, softmax_source
+    from jrs.fusion import fuse_network_paths, probability_source, softmax_source
 
-    if pred.seg_logits is None or pred.reg_probs is None:
+    if pred.seg_logits is None or pred.reg_probs is None or pred.dvf is None:
         raise InvalidInput("fusion needs the logits and the soft warped labels (keep_soft=True)")
-    evidence = None
-    if spec.method == "evidence":
-        if pair is None or pred.dvf is None:
-            raise InvalidInput("evidence fusion needs the pair's images and the DVF")
-        shape = pair.fixed.shape
-        grid = Geometry(shape, origin=np.zeros(3), spacing=np.ones(3))  # voxels = mm
-        dvf = np.ascontiguousarray(np.moveaxis(pred.dvf, 0, -1), np.float32)
-        evidence = misalignment_evidence(
-            np.asarray(pair.fixed, np.float32), np.asarray(pair.moving, np.float32), dvf, grid
-        )
-    return fuse(
+    shape = processed["seg"].shape
+    return fuse_network_paths(
         processed["seg"],
         processed["reg"],
         ORGANS,
         spec,
         seg_probability=softmax_source(pred.seg_logits),
         reg_probability=probability_source(pred.reg_probs),
-        evidence=evidence,
+        moving_labels=np.asarray(pair.moving_labels),
+        dvf=np.ascontiguousarray(np.moveaxis(pred.dvf, 0, -1), np.float32),
+        grid=Geometry(shape, origin=np.zeros(3), spacing=np.ones(3)),  # voxels = mm
+        fixed=np.asarray(pair.fixed, np.float32),
+        moving=np.asarray(pair.moving, np.float32),
     )
 
 
