@@ -49,6 +49,7 @@ from jrs.errors import InvalidInput, ModelNotReady
 from jrs.geometry import Geometry, Volume
 from jrs.labels import LABELS, SynonymTable, is_external_roi, label_map_from_mapping
 from jrs.metrics import dice, volume_cc
+from jrs.null_correction import null_correct, null_correction_enabled
 from jrs.plausibility import PlausibilityLimits, check_coverage, check_planning, enforce
 from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
 from jrs.preprocess import HU_SCALE, PreparedPair, mask_box, prepare_pair
@@ -173,6 +174,9 @@ class RecontourOptions:
         keep_fusion: also fuse every organ the path choice does not (network method), for
             validation: kept in `RecontourResult.path_labels` (``fusion``, and the pre-aligned
             planning organs as ``prealigned``), never written.
+        null_correction: subtract the network's field for the planning scan paired with
+            itself (`jrs.null_correction`: the same scan twice then moves nothing); None: the
+            model's metadata ``null_correction``, on when absent.
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -188,6 +192,7 @@ class RecontourOptions:
     dvf_spacing_mm: float | None = DEFAULT_DVF_SPACING_MM
     fusion_method: str | None = None
     keep_fusion: bool = False
+    null_correction: bool | None = None
 
 
 @dataclass
@@ -404,6 +409,37 @@ def _warp_labels(
     warped = sitk.Resample(source, source, transform, sitk.sitkLabelLinear, 0)
     out[box] = sitk.GetArrayViewFromImage(warped)
     return out
+
+
+def _with_overlaps(
+    labels: npt.NDArray[np.uint8],
+    label: int,
+    moved: Mapping[int, npt.NDArray[np.bool_]],
+) -> npt.NDArray[np.bool_]:
+    """An organ of a label map, plus its planning overlaps with the other organs, moved.
+
+    A label map holds one organ a voxel, so the voxels the planning contours of two organs share
+    (seminal vesicles entering the prostate) went to one of them. They are given back to the
+    organ: the voxels where its moved planning contour and another organ's moved planning contour
+    overlap, and which the map gave to that other organ.
+
+    Args:
+        labels: (nz, ny, nx) organ label map on the daily grid (one organ a voxel).
+        label: the organ's id.
+        moved: organ id -> (nz, ny, nx) that organ's planning contour moved onto the daily grid
+            (by the registration), for every organ delineated.
+
+    Returns:
+        (nz, ny, nx) the organ's mask.
+    """
+    own = labels == label
+    mine = moved.get(label)
+    if mine is None:
+        return own
+    for other, theirs in moved.items():
+        if other != label:
+            own |= mine & theirs & (labels == other)
+    return own
 
 
 def propagate_mask(
@@ -655,9 +691,16 @@ class _Paths:
     prediction: NetworkPrediction | None = None
 
 
-def _run_network(backend: NetworkBackend, pair: PreparedPair) -> _Paths:
-    pred = backend.predict(pair.fixed, pair.moving, pair.moving_labels.astype(np.float32))
-    dvf = np.ascontiguousarray(np.moveaxis(np.asarray(pred.dvf, np.float32), 0, -1))
+def _run_network(backend: NetworkBackend, pair: PreparedPair, null_correction: bool) -> _Paths:
+    labels_f = pair.moving_labels.astype(np.float32)
+    pred = backend.predict(pair.fixed, pair.moving, labels_f)
+    raw = np.asarray(pred.dvf, np.float32)
+    null = None
+    if null_correction:
+        raw, null = null_correct(backend, pair.moving, labels_f, raw, pair.body)
+    del labels_f
+    dvf = np.ascontiguousarray(np.moveaxis(raw, 0, -1))
+    del raw
     seg = None
     # the arg-max of the logits is that of the soft-max: no need to compute the latter
     logits_argmax = (
@@ -677,7 +720,9 @@ def _run_network(backend: NetworkBackend, pair: PreparedPair) -> _Paths:
         registration = reg_job.result()
     timings = getattr(pred, "timings", None)
     as_dict = getattr(timings, "as_dict", None)
-    return _Paths(seg, registration, dvf, as_dict() if callable(as_dict) else None, pred)
+    network: dict[str, Any] = dict(as_dict()) if callable(as_dict) else {}
+    network["null_correction"] = null.as_dict() if null is not None else {"applied": False}
+    return _Paths(seg, registration, dvf, network, pred)
 
 
 def _fuse_paths(
@@ -875,7 +920,11 @@ def recontour(
     if opts.method == "network":
         if backend is None:  # pragma: no cover - load_backend raises first
             raise ModelNotReady("no network loaded")
-        paths = _run_network(backend, pair)
+        paths = _run_network(
+            backend,
+            pair,
+            null_correction_enabled(backend.metadata, opts.null_correction),
+        )
     elif opts.method == "iterative":
         paths = _run_iterative(pair)
     else:
@@ -969,8 +1018,18 @@ def recontour(
                 chosen_daily[target] = organs.resample(
                     _sub_grid(daily_geom, target), "label", 0
                 ).array
-        organ_of_name = {name: lab for lab, name in used.items()}
-        # the other ROIs are resampled two at a time (SimpleITK and numpy release the GIL)
+        # an organ moved by the registration is its own planning contour moved like every other
+        # ROI, so that it keeps its overlaps with its neighbours (seminal vesicles entering the
+        # prostate), which a one-label-per-voxel map cuts off. An organ drawn by the network's
+        # segmentation (or the fusion) comes from the label map, plus its planning overlaps with
+        # the other organs, moved (`_with_overlaps`): the overlaps of the clinician's contours
+        # are kept whatever the path.
+        drawn = {
+            name: lab
+            for lab, name in used.items()
+            if sources.get(lab) not in ("registration", "iterative")
+        }
+        # the ROIs are resampled two at a time (SimpleITK and numpy release the GIL)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="jrs-propagate") as pool:
             jobs = {
                 name: pool.submit(
@@ -983,14 +1042,16 @@ def recontour(
                     reach_mm,
                 )
                 for name, mask in planning_masks.items()
-                if name not in organ_of_name
             }
+            moved = {lab: jobs[name].result() for lab, name in used.items()}
             daily_masks: dict[str, npt.NDArray[np.bool_]] = {
-                name: chosen_daily == organ_of_name[name]
-                if name in organ_of_name
+                name: _with_overlaps(chosen_daily, drawn[name], moved)
+                if name in drawn
                 else jobs[name].result()
                 for name in planning_masks
             }
+            del moved
+        organ_of_name = {name: lab for lab, name in used.items()}
         t = lap("propagate", t)
 
         # QA

@@ -306,8 +306,11 @@ class ReplayBackend:
     """A loaded network whose last prediction is replayed when the same inputs come again.
 
     Several populations of one case (the model as it is, its other path, its DVF perturbed) give
-    the network the same inputs: it runs once. ``perturb`` (set per population) changes the
-    prediction handed to the pipeline.
+    the network the same inputs: it runs once. The last two distinct inputs are kept: the pair
+    and the null-field correction's pass (the planning scan as both images,
+    `jrs.null_correction`). ``perturb`` (set per population) changes the prediction of the pair
+    handed to the pipeline, never that of the null pass (a perturbation there would be
+    subtracted again).
 
     Args:
         inner: the loaded network (`jrs.pipeline.NetworkBackend`).
@@ -318,8 +321,7 @@ class ReplayBackend:
         self.metadata: dict[str, Any] = inner.metadata
         self.perturb: Callable[[Any], Any] | None = None
         self.calls = 0
-        self._key: str | None = None
-        self._pred: Any = None
+        self._kept: dict[str, Any] = {}  # input digest -> prediction, oldest first (at most 2)
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":
@@ -339,16 +341,19 @@ class ReplayBackend:
             h.update(str((arr.shape, arr.dtype.str)).encode())
             h.update(arr.data)
         key = h.hexdigest()
-        if key != self._key:
-            self._pred = None  # free the previous one first
-            self._pred = self.inner.predict(fixed, moving, moving_labels)
-            self._key = key
+        pred = self._kept.pop(key, None)
+        if pred is None:
+            while len(self._kept) >= 2:  # free the oldest first
+                self._kept.pop(next(iter(self._kept)))
+            pred = self.inner.predict(fixed, moving, moving_labels)
             self.calls += 1
-        return self.perturb(self._pred) if self.perturb is not None else self._pred
+        self._kept[key] = pred
+        null_pass = fixed is moving or np.array_equal(fixed, moving)
+        return self.perturb(pred) if self.perturb is not None and not null_pass else pred
 
     def forget(self) -> None:
-        """Drop the kept prediction (its memory)."""
-        self._key, self._pred = None, None
+        """Drop the kept predictions (their memory)."""
+        self._kept.clear()
 
 
 def _dvf_noise(seed_parts: Sequence[int]) -> tuple[Callable[[Any], Any], dict[str, float]]:

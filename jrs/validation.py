@@ -180,7 +180,8 @@ def _real_cases(source: HeldoutPlanning, root: Path) -> Iterator[_Case]:
             planning_ct=planning / "planning" / "ct",
             planning_rtstruct=planning / "planning" / "rtstruct.dcm",
             daily_ct=daily / "ct",
-            truth={lab: labels == lab for lab in ORGANS if lab in used},
+            # each organ's own contour (overlaps kept), as for the phantoms
+            truth={lab: structures[used[lab]].copy() for lab in ORGANS if lab in used},
             roi={lab: used[lab] for lab in ORGANS if lab in used},
             reference=Volume(np.zeros(geometry.shape, np.uint8), geometry),
             synonyms=table,
@@ -204,6 +205,7 @@ def validate_heldout(
     fusion_method: str | None = None,
     backend: Any | None = None,
     real: Sequence[HeldoutPlanning] = (),
+    null_correction: bool | None = None,
 ) -> HeldoutReport:
     """Re-contour held-out fractions and score every output path against the truth.
 
@@ -230,6 +232,8 @@ def validate_heldout(
         backend: an already loaded network (`jrs.pipeline.NetworkBackend`) to use instead of
             loading ``model_dir``.
         real: real planning scans whose synthetic fractions are cases too.
+        null_correction: the network's null-field correction (`jrs.null_correction`); None:
+            the model's.
 
     Returns:
         The report.
@@ -269,6 +273,7 @@ def validate_heldout(
                         keep_fusion=method == "network",
                         fusion_method=fusion_method,
                         synonyms=case.synonyms,
+                        null_correction=null_correction,
                     ),
                     backend=backend if method == "network" else None,
                 )

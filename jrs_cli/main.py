@@ -365,6 +365,17 @@ FusionMethodOpt = Annotated[
 ]
 
 
+NullCorrectionOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--null-correction/--no-null-correction",
+        help="Subtract the network's field for the planning scan paired with itself, so that "
+        "the same scan twice moves nothing (one more network pass). Default: the model's "
+        "metadata, on when it says nothing.",
+    ),
+]
+
+
 def _fusion_method(value: str | None) -> str | None:
     from jrs.errors import InvalidInput
     from jrs.fusion import FUSION_METHODS
@@ -392,6 +403,7 @@ def recontour(
     precision: PrecisionOpt = "auto",
     path_choice: PathChoiceOpt = None,
     fusion_method: FusionMethodOpt = None,
+    null_correction: NullCorrectionOpt = None,
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
     from jrs.pipeline import recontour as run
@@ -400,6 +412,7 @@ def recontour(
         model, device, method, synonyms, dvf_spacing, engine, precision, path_choice
     )
     opts.fusion_method = _fusion_method(fusion_method)
+    opts.null_correction = null_correction
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")
@@ -645,6 +658,7 @@ def benchmark(
     ] = None,
     synonyms: SynonymOpt = None,
     fusion_method: FusionMethodOpt = None,
+    null_correction: NullCorrectionOpt = None,
     daily_ct: Annotated[
         Path | None, typer.Option("--daily-ct", help="recontour/engines: a given case.")
     ] = None,
@@ -791,6 +805,7 @@ def benchmark(
             list(range(seed, seed + cases)),
             real=held_real,
             fusion_method=_fusion_method(fusion_method),
+            null_correction=null_correction,
             model_dir=model,
             device=device,
             engine=engine,
@@ -996,6 +1011,14 @@ def evaluate(
             help="Fused rows of networks with both paths: weighted, staple, evidence or none.",
         ),
     ] = "weighted",
+    null_correction: Annotated[
+        bool,
+        typer.Option(
+            "--null-correction",
+            help="Subtract the field of the planning scan paired with itself, as the pipeline "
+            "does (the release evaluation; the campaign's validation does not).",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first phantom.")] = 1000,
     fractions: Annotated[
         int, typer.Option("--fractions", min=1, help="Fractions per generated phantom.")
@@ -1055,6 +1078,7 @@ def evaluate(
         window=window,
         progress=lambda m: log.info("evaluated %s", m),
         fusion=fusion_method,
+        null_correction=null_correction,
     )
     typer.echo(report.markdown)
     typer.echo(f"written: {report.csv_path}, {report.markdown_path}")

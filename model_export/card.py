@@ -133,6 +133,15 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         "SimpleITK's binary STAPLE of the two paths' masks. Organs not listed use "
         "`segmentation`.",
         "",
+        "Null-field correction: "
+        + (
+            "on. The pipeline runs the network a second time with the planning scan as both "
+            "images and subtracts that field (`jrs.null_correction`), so that the same scan "
+            "given twice moves nothing (`--no-null-correction` turns it off)."
+            if meta.get("null_correction", True) is not False
+            else "off (`metadata.json`: `null_correction: false`)."
+        ),
+        "",
     ]
     if choice:
         lines += ["| organ | path | fusion weights (seg, reg) |", "|---|---|---|"]

@@ -490,6 +490,9 @@ def build_metadata(
         "git_sha": checkpoint.get("git_sha", "unknown"),
         "path_choice": _path_choice(metrics),
         **({"fusion": fusion} if (fusion := _fusion(metrics)) is not None else {}),
+        # the pipeline subtracts the field of the planning scan paired with itself
+        # (`jrs.null_correction`): the same scan twice moves nothing
+        "null_correction": True,
         "network": _jsonable(dict(network)),
         "inputs": [
             {

@@ -745,6 +745,7 @@ def score_model(
     """
     from jrs.inference import load_model
     from jrs.metrics import dice, surface_distances
+    from jrs.null_correction import null_correct, null_correction_enabled
     from jrs.postprocess import keep_largest_components
     from jrs.transforms import warp
 
@@ -758,8 +759,13 @@ def score_model(
     for pair in pairs:
         shape = pair.fixed.shape
         geo = Geometry(shape, origin=np.zeros(3), spacing=np.ones(3))
-        pred = model.predict(pair.fixed, pair.moving, pair.moving_labels.astype(np.float32))
-        dvf = np.ascontiguousarray(np.moveaxis(np.asarray(pred.dvf, np.float32), 0, -1))
+        labels_f = pair.moving_labels.astype(np.float32)
+        pred = model.predict(pair.fixed, pair.moving, labels_f)
+        raw = np.asarray(pred.dvf, np.float32)
+        if null_correction_enabled(model.metadata):  # as the pipeline will use the model
+            raw, _ = null_correct(model, pair.moving, labels_f, raw)
+        dvf = np.ascontiguousarray(np.moveaxis(raw, 0, -1))
+        del raw, labels_f
         warped = warp(Volume(pair.moving_labels, geo), Volume(dvf, geo), "label", 0).array
         paths = {"registration": keep_largest_components(np.asarray(warped, np.uint8))}
         if pred.seg_logits is not None:

@@ -195,6 +195,7 @@ def predict_pair(
     batch_size: int = 1,
     amp: bool = False,
     keep_soft: bool = False,
+    null_correction: bool = False,
 ) -> Prediction:
     """Run a network over a whole pair with tiled inference (:func:`predict_volume`).
 
@@ -207,6 +208,8 @@ def predict_pair(
         batch_size: Windows per forward pass.
         amp: Autocast to float16 (CUDA only).
         keep_soft: Also keep the stitched logits and the soft warped labels (for fusion).
+        null_correction: Subtract the field of the planning scan paired with itself, as the
+            pipeline does (`jrs.null_correction`).
 
     Returns:
         The :class:`Prediction` (paths the network lacks are ``None``).
@@ -214,6 +217,12 @@ def predict_pair(
     stitched = predict_volume(
         net, pair.fixed, pair.moving, pair.moving_labels, window, batch_size, amp
     )
+    if null_correction and "dvf" in stitched:
+        null = predict_volume(
+            net, pair.moving, pair.moving, pair.moving_labels, window, batch_size, amp
+        )
+        stitched["dvf"] = stitched["dvf"] - null["dvf"]
+        del null
     pred = Prediction()
     if "seg" in stitched:
         pred.seg = np.argmax(stitched["seg"], axis=0).astype(np.uint8)
@@ -370,6 +379,7 @@ def evaluate(
     batch_size: int = 1,
     progress: Callable[[str], None] | None = None,
     fusion: Any = "weighted",
+    null_correction: bool = False,
 ) -> EvaluationReport:
     """Evaluate networks on held-out pairs and write the CSV and Markdown report.
 
@@ -384,6 +394,8 @@ def evaluate(
         fusion: How the ``fused`` rows of networks with both paths are made: a
             :class:`jrs.fusion.FusionSpec`, or a method name (``weighted``, ``staple``,
             ``evidence``; weights 0.5 / 0.5); ``None``: no fused rows.
+        null_correction: Subtract each network's field of the planning scan paired with
+            itself, as the pipeline does (`jrs.null_correction`; the release evaluation).
 
     Returns:
         The :class:`EvaluationReport`.
@@ -395,7 +407,12 @@ def evaluate(
     for name, net in models.items():
         for pair in pairs:
             pred = predict_pair(
-                net, pair, window=window, batch_size=batch_size, keep_soft=spec is not None
+                net,
+                pair,
+                window=window,
+                batch_size=batch_size,
+                keep_soft=spec is not None,
+                null_correction=null_correction,
             )
             processed = {path: postprocess(labels) for path, labels in pred.labels().items()}
             if spec is not None and pred.seg_logits is not None and pred.reg_probs is not None:

@@ -45,7 +45,13 @@ class ShiftBackend:
 
     def __init__(self, shift_xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
         self.shift = np.asarray(shift_xyz, np.float32)
-        self.metadata: dict[str, Any] = {"name": "fake", "version": "0", "path_choice": {}}
+        # a constant shift is the same for any input: the null-field correction would remove it
+        self.metadata: dict[str, Any] = {
+            "name": "fake",
+            "version": "0",
+            "path_choice": {},
+            "null_correction": False,
+        }
         self.calls = 0
 
     def predict(self, fixed: np.ndarray, moving: np.ndarray, moving_labels: np.ndarray) -> _Pred:

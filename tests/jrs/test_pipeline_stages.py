@@ -16,6 +16,7 @@ from jrs.pipeline import (
     _full_transform,
     _taper,
     _warp_labels,
+    _with_overlaps,
     box_field,
     dense_field,
     dvf_grid,
@@ -217,3 +218,32 @@ def test_largest_components_per_organ_box_equal_the_whole_grid() -> None:
     for lab, centre in ((1, [20.0, 20.0, 15.0]), (2, [40.0, 30.0, 25.0]), (3, [15.0, 35.0, 30.0])):
         labels[_ellipsoid(grid, np.array(centre), np.array([8.0, 6.0, 5.0]))] = lab
     np.testing.assert_array_equal(_largest_components(labels), keep_largest_components(labels))
+
+
+def test_label_map_organs_get_their_moved_planning_overlaps_back() -> None:
+    """The voxels two moved planning contours share go back to the organ the map did not keep."""
+    labels = np.zeros((1, 1, 10), np.uint8)
+    labels[0, 0, 0:4] = 4  # prostate (the map's winner of the overlap)
+    labels[0, 0, 4:7] = 3  # seminal vesicles
+    labels[0, 0, 7:9] = 1  # bladder
+    prostate = np.zeros_like(labels, bool)
+    prostate[0, 0, 0:5] = True  # its moved planning contour reaches voxel 4 too
+    vesicles = np.zeros_like(labels, bool)
+    vesicles[0, 0, 2:7] = True  # ... and the vesicles' enters the prostate (voxels 2, 3)
+    bladder = np.zeros_like(labels, bool)
+    bladder[0, 0, 5:9] = True  # shares voxels 5, 6 with the vesicles' moved contour
+    moved = {4: prostate, 3: vesicles, 1: bladder}
+    sv = _with_overlaps(labels, 3, moved)
+    # its own voxels, plus the planning overlap with the prostate that the map gave the prostate
+    assert sv[0, 0].tolist() == [False, False, True, True, True, True, True, False, False, False]
+    p = _with_overlaps(labels, 4, moved)
+    # voxel 4: both moved contours, given to the vesicles: shared back
+    assert p[0, 0].tolist() == [True] * 5 + [False] * 5
+    b = _with_overlaps(labels, 1, moved)
+    # voxels 5, 6: the bladder's and the vesicles' moved contours overlap there
+    assert b[0, 0].tolist() == [False] * 5 + [True] * 4 + [False]
+    # an organ without a planning contour keeps the map's voxels only
+    assert _with_overlaps(labels, 2, moved).sum() == 0
+    # a moved contour that overlaps no other organ's adds nothing
+    alone = {3: vesicles}
+    np.testing.assert_array_equal(_with_overlaps(labels, 3, alone), labels == 3)

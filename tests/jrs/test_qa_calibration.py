@@ -371,13 +371,23 @@ def test_replay_backend_runs_the_network_once_per_input() -> None:
     inner = ZeroBackend()
     replay = ReplayBackend(inner)
     x = np.zeros((8, 8, 8), np.float32)
-    first = replay.predict(x, x, x)
-    assert replay.predict(x, x, x) is first and inner.calls == 1
+    y = x + 1
+    first = replay.predict(y, x, x)
+    assert replay.predict(y, x, x) is first and inner.calls == 1
     replay.perturb = lambda p: _Pred(p.seg_probs, p.dvf + 1.0)
-    assert float(replay.predict(x, x, x).dvf.mean()) == 1.0 and inner.calls == 1
+    assert float(replay.predict(y, x, x).dvf.mean()) == 1.0 and inner.calls == 1
+    # the null-field correction's pass (the same image twice) is kept beside the pair's, and
+    # never perturbed: the perturbation would be subtracted again
+    null = replay.predict(x, x, x)
+    assert float(null.dvf.mean()) == 0.0 and inner.calls == 2
+    assert float(replay.predict(y, x, x).dvf.mean()) == 1.0 and inner.calls == 2
     replay.perturb = None
-    replay.predict(x + 1, x, x)
-    assert inner.calls == 2
+    replay.predict(x + 2, x, x)  # a third input: the least recently used one (null) goes
+    assert inner.calls == 3
+    replay.predict(y, x, x)
+    assert inner.calls == 3
+    replay.predict(x, x, x)
+    assert inner.calls == 4
     assert replay.metadata["name"] == "fake"
 
 
@@ -400,7 +410,8 @@ def test_harness_records_resumes_and_reports(tmp_path: Path) -> None:
         progress=lines.append,
     )
     assert report["errors"] == []
-    assert backend.calls == 3  # network and dvf_noise share one prediction
+    # three inputs (network and dvf_noise share one), each with its null-field pass
+    assert backend.calls == 6
     assert len(lines) == 4 and all("phantom3000-f1" in line for line in lines)
     recs = load_records(tmp_path)
     assert [r["population"] for r in recs] == sorted(pops)
@@ -426,7 +437,7 @@ def test_harness_records_resumes_and_reports(tmp_path: Path) -> None:
     again = run_qa_calibration(
         tmp_path, cases=1, seed=3000, populations=pops, settings=settings, backend=backend
     )
-    assert backend.calls == 3
+    assert backend.calls == 6
     assert again["counts"] == report["counts"]
 
 

@@ -384,6 +384,7 @@ class ShiftBackend:
             "name": "fake",
             "version": "0",
             "path_choice": dict.fromkeys(organs, "registration"),
+            "null_correction": False,  # (a constant shift: the correction would remove it)
         }
 
     def predict(self, fixed: np.ndarray, moving: np.ndarray, moving_labels: np.ndarray) -> _Pred:
