@@ -44,7 +44,11 @@ RUN_CONFIGS: dict[str, tuple[str, str, str]] = {
     "openvino-bf16": ("network", "openvino", "bf16"),
     "auto": ("network", "auto", "auto"),
     "iterative": ("iterative", "auto", "auto"),
+    # the null-field correction off (`jrs.null_correction`): what its second pass costs
+    "openvino-bf16-no-null": ("network", "openvino", "bf16"),
 }
+#: Runs with the null-field correction switched off (the others use the model's setting).
+NO_NULL_CORRECTION_RUNS: frozenset[str] = frozenset({"openvino-bf16-no-null"})
 #: What ``jrs benchmark recontour`` compares by default.
 DEFAULT_RUNS: tuple[str, ...] = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "iterative")
 #: The organs scored against the truth.
@@ -369,6 +373,7 @@ def _run_config(
         device=device,
         engine=engine,
         precision=precision,
+        null_correction=False if name in NO_NULL_CORRECTION_RUNS else None,
     )
     if dvf_spacing_mm is not None:
         opts.dvf_spacing_mm = dvf_spacing_mm or None

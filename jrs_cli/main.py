@@ -640,7 +640,8 @@ def benchmark(
         typer.Option(
             "--runs",
             help="recontour: configurations, comma-separated (default onnxruntime-fp32,"
-            "openvino-fp32,openvino-bf16,iterative; also auto); engines: reference,candidate "
+            "openvino-fp32,openvino-bf16,iterative; also auto, openvino-bf16-no-null: without the "
+            "null-field correction); engines: reference,candidate "
             "(default onnxruntime-fp32,openvino-bf16).",
         ),
     ] = None,
