@@ -609,7 +609,13 @@ def benchmark(
     device: DeviceOpt = "auto",
     method: MethodOpt = "network",
     cases: Annotated[
-        int, typer.Option("--cases", min=1, help="heldout: phantoms (seeds SEED..SEED+N-1).")
+        int,
+        typer.Option(
+            "--cases",
+            min=0,
+            help="heldout/qa/adaptation: phantoms (seeds SEED..SEED+N-1); 0 with --planning-ct: "
+            "the real patient's fractions only.",
+        ),
     ] = 5,
     iterative: Annotated[
         bool,

@@ -207,3 +207,16 @@ def test_heldout_scores_synthetic_fractions_of_a_real_planning_scan(tmp_path: Pa
     assert "## Synthetic fractions of real planning scans (2)" in mixed
     with pytest.raises(InvalidInput, match="at least one phantom seed or a real planning"):
         validate_heldout([])
+
+
+def test_cli_heldout_takes_zero_phantoms_only_with_a_real_patient() -> None:
+    """``--cases 0`` is for the real patient's fractions alone; without one it is refused."""
+    from typer.testing import CliRunner
+
+    from jrs_cli import app
+
+    result = CliRunner().invoke(app, ["benchmark", "heldout", "--cases", "0", "--no-iterative"])
+    assert result.exit_code == 2
+    assert "at least one phantom seed or a real planning scan" in result.stderr
+    result = CliRunner().invoke(app, ["benchmark", "heldout", "--cases", "-1"])
+    assert result.exit_code == 2
