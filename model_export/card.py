@@ -143,13 +143,19 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         ),
         "",
     ]
+    validated = meta.get("validated_paths") or {}
     if choice:
-        lines += ["| organ | path | fusion weights (seg, reg) |", "|---|---|---|"]
+        lines += [
+            "| organ | path | fusion weights (seg, reg) | validated paths (QA path disagreement) |",
+            "|---|---|---|---|",
+        ]
     weights = (fusion.get("weights") or {}) if isinstance(fusion, Mapping) else {}
     for organ, path in choice.items():
         w = weights.get(organ)
         cell = f"{_fmt(float(w[0]))}, {_fmt(float(w[1]))}" if w else "0.5, 0.5 (default)"
-        lines.append(f"| {organ} | {path} | {cell} |")
+        vouched = validated.get(organ) if isinstance(validated, Mapping) else None
+        vcell = ", ".join(vouched) if vouched else f"{path} only"
+        lines.append(f"| {organ} | {path} | {cell} | {vcell} |")
     if choice:
         lines.append("")
     if isinstance(fusion, Mapping):

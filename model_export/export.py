@@ -489,6 +489,7 @@ def build_metadata(
         },
         "git_sha": checkpoint.get("git_sha", "unknown"),
         "path_choice": _path_choice(metrics),
+        **({"validated_paths": vp} if (vp := _validated_paths(metrics)) else {}),
         **({"fusion": fusion} if (fusion := _fusion(metrics)) is not None else {}),
         # the pipeline subtracts the field of the planning scan paired with itself
         # (`jrs.null_correction`): the same scan twice moves nothing
@@ -664,6 +665,39 @@ def _path_choice(metrics: Mapping[str, Any] | None) -> dict[str, str]:
         if "fusion" in scores and scores["fusion"] > scores[best]:
             best = "fusion"
         out[organ] = best
+    return out
+
+
+#: A path is vouched for (``validated_paths``) when its validation DSC for the organ is within
+#: this margin of the better of the two paths: a working second opinion for the QA's
+#: ``path_disagreement`` flag, not a broken path (model v2's segmentation path: DSC 0.00-0.11).
+VALIDATED_PATH_MARGIN = 0.05
+
+
+def _validated_paths(metrics: Mapping[str, Any] | None) -> dict[str, list[str]]:
+    """Per organ, the output paths the validation figures vouch for (``validated_paths``).
+
+    A path (``segmentation``, ``registration``) is validated for an organ when the metrics give
+    its validation DSC and that DSC is at least the better path's minus
+    :data:`VALIDATED_PATH_MARGIN`. Organs without figures are left out: the pipeline then
+    vouches for the chosen path alone (:func:`jrs.qa.validated_paths`), and the QA's path
+    disagreement stays silent for them.
+
+    Returns:
+        Organ key -> sorted list of validated paths (empty dict when the metrics give nothing).
+    """
+    figures = path_dsc(metrics)
+    out: dict[str, list[str]] = {}
+    for organ in LABELS.values():
+        scores = {
+            p: figures[p][organ]
+            for p in ("segmentation", "registration")
+            if organ in figures.get(p, {})
+        }
+        if not scores:
+            continue
+        best = max(scores.values())
+        out[organ] = sorted(p for p, v in scores.items() if v >= best - VALIDATED_PATH_MARGIN)
     return out
 
 

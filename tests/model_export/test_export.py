@@ -223,6 +223,31 @@ def test_bad_path_choice_refused_before_export(tmp_path: Path) -> None:
         export_checkpoint(tiny_net(), tmp_path, metrics={"path_choice": {"prostate": "both"}})
 
 
+def test_validated_paths_from_validation_dsc() -> None:
+    """A path within 0.05 DSC of the better one is vouched for; a broken path is not."""
+    from jrs.qa import validated_paths
+    from model_export.export import VALIDATED_PATH_MARGIN, _validated_paths
+
+    metrics = {
+        "path_dsc": {
+            "segmentation": {"prostate": 0.894, "bladder": 0.05, "rectum": 0.86},
+            "registration": {"prostate": 0.914, "bladder": 0.909, "rectum": 0.911},
+        }
+    }
+    table = _validated_paths(metrics)
+    assert VALIDATED_PATH_MARGIN == 0.05
+    assert table == {
+        "prostate": ["registration", "segmentation"],  # 0.020 apart: both
+        "bladder": ["registration"],  # the segmentation path is broken here
+        "rectum": ["registration"],  # 0.051 apart: only the better one
+    }
+    assert "seminal_vesicles" not in table and _validated_paths(None) == {}
+    # what the QA reads from the metadata: path disagreement only where both are vouched for
+    meta = {"validated_paths": table, "path_choice": {"prostate": "registration"}}
+    assert validated_paths(meta, "prostate") == {"registration", "segmentation"}
+    assert validated_paths(meta, "bladder") == {"registration"}
+
+
 def test_path_choice_and_fusion_weights_from_validation_dsc() -> None:
     from jrs.fusion import FusionSpec
     from model_export.card import model_card
