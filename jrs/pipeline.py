@@ -46,6 +46,7 @@ import numpy.typing as npt
 import SimpleITK as sitk
 
 from jrs.errors import InvalidInput, ModelNotReady
+from jrs.field_smoothing import field_smoothing_sigma, smooth_field
 from jrs.geometry import Geometry, Volume
 from jrs.labels import LABELS, SynonymTable, is_external_roi, label_map_from_mapping
 from jrs.metrics import dice, volume_cc
@@ -177,6 +178,9 @@ class RecontourOptions:
         null_correction: subtract the network's field for the planning scan paired with
             itself (`jrs.null_correction`: the same scan twice then moves nothing); None: the
             model's metadata ``null_correction``, on when absent.
+        dvf_smoothing_mm: Gaussian sigma (mm) of the filter applied to the network's final
+            field (`jrs.field_smoothing`; 0: none); None: the model's metadata
+            ``dvf_smoothing_mm``, none when absent.
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -193,6 +197,7 @@ class RecontourOptions:
     fusion_method: str | None = None
     keep_fusion: bool = False
     null_correction: bool | None = None
+    dvf_smoothing_mm: float | None = None
 
 
 @dataclass
@@ -691,7 +696,9 @@ class _Paths:
     prediction: NetworkPrediction | None = None
 
 
-def _run_network(backend: NetworkBackend, pair: PreparedPair, null_correction: bool) -> _Paths:
+def _run_network(
+    backend: NetworkBackend, pair: PreparedPair, null_correction: bool, smoothing_mm: float = 0.0
+) -> _Paths:
     labels_f = pair.moving_labels.astype(np.float32)
     pred = backend.predict(pair.fixed, pair.moving, labels_f)
     raw = np.asarray(pred.dvf, np.float32)
@@ -699,6 +706,11 @@ def _run_network(backend: NetworkBackend, pair: PreparedPair, null_correction: b
     if null_correction:
         raw, null = null_correct(backend, pair.moving, labels_f, raw, pair.body)
     del labels_f
+    smoothing_s = 0.0
+    if smoothing_mm > 0:
+        t_s = time.perf_counter()
+        raw = smooth_field(raw, smoothing_mm, tuple(map(float, pair.grid.spacing)))
+        smoothing_s = time.perf_counter() - t_s
     dvf = np.ascontiguousarray(np.moveaxis(raw, 0, -1))
     del raw
     seg = None
@@ -722,6 +734,7 @@ def _run_network(backend: NetworkBackend, pair: PreparedPair, null_correction: b
     as_dict = getattr(timings, "as_dict", None)
     network: dict[str, Any] = dict(as_dict()) if callable(as_dict) else {}
     network["null_correction"] = null.as_dict() if null is not None else {"applied": False}
+    network["dvf_smoothing"] = {"sigma_mm": smoothing_mm, "seconds": round(smoothing_s, 3)}
     return _Paths(seg, registration, dvf, network, pred)
 
 
@@ -924,6 +937,7 @@ def recontour(
             backend,
             pair,
             null_correction_enabled(backend.metadata, opts.null_correction),
+            field_smoothing_sigma(backend.metadata, opts.dvf_smoothing_mm),
         )
     elif opts.method == "iterative":
         paths = _run_iterative(pair)

@@ -206,6 +206,7 @@ def validate_heldout(
     backend: Any | None = None,
     real: Sequence[HeldoutPlanning] = (),
     null_correction: bool | None = None,
+    dvf_smoothing_mm: float | None = None,
 ) -> HeldoutReport:
     """Re-contour held-out fractions and score every output path against the truth.
 
@@ -234,6 +235,8 @@ def validate_heldout(
         real: real planning scans whose synthetic fractions are cases too.
         null_correction: the network's null-field correction (`jrs.null_correction`); None:
             the model's.
+        dvf_smoothing_mm: Gaussian sigma (mm) on the network's final field
+            (`jrs.field_smoothing`); None: the model's.
 
     Returns:
         The report.
@@ -274,6 +277,7 @@ def validate_heldout(
                         fusion_method=fusion_method,
                         synonyms=case.synonyms,
                         null_correction=null_correction,
+                        dvf_smoothing_mm=dvf_smoothing_mm,
                     ),
                     backend=backend if method == "network" else None,
                 )

@@ -375,6 +375,16 @@ NullCorrectionOpt = Annotated[
     ),
 ]
 
+DvfSmoothingOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--dvf-smoothing-mm",
+        min=0.0,
+        help="Gaussian sigma (mm) of a filter on the network's final field, which removes its "
+        "voxel-scale roughness (0: none). Default: the model's metadata dvf_smoothing_mm.",
+    ),
+]
+
 
 def _fusion_method(value: str | None) -> str | None:
     from jrs.errors import InvalidInput
@@ -404,6 +414,7 @@ def recontour(
     path_choice: PathChoiceOpt = None,
     fusion_method: FusionMethodOpt = None,
     null_correction: NullCorrectionOpt = None,
+    dvf_smoothing_mm: DvfSmoothingOpt = None,
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
     from jrs.pipeline import recontour as run
@@ -413,6 +424,7 @@ def recontour(
     )
     opts.fusion_method = _fusion_method(fusion_method)
     opts.null_correction = null_correction
+    opts.dvf_smoothing_mm = dvf_smoothing_mm
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")
@@ -666,6 +678,7 @@ def benchmark(
     synonyms: SynonymOpt = None,
     fusion_method: FusionMethodOpt = None,
     null_correction: NullCorrectionOpt = None,
+    dvf_smoothing_mm: DvfSmoothingOpt = None,
     daily_ct: Annotated[
         Path | None, typer.Option("--daily-ct", help="recontour/engines: a given case.")
     ] = None,
@@ -813,6 +826,7 @@ def benchmark(
             real=held_real,
             fusion_method=_fusion_method(fusion_method),
             null_correction=null_correction,
+            dvf_smoothing_mm=dvf_smoothing_mm,
             model_dir=model,
             device=device,
             engine=engine,

@@ -142,6 +142,19 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
             else "off (`metadata.json`: `null_correction: false`)."
         ),
         "",
+        "Field smoothing: "
+        + (
+            f"a Gaussian of sigma {float(meta['dvf_smoothing_mm']):g} mm filters the final "
+            "field (`jrs.field_smoothing`; `metadata.json` `dvf_smoothing_mm`, "
+            "`--dvf-smoothing-mm` overrides it): it removes the field's voxel-scale roughness "
+            "(folding, det J outliers inside small organs) and keeps the same scan twice at a "
+            "zero field."
+            if isinstance(meta.get("dvf_smoothing_mm"), int | float)
+            and not isinstance(meta.get("dvf_smoothing_mm"), bool)
+            and float(meta["dvf_smoothing_mm"]) > 0
+            else "none (`metadata.json` has no `dvf_smoothing_mm`; `--dvf-smoothing-mm` sets one)."
+        ),
+        "",
     ]
     validated = meta.get("validated_paths") or {}
     if choice:

@@ -743,6 +743,7 @@ def score_model(
         Mean DSC / MSD per organ of the chosen path, per-path DSC (``fusion``: the fused
         organs only), per-fraction rows.
     """
+    from jrs.field_smoothing import field_smoothing_sigma, smooth_field
     from jrs.inference import load_model
     from jrs.metrics import dice, surface_distances
     from jrs.null_correction import null_correct, null_correction_enabled
@@ -764,6 +765,9 @@ def score_model(
         raw = np.asarray(pred.dvf, np.float32)
         if null_correction_enabled(model.metadata):  # as the pipeline will use the model
             raw, _ = null_correct(model, pair.moving, labels_f, raw)
+        sigma = field_smoothing_sigma(model.metadata)
+        if sigma > 0:
+            raw = smooth_field(raw, sigma)
         dvf = np.ascontiguousarray(np.moveaxis(raw, 0, -1))
         del raw, labels_f
         warped = warp(Volume(pair.moving_labels, geo), Volume(dvf, geo), "label", 0).array

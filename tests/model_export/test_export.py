@@ -201,6 +201,14 @@ def test_model_card(exported: tuple[Path, torch.nn.Module]) -> None:
     assert "TODO(trainer)" in card
     assert json.loads((path / "metadata.json").read_text())["sha256"] in card
     assert "dsc_prostate_seg" in card and "abc123" in card
+    # exported models ask for the light field smoothing, and the card says so
+    from model_export.card import model_card
+    from model_export.export import DEFAULT_DVF_SMOOTHING_MM
+
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["dvf_smoothing_mm"] == DEFAULT_DVF_SMOOTHING_MM > 0
+    assert f"sigma {DEFAULT_DVF_SMOOTHING_MM:g} mm" in card
+    assert "Field smoothing: none" in model_card({"dvf_smoothing_mm": 0})
 
 
 def test_parity_failure_writes_nothing(tmp_path: Path) -> None:
