@@ -120,7 +120,10 @@ class QaThresholds:
 
     Attributes:
         min_path_dice: flag when the segmentation and registration paths agree less (Dice);
-            only for organs whose two paths the model validates (`validated_paths`).
+            only for organs whose two paths the model validates (`validated_paths`); the
+            limit of organs not in ``min_path_dice_organ``.
+        min_path_dice_organ: organ key -> its own limit of the paths' Dice (a well-segmented
+            bladder's two paths agree better than the seminal vesicles' do).
         volume_change_range: organ key -> (lowest, highest) plausible relative volume change
             daily/planning - 1; outside it the structure is flagged. The prostate hardly
             changes; bladder filling legitimately changes by -60 % .. +150 %.
@@ -145,6 +148,14 @@ class QaThresholds:
     """
 
     min_path_dice: float = 0.8
+    min_path_dice_organ: dict[str, float] = field(
+        default_factory=lambda: {
+            "bladder": 0.8,
+            "rectum": 0.8,
+            "seminal_vesicles": 0.8,
+            "prostate": 0.8,
+        }
+    )
     volume_change_range: dict[str, tuple[float, float]] = field(
         default_factory=lambda: {
             "bladder": (-0.6, 1.5),
@@ -525,11 +536,12 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
                 f"volume changed by {100 * change:+.0f} % from planning (plausible for a "
                 f"{what}: {100 * low:+.0f} % .. {100 * high:+.0f} %)",
             )
-    if qa.path_dice is not None and qa.paths_validated and qa.path_dice < t.min_path_dice:
+    min_paths = t.min_path_dice_organ.get(qa.organ or "", t.min_path_dice)
+    if qa.path_dice is not None and qa.paths_validated and qa.path_dice < min_paths:
         flag(
             "path_disagreement",
             f"segmentation and registration paths disagree (Dice {qa.path_dice:.2f} < "
-            f"{t.min_path_dice:.2f})",
+            f"{min_paths:.2f})",
         )
     if qa.touches_crop_border and t.flag_touching_box:
         flag("touches_box", "contour reaches the border of the network's region: may be cut off")

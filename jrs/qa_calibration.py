@@ -123,7 +123,7 @@ FLAGS: tuple[str, ...] = (
 STRUCTURE_FLAGS: tuple[str, ...] = tuple(f for f in FLAGS if f != "dvf_folding")
 #: Per-organ thresholds of `QaThresholds` held in a table (organ key -> value); the search keys
 #: are ``<table>.<organ>``. An organ not in the table is never flagged on that figure.
-_ORGAN_TABLES: tuple[str, ...] = ("min_image_ncc", "max_centroid_shift_mm")
+_ORGAN_TABLES: tuple[str, ...] = ("min_image_ncc", "max_centroid_shift_mm", "min_path_dice_organ")
 #: The raw figures summarised per structure class and label in the report (threshold choice by
 #: hand): `Samples` attribute -> what it is.
 FIGURES: dict[str, str] = {
@@ -1200,14 +1200,27 @@ def search_parameters(
             )
     if "path_disagreement" in wanted:
         pd = np.where(s.paths_validated, s.path_dice, np.nan)
-        params.append(
-            _Param(
-                "min_path_dice",
-                "path_disagreement",
-                _cuts(pd, [0.0, prior.min_path_dice, 1.0 + 1e-6]),
-                _below(pd),
+        # one limit per organ (its own table), the plain limit for the organs not in it
+        for organ, member in _organ_classes(s, prior.min_path_dice_organ, min_class_good):
+            own = np.where(member, pd, np.nan)
+            params.append(
+                _Param(
+                    f"min_path_dice_organ.{organ}",
+                    "path_disagreement",
+                    _cuts(own, [0.0, prior.min_path_dice_organ[organ], 1.0 + 1e-6]),
+                    _below(own),
+                )
             )
-        )
+        others = np.where(np.isin(s.organ, list(prior.min_path_dice_organ)), np.nan, pd)
+        if np.isfinite(others).any():
+            params.append(
+                _Param(
+                    "min_path_dice",
+                    "path_disagreement",
+                    _cuts(others, [0.0, prior.min_path_dice, 1.0 + 1e-6]),
+                    _below(others),
+                )
+            )
     if "touches_box" in wanted:
         params.append(
             _Param(
@@ -1692,6 +1705,9 @@ def calibrate(
             "by_population": by_pop,
             "by_organ": by_organ,
         },
+        "cross_validated": cross_validate(
+            samples, prior, target_recall=target_recall, max_false_flag_rate=max_false_flag_rate
+        ),
         "standalone": standalone,
         "figures": figure_summary(samples),
         "missed": missed,
@@ -1700,6 +1716,71 @@ def calibrate(
             {"case_id": r["case_id"], "population": r["population"], "message": r.get("message")}
             for r in refused
         ],
+    }
+
+
+def subset(samples: Samples, where: npt.NDArray[np.bool_]) -> Samples:
+    """The samples where ``where`` holds (same fields, fewer entries)."""
+    idx = np.nonzero(where)[0]
+    arrays = {
+        f.name: getattr(samples, f.name)[idx]
+        for f in dataclasses.fields(Samples)
+        if f.name != "items"
+    }
+    return Samples(items=[samples.items[i] for i in idx], **arrays)
+
+
+def cross_validate(
+    samples: Samples,
+    prior: QaThresholds,
+    *,
+    target_recall: float = TARGET_RECALL,
+    max_false_flag_rate: float = TARGET_FALSE_FLAG_RATE,
+) -> dict[str, Any] | None:
+    """Leave-one-case-out estimate of the chosen thresholds' rates on cases they never saw.
+
+    For each case, `choose_thresholds` runs on the other cases' structures and the thresholds
+    it finds flag the left-out case; the flags of all folds are counted together. The in-sample
+    rates of `calibrate` ("chosen") are optimistic by construction (the thresholds sit halfway
+    between the very figures they are scored on); these are what a new patient can expect.
+
+    Args:
+        samples: the scored structures (with ``case_id``).
+        prior: where each fold's search starts.
+        target_recall: as in `choose_thresholds`.
+        max_false_flag_rate: as in `choose_thresholds`.
+
+    Returns:
+        ``{"folds", "any", "any_organs_only", "by_organ"}`` (rates as `rates`), or None with
+        fewer than 2 cases.
+    """
+    cases = np.array([str(it["case_id"]) for it in samples.items])
+    names = list(dict.fromkeys(cases.tolist()))
+    if len(names) < 2:
+        return None
+    fired = np.zeros(len(samples), bool)
+    for name in names:
+        held = cases == name
+        choice = choose_thresholds(
+            subset(samples, ~held),
+            prior,
+            target_recall=target_recall,
+            max_false_flag_rate=max_false_flag_rate,
+        )
+        test = subset(samples, held)
+        matrix = fired_matrix(test, choice.thresholds)
+        hit = np.zeros(len(test), bool)
+        for code in STRUCTURE_FLAGS:
+            hit |= matrix[code]
+        fired[held] = hit
+    return {
+        "folds": len(names),
+        "any": rates(fired, samples),
+        "any_organs_only": rates(fired, samples, samples.organ != ""),
+        "by_organ": {
+            (organ or "other ROIs"): rates(fired, samples, samples.organ == organ)
+            for organ in sorted(set(samples.organ.tolist()))
+        },
     }
 
 
@@ -1789,6 +1870,13 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         f"| any flag, the four organs only | {_fmt_rate(now, 'recall')} | "
         f"{_fmt_rate(now, 'ffr')} | {_fmt_rate(ch, 'recall')} | {_fmt_rate(ch, 'ffr')} | |"
     )
+    cv = report.get("cross_validated")
+    if cv:
+        lines.append(
+            f"| any flag, leave one case out ({cv['folds']} folds: thresholds chosen without "
+            f"the case they flag) | | | {_fmt_rate(cv['any'], 'recall')} | "
+            f"{_fmt_rate(cv['any'], 'ffr')} | |"
+        )
     lines += ["", f"Threshold choice: {report['chosen']['note']}.", ""]
     changes = report["chosen"]["changes"]
     if changes:

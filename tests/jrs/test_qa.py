@@ -60,6 +60,22 @@ def test_thresholds_live_in_one_place() -> None:
     assert flag_structure(StructureQa("P", "prostate", "registration", 40.0, 45.8), t).flags == []
 
 
+def test_path_disagreement_limits_are_per_organ() -> None:
+    t = QaThresholds(min_path_dice=0.5, min_path_dice_organ={"bladder": 0.93, "prostate": 0.87})
+    bladder = StructureQa("Bladder", "bladder", "registration", 200.0, 200.0, path_dice=0.9)
+    prostate = StructureQa("Prostate", "prostate", "registration", 40.0, 40.0, path_dice=0.9)
+    rectum = StructureQa("Rectum", "rectum", "registration", 60.0, 60.0, path_dice=0.6)
+    assert flag_structure(bladder, t).flag_codes == ["path_disagreement"]
+    assert "< 0.93" in bladder.flags[0]
+    assert flag_structure(prostate, t).flag_codes == []
+    # an organ without its own limit takes the plain one
+    assert flag_structure(rectum, t).flag_codes == []
+    rectum.flags, rectum.flag_codes = [], []
+    assert flag_structure(
+        rectum, QaThresholds(min_path_dice=0.7, min_path_dice_organ={})
+    ).flag_codes == ["path_disagreement"]
+
+
 def test_path_disagreement_is_silenced_for_a_path_not_validated() -> None:
     from jrs.qa import validated_paths
 

@@ -245,6 +245,54 @@ def test_choice_tightens_a_flag_until_the_bad_contours_are_caught() -> None:
     assert len(repr(low)) <= 6 and len(repr(high)) <= 6
 
 
+def _path_dice_records(bad_bladder_cases: int = 12) -> list[dict[str, Any]]:
+    """Good bladders' paths agree at 0.95, bad ones' at 0.90; good prostates' at 0.85, bad
+    ones' at 0.70: no single limit separates them, one per organ does."""
+    recs = []
+    for i in range(12):
+        good = [
+            _structure("Bladder", "bladder", 200.0, 200.0, 0.95, path_dice=0.95 + 0.001 * i),
+            _structure("Prostate", "prostate", 40.0, 40.0, 0.93, path_dice=0.85 + 0.001 * i),
+        ]
+        recs.append(_record(f"c{i}", "network", good))
+        bad = [_structure("Prostate", "prostate", 40.0, 40.0, 0.6, 3.0, path_dice=0.70)]
+        if i < bad_bladder_cases:
+            bad.append(_structure("Bladder", "bladder", 200.0, 200.0, 0.7, 3.0, path_dice=0.90))
+        recs.append(_record(f"c{i}", "shifted_planning", bad))
+    return recs
+
+
+def test_choice_sets_a_path_dice_limit_per_organ() -> None:
+    samples = samples_from_records(_path_dice_records())
+    one = QaThresholds(min_path_dice=0.8, min_path_dice_organ={})
+    fired = fired_matrix(samples, one)["path_disagreement"]
+    assert rates(fired, samples)["recall"] < 1.0 or rates(fired, samples)["false_flag_rate"] > 0
+    choice = choose_thresholds(samples, QaThresholds())
+    assert choice.met and choice.recall == 1.0 and choice.false_flag_rate == 0.0
+    limits = choice.thresholds.min_path_dice_organ
+    assert 0.90 < limits["bladder"] <= 0.95
+    assert 0.70 < limits["prostate"] <= 0.85
+    assert thresholds_from_dict(thresholds_to_dict(choice.thresholds)) == choice.thresholds
+
+
+def test_leave_one_case_out_scores_thresholds_on_cases_they_never_saw() -> None:
+    from jrs.qa_calibration import cross_validate
+
+    # every case has a bad bladder: each fold learns the bladder limit from the others
+    samples = samples_from_records(_path_dice_records())
+    cv = cross_validate(samples, QaThresholds())
+    assert cv is not None and cv["folds"] == 12
+    assert cv["any"]["recall"] == 1.0 and cv["any"]["false_flag_rate"] == 0.0
+    # one bad bladder in one case: caught in sample, but the fold without it never learns it
+    few = samples_from_records(_path_dice_records(bad_bladder_cases=1))
+    assert choose_thresholds(few, QaThresholds(), target_recall=1.0).recall == 1.0
+    cv = cross_validate(few, QaThresholds(), target_recall=1.0)
+    assert cv is not None and cv["by_organ"]["bladder"]["recall"] == 0.0
+    assert cv["by_organ"]["prostate"]["recall"] == 1.0
+    one_case = samples_from_records([r for r in _path_dice_records() if r["case_id"] == "c0"])
+    assert cross_validate(one_case, QaThresholds()) is None
+
+
 def test_choice_silences_a_flag_that_fires_on_good_contours() -> None:
     recs = _separable_records()
     for rec in recs:  # every good contour touches the box: noise
