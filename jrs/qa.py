@@ -149,12 +149,9 @@ class QaThresholds:
 
     min_path_dice: float = 0.8
     min_path_dice_organ: dict[str, float] = field(
-        default_factory=lambda: {
-            "bladder": 0.8,
-            "rectum": 0.8,
-            "seminal_vesicles": 0.8,
-            "prostate": 0.8,
-        }
+        default_factory=lambda: dict.fromkeys(
+            ("bladder", "rectum", "seminal_vesicles", "prostate"), 0.8
+        )
     )
     volume_change_range: dict[str, tuple[float, float]] = field(
         default_factory=lambda: {
