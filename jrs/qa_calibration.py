@@ -1767,12 +1767,7 @@ def cross_validate(
             target_recall=target_recall,
             max_false_flag_rate=max_false_flag_rate,
         )
-        test = subset(samples, held)
-        matrix = fired_matrix(test, choice.thresholds)
-        hit = np.zeros(len(test), bool)
-        for code in STRUCTURE_FLAGS:
-            hit |= matrix[code]
-        fired[held] = hit
+        fired[held] = _flag_rates(subset(samples, held), choice.thresholds)["fired"]
     return {
         "folds": len(names),
         "any": rates(fired, samples),

@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from jrs.field_smoothing import field_smoothing_sigma
+
 __all__ = ["TODO", "model_card"]
 
 #: Marker of the placeholders the model's trainer completes.
@@ -144,14 +146,12 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         "",
         "Field smoothing: "
         + (
-            f"a Gaussian of sigma {float(meta['dvf_smoothing_mm']):g} mm filters the final "
+            f"a Gaussian of sigma {field_smoothing_sigma(meta):g} mm filters the final "
             "field (`jrs.field_smoothing`; `metadata.json` `dvf_smoothing_mm`, "
             "`--dvf-smoothing-mm` overrides it): it removes the field's voxel-scale roughness "
             "(folding, det J outliers inside small organs) and keeps the same scan twice at a "
             "zero field."
-            if isinstance(meta.get("dvf_smoothing_mm"), int | float)
-            and not isinstance(meta.get("dvf_smoothing_mm"), bool)
-            and float(meta["dvf_smoothing_mm"]) > 0
+            if field_smoothing_sigma(meta) > 0
             else "none (`metadata.json` has no `dvf_smoothing_mm`; `--dvf-smoothing-mm` sets one)."
         ),
         "",
