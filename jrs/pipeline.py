@@ -45,6 +45,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
+from jrs.cascade import network_passes, refine
 from jrs.errors import InvalidInput, ModelNotReady
 from jrs.field_smoothing import field_smoothing_sigma, smooth_field
 from jrs.geometry import Geometry, Volume
@@ -181,6 +182,9 @@ class RecontourOptions:
         dvf_smoothing_mm: Gaussian sigma (mm) of the filter applied to the network's final
             field (`jrs.field_smoothing`; 0: none); None: the model's metadata
             ``dvf_smoothing_mm``, none when absent.
+        network_passes: network passes on the pair (`jrs.cascade`: each pass after the first
+            registers what the field so far left over); None: the model's metadata
+            ``network_passes``, 1 when absent.
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -198,6 +202,7 @@ class RecontourOptions:
     keep_fusion: bool = False
     null_correction: bool | None = None
     dvf_smoothing_mm: float | None = None
+    network_passes: int | None = None
 
 
 @dataclass
@@ -216,8 +221,9 @@ class RecontourResult:
             path on the network grid (1 mm box): ``segmentation`` (network method only),
             ``registration`` (or the iterative result), ``fusion`` (the organs fused; every
             organ with ``keep_fusion``), ``chosen`` and, with ``keep_fusion``, ``prealigned``
-            (the planning organs after the pre-alignment alone); kept for validation, not
-            written.
+            (the planning organs after the pre-alignment alone) and ``unaligned`` (the planning
+            organs as they lie in patient coordinates: no registration); kept for validation,
+            not written.
     """
 
     out_dir: Path
@@ -697,7 +703,11 @@ class _Paths:
 
 
 def _run_network(
-    backend: NetworkBackend, pair: PreparedPair, null_correction: bool, smoothing_mm: float = 0.0
+    backend: NetworkBackend,
+    pair: PreparedPair,
+    null_correction: bool,
+    smoothing_mm: float = 0.0,
+    passes: int = 1,
 ) -> _Paths:
     labels_f = pair.moving_labels.astype(np.float32)
     pred = backend.predict(pair.fixed, pair.moving, labels_f)
@@ -705,6 +715,18 @@ def _run_network(
     null = None
     if null_correction:
         raw, null = null_correct(backend, pair.moving, labels_f, raw, pair.body)
+    raw, pred, cascade = refine(
+        backend,
+        pair.grid,
+        pair.fixed,
+        pair.moving,
+        labels_f,
+        raw,
+        passes,
+        null_correction=null_correction,
+        body=pair.body,
+        prediction=pred,
+    )
     del labels_f
     smoothing_s = 0.0
     if smoothing_mm > 0:
@@ -734,6 +756,7 @@ def _run_network(
     as_dict = getattr(timings, "as_dict", None)
     network: dict[str, Any] = dict(as_dict()) if callable(as_dict) else {}
     network["null_correction"] = null.as_dict() if null is not None else {"applied": False}
+    network["cascade"] = cascade.as_dict()
     network["dvf_smoothing"] = {"sigma_mm": smoothing_mm, "seconds": round(smoothing_s, 3)}
     return _Paths(seg, registration, dvf, network, pred)
 
@@ -938,6 +961,7 @@ def recontour(
             pair,
             null_correction_enabled(backend.metadata, opts.null_correction),
             field_smoothing_sigma(backend.metadata, opts.dvf_smoothing_mm),
+            network_passes(backend.metadata, opts.network_passes),
         )
     elif opts.method == "iterative":
         paths = _run_iterative(pair)
@@ -1250,8 +1274,12 @@ def recontour(
     if fused is not None:
         path_labels["fusion"] = Volume(fused, pair.grid)
     path_labels["chosen"] = Volume(chosen, pair.grid)
-    if opts.keep_fusion:  # validation: the planning organs after the pre-alignment alone
+    if opts.keep_fusion:  # validation: the planning organs after the pre-alignment alone,
+        # and as they lie in patient coordinates (no registration at all)
         path_labels["prealigned"] = Volume(pair.moving_labels, pair.grid)
+        path_labels["unaligned"] = Volume(
+            planning_labels.resample(pair.grid, "label", 0).array.astype(np.uint8), pair.grid
+        )
     return RecontourResult(
         out_dir, rt_path, dvf_path, reg_path, qa_path, review_path, qa_data, path_labels
     )

@@ -7,7 +7,10 @@ known field are the truth). Each case is re-contoured through `jrs.pipeline.reco
 a user would run it, once with the network and once with the iterative B-spline baseline. Every
 output path is compared with the true daily structures on the daily CT grid:
 
-* ``no_registration``: the planning organs moved by the pre-alignment alone;
+* ``no_registration``: the planning organs as they lie in patient coordinates (no registration
+  at all: a rigid copy of the planning contours, as a TPS does without registration);
+* ``affine``: the planning organs moved by the affine pre-alignment alone (before 2026-12-03 this
+  row was called ``no_registration``);
 * ``segmentation``: the network's segmentation path (post-processed);
 * ``registration``: the planning organs warped by the network DVF (post-processed);
 * ``fusion``: the two paths fused per organ (`jrs.fusion`, the model's ``fusion`` method and
@@ -49,6 +52,7 @@ ORGANS: tuple[int, ...] = (PROSTATE, SEMINAL_VESICLES, RECTUM, BLADDER)
 #: Output paths compared, in table order.
 PATHS: tuple[str, ...] = (
     "no_registration",
+    "affine",
     "segmentation",
     "registration",
     "fusion",
@@ -207,6 +211,7 @@ def validate_heldout(
     real: Sequence[HeldoutPlanning] = (),
     null_correction: bool | None = None,
     dvf_smoothing_mm: float | None = None,
+    network_passes: int | None = None,
 ) -> HeldoutReport:
     """Re-contour held-out fractions and score every output path against the truth.
 
@@ -237,6 +242,7 @@ def validate_heldout(
             the model's.
         dvf_smoothing_mm: Gaussian sigma (mm) on the network's final field
             (`jrs.field_smoothing`); None: the model's.
+        network_passes: network passes on each pair (`jrs.cascade`); None: the model's.
 
     Returns:
         The report.
@@ -278,6 +284,7 @@ def validate_heldout(
                         synonyms=case.synonyms,
                         null_correction=null_correction,
                         dvf_smoothing_mm=dvf_smoothing_mm,
+                        network_passes=network_passes,
                     ),
                     backend=backend if method == "network" else None,
                 )
@@ -294,7 +301,13 @@ def validate_heldout(
                 }
                 _, _, written = masks_from_files(case.daily_ct, result.rtstruct)
                 if method == "network":
-                    names = ("prealigned", "segmentation", "registration", "fusion")
+                    names = (
+                        "unaligned",
+                        "prealigned",
+                        "segmentation",
+                        "registration",
+                        "fusion",
+                    )
                     maps = {
                         _ROW_NAME.get(name, name): result.path_labels[name].resample(
                             case.reference.geometry, "label", 0
@@ -343,7 +356,7 @@ def validate_heldout(
 
 
 #: Row names of the network run's extra label maps.
-_ROW_NAME = {"prealigned": "no_registration"}
+_ROW_NAME = {"unaligned": "no_registration", "prealigned": "affine"}
 
 
 def _mean_sd(values: Sequence[float], digits: int) -> str:
@@ -379,7 +392,8 @@ def report_markdown(
         "",
         "DSC and MSD (mm) against the true daily structures on the daily CT grid; mean ± sd over "
         "the cases. MSD is n/a where a path produced an empty structure. `no_registration`: the "
-        "planning contours moved by the pre-alignment alone.",
+        "planning contours as they lie in patient coordinates (no registration at all); "
+        "`affine`: the planning contours moved by the affine pre-alignment alone.",
     ]
     if len(groups) > 1:
         for title, members in groups.items():
