@@ -46,9 +46,14 @@ RUN_CONFIGS: dict[str, tuple[str, str, str]] = {
     "iterative": ("iterative", "auto", "auto"),
     # the null-field correction off (`jrs.null_correction`): what its second pass costs
     "openvino-bf16-no-null": ("network", "openvino", "bf16"),
+    # a set number of network passes (`jrs.cascade`): what a refining pass costs and gains
+    "openvino-bf16-1pass": ("network", "openvino", "bf16"),
+    "openvino-bf16-2pass": ("network", "openvino", "bf16"),
 }
 #: Runs with the null-field correction switched off (the others use the model's setting).
 NO_NULL_CORRECTION_RUNS: frozenset[str] = frozenset({"openvino-bf16-no-null"})
+#: Runs with a set number of network passes (the others use the model's setting).
+RUN_PASSES: dict[str, int] = {"openvino-bf16-1pass": 1, "openvino-bf16-2pass": 2}
 #: What ``jrs benchmark recontour`` compares by default.
 DEFAULT_RUNS: tuple[str, ...] = ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "iterative")
 #: The organs scored against the truth.
@@ -374,6 +379,7 @@ def _run_config(
         engine=engine,
         precision=precision,
         null_correction=False if name in NO_NULL_CORRECTION_RUNS else None,
+        network_passes=RUN_PASSES.get(name),
     )
     if dvf_spacing_mm is not None:
         opts.dvf_spacing_mm = dvf_spacing_mm or None

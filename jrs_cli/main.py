@@ -673,7 +673,8 @@ def benchmark(
             "--runs",
             help="recontour: configurations, comma-separated (default onnxruntime-fp32,"
             "openvino-fp32,openvino-bf16,iterative; also auto, openvino-bf16-no-null: without the "
-            "null-field correction); engines: reference,candidate "
+            "null-field correction, openvino-bf16-1pass / -2pass: 1 or 2 network passes); "
+            "engines: reference,candidate "
             "(default onnxruntime-fp32,openvino-bf16).",
         ),
     ] = None,

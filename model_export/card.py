@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from jrs.cascade import network_passes
 from jrs.field_smoothing import field_smoothing_sigma
 
 __all__ = ["TODO", "model_card"]
@@ -153,6 +154,16 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
             "zero field."
             if field_smoothing_sigma(meta) > 0
             else "none (`metadata.json` has no `dvf_smoothing_mm`; `--dvf-smoothing-mm` sets one)."
+        ),
+        "",
+        "Network passes: "
+        + (
+            f"{network_passes(meta)}. Each pass after the first warps the planning scan and "
+            "its contours by the field so far and registers what is left over (`jrs.cascade`; "
+            "`metadata.json` `network_passes`, `--network-passes` overrides it); each pass is "
+            "null-corrected, so the same scan twice still moves nothing."
+            if network_passes(meta) > 1
+            else "1 (`--network-passes 2` adds a pass that registers what the first left over)."
         ),
         "",
     ]

@@ -743,6 +743,7 @@ def score_model(
         Mean DSC / MSD per organ of the chosen path, per-path DSC (``fusion``: the fused
         organs only), per-fraction rows.
     """
+    from jrs.cascade import network_passes, refine
     from jrs.field_smoothing import field_smoothing_sigma, smooth_field
     from jrs.inference import load_model
     from jrs.metrics import dice, surface_distances
@@ -763,8 +764,20 @@ def score_model(
         labels_f = pair.moving_labels.astype(np.float32)
         pred = model.predict(pair.fixed, pair.moving, labels_f)
         raw = np.asarray(pred.dvf, np.float32)
-        if null_correction_enabled(model.metadata):  # as the pipeline will use the model
+        null = null_correction_enabled(model.metadata)
+        if null:  # as the pipeline will use the model
             raw, _ = null_correct(model, pair.moving, labels_f, raw)
+        raw, pred, _ = refine(
+            model,
+            geo,
+            pair.fixed,
+            pair.moving,
+            labels_f,
+            raw,
+            network_passes(model.metadata),
+            null_correction=null,
+            prediction=pred,
+        )
         sigma = field_smoothing_sigma(model.metadata)
         if sigma > 0:
             raw = smooth_field(raw, sigma)

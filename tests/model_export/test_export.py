@@ -209,6 +209,12 @@ def test_model_card(exported: tuple[Path, torch.nn.Module]) -> None:
     assert meta["dvf_smoothing_mm"] == DEFAULT_DVF_SMOOTHING_MM > 0
     assert f"sigma {DEFAULT_DVF_SMOOTHING_MM:g} mm" in card
     assert "Field smoothing: none" in model_card({"dvf_smoothing_mm": 0})
+    # ... and the second network pass (`jrs.cascade`)
+    from model_export.export import DEFAULT_NETWORK_PASSES
+
+    assert meta["network_passes"] == DEFAULT_NETWORK_PASSES == 2
+    assert "Network passes: 2." in card
+    assert "Network passes: 1 (" in model_card({})
 
 
 def test_parity_failure_writes_nothing(tmp_path: Path) -> None:
