@@ -1057,6 +1057,16 @@ def evaluate(
             "does (the release evaluation; the campaign's validation does not).",
         ),
     ] = False,
+    network_passes: Annotated[
+        int,
+        typer.Option(
+            "--network-passes",
+            min=1,
+            max=4,
+            help="Network passes per pair, as the pipeline runs them (jrs.cascade; the release "
+            "evaluation uses the exported models' 2).",
+        ),
+    ] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first phantom.")] = 1000,
     fractions: Annotated[
         int, typer.Option("--fractions", min=1, help="Fractions per generated phantom.")
@@ -1117,6 +1127,7 @@ def evaluate(
         progress=lambda m: log.info("evaluated %s", m),
         fusion=fusion_method,
         null_correction=null_correction,
+        passes=network_passes,
     )
     typer.echo(report.markdown)
     typer.echo(f"written: {report.csv_path}, {report.markdown_path}")

@@ -491,14 +491,11 @@ def build_metadata(
         "path_choice": _path_choice(metrics),
         **({"validated_paths": vp} if (vp := _validated_paths(metrics)) else {}),
         **({"fusion": fusion} if (fusion := _fusion(metrics)) is not None else {}),
-        # the pipeline subtracts the field of the planning scan paired with itself
-        # (`jrs.null_correction`): the same scan twice moves nothing
-        "null_correction": True,
-        # a light Gaussian filter of the final field (`jrs.field_smoothing`): the corrected
-        # field's voxel-scale roughness folds otherwise (docs/benchmarks.md)
-        "dvf_smoothing_mm": DEFAULT_DVF_SMOOTHING_MM,
-        # a second network pass registers what the first field left over (`jrs.cascade`)
-        "network_passes": DEFAULT_NETWORK_PASSES,
+        # how the pipeline runs the network (`inference_settings`): the null-field correction
+        # (`jrs.null_correction`: the same scan twice moves nothing), a light Gaussian filter of
+        # the final field (`jrs.field_smoothing`: the corrected field's voxel-scale roughness
+        # folds otherwise) and a second pass on what the first field left over (`jrs.cascade`)
+        **inference_settings(metrics),
         "network": _jsonable(dict(network)),
         "inputs": [
             {
@@ -715,6 +712,55 @@ def _validated_paths(metrics: Mapping[str, Any] | None) -> dict[str, list[str]]:
             continue
         best = max(scores.values())
         out[organ] = sorted(p for p, v in scores.items() if v >= best - VALIDATED_PATH_MARGIN)
+    return out
+
+
+def inference_settings(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The pipeline settings of ``metadata.json`` (null correction, smoothing, passes).
+
+    The keys are ``null_correction``, ``dvf_smoothing_mm`` and ``network_passes``. Exported
+    models get the defaults (on, `DEFAULT_DVF_SMOOTHING_MM`, `DEFAULT_NETWORK_PASSES`);
+    ``metrics["inference"]`` overrides any of them, e.g. a patient model adapted from a base
+    keeps the base's settings, so that the two are compared as the pipeline runs each.
+
+    Raises:
+        InvalidInput: ``metrics["inference"]`` is not a mapping, names another key, or a value
+            is out of range.
+    """
+    from jrs.cascade import MAX_PASSES
+
+    out: dict[str, Any] = {
+        "null_correction": True,
+        "dvf_smoothing_mm": DEFAULT_DVF_SMOOTHING_MM,
+        "network_passes": DEFAULT_NETWORK_PASSES,
+    }
+    given = (metrics or {}).get("inference")
+    if given is None:
+        return out
+    if not isinstance(given, Mapping) or set(given) - set(out):
+        raise InvalidInput(
+            f"metrics 'inference' must map some of {', '.join(out)} to values, got {given!r}"
+        )
+    if "null_correction" in given:
+        if not isinstance(given["null_correction"], bool):
+            raise InvalidInput("metrics 'inference' null_correction must be true or false")
+        out["null_correction"] = given["null_correction"]
+    if "dvf_smoothing_mm" in given:
+        sigma = given["dvf_smoothing_mm"]
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma < 20:
+            raise InvalidInput("metrics 'inference' dvf_smoothing_mm must be a number 0-20 (mm)")
+        out["dvf_smoothing_mm"] = float(sigma)
+    if "network_passes" in given:
+        passes = given["network_passes"]
+        if (
+            isinstance(passes, bool)
+            or not isinstance(passes, int)
+            or not (1 <= passes <= MAX_PASSES)
+        ):
+            raise InvalidInput(
+                f"metrics 'inference' network_passes must be an integer 1-{MAX_PASSES}"
+            )
+        out["network_passes"] = passes
     return out
 
 

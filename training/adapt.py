@@ -707,6 +707,22 @@ def make_pairs(
 
 
 # ------------------------------------------------------------------------------ scoring
+def _inference_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The pipeline settings a model's ``metadata.json`` asks for, made explicit.
+
+    See `model_export.export.inference_settings`: a model adapted from this one keeps them.
+    """
+    from jrs.cascade import network_passes
+    from jrs.field_smoothing import field_smoothing_sigma
+    from jrs.null_correction import null_correction_enabled
+
+    return {
+        "null_correction": null_correction_enabled(metadata),
+        "dvf_smoothing_mm": field_smoothing_sigma(metadata),
+        "network_passes": network_passes(metadata),
+    }
+
+
 def score_model(
     model_dir: Path,
     pairs: Sequence[TrainingPair],
@@ -1390,6 +1406,9 @@ def adapt(
                 },
                 metrics={
                     "path_choice": base_model.path_choice,
+                    # the base's pipeline settings: the two are compared as the pipeline runs
+                    # each (null correction, field smoothing, network passes)
+                    "inference": _inference_of(base_model.metadata),
                     # the base model's fusion method and weights, as validated for it
                     **(
                         {"fusion": base_model.metadata["fusion"]}

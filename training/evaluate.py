@@ -187,6 +187,32 @@ def predict_volume(
         net.train(was_training)
 
 
+@dataclass
+class _Stitched:
+    """One tiled pass of a network (what `jrs.cascade.refine` reads)."""
+
+    dvf: npt.NDArray[np.float32]
+    seg_logits: npt.NDArray[np.float32] | None
+
+
+class _TiledBackend:
+    """A torch network as a `jrs.pipeline.NetworkBackend` (tiled, :func:`predict_volume`)."""
+
+    def __init__(self, net: nn.Module, window: int, batch_size: int, amp: bool) -> None:
+        self.net, self.window, self.batch_size, self.amp = net, window, batch_size, amp
+
+    def predict(
+        self,
+        fixed: npt.NDArray[np.float32],
+        moving: npt.NDArray[np.float32],
+        moving_labels: npt.NDArray[np.float32],
+    ) -> _Stitched:
+        out = predict_volume(
+            self.net, fixed, moving, moving_labels, self.window, self.batch_size, self.amp
+        )
+        return _Stitched(out["dvf"], out.get("seg"))
+
+
 @torch.no_grad()
 def predict_pair(
     net: nn.Module,
@@ -196,6 +222,7 @@ def predict_pair(
     amp: bool = False,
     keep_soft: bool = False,
     null_correction: bool = False,
+    passes: int = 1,
 ) -> Prediction:
     """Run a network over a whole pair with tiled inference (:func:`predict_volume`).
 
@@ -210,6 +237,8 @@ def predict_pair(
         keep_soft: Also keep the stitched logits and the soft warped labels (for fusion).
         null_correction: Subtract the field of the planning scan paired with itself, as the
             pipeline does (`jrs.null_correction`).
+        passes: Network passes, as the pipeline runs them (`jrs.cascade`: each pass after the
+            first registers what the field so far left over; networks with a field only).
 
     Returns:
         The :class:`Prediction` (paths the network lacks are ``None``).
@@ -223,6 +252,23 @@ def predict_pair(
         )
         stitched["dvf"] = stitched["dvf"] - null["dvf"]
         del null
+    if passes > 1 and "dvf" in stitched:
+        from jrs.cascade import refine
+
+        backend = _TiledBackend(net, window, batch_size, amp)
+        dvf, last, _ = refine(
+            backend,
+            Geometry(pair.fixed.shape, origin=np.zeros(3), spacing=np.ones(3)),
+            np.asarray(pair.fixed, np.float32),
+            np.asarray(pair.moving, np.float32),
+            np.asarray(pair.moving_labels, np.float32),
+            np.asarray(stitched["dvf"], np.float32),
+            passes,
+            null_correction=null_correction,
+        )
+        stitched["dvf"] = dvf
+        if last is not None and last.seg_logits is not None:  # the last pass's segmentation
+            stitched["seg"] = last.seg_logits
     pred = Prediction()
     if "seg" in stitched:
         pred.seg = np.argmax(stitched["seg"], axis=0).astype(np.uint8)
@@ -380,6 +426,7 @@ def evaluate(
     progress: Callable[[str], None] | None = None,
     fusion: Any = "weighted",
     null_correction: bool = False,
+    passes: int = 1,
 ) -> EvaluationReport:
     """Evaluate networks on held-out pairs and write the CSV and Markdown report.
 
@@ -396,6 +443,7 @@ def evaluate(
             ``evidence``; weights 0.5 / 0.5); ``None``: no fused rows.
         null_correction: Subtract each network's field of the planning scan paired with
             itself, as the pipeline does (`jrs.null_correction`; the release evaluation).
+        passes: Network passes per pair, as the pipeline runs them (`jrs.cascade`).
 
     Returns:
         The :class:`EvaluationReport`.
@@ -413,6 +461,7 @@ def evaluate(
                 batch_size=batch_size,
                 keep_soft=spec is not None,
                 null_correction=null_correction,
+                passes=passes,
             )
             processed = {path: postprocess(labels) for path, labels in pred.labels().items()}
             if spec is not None and pred.seg_logits is not None and pred.reg_probs is not None:

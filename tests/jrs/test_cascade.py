@@ -52,7 +52,7 @@ class _HalfWayBackend:
 def _blob_pair(t_xyz: tuple[float, float, float]) -> tuple[Geometry, np.ndarray, np.ndarray]:
     """A smooth blob (moving) and the same blob moved by -t (fixed(x) = moving(x + t))."""
     shape = (48, 56, 64)
-    grid = Geometry(shape=shape, origin=(-10.0, 20.0, 5.0), spacing=(1.0, 1.0, 1.0))
+    grid = Geometry(shape=shape, origin=np.array([-10.0, 20.0, 5.0]), spacing=np.ones(3))
     z, y, x = np.indices(shape, dtype=np.float64)
     centre = np.array([30.0, 28.0, 24.0])  # x, y, z voxels
 

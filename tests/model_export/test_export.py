@@ -19,6 +19,7 @@ from model_export.export import (  # noqa: E402
     PARITY_SIZES,
     ExportError,
     export_checkpoint,
+    inference_settings,
     parity_check,
 )
 from training.networks import build  # noqa: E402
@@ -462,3 +463,26 @@ def test_card_lists_the_recipe_phases_and_outside_segments() -> None:
     assert "Steps 6000 -> 8000 on H100 (GPU segment)" in card
     assert "Step 8000: continued on the CPU (not bit for bit)" in card
     assert "recipe phase" not in model_card({"training": {"step": 1}})
+
+
+def test_inference_settings_default_and_given() -> None:
+    from model_export.export import DEFAULT_DVF_SMOOTHING_MM, DEFAULT_NETWORK_PASSES
+
+    defaults = {
+        "null_correction": True,
+        "dvf_smoothing_mm": DEFAULT_DVF_SMOOTHING_MM,
+        "network_passes": DEFAULT_NETWORK_PASSES,
+    }
+    assert inference_settings(None) == inference_settings({"path_dsc": {}}) == defaults
+    given = inference_settings({"inference": {"network_passes": 1, "dvf_smoothing_mm": 0}})
+    assert given == {"null_correction": True, "dvf_smoothing_mm": 0.0, "network_passes": 1}
+    for bad in (
+        [],
+        {"passes": 2},
+        {"network_passes": 9},
+        {"network_passes": True},
+        {"dvf_smoothing_mm": -1.0},
+        {"null_correction": 1},
+    ):
+        with pytest.raises(InvalidInput, match="metrics 'inference'"):
+            inference_settings({"inference": bad})

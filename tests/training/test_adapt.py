@@ -230,6 +230,9 @@ def test_adaptation_writes_a_model_folder_resumes_and_records_no_patient_data(
     else:
         assert meta["name"] == "crossstitch" and meta["sha256"] == base_meta["sha256"]
     assert meta["path_choice"] == PATH_CHOICE
+    # the patient model runs as its base does (null correction, smoothing, network passes)
+    for key in ("null_correction", "dvf_smoothing_mm", "network_passes"):
+        assert meta[key] == base_meta[key]
     assert (
         meta["weights"]["sha256"] == hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
     )
@@ -399,3 +402,15 @@ def test_jrs_batch_adapt_adapts_each_patient_once(base_dir: Path, tmp_path: Path
     }
     for k in (1, 2):
         assert (out / f"fx{k}" / "rtstruct.dcm").is_file()
+
+
+def test_a_patient_model_keeps_the_base_models_pipeline_settings() -> None:
+    from model_export.export import inference_settings
+    from training.adapt import _inference_of
+
+    # a model exported before these settings existed: no smoothing, one pass, correction on
+    old = _inference_of({"name": "crossstitch", "version": 2})
+    assert old == {"null_correction": True, "dvf_smoothing_mm": 0.0, "network_passes": 1}
+    assert inference_settings({"inference": old}) == old
+    new = _inference_of({"null_correction": False, "dvf_smoothing_mm": 1.5, "network_passes": 3})
+    assert inference_settings({"inference": new}) == new

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,6 +176,63 @@ def test_fused_path_of_the_evaluation() -> None:
     assert {r["path"] for r in evidence.rows} == {"seg", "reg", "fused"}
     with pytest.raises(InvalidInput, match="fusion method"):
         evaluate({"a": net}, [pair], window=96, fusion="vote")
+
+
+class _HalfWayNet(torch.nn.Module):
+    """A network that registers half of a translation: half the shift between the two images'
+    centroids (intensity above air) as a constant pull field, and no segmentation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # (the device of the network)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, labels: torch.Tensor) -> Any:
+        def centroid(img: torch.Tensor) -> torch.Tensor:
+            w = (img[0, 0] + 1.0).clamp(min=0)
+            grids = torch.meshgrid(
+                *(torch.arange(n, dtype=w.dtype) for n in w.shape), indexing="ij"
+            )
+            zyx = torch.stack([(g * w).sum() / w.sum() for g in grids])
+            return zyx.flip(0)  # x, y, z
+
+        shift = 0.5 * (centroid(moving) - centroid(fixed))
+        dvf = shift.view(1, 3, 1, 1, 1).expand(fixed.shape[0], 3, *fixed.shape[2:])
+        return SimpleNamespace(seg={}, dvf={"high": dvf.contiguous()})
+
+
+def test_predict_pair_runs_the_pipelines_network_passes() -> None:
+    """``passes`` scores a network as the pipeline runs it (`jrs.cascade`): 1, 2 and 3 passes
+    of a half-way network give 1/2, 3/4 and 7/8 of a translation."""
+    import dataclasses
+
+    shape = (40, 44, 48)
+    z, y, x = np.indices(shape, dtype=np.float64)
+    t = np.array([4.0, -4.0, 2.0])  # x, y, z mm
+
+    def blob(cx: float, cy: float, cz: float) -> np.ndarray:
+        r2 = ((x - cx) / 7.0) ** 2 + ((y - cy) / 6.0) ** 2 + ((z - cz) / 5.0) ** 2
+        return (2.0 * np.exp(-r2) - 1.0).astype(np.float32)
+
+    moving = blob(24.0, 22.0, 20.0)
+    pair = dataclasses.replace(
+        synthetic_pair(22, 40),
+        fixed=blob(24.0 - t[0], 22.0 - t[1], 20.0 - t[2]),
+        moving=moving,
+        moving_labels=(moving > 0).astype(np.uint8),
+        fixed_labels=(moving > 0).astype(np.uint8),
+        body=np.ones(shape, np.uint8),
+    )
+    net = _HalfWayNet()
+    for passes, fraction in ((1, 0.5), (2, 0.75), (3, 0.875)):
+        pred = predict_pair(net, pair, window=96, null_correction=True, passes=passes)
+        assert pred.dvf is not None and pred.warped is not None
+        inner = pred.dvf[:, 8:-8, 8:-8, 8:-8].reshape(3, -1)
+        np.testing.assert_allclose(inner.mean(axis=1), fraction * t, atol=0.1)
+    # the same scan twice: the null-corrected first field is exactly zero, no pass runs
+    same = dataclasses.replace(pair, fixed=pair.moving)
+    zero = predict_pair(net, same, window=96, null_correction=True, passes=3)
+    assert zero.dvf is not None and not np.any(zero.dvf)
+    np.testing.assert_array_equal(zero.warped, pair.moving_labels)
 
 
 @pytest.mark.slow
