@@ -24,13 +24,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from jrs.geometry import Geometry, Volume
-from jrs.null_correction import null_correct
+from jrs.null_correction import PredictingBackend, null_correct
 from jrs.transforms import compose, dvf_to_sitk, warp
 
 __all__ = ["MAX_PASSES", "CascadeReport", "network_passes", "refine"]
@@ -40,20 +40,6 @@ MAX_PASSES = 4
 #: The normalised intensity of air (-1000 HU, `jrs.preprocess.normalise_hu`): the warped
 #: planning scan's value where the field reaches outside it.
 _AIR = -1.0
-
-
-class _Prediction(Protocol):
-    @property
-    def dvf(self) -> npt.NDArray[np.float32]: ...
-
-
-class _Backend(Protocol):
-    def predict(
-        self,
-        fixed: npt.NDArray[np.float32],
-        moving: npt.NDArray[np.float32],
-        moving_labels: npt.NDArray[np.float32],
-    ) -> Any: ...
 
 
 def network_passes(metadata: Mapping[str, Any], override: int | None = None) -> int:
@@ -112,7 +98,7 @@ class CascadeReport:
 
 
 def refine(
-    backend: _Backend,
+    backend: PredictingBackend,
     grid: Geometry,
     fixed: npt.NDArray[np.float32],
     moving: npt.NDArray[np.float32],

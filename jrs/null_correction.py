@@ -31,21 +31,24 @@ import numpy.typing as npt
 from jrs.labels import LABELS
 from jrs.metrics import dice
 
-__all__ = ["NullCorrection", "null_correct", "null_correction_enabled"]
+__all__ = ["NullCorrection", "PredictingBackend", "null_correct", "null_correction_enabled"]
 
 
-class _Prediction(Protocol):
-    @property
-    def dvf(self) -> npt.NDArray[np.float32]: ...
+class PredictingBackend(Protocol):
+    """What the null pass needs of a network (`jrs.pipeline.NetworkBackend` is one)."""
 
-
-class _Backend(Protocol):
     def predict(
         self,
         fixed: npt.NDArray[np.float32],
         moving: npt.NDArray[np.float32],
         moving_labels: npt.NDArray[np.float32],
-    ) -> Any: ...
+    ) -> Any:
+        """Whole-volume prediction on the 1 mm grid.
+
+        Returns:
+            An object with ``dvf`` (3, nz, ny, nx), mm, and optionally ``seg_logits`` or
+            ``seg_probs`` (5, nz, ny, nx).
+        """
 
 
 def null_correction_enabled(metadata: Mapping[str, Any], override: bool | None = None) -> bool:
@@ -96,7 +99,7 @@ class NullCorrection:
 
 
 def null_correct(
-    backend: _Backend,
+    backend: PredictingBackend,
     moving: npt.NDArray[np.float32],
     moving_labels: npt.NDArray[np.float32],
     dvf: npt.NDArray[np.float32],
