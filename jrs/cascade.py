@@ -56,21 +56,19 @@ def network_passes(metadata: Mapping[str, Any], override: int | None = None) -> 
     Raises:
         ValueError: ``override`` is not an integer from 1 to `MAX_PASSES`.
     """
-    if override is not None:
-        if (
-            isinstance(override, bool)
-            or not isinstance(override, int)
-            or not (1 <= override <= MAX_PASSES)
-        ):
-            raise ValueError(
-                f"network passes {override!r}: use an integer from 1 to {MAX_PASSES} "
-                "(1: the network once, 2: once more on what the first field left over)"
-            )
-        return override
-    raw = metadata.get("network_passes", 1)
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_PASSES:
-        return 1
-    return raw
+    if override is None:
+        raw = metadata.get("network_passes", 1)
+        return raw if _valid(raw) else 1
+    if not _valid(override):
+        raise ValueError(
+            f"network passes {override!r}: use an integer from 1 to {MAX_PASSES} "
+            "(1: the network once, 2: once more on what the first field left over)"
+        )
+    return override
+
+
+def _valid(passes: object) -> bool:
+    return isinstance(passes, int) and not isinstance(passes, bool) and 1 <= passes <= MAX_PASSES
 
 
 @dataclass
@@ -78,15 +76,18 @@ class CascadeReport:
     """What the refining passes did.
 
     Attributes:
-        passes: network passes run on the pair (1: no refinement).
         residual_max_mm: per refining pass, the largest |u2| inside the body (mm): what that
             pass added to the field before composition.
         seconds: wall time of the refining passes (network, null passes, warps), s.
     """
 
-    passes: int = 1
     residual_max_mm: list[float] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def passes(self) -> int:
+        """Network passes run on the pair (1: no refinement)."""
+        return 1 + len(self.residual_max_mm)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form (``qa.json``, ``network.cascade``)."""
@@ -128,7 +129,7 @@ def refine(
         The composed (3, nz, ny, nx) field (float32, mm), the last pass's prediction (its
         segmentation output) and the report.
     """
-    report = CascadeReport(passes=1)
+    report = CascadeReport()
     if passes <= 1 or not np.any(dvf):  # nothing moved: the field stays exactly zero
         return dvf, prediction, report
     t0 = time.perf_counter()
@@ -152,6 +153,5 @@ def refine(
         report.residual_max_mm.append(float(sel.max()) if sel.size else 0.0)
         step = Volume(np.ascontiguousarray(np.moveaxis(residual, 0, -1)), grid)
         total = compose(step, total)
-        report.passes += 1
     report.seconds = time.perf_counter() - t0
     return np.ascontiguousarray(np.moveaxis(total.array, -1, 0)), prediction, report

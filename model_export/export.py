@@ -727,7 +727,8 @@ def inference_settings(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         InvalidInput: ``metrics["inference"]`` is not a mapping, names another key, or a value
             is out of range.
     """
-    from jrs.cascade import MAX_PASSES
+    from jrs.cascade import network_passes
+    from jrs.field_smoothing import field_smoothing_sigma
 
     out: dict[str, Any] = {
         "null_correction": True,
@@ -745,22 +746,16 @@ def inference_settings(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         if not isinstance(given["null_correction"], bool):
             raise InvalidInput("metrics 'inference' null_correction must be true or false")
         out["null_correction"] = given["null_correction"]
-    if "dvf_smoothing_mm" in given:
-        sigma = given["dvf_smoothing_mm"]
-        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma < 20:
-            raise InvalidInput("metrics 'inference' dvf_smoothing_mm must be a number 0-20 (mm)")
-        out["dvf_smoothing_mm"] = float(sigma)
-    if "network_passes" in given:
-        passes = given["network_passes"]
-        if (
-            isinstance(passes, bool)
-            or not isinstance(passes, int)
-            or not (1 <= passes <= MAX_PASSES)
-        ):
-            raise InvalidInput(
-                f"metrics 'inference' network_passes must be an integer 1-{MAX_PASSES}"
-            )
-        out["network_passes"] = passes
+    try:  # the pipeline's own checks of the two values (`jrs.field_smoothing`, `jrs.cascade`)
+        if "dvf_smoothing_mm" in given:
+            sigma = given["dvf_smoothing_mm"]
+            if isinstance(sigma, bool) or not isinstance(sigma, int | float):
+                raise ValueError(f"dvf smoothing sigma {sigma!r} mm: use a number >= 0")
+            out["dvf_smoothing_mm"] = field_smoothing_sigma({}, sigma)
+        if "network_passes" in given:
+            out["network_passes"] = network_passes({}, given["network_passes"])
+    except ValueError as exc:
+        raise InvalidInput(f"metrics 'inference': {exc}") from exc
     return out
 
 
