@@ -5,7 +5,8 @@ The one function the command line, batch re-contouring and the REST service all 
 
 1. read: planning CT, planning RTSTRUCT (checked against the planning CT), daily CT;
 2. labels: map the planning ROI names to the label table (synonym table);
-3. prealign: rigid then affine registration of the planning CT onto the daily CT;
+3. prealign: rigid then affine registration of the planning CT onto the daily CT (or, by
+   default, rigid then a rigid match centred on the prostate: `jrs.focus_prealign`);
 4. prepare: a box around the pre-aligned organs (+ margin) on the 1 mm canonical grid, both scans
    and the planning labels resampled there, intensities normalised;
 5. network (or iterative B-spline): both output paths — segmentation (soft-max, arg-max) and
@@ -48,6 +49,7 @@ import SimpleITK as sitk
 from jrs.cascade import network_passes, refine
 from jrs.errors import InvalidInput, ModelNotReady
 from jrs.field_smoothing import field_smoothing_sigma, smooth_field
+from jrs.focus_prealign import DEFAULT_PREALIGN, PrealignMode, prealign_pair
 from jrs.geometry import Geometry, Volume
 from jrs.labels import LABELS, SynonymTable, is_external_roi, label_map_from_mapping
 from jrs.metrics import dice, volume_cc
@@ -185,6 +187,10 @@ class RecontourOptions:
         network_passes: network passes on the pair (`jrs.cascade`: each pass after the first
             registers what the field so far left over); None: the model's metadata
             ``network_passes``, 1 when absent.
+        prealign: ``prostate`` (default): the whole-body rigid match refined rigidly on the
+            planning prostate and seminal vesicles with their surroundings
+            (`jrs.focus_prealign`; the whole-body affine when the planning scan has neither);
+            ``affine``: the whole-body rigid then affine match alone.
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -203,6 +209,7 @@ class RecontourOptions:
     null_correction: bool | None = None
     dvf_smoothing_mm: float | None = None
     network_passes: int | None = None
+    prealign: PrealignMode = DEFAULT_PREALIGN
 
 
 @dataclass
@@ -918,6 +925,11 @@ def recontour(
         box_labels = _propagation_region(structure_set, planning_masks, planning.volume)
     t = lap("labels", t)
     prealign = prealign_job.result()
+    prealign, focus = prealign_pair(
+        daily.volume, planning.volume, planning_labels, opts.prealign, start=prealign
+    )
+    if focus is None and opts.prealign == "prostate":
+        log.info("no prostate or seminal vesicles: the whole-body pre-alignment is kept")
     findings += enforce(
         check_coverage(
             planning_masks,
@@ -1238,6 +1250,8 @@ def recontour(
             },
         },
         "prealign": {
+            "mode": opts.prealign,
+            "focus": focus.as_dict() if focus is not None else None,
             "metric": prealign.metric,
             "matrix": list(prealign.transform.GetMatrix()),
             "translation_mm": list(prealign.transform.GetTranslation()),

@@ -9,8 +9,9 @@ output path is compared with the true daily structures on the daily CT grid:
 
 * ``no_registration``: the planning organs as they lie in patient coordinates (no registration
   at all: a rigid copy of the planning contours, as a TPS does without registration);
-* ``affine``: the planning organs moved by the affine pre-alignment alone (before 2026-12-03 this
-  row was called ``no_registration``);
+* ``prealigned``: the planning organs moved by the pre-alignment alone (`jrs.focus_prealign`:
+  prostate-centred rigid by default, else the whole-body affine; this row was called ``affine``
+  from 2026-12-03 until the prostate-centred pre-alignment, and ``no_registration`` before);
 * ``segmentation``: the network's segmentation path (post-processed);
 * ``registration``: the planning organs warped by the network DVF (post-processed);
 * ``fusion``: the two paths fused per organ (`jrs.fusion`, the model's ``fusion`` method and
@@ -52,7 +53,7 @@ ORGANS: tuple[int, ...] = (PROSTATE, SEMINAL_VESICLES, RECTUM, BLADDER)
 #: Output paths compared, in table order.
 PATHS: tuple[str, ...] = (
     "no_registration",
-    "affine",
+    "prealigned",
     "segmentation",
     "registration",
     "fusion",
@@ -212,6 +213,7 @@ def validate_heldout(
     null_correction: bool | None = None,
     dvf_smoothing_mm: float | None = None,
     network_passes: int | None = None,
+    prealign: str = "prostate",
 ) -> HeldoutReport:
     """Re-contour held-out fractions and score every output path against the truth.
 
@@ -243,11 +245,13 @@ def validate_heldout(
         dvf_smoothing_mm: Gaussian sigma (mm) on the network's final field
             (`jrs.field_smoothing`); None: the model's.
         network_passes: network passes on each pair (`jrs.cascade`); None: the model's.
+        prealign: pre-alignment mode of both methods (`jrs.focus_prealign.PREALIGN_MODES`).
 
     Returns:
         The report.
     """
     from jrs.dicom.rtstruct import masks_from_files
+    from jrs.focus_prealign import check_prealign_mode
     from jrs.pipeline import RecontourOptions, recontour
 
     if not seeds and not real:
@@ -285,6 +289,7 @@ def validate_heldout(
                         null_correction=null_correction,
                         dvf_smoothing_mm=dvf_smoothing_mm,
                         network_passes=network_passes,
+                        prealign=check_prealign_mode(prealign),
                     ),
                     backend=backend if method == "network" else None,
                 )
@@ -356,7 +361,7 @@ def validate_heldout(
 
 
 #: Row names of the network run's extra label maps.
-_ROW_NAME = {"unaligned": "no_registration", "prealigned": "affine"}
+_ROW_NAME = {"unaligned": "no_registration"}
 
 
 def _mean_sd(values: Sequence[float], digits: int) -> str:
@@ -393,7 +398,7 @@ def report_markdown(
         "DSC and MSD (mm) against the true daily structures on the daily CT grid; mean ± sd over "
         "the cases. MSD is n/a where a path produced an empty structure. `no_registration`: the "
         "planning contours as they lie in patient coordinates (no registration at all); "
-        "`affine`: the planning contours moved by the affine pre-alignment alone.",
+        "`prealigned`: the planning contours moved by the pre-alignment alone.",
     ]
     if len(groups) > 1:
         for title, members in groups.items():

@@ -398,6 +398,18 @@ NetworkPassesOpt = Annotated[
 ]
 
 
+PrealignOpt = Annotated[
+    str,
+    typer.Option(
+        "--prealign",
+        help="Pre-alignment before the deformable registration: 'prostate' (whole-body rigid, "
+        "then a rigid match on the planning prostate and seminal vesicles with 25 mm of "
+        "surroundings; whole-body affine when neither is drawn) or 'affine' (whole-body rigid "
+        "then affine).",
+    ),
+]
+
+
 def _fusion_method(value: str | None) -> str | None:
     from jrs.errors import InvalidInput
     from jrs.fusion import FUSION_METHODS
@@ -428,8 +440,10 @@ def recontour(
     null_correction: NullCorrectionOpt = None,
     dvf_smoothing_mm: DvfSmoothingOpt = None,
     network_passes: NetworkPassesOpt = None,
+    prealign: PrealignOpt = "prostate",
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
+    from jrs.focus_prealign import check_prealign_mode
     from jrs.pipeline import recontour as run
 
     opts = _recontour_options(
@@ -439,6 +453,7 @@ def recontour(
     opts.null_correction = null_correction
     opts.dvf_smoothing_mm = dvf_smoothing_mm
     opts.network_passes = network_passes
+    opts.prealign = check_prealign_mode(prealign)
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")
@@ -695,6 +710,7 @@ def benchmark(
     null_correction: NullCorrectionOpt = None,
     dvf_smoothing_mm: DvfSmoothingOpt = None,
     network_passes: NetworkPassesOpt = None,
+    prealign: PrealignOpt = "prostate",
     daily_ct: Annotated[
         Path | None, typer.Option("--daily-ct", help="recontour/engines: a given case.")
     ] = None,
@@ -844,6 +860,7 @@ def benchmark(
             null_correction=null_correction,
             dvf_smoothing_mm=dvf_smoothing_mm,
             network_passes=network_passes,
+            prealign=prealign,
             model_dir=model,
             device=device,
             engine=engine,

@@ -634,14 +634,14 @@ def make_pair(
         The pair: fixed = synthetic daily CT, moving = pre-aligned planning CT, fixed labels = the
         planning labels warped by the known field.
     """
+    from jrs.focus_prealign import prealign_pair
     from jrs.phantom.engine import synthesize_fraction
     from jrs.preprocess import mask_box, prepare_pair
-    from jrs.registration import affine_prealign
 
     rng = np.random.default_rng([int(seed), int(k), 0x5EED])
     frac = synthesize_fraction(planning.ct, planning.labels, {}, rng, strength=strength)
     if held_back:
-        reg = affine_prealign(frac.ct, planning.ct)
+        reg, _ = prealign_pair(frac.ct, planning.ct, planning.labels)  # as the pipeline
         box = _organ_box_daily(planning.labels, reg.transform, frac.ct.geometry, VALIDATION_BOX_MM)
         prepared = prepare_pair(
             frac.ct, planning.ct, planning.labels, daily_labels=frac.labels, box=box, prealign=reg

@@ -121,6 +121,14 @@ def test_recontour_writes_every_output_consistently(
     assert diff < 0.1
     u_corner = sample_dvf(dvf, corner)[0]
     assert np.linalg.norm(u_corner) < 60.0 and np.all(np.isfinite(matrix))
+    # by default the pre-alignment ends with the rigid match centred on the prostate
+    assert qa["prealign"]["mode"] == "prostate"
+    focus = qa["prealign"]["focus"]
+    assert focus["accepted"] and focus["organs"] == ["prostate", "seminal_vesicles"]
+    assert focus["voxels"] > 100 and focus["reason"] == ""
+    np.testing.assert_allclose(matrix.T @ matrix, np.eye(3), atol=1e-6)  # rigid
+    shift_qa = json.loads(runs["shift"].qa.read_text())
+    assert shift_qa["prealign"]["mode"] == "affine" and shift_qa["prealign"]["focus"] is None
 
     # QA: every structure, the stages, Jacobian of a pure affine ~ constant
     names = {s["name"] for s in qa["structures"]}
@@ -164,7 +172,9 @@ def runs(case: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> di
             *args,
             out / "shift",
             backend=ShiftBackend((0.0, 3.0, 0.0)),
-            options=RecontourOptions(path_choice={"prostate": "registration"}, dvf_spacing_mm=None),
+            options=RecontourOptions(
+                path_choice={"prostate": "registration"}, dvf_spacing_mm=None, prealign="affine"
+            ),
         ),
     }
 

@@ -54,7 +54,7 @@ def test_heldout_run_scores_every_path(tmp_path: Path) -> None:
     paths = {r["path"] for r in report.rows}
     assert paths == {
         "no_registration",
-        "affine",
+        "prealigned",
         "segmentation",
         "registration",
         "fusion",
@@ -105,12 +105,12 @@ def test_heldout_reports_the_fused_contours(tmp_path: Path) -> None:
         by_path.setdefault(r["path"], set()).add(r["organ"])
         assert {"dsc", "msd", "hd95"} <= set(r)
     assert by_path == dict.fromkeys(
-        ("no_registration", "affine", "segmentation", "registration", "fusion", "chosen"),
+        ("no_registration", "prealigned", "segmentation", "registration", "fusion", "chosen"),
         organs,
     )
     # the fake network's field is zero: its registration path is the pre-alignment alone
     reg = {r["organ"]: r["dsc"] for r in report.rows if r["path"] == "registration"}
-    affine = {r["organ"]: r["dsc"] for r in report.rows if r["path"] == "affine"}
+    affine = {r["organ"]: r["dsc"] for r in report.rows if r["path"] == "prealigned"}
     assert reg == pytest.approx(affine, abs=0.01)
     assert report.fields["phantom4242_f1"]["network"]["folding_fraction"] == 0.0
     fused = {r["organ"]: r for r in report.rows if r["path"] == "fusion"}
@@ -206,7 +206,7 @@ def test_heldout_scores_synthetic_fractions_of_a_real_planning_scan(tmp_path: Pa
         values = [r["dsc"] for r in report.rows if r["path"] == path]
         return sum(values) / len(values)
 
-    assert mean_dsc("affine") > mean_dsc("no_registration")
+    assert mean_dsc("prealigned") > mean_dsc("no_registration")
     text = (tmp_path / "r" / "report.md").read_text()
     assert "folding (% of body voxels)" in text
     mixed = report_markdown(
