@@ -14,6 +14,7 @@ from typing import Any
 
 from jrs.cascade import network_passes
 from jrs.field_smoothing import field_smoothing_sigma
+from jrs.focus_prealign import FOCUS_MARGIN_MM
 
 __all__ = ["TODO", "model_card"]
 
@@ -165,6 +166,13 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
             if network_passes(meta) > 1
             else "1 (`--network-passes 2` adds a pass that registers what the first left over)."
         ),
+        "",
+        "Pre-alignment (a pipeline setting, the same for every model): by default a whole-body "
+        "rigid match, then a rigid match on the planning prostate and seminal vesicles dilated "
+        f"by {FOCUS_MARGIN_MM:g} mm (`jrs.focus_prealign`). This deviates from the paper's "
+        "whole-body affine pre-alignment, which a filling bladder pulls away from the "
+        "prostate; `--prealign affine` restores it (docs/benchmarks.md, "
+        '"Prostate-centred pre-alignment").',
         "",
     ]
     validated = meta.get("validated_paths") or {}

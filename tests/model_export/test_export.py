@@ -216,6 +216,11 @@ def test_model_card(exported: tuple[Path, torch.nn.Module]) -> None:
     assert meta["network_passes"] == DEFAULT_NETWORK_PASSES == 2
     assert "Network passes: 2." in card
     assert "Network passes: 1 (" in model_card({})
+    # ... and the pre-alignment the pipeline runs it behind (a deviation from the paper)
+    from jrs.focus_prealign import FOCUS_MARGIN_MM
+
+    assert f"seminal vesicles dilated by {FOCUS_MARGIN_MM:g} mm" in card
+    assert "`--prealign affine` restores it" in card
 
 
 def test_parity_failure_writes_nothing(tmp_path: Path) -> None:
