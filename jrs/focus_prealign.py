@@ -39,6 +39,7 @@ from jrs.registration import (
     AffineResult,
     _check_threads,
     _coarse,
+    _register,
     affine_prealign,
 )
 
@@ -202,25 +203,20 @@ def focus_prealign(
     m_box = sitk.RegionOfInterest(fmask, [sx, sy, sz], [x0, y0, z0])
     voxels = int(sitk.GetArrayViewFromImage(m_box).sum())
 
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetNumberOfThreads(threads)
-    reg.SetNumberOfWorkUnits(threads)
-    reg.SetMetricAsCorrelation()
-    reg.SetMetricFixedMask(m_box)
-    reg.SetMetricSamplingStrategy(reg.NONE)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0,
-        minStep=1e-3,
-        numberOfIterations=iterations,
-        relaxationFactor=0.5,
-        gradientMagnitudeTolerance=1e-6,
+    out, metric = _register(
+        f_box,
+        m,
+        m_box,
+        sitk.Euler3DTransform(rigid0),
+        iterations=iterations,
+        sampling=None,  # every voxel of the region: deterministic, and few of them
+        seed=0,
+        threads=threads,
+        learning_rate=1.0,
+        min_step=1e-3,
+        shrink_factors=(1,),
+        smoothing_voxels=(0.0,),
     )
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([1])
-    reg.SetSmoothingSigmasPerLevel([0.0])
-    reg.SetInitialTransform(sitk.Euler3DTransform(rigid0), inPlace=False)
-    out = reg.Execute(f_box, m)
     rigid = sitk.Euler3DTransform(sitk.CompositeTransform(out).GetNthTransform(0))
     seconds = time.perf_counter() - t0
 
@@ -256,7 +252,7 @@ def focus_prealign(
     result = AffineResult(
         transform=affine,
         rigid=rigid,
-        metric=float(reg.GetMetricValue()),
+        metric=metric,
         seconds={**start.seconds, "focus": seconds},
     )
     return result, FocusReport(organs, True, shift, angle, voxels, seconds)

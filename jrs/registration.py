@@ -125,30 +125,42 @@ def _register(
     initial: sitk.Transform,
     *,
     iterations: int,
-    sampling: float,
+    sampling: float | None,
     seed: int,
     threads: int,
     scales_from_shift: bool = True,
+    learning_rate: float = 2.0,
+    min_step: float = 1e-2,
+    shrink_factors: tuple[int, ...] = (2, 1),
+    smoothing_voxels: tuple[float, ...] = (1.0, 0.0),
 ) -> tuple[sitk.Transform, float]:
+    """Correlation, regular-step gradient descent, on the voxels of ``fixed_mask``.
+
+    ``sampling`` is the fraction of those voxels drawn at random per iteration (seeded), or None
+    for every voxel. Returns the optimised transform (a composite holding it) and the metric.
+    """
     reg = sitk.ImageRegistrationMethod()
     reg.SetNumberOfThreads(threads)
     reg.SetNumberOfWorkUnits(threads)
     reg.SetMetricAsCorrelation()
     reg.SetMetricFixedMask(fixed_mask)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, itk_seed(seed))
+    if sampling is None:
+        reg.SetMetricSamplingStrategy(reg.NONE)
+    else:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(sampling, itk_seed(seed))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0,
-        minStep=1e-2,
+        learningRate=learning_rate,
+        minStep=min_step,
         numberOfIterations=iterations,
         relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-6,
     )
     if scales_from_shift:
         reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel(list(shrink_factors))
+    reg.SetSmoothingSigmasPerLevel(list(smoothing_voxels))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(initial, inPlace=False)
     out = reg.Execute(fixed, moving)
