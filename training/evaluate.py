@@ -27,6 +27,7 @@ import csv
 import json
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -629,7 +630,8 @@ def report_markdown(
     Returns:
         The Markdown text.
     """
-    groups = _group(rows)
+    groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = defaultdict(list)
+    groups.update(_group(rows))  # an organ no pair delineates (e.g. SV on Pelvic-Ref): no rows
     entries = sorted({(m, p) for m, p, _ in groups}, key=lambda e: (e[0], PATHS.index(e[1])))
     organ_names = [LABELS[o] for o in ORGANS]
     n_pairs = len({r["pair"] for r in rows})

@@ -144,6 +144,28 @@ def test_predict_pair_shapes_and_report(tmp_path: Path) -> None:
     assert report_markdown(report.rows) == report_markdown(report.rows)
 
 
+def test_report_of_pairs_without_an_organ() -> None:
+    """Real planning scans without seminal vesicles (Pelvic-Ref): "n/a" cells, no crash."""
+    rows = [
+        {
+            "model": "m",
+            "path": path,
+            "pair": pair,
+            "organ": organ,
+            "dsc": d,
+            "msd": 1.0,
+            "hd95": 2.0,
+        }
+        for path, d in (("seg", 0.9), ("reg", 0.8))
+        for pair in ("f1", "f2")
+        for organ in (BLADDER, PROSTATE)
+    ]
+    md = report_markdown(rows)
+    seg_row = next(line for line in md.splitlines() if line.startswith("| m | seg | 0.90"))
+    assert seg_row.count("n/a") == 2  # seminal vesicles and rectum: no pair delineates them
+    assert "Wilcoxon" in md
+
+
 def test_fused_path_of_the_evaluation() -> None:
     from jrs.fusion import FusionSpec
 
