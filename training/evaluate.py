@@ -481,9 +481,8 @@ def evaluate(
                 )
             if progress is not None:
                 progress(f"{name} {pair.key}")
-    report.markdown = report_markdown(report.rows, report.jacobian)
-    if out_dir is not None:
-        out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:  # the raw figures first: a failing report must not lose them
         out.mkdir(parents=True, exist_ok=True)
         report.csv_path = out / "metrics.csv"
         _write_csv(
@@ -497,6 +496,8 @@ def evaluate(
                 report.jacobian,
                 ["model", "pair", *JACOBIAN_COLUMNS],
             )
+    report.markdown = report_markdown(report.rows, report.jacobian)
+    if out is not None:
         report.markdown_path = out / "report.md"
         report.markdown_path.write_text(report.markdown)
         if len(models) == 1:

@@ -144,6 +144,24 @@ def test_predict_pair_shapes_and_report(tmp_path: Path) -> None:
     assert report_markdown(report.rows) == report_markdown(report.rows)
 
 
+def test_figures_survive_a_failing_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """metrics.csv is written before the report is composed: a report bug loses no scores."""
+    import training.evaluate as ev
+
+    def broken(*_: Any, **__: Any) -> str:
+        raise RuntimeError("report bug")
+
+    monkeypatch.setattr(ev, "report_markdown", broken)
+    torch.manual_seed(0)
+    net = build("seg", channels=(4, 8, 8))
+    with pytest.raises(RuntimeError, match="report bug"):
+        evaluate({"a": net}, [synthetic_pair(12, 40)], out_dir=tmp_path, window=96)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("model,path,pair,organ")
+    assert len(lines) == 1 + 4  # one row per organ of the one pair and path
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_report_of_pairs_without_an_organ() -> None:
     """Real planning scans without seminal vesicles (Pelvic-Ref): "n/a" cells, no crash."""
     rows = [
