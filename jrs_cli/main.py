@@ -1092,6 +1092,14 @@ def evaluate(
         int, typer.Option("--window", help="Tiled-inference window (multiple of 4, >= 44).")
     ] = 96,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    with_metrics: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--with-metrics",
+            help="metrics.csv of an earlier jrs evaluate on the same pairs (repeat for "
+            "several): its networks join the report, compared paired with the new ones.",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate checkpoints on held-out pairs: DSC/MSD/HD95 per organ, Jacobian, Wilcoxon."""
     from jrs.errors import InvalidInput
@@ -1109,8 +1117,14 @@ def evaluate(
             "give exactly one of --data DIR, --phantoms N, --synthetic N or --store DIR"
         )
     fusion_method = None if fusion == "none" else _fusion_method(fusion)
-    if not checkpoint and not untrained:
-        raise InvalidInput("nothing to evaluate: give --checkpoint FILE and/or --untrained NAME")
+    if not checkpoint and not untrained and not with_metrics:
+        raise InvalidInput(
+            "nothing to evaluate: give --checkpoint FILE, --untrained NAME and/or --with-metrics "
+            "FILE"
+        )
+    from training.earlier_metrics import read_evaluation
+
+    earlier = [read_evaluation(p) for p in with_metrics or []]
     dev = resolve_device(device)
     if data is not None:
         records = discover_pairs(data, patients)
@@ -1145,6 +1159,7 @@ def evaluate(
         fusion=fusion_method,
         null_correction=null_correction,
         passes=network_passes,
+        earlier=earlier,
     )
     typer.echo(report.markdown)
     typer.echo(f"written: {report.csv_path}, {report.markdown_path}")

@@ -46,6 +46,7 @@ from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
 from jrs.qa import jacobian_stats as qa_jacobian_stats
 from jrs.tiling import ALIGNMENT, SEAM_OVERLAP, run_tiled
 from training.data import AIR, TrainingPair
+from training.earlier_metrics import EarlierEvaluation
 from training.networks import NUM_CLASSES
 from training.warp import warp_labels
 
@@ -428,6 +429,7 @@ def evaluate(
     fusion: Any = "weighted",
     null_correction: bool = False,
     passes: int = 1,
+    earlier: Sequence[EarlierEvaluation] = (),
 ) -> EvaluationReport:
     """Evaluate networks on held-out pairs and write the CSV and Markdown report.
 
@@ -445,14 +447,34 @@ def evaluate(
         null_correction: Subtract each network's field of the planning scan paired with
             itself, as the pipeline does (`jrs.null_correction`; the release evaluation).
         passes: Network passes per pair, as the pipeline runs them (`jrs.cascade`).
+        earlier: Figures of earlier evaluations of exactly these pairs
+            (:func:`training.earlier_metrics.read_evaluation`): their rows join the report, so
+            networks scored in different runs are compared paired. Their model names must
+            differ from ``models`` and from each other.
 
     Returns:
         The :class:`EvaluationReport`.
+
+    Raises:
+        InvalidInput: Without pairs, or when an earlier evaluation scores other pairs or
+            repeats a model name.
     """
     if not pairs:
         raise InvalidInput("evaluation needs at least one held-out pair")
     spec = _fusion_spec(fusion)
     report = EvaluationReport()
+    seen = set(models)
+    for old in earlier:
+        old.check_pairs(p.key for p in pairs)
+        clash = sorted(old.models & seen)
+        if clash:
+            raise InvalidInput(
+                f"{old.source}: model names {clash} are already in this evaluation; each "
+                "network of a comparison needs its own name"
+            )
+        seen |= old.models
+        report.rows.extend(old.rows)
+        report.jacobian.extend(old.jacobian)
     for name, net in models.items():
         for pair in pairs:
             pred = predict_pair(
@@ -500,7 +522,7 @@ def evaluate(
     if out is not None:
         report.markdown_path = out / "report.md"
         report.markdown_path.write_text(report.markdown)
-        if len(models) == 1:
+        if len(models) == 1 and not earlier:  # the figures of that one model
             (out / EXPORT_METRICS_FILE).write_text(
                 json.dumps(export_metrics(report, spec, [p.key for p in pairs]), indent=2) + "\n"
             )
