@@ -37,5 +37,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 cd "$root"
 export PYTHONUNBUFFERED=1
-exec timeout --kill-after=10 "$limit" "$python" -m training.gpu_run \
+# JRS_GPU_ENTRY: the module (and subcommand) to run; scripts/gpu_table3.sh sets it
+read -r -a entry <<<"${JRS_GPU_ENTRY:-training.gpu_run}"
+exec timeout --kill-after=10 "$limit" "$python" -m "${entry[@]}" \
   --pack "$pack" --out "$outdir" "$@"

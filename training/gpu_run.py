@@ -98,6 +98,7 @@ __all__ = [
     "main",
     "probe_loss",
     "run_segment",
+    "segment_device",
 ]
 
 
@@ -292,6 +293,35 @@ def _device_facts(device: torch.device) -> dict[str, Any]:
     return facts
 
 
+def segment_device(dry_run: bool) -> torch.device:
+    """The device of a lent-GPU segment, set up for training (the CPU for a dry run).
+
+    On CUDA: cuDNN autotuning on (fixed patch size), TF32 off (the losses' box-sum convolutions
+    stay fp32), peak-memory statistics reset.
+
+    Args:
+        dry_run: Run on the CPU instead.
+
+    Returns:
+        ``cuda`` or, for a dry run, ``cpu``.
+
+    Raises:
+        InvalidInput: Without CUDA (and not ``dry_run``).
+    """
+    if dry_run:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InvalidInput(
+            "no CUDA GPU visible to torch: this is the lent-GPU run; use --dry-run on the CPU"
+        )
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
 def _save(trainer: Trainer, path: Path, config: Mapping[str, Any], entry: dict[str, Any]) -> int:
     """Write the segment's checkpoint atomically (CPU tensors, campaign config, provenance)."""
     state = _to_cpu(trainer.state())
@@ -344,11 +374,7 @@ def run_segment(
     deadline = t0 + float(budget_s)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not dry_run and not torch.cuda.is_available():
-        raise InvalidInput(
-            "no CUDA GPU visible to torch: this is the lent-GPU run; use --dry-run on the CPU"
-        )
-    device = torch.device("cpu" if dry_run else "cuda")
+    device = segment_device(dry_run)
     pack = load_pack(Path(pack_dir))
     ckpt = torch.load(pack.checkpoint, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -369,11 +395,6 @@ def run_segment(
         tensorboard=False,
     )
     config = RunConfig(raw)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick its kernels
-        torch.backends.cudnn.allow_tf32 = False  # the losses' box-sum convolutions stay fp32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(
         cast("TrainConfig", config), train_pairs=pack.pairs, val_pairs=[], progress=False
     )

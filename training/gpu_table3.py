@@ -71,6 +71,7 @@ from training.gpu_run import (
     _load_start,
     _save,
     _validate,
+    segment_device,
 )
 from training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
 from training.weights import file_sha256
@@ -285,11 +286,7 @@ def run_table3(
     deadline = t0 + float(budget_s)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not dry_run and not torch.cuda.is_available():
-        raise InvalidInput(
-            "no CUDA GPU visible to torch: this is the lent-GPU run; use --dry-run on the CPU"
-        )
-    device = torch.device("cpu" if dry_run else "cuda")
+    device = segment_device(dry_run)
     pack = load_pack(Path(pack_dir))
     if checkpoints:
         chosen = [Path(p) for p in checkpoints]
@@ -304,11 +301,6 @@ def run_table3(
             f"{Path(pack_dir) / PACK_SUBDIR}: no checkpoints; make them with "
             "`python -m training.gpu_table3 init`"
         )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = False  # the losses' box sums stay fp32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.cuda.reset_peak_memory_stats(device)
     logs_tmp = Path(tempfile.mkdtemp(prefix="table3_logs_"))
     patch = int(pack.index["patch_size"])
     nets: list[_Net] = []

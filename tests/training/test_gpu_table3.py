@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,24 @@ def test_script_is_executable_valid_bash_and_bounded_in_time() -> None:
     assert SCRIPT.stat().st_mode & 0o111, "gpu_table3.sh must be executable"
     proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    text = SCRIPT.read_text()
-    assert "timeout" in text and "JRS_GPU_TRAIN_TIMEOUT:-585" in text
-    assert "training.gpu_table3 run" in text
+    assert 'JRS_GPU_ENTRY="training.gpu_table3 run"' in SCRIPT.read_text()
+    train = (REPO / "scripts" / "gpu_train.sh").read_text()  # the wrapper it runs
+    assert "timeout" in train and "JRS_GPU_TRAIN_TIMEOUT:-585" in train
+    assert "${JRS_GPU_ENTRY:-training.gpu_run}" in train
+
+
+def test_script_dry_run_trains_the_networks_of_the_pack(pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "JRS_GPU_PACK": str(pack)}
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--max-steps", "1", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert sorted(p.name for p in out.glob("*.pt")) == sorted(f"{n}.pt" for n in NETWORKS)
+    assert (out / "table3_train.log").is_file() and (out / SUMMARY_NAME).is_file()
