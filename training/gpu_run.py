@@ -53,7 +53,7 @@ import torch
 
 from jrs.errors import InvalidInput
 from training.data import PatchBatch, PatchSampler, TrainingPair
-from training.gpu_pack import load_pack
+from training.gpu_pack import Pack, load_pack
 from training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
 from training.weights import file_sha256
 
@@ -98,7 +98,9 @@ __all__ = [
     "main",
     "probe_loss",
     "run_segment",
+    "sampler_settings",
     "segment_device",
+    "segment_trainer",
 ]
 
 
@@ -322,6 +324,65 @@ def segment_device(dry_run: bool) -> torch.device:
     return device
 
 
+def segment_trainer(
+    checkpoint: Path, pack: Pack, device: torch.device, *, dry_run: bool, output_dir: Path
+) -> tuple[Trainer, dict[str, Any]]:
+    """A trainer on the pack's crops with the learning state of a checkpoint, for a segment.
+
+    The config is the checkpoint's own (validated where pydantic is installed), run on
+    ``device`` with AMP; the model, optimiser, scheduler, loss weighting, step and epoch are the
+    checkpoint's (:func:`_load_start`); the sampler is the trainer's fresh one.
+
+    Args:
+        checkpoint: A jrs training checkpoint.
+        pack: The GPU pack (its crops are the training pairs).
+        device: :func:`segment_device`.
+        dry_run: Run on the CPU with one thread.
+        output_dir: The run's ``output_dir`` (logs).
+
+    Returns:
+        The trainer (its ``config`` a :class:`RunConfig`) and the checkpoint's config as stored.
+
+    Raises:
+        InvalidInput: Not a training checkpoint, or one for another patch size than the pack's.
+    """
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InvalidInput(f"{checkpoint}: not a jrs training checkpoint")
+    campaign = dict(ckpt["config"])
+    if int(campaign.get("patch_size", 0)) != int(pack.index["patch_size"]):
+        raise InvalidInput(
+            f"{checkpoint}: trains {campaign.get('patch_size')}^3 patches, the pack "
+            f"{pack.folder} holds crops for {pack.index['patch_size']}^3"
+        )
+    _validate(campaign)
+    raw = copy.deepcopy(campaign)
+    raw.update(
+        device=device.type,
+        amp=True,
+        num_threads=1 if dry_run else None,
+        output_dir=str(output_dir),
+        tensorboard=False,
+    )
+    trainer = Trainer(
+        cast("TrainConfig", RunConfig(raw)), train_pairs=pack.pairs, val_pairs=[], progress=False
+    )
+    _load_start(trainer, ckpt)
+    return trainer, campaign
+
+
+def sampler_settings(config: Any) -> dict[str, Any]:
+    """The :class:`PatchSampler` arguments of a training config, seed and pairs aside."""
+    return {
+        "patch_size": config.patch_size,
+        "pairs_per_batch": config.pairs_per_batch,
+        "patches_per_pair": config.patches_per_pair,
+        "swap": config.swap,
+        "identity_share": config.data.identity_share,
+        "synthmorph_share": config.data.synthmorph_share,
+    }
+
+
 def _save(trainer: Trainer, path: Path, config: Mapping[str, Any], entry: dict[str, Any]) -> int:
     """Write the segment's checkpoint atomically (CPU tensors, campaign config, provenance)."""
     state = _to_cpu(trainer.state())
@@ -376,41 +437,15 @@ def run_segment(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = segment_device(dry_run)
     pack = load_pack(Path(pack_dir))
-    ckpt = torch.load(pack.checkpoint, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InvalidInput(f"{pack.checkpoint}: not a jrs training checkpoint")
-    campaign = dict(ckpt["config"])
-    if int(campaign.get("patch_size", 0)) != int(pack.index["patch_size"]):
-        raise InvalidInput(
-            f"{pack.folder}: packed for {pack.index['patch_size']}^3 patches, the checkpoint "
-            f"trains {campaign.get('patch_size')}^3"
-        )
-    _validate(campaign)
-    raw = copy.deepcopy(campaign)
-    raw.update(
-        device=device.type,
-        amp=True,
-        num_threads=1 if dry_run else None,
-        output_dir=str(out_dir),
-        tensorboard=False,
+    trainer, campaign = segment_trainer(
+        pack.checkpoint, pack, device, dry_run=dry_run, output_dir=out_dir
     )
-    config = RunConfig(raw)
-    trainer = Trainer(
-        cast("TrainConfig", config), train_pairs=pack.pairs, val_pairs=[], progress=False
-    )
-    _load_start(trainer, ckpt)
+    config = cast(RunConfig, trainer.config)
     start_step = trainer.step
     lr_start = float(trainer.optimizer.param_groups[0]["lr"])
     seg_seed = int(campaign.get("seed", 0)) + start_step if seed is None else int(seed)
     seed_everything(seg_seed)
-    sampler_kwargs: dict[str, Any] = {
-        "patch_size": config.patch_size,
-        "pairs_per_batch": config.pairs_per_batch,
-        "patches_per_pair": config.patches_per_pair,
-        "swap": config.swap,
-        "identity_share": config.data.identity_share,
-        "synthmorph_share": config.data.synthmorph_share,
-    }
+    sampler_kwargs = sampler_settings(config)
     probe = PatchSampler(pack.pairs, seed=PROBE_SEED, **sampler_kwargs)
     probe_set = [probe.sample() for _ in range(max(0, probe_batches))]
     tp = time.monotonic()

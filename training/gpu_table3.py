@@ -41,8 +41,6 @@ The checkpoints are scored here, on the held-out phantoms, by ``jrs evaluate`` (
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import io
 import json
 import logging
@@ -55,29 +53,25 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
 from jrs.errors import InvalidInput
-from training.data import PatchBatch, TrainingPair
+from training.data import PatchBatch
 from training.gpu_pack import load_pack
 from training.gpu_run import (
     RETURN_LIMIT,
     LoaderSampler,
-    RunConfig,
     _device_facts,
-    _load_start,
     _save,
-    _validate,
+    sampler_settings,
     segment_device,
+    segment_trainer,
 )
-from training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
+from training.trainer import Trainer, _CsvLog, seed_everything
 from training.weights import file_sha256
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,25 +124,6 @@ class _Net:
     skipped: int = 0
 
 
-def _sampler_kwargs(config: RunConfig) -> dict[str, Any]:
-    return {
-        "patch_size": config.patch_size,
-        "pairs_per_batch": config.pairs_per_batch,
-        "patches_per_pair": config.patches_per_pair,
-        "swap": config.swap,
-        "identity_share": config.data.identity_share,
-        "synthmorph_share": config.data.synthmorph_share,
-    }
-
-
-def _network_of(path: Path) -> str:
-    """The network a checkpoint trains (its file stem for ``<network>.pt``)."""
-    if path.name == "checkpoint.pt":  # the pack's own copy
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        return str(ckpt.get("network", {}).get("name", path.stem))
-    return path.stem
-
-
 def _order(name: str) -> tuple[int, str]:
     return (ORDER.index(name) if name in ORDER else len(ORDER), name)
 
@@ -194,38 +169,6 @@ def init_checkpoints(configs: Sequence[Path], out: Path) -> list[Path]:
         written.append(target)
         log.info("%s: step-0 checkpoint of %s (seed %d)", target, name, config.seed)
     return written
-
-
-def _build(
-    path: Path,
-    pairs: Sequence[TrainingPair],
-    device: torch.device,
-    logs_dir: Path,
-    dry_run: bool,
-    patch_size: int,
-) -> tuple[Trainer, dict[str, Any], str]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InvalidInput(f"{path}: not a jrs training checkpoint")
-    campaign = dict(ckpt["config"])
-    if int(campaign.get("patch_size", 0)) != patch_size:
-        raise InvalidInput(
-            f"{path}: trains {campaign.get('patch_size')}^3 patches, the pack holds crops for "
-            f"{patch_size}^3"
-        )
-    _validate(campaign)
-    raw = copy.deepcopy(campaign)
-    raw.update(
-        device=device.type,
-        amp=True,
-        num_threads=1 if dry_run else None,
-        output_dir=str(logs_dir / ckpt["network"]["name"]),
-        tensorboard=False,
-    )
-    config = RunConfig(raw)
-    trainer = Trainer(cast("TrainConfig", config), train_pairs=pairs, val_pairs=[], progress=False)
-    _load_start(trainer, ckpt)
-    return trainer, campaign, file_sha256(path)
 
 
 def _horizon(net: _Net) -> int:
@@ -289,27 +232,27 @@ def run_table3(
     device = segment_device(dry_run)
     pack = load_pack(Path(pack_dir))
     if checkpoints:
-        chosen = [Path(p) for p in checkpoints]
+        paths, own = [Path(p) for p in checkpoints], None
     else:  # the pack's folder, and the pack's own checkpoint unless its network is there
-        chosen = sorted((Path(pack_dir) / PACK_SUBDIR).glob("*.pt"))
-        own = torch.load(pack.checkpoint, map_location="cpu", weights_only=False)
-        if chosen and own.get("network", {}).get("name") not in {p.stem for p in chosen}:
-            chosen.append(pack.checkpoint)
-    paths = sorted(chosen, key=lambda p: _order(_network_of(p)))
-    if not paths:
-        raise InvalidInput(
-            f"{Path(pack_dir) / PACK_SUBDIR}: no checkpoints; make them with "
-            "`python -m training.gpu_table3 init`"
-        )
+        own = pack.checkpoint
+        folder = sorted((Path(pack_dir) / PACK_SUBDIR).glob("*.pt"))
+        if not folder:
+            raise InvalidInput(
+                f"{Path(pack_dir) / PACK_SUBDIR}: no checkpoints; make them with "
+                "`python -m training.gpu_table3 init`"
+            )
+        paths = [*folder, own]
     logs_tmp = Path(tempfile.mkdtemp(prefix="table3_logs_"))
-    patch = int(pack.index["patch_size"])
     nets: list[_Net] = []
     for path in paths:
-        trainer, campaign, sha = _build(Path(path), pack.pairs, device, logs_tmp, dry_run, patch)
+        trainer, campaign = segment_trainer(
+            path, pack, device, dry_run=dry_run, output_dir=logs_tmp
+        )
         name = str(campaign["network"]["name"])
         if any(n.name == name for n in nets):
+            if path == own:  # the pack's copy of a network whose checkpoint is in the folder
+                continue
             raise InvalidInput(f"{path}: a second checkpoint of network {name!r}")
-        kwargs = _sampler_kwargs(trainer.config)  # type: ignore[arg-type]
         entry: dict[str, Any] = {
             "kind": "gpu-table3",
             **_device_facts(device),
@@ -325,7 +268,7 @@ def run_table3(
                 "seed": pack.index["seed"],
                 "keys": [p["key"] for p in pack.index["pairs"]],
             },
-            "from_checkpoint": {"file": Path(path).name, "sha256": sha},
+            "from_checkpoint": {"file": path.name, "sha256": file_sha256(path)},
             "start_step": trainer.step,
             "end_step": trainer.step,
             "seed": seed,
@@ -337,12 +280,15 @@ def run_table3(
                 name=name,
                 trainer=trainer,
                 campaign=campaign,
-                group=tuple(sorted(kwargs.items())),
+                group=tuple(sorted(sampler_settings(trainer.config).items())),
                 source=str(path),
                 entry=entry,
                 train_log=_CsvLog(logs_tmp / f"{name}_train_log.csv", trainer.columns),
             )
         )
+    if not nets:
+        raise InvalidInput(f"{pack.folder}: no checkpoints to train")
+    nets.sort(key=lambda n: _order(n.name))
     starts = {n.trainer.step for n in nets}
     if len(starts) != 1:
         raise InvalidInput(
@@ -625,9 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         100.0 * (summary["data_share"] or 0.0),
         {k: v["ms_per_step_steady"] for k, v in summary["per_network"].items()},
     )
-    with contextlib.suppress(Exception):
-        if not dry and torch.cuda.is_available():
-            log.info("GPU memory: %s", summary.get("gpu_memory_mib"))
+    if "gpu_memory_mib" in summary:
+        log.info("GPU memory (MiB): %s", summary["gpu_memory_mib"])
     return 0
 
 
