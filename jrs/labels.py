@@ -214,6 +214,25 @@ AUTOMATIC_TOKENS: frozenset[str] = frozenset(
 #: target-volume abbreviations that are never mapped silently (``CTVp``, ``CTV1``, ``PTV_7800``).
 AMBIGUOUS_PATTERN = re.compile(r"^(ctv|gtv|ptv|itv)[a-z0-9]*$")
 
+#: RTSTRUCT RT ROI Interpreted Types of target volumes.
+TARGET_TYPES = frozenset({"PTV", "CTV", "GTV", "ITV"})
+
+
+def is_target_volume(name: str, interpreted_type: str = "") -> bool:
+    """Whether an ROI is a target volume (``PTV``, ``CTV1``, ``GTVp``, ``PTV_7800`` ...).
+
+    A target volume is a margin drawn in tissue, not on an organ's boundary: checks that look for
+    an organ's edges in the image (`jrs.contour_fit`) do not apply to it.
+
+    Args:
+        name: ROI name.
+        interpreted_type: its RT ROI Interpreted Type (3006,00A4), when known.
+    """
+    if interpreted_type.strip().upper() in TARGET_TYPES:
+        return True
+    return AMBIGUOUS_PATTERN.match(_compact(name)) is not None
+
+
 Rule = Literal[
     "tg263", "synonym", "user", "skipped_automatic", "duplicate", "ambiguous", "unmapped"
 ]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -47,12 +48,19 @@ import numpy.typing as npt
 import SimpleITK as sitk
 
 from jrs.cascade import network_passes, refine
+from jrs.contour_fit import contour_fit
 from jrs.errors import InvalidInput, ModelNotReady
 from jrs.field_smoothing import field_smoothing_sigma, smooth_field
 from jrs.focus_prealign import DEFAULT_PREALIGN, PrealignMode, prealign_pair
 from jrs.geometry import Geometry, Volume
-from jrs.labels import LABELS, SynonymTable, is_external_roi, label_map_from_mapping
-from jrs.metrics import dice, volume_cc
+from jrs.labels import (
+    LABELS,
+    SynonymTable,
+    is_external_roi,
+    is_target_volume,
+    label_map_from_mapping,
+)
+from jrs.metrics import dice, surface_distances, volume_cc
 from jrs.null_correction import null_correct, null_correction_enabled
 from jrs.plausibility import PlausibilityLimits, check_coverage, check_planning, enforce
 from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
@@ -64,8 +72,8 @@ from jrs.qa import (
     flag_structure,
     image_evidence,
     jacobian_report,
+    qa_reference_paths,
     structure_evidence,
-    validated_paths,
 )
 from jrs.registration import AffineResult, affine_prealign, bspline_register
 
@@ -1118,20 +1126,57 @@ def recontour(
             used,
             hu_per_unit=HU_SCALE,
         )
+        # does each organ's contour sit on the daily CT's edges? (a wrong planning contour,
+        # faithfully propagated, does not)
+        for lab in used:
+            evidence.setdefault(lab, {}).update(
+                contour_fit(pair.fixed, chosen == lab, pair.grid, hu_per_unit=HU_SCALE)
+            )
+        # the other ROIs (PTV, femoral heads, ...), the patient's outline aside: the scans'
+        # agreement around each on the network grid, its fit to the edges on the daily CT
+        outline = {
+            r.name for r in structure_set.rois if is_external_roi(r.name, r.interpreted_type)
+        }
+        types_of = {r.name: r.interpreted_type or "" for r in structure_set.rois}
+        roi_evidence: dict[str, dict[str, Any]] = {}
+        for name, daily_mask in daily_masks.items():
+            if name in organ_of_name or name in outline or not daily_mask.any():
+                continue
+            on_grid = (
+                Volume(daily_mask.astype(np.uint8), daily_geom)
+                .resample(pair.grid, "label", 0)
+                .array
+            )
+            figures = image_evidence(
+                pair.fixed,
+                pair.moving,
+                u_box.array,
+                pair.grid,
+                on_grid,
+                np.zeros_like(on_grid),
+                [1],
+                hu_per_unit=HU_SCALE,
+            ).get(1, {})
+            if not is_target_volume(name, types_of.get(name, "")):
+                # a target volume is a margin in tissue: it has no edge of its own to fit
+                figures.update(contour_fit(daily.volume.array, daily_mask, daily_geom))
+            roi_evidence[name] = figures
         structures: list[StructureQa] = []
         for name, daily_mask in daily_masks.items():
             organ_label = organ_of_name.get(name)
             path_dice = None
+            path_msd = None
             border = False
             both_valid = True
             if organ_label is not None:
-                both_valid = len(validated_paths(meta, LABELS[organ_label])) == 2
+                both_valid = len(qa_reference_paths(meta, LABELS[organ_label])) == 2
                 # a fused contour is made of both paths: their disagreement is worth a look
                 both_valid = both_valid or sources.get(organ_label) == "fusion"
                 if paths.segmentation is not None:
-                    path_dice = dice(
-                        paths.segmentation == organ_label, paths.registration == organ_label
-                    )
+                    seg_mask = paths.segmentation == organ_label
+                    reg_mask = paths.registration == organ_label
+                    path_dice = dice(seg_mask, reg_mask)
+                    path_msd = surface_distances(seg_mask, reg_mask, pair.grid).msd
                 border = _touches_border(chosen == organ_label)
             default_source = "iterative" if opts.method == "iterative" else "registration"
             qa_item = StructureQa(
@@ -1145,11 +1190,14 @@ def recontour(
                 ),
                 daily_cc=round(volume_cc(daily_mask, daily_geom), 3),
                 path_dice=None if path_dice is None else round(path_dice, 4),
+                path_msd_mm=None
+                if path_msd is None or not math.isfinite(path_msd)
+                else round(path_msd, 3),
                 touches_crop_border=border,
                 paths_validated=both_valid,
                 jacobian=organ_jac.get(name),
                 **structure_evidence(
-                    evidence.get(organ_label) if organ_label is not None else None
+                    evidence.get(organ_label) if organ_label is not None else roi_evidence.get(name)
                 ),
             )
             structures.append(flag_structure(qa_item, opts.thresholds))

@@ -36,6 +36,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from jrs.geometry import Geometry, Volume
+from jrs.labels import is_target_volume
 from jrs.transforms import jacobian_determinant
 
 #: HU window the two scans are compared in (`image_evidence`): bone and gas are clipped, so
@@ -104,8 +105,17 @@ FLAG_CODES: dict[str, str] = {
         "less than after the pre-alignment alone)"
     ),
     "centroid_shift": "the organ moved further from its pre-aligned position than is plausible",
+    "image_misfit": (
+        "the contour sits beside the daily CT's edges: moved by a few mm it fits them clearly "
+        "better (a planning contour drawn off the organ?)"
+    ),
     "dvf_folding": "the DVF folds in part of the body",
 }
+
+
+#: Key of the per-organ tables `QaThresholds.min_image_ncc` and `max_image_fit_gain` that holds
+#: the limit of every propagated ROI (PTV, femoral heads, ...: no organ key).
+PROPAGATED = "*"
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,14 @@ class QaThresholds:
         max_centroid_shift_mm: organ key -> flag the organ when its daily centroid lies further
             than this from its pre-aligned planning centroid, mm (the prostate moves a few mm
             against the pre-alignment, not 2 cm); an organ not in the table is not flagged.
+        max_path_msd_mm: organ key -> flag a path disagreement also when the mean surface
+            distance between the two paths' contours exceeds this, mm (a contour moved along a
+            long organ keeps a high Dice but not a small surface distance); an organ not in the
+            table is judged by Dice alone.
+        max_image_fit_gain: organ key -> flag the organ when its contour, moved by the best
+            translation of up to 8 mm, runs along the daily CT's edges more strongly than where
+            it is by more than this fraction (`jrs.contour_fit.contour_fit`); an organ not in
+            the table is not flagged on it.
     """
 
     min_path_dice: float = 0.8
@@ -181,6 +199,7 @@ class QaThresholds:
             "rectum": 0.7,
             "seminal_vesicles": 0.8,
             "prostate": 0.8,
+            PROPAGATED: -1.0,
         }
     )
     max_image_ncc_loss: float = 0.1
@@ -190,6 +209,17 @@ class QaThresholds:
             "rectum": 12.0,
             "seminal_vesicles": 10.0,
             "prostate": 8.0,
+        }
+    )
+    max_path_msd_mm: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("bladder", "rectum", "seminal_vesicles", "prostate"), 3.0
+        )
+    )
+    max_image_fit_gain: dict[str, float] = field(
+        default_factory=lambda: {
+            **dict.fromkeys(("bladder", "rectum", "seminal_vesicles", "prostate"), 0.5),
+            PROPAGATED: 100.0,
         }
     )
 
@@ -453,11 +483,59 @@ def validated_paths(metadata: Mapping[str, Any] | None, organ: str) -> set[str]:
     return both
 
 
+#: A path whose validation DSC for an organ (``metadata["metrics"]["path_dsc"]``) is at least
+#: this is a QA reference for the organ, even when it is not vouched for as an output: its
+#: disagreement with the other path is a signal. A dead path (DSC near 0) never is.
+QA_REFERENCE_MIN_DSC = 0.85
+_PATHS = ("segmentation", "registration")
+
+
+def qa_reference_paths(metadata: Mapping[str, Any] | None, organ: str) -> set[str]:
+    """The output paths whose disagreement is a QA signal for one organ.
+
+    Which path is good enough to *ship* (`validated_paths`, within a margin of the best path)
+    and which is good enough to *check the other against* are two questions. A segmentation
+    path with a validation DSC of 0.87 against the registration path's 0.95 is not shipped, but
+    when the two disagree by 5 mm, one of them is wrong. ``metadata["qa_reference_paths"]``
+    (organ key or ``"*"`` -> paths) when present; else the validated paths plus every path
+    whose validation DSC for the organ is at least `QA_REFERENCE_MIN_DSC`.
+
+    Args:
+        metadata: the model's ``metadata.json`` content (None for the iterative method).
+        organ: organ key.
+
+    Returns:
+        The path names (``segmentation``, ``registration``) that count as a QA reference.
+    """
+    paths = validated_paths(metadata, organ)
+    if not metadata:
+        return paths
+    table = metadata.get("qa_reference_paths")
+    if isinstance(table, Mapping):
+        listed = table.get(organ, table.get("*"))
+        if listed is not None:
+            return {str(p) for p in listed}
+    dsc = (metadata.get("metrics") or {}).get("path_dsc")
+    if isinstance(dsc, Mapping):
+        for path in _PATHS:
+            value = (dsc.get(path) or {}).get(organ)
+            if isinstance(value, int | float) and value >= QA_REFERENCE_MIN_DSC:
+                paths.add(path)
+    return paths
+
+
 def structure_evidence(figures: Mapping[str, Any] | None) -> dict[str, Any]:
     """The `StructureQa` fields of one organ's `image_evidence` figures (none when None)."""
     if not figures:
         return {}
-    keys = ("image_ncc", "image_ncc_prealigned", "centroid_shift_mm", "centroid_shift_xyz_mm")
+    keys = (
+        "image_ncc",
+        "image_ncc_prealigned",
+        "centroid_shift_mm",
+        "centroid_shift_xyz_mm",
+        "image_fit_gain",
+        "image_fit_shift_mm",
+    )
     return {k: figures.get(k) for k in keys}
 
 
@@ -475,8 +553,8 @@ class StructureQa:
         path_dice: Dice between the segmentation and registration paths (organs only).
         touches_crop_border: the contour reaches the edge of the network's region.
         flags: reasons a reviewer should look (empty = nothing noticed).
-        paths_validated: both output paths are validated for this organ (else a path
-            disagreement is not flagged).
+        paths_validated: both output paths count as a QA reference for this organ
+            (`qa_reference_paths`; else a path disagreement is not flagged).
         jacobian: `organ_jacobian` figures inside the organ (None when not computed).
         volume_change: daily/planning - 1 (None when the planning volume is 0).
         flag_codes: one `FLAG_CODES` key per flag, same order as ``flags``.
@@ -486,6 +564,12 @@ class StructureQa:
         centroid_shift_mm: distance of the daily contour's centroid from the pre-aligned
             planning organ's centroid, mm (organs only).
         centroid_shift_xyz_mm: that shift as an LPS vector (x, y, z), mm.
+        path_msd_mm: mean surface distance between the segmentation and registration paths'
+            contours, mm (organs only, where both paths were compared).
+        image_fit_gain: how much more strongly the daily CT's edges run along the contour moved
+            by its best translation than along the contour where it is (`contour_fit`; 0: it
+            sits where it fits best; organs only).
+        image_fit_shift_mm: the length of that best translation, mm.
     """
 
     name: str
@@ -504,6 +588,9 @@ class StructureQa:
     image_ncc_prealigned: float | None = None
     centroid_shift_mm: float | None = None
     centroid_shift_xyz_mm: list[float] | None = None
+    path_msd_mm: float | None = None
+    image_fit_gain: float | None = None
+    image_fit_shift_mm: float | None = None
 
 
 def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> StructureQa:
@@ -534,11 +621,23 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
                 f"{what}: {100 * low:+.0f} % .. {100 * high:+.0f} %)",
             )
     min_paths = t.min_path_dice_organ.get(qa.organ or "", t.min_path_dice)
+    max_msd = t.max_path_msd_mm.get(qa.organ or "")
     if qa.path_dice is not None and qa.paths_validated and qa.path_dice < min_paths:
         flag(
             "path_disagreement",
             f"segmentation and registration paths disagree (Dice {qa.path_dice:.2f} < "
             f"{min_paths:.2f})",
+        )
+    elif (
+        qa.path_msd_mm is not None
+        and qa.paths_validated
+        and max_msd is not None
+        and qa.path_msd_mm > max_msd
+    ):
+        flag(
+            "path_disagreement",
+            f"segmentation and registration paths disagree (mean surface distance "
+            f"{qa.path_msd_mm:.1f} mm > {max_msd:g} mm)",
         )
     if qa.touches_crop_border and t.flag_touching_box:
         flag("touches_box", "contour reaches the border of the network's region: may be cut off")
@@ -551,7 +650,7 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
             f"max {jac['max']:.2f}; limit {100 * t.max_jacobian_outlier_fraction:.0f} %)",
         )
     ncc, ncc0 = qa.image_ncc, qa.image_ncc_prealigned
-    min_ncc = t.min_image_ncc.get(qa.organ or "")
+    min_ncc = t.min_image_ncc.get(qa.organ or PROPAGATED)
     if ncc is not None and min_ncc is not None and ncc < min_ncc:
         flag(
             "image_disagreement",
@@ -572,6 +671,20 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
             "centroid_shift",
             f"the {what} moved {shift:.1f} mm from its pre-aligned planning position (plausible: "
             f"up to {max_shift:g} mm)",
+        )
+    max_gain = t.max_image_fit_gain.get(qa.organ or PROPAGATED)
+    gain = qa.image_fit_gain
+    if (
+        gain is not None
+        and max_gain is not None
+        and gain > max_gain
+        and not (qa.organ is None and is_target_volume(qa.name))
+    ):
+        flag(
+            "image_misfit",
+            f"the {what} contour sits beside the daily CT's edges: moved by "
+            f"{qa.image_fit_shift_mm or 0.0:.0f} mm it fits them {100 * gain:.0f} % better "
+            f"(limit {100 * max_gain:.0f} %): is the planning contour on the organ?",
         )
     return qa
 

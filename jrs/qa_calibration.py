@@ -56,7 +56,8 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.errors import InvalidInput, JrsError
-from jrs.qa import QaThresholds, StructureQa, flag_dvf, flag_structure
+from jrs.labels import is_target_volume
+from jrs.qa import PROPAGATED, QaThresholds, StructureQa, flag_dvf, flag_structure
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ TARGET_RECALL = 0.9
 TARGET_FALSE_FLAG_RATE = 0.1
 #: Version of the per-case record format (a record of another version is re-computed). Version 2
 #: adds the image figures (``image_ncc``, ``image_ncc_prealigned``, ``centroid_shift_mm``) that
-#: the version-1 records lack.
-RECORD_VERSION = 2
+#: the version-1 records lack. Version 3 adds the paths' surface distance (``path_msd_mm``), the
+#: contour's fit to the daily CT's edges (``image_fit_gain``, ``image_fit_shift_mm``) and QA
+#: reference paths (`jrs.qa.qa_reference_paths`) in ``paths_validated``.
+RECORD_VERSION = 3
 
 #: Population -> what it is.
 POPULATIONS: dict[str, str] = {
@@ -115,6 +118,7 @@ FLAGS: tuple[str, ...] = (
     "jacobian_outliers",
     "image_disagreement",
     "centroid_shift",
+    "image_misfit",
     "dvf_folding",
 )
 #: The flags of a structure: calibrated against the truth of its contour. ``dvf_folding`` is a
@@ -123,7 +127,13 @@ FLAGS: tuple[str, ...] = (
 STRUCTURE_FLAGS: tuple[str, ...] = tuple(f for f in FLAGS if f != "dvf_folding")
 #: Per-organ thresholds of `QaThresholds` held in a table (organ key -> value); the search keys
 #: are ``<table>.<organ>``. An organ not in the table is never flagged on that figure.
-_ORGAN_TABLES: tuple[str, ...] = ("min_image_ncc", "max_centroid_shift_mm", "min_path_dice_organ")
+_ORGAN_TABLES: tuple[str, ...] = (
+    "min_image_ncc",
+    "max_centroid_shift_mm",
+    "min_path_dice_organ",
+    "max_path_msd_mm",
+    "max_image_fit_gain",
+)
 #: The raw figures summarised per structure class and label in the report (threshold choice by
 #: hand): `Samples` attribute -> what it is.
 FIGURES: dict[str, str] = {
@@ -132,6 +142,9 @@ FIGURES: dict[str, str] = {
     "centroid_shift_mm": "centroid shift from the pre-aligned planning organ, mm",
     "volume_change": "daily / planning volume - 1",
     "jacobian_outliers": "fraction of the organ's voxels with det J outside its range",
+    "path_dice": "Dice of the segmentation and registration paths (QA reference paths only)",
+    "path_msd_mm": "mean surface distance of the two paths, mm (QA reference paths only)",
+    "image_fit_gain": "how much better the contour fits the daily CT's edges when moved",
 }
 #: Seed of the synthetic fractions of real planning scans (training used 2002 and 2005).
 REAL_SEED = 5005
@@ -901,6 +914,8 @@ class Samples:
             absent: propagated ROIs, version-1 records).
         image_ncc_loss: ``image_ncc_prealigned - image_ncc`` (NaN where either is absent).
         centroid_shift_mm: the organ's centroid shift from the pre-aligned planning organ, mm.
+        path_msd_mm: mean surface distance of the two paths, mm (NaN where absent).
+        image_fit_gain: the contour's fit gain on the daily CT's edges (`jrs.contour_fit`).
     """
 
     items: list[dict[str, Any]]
@@ -918,6 +933,8 @@ class Samples:
     image_ncc: npt.NDArray[np.float64]
     image_ncc_loss: npt.NDArray[np.float64]
     centroid_shift_mm: npt.NDArray[np.float64]
+    path_msd_mm: npt.NDArray[np.float64]
+    image_fit_gain: npt.NDArray[np.float64]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -969,6 +986,12 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
         pre, ncc = s.get("image_ncc_prealigned"), s.get("image_ncc")
         return math.nan if pre is None or ncc is None else float(pre) - float(ncc)
 
+    def fit_gain(s: dict[str, Any]) -> float:
+        # as jrs.qa.flag_structure: a target volume's fit to the edges is not judged
+        if not s.get("organ") and is_target_volume(str(s.get("name", ""))):
+            return math.nan
+        return _num(s.get("image_fit_gain"))
+
     return Samples(
         items=items,
         label=col(lambda s: s["label"], np.str_),
@@ -987,6 +1010,8 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
         image_ncc=col(lambda s: _num(s.get("image_ncc")), np.float64),
         image_ncc_loss=col(ncc_loss, np.float64),
         centroid_shift_mm=col(lambda s: _num(s.get("centroid_shift_mm")), np.float64),
+        path_msd_mm=col(lambda s: _num(s.get("path_msd_mm")), np.float64),
+        image_fit_gain=col(fit_gain, np.float64),
     )
 
 
@@ -1131,7 +1156,7 @@ def _organ_classes(
     """
     out = []
     for organ in sorted(table):
-        member = s.organ == organ
+        member = s.organ == ("" if organ == PROPAGATED else organ)
         if member.any() and int((member & s.good).sum()) >= min_class_good:
             out.append((organ, member))
     return out
@@ -1211,6 +1236,17 @@ def search_parameters(
                     _below(own),
                 )
             )
+        msd = np.where(s.paths_validated, s.path_msd_mm, np.nan)
+        for organ, member in _organ_classes(s, prior.max_path_msd_mm, min_class_good):
+            own = np.where(member, msd, np.nan)
+            params.append(
+                _Param(
+                    f"max_path_msd_mm.{organ}",
+                    "path_disagreement",
+                    _cuts(own, [_OFF_SHIFT_MM, prior.max_path_msd_mm[organ]])[::-1],
+                    _above(own),
+                )
+            )
         others = np.where(np.isin(s.organ, list(prior.min_path_dice_organ)), np.nan, pd)
         if np.isfinite(others).any():
             params.append(
@@ -1271,6 +1307,17 @@ def search_parameters(
                     "centroid_shift",
                     _cuts(shift, [_OFF_SHIFT_MM, prior.max_centroid_shift_mm[organ]])[::-1],
                     _above(shift),
+                )
+            )
+    if "image_misfit" in wanted:
+        for organ, member in _organ_classes(s, prior.max_image_fit_gain, min_class_good):
+            gain = np.where(member, s.image_fit_gain, np.nan)
+            params.append(
+                _Param(
+                    f"max_image_fit_gain.{organ}",
+                    "image_misfit",
+                    _cuts(gain, [_OFF_HIGH, prior.max_image_fit_gain[organ]])[::-1],
+                    _above(gain),
                 )
             )
     if "dvf_folding" in wanted:

@@ -15,6 +15,7 @@ from typing import Any
 from jrs.cascade import network_passes
 from jrs.field_smoothing import field_smoothing_sigma
 from jrs.focus_prealign import FOCUS_MARGIN_MM
+from jrs.qa import QA_REFERENCE_MIN_DSC, qa_reference_paths
 
 __all__ = ["TODO", "model_card"]
 
@@ -178,8 +179,9 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
     validated = meta.get("validated_paths") or {}
     if choice:
         lines += [
-            "| organ | path | fusion weights (seg, reg) | validated paths (QA path disagreement) |",
-            "|---|---|---|---|",
+            "| organ | path | fusion weights (seg, reg) | validated paths (output) "
+            "| QA reference paths (path disagreement) |",
+            "|---|---|---|---|---|",
         ]
     weights = (fusion.get("weights") or {}) if isinstance(fusion, Mapping) else {}
     for organ, path in choice.items():
@@ -187,9 +189,20 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         cell = f"{_fmt(float(w[0]))}, {_fmt(float(w[1]))}" if w else "0.5, 0.5 (default)"
         vouched = validated.get(organ) if isinstance(validated, Mapping) else None
         vcell = ", ".join(vouched) if vouched else f"{path} only"
-        lines.append(f"| {organ} | {path} | {cell} | {vcell} |")
+        qcell = ", ".join(sorted(qa_reference_paths(meta, organ)))
+        lines.append(f"| {organ} | {path} | {cell} | {vcell} | {qcell} |")
     if choice:
-        lines.append("")
+        from model_export.export import VALIDATED_PATH_MARGIN
+
+        lines += [
+            "",
+            "A path is validated for output within "
+            f"{VALIDATED_PATH_MARGIN:g} DSC of the better path on validation. A path is a QA "
+            f"reference when its validation DSC is at least {QA_REFERENCE_MIN_DSC:g}: not shipped, "
+            "but its disagreement with the other path raises `path_disagreement` (docs/qa.md). "
+            "A path below that is never compared.",
+            "",
+        ]
     if isinstance(fusion, Mapping):
         lines += [
             f"Fusion method: `{fusion.get('method', 'weighted')}`; weights: "

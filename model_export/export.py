@@ -490,6 +490,7 @@ def build_metadata(
         "git_sha": checkpoint.get("git_sha", "unknown"),
         "path_choice": _path_choice(metrics),
         **({"validated_paths": vp} if (vp := _validated_paths(metrics)) else {}),
+        **({"qa_reference_paths": qp} if (qp := _qa_reference_paths(metrics)) else {}),
         **({"fusion": fusion} if (fusion := _fusion(metrics)) is not None else {}),
         # how the pipeline runs the network (`inference_settings`): the null-field correction
         # (`jrs.null_correction`: the same scan twice moves nothing), a light Gaussian filter of
@@ -713,6 +714,25 @@ def _validated_paths(metrics: Mapping[str, Any] | None) -> dict[str, list[str]]:
         best = max(scores.values())
         out[organ] = sorted(p for p, v in scores.items() if v >= best - VALIDATED_PATH_MARGIN)
     return out
+
+
+def _qa_reference_paths(metrics: Mapping[str, Any] | None) -> dict[str, list[str]]:
+    """Per organ, the paths whose disagreement is a QA signal (``qa_reference_paths``).
+
+    The validated paths plus every path whose validation DSC for the organ is at least
+    :data:`jrs.qa.QA_REFERENCE_MIN_DSC` (:func:`jrs.qa.qa_reference_paths` reads the same rule
+    from the figures when a model's metadata lacks the table).
+
+    Returns:
+        Organ key -> sorted list of paths (empty dict when the metrics give nothing).
+    """
+    from jrs.qa import qa_reference_paths
+
+    validated = _validated_paths(metrics)
+    if not validated:
+        return {}
+    meta = {"validated_paths": validated, "metrics": {"path_dsc": path_dsc(metrics)}}
+    return {organ: sorted(qa_reference_paths(meta, organ)) for organ in validated}
 
 
 def inference_settings(metrics: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -157,3 +157,98 @@ def test_good_structures_raise_no_flag_at_all() -> None:
         )
         assert qa.flags == [] and qa.flag_codes == [], organ
     assert set(FLAG_CODES) >= {"volume_change", "jacobian_outliers", "touches_box"}
+
+
+def test_paths_surface_distance_flags_a_disagreement_that_dice_misses() -> None:
+    """A rectum moved 5 mm along its length keeps a Dice near 0.9 but not a small MSD."""
+    t = QaThresholds(min_path_dice_organ={"rectum": 0.8}, max_path_msd_mm={"rectum": 2.0})
+    moved = StructureQa(
+        "Rectum", "rectum", "registration", 60.0, 60.0, path_dice=0.88, path_msd_mm=3.4
+    )
+    assert flag_structure(moved, t).flag_codes == ["path_disagreement"]
+    assert "3.4 mm > 2 mm" in moved.flags[0]
+    close = StructureQa(
+        "Rectum", "rectum", "registration", 60.0, 60.0, path_dice=0.88, path_msd_mm=1.2
+    )
+    assert flag_structure(close, t).flag_codes == []
+    # a path that is no QA reference is never compared, by Dice or by distance
+    moved.paths_validated = False
+    assert flag_structure(moved, t).flag_codes == []
+    # an organ without a distance limit is judged by Dice alone
+    other = QaThresholds(min_path_dice_organ={"rectum": 0.8}, max_path_msd_mm={})
+    moved.paths_validated = True
+    assert flag_structure(moved, other).flag_codes == []
+
+
+def test_a_path_good_enough_to_check_against_is_a_qa_reference() -> None:
+    """Shipping a path and checking the other path against it are two questions."""
+    from jrs.qa import QA_REFERENCE_MIN_DSC, qa_reference_paths, validated_paths
+
+    meta = {
+        "validated_paths": {"prostate": ["registration"], "bladder": ["registration"]},
+        "metrics": {
+            "path_dsc": {
+                "segmentation": {"prostate": 0.869, "bladder": 0.05},
+                "registration": {"prostate": 0.950, "bladder": 0.96},
+                "fusion": {"prostate": 0.99},
+            }
+        },
+    }
+    assert validated_paths(meta, "prostate") == {"registration"}
+    # v3's prostate: the segmentation path is not shipped (0.869 vs 0.950), but it is a reference
+    assert QA_REFERENCE_MIN_DSC <= 0.869
+    assert qa_reference_paths(meta, "prostate") == {"segmentation", "registration"}
+    # a dead path (the issue's v2 segmentation path) never is: its disagreement is noise
+    assert qa_reference_paths(meta, "bladder") == {"registration"}
+    # an explicit table in the metadata wins
+    assert qa_reference_paths(
+        {**meta, "qa_reference_paths": {"*": ["registration"]}}, "prostate"
+    ) == {"registration"}
+    assert qa_reference_paths(None, "rectum") == {"segmentation", "registration"}
+
+
+def test_a_contour_beside_the_image_edges_is_flagged_as_misfit() -> None:
+    t = QaThresholds(max_image_fit_gain={"prostate": 0.3})
+    off = StructureQa(
+        "Prostate",
+        "prostate",
+        "registration",
+        40.0,
+        40.0,
+        image_fit_gain=1.1,
+        image_fit_shift_mm=6.0,
+    )
+    assert flag_structure(off, t).flag_codes == ["image_misfit"]
+    assert "moved by 6 mm" in off.flags[0] and "110 %" in off.flags[0]
+    on = StructureQa(
+        "Prostate",
+        "prostate",
+        "registration",
+        40.0,
+        40.0,
+        image_fit_gain=0.1,
+        image_fit_shift_mm=2.0,
+    )
+    assert flag_structure(on, t).flag_codes == []
+    # a propagated ROI (no organ) and an organ without a limit are not judged on it
+    ptv = StructureQa("PTV", None, "registration", 90.0, 90.0, image_fit_gain=5.0)
+    assert flag_structure(ptv, t).flag_codes == []
+    # with a limit for the propagated ROIs ("*"): a femoral head is judged, a target volume
+    # (a margin in tissue, no edge of its own) never is
+    both = QaThresholds(max_image_fit_gain={"*": 0.3})
+    head = StructureQa("FemoralHead_L", None, "registration", 90.0, 90.0, image_fit_gain=0.5)
+    assert flag_structure(head, both).flag_codes == ["image_misfit"]
+    for name in ("PTV", "CTVp", "PTV_7800", "GTV1"):
+        target = StructureQa(name, None, "registration", 90.0, 90.0, image_fit_gain=5.0)
+        assert flag_structure(target, both).flag_codes == [], name
+
+
+def test_target_volumes_are_told_from_other_rois() -> None:
+    from jrs.labels import is_target_volume
+
+    for name in ("PTV", "ptv_7800", "CTVp", "CTV1", "GTVp", "ITV"):
+        assert is_target_volume(name), name
+    for name in ("FemoralHead_L", "Bladder", "Rectum", "Body", "Prostata", "Ptosis_zone"):
+        assert not is_target_volume(name), name
+    assert is_target_volume("Boost", "PTV")
+    assert not is_target_volume("Boost", "ORGAN")

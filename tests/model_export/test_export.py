@@ -491,3 +491,36 @@ def test_inference_settings_default_and_given() -> None:
     ):
         with pytest.raises(InvalidInput, match="metrics 'inference'"):
             inference_settings({"inference": bad})
+
+
+def test_qa_reference_paths_from_validation_dsc() -> None:
+    """The export states which paths the QA compares: validated ones and any with DSC >= 0.85."""
+    from jrs.qa import qa_reference_paths
+    from model_export.card import model_card
+    from model_export.export import _qa_reference_paths
+
+    metrics = {
+        "path_dsc": {
+            "segmentation": {"prostate": 0.869, "bladder": 0.05, "rectum": 0.934},
+            "registration": {"prostate": 0.950, "bladder": 0.962, "rectum": 0.946},
+        }
+    }
+    table = _qa_reference_paths(metrics)
+    assert table == {
+        "prostate": ["registration", "segmentation"],  # not shipped, but a reference
+        "bladder": ["registration"],  # a dead path is never compared
+        "rectum": ["registration", "segmentation"],
+    }
+    assert _qa_reference_paths(None) == {}
+    meta = {
+        "qa_reference_paths": table,
+        "validated_paths": {"prostate": ["registration"]},
+        "path_choice": {"prostate": "registration", "bladder": "registration"},
+    }
+    assert qa_reference_paths(meta, "bladder") == {"registration"}
+    card = model_card(meta)
+    assert "QA reference paths (path disagreement)" in card
+    assert (
+        "| prostate | registration | 0.5, 0.5 (default) | registration | registration, segmentation |"
+        in card
+    )
