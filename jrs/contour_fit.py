@@ -135,8 +135,12 @@ def contour_fit(
     kji, normal = kji[ok], normal[ok] / norm[ok]
     if kji.shape[0] < MIN_SURFACE_SAMPLES:
         return out
+    # a mask's boundary voxel centre lies half a voxel inside the drawn outline: sample the
+    # surface itself, half a voxel out along the normal (on a coarse CT grid, 1-1.5 mm)
+    half_mm = 0.5 * np.abs(normal) @ spacing_zyx  # (n,) mm
+    surface_vox = kji + normal * (half_mm[:, None] / spacing_zyx)
     shifts = fit_shifts_mm(distances)  # (n_t, 3) mm, z y x
-    pos = kji[None, :, :].astype(np.float64) + (shifts / spacing_zyx)[:, None, :]
+    pos = surface_vox[None, :, :] + (shifts / spacing_zyx)[:, None, :]
     coords = pos.reshape(-1, 3).T
     along = np.zeros(coords.shape[1], np.float64)
     for ax in range(3):

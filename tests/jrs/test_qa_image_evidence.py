@@ -422,9 +422,25 @@ def test_pipeline_same_scan_twice_fires_no_flag(same_scan_runs: dict[str, Any]) 
         assert s["image_ncc_prealigned"] == pytest.approx(1.0, abs=1e-3)
         assert s["centroid_shift_mm"] == pytest.approx(0.0, abs=0.5)
         assert {"p01", "p99"} <= set(s["jacobian"])
-    for s in qa["structures"]:
-        if not s["organ"]:  # propagated ROIs: no image figures
-            assert s["image_ncc"] is None and s["centroid_shift_mm"] is None
+    for s in organs:  # the contour sits on its organ's edges
+        assert s["image_fit_gain"] is not None and s["image_fit_gain"] < 0.2, s["name"]
+    others = [s for s in qa["structures"] if not s["organ"]]
+    assert others
+    for s in others:
+        # propagated ROIs: the scans' agreement around them, no centroid figure (no organ to
+        # follow); the patient's outline has no image figures at all
+        assert s["centroid_shift_mm"] is None
+        if s["name"].lower() in ("body", "external"):
+            assert s["image_ncc"] is None and s["image_fit_gain"] is None
+        elif s["image_ncc"] is not None:
+            assert s["image_ncc"] == pytest.approx(1.0, abs=1e-3), s["name"]
+    assert any(s["image_ncc"] is not None for s in others)
+    # a femoral head (bone: strong edges) is fitted; a target volume is a margin, never fitted
+    assert all(s["image_fit_gain"] is None for s in others if s["name"].upper().startswith("PTV"))
+    heads = [s for s in others if "femoral" in s["name"].lower()]
+    assert heads and all(
+        s["image_fit_gain"] is not None and s["image_fit_gain"] < 0.2 for s in heads
+    )
 
 
 @pytest.mark.integration
