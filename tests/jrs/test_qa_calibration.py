@@ -58,6 +58,7 @@ def _structure(
     validated: bool = True,
     touches: bool = False,
     outliers: float | None = 0.0,
+    **figures: Any,
 ) -> dict[str, Any]:
     jac = (
         None
@@ -87,6 +88,7 @@ def _structure(
         "dsc": dsc,
         "msd_mm": msd,
         "label": label_contour(dsc, msd),
+        **figures,
     }
 
 
@@ -194,9 +196,18 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
     for i in range(200):
         organ = organs[i % len(organs)]
         planning = float(rng.uniform(0.2, 300))
+        ncc = float(rng.uniform(0.3, 1.0))
+        figures = {
+            # the paths' distance, the fit to the edges and the scans' agreement, for organs
+            # and propagated ROIs alike (a target volume's fit is never judged)
+            "path_msd_mm": None if i % 6 == 0 else float(rng.uniform(0, 6)),
+            "image_fit_gain": None if i % 8 == 0 else float(rng.uniform(0, 2)),
+            "image_ncc": None if i % 9 == 0 else ncc,
+            "image_ncc_prealigned": ncc + float(rng.uniform(-0.3, 0.3)),
+        }
         structures.append(
             _structure(
-                f"s{i}",
+                ("PTV" if i % 2 else "FemoralHead_L") if organ is None else f"s{i}",
                 organ,
                 planning,
                 planning * float(rng.uniform(0.0, 2.5)),
@@ -205,6 +216,7 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
                 validated=bool(i % 3),
                 touches=bool(i % 5 == 0),
                 outliers=None if i % 11 == 0 else float(rng.uniform(0, 0.2)),
+                **figures,
             )
         )
     recs = [
@@ -214,6 +226,9 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
     samples = samples_from_records(recs)
     params = search_parameters(samples, QaThresholds(), min_class_good=0)
     assert {p.flag for p in params} == set(FLAGS)
+    keys = {p.key for p in params}
+    assert {"max_path_msd_mm.prostate", "max_image_fit_gain.rectum"} <= keys
+    assert {"max_image_fit_gain.*", "min_image_ncc.*"} <= keys  # the propagated ROIs' limits
     for trial in range(20):
         values = {p.key: p.candidates[rng.integers(len(p.candidates))] for p in params}
         if trial == 0:
