@@ -95,8 +95,8 @@ def contour_fit(
         "image_fit_shift_xyz_mm": None,
         "surface_samples": 0,
     }
-    m = np.asarray(mask, bool)
-    found = ndimage.find_objects(m.astype(np.uint8))
+    m = np.ascontiguousarray(mask, dtype=bool)
+    found = ndimage.find_objects(m.view(np.uint8))
     if not found or found[0] is None:
         return out
     spacing_zyx = np.asarray(grid.spacing, float)[::-1]

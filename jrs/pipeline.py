@@ -388,6 +388,30 @@ def _nonzero_box(array: npt.NDArray[Any], pad: int = 0) -> tuple[slice, slice, s
     return (sl[0], sl[1], sl[2])
 
 
+def _mask_on_grid(
+    mask: npt.NDArray[np.bool_], geometry: Geometry, grid: Geometry
+) -> npt.NDArray[np.uint8]:
+    """A mask resampled (nearest neighbour) onto another grid, only around its bounding box.
+
+    Args:
+        mask: (nz, ny, nx) mask on ``geometry``.
+        geometry: its grid.
+        grid: the grid to resample onto.
+
+    Returns:
+        (nz', ny', nx') 0/1 mask on ``grid`` (all 0 when the mask is empty or outside it).
+    """
+    out = np.zeros(grid.shape, np.uint8)
+    box = _nonzero_box(mask, 1)
+    if box is None:
+        return out
+    local = Volume(np.ascontiguousarray(mask[box], dtype=np.uint8), _sub_grid(geometry, box))
+    target = _index_box(grid, local.geometry.corners(), float(np.max(grid.spacing)))
+    if target is not None:
+        out[target] = local.resample(_sub_grid(grid, target), "label", 0).array
+    return out
+
+
 def _largest_components(labels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """`keep_largest_components`, each organ's components found inside its own bounding box.
 
@@ -1142,11 +1166,7 @@ def recontour(
         for name, daily_mask in daily_masks.items():
             if name in organ_of_name or name in outline or not daily_mask.any():
                 continue
-            on_grid = (
-                Volume(daily_mask.astype(np.uint8), daily_geom)
-                .resample(pair.grid, "label", 0)
-                .array
-            )
+            on_grid = _mask_on_grid(daily_mask, daily_geom, pair.grid)
             figures = image_evidence(
                 pair.fixed,
                 pair.moving,
