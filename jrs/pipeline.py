@@ -1215,6 +1215,8 @@ def recontour(
                 else round(path_msd, 3),
                 touches_crop_border=border,
                 paths_validated=both_valid,
+                target_volume=organ_label is None
+                and is_target_volume(name, types_of.get(name, "")),
                 jacobian=organ_jac.get(name),
                 **structure_evidence(
                     evidence.get(organ_label) if organ_label is not None else roi_evidence.get(name)

@@ -116,6 +116,16 @@ FLAG_CODES: dict[str, str] = {
 #: Key of the per-organ tables `QaThresholds.min_image_ncc` and `max_image_fit_gain` that holds
 #: the limit of every propagated ROI (PTV, femoral heads, ...: no organ key).
 PROPAGATED = "*"
+#: ... and the key of the target volumes (PTV, CTV, GTV: `jrs.labels.is_target_volume`) in
+#: `QaThresholds.min_image_ncc`: a margin in tissue has other image figures than a femoral head.
+TARGETS = "targets"
+
+
+def roi_class(organ: str | None, name: str, target_volume: bool = False) -> str:
+    """The key of a structure in the per-organ tables: its organ, `TARGETS` or `PROPAGATED`."""
+    if organ:
+        return organ
+    return TARGETS if target_volume or is_target_volume(name) else PROPAGATED
 
 
 @dataclass(frozen=True)
@@ -200,6 +210,7 @@ class QaThresholds:
             "seminal_vesicles": 0.8,
             "prostate": 0.8,
             PROPAGATED: -1.0,
+            TARGETS: -1.0,
         }
     )
     max_image_ncc_loss: float = 0.1
@@ -570,6 +581,8 @@ class StructureQa:
             by its best translation than along the contour where it is (`contour_fit`; 0: it
             sits where it fits best; organs only).
         image_fit_shift_mm: the length of that best translation, mm.
+        target_volume: a propagated target volume (PTV, CTV, GTV by name or RT ROI Interpreted
+            Type): judged against the `TARGETS` limits, never fitted to the image's edges.
     """
 
     name: str
@@ -591,6 +604,7 @@ class StructureQa:
     path_msd_mm: float | None = None
     image_fit_gain: float | None = None
     image_fit_shift_mm: float | None = None
+    target_volume: bool = False
 
 
 def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> StructureQa:
@@ -650,7 +664,8 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
             f"max {jac['max']:.2f}; limit {100 * t.max_jacobian_outlier_fraction:.0f} %)",
         )
     ncc, ncc0 = qa.image_ncc, qa.image_ncc_prealigned
-    min_ncc = t.min_image_ncc.get(qa.organ or PROPAGATED)
+    cls = roi_class(qa.organ, qa.name, qa.target_volume)
+    min_ncc = t.min_image_ncc.get(cls)
     if ncc is not None and min_ncc is not None and ncc < min_ncc:
         flag(
             "image_disagreement",
@@ -672,14 +687,9 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
             f"the {what} moved {shift:.1f} mm from its pre-aligned planning position (plausible: "
             f"up to {max_shift:g} mm)",
         )
-    max_gain = t.max_image_fit_gain.get(qa.organ or PROPAGATED)
+    max_gain = t.max_image_fit_gain.get(cls)
     gain = qa.image_fit_gain
-    if (
-        gain is not None
-        and max_gain is not None
-        and gain > max_gain
-        and not (qa.organ is None and is_target_volume(qa.name))
-    ):
+    if gain is not None and max_gain is not None and gain > max_gain and cls != TARGETS:
         flag(
             "image_misfit",
             f"the {what} contour sits beside the daily CT's edges: moved by "

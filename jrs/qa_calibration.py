@@ -56,8 +56,15 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.errors import InvalidInput, JrsError
-from jrs.labels import is_target_volume
-from jrs.qa import PROPAGATED, QaThresholds, StructureQa, flag_dvf, flag_structure
+from jrs.qa import (
+    PROPAGATED,
+    TARGETS,
+    QaThresholds,
+    StructureQa,
+    flag_dvf,
+    flag_structure,
+    roi_class,
+)
 
 log = logging.getLogger(__name__)
 
@@ -916,6 +923,7 @@ class Samples:
         centroid_shift_mm: the organ's centroid shift from the pre-aligned planning organ, mm.
         path_msd_mm: mean surface distance of the two paths, mm (NaN where absent).
         image_fit_gain: the contour's fit gain on the daily CT's edges (`jrs.contour_fit`).
+        target: a propagated target volume (`jrs.qa.roi_class` is `jrs.qa.TARGETS`).
     """
 
     items: list[dict[str, Any]]
@@ -935,6 +943,7 @@ class Samples:
     centroid_shift_mm: npt.NDArray[np.float64]
     path_msd_mm: npt.NDArray[np.float64]
     image_fit_gain: npt.NDArray[np.float64]
+    target: npt.NDArray[np.bool_]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -986,11 +995,14 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
         pre, ncc = s.get("image_ncc_prealigned"), s.get("image_ncc")
         return math.nan if pre is None or ncc is None else float(pre) - float(ncc)
 
+    def is_target(s: dict[str, Any]) -> bool:
+        # as jrs.qa.flag_structure (records before the field: by name)
+        cls = roi_class(s.get("organ"), str(s.get("name", "")), bool(s.get("target_volume")))
+        return cls == TARGETS
+
     def fit_gain(s: dict[str, Any]) -> float:
-        # as jrs.qa.flag_structure: a target volume's fit to the edges is not judged
-        if not s.get("organ") and is_target_volume(str(s.get("name", ""))):
-            return math.nan
-        return _num(s.get("image_fit_gain"))
+        # a target volume's fit to the edges is not judged
+        return math.nan if is_target(s) else _num(s.get("image_fit_gain"))
 
     return Samples(
         items=items,
@@ -1012,6 +1024,7 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
         centroid_shift_mm=col(lambda s: _num(s.get("centroid_shift_mm")), np.float64),
         path_msd_mm=col(lambda s: _num(s.get("path_msd_mm")), np.float64),
         image_fit_gain=col(fit_gain, np.float64),
+        target=col(is_target, bool),
     )
 
 
@@ -1156,7 +1169,12 @@ def _organ_classes(
     """
     out = []
     for organ in sorted(table):
-        member = s.organ == ("" if organ == PROPAGATED else organ)
+        if organ == PROPAGATED:
+            member = (s.organ == "") & ~s.target
+        elif organ == TARGETS:
+            member = (s.organ == "") & s.target
+        else:
+            member = s.organ == organ
         if member.any() and int((member & s.good).sum()) >= min_class_good:
             out.append((organ, member))
     return out

@@ -228,7 +228,7 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
     assert {p.flag for p in params} == set(FLAGS)
     keys = {p.key for p in params}
     assert {"max_path_msd_mm.prostate", "max_image_fit_gain.rectum"} <= keys
-    assert {"max_image_fit_gain.*", "min_image_ncc.*"} <= keys  # the propagated ROIs' limits
+    assert {"max_image_fit_gain.*", "min_image_ncc.*", "min_image_ncc.targets"} <= keys
     for trial in range(20):
         values = {p.key: p.candidates[rng.integers(len(p.candidates))] for p in params}
         if trial == 0:
