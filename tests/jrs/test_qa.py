@@ -252,3 +252,18 @@ def test_target_volumes_are_told_from_other_rois() -> None:
         assert not is_target_volume(name), name
     assert is_target_volume("Boost", "PTV")
     assert not is_target_volume("Boost", "ORGAN")
+
+
+def test_propagated_rois_are_judged_by_their_class() -> None:
+    """A femoral head and a PTV have their own image-NCC limits ("*" and "targets")."""
+    from jrs.qa import PROPAGATED, TARGETS, roi_class
+
+    t = QaThresholds(min_image_ncc={PROPAGATED: 0.5, TARGETS: 0.9})
+    head = StructureQa("FemoralHead_L", None, "registration", 90.0, 90.0, image_ncc=0.8)
+    ptv = StructureQa("PTV", None, "registration", 90.0, 90.0, image_ncc=0.8)
+    boost = StructureQa("Boost", None, "registration", 9.0, 9.0, image_ncc=0.8, target_volume=True)
+    assert flag_structure(head, t).flag_codes == []
+    assert flag_structure(ptv, t).flag_codes == ["image_disagreement"]
+    assert flag_structure(boost, t).flag_codes == ["image_disagreement"]  # typed PTV in the file
+    assert roi_class("prostate", "Prostata") == "prostate"
+    assert roi_class(None, "CTVp") == TARGETS and roi_class(None, "Femur_Head_R_DL") == PROPAGATED
