@@ -40,6 +40,7 @@ No patient name or ID is logged or written: real planning scans are named by a h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -824,7 +825,13 @@ def run_qa_calibration(
         if not settings.keep_work and not failed:
             shutil.rmtree(inputs.work, ignore_errors=True)
     if not settings.keep_work and _all_done(specs, populations, report_dir):
-        shutil.rmtree(report_dir / "work", ignore_errors=True)
+        # only this run's folders: another run may share the report folder (and its work/)
+        for spec in specs:
+            shutil.rmtree(report_dir / "work" / spec.case_id, ignore_errors=True)
+        for source in real:
+            shutil.rmtree(report_dir / "work" / f"{source.key}-s{real_seed}", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (report_dir / "work").rmdir()  # when no other run left anything there
     records = load_records(report_dir, [s.case_id for s in specs], populations)
     report = calibrate(records)
     report["skipped_sources"] = skipped

@@ -541,6 +541,23 @@ def test_cli_benchmark_qa_reports_from_kept_records(tmp_path: Path) -> None:
     assert data["counts"]["runs"] == 2 and data["command"]["seed"] == 3000
 
 
+def test_a_finished_run_leaves_another_runs_work_alone(tmp_path: Path) -> None:
+    """Two runs may share a report folder: one that ends removes only its own work folders."""
+    for rec in _separable_records()[:2]:
+        rec = rec | {"case_id": "phantom3000-f1"}
+        path = record_path(tmp_path, rec["case_id"], rec["population"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+    mine = tmp_path / "work" / "phantom3000-f1"
+    other = tmp_path / "work" / "real-0123abcd-s5005"  # another run's real scan, in progress
+    for folder in (mine, other):
+        (folder / "fraction_1").mkdir(parents=True)
+        (folder / "fraction_1" / "ct.dcm").write_bytes(b"x")
+    run_qa_calibration(tmp_path, cases=1, seed=3000, populations=("network", "dvf_noise"))
+    assert not mine.exists()
+    assert (other / "fraction_1" / "ct.dcm").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_harness_with_the_bundled_model(tmp_path: Path) -> None:
