@@ -745,7 +745,9 @@ def run_qa_calibration(
 
     Args:
         report_dir: the report folder (records, scratch space, report files).
-        cases: phantom cases (seeds ``seed .. seed + cases - 1``, fraction 1); 0 for none.
+        cases: phantom cases (seeds ``seed .. seed + cases - 1``, fraction 1); 0 for none. With
+            0 and no ``real`` scan, nothing runs and the report covers every record in the
+            folder (several runs' cases together).
         seed: the first phantom seed (3000 and up: never used in training).
         real: real planning scans; one whose CT folder is absent is skipped (and reported).
         fractions: synthetic fractions per real planning scan.
@@ -832,7 +834,12 @@ def run_qa_calibration(
             shutil.rmtree(report_dir / "work" / f"{source.key}-s{real_seed}", ignore_errors=True)
         with contextlib.suppress(OSError):
             (report_dir / "work").rmdir()  # when no other run left anything there
-    records = load_records(report_dir, [s.case_id for s in specs], populations)
+    # no case asked (``--cases 0`` without a planning scan): every record in the folder, e.g.
+    # the cases of several runs that shared it
+    everything = cases == 0 and not real
+    records = load_records(
+        report_dir, None if everything else [s.case_id for s in specs], populations
+    )
     report = calibrate(records)
     report["skipped_sources"] = skipped
     report["errors"] = errors

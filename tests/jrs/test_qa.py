@@ -153,7 +153,7 @@ def test_good_structures_raise_no_flag_at_all() -> None:
         ("seminal_vesicles", 8.0, 7.0),
     ]:
         qa = flag_structure(
-            StructureQa(organ, organ, "registration", before, after, 0.9, jacobian=jac)
+            StructureQa(organ, organ, "registration", before, after, 0.95, jacobian=jac)
         )
         assert qa.flags == [] and qa.flag_codes == [], organ
     assert set(FLAG_CODES) >= {"volume_change", "jacobian_outliers", "touches_box"}

@@ -300,8 +300,15 @@ def test_leave_one_case_out_scores_thresholds_on_cases_they_never_saw() -> None:
     assert cv["any"]["recall"] == 1.0 and cv["any"]["false_flag_rate"] == 0.0
     # one bad bladder in one case: caught in sample, but the fold without it never learns it
     few = samples_from_records(_path_dice_records(bad_bladder_cases=1))
-    assert choose_thresholds(few, QaThresholds(), target_recall=1.0).recall == 1.0
-    cv = cross_validate(few, QaThresholds(), target_recall=1.0)
+    # from a prior that lets the bad bladder (paths' Dice 0.90) through
+    prior = QaThresholds(
+        min_path_dice_organ=dict.fromkeys(
+            ("bladder", "rectum", "seminal_vesicles", "prostate"), 0.8
+        )
+    )
+    assert fired_matrix(few, prior)["path_disagreement"][few.bad].sum() < few.bad.sum()
+    assert choose_thresholds(few, prior, target_recall=1.0).recall == 1.0
+    cv = cross_validate(few, prior, target_recall=1.0)
     assert cv is not None and cv["by_organ"]["bladder"]["recall"] == 0.0
     assert cv["by_organ"]["prostate"]["recall"] == 1.0
     one_case = samples_from_records([r for r in _path_dice_records() if r["case_id"] == "c0"])
@@ -556,6 +563,15 @@ def test_a_finished_run_leaves_another_runs_work_alone(tmp_path: Path) -> None:
     run_qa_calibration(tmp_path, cases=1, seed=3000, populations=("network", "dvf_noise"))
     assert not mine.exists()
     assert (other / "fraction_1" / "ct.dcm").is_file()
+    # another run's records (here a second case), and a report over every record of the folder
+    for rec in _separable_records()[2:4]:
+        rec = rec | {"case_id": "real-0123abcd-s5005-f1"}
+        path = record_path(tmp_path, rec["case_id"], rec["population"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+    one = run_qa_calibration(tmp_path, cases=1, seed=3000, populations=("network", "dvf_noise"))
+    every = run_qa_calibration(tmp_path, cases=0, populations=("network", "dvf_noise"))
+    assert one["counts"]["cases"] == 1 and every["counts"]["cases"] == 2
 
 
 @pytest.mark.slow
