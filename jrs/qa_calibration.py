@@ -1997,11 +1997,22 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"| {_fmt_rate(r0, 'ffr')} -> {_fmt_rate(r, 'ffr')} |"
         )
     figures = report.get("figures") or {}
-    shown = [f for f in ("image_ncc", "image_ncc_loss", "centroid_shift_mm") if figures.get(f)]
+    shown = [
+        f
+        for f in (
+            "image_ncc",
+            "image_ncc_loss",
+            "centroid_shift_mm",
+            "image_fit_gain",
+            "path_dice",
+            "path_msd_mm",
+        )
+        if figures.get(f)
+    ]
     if shown:
         lines += [
             "",
-            "Image figures by structure (5th percentile / median / 95th percentile, n):",
+            "Image and path figures by structure (5th percentile / median / 95th percentile, n):",
             "",
             "| figure | structure | good | bad |",
             "|---|---|---|---|",
