@@ -30,6 +30,7 @@ print(json.dumps(json.loads(result.qa.read_text())["timings_s"]))
 
 
 def main() -> None:
+    """Run both versions REPS times, alternating, and print the medians."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("old", type=Path)
     ap.add_argument("new", type=Path)
