@@ -1161,7 +1161,7 @@ def recontour(
         outline = {
             r.name for r in structure_set.rois if is_external_roi(r.name, r.interpreted_type)
         }
-        types_of = {r.name: r.interpreted_type or "" for r in structure_set.rois}
+        types = {r.name: r.interpreted_type for r in structure_set.rois if r.interpreted_type}
         roi_evidence: dict[str, dict[str, Any]] = {}
         for name, daily_mask in daily_masks.items():
             if name in organ_of_name or name in outline or not daily_mask.any():
@@ -1177,7 +1177,7 @@ def recontour(
                 [1],
                 hu_per_unit=HU_SCALE,
             ).get(1, {})
-            if not is_target_volume(name, types_of.get(name, "")):
+            if not is_target_volume(name, types.get(name, "")):
                 # a target volume is a margin in tissue: it has no edge of its own to fit
                 figures.update(contour_fit(daily.volume.array, daily_mask, daily_geom))
             roi_evidence[name] = figures
@@ -1215,8 +1215,7 @@ def recontour(
                 else round(path_msd, 3),
                 touches_crop_border=border,
                 paths_validated=both_valid,
-                target_volume=organ_label is None
-                and is_target_volume(name, types_of.get(name, "")),
+                target_volume=organ_label is None and is_target_volume(name, types.get(name, "")),
                 jacobian=organ_jac.get(name),
                 **structure_evidence(
                     evidence.get(organ_label) if organ_label is not None else roi_evidence.get(name)
@@ -1228,19 +1227,13 @@ def recontour(
 
         # outputs
         colors = {r.name: r.color for r in structure_set.rois if r.color is not None}
-        types = {r.name: r.interpreted_type for r in structure_set.rois if r.interpreted_type}
         flagged = [s.name for s in structures if s.flags]
 
         def review() -> Path:
             planned = _planned_on_daily(planning_masks, used, prealign.transform, daily_geom)
             # the review shows the organs and every flagged ROI (the patient's outline aside)
-            external = {
-                r.name for r in structure_set.rois if is_external_roi(r.name, r.interpreted_type)
-            }
-            shown = list(
-                dict.fromkeys([*used.values(), *(n for n in flagged if n not in external)])
-            )
-            shown = shown or [n for n in daily_masks if n not in external and daily_masks[n].any()]
+            shown = list(dict.fromkeys([*used.values(), *(n for n in flagged if n not in outline)]))
+            shown = shown or [n for n in daily_masks if n not in outline and daily_masks[n].any()]
             organ_masks = {name: daily_masks[name] for name in shown}
             review_ct, organ_masks, planned = _review_crop(daily.volume, organ_masks, planned)
             return render_review(
