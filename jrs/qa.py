@@ -625,7 +625,7 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
         qa.flag_codes.append(code)
         qa.flags.append(text)
 
-    what = (qa.organ or "structure").replace("_", " ")
+    what = qa.organ.replace("_", " ") if qa.organ else qa.name
     if qa.daily_cc < t.min_volume_cc <= qa.planning_cc:
         flag(
             "nearly_empty",

@@ -238,6 +238,9 @@ def test_a_contour_beside_the_image_edges_is_flagged_as_misfit() -> None:
     both = QaThresholds(max_image_fit_gain={"*": 0.3})
     head = StructureQa("FemoralHead_L", None, "registration", 90.0, 90.0, image_fit_gain=0.5)
     assert flag_structure(head, both).flag_codes == ["image_misfit"]
+    assert head.flags[0].startswith(
+        "the FemoralHead_L contour sits beside"
+    )  # named, not "structure"
     for name in ("PTV", "CTVp", "PTV_7800", "GTV1"):
         target = StructureQa(name, None, "registration", 90.0, 90.0, image_fit_gain=5.0)
         assert flag_structure(target, both).flag_codes == [], name
