@@ -134,7 +134,8 @@ class QaThresholds:
 
     The defaults are calibrated against ground truth for model v3 (docs/qa.md, "Version 3
     (released), recalibrated 2026-12-04": `jrs.qa_calibration` on 16 held-out cases, recall 0.91
-    on bad contours at a false-flag rate of 0.07 on good ones). The thresholds the search did
+    on bad contours at a false-flag rate of 0.07 on good ones in sample; 0.82 / 0.08 leaving one
+    case out, 0.89 / 0.15 on 6 fresh phantom cases). The thresholds the search did
     not move are clinical priors: the volume ranges of the organs, the Jacobian ranges, the image
     NCC minima of the organs (four phantom fractions: NCC 0.88-0.98 with the true mapping), the
     centroid limits (the phantom's motion model) and the paths' distance limits. The figures they
