@@ -475,6 +475,16 @@ def image_evidence(
     return out
 
 
+def _listed_paths(metadata: Mapping[str, Any], key: str, organ: str) -> set[str] | None:
+    """The paths a metadata table (organ key or ``"*"`` -> paths) lists for an organ, or None."""
+    table = metadata.get(key)
+    if isinstance(table, Mapping):
+        paths = table.get(organ, table.get("*"))
+        if paths is not None:
+            return {str(p) for p in paths}
+    return None
+
+
 def validated_paths(metadata: Mapping[str, Any] | None, organ: str) -> set[str]:
     """The output paths a model's metadata vouches for, for one organ.
 
@@ -492,11 +502,9 @@ def validated_paths(metadata: Mapping[str, Any] | None, organ: str) -> set[str]:
     both = {"segmentation", "registration"}
     if not metadata:
         return both
-    table = metadata.get("validated_paths")
-    if isinstance(table, Mapping):
-        paths = table.get(organ, table.get("*"))
-        if paths is not None:
-            return {str(p) for p in paths}
+    listed = _listed_paths(metadata, "validated_paths", organ)
+    if listed is not None:
+        return listed
     choice = metadata.get("path_choice")
     if isinstance(choice, Mapping) and organ in choice:
         return {str(choice[organ])}
@@ -530,11 +538,9 @@ def qa_reference_paths(metadata: Mapping[str, Any] | None, organ: str) -> set[st
     paths = validated_paths(metadata, organ)
     if not metadata:
         return paths
-    table = metadata.get("qa_reference_paths")
-    if isinstance(table, Mapping):
-        listed = table.get(organ, table.get("*"))
-        if listed is not None:
-            return {str(p) for p in listed}
+    listed = _listed_paths(metadata, "qa_reference_paths", organ)
+    if listed is not None:
+        return listed
     dsc = (metadata.get("metrics") or {}).get("path_dsc")
     if isinstance(dsc, Mapping):
         for path in _PATHS:

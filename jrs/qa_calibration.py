@@ -1210,6 +1210,22 @@ def search_parameters(
     s = samples
     wanted = set(flags)
     params: list[_Param] = []
+
+    def upper_limits(
+        table: str, flag: str, figure: npt.NDArray[np.float64], off: float
+    ) -> list[_Param]:
+        # one "flag above" limit per class of a per-organ table (`_ORGAN_TABLES`), loosest first
+        limits: dict[str, float] = getattr(prior, table)
+        return [
+            _Param(
+                f"{table}.{organ}",
+                flag,
+                _cuts(own := np.where(member, figure, np.nan), [off, limits[organ]])[::-1],
+                _above(own),
+            )
+            for organ, member in _organ_classes(s, limits, min_class_good)
+        ]
+
     if "nearly_empty" in wanted:
         params.append(
             _Param(
@@ -1269,16 +1285,7 @@ def search_parameters(
                 )
             )
         msd = np.where(s.paths_validated, s.path_msd_mm, np.nan)
-        for organ, member in _organ_classes(s, prior.max_path_msd_mm, min_class_good):
-            own = np.where(member, msd, np.nan)
-            params.append(
-                _Param(
-                    f"max_path_msd_mm.{organ}",
-                    "path_disagreement",
-                    _cuts(own, [_OFF_SHIFT_MM, prior.max_path_msd_mm[organ]])[::-1],
-                    _above(own),
-                )
-            )
+        params += upper_limits("max_path_msd_mm", "path_disagreement", msd, _OFF_SHIFT_MM)
         others = np.where(np.isin(s.organ, list(prior.min_path_dice_organ)), np.nan, pd)
         if np.isfinite(others).any():
             params.append(
@@ -1331,27 +1338,11 @@ def search_parameters(
             )
         )
     if "centroid_shift" in wanted:
-        for organ, member in _organ_classes(s, prior.max_centroid_shift_mm, min_class_good):
-            shift = np.where(member, s.centroid_shift_mm, np.nan)
-            params.append(
-                _Param(
-                    f"max_centroid_shift_mm.{organ}",
-                    "centroid_shift",
-                    _cuts(shift, [_OFF_SHIFT_MM, prior.max_centroid_shift_mm[organ]])[::-1],
-                    _above(shift),
-                )
-            )
+        params += upper_limits(
+            "max_centroid_shift_mm", "centroid_shift", s.centroid_shift_mm, _OFF_SHIFT_MM
+        )
     if "image_misfit" in wanted:
-        for organ, member in _organ_classes(s, prior.max_image_fit_gain, min_class_good):
-            gain = np.where(member, s.image_fit_gain, np.nan)
-            params.append(
-                _Param(
-                    f"max_image_fit_gain.{organ}",
-                    "image_misfit",
-                    _cuts(gain, [_OFF_HIGH, prior.max_image_fit_gain[organ]])[::-1],
-                    _above(gain),
-                )
-            )
+        params += upper_limits("max_image_fit_gain", "image_misfit", s.image_fit_gain, _OFF_HIGH)
     if "dvf_folding" in wanted:
         fo = s.dvf_folding
         params.append(
