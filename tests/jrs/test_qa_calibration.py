@@ -124,6 +124,14 @@ def _separable_records() -> list[dict[str, Any]]:
     return recs
 
 
+def _keep_records(root: Path, records: list[dict[str, Any]], case_id: str) -> None:
+    """Write records as one case's kept records under ``root`` (as the harness does)."""
+    for rec in records:
+        path = record_path(root, case_id, rec["population"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec | {"case_id": case_id}))
+
+
 def _with_prostate_range(low: float, high: float) -> QaThresholds:
     ranges = dict(QaThresholds().volume_change_range)
     ranges["prostate"] = (low, high)
@@ -522,11 +530,7 @@ def test_cli_benchmark_qa_needs_a_report_folder() -> None:
 def test_cli_benchmark_qa_reports_from_kept_records(tmp_path: Path) -> None:
     from jrs_cli import app
 
-    for rec in _separable_records()[:2]:
-        rec = rec | {"case_id": "phantom3000-f1"}
-        path = record_path(tmp_path, rec["case_id"], rec["population"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rec))
+    _keep_records(tmp_path, _separable_records()[:2], "phantom3000-f1")
     result = CliRunner().invoke(
         app,
         [
@@ -550,11 +554,7 @@ def test_cli_benchmark_qa_reports_from_kept_records(tmp_path: Path) -> None:
 
 def test_a_finished_run_leaves_another_runs_work_alone(tmp_path: Path) -> None:
     """Two runs may share a report folder: one that ends removes only its own work folders."""
-    for rec in _separable_records()[:2]:
-        rec = rec | {"case_id": "phantom3000-f1"}
-        path = record_path(tmp_path, rec["case_id"], rec["population"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rec))
+    _keep_records(tmp_path, _separable_records()[:2], "phantom3000-f1")
     mine = tmp_path / "work" / "phantom3000-f1"
     other = tmp_path / "work" / "real-0123abcd-s5005"  # another run's real scan, in progress
     for folder in (mine, other):
@@ -564,11 +564,7 @@ def test_a_finished_run_leaves_another_runs_work_alone(tmp_path: Path) -> None:
     assert not mine.exists()
     assert (other / "fraction_1" / "ct.dcm").is_file()
     # another run's records (here a second case), and a report over every record of the folder
-    for rec in _separable_records()[2:4]:
-        rec = rec | {"case_id": "real-0123abcd-s5005-f1"}
-        path = record_path(tmp_path, rec["case_id"], rec["population"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rec))
+    _keep_records(tmp_path, _separable_records()[2:4], "real-0123abcd-s5005-f1")
     one = run_qa_calibration(tmp_path, cases=1, seed=3000, populations=("network", "dvf_noise"))
     every = run_qa_calibration(tmp_path, cases=0, populations=("network", "dvf_noise"))
     assert one["counts"]["cases"] == 1 and every["counts"]["cases"] == 2
