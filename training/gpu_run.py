@@ -44,6 +44,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
@@ -100,6 +101,7 @@ __all__ = [
     "run_segment",
     "sampler_settings",
     "segment_device",
+    "segment_start",
     "segment_trainer",
 ]
 
@@ -324,6 +326,54 @@ def segment_device(dry_run: bool) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class SegmentStart:
+    """What every lent-GPU entry point sets up first (`segment_start`).
+
+    Attributes:
+        t0: ``time.monotonic()`` at the process start, s.
+        deadline: ``t0`` plus the budget, s (monotonic clock).
+        out_dir: The output folder (created).
+        device: :func:`segment_device`.
+        pack: The loaded pack.
+    """
+
+    t0: float
+    deadline: float
+    out_dir: Path
+    device: torch.device
+    pack: Pack
+
+
+def segment_start(
+    out_dir: Path | str,
+    pack_dir: Path | str,
+    budget_s: float,
+    dry_run: bool,
+    started: float | None = None,
+) -> SegmentStart:
+    """Clock, output folder, device and pack of a lent-GPU run (shared by its entry points).
+
+    Args:
+        out_dir: The output folder (created when absent).
+        pack_dir: The pack folder (`training.gpu_pack`).
+        budget_s: Wall-time budget from ``started``, s.
+        dry_run: Run on the CPU instead.
+        started: ``time.monotonic()`` at the process start (default: now).
+
+    Returns:
+        The `SegmentStart`.
+
+    Raises:
+        InvalidInput: Without CUDA (and not ``dry_run``), or for a bad pack.
+    """
+    t0 = time.monotonic() if started is None else float(started)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = segment_device(dry_run)
+    return SegmentStart(t0, t0 + float(budget_s), out, device, load_pack(Path(pack_dir)))
+
+
 def segment_trainer(
     checkpoint: Path, pack: Pack, device: torch.device, *, dry_run: bool, output_dir: Path
 ) -> tuple[Trainer, dict[str, Any]]:
@@ -431,12 +481,14 @@ def run_segment(
     Raises:
         InvalidInput: Without CUDA (and not ``dry_run``), or for a bad pack or checkpoint.
     """
-    t0 = time.monotonic() if started is None else float(started)
-    deadline = t0 + float(budget_s)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = segment_device(dry_run)
-    pack = load_pack(Path(pack_dir))
+    start = segment_start(out_dir, pack_dir, budget_s, dry_run, started)
+    t0, deadline, out_dir, device, pack = (
+        start.t0,
+        start.deadline,
+        start.out_dir,
+        start.device,
+        start.pack,
+    )
     trainer, campaign = segment_trainer(
         pack.checkpoint, pack, device, dry_run=dry_run, output_dir=out_dir
     )

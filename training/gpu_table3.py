@@ -60,14 +60,13 @@ import torch
 
 from jrs.errors import InvalidInput
 from training.data import PatchBatch
-from training.gpu_pack import load_pack
 from training.gpu_run import (
     RETURN_LIMIT,
     LoaderSampler,
     _device_facts,
     _save,
     sampler_settings,
-    segment_device,
+    segment_start,
     segment_trainer,
 )
 from training.trainer import Trainer, _CsvLog, seed_everything
@@ -225,12 +224,14 @@ def run_table3(
     Raises:
         InvalidInput: Without CUDA (and not ``dry_run``), or for a bad pack or checkpoints.
     """
-    t0 = time.monotonic() if started is None else float(started)
-    deadline = t0 + float(budget_s)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = segment_device(dry_run)
-    pack = load_pack(Path(pack_dir))
+    start = segment_start(out_dir, pack_dir, budget_s, dry_run, started)
+    t0, deadline, out_dir, device, pack = (
+        start.t0,
+        start.deadline,
+        start.out_dir,
+        start.device,
+        start.pack,
+    )
     if checkpoints:
         paths, own = [Path(p) for p in checkpoints], None
     else:  # the pack's folder, and the pack's own checkpoint unless its network is there
