@@ -76,6 +76,12 @@ from jrs.qa import (
     structure_evidence,
 )
 from jrs.registration import AffineResult, affine_prealign, bspline_register
+from jrs.residual_shift import (
+    RESIDUAL_BAND_MM,
+    RESIDUAL_RANGE_MM,
+    RESIDUAL_SMOOTH_MM,
+    residual_shift,
+)
 
 if TYPE_CHECKING:
     from jrs.dicom.series import CTSeries
@@ -720,6 +726,44 @@ def dense_field(transform: sitk.Transform, reference: Geometry, slab: int = 16) 
     return Volume(out, reference.with_frame(reference.frame_of_reference_uid))
 
 
+def _residual_shifts(
+    daily: Volume,
+    planning: Volume,
+    full: sitk.Transform,
+    masks: Mapping[str, npt.NDArray[np.bool_]],
+) -> dict[str, dict[str, Any]]:
+    """`residual_shift` of each daily contour, the planning CT mapped onto one box around all.
+
+    Args:
+        daily: the daily CT (HU).
+        planning: the planning CT (HU).
+        full: daily point -> planning point (the final mapping, pre-alignment included).
+        masks: ROI name -> (nz, ny, nx) contour on the daily grid.
+
+    Returns:
+        ROI name -> its `residual_shift` figures (non-empty contours only).
+    """
+    present = {name: m for name, m in masks.items() if m.any()}
+    if not present:
+        return {}
+    geom = daily.geometry
+    pad_mm = RESIDUAL_BAND_MM + RESIDUAL_RANGE_MM + 3.0 * RESIDUAL_SMOOTH_MM + 2.0
+    pad = np.ceil(pad_mm / np.asarray(geom.spacing, float)[::-1]).astype(int)
+    boxes = [b for b in (_nonzero_box(m) for m in present.values()) if b is not None]
+    z, y, x = (
+        slice(
+            max(min(b[i].start for b in boxes) - int(pad[i]), 0),
+            min(max(b[i].stop for b in boxes) + int(pad[i]), geom.shape[i]),
+        )
+        for i in range(3)
+    )
+    box = (z, y, x)
+    sub = _sub_grid(geom, box)
+    mapped = planning.resample(sub, "linear", -1000.0, transform=full).array
+    image = np.asarray(daily.array[box])
+    return {name: residual_shift(image, mapped, m[box], sub) for name, m in present.items()}
+
+
 def _touches_border(mask: npt.NDArray[np.bool_]) -> bool:
     return bool(
         mask[0].any()
@@ -1181,6 +1225,13 @@ def recontour(
                 # a target volume is a margin in tissue: it has no edge of its own to fit
                 figures.update(contour_fit(daily.volume.array, daily_mask, daily_geom))
             roi_evidence[name] = figures
+        # how far off is the mapping around each contour (organs and other ROIs alike)?
+        residuals = _residual_shifts(
+            daily.volume,
+            planning.volume,
+            full,
+            {n: m for n, m in daily_masks.items() if n not in outline},
+        )
         structures: list[StructureQa] = []
         for name, daily_mask in daily_masks.items():
             organ_label = organ_of_name.get(name)
@@ -1220,6 +1271,7 @@ def recontour(
                 **structure_evidence(
                     evidence.get(organ_label) if organ_label is not None else roi_evidence.get(name)
                 ),
+                **residuals.get(name, {}),
             )
             structures.append(flag_structure(qa_item, opts.thresholds))
         dvf_flags = flag_dvf(jac, opts.thresholds)

@@ -109,6 +109,10 @@ FLAG_CODES: dict[str, str] = {
         "the contour sits beside the daily CT's edges: moved by a few mm it fits them clearly "
         "better (a planning contour drawn off the organ?)"
     ),
+    "misregistration": (
+        "the planning CT mapped onto the daily CT matches it clearly better when moved: the "
+        "mapping is off around the structure, and so is a contour it carries"
+    ),
     "dvf_folding": "the DVF folds in part of the body",
 }
 
@@ -178,6 +182,10 @@ class QaThresholds:
             it is by more than this fraction (`jrs.contour_fit.contour_fit`); `PROPAGATED` for
             the propagated ROIs (never a target volume); a class not in the table is not flagged
             on it.
+        max_residual_shift_mm: structure class (`roi_class`) -> flag the structure when the
+            planning CT mapped onto the daily CT matches it best moved by more than this, mm
+            (`jrs.residual_shift.residual_shift` in a band around the contour): the mapping is
+            that far off there; a class not in the table is not flagged on it.
     """
 
     min_path_dice: float = 0.8
@@ -241,6 +249,11 @@ class QaThresholds:
             "prostate": 0.523,
             PROPAGATED: 0.3945,
         }
+    )
+    max_residual_shift_mm: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("bladder", "rectum", "seminal_vesicles", "prostate", PROPAGATED, TARGETS), 3.0
+        )
     )
 
 
@@ -598,6 +611,13 @@ class StructureQa:
         image_fit_shift_mm: the length of that best translation, mm.
         target_volume: a propagated target volume (PTV, CTV, GTV by name or RT ROI Interpreted
             Type): judged against the `TARGETS` limits, never fitted to the image's edges.
+        residual_shift_mm: how far the planning CT mapped onto the daily CT must be moved to
+            match it best around the contour, mm (`jrs.residual_shift.residual_shift`; 0: the
+            mapping is right there).
+        residual_shift_xyz_mm: that translation as an LPS vector (x, y, z), mm.
+        residual_ncc: the NCC of the two scans in the band around the contour at that
+            translation.
+        residual_ncc_gain: how much higher that NCC is than without the translation.
     """
 
     name: str
@@ -620,6 +640,10 @@ class StructureQa:
     image_fit_gain: float | None = None
     image_fit_shift_mm: float | None = None
     target_volume: bool = False
+    residual_shift_mm: float | None = None
+    residual_shift_xyz_mm: list[float] | None = None
+    residual_ncc: float | None = None
+    residual_ncc_gain: float | None = None
 
 
 def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> StructureQa:
@@ -710,6 +734,15 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
             f"the {what} contour sits beside the daily CT's edges: moved by "
             f"{qa.image_fit_shift_mm or 0.0:.0f} mm it fits them {100 * gain:.0f} % better "
             f"(limit {100 * max_gain:.0f} %): is the planning contour on the organ?",
+        )
+    max_residual = t.max_residual_shift_mm.get(cls)
+    residual = qa.residual_shift_mm
+    if residual is not None and max_residual is not None and residual > max_residual:
+        flag(
+            "misregistration",
+            f"the mapping is about {residual:.1f} mm off around the {what}: the planning CT "
+            f"mapped onto the daily CT matches it best moved by that much (limit "
+            f"{max_residual:g} mm); a contour carried by the mapping is off by as much",
         )
     return qa
 

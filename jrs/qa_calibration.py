@@ -82,8 +82,10 @@ TARGET_FALSE_FLAG_RATE = 0.1
 #: adds the image figures (``image_ncc``, ``image_ncc_prealigned``, ``centroid_shift_mm``) that
 #: the version-1 records lack. Version 3 adds the paths' surface distance (``path_msd_mm``), the
 #: contour's fit to the daily CT's edges (``image_fit_gain``, ``image_fit_shift_mm``) and QA
-#: reference paths (`jrs.qa.qa_reference_paths`) in ``paths_validated``.
-RECORD_VERSION = 3
+#: reference paths (`jrs.qa.qa_reference_paths`) in ``paths_validated``. Version 4 adds the
+#: mapping's residual shift around every structure (``residual_shift_mm``,
+#: `jrs.residual_shift`).
+RECORD_VERSION = 4
 
 #: Population -> what it is.
 POPULATIONS: dict[str, str] = {
@@ -127,6 +129,7 @@ FLAGS: tuple[str, ...] = (
     "image_disagreement",
     "centroid_shift",
     "image_misfit",
+    "misregistration",
     "dvf_folding",
 )
 #: The flags of a structure: calibrated against the truth of its contour. ``dvf_folding`` is a
@@ -141,6 +144,7 @@ _ORGAN_TABLES: tuple[str, ...] = (
     "min_path_dice_organ",
     "max_path_msd_mm",
     "max_image_fit_gain",
+    "max_residual_shift_mm",
 )
 #: The raw figures summarised per structure class and label in the report (threshold choice by
 #: hand): `Samples` attribute -> what it is.
@@ -153,6 +157,7 @@ FIGURES: dict[str, str] = {
     "path_dice": "Dice of the segmentation and registration paths (QA reference paths only)",
     "path_msd_mm": "mean surface distance of the two paths, mm (QA reference paths only)",
     "image_fit_gain": "how much better the contour fits the daily CT's edges when moved",
+    "residual_shift_mm": "how far the mapped planning CT must move to match the daily CT, mm",
 }
 #: Seed of the synthetic fractions of real planning scans (training used 2002 and 2005).
 REAL_SEED = 5005
@@ -938,6 +943,8 @@ class Samples:
         path_msd_mm: mean surface distance of the two paths, mm (NaN where absent).
         image_fit_gain: the contour's fit gain on the daily CT's edges (`jrs.contour_fit`).
         target: a propagated target volume (`jrs.qa.roi_class` is `jrs.qa.TARGETS`).
+        residual_shift_mm: the mapping's residual shift around the contour, mm
+            (`jrs.residual_shift`; NaN where absent).
     """
 
     items: list[dict[str, Any]]
@@ -958,6 +965,7 @@ class Samples:
     path_msd_mm: npt.NDArray[np.float64]
     image_fit_gain: npt.NDArray[np.float64]
     target: npt.NDArray[np.bool_]
+    residual_shift_mm: npt.NDArray[np.float64]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -1039,6 +1047,7 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
         path_msd_mm=col(lambda s: _num(s.get("path_msd_mm")), np.float64),
         image_fit_gain=col(fit_gain, np.float64),
         target=col(is_target, bool),
+        residual_shift_mm=col(lambda s: _num(s.get("residual_shift_mm")), np.float64),
     )
 
 
@@ -1343,6 +1352,10 @@ def search_parameters(
         )
     if "image_misfit" in wanted:
         params += upper_limits("max_image_fit_gain", "image_misfit", s.image_fit_gain, _OFF_HIGH)
+    if "misregistration" in wanted:
+        params += upper_limits(
+            "max_residual_shift_mm", "misregistration", s.residual_shift_mm, _OFF_SHIFT_MM
+        )
     if "dvf_folding" in wanted:
         fo = s.dvf_folding
         params.append(

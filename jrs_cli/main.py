@@ -646,6 +646,13 @@ def benchmark(
         float | None, typer.Option("--slice-mm", help="phantom/recontour: slice thickness.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    real_seed: Annotated[
+        int,
+        typer.Option(
+            "--real-seed",
+            help="qa: seed of the real planning scan's synthetic fractions (default 5005).",
+        ),
+    ] = 5005,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     method: MethodOpt = "network",
@@ -888,6 +895,7 @@ def benchmark(
             seed=seed or 3000,
             real=real,
             fractions=fractions,
+            real_seed=real_seed,
             populations=[r.strip() for r in runs.split(",") if r.strip()]
             if runs
             else qac.DEFAULT_POPULATIONS,

@@ -270,3 +270,27 @@ def test_propagated_rois_are_judged_by_their_class() -> None:
     assert flag_structure(boost, t).flag_codes == ["image_disagreement"]  # typed PTV in the file
     assert roi_class("prostate", "Prostata") == "prostate"
     assert roi_class(None, "CTVp") == TARGETS and roi_class(None, "Femur_Head_R_DL") == PROPAGATED
+
+
+def test_a_mapping_off_around_a_structure_is_flagged_per_class() -> None:
+    """`misregistration`: the residual shift against the limit of the structure's class."""
+    from jrs.qa import PROPAGATED, TARGETS
+
+    t = QaThresholds(max_residual_shift_mm={PROPAGATED: 3.0, TARGETS: 2.0, "prostate": 2.5})
+    off = StructureQa("FemoralHead_R", None, "registration", 90.0, 90.0, residual_shift_mm=4.06)
+    assert flag_structure(off, t).flag_codes == ["misregistration"]
+    assert off.flags[0].startswith("the mapping is about 4.1 mm off around the FemoralHead_R")
+    assert "limit 3 mm" in off.flags[0]
+    near = StructureQa("FemoralHead_L", None, "registration", 90.0, 90.0, residual_shift_mm=2.74)
+    assert flag_structure(near, t).flag_codes == []
+    ptv = StructureQa("PTV", None, "registration", 90.0, 90.0, residual_shift_mm=2.74)
+    assert flag_structure(ptv, t).flag_codes == ["misregistration"]  # the targets' own limit
+    prostate = StructureQa(
+        "Prostata", "prostate", "registration", 40.0, 40.0, residual_shift_mm=3.0
+    )
+    assert flag_structure(prostate, t).flag_codes == ["misregistration"]
+    # no figure (a band without structure), or a class without a limit: never flagged
+    unmeasured = StructureQa("FemoralHead_R", None, "registration", 90.0, 90.0)
+    assert flag_structure(unmeasured, t).flag_codes == []
+    rectum = StructureQa("Rectum", "rectum", "registration", 60.0, 60.0, residual_shift_mm=9.0)
+    assert flag_structure(rectum, t).flag_codes == []

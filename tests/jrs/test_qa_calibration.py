@@ -212,6 +212,7 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
             "image_fit_gain": None if i % 8 == 0 else float(rng.uniform(0, 2)),
             "image_ncc": None if i % 9 == 0 else ncc,
             "image_ncc_prealigned": ncc + float(rng.uniform(-0.3, 0.3)),
+            "residual_shift_mm": None if i % 10 == 0 else float(rng.uniform(0, 6)),
         }
         structures.append(
             _structure(
@@ -237,6 +238,8 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
     keys = {p.key for p in params}
     assert {"max_path_msd_mm.prostate", "max_image_fit_gain.rectum"} <= keys
     assert {"max_image_fit_gain.*", "min_image_ncc.*", "min_image_ncc.targets"} <= keys
+    assert {"max_residual_shift_mm.*", "max_residual_shift_mm.targets"} <= keys
+    assert "max_residual_shift_mm.bladder" in keys
     for trial in range(20):
         values = {p.key: p.candidates[rng.integers(len(p.candidates))] for p in params}
         if trial == 0:

@@ -441,6 +441,13 @@ def test_pipeline_same_scan_twice_fires_no_flag(same_scan_runs: dict[str, Any]) 
     assert heads and all(
         s["image_fit_gain"] is not None and s["image_fit_gain"] < 0.2 for s in heads
     )
+    # the mapping is nowhere off: no residual shift around any structure but the outline
+    for s in qa["structures"]:
+        if s["name"].lower() in ("body", "external"):
+            assert s["residual_shift_mm"] is None
+        else:
+            assert s["residual_shift_mm"] == 0.0, s["name"]
+            assert s["residual_ncc"] == pytest.approx(1.0, abs=1e-3), s["name"]
 
 
 @pytest.mark.integration
@@ -457,4 +464,18 @@ def test_pipeline_flags_contours_moved_10_mm_that_keep_their_volume(
         assert s["image_ncc"] < 0.7
         assert "image_disagreement" in s["flag_codes"], s
     assert "centroid_shift" in organs["prostate"]["flag_codes"]
+    # the mapping is 10 mm off inside the network box: the residual search (up to 6 mm) finds
+    # it off by at least 5 mm around every organ, along y, and flags it
+    for s in organs.values():
+        assert s["residual_shift_mm"] >= 5.0, s["name"]
+        x, y, z = s["residual_shift_xyz_mm"]
+        assert abs(y) >= 4.0 and abs(y) > abs(x) and abs(y) > abs(z), s["name"]
+        assert "misregistration" in s["flag_codes"], s["name"]
+    # the PTV is carried by the same shift; the femoral heads lie outside the network box,
+    # where the mapping is the pre-alignment alone (right): not off, not flagged
+    others = {s["name"]: s for s in qa["structures"] if not s["organ"]}
+    assert others["PTV"]["residual_shift_mm"] >= 5.0
+    for name in ("FemoralHead_L", "FemoralHead_R"):
+        assert others[name]["residual_shift_mm"] == 0.0
+        assert "misregistration" not in others[name]["flag_codes"]
     assert qa["timings_s"]["qa"] < 5.0
