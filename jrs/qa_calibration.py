@@ -742,6 +742,7 @@ def run_qa_calibration(
     settings: RunSettings | None = None,
     backend: Any = None,
     progress: Callable[[str], None] | None = None,
+    held_out: Path | None = None,
 ) -> dict[str, Any]:
     """Re-contour held-out cases in every population, score them, then calibrate the flags.
 
@@ -762,13 +763,27 @@ def run_qa_calibration(
         backend: an already loaded network (tests pass a fake one); loaded from the settings
             when a network population needs it.
         progress: called with one line per run.
+        held_out: a report folder of other cases (its ``cases/`` records, made by another run):
+            the thresholds chosen here are tested on them (the report's ``held_out``).
 
     Returns:
         The report (`calibrate`), also written as ``qa_calibration.json`` and ``.md``.
+
+    Raises:
+        InvalidInput: an unknown population, a held-out folder without records, or one that
+            shares a case with this folder.
     """
     from jrs.pipeline import RecontourOptions, load_backend
 
     report_dir = Path(report_dir)
+    held: list[dict[str, Any]] = []
+    if held_out is not None:
+        held = load_records(Path(held_out), populations=populations)
+        if not held:
+            raise InvalidInput(
+                f"held-out folder {held_out}: no records under cases/ (make them with "
+                "'jrs benchmark qa --report' on other cases first)"
+            )
     settings = settings or RunSettings()
     say = progress or (lambda _m: None)
     unknown = [p for p in populations if p not in POPULATIONS]
@@ -845,7 +860,7 @@ def run_qa_calibration(
     records = load_records(
         report_dir, None if everything else [s.case_id for s in specs], populations
     )
-    report = calibrate(records)
+    report = calibrate(records, held_out=held)
     report["skipped_sources"] = skipped
     report["errors"] = errors
     report["command"] = {
@@ -855,6 +870,7 @@ def run_qa_calibration(
         "fractions": fractions,
         "real_seed": real_seed,
         "populations": list(populations),
+        "held_out": None if held_out is None else str(held_out),
         "matrix": settings.matrix,
         "slice_mm": settings.slice_mm,
     }
@@ -1651,12 +1667,85 @@ def figure_summary(samples: Samples) -> dict[str, dict[str, dict[str, dict[str, 
     return out
 
 
+def held_out_rates(
+    records: Sequence[Mapping[str, Any]],
+    current: QaThresholds,
+    chosen: QaThresholds,
+) -> dict[str, Any]:
+    """Rates of the current and the chosen thresholds on cases the choice never saw.
+
+    The in-sample rates of `calibrate` are optimistic (the thresholds sit between the very
+    figures they are scored on) and leaving one case out still shares the populations' quirks;
+    records of cases kept out of the choice altogether are the honest test.
+
+    Args:
+        records: the held-out cases' records.
+        current: the thresholds before the choice.
+        chosen: the thresholds the choice found on the other records.
+
+    Returns:
+        ``{"cases", "counts", "current", "chosen", "missed", "false_flags"}``: ``current`` and
+        ``chosen`` hold ``"any"``, ``"any_organs_only"``, ``"flags"``, ``"by_population"`` and
+        ``"by_organ"`` (rates as `rates`); ``missed`` and ``false_flags`` list the chosen
+        thresholds' misses and false flags.
+    """
+    samples = samples_from_records(records)
+
+    def block(t: QaThresholds) -> tuple[dict[str, Any], npt.NDArray[np.bool_]]:
+        r = _flag_rates(samples, t)
+        return {
+            "any": r["any"],
+            "any_organs_only": r["any_organs_only"],
+            "flags": r["flags"],
+            "by_population": {
+                pop: rates(r["fired"], samples, samples.population == pop)
+                for pop in dict.fromkeys(samples.population.tolist())
+            },
+            "by_organ": {
+                (organ or "other ROIs"): rates(r["fired"], samples, samples.organ == organ)
+                for organ in sorted(set(samples.organ.tolist()))
+            },
+        }, r["fired"]
+
+    now, _ = block(current)
+    ch, fired = block(chosen)
+    return {
+        "cases": sorted({str(r["case_id"]) for r in records}),
+        "counts": {
+            "runs": len(records),
+            "structures": len(samples),
+            "good": int(samples.good.sum()),
+            "bad": int(samples.bad.sum()),
+            "borderline": int((samples.label == "borderline").sum()),
+        },
+        "current": now,
+        "chosen": ch,
+        "missed": _listed(samples, samples.bad & ~fired, None),
+        "false_flags": _listed(samples, samples.good & fired, chosen),
+    }
+
+
+def _listed(
+    samples: Samples, where: npt.NDArray[np.bool_], thresholds: QaThresholds | None
+) -> list[dict[str, Any]]:
+    """Some structures for a report: case, population, name, DSC, MSD (and their flags)."""
+    out = []
+    for i in np.nonzero(where)[0]:
+        item = samples.items[i]
+        row = {k: item.get(k) for k in ("case_id", "population", "name", "dsc", "msd_mm")}
+        if thresholds is not None:
+            row["flags"] = flags_of(item, thresholds)
+        out.append(row)
+    return out
+
+
 def calibrate(
     records: Sequence[Mapping[str, Any]],
     prior: QaThresholds | None = None,
     *,
     target_recall: float = TARGET_RECALL,
     max_false_flag_rate: float = TARGET_FALSE_FLAG_RATE,
+    held_out: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Rates of every flag at the current thresholds, the threshold choice and its rates.
 
@@ -1665,11 +1754,19 @@ def calibrate(
         prior: the current thresholds (default `QaThresholds()`).
         target_recall: recall wanted on bad contours.
         max_false_flag_rate: most false-flag rate allowed on good contours.
+        held_out: records of cases kept out of the choice: the chosen thresholds are tested on
+            them (`held_out_rates`; the report's ``held_out``, None without).
 
     Returns:
         The JSON-able report (see ``docs/qa.md``).
     """
     prior = prior or QaThresholds()
+    shared = {str(r["case_id"]) for r in records} & {str(r["case_id"]) for r in held_out}
+    if shared:
+        raise InvalidInput(
+            f"held-out case(s) {sorted(shared)} are also among the calibration records: a held-out "
+            "folder must hold other cases (other phantom seeds, another --real-seed)"
+        )
     samples = samples_from_records(records)
     done = [r for r in records if r.get("status") == "done"]
     refused = [r for r in records if r.get("status") == "refused"]
@@ -1698,17 +1795,8 @@ def calibrate(
         pop: rates(now["fired"], samples, samples.population == pop)
         for pop in dict.fromkeys(samples.population.tolist())
     }
-    missed = [
-        {k: samples.items[i].get(k) for k in ("case_id", "population", "name", "dsc", "msd_mm")}
-        for i in np.nonzero(samples.bad & ~chosen["fired"])[0]
-    ]
-    false = [
-        {
-            **{k: samples.items[i].get(k) for k in ("case_id", "population", "name", "dsc")},
-            "flags": flags_of(samples.items[i], choice.thresholds),
-        }
-        for i in np.nonzero(samples.good & chosen["fired"])[0]
-    ]
+    missed = _listed(samples, samples.bad & ~chosen["fired"], None)
+    false = _listed(samples, samples.good & chosen["fired"], choice.thresholds)
     model = next((r.get("model") for r in done if r.get("method") == "network"), None)
     pops = list(dict.fromkeys([*samples.population.tolist(), *(r["population"] for r in refused)]))
     counts = {
@@ -1792,6 +1880,7 @@ def calibrate(
             samples, prior, target_recall=target_recall, max_false_flag_rate=max_false_flag_rate
         ),
         "standalone": standalone,
+        "held_out": held_out_rates(held_out, prior, choice.thresholds) if held_out else None,
         "figures": figure_summary(samples),
         "missed": missed,
         "false_flags": false,
@@ -1955,6 +2044,15 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"the case they flag) | | | {_fmt_rate(cv['any'], 'recall')} | "
             f"{_fmt_rate(cv['any'], 'ffr')} | |"
         )
+    held_out = report.get("held_out")
+    if held_out:
+        for label, key in (("current", "current"), ("chosen", "chosen")):
+            r = held_out[key]["any"]
+            lines.append(
+                f"| any flag, **held out** ({len(held_out['cases'])} cases never used in the "
+                f"choice), {label} thresholds | | | {_fmt_rate(r, 'recall')} | "
+                f"{_fmt_rate(r, 'ffr')} | |"
+            )
     lines += ["", f"Threshold choice: {report['chosen']['note']}.", ""]
     changes = report["chosen"]["changes"]
     if changes:
@@ -2000,6 +2098,21 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"| {organ.replace('_', ' ')} | {_fmt_rate(r0, 'recall')} -> {_fmt_rate(r, 'recall')} "
             f"| {_fmt_rate(r0, 'ffr')} -> {_fmt_rate(r, 'ffr')} |"
         )
+    if held_out:
+        lines += [
+            "",
+            f"Held out ({', '.join(held_out['cases'])}), by population (any flag; current -> "
+            "chosen thresholds):",
+            "",
+            "| population | recall on bad | false-flag rate on good |",
+            "|---|---|---|",
+        ]
+        for pop, r in held_out["chosen"]["by_population"].items():
+            r0 = held_out["current"]["by_population"][pop]
+            lines.append(
+                f"| {pop} | {_fmt_rate(r0, 'recall')} -> {_fmt_rate(r, 'recall')} | "
+                f"{_fmt_rate(r0, 'ffr')} -> {_fmt_rate(r, 'ffr')} |"
+            )
     figures = report.get("figures") or {}
     shown = [
         f
@@ -2010,6 +2123,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             "image_fit_gain",
             "path_dice",
             "path_msd_mm",
+            "residual_shift_mm",
         )
         if figures.get(f)
     ]

@@ -653,6 +653,16 @@ def benchmark(
             help="qa: seed of the real planning scan's synthetic fractions (default 5005).",
         ),
     ] = 5005,
+    held_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--held-out",
+            help=(
+                "qa: report folder of other cases: the thresholds chosen on --report are "
+                "tested on its records."
+            ),
+        ),
+    ] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     method: MethodOpt = "network",
@@ -896,6 +906,7 @@ def benchmark(
             real=real,
             fractions=fractions,
             real_seed=real_seed,
+            held_out=held_out,
             populations=[r.strip() for r in runs.split(",") if r.strip()]
             if runs
             else qac.DEFAULT_POPULATIONS,
@@ -916,6 +927,9 @@ def benchmark(
             "counts": qa_report["counts"],
             "current": qa_report["current"]["any"],
             "chosen": {k: qa_report["chosen"][k] for k in ("met", "note", "any", "changes")},
+            "held_out": None
+            if qa_report.get("held_out") is None
+            else {k: qa_report["held_out"][k]["any"] for k in ("current", "chosen")},
             "errors": qa_report["errors"],
         }
     elif what == "adaptation":

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from jrs.errors import InvalidInput
 from jrs.qa import QaThresholds
 from jrs.qa_calibration import (
     FLAGS,
     RECORD_VERSION,
+    STRUCTURE_FLAGS,
     ReplayBackend,
     RunSettings,
     _shifted,
@@ -553,6 +555,53 @@ def test_cli_benchmark_qa_reports_from_kept_records(tmp_path: Path) -> None:
     assert "# QA flag calibration" in result.stdout
     data = json.loads((tmp_path / "qa_calibration.json").read_text())
     assert data["counts"]["runs"] == 2 and data["command"]["seed"] == 3000
+
+
+def test_thresholds_chosen_on_some_cases_are_tested_on_held_out_ones() -> None:
+    """The held-out rates are the chosen thresholds applied to cases the choice never saw."""
+    recs = _separable_records()
+    calib = [r for r in recs if int(r["case_id"][1:]) < 8]
+    held = [r | {"case_id": f"h{r['case_id']}"} for r in recs if int(r["case_id"][1:]) >= 8]
+    prior = _with_prostate_range(-0.5, 0.5)  # lets every bad prostate through
+    report = calibrate(calib, prior, held_out=held)
+    out = report["held_out"]
+    assert out["cases"] == ["hc10", "hc11", "hc8", "hc9"]
+    assert out["counts"]["bad"] == 4 and out["counts"]["good"] == 8
+    assert out["current"]["any"]["recall"] == 0.0  # the prior misses them
+    chosen = thresholds_from_dict(report["chosen"]["thresholds"])
+    samples = samples_from_records(held)
+    fired = np.zeros(len(samples), bool)
+    for code in STRUCTURE_FLAGS:
+        fired |= fired_matrix(samples, chosen)[code]
+    expected = rates(fired, samples)
+    assert out["chosen"]["any"] == expected
+    assert expected["recall"] == 1.0 and expected["false_flag_rate"] == 0.0
+    assert set(out["chosen"]["by_population"]) == {"network", "dvf_noise"}
+    assert out["missed"] == [] and out["false_flags"] == []
+    assert "held out** (4 cases never used in the choice)" in report_markdown(report)
+    assert calibrate(calib, prior)["held_out"] is None
+    with pytest.raises(InvalidInput, match=r"c0.*also among the calibration records"):
+        calibrate(calib, prior, held_out=[recs[0]])
+
+
+def test_cli_benchmark_qa_tests_the_choice_on_a_held_out_folder(tmp_path: Path) -> None:
+    from jrs_cli import app
+
+    recs = _separable_records()
+    for i in range(8):
+        _keep_records(tmp_path / "cal", [r for r in recs if r["case_id"] == f"c{i}"], f"c{i}")
+    for i in range(8, 12):
+        _keep_records(tmp_path / "test", [r for r in recs if r["case_id"] == f"c{i}"], f"t{i}")
+    args = ["benchmark", "qa", "--cases", "0", "--report", str(tmp_path / "cal")]
+    result = CliRunner().invoke(app, [*args, "--held-out", str(tmp_path / "test")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "cal" / "qa_calibration.json").read_text())
+    assert data["held_out"]["cases"] == ["t10", "t11", "t8", "t9"]
+    assert data["held_out"]["counts"]["runs"] == 8
+    assert data["command"]["held_out"] == str(tmp_path / "test")
+    empty = CliRunner().invoke(app, [*args, "--held-out", str(tmp_path / "none")])
+    assert empty.exit_code == 2
+    assert "no records under cases/" in empty.stderr
 
 
 def test_a_finished_run_leaves_another_runs_work_alone(tmp_path: Path) -> None:
