@@ -28,7 +28,8 @@ stay quiet on good ones. This module measures both, and picks the thresholds fro
    contours and over those of each structure class, tightens them while that catches more bad
    contours within those limits, until the recall reaches 0.9, and then loosens every threshold
    whose loosening removes false flags without losing a bad contour. An organ's own volume range
-   moves only when enough good contours of that organ were measured. When no thresholds reach
+   moves only when enough good contours of that organ were measured, and never beyond what the
+   organ clinically does (`CLINICAL_VOLUME_ENVELOPE`). When no thresholds reach
    both targets the report says so, with the bad contours no flag catches. The report also gives
    the distribution of each raw figure (`figure_summary`) per organ, good and bad apart.
 
@@ -165,6 +166,12 @@ REAL_SEED = 5005
 MAX_NEARLY_EMPTY_CC = 2.0
 #: A structure class's own thresholds move only with at least this many good contours of it.
 MIN_CLASS_GOOD = 5
+#: Organ key -> the loosest volume-change range the search may choose (daily/planning - 1). A
+#: prostate changes its volume by a few per cent between fractions, up to about 20 % over a course
+#: (oedema early, shrinking under androgen deprivation); a range looser than that would no longer
+#: say anything clinical, whatever a phantom's organs do (the analytic phantom's prostate changes
+#: by up to -16 %).
+CLINICAL_VOLUME_ENVELOPE: dict[str, tuple[float, float]] = {"prostate": (-0.2, 0.2)}
 #: Values of a threshold that never fires.
 _OFF_LOW, _OFF_HIGH = -1.0, 100.0
 #: ... for the image NCC (never below -1), its loss (never above 2) and the centroid shift (mm).
@@ -1230,7 +1237,8 @@ def search_parameters(
     The Jacobian ranges stay as they are (the figures kept are outlier fractions against them);
     the rest follow `jrs.qa.flag_structure` and `jrs.qa.flag_dvf`. A structure class's own
     volume-change range moves only when the class has at least ``min_class_good`` good contours
-    (with none, "flag them all" would cost no false flag on the measured set).
+    (with none, "flag them all" would cost no false flag on the measured set), and never
+    beyond the organ's `CLINICAL_VOLUME_ENVELOPE`.
     """
     s = samples
     wanted = set(flags)
@@ -1278,8 +1286,12 @@ def search_parameters(
                 _get(prior, f"volume_change_range.{organ}.low"),
                 _get(prior, f"volume_change_range.{organ}.high"),
             )
-            lows = [c for c in _cuts(vc, [_OFF_LOW, low0]) if c <= 0.0]
-            highs = [c for c in _cuts(vc, [_OFF_HIGH, high0]) if c >= 0.0]
+            loosest = CLINICAL_VOLUME_ENVELOPE.get(organ, (_OFF_LOW, _OFF_HIGH))
+            # (the current value stays a candidate: the search starts there)
+            lows = [c for c in _cuts(vc, [loosest[0], low0]) if loosest[0] <= c <= 0 or c == low0]
+            highs = [
+                c for c in _cuts(vc, [loosest[1], high0]) if 0 <= c <= loosest[1] or c == high0
+            ]
             params.append(
                 _Param(
                     f"volume_change_range.{organ}.low",

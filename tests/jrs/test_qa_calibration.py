@@ -252,8 +252,9 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
             vector |= p.fires(values[p.key])
         exact = np.array([bool(flags_of(it, t)) for it in samples.items])
         np.testing.assert_array_equal(vector, exact)
-        if trial == 0:
-            assert not exact.any()
+        if trial == 0:  # only the prostate's clinical volume envelope still fires
+            assert not exact[samples.organ != "prostate"].any()
+            assert exact.any()
 
 
 # ------------------------------------------------------------------ threshold choice
@@ -265,7 +266,7 @@ def test_choice_tightens_a_flag_until_the_bad_contours_are_caught() -> None:
     choice = choose_thresholds(samples, loose)
     assert choice.met and choice.recall == 1.0 and choice.false_flag_rate == 0.0
     low, high = choice.thresholds.volume_change_range["prostate"]
-    assert -0.2 < low < -0.04 and 0.04 < high < 0.2
+    assert -0.2 <= low < -0.04 and 0.04 < high <= 0.2
     assert choice.steps and all("prostate" in s for s in choice.steps)
     # the bladder's range is left alone: nothing in the data asks to move it
     assert choice.thresholds.volume_change_range["bladder"] == loose.volume_change_range["bladder"]
@@ -356,6 +357,31 @@ def test_choice_says_when_no_thresholds_reach_both_targets() -> None:
     assert report["chosen"]["by_population"]["dvf_noise"]["recall"] == 1.0
     assert report["chosen"]["by_population"]["shifted_planning"]["recall"] == 0.0
     assert report["chosen"]["any"]["false_flag_rate"] <= 0.1
+
+
+def test_the_search_never_loosens_a_volume_range_beyond_the_organs_clinical_envelope() -> None:
+    """Good phantom prostates that shrank by 25 % cannot switch the prostate's check off."""
+    from jrs.qa_calibration import CLINICAL_VOLUME_ENVELOPE
+
+    recs = []
+    for i in range(10):
+        change = -0.25 if i < 3 else 0.01 * (i - 5)
+        good = [_structure("Prostate", "prostate", 40.0, 40.0 * (1 + change), 0.95)]
+        recs.append(_record(f"c{i}", "network", good))
+    samples = samples_from_records(recs)
+    prior = _with_prostate_range(-0.12, 0.1)
+    low = next(
+        p for p in search_parameters(samples, prior) if p.key == "volume_change_range.prostate.low"
+    )
+    assert min(low.candidates) == CLINICAL_VOLUME_ENVELOPE["prostate"][0] == -0.2
+    choice = choose_thresholds(samples, prior)
+    # silencing 3 of 10 good prostates would need < -0.25: beyond the envelope, so they stay
+    # flagged, and the choice says the targets are not met
+    assert choice.values["volume_change_range.prostate.low"] >= -0.2
+    assert choice.false_flag_rate == 0.3 and not choice.met
+    # a current range already looser than the envelope stays where the search starts
+    loose = _with_prostate_range(-0.3, 0.1)
+    assert choose_thresholds(samples, loose).values["volume_change_range.prostate.low"] == -0.3
 
 
 def test_thresholds_of_a_class_with_few_good_contours_are_held() -> None:
