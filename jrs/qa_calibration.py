@@ -76,6 +76,12 @@ GOOD_MIN_DSC = 0.9
 BAD_BELOW_DSC = 0.8
 #: ... or its mean surface distance is above this, mm.
 BAD_ABOVE_MSD_MM = 2.0
+#: Populations whose DVF is wrong on purpose, everywhere: a good contour there (the error happened
+#: not to spoil it) lies in a DVF several mm off, which a DVF flag rightly reports. It is labelled
+#: `GOOD_WRONG_DVF`: neither good nor bad for the rates and the choice, and counted apart
+#: (`calibrate` also gives the rates that count it as good).
+WRONG_DVF_POPULATIONS = frozenset({"dvf_noise"})
+GOOD_WRONG_DVF = "good_wrong_dvf"
 #: Targets of the threshold choice: recall on bad contours, false-flag rate on good ones.
 TARGET_RECALL = 0.9
 TARGET_FALSE_FLAG_RATE = 0.1
@@ -1008,6 +1014,14 @@ def _num(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
+def _label(item: Mapping[str, Any]) -> str:
+    """The item's truth label; a good contour of a `WRONG_DVF_POPULATIONS` run: `GOOD_WRONG_DVF`."""
+    label = str(item["label"])
+    if label == "good" and item.get("population") in WRONG_DVF_POPULATIONS:
+        return GOOD_WRONG_DVF
+    return label
+
+
 def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
     """Flatten finished records into `Samples`."""
     items: list[dict[str, Any]] = []
@@ -1051,7 +1065,7 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
 
     return Samples(
         items=items,
-        label=col(lambda s: s["label"], np.str_),
+        label=col(_label, np.str_),
         organ=col(lambda s: s.get("organ") or "", np.str_),
         population=col(lambda s: s["population"], np.str_),
         planning_cc=col(planning, np.float64),
@@ -1123,6 +1137,29 @@ def rates(
         "false_flag_rate": round(fg / ng, 4) if ng else None,
         "good_flagged": fg,
         "good": ng,
+    }
+
+
+def wrong_dvf_rates(fired: npt.NDArray[np.bool_], samples: Samples) -> dict[str, Any]:
+    """How the flags treat good contours in a DVF wrong on purpose (`GOOD_WRONG_DVF`).
+
+    Also the rates if they counted as good ones: the letter of the false-flag target, every
+    contour with DSC >= 0.9.
+
+    Args:
+        fired: which samples are flagged.
+        samples: the samples (their labels).
+
+    Returns:
+        ``{"flagged", "count", "strict"}``: ``strict`` as `rates`, good contours and these
+        together.
+    """
+    wrong = samples.label == GOOD_WRONG_DVF
+    strict = dataclasses.replace(samples, label=np.where(wrong, "good", samples.label))
+    return {
+        "flagged": int((fired & wrong).sum()),
+        "count": int(wrong.sum()),
+        "strict": rates(fired, strict),
     }
 
 
@@ -1708,6 +1745,7 @@ def held_out_rates(
         return {
             "any": r["any"],
             "any_organs_only": r["any_organs_only"],
+            "wrong_dvf": wrong_dvf_rates(r["fired"], samples),
             "flags": r["flags"],
             "by_population": {
                 pop: rates(r["fired"], samples, samples.population == pop)
@@ -1729,6 +1767,7 @@ def held_out_rates(
             "good": int(samples.good.sum()),
             "bad": int(samples.bad.sum()),
             "borderline": int((samples.label == "borderline").sum()),
+            GOOD_WRONG_DVF: int((samples.label == GOOD_WRONG_DVF).sum()),
         },
         "current": now,
         "chosen": ch,
@@ -1819,11 +1858,12 @@ def calibrate(
         "good": int(samples.good.sum()),
         "bad": int(samples.bad.sum()),
         "borderline": int((samples.label == "borderline").sum()),
+        GOOD_WRONG_DVF: int((samples.label == GOOD_WRONG_DVF).sum()),
         "cases": len({r["case_id"] for r in records}),
         "by_population": {
             pop: {
                 lab: int(((samples.population == pop) & (samples.label == lab)).sum())
-                for lab in ("good", "bad", "borderline")
+                for lab in ("good", "bad", "borderline", GOOD_WRONG_DVF)
             }
             | {"refused_runs": sum(1 for r in refused if r["population"] == pop)}
             for pop in pops
@@ -1857,6 +1897,12 @@ def calibrate(
                 "a flag of the whole DVF, counted on every structure of its case; not part of "
                 "'any flag' and not searched"
             ),
+            GOOD_WRONG_DVF: (
+                "a good contour in a run whose DVF is wrong on purpose everywhere ("
+                + ", ".join(sorted(WRONG_DVF_POPULATIONS))
+                + "): neither good nor bad for the rates and the choice; 'wrong_dvf' gives how "
+                "many are flagged, and 'strict' the rates counting them as good"
+            ),
             "targets": {"recall": target_recall, "false_flag_rate": max_false_flag_rate},
         },
         "populations": {p: POPULATIONS[p] for p in pops if p in POPULATIONS},
@@ -1867,6 +1913,7 @@ def calibrate(
             "flags": now["flags"],
             "any": now["any"],
             "any_organs_only": now["any_organs_only"],
+            "wrong_dvf": wrong_dvf_rates(now["fired"], samples),
             "by_population": by_pop_now,
             "by_organ": by_organ_now,
         },
@@ -1885,6 +1932,7 @@ def calibrate(
             "flags": chosen["flags"],
             "any": chosen["any"],
             "any_organs_only": chosen["any_organs_only"],
+            "wrong_dvf": wrong_dvf_rates(chosen["fired"], samples),
             "by_population": by_pop,
             "by_organ": by_organ,
         },
@@ -1935,7 +1983,8 @@ def cross_validate(
         max_false_flag_rate: as in `choose_thresholds`.
 
     Returns:
-        ``{"folds", "any", "any_organs_only", "by_organ"}`` (rates as `rates`), or None with
+        ``{"folds", "any", "wrong_dvf", "any_organs_only", "by_organ"}`` (rates as `rates`,
+        ``wrong_dvf`` as `wrong_dvf_rates`), or None with
         fewer than 2 cases.
     """
     cases = np.array([str(it["case_id"]) for it in samples.items])
@@ -1955,6 +2004,7 @@ def cross_validate(
     return {
         "folds": len(names),
         "any": rates(fired, samples),
+        "wrong_dvf": wrong_dvf_rates(fired, samples),
         "any_organs_only": rates(fired, samples, samples.organ != ""),
         "by_organ": {
             (organ or "other ROIs"): rates(fired, samples, samples.organ == organ)
@@ -2017,7 +2067,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         f"{c['cases']} cases, {c['runs']} runs ({c['runs_refused']} refused before re-contouring), "
         f"{c['structures']} scored structures: {c['good']} good (DSC >= {GOOD_MIN_DSC}), "
         f"{c['bad']} bad (DSC < {BAD_BELOW_DSC} or MSD > {BAD_ABOVE_MSD_MM} mm), "
-        f"{c['borderline']} borderline (not counted).",
+        f"{c['borderline']} borderline (not counted), {c.get(GOOD_WRONG_DVF, 0)} good contours in "
+        "a DVF wrong on purpose (counted apart: below).",
         "",
     ]
     model = report.get("model") or {}
@@ -2056,6 +2107,13 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"the case they flag) | | | {_fmt_rate(cv['any'], 'recall')} | "
             f"{_fmt_rate(cv['any'], 'ffr')} | |"
         )
+    now_w, ch_w = report["current"].get("wrong_dvf"), report["chosen"].get("wrong_dvf")
+    if now_w and ch_w and ch_w["count"]:
+        lines.append(
+            "| any flag, good contours in a DVF wrong on purpose counted as good (strict) | "
+            f"{_fmt_rate(now_w['strict'], 'recall')} | {_fmt_rate(now_w['strict'], 'ffr')} | "
+            f"{_fmt_rate(ch_w['strict'], 'recall')} | {_fmt_rate(ch_w['strict'], 'ffr')} | |"
+        )
     held_out = report.get("held_out")
     if held_out:
         for label, key in (("current", "current"), ("chosen", "chosen")):
@@ -2065,6 +2123,19 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 f"choice), {label} thresholds | | | {_fmt_rate(r, 'recall')} | "
                 f"{_fmt_rate(r, 'ffr')} | |"
             )
+            w = held_out[key].get("wrong_dvf")
+            if w and w["count"]:
+                lines.append(
+                    f"| any flag, held out, {label} thresholds, strict | | | "
+                    f"{_fmt_rate(w['strict'], 'recall')} | {_fmt_rate(w['strict'], 'ffr')} | |"
+                )
+    if ch_w and ch_w["count"]:
+        lines += [
+            "",
+            f"Good contours in a DVF wrong on purpose: {ch_w['flagged']} of {ch_w['count']} "
+            "flagged by the chosen thresholds (their DVF is several mm off: a flag of the mapping "
+            "is right about it).",
+        ]
     lines += ["", f"Threshold choice: {report['chosen']['note']}.", ""]
     changes = report["chosen"]["changes"]
     if changes:

@@ -185,6 +185,35 @@ def test_rates_are_recall_on_bad_and_false_flags_on_good() -> None:
     assert rates(anyf, samples, samples.organ == "prostate")["recall"] is None  # no bad prostate
 
 
+def test_good_contours_in_a_dvf_wrong_on_purpose_are_counted_apart() -> None:
+    """A good rectum inside the noisy DVF of ``dvf_noise``: a flag of the mapping on it is right
+    about the DVF; it is neither good nor bad for the rates, and the strict rates count it."""
+    from jrs.qa_calibration import GOOD_WRONG_DVF, calibrate, wrong_dvf_rates
+
+    good = _structure("Rectum", "rectum", 60.0, 60.0, 0.93, residual_shift_mm=5.0)
+    quiet = _structure("Prostate", "prostate", 40.0, 40.0, 0.95, residual_shift_mm=0.5)
+    bad = _structure("Bladder", "bladder", 200.0, 200.0, 0.7, 3.0, residual_shift_mm=4.0)
+    recs = [
+        _record("c0", "network", [quiet]),
+        _record("c0", "dvf_noise", [good, quiet, bad]),
+    ]
+    samples = samples_from_records(recs)
+    assert samples.label.tolist() == ["good", GOOD_WRONG_DVF, GOOD_WRONG_DVF, "bad"]
+    assert samples.good.sum() == 1 and samples.bad.sum() == 1
+    t = QaThresholds(max_residual_shift_mm=dict.fromkeys(["rectum", "prostate", "bladder"], 3.0))
+    fired = fired_matrix(samples, t)["misregistration"]
+    assert fired.tolist() == [False, True, False, True]
+    assert rates(fired, samples)["false_flag_rate"] == 0.0
+    w = wrong_dvf_rates(fired, samples)
+    assert w["flagged"] == 1 and w["count"] == 2
+    assert w["strict"]["good"] == 3 and w["strict"]["good_flagged"] == 1
+    report = calibrate(recs, t)
+    assert report["counts"][GOOD_WRONG_DVF] == 2 and report["counts"]["good"] == 1
+    assert report["counts"]["by_population"]["dvf_noise"][GOOD_WRONG_DVF] == 2
+    assert report["current"]["wrong_dvf"]["strict"]["false_flag_rate"] == 0.3333
+    assert "wrong on purpose: 1 of 2 flagged" in report_markdown(report)
+
+
 def test_dvf_folding_counts_on_every_structure_of_its_case() -> None:
     rec = _record(
         "a",
