@@ -178,6 +178,10 @@ MIN_CLASS_GOOD = 5
 #: say anything clinical, whatever a phantom's organs do (the analytic phantom's prostate changes
 #: by up to -16 %).
 CLINICAL_VOLUME_ENVELOPE: dict[str, tuple[float, float]] = {"prostate": (-0.2, 0.2)}
+#: The search never sets a residual-shift limit under this, mm: the figure moves in 0.5 mm steps
+#: and reads up to about 1 mm around organs whose mapping is right (phantom and real fractions), so
+#: a tighter limit would fit the calibration cases' noise, not the mapping's errors.
+MIN_RESIDUAL_LIMIT_MM = 1.5
 #: Values of a threshold that never fires.
 _OFF_LOW, _OFF_HIGH = -1.0, 100.0
 #: ... for the image NCC (never below -1), its loss (never above 2) and the centroid shift (mm).
@@ -1418,9 +1422,14 @@ def search_parameters(
     if "image_misfit" in wanted:
         params += upper_limits("max_image_fit_gain", "image_misfit", s.image_fit_gain, _OFF_HIGH)
     if "misregistration" in wanted:
-        params += upper_limits(
+        residual = upper_limits(
             "max_residual_shift_mm", "misregistration", s.residual_shift_mm, _OFF_SHIFT_MM
         )
+        for p in residual:  # never within the figure's own noise (the current value stays)
+            p.candidates = [
+                c for c in p.candidates if c >= MIN_RESIDUAL_LIMIT_MM or c == _get(prior, p.key)
+            ]
+        params += residual
     if "dvf_folding" in wanted:
         fo = s.dvf_folding
         params.append(

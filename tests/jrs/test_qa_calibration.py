@@ -271,6 +271,11 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
     assert {"max_image_fit_gain.*", "min_image_ncc.*", "min_image_ncc.targets"} <= keys
     assert {"max_residual_shift_mm.*", "max_residual_shift_mm.targets"} <= keys
     assert "max_residual_shift_mm.bladder" in keys
+    # a residual limit is never within the figure's own noise, though figures lie there
+    assert np.nanmin(samples.residual_shift_mm) < MIN_RESIDUAL_LIMIT_MM == 1.5
+    for p in params:
+        if p.key.startswith("max_residual_shift_mm."):
+            assert min(p.candidates) >= MIN_RESIDUAL_LIMIT_MM
     for trial in range(20):
         values = {p.key: p.candidates[rng.integers(len(p.candidates))] for p in params}
         if trial == 0:
