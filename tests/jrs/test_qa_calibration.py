@@ -20,6 +20,7 @@ from jrs.errors import InvalidInput
 from jrs.qa import QaThresholds
 from jrs.qa_calibration import (
     FLAGS,
+    MIN_RESIDUAL_LIMIT_MM,
     RECORD_VERSION,
     STRUCTURE_FLAGS,
     ReplayBackend,
