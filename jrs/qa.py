@@ -137,13 +137,14 @@ class QaThresholds:
     """When a structure or the DVF is flagged for review (all thresholds in one place).
 
     The defaults are calibrated against ground truth for model v3 (docs/qa.md, "Version 3
-    (released), recalibrated 2026-12-04": `jrs.qa_calibration` on 16 held-out cases, recall 0.91
-    on bad contours at a false-flag rate of 0.07 on good ones in sample; 0.82 / 0.08 leaving one
-    case out, 0.89 / 0.15 on 6 fresh phantom cases). The thresholds the search did
-    not move are clinical priors: the volume ranges of the organs, the Jacobian ranges, the image
-    NCC minima of the organs (four phantom fractions: NCC 0.88-0.98 with the true mapping), the
-    centroid limits (the phantom's motion model) and the paths' distance limits. The figures they
-    apply to are kept in ``qa.json``.
+    (released), with the residual shift, 2026-12-04": `jrs.qa_calibration` on 22 cases, recall
+    0.94 on bad contours at a false-flag rate of 0.01 on good ones in sample, 0.93 / 0.03 leaving
+    one case out, 0.78 / 0.03 on 9 held-out cases: 0.89 on phantoms, 0.68 on a real patient).
+    The thresholds the search did not move are clinical priors: the volume ranges of the organs,
+    the Jacobian ranges, the image NCC minima of the organs (four phantom fractions: NCC
+    0.88-0.98 with the true mapping), the centroid limits (the phantom's motion model), the
+    paths' distance limits and the organs' residual-shift limits. The figures they apply to are
+    kept in ``qa.json``.
 
     Attributes:
         min_path_dice: flag when the segmentation and registration paths agree less (Dice);
@@ -202,7 +203,7 @@ class QaThresholds:
             "bladder": (-0.6, 1.5),
             "rectum": (-0.5, 0.8),
             "seminal_vesicles": (-0.35, 0.35),
-            "prostate": (-0.12, 0.1),
+            "prostate": (-0.2, 0.1),
         }
     )
     default_volume_change_range: tuple[float, float] = (-1.0, 100.0)
@@ -247,13 +248,14 @@ class QaThresholds:
         default_factory=lambda: {
             **dict.fromkeys(("bladder", "rectum", "seminal_vesicles"), 0.5),
             "prostate": 0.523,
-            PROPAGATED: 0.3945,
+            PROPAGATED: 0.4908,
         }
     )
     max_residual_shift_mm: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(
-            ("bladder", "rectum", "seminal_vesicles", "prostate", PROPAGATED, TARGETS), 3.0
-        )
+        default_factory=lambda: {
+            **dict.fromkeys(("bladder", "rectum", "seminal_vesicles", "prostate", TARGETS), 3.0),
+            PROPAGATED: 3.4,
+        }
     )
 
 
