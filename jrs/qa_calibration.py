@@ -2184,12 +2184,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "| structure | recall on bad | false-flag rate on good |",
         "|---|---|---|",
     ]
-    for organ, r in report["chosen"]["by_organ"].items():
-        r0 = report["current"]["by_organ"][organ]
-        lines.append(
-            f"| {organ.replace('_', ' ')} | {_fmt_rate(r0, 'recall')} -> {_fmt_rate(r, 'recall')} "
-            f"| {_fmt_rate(r0, 'ffr')} -> {_fmt_rate(r, 'ffr')} |"
-        )
+    lines += _change_rows(
+        report["current"]["by_organ"], report["chosen"]["by_organ"], lambda o: o.replace("_", " ")
+    )
     if held_out:
         lines += [
             "",
@@ -2199,12 +2196,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             "| population | recall on bad | false-flag rate on good |",
             "|---|---|---|",
         ]
-        for pop, r in held_out["chosen"]["by_population"].items():
-            r0 = held_out["current"]["by_population"][pop]
-            lines.append(
-                f"| {pop} | {_fmt_rate(r0, 'recall')} -> {_fmt_rate(r, 'recall')} | "
-                f"{_fmt_rate(r0, 'ffr')} -> {_fmt_rate(r, 'ffr')} |"
-            )
+        lines += _change_rows(
+            held_out["current"]["by_population"], held_out["chosen"]["by_population"], str
+        )
     figures = report.get("figures") or {}
     shown = [
         f
@@ -2234,6 +2228,17 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                     f"{_fmt_quantiles(row['bad'])} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def _change_rows(
+    now: Mapping[str, Any], chosen: Mapping[str, Any], name: Callable[[str], str]
+) -> list[str]:
+    """Table rows ``| name | recall now -> chosen | false-flag rate now -> chosen |``."""
+    return [
+        f"| {name(key)} | {_fmt_rate(now[key], 'recall')} -> {_fmt_rate(r, 'recall')} | "
+        f"{_fmt_rate(now[key], 'ffr')} -> {_fmt_rate(r, 'ffr')} |"
+        for key, r in chosen.items()
+    ]
 
 
 def _fmt_quantiles(q: Mapping[str, Any]) -> str:
