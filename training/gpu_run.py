@@ -44,10 +44,9 @@ import platform
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -326,9 +325,8 @@ def segment_device(dry_run: bool) -> torch.device:
     return device
 
 
-@dataclass(frozen=True)
-class SegmentStart:
-    """What every lent-GPU entry point sets up first (`segment_start`).
+class SegmentStart(NamedTuple):
+    """What every lent-GPU entry point sets up first (`segment_start`; unpacks in this order).
 
     Attributes:
         t0: ``time.monotonic()`` at the process start, s.
@@ -481,13 +479,8 @@ def run_segment(
     Raises:
         InvalidInput: Without CUDA (and not ``dry_run``), or for a bad pack or checkpoint.
     """
-    start = segment_start(out_dir, pack_dir, budget_s, dry_run, started)
-    t0, deadline, out_dir, device, pack = (
-        start.t0,
-        start.deadline,
-        start.out_dir,
-        start.device,
-        start.pack,
+    t0, deadline, out_dir, device, pack = segment_start(
+        out_dir, pack_dir, budget_s, dry_run, started
     )
     trainer, campaign = segment_trainer(
         pack.checkpoint, pack, device, dry_run=dry_run, output_dir=out_dir

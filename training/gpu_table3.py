@@ -224,13 +224,8 @@ def run_table3(
     Raises:
         InvalidInput: Without CUDA (and not ``dry_run``), or for a bad pack or checkpoints.
     """
-    start = segment_start(out_dir, pack_dir, budget_s, dry_run, started)
-    t0, deadline, out_dir, device, pack = (
-        start.t0,
-        start.deadline,
-        start.out_dir,
-        start.device,
-        start.pack,
+    t0, deadline, out_dir, device, pack = segment_start(
+        out_dir, pack_dir, budget_s, dry_run, started
     )
     if checkpoints:
         paths, own = [Path(p) for p in checkpoints], None
