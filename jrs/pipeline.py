@@ -49,7 +49,7 @@ import SimpleITK as sitk
 
 from jrs.cascade import network_passes, refine
 from jrs.contour_fit import contour_fit
-from jrs.errors import InvalidInput, ModelNotReady
+from jrs.errors import InvalidInput, JrsError, ModelNotReady
 from jrs.field_smoothing import field_smoothing_sigma, smooth_field
 from jrs.focus_prealign import DEFAULT_PREALIGN, PrealignMode, prealign_pair
 from jrs.geometry import Geometry, Volume
@@ -75,6 +75,7 @@ from jrs.qa import (
     qa_reference_paths,
     structure_evidence,
 )
+from jrs.qa_family import flag_same_organ
 from jrs.registration import AffineResult, affine_prealign, bspline_register
 from jrs.residual_shift import (
     RESIDUAL_BAND_MM,
@@ -205,6 +206,10 @@ class RecontourOptions:
             planning prostate and seminal vesicles with their surroundings
             (`jrs.focus_prealign`; the whole-body affine when the planning scan has neither);
             ``affine``: the whole-body rigid then affine match alone.
+        method_consensus: with ``--method iterative``, also run the network (when a model
+            loads) and compare each organ's contour with the network's registration path of it
+            (`jrs.qa.StructureQa.method_dice`, flag ``method_disagreement``); a few seconds
+            beside the iterative registration's minutes.
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -224,6 +229,7 @@ class RecontourOptions:
     dvf_smoothing_mm: float | None = None
     network_passes: int | None = None
     prealign: PrealignMode = DEFAULT_PREALIGN
+    method_consensus: bool = True
 
 
 @dataclass
@@ -916,6 +922,35 @@ def _run_iterative(pair: PreparedPair) -> _Paths:
     return _Paths(None, _largest_components(warped.array), dvf)
 
 
+def _network_reference(
+    backend: NetworkBackend | None, opts: RecontourOptions, pair: PreparedPair
+) -> npt.NDArray[np.uint8] | None:
+    """The network's registration path of the organs, beside the iterative method's result.
+
+    Args:
+        backend: a loaded network, or None to load the one the options name.
+        opts: the run's options (model, engine, the model's null correction and passes).
+        pair: the prepared network grid.
+
+    Returns:
+        (nz, ny, nx) uint8 organ label map on the network grid (`jrs.labels` ids), or None when
+        no model loads (the iterative method needs none: the comparison is then left out).
+    """
+    try:
+        net = backend if backend is not None else load_backend(opts)
+    except JrsError as exc:
+        log.info("no network to compare the iterative method with: %s", exc)
+        return None
+    paths = _run_network(
+        net,
+        pair,
+        null_correction_enabled(net.metadata, opts.null_correction),
+        field_smoothing_sigma(net.metadata, opts.dvf_smoothing_mm),
+        network_passes(net.metadata, opts.network_passes),
+    )
+    return paths.registration
+
+
 def recontour(
     planning_ct: Path | str,
     planning_rtstruct: Path | str,
@@ -1056,6 +1091,11 @@ def recontour(
     else:
         raise InvalidInput(f"method {opts.method!r} unknown; use 'network' or 'iterative'")
     t = lap("network" if opts.method == "network" else "iterative", t)
+    # the iterative method's second opinion: the network's mapping of the same organs
+    reference: npt.NDArray[np.uint8] | None = None
+    if opts.method == "iterative" and used and opts.method_consensus:
+        reference = _network_reference(backend, opts, pair)
+        t = lap("reference", t)
 
     # choose a path per organ (or fuse the two, inside the fused organs' boxes: `_fuse_paths`)
     model_choice: Mapping[str, str] = (
@@ -1232,11 +1272,14 @@ def recontour(
             full,
             {n: m for n, m in daily_masks.items() if n not in outline},
         )
+        family = {d.roi: d.organ for d in mapping.decisions if d.organ}
         structures: list[StructureQa] = []
         for name, daily_mask in daily_masks.items():
             organ_label = organ_of_name.get(name)
             path_dice = None
             path_msd = None
+            method_dice = None
+            method_msd = None
             border = False
             both_valid = True
             if organ_label is not None:
@@ -1249,6 +1292,10 @@ def recontour(
                     path_dice = dice(seg_mask, reg_mask)
                     path_msd = surface_distances(seg_mask, reg_mask, pair.grid).msd
                 border = _touches_border(chosen == organ_label)
+                if reference is not None:
+                    own, theirs = chosen == organ_label, reference == organ_label
+                    method_dice = dice(own, theirs)
+                    method_msd = surface_distances(own, theirs, pair.grid).msd
             default_source = "iterative" if opts.method == "iterative" else "registration"
             qa_item = StructureQa(
                 name=name,
@@ -1272,8 +1319,15 @@ def recontour(
                     evidence.get(organ_label) if organ_label is not None else roi_evidence.get(name)
                 ),
                 **residuals.get(name, {}),
+                method_dice=None if method_dice is None else round(method_dice, 4),
+                method_msd_mm=None
+                if method_msd is None or not math.isfinite(method_msd)
+                else round(method_msd, 3),
+                organ_family=family.get(name),
             )
             structures.append(flag_structure(qa_item, opts.thresholds))
+        # a mapping in doubt around one contour of an organ is in doubt for its other contours
+        flag_same_organ(structures)
         dvf_flags = flag_dvf(jac, opts.thresholds)
         t = lap("qa", t)
 

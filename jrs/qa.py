@@ -113,6 +113,14 @@ FLAG_CODES: dict[str, str] = {
         "the planning CT mapped onto the daily CT matches it clearly better when moved: the "
         "mapping is off around the structure, and so is a contour it carries"
     ),
+    "method_disagreement": (
+        "the iterative method and the network's registration place the organ differently: at "
+        "least one of the two mappings is wrong there (`--method iterative` only)"
+    ),
+    "same_organ_flagged": (
+        "another contour of the same organ (the manual one, or an automatic one such as "
+        "`_DL`) is flagged for its mapping: the mapping there is in doubt for this one too"
+    ),
     "dvf_folding": "the DVF folds in part of the body",
 }
 
@@ -187,6 +195,11 @@ class QaThresholds:
             planning CT mapped onto the daily CT matches it best moved by more than this, mm
             (`jrs.residual_shift.residual_shift` in a band around the contour): the mapping is
             that far off there; a class not in the table is not flagged on it.
+        min_method_dice: organ key -> with ``--method iterative``, flag the organ when its
+            contour and the network's registration path of it (the same planning contour mapped
+            by the network's DVF) agree less (Dice); an organ not in the table is not flagged.
+        max_method_msd_mm: organ key -> ... or when their mean surface distance exceeds this,
+            mm.
     """
 
     min_path_dice: float = 0.8
@@ -256,6 +269,19 @@ class QaThresholds:
             **dict.fromkeys(("bladder", "rectum", "seminal_vesicles", "prostate", TARGETS), 3.0),
             PROPAGATED: 3.4,
         }
+    )
+    min_method_dice: dict[str, float] = field(
+        default_factory=lambda: {
+            "bladder": 0.85,
+            "rectum": 0.8,
+            "seminal_vesicles": 0.7,
+            "prostate": 0.8,
+        }
+    )
+    max_method_msd_mm: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("bladder", "rectum", "seminal_vesicles", "prostate"), 2.5
+        )
     )
 
 
@@ -620,6 +646,12 @@ class StructureQa:
         residual_ncc: the NCC of the two scans in the band around the contour at that
             translation.
         residual_ncc_gain: how much higher that NCC is than without the translation.
+        method_dice: with ``--method iterative``, the Dice of the organ's contour and the
+            network's registration path of it (organs only; None without a network).
+        method_msd_mm: their mean surface distance, mm.
+        organ_family: the organ or landmark key this ROI is a contour of, used or not
+            (``Bladder_DL`` beside the manual ``Bladder``: both ``bladder``;
+            `jrs.labels.RoiDecision.organ`), else None.
     """
 
     name: str
@@ -646,6 +678,9 @@ class StructureQa:
     residual_shift_xyz_mm: list[float] | None = None
     residual_ncc: float | None = None
     residual_ncc_gain: float | None = None
+    method_dice: float | None = None
+    method_msd_mm: float | None = None
+    organ_family: str | None = None
 
 
 def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> StructureQa:
@@ -745,6 +780,25 @@ def flag_structure(qa: StructureQa, thresholds: QaThresholds | None = None) -> S
             f"the mapping is about {residual:.1f} mm off around the {what}: the planning CT "
             f"mapped onto the daily CT matches it best moved by that much (limit "
             f"{max_residual:g} mm); a contour carried by the mapping is off by as much",
+        )
+    min_method = t.min_method_dice.get(qa.organ or "")
+    max_method_msd = t.max_method_msd_mm.get(qa.organ or "")
+    if qa.method_dice is not None and min_method is not None and qa.method_dice < min_method:
+        flag(
+            "method_disagreement",
+            f"the iterative method and the network map the {what} differently (Dice "
+            f"{qa.method_dice:.2f} < {min_method:.2f}): at least one of them is wrong there",
+        )
+    elif (
+        qa.method_msd_mm is not None
+        and max_method_msd is not None
+        and qa.method_msd_mm > max_method_msd
+    ):
+        flag(
+            "method_disagreement",
+            f"the iterative method and the network map the {what} differently (mean surface "
+            f"distance {qa.method_msd_mm:.1f} mm > {max_method_msd:g} mm): at least one of them "
+            "is wrong there",
         )
     return qa
 

@@ -58,6 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.errors import InvalidInput, JrsError
+from jrs.labels import SynonymTable
 from jrs.qa import (
     PROPAGATED,
     TARGETS,
@@ -67,6 +68,8 @@ from jrs.qa import (
     flag_structure,
     roi_class,
 )
+from jrs.qa_family import CODE as SAME_ORGAN
+from jrs.qa_family import SPREAD_FLAGS, spread_mask
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,8 @@ FLAGS: tuple[str, ...] = (
     "centroid_shift",
     "image_misfit",
     "misregistration",
+    "method_disagreement",
+    "same_organ_flagged",
     "dvf_folding",
 )
 #: The flags of a structure: calibrated against the truth of its contour. ``dvf_folding`` is a
@@ -152,6 +157,8 @@ _ORGAN_TABLES: tuple[str, ...] = (
     "max_path_msd_mm",
     "max_image_fit_gain",
     "max_residual_shift_mm",
+    "min_method_dice",
+    "max_method_msd_mm",
 )
 #: The raw figures summarised per structure class and label in the report (threshold choice by
 #: hand): `Samples` attribute -> what it is.
@@ -165,6 +172,8 @@ FIGURES: dict[str, str] = {
     "path_msd_mm": "mean surface distance of the two paths, mm (QA reference paths only)",
     "image_fit_gain": "how much better the contour fits the daily CT's edges when moved",
     "residual_shift_mm": "how far the mapped planning CT must move to match the daily CT, mm",
+    "method_dice": "Dice of the iterative contour and the network's registration path of it",
+    "method_msd_mm": "mean surface distance of those two, mm",
 }
 #: Seed of the synthetic fractions of real planning scans (training used 2002 and 2005).
 REAL_SEED = 5005
@@ -999,6 +1008,9 @@ class Samples:
     image_fit_gain: npt.NDArray[np.float64]
     target: npt.NDArray[np.bool_]
     residual_shift_mm: npt.NDArray[np.float64]
+    method_dice: npt.NDArray[np.float64]
+    method_msd_mm: npt.NDArray[np.float64]
+    family_group: npt.NDArray[np.int64]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -1089,7 +1101,41 @@ def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
         image_fit_gain=col(fit_gain, np.float64),
         target=col(is_target, bool),
         residual_shift_mm=col(lambda s: _num(s.get("residual_shift_mm")), np.float64),
+        method_dice=col(lambda s: _num(s.get("method_dice")), np.float64),
+        method_msd_mm=col(lambda s: _num(s.get("method_msd_mm")), np.float64),
+        family_group=_family_groups(items),
     )
+
+
+def _family_groups(items: Sequence[Mapping[str, Any]]) -> npt.NDArray[np.int64]:
+    """(n,) one group id per organ of one run with two contours or more (`jrs.qa_family`).
+
+    The organ of a contour is its ``organ_family``; records without the field (before it
+    existed) get it from the default synonym table's decision on the run's ROI names.
+    """
+    runs: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(items):
+        runs.setdefault((str(it["case_id"]), str(it["population"])), []).append(i)
+    table = SynonymTable()
+    family: dict[int, str] = {}
+    for idx in runs.values():
+        if any("organ_family" in items[i] for i in idx):
+            for i in idx:
+                if items[i].get("organ_family"):
+                    family[i] = str(items[i]["organ_family"])
+            continue
+        decisions = table.resolve([str(items[i]["name"]) for i in idx]).decisions
+        for i, d in zip(idx, decisions, strict=True):
+            if d.organ:
+                family[i] = d.organ
+    keys: dict[tuple[str, str, str], list[int]] = {}
+    for i, organ in family.items():
+        it = items[i]
+        keys.setdefault((str(it["case_id"]), str(it["population"]), organ), []).append(i)
+    out = np.full(len(items), -1, np.int64)
+    for gid, members in enumerate(m for m in keys.values() if len(m) > 1):
+        out[members] = gid
+    return out
 
 
 def flags_of(item: Mapping[str, Any], thresholds: QaThresholds) -> list[str]:
@@ -1107,12 +1153,19 @@ def flags_of(item: Mapping[str, Any], thresholds: QaThresholds) -> list[str]:
 
 
 def fired_matrix(samples: Samples, thresholds: QaThresholds) -> dict[str, npt.NDArray[np.bool_]]:
-    """Flag code -> which samples it fires on, by `flags_of` (exact, one call per sample)."""
+    """Flag code -> which samples it fires on, by `flags_of` (exact, one call per sample).
+
+    ``same_organ_flagged`` is `jrs.qa_family`'s rule over each run's contours of one organ.
+    """
     fired = {code: np.zeros(len(samples), bool) for code in FLAGS}
     for i, item in enumerate(samples.items):
         for code in flags_of(item, thresholds):
             if code in fired:
                 fired[code][i] = True
+    source = np.zeros(len(samples), bool)
+    for code in SPREAD_FLAGS:
+        source |= fired[code]
+    fired[SAME_ORGAN] = spread_mask(source, samples.family_group)
     return fired
 
 
@@ -1430,6 +1483,20 @@ def search_parameters(
                 c for c in p.candidates if c >= MIN_RESIDUAL_LIMIT_MM or c == _get(prior, p.key)
             ]
         params += residual
+    if "method_disagreement" in wanted:
+        for organ, member in _organ_classes(s, prior.min_method_dice, min_class_good):
+            own = np.where(member, s.method_dice, np.nan)
+            params.append(
+                _Param(
+                    f"min_method_dice.{organ}",
+                    "method_disagreement",
+                    _cuts(own, [0.0, prior.min_method_dice[organ], 1.0 + 1e-6]),
+                    _below(own),
+                )
+            )
+        params += upper_limits(
+            "max_method_msd_mm", "method_disagreement", s.method_msd_mm, _OFF_SHIFT_MM
+        )
     if "dvf_folding" in wanted:
         fo = s.dvf_folding
         params.append(
@@ -1523,19 +1590,28 @@ def choose_thresholds(
             cache[k] = p.fires(v)
         return cache[k]
 
-    # flags the search does not move still fire as in the prior
+    # flags the search does not move still fire as in the prior; ``same_organ_flagged`` follows
+    # the flags it spreads (`jrs.qa_family`), moved or not
     fixed = np.zeros(len(samples), bool)
+    fixed_source = np.zeros(len(samples), bool)
     moved = {p.flag for p in params}
     if len(samples):
         for code, f in fired_matrix(samples, prior).items():
-            if code in STRUCTURE_FLAGS and code not in moved:
+            if code in STRUCTURE_FLAGS and code not in moved and code != SAME_ORGAN:
                 fixed |= f
+                if code in SPREAD_FLAGS:
+                    fixed_source |= f
+    spreads = SAME_ORGAN in set(flags)
 
     def union(changes: Mapping[str, float] | None = None) -> npt.NDArray[np.bool_]:
         u = fixed.copy()
+        source = fixed_source.copy()
         for p in params:
-            u |= fires(p, (changes or {}).get(p.key, values[p.key]))
-        return u
+            f = fires(p, (changes or {}).get(p.key, values[p.key]))
+            u |= f
+            if p.flag in SPREAD_FLAGS:
+                source |= f
+        return u | spread_mask(source, samples.family_group) if spreads else u
 
     def state(u: npt.NDArray[np.bool_]) -> tuple[int, int, float]:
         """(bad flagged, good flagged, false flags over the limits)."""

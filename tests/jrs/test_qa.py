@@ -294,3 +294,28 @@ def test_a_mapping_off_around_a_structure_is_flagged_per_class() -> None:
     assert flag_structure(unmeasured, t).flag_codes == []
     rectum = StructureQa("Rectum", "rectum", "registration", 60.0, 60.0, residual_shift_mm=9.0)
     assert flag_structure(rectum, t).flag_codes == []
+
+
+def test_the_iterative_method_and_the_network_disagreeing_is_flagged() -> None:
+    """`method_disagreement`: Dice first, then the mean surface distance, per organ."""
+    t = QaThresholds(
+        min_method_dice={"bladder": 0.9, "prostate": 0.8}, max_method_msd_mm={"bladder": 2.0}
+    )
+
+    def bladder(**kw: float) -> StructureQa:
+        return StructureQa("Vescica", "bladder", "iterative", 200.0, 240.0, **kw)
+
+    low = flag_structure(bladder(method_dice=0.86, method_msd_mm=1.2), t)
+    assert low.flag_codes == ["method_disagreement"]
+    assert "Dice 0.86 < 0.90" in low.flags[0] and "bladder" in low.flags[0]
+    far = flag_structure(bladder(method_dice=0.93, method_msd_mm=2.4), t)
+    assert far.flag_codes == ["method_disagreement"]
+    assert "2.4 mm > 2 mm" in far.flags[0]
+    assert flag_structure(bladder(method_dice=0.93, method_msd_mm=1.9), t).flag_codes == []
+    # no second method (network method, or no model), or an organ without a limit: no flag
+    assert flag_structure(bladder(), t).flag_codes == []
+    rectum = StructureQa("Retto", "rectum", "iterative", 60.0, 60.0, method_dice=0.1)
+    assert flag_structure(rectum, t).flag_codes == []
+    # a propagated ROI has no organ: never judged on it
+    head = StructureQa("FemoralHead_L", None, "iterative", 90.0, 90.0, method_dice=0.1)
+    assert flag_structure(head, t).flag_codes == []

@@ -245,6 +245,9 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
             "image_ncc": None if i % 9 == 0 else ncc,
             "image_ncc_prealigned": ncc + float(rng.uniform(-0.3, 0.3)),
             "residual_shift_mm": None if i % 10 == 0 else float(rng.uniform(0, 6)),
+            # the two methods' agreement (iterative runs, organs only)
+            "method_dice": None if organ is None or i % 4 == 0 else float(rng.uniform(0.5, 1)),
+            "method_msd_mm": None if organ is None or i % 12 == 0 else float(rng.uniform(0, 5)),
         }
         structures.append(
             _structure(
@@ -266,8 +269,10 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
     ]
     samples = samples_from_records(recs)
     params = search_parameters(samples, QaThresholds(), min_class_good=0)
-    assert {p.flag for p in params} == set(FLAGS)
+    # every flag has a threshold but the one that spreads the others (`jrs.qa_family`)
+    assert {p.flag for p in params} == set(FLAGS) - {"same_organ_flagged"}
     keys = {p.key for p in params}
+    assert {"min_method_dice.bladder", "max_method_msd_mm.prostate"} <= keys
     assert {"max_path_msd_mm.prostate", "max_image_fit_gain.rectum"} <= keys
     assert {"max_image_fit_gain.*", "min_image_ncc.*", "min_image_ncc.targets"} <= keys
     assert {"max_residual_shift_mm.*", "max_residual_shift_mm.targets"} <= keys
@@ -716,3 +721,79 @@ def test_other_path_swaps_single_paths_and_takes_the_less_trusted_one_of_a_fusio
         "rectum": "segmentation",
         "bladder": "registration",  # not named: the pipeline's default, segmentation
     }
+
+
+# ------------------------------------------------------------------ contours of one organ
+def _family_records(with_field: bool) -> list[dict[str, Any]]:
+    """Per case: the manual bladder and its automatic contours, mapped alike.
+
+    Good runs: the mapping is right (residual 0.5 mm), all contours good. Bad runs: it is 4 mm off
+    around the bladder; the manual contour shows it, ``Bladder_DL`` (no figure of its own) and
+    ``Bladder_MBS`` are bad too.
+    """
+    recs = []
+    for i in range(8):
+        for population, residual, dsc, msd in (
+            ("network", 0.5, 0.95, 0.8),
+            ("dvf_noise", 4.0, 0.7, 3.5),
+        ):
+            items = [
+                _structure(
+                    "Vescica", "bladder", 200.0, 200.0, dsc, msd, residual_shift_mm=residual
+                ),
+                _structure("Bladder_DL", None, 190.0, 190.0, dsc, msd),
+                _structure("Bladder_MBS", None, 210.0, 210.0, dsc, msd, residual_shift_mm=0.5),
+                _structure("Retto", "rectum", 60.0, 60.0, 0.95, 0.8, residual_shift_mm=0.5),
+            ]
+            if with_field:
+                for s, fam in zip(items, ("bladder", "bladder", "bladder", "rectum"), strict=True):
+                    s["organ_family"] = fam
+            recs.append(_record(f"c{i}", population, items))
+    return recs
+
+
+@pytest.mark.parametrize("with_field", [True, False])
+def test_the_same_organ_flag_is_measured_as_jrs_qa_family_raises_it(with_field: bool) -> None:
+    """Records with ``organ_family`` and older ones (the names resolved) spread alike."""
+    from jrs.qa import StructureQa, flag_structure
+    from jrs.qa_family import flag_same_organ
+
+    samples = samples_from_records(_family_records(with_field))
+    t = QaThresholds(max_residual_shift_mm={"bladder": 3.0})
+    fired = fired_matrix(samples, t)
+    runs: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(samples.items):
+        runs.setdefault((it["case_id"], it["population"]), []).append(i)
+    fields = set(StructureQa.__dataclass_fields__)
+    for (_, population), idx in runs.items():
+        qas = []
+        for i in idx:
+            item = dict(samples.items[i])
+            item.setdefault(
+                "organ_family",
+                {"Vescica": "bladder", "Retto": "rectum"}.get(item["name"], "bladder"),
+            )
+            qa = StructureQa(**{k: v for k, v in item.items() if k in fields})
+            qa.flags, qa.flag_codes = [], []
+            qas.append(flag_structure(qa, t))
+        flag_same_organ(qas)
+        for i, qa in zip(idx, qas, strict=True):
+            assert fired["same_organ_flagged"][i] == ("same_organ_flagged" in qa.flag_codes)
+        names = {samples.items[i]["name"]: fired["same_organ_flagged"][i] for i in idx}
+        bad = population == "dvf_noise"
+        assert names == {"Vescica": False, "Bladder_DL": bad, "Bladder_MBS": bad, "Retto": False}
+
+
+def test_choice_catches_automatic_contours_through_the_manual_ones_figure() -> None:
+    samples = samples_from_records(_family_records(True))
+    loose = QaThresholds(max_residual_shift_mm={"bladder": 10.0, "*": 10.0})
+    assert rates(fired_matrix(samples, loose)["same_organ_flagged"], samples)["recall"] == 0.0
+    choice = choose_thresholds(samples, loose)
+    # the bladder's residual limit comes down between 0.5 and 4 mm: the manual contours are
+    # caught by their figure, the automatic ones by the spread, no good contour is flagged
+    assert choice.met and choice.recall == 1.0 and choice.false_flag_rate == 0.0
+    assert 1.5 <= choice.thresholds.max_residual_shift_mm["bladder"] < 4.0
+    fired = fired_matrix(samples, choice.thresholds)
+    dl = np.array([it["name"] == "Bladder_DL" for it in samples.items])
+    assert fired["same_organ_flagged"][dl & samples.bad].all()
+    assert not fired["same_organ_flagged"][samples.good].any()
