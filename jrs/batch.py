@@ -289,12 +289,21 @@ def _init_worker(options: RecontourOptions) -> None:
 
 
 def _backend_for(options: RecontourOptions) -> NetworkBackend | None:
-    """The worker's backend, loaded again when a row asks for another model folder."""
+    """The worker's backend, loaded again when a row asks for another model folder.
+
+    The iterative method uses it as its second opinion (``method_consensus``); it needs none, so
+    a model that does not load leaves it without one (None) instead of failing the row.
+    """
     global _WORKER_BACKEND, _WORKER_MODEL
-    if options.method != "network":
+    if options.method != "network" and not options.method_consensus:
         return None
     if _WORKER_BACKEND is None or options.model_dir != _WORKER_MODEL:
-        _WORKER_BACKEND = load_backend(options)
+        try:
+            _WORKER_BACKEND = load_backend(options)
+        except JrsError:
+            if options.method == "network":
+                raise
+            return None
         _WORKER_MODEL = options.model_dir
     return _WORKER_BACKEND
 
