@@ -208,8 +208,8 @@ class RecontourOptions:
             ``affine``: the whole-body rigid then affine match alone.
         method_consensus: with ``--method iterative``, also run the network (when a model
             loads) and compare each organ's contour with the network's registration path of it
-            (`jrs.qa.StructureQa.method_dice`, flag ``method_disagreement``); a few seconds
-            beside the iterative registration's minutes.
+            (`jrs.qa.StructureQa.method_dice`, flag ``method_disagreement``); about a tenth of
+            the iterative run (docs/benchmarks.md).
     """
 
     method: Literal["network", "iterative"] = "network"
