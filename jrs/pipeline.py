@@ -941,14 +941,18 @@ def _network_reference(
     except JrsError as exc:
         log.info("no network to compare the iterative method with: %s", exc)
         return None
-    paths = _run_network(
-        net,
+    return _run_model(net, opts, pair).registration
+
+
+def _run_model(backend: NetworkBackend, opts: RecontourOptions, pair: PreparedPair) -> _Paths:
+    """`_run_network` with the options' (else the metadata's) correction, smoothing, passes."""
+    return _run_network(
+        backend,
         pair,
-        null_correction_enabled(net.metadata, opts.null_correction),
-        field_smoothing_sigma(net.metadata, opts.dvf_smoothing_mm),
-        network_passes(net.metadata, opts.network_passes),
+        null_correction_enabled(backend.metadata, opts.null_correction),
+        field_smoothing_sigma(backend.metadata, opts.dvf_smoothing_mm),
+        network_passes(backend.metadata, opts.network_passes),
     )
-    return paths.registration
 
 
 def recontour(
@@ -1079,13 +1083,7 @@ def recontour(
     if opts.method == "network":
         if backend is None:  # pragma: no cover - load_backend raises first
             raise ModelNotReady("no network loaded")
-        paths = _run_network(
-            backend,
-            pair,
-            null_correction_enabled(backend.metadata, opts.null_correction),
-            field_smoothing_sigma(backend.metadata, opts.dvf_smoothing_mm),
-            network_passes(backend.metadata, opts.network_passes),
-        )
+        paths = _run_model(backend, opts, pair)
     elif opts.method == "iterative":
         paths = _run_iterative(pair)
     else:

@@ -1353,6 +1353,21 @@ def search_parameters(
             for organ, member in _organ_classes(s, limits, min_class_good)
         ]
 
+    def lower_limits(
+        table: str, flag: str, figure: npt.NDArray[np.float64], extra: Iterable[float]
+    ) -> list[_Param]:
+        # one "flag below" limit per class of a per-organ table, loosest (lowest) first
+        limits: dict[str, float] = getattr(prior, table)
+        return [
+            _Param(
+                f"{table}.{organ}",
+                flag,
+                _cuts(own := np.where(member, figure, np.nan), [*extra, limits[organ]]),
+                _below(own),
+            )
+            for organ, member in _organ_classes(s, limits, min_class_good)
+        ]
+
     if "nearly_empty" in wanted:
         params.append(
             _Param(
@@ -1405,16 +1420,7 @@ def search_parameters(
     if "path_disagreement" in wanted:
         pd = np.where(s.paths_validated, s.path_dice, np.nan)
         # one limit per organ (its own table), the plain limit for the organs not in it
-        for organ, member in _organ_classes(s, prior.min_path_dice_organ, min_class_good):
-            own = np.where(member, pd, np.nan)
-            params.append(
-                _Param(
-                    f"min_path_dice_organ.{organ}",
-                    "path_disagreement",
-                    _cuts(own, [0.0, prior.min_path_dice_organ[organ], 1.0 + 1e-6]),
-                    _below(own),
-                )
-            )
+        params += lower_limits("min_path_dice_organ", "path_disagreement", pd, [0.0, 1.0 + 1e-6])
         msd = np.where(s.paths_validated, s.path_msd_mm, np.nan)
         params += upper_limits("max_path_msd_mm", "path_disagreement", msd, _OFF_SHIFT_MM)
         others = np.where(np.isin(s.organ, list(prior.min_path_dice_organ)), np.nan, pd)
@@ -1444,16 +1450,7 @@ def search_parameters(
             )
         )
     if "image_disagreement" in wanted:
-        for organ, member in _organ_classes(s, prior.min_image_ncc, min_class_good):
-            ncc = np.where(member, s.image_ncc, np.nan)
-            params.append(
-                _Param(
-                    f"min_image_ncc.{organ}",
-                    "image_disagreement",
-                    _cuts(ncc, [_OFF_NCC, prior.min_image_ncc[organ]]),
-                    _below(ncc),
-                )
-            )
+        params += lower_limits("min_image_ncc", "image_disagreement", s.image_ncc, [_OFF_NCC])
         # either condition raises the flag (jrs.qa.flag_structure), for any organ with figures;
         # a negative limit ("flag unless the mapping improved the agreement") would flag every
         # organ that did not move: the loss limit stays >= 0
@@ -1484,16 +1481,9 @@ def search_parameters(
             ]
         params += residual
     if "method_disagreement" in wanted:
-        for organ, member in _organ_classes(s, prior.min_method_dice, min_class_good):
-            own = np.where(member, s.method_dice, np.nan)
-            params.append(
-                _Param(
-                    f"min_method_dice.{organ}",
-                    "method_disagreement",
-                    _cuts(own, [0.0, prior.min_method_dice[organ], 1.0 + 1e-6]),
-                    _below(own),
-                )
-            )
+        params += lower_limits(
+            "min_method_dice", "method_disagreement", s.method_dice, [0.0, 1.0 + 1e-6]
+        )
         params += upper_limits(
             "max_method_msd_mm", "method_disagreement", s.method_msd_mm, _OFF_SHIFT_MM
         )
