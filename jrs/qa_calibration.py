@@ -1338,35 +1338,35 @@ def search_parameters(
     wanted = set(flags)
     params: list[_Param] = []
 
+    def organ_limits(
+        table: str, flag: str, figure: npt.NDArray[np.float64], extra: Iterable[float], above: bool
+    ) -> list[_Param]:
+        # one limit per class of a per-organ table (`_ORGAN_TABLES`), loosest first: flag above
+        # (candidates high to low) or below (low to high) it
+        limits: dict[str, float] = getattr(prior, table)
+        out = []
+        for organ, member in _organ_classes(s, limits, min_class_good):
+            own = np.where(member, figure, np.nan)
+            cuts = _cuts(own, [*extra, limits[organ]])
+            out.append(
+                _Param(
+                    f"{table}.{organ}",
+                    flag,
+                    cuts[::-1] if above else cuts,
+                    _above(own) if above else _below(own),
+                )
+            )
+        return out
+
     def upper_limits(
         table: str, flag: str, figure: npt.NDArray[np.float64], off: float
     ) -> list[_Param]:
-        # one "flag above" limit per class of a per-organ table (`_ORGAN_TABLES`), loosest first
-        limits: dict[str, float] = getattr(prior, table)
-        return [
-            _Param(
-                f"{table}.{organ}",
-                flag,
-                _cuts(own := np.where(member, figure, np.nan), [off, limits[organ]])[::-1],
-                _above(own),
-            )
-            for organ, member in _organ_classes(s, limits, min_class_good)
-        ]
+        return organ_limits(table, flag, figure, [off], above=True)
 
     def lower_limits(
         table: str, flag: str, figure: npt.NDArray[np.float64], extra: Iterable[float]
     ) -> list[_Param]:
-        # one "flag below" limit per class of a per-organ table, loosest (lowest) first
-        limits: dict[str, float] = getattr(prior, table)
-        return [
-            _Param(
-                f"{table}.{organ}",
-                flag,
-                _cuts(own := np.where(member, figure, np.nan), [*extra, limits[organ]]),
-                _below(own),
-            )
-            for organ, member in _organ_classes(s, limits, min_class_good)
-        ]
+        return organ_limits(table, flag, figure, extra, above=False)
 
     if "nearly_empty" in wanted:
         params.append(
