@@ -50,6 +50,7 @@ import SimpleITK as sitk
 from jrs.cascade import network_passes, refine
 from jrs.contour_fit import contour_fit
 from jrs.errors import InvalidInput, JrsError, ModelNotReady
+from jrs.far_field import FarField, bony_prealign, far_field_transform
 from jrs.field_smoothing import field_smoothing_sigma, smooth_field
 from jrs.focus_prealign import DEFAULT_PREALIGN, PrealignMode, prealign_pair
 from jrs.geometry import Geometry, Volume
@@ -90,6 +91,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Path_ = Literal["segmentation", "registration", "fusion"]
+FarFieldMode = Literal["bony", "focus"]
+FAR_FIELD_MODES: tuple[str, ...] = ("bony", "focus")
 #: The output paths a path choice may name.
 PATHS: tuple[str, ...] = ("segmentation", "registration", "fusion")
 
@@ -210,6 +213,10 @@ class RecontourOptions:
             loads) and compare each organ's contour with the network's registration path of it
             (`jrs.qa.StructureQa.method_dice`, flag ``method_disagreement``); about a tenth of
             the iterative run (docs/benchmarks.md).
+        far_field: ``bony`` (default): outside the network box the mapping follows a rigid
+            match of the bones (`jrs.far_field`), blended smoothly from the box's mapping over
+            `jrs.far_field.BLEND_MM`; ``focus``: the pre-alignment of the box everywhere
+            outside it (the mapping before the bony match existed).
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -230,6 +237,7 @@ class RecontourOptions:
     network_passes: int | None = None
     prealign: PrealignMode = DEFAULT_PREALIGN
     method_consensus: bool = True
+    far_field: FarFieldMode = "bony"
 
 
 @dataclass
@@ -511,6 +519,8 @@ def propagate_mask(
     full: sitk.Transform | None = None,
     network_box: tuple[slice, slice, slice] | None = None,
     reach_mm: float = 0.0,
+    outer: sitk.Transform | None = None,
+    outer_reach_mm: float = 0.0,
 ) -> npt.NDArray[np.bool_]:
     """A planning mask on the daily grid through ``full`` (pull: daily point -> planning point).
 
@@ -528,6 +538,9 @@ def propagate_mask(
         full: the whole mapping; None = the affine alone.
         network_box: where ``full`` differs from ``prealign`` (slices of the daily grid).
         reach_mm: largest length of the network displacement, mm.
+        outer: the mapping outside ``network_box`` (`jrs.far_field`: the pre-alignment after
+            the far-field correction); None = ``prealign``.
+        outer_reach_mm: largest length of the far-field correction, mm.
 
     Returns:
         (nz, ny, nx) boolean mask on the daily grid.
@@ -540,7 +553,11 @@ def propagate_mask(
     corners = np.array(
         [inverse.TransformPoint(tuple(map(float, p))) for p in crop.geometry.corners()]
     )
-    pad = 2.0 * float(daily.spacing.max()) + (float(reach_mm) if full is not None else 0.0)
+    pad = (
+        2.0 * float(daily.spacing.max())
+        + (float(reach_mm) if full is not None else 0.0)
+        + float(outer_reach_mm)
+    )
     box = _index_box(daily, corners, pad)
     if box is None:
         return out
@@ -548,7 +565,8 @@ def propagate_mask(
     inner = _intersect(box, network_box) if full is not None and network_box is not None else None
     if inner != box:  # (a ROI the network box covers needs the full mapping alone)
         out[box] = (
-            source.resample(_sub_grid(daily, box), "linear", 0.0, transform=prealign).array >= 0.5
+            source.resample(_sub_grid(daily, box), "linear", 0.0, transform=outer or prealign).array
+            >= 0.5
         )
     if full is not None and inner is not None:
         warped = source.resample(_sub_grid(daily, inner), "linear", 0.0, transform=full)
@@ -624,9 +642,13 @@ def _taper(grid: Geometry, width_mm: float = TAPER_MM) -> npt.NDArray[np.float32
 
 
 def composed_field(
-    prealign: sitk.AffineTransform, u_box: Volume, reference: Geometry, slab: int = 16
+    prealign: sitk.AffineTransform,
+    u_box: Volume,
+    reference: Geometry,
+    slab: int = 16,
+    far: FarField | None = None,
 ) -> Volume:
-    """``A(p + u(p)) - p`` on any grid, ``u`` interpolated trilinearly (0 outside its grid).
+    """``A(p + u(p) + h(p)) - p`` on any grid, ``u`` interpolated trilinearly (0 outside its grid).
 
     The same field as ``dense_field(_full_transform(prealign, u_box), reference)``, computed
     with numpy: the affine part is linear in the grid index, and ``u`` is interpolated only at
@@ -637,6 +659,8 @@ def composed_field(
         u_box: (nz, ny, nx, 3) displacement (mm, LPS) on its grid; zero at its faces (tapered).
         reference: the output grid.
         slab: output slices computed at a time (bounds the memory).
+        far: the far-field correction ``h`` (`jrs.far_field.FarField`, zero on the network
+            box); None: ``h = 0``.
 
     Returns:
         (nz, ny, nx, 3) float32 field on ``reference``, mm.
@@ -658,6 +682,11 @@ def composed_field(
     )  # (ny, nx, 3)
     for k in range(nz):
         out[k] = plane + k * lin[:, 2]
+    if far is not None and not far.is_identity():
+        col, row = np.meshgrid(np.arange(nx, dtype=np.float64), np.arange(ny, dtype=np.float64))
+        for k in range(nz):
+            pts = reference.index_to_physical(np.stack([col, row, np.full_like(col, k)], axis=-1))
+            out[k] += (far.correction(pts) @ m.T).astype(np.float32)
     inner = _index_box(reference, u_box.geometry.corners(), 0.0)
     if inner is None:
         return Volume(out, reference)
@@ -688,10 +717,19 @@ def composed_field(
     return Volume(out, reference)
 
 
-def _full_transform(prealign: sitk.Transform, dvf_grid: Volume | None) -> sitk.Transform:
-    """Daily point -> planning point: ``A(p + u(p))`` (``u`` = 0 outside its grid)."""
+def _full_transform(
+    prealign: sitk.Transform, dvf_grid: Volume | None, far: sitk.Transform | None = None
+) -> sitk.Transform:
+    """Daily point -> planning point: ``A(q + h(q))``, ``q = p + u(p)`` (``u`` = 0 off its grid).
+
+    ``h`` (the far-field correction, zero on the network box) is applied after ``u``; since
+    ``u`` is zero outside the box and ``h`` zero on it, this is ``A(p + u(p) + h(p))`` up to
+    ``h`` within ``|u|`` of the box's faces, where both are tapered to near zero.
+    """
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(prealign)
+    if far is not None:
+        composite.AddTransform(far)
     if dvf_grid is not None:
         image = sitk.GetImageFromArray(dvf_grid.array.astype(np.float64), isVector=True)
         dvf_grid.geometry.apply_to_sitk(image)
@@ -1003,6 +1041,7 @@ def recontour(
     # the pre-alignment starts as soon as both CTs are read, while the planning ROIs are
     # rasterised (one worker: it runs after the daily read)
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-pipeline")
+    background_far = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-far-field")
     daily_job = background.submit(read_ct_series, daily_ct)
     prealign_jobs: list[Future[AffineResult]] = []
 
@@ -1039,9 +1078,19 @@ def recontour(
         planning_labels = planning.volume.with_array(np.zeros(pgrid.shape, np.uint8))
         box_labels = _propagation_region(structure_set, planning_masks, planning.volume)
     t = lap("labels", t)
-    prealign = prealign_job.result()
+    whole = prealign_job.result()
     prealign, focus = prealign_pair(
-        daily.volume, planning.volume, planning_labels, opts.prealign, start=prealign
+        daily.volume, planning.volume, planning_labels, opts.prealign, start=whole
+    )
+    if opts.far_field not in FAR_FIELD_MODES:
+        raise InvalidInput(
+            f"far field {opts.far_field!r} unknown; use one of {', '.join(FAR_FIELD_MODES)}"
+        )
+    # the bones' rigid match, for the mapping far from the network box (`jrs.far_field`)
+    bony_job = (
+        background_far.submit(bony_prealign, daily.volume, planning.volume, whole)
+        if opts.far_field == "bony"
+        else None
     )
     if focus is None and opts.prealign == "prostate":
         log.info("no prostate or seminal vesicles: the whole-body pre-alignment is kept")
@@ -1078,6 +1127,16 @@ def recontour(
     pair = prepare_pair(
         daily.volume, planning_ct_box, planning_labels_box, box=box, prealign=prealign
     )
+    far: FarField | None = None
+    bony_report = None
+    if bony_job is not None:
+        bony, bony_report = bony_job.result()
+        corners = pair.grid.corners()
+        far = FarField(prealign.transform, bony, corners.min(axis=0), corners.max(axis=0))
+    background_far.shutdown(wait=False)
+    far_tx = far_field_transform(far, daily.volume.geometry)
+    far_reach = far.reach_mm(daily.volume.geometry) if far is not None else 0.0
+    outer = _full_transform(prealign.transform, None, far_tx) if far_tx is not None else None
     t = lap("prepare", t)
 
     if opts.method == "network":
@@ -1142,9 +1201,9 @@ def recontour(
     u_taper = paths.dvf * _taper(pair.grid)[..., None]
     reach_mm = float(np.sqrt((u_taper**2).sum(axis=-1)).max()) if u_taper.size else 0.0
     u_box = Volume(u_taper.astype(np.float32, copy=False), pair.grid)
-    full = _full_transform(prealign.transform, u_box)
+    full = _full_transform(prealign.transform, u_box, far_tx)
     out_grid = dvf_grid(daily.volume.geometry, opts.dvf_spacing_mm)
-    dvf = composed_field(prealign.transform, u_box, out_grid)
+    dvf = composed_field(prealign.transform, u_box, out_grid, far=far)
     jac, organ_jac = jacobian_report(
         box_field(prealign.transform, u_box.array, pair.grid),
         pair.body,
@@ -1204,6 +1263,8 @@ def recontour(
                     full,
                     network_box,
                     reach_mm,
+                    outer,
+                    far_reach,
                 )
                 for name, mask in planning_masks.items()
             }
@@ -1423,6 +1484,13 @@ def recontour(
             "matrix": list(prealign.transform.GetMatrix()),
             "translation_mm": list(prealign.transform.GetTranslation()),
             "center_mm": list(prealign.transform.GetCenter()),
+            "far_field": {
+                "mode": opts.far_field,
+                "bony": bony_report.as_dict() if bony_report is not None else None,
+                "blend_mm": far.blend_mm if far is not None else None,
+                "max_gradient": round(far.max_gradient(), 4) if far is not None else None,
+                "largest_correction_mm": round(far_reach, 3),
+            },
         },
         "network_box_mm": {"lower": box[0].tolist(), "upper": box[1].tolist()},
         "network": paths.network,

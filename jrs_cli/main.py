@@ -410,6 +410,16 @@ PrealignOpt = Annotated[
 ]
 
 
+FarFieldOpt = Annotated[
+    str,
+    typer.Option(
+        "--far-field",
+        help="The mapping outside the network box: 'bony' (a rigid match of the bones, blended "
+        "smoothly from the box over 60 mm) or 'focus' (the box's pre-alignment everywhere).",
+    ),
+]
+
+
 def _fusion_method(value: str | None) -> str | None:
     from jrs.errors import InvalidInput
     from jrs.fusion import FUSION_METHODS
@@ -441,6 +451,7 @@ def recontour(
     dvf_smoothing_mm: DvfSmoothingOpt = None,
     network_passes: NetworkPassesOpt = None,
     prealign: PrealignOpt = "prostate",
+    far_field: FarFieldOpt = "bony",
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
     from jrs.focus_prealign import check_prealign_mode
@@ -454,6 +465,7 @@ def recontour(
     opts.dvf_smoothing_mm = dvf_smoothing_mm
     opts.network_passes = network_passes
     opts.prealign = check_prealign_mode(prealign)
+    opts.far_field = far_field  # type: ignore[assignment]  # (checked by the pipeline)
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")
