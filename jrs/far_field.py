@@ -51,8 +51,11 @@ BLEND_MM = 60.0
 #: the bony match refines the whole-body rigid match: larger changes are refused
 MAX_BONY_SHIFT_MM = 15.0
 MAX_BONY_ANGLE_DEG = 6.0
-#: spacing of the coarse displacement grid that carries the blend into SimpleITK, mm
+#: spacing of the coarse displacement grid that carries the blend, mm
 FAR_GRID_MM = 4.0
+#: how far inside the network box's faces the blend starts, mm (the box is the organs plus a
+#: margin of `jrs.pipeline.RecontourOptions.margin_mm`)
+INSET_MM = 20.0
 
 
 def _rigid_as_affine(rigid: sitk.Euler3DTransform) -> sitk.AffineTransform:
@@ -195,23 +198,78 @@ def _affine_parts(
     return m, c + t - m @ c
 
 
-@dataclass(frozen=True)
+def _far_grid(reference: Geometry) -> Geometry:
+    """An LPS-aligned `FAR_GRID_MM` grid covering ``reference`` with a 2-voxel margin."""
+    corners = reference.corners()
+    lo = corners.min(axis=0) - 2 * FAR_GRID_MM
+    hi = corners.max(axis=0) + 2 * FAR_GRID_MM
+    n = np.ceil((hi - lo) / FAR_GRID_MM).astype(int) + 1
+    return Geometry(
+        (int(n[2]), int(n[1]), int(n[0])),
+        lo,
+        np.full(3, FAR_GRID_MM),
+        np.eye(3),
+        reference.frame_of_reference_uid,
+    )
+
+
 class FarField:
-    """The correction ``h`` that carries the mapping from the network box to the bony match.
+    """The correction ``h`` that carries the mapping from the network box to the far mapping.
+
+    ``h(p) = (1 - w(p)) (A_f^{-1}(B(p)) - p)``, with ``B`` the far mapping (the bony match, or
+    the whole-body deformable match), sampled on a coarse `FAR_GRID_MM` grid over the daily CT
+    and interpolated linearly.
 
     Attributes:
         focus: ``A_f``, the pre-alignment the network box's field is added to.
-        bony: ``A_b``, the mapping far from the box.
+        far: ``B``, the mapping far from the box (daily point -> planning point).
         lower: LPS lower corner of the network box, mm, (3,).
         upper: LPS upper corner of the network box, mm, (3,).
         blend_mm: width of the blend, mm.
+        grid: the coarse grid of ``h``.
+        field: (nz, ny, nx, 3) ``h`` on ``grid``, mm.
     """
 
-    focus: sitk.AffineTransform
-    bony: sitk.AffineTransform
-    lower: npt.NDArray[np.float64]
-    upper: npt.NDArray[np.float64]
-    blend_mm: float = BLEND_MM
+    def __init__(
+        self,
+        focus: sitk.AffineTransform,
+        far: sitk.Transform,
+        lower: npt.ArrayLike,
+        upper: npt.ArrayLike,
+        reference: Geometry,
+        blend_mm: float = BLEND_MM,
+    ) -> None:
+        """Sample ``h`` over the daily CT.
+
+        Args:
+            focus: ``A_f`` (daily point -> planning point).
+            far: ``B`` (daily point -> planning point).
+            lower: LPS lower corner of the network box, mm.
+            upper: LPS upper corner of the network box, mm.
+            reference: the daily CT grid.
+            blend_mm: width of the blend, mm.
+        """
+        self.focus = focus
+        self.far = far
+        self.lower = np.asarray(lower, float)
+        self.upper = np.asarray(upper, float)
+        self.blend_mm = float(blend_mm)
+        self.grid = _far_grid(reference)
+        g = self.grid
+        b = sitk.GetArrayFromImage(
+            sitk.TransformToDisplacementField(
+                far,
+                sitk.sitkVectorFloat64,
+                list(g.size_xyz),
+                tuple(float(v) for v in g.origin),
+                tuple(float(v) for v in g.spacing),
+                tuple(float(v) for v in g.direction.reshape(-1)),
+            )
+        )
+        pts = g.voxel_centres()
+        mf, kf = _affine_parts(focus)
+        r = (pts + b - kf) @ np.linalg.inv(mf).T - pts  # A_f^-1(B(p)) - p
+        self.field = ((1.0 - self.weight(pts))[..., None] * r).astype(np.float32)
 
     def weight(self, points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """``w``: 1 on the box, cosine down to 0 at ``blend_mm`` from it; points (..., 3) mm."""
@@ -220,82 +278,71 @@ class FarField:
         s = np.clip(d / self.blend_mm, 0.0, 1.0)
         return 0.5 + 0.5 * np.cos(np.pi * s)
 
-    def _mismatch(self, points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """``r(p) = A_f^{-1}(A_b(p)) - p`` at LPS points (..., 3), mm (an affine field)."""
-        mf, kf = _affine_parts(self.focus)
-        mb, kb = _affine_parts(self.bony)
-        inv = np.linalg.inv(mf)
-        return points @ (inv @ mb - np.eye(3)).T + inv @ (kb - kf)
-
     def correction(self, points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """``h(p) = (1 - w(p)) r(p)`` at LPS points (..., 3), mm.
+        """``h`` at LPS points (..., 3), mm, interpolated linearly (zero on the box).
 
-        Added to a daily point before ``A_f`` it gives ``A_b`` far from the box.
+        Added to a daily point before ``A_f`` it gives ``B`` far from the box.
         """
-        return (1.0 - self.weight(points))[..., None] * self._mismatch(points)
+        from scipy import ndimage
 
-    def max_gradient(self) -> float:
-        """An upper bound of ``|grad h|`` (spectral norm, unitless) over the blend zone.
-
-        ``grad h = (1 - w) grad r - r (x) grad w`` with ``|grad w| <= pi / (2 blend_mm)``; ``r``
-        is affine, so its largest length over the zone is at the zone's corners.
-        """
-        lo, hi = self.lower - self.blend_mm, self.upper + self.blend_mm
-        corners = np.array(
-            [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+        shape = points.shape[:-1]
+        idx = self.grid.physical_to_index(points.reshape(-1, 3))[:, ::-1].T
+        out = np.stack(
+            [
+                ndimage.map_coordinates(self.field[..., a], idx, order=1, mode="nearest")
+                for a in range(3)
+            ],
+            axis=-1,
         )
-        r = self._mismatch(corners)
-        reach = float(np.sqrt((r * r).sum(axis=-1)).max())
-        linear = self._mismatch(np.eye(3)) - self._mismatch(np.zeros((1, 3)))
-        return float(np.pi / (2.0 * self.blend_mm) * reach + np.linalg.norm(linear, 2))
+        out[self.weight(points.reshape(-1, 3)) >= 1.0] = 0.0
+        return out.reshape(*shape, 3)
+
+    def weight_on(self, grid: Geometry) -> npt.NDArray[np.float32]:
+        """``w`` on every voxel of a grid, (nz, ny, nx) float32.
+
+        On an LPS-aligned grid (the network grid) the distance to the box is separable by
+        axis and computed without the (nz, ny, nx, 3) array of voxel centres.
+        """
+        if not np.allclose(grid.direction, np.eye(3)):
+            return self.weight(grid.voxel_centres()).astype(np.float32)
+        gaps = []
+        for axis in range(3):  # x, y, z
+            n = grid.size_xyz[axis]
+            x = grid.origin[axis] + grid.spacing[axis] * np.arange(n, dtype=np.float64)
+            gap = np.maximum(np.maximum(self.lower[axis] - x, 0.0), x - self.upper[axis])
+            shape = [1, 1, 1]
+            shape[2 - axis] = n
+            gaps.append((gap * gap).reshape(shape))
+        d = np.sqrt(gaps[0] + gaps[1] + gaps[2])
+        s = np.clip(d / self.blend_mm, 0.0, 1.0)
+        return (0.5 + 0.5 * np.cos(np.pi * s)).astype(np.float32)
 
     def is_identity(self) -> bool:
-        """Whether the two matches agree (then ``h`` is zero everywhere)."""
-        mf, kf = _affine_parts(self.focus)
-        mb, kb = _affine_parts(self.bony)
-        return bool(np.array_equal(mf, mb) and np.array_equal(kf, kb))
+        """Whether ``h`` is zero everywhere (the two mappings agree)."""
+        return not bool(np.any(self.field))
 
-    def on_grid(self, reference: Geometry) -> Volume:
-        """``h`` sampled on a coarse LPS-aligned grid covering ``reference`` and the blend.
+    def min_det_jacobian(self) -> float:
+        """The smallest det J of ``p -> A_f(p + h(p))`` on the coarse grid (no folding: > 0)."""
+        from jrs.transforms import jacobian_determinant
 
-        Args:
-            reference: the daily CT grid.
+        return float(jacobian_determinant(Volume(self.field, self.grid)).min())
 
-        Returns:
-            (nz, ny, nx, 3) float32 displacement, mm, on a `FAR_GRID_MM` grid.
-        """
-        corners = reference.corners()
-        lo = corners.min(axis=0) - 2 * FAR_GRID_MM
-        hi = corners.max(axis=0) + 2 * FAR_GRID_MM
-        n = np.ceil((hi - lo) / FAR_GRID_MM).astype(int) + 1
-        grid = Geometry(
-            (int(n[2]), int(n[1]), int(n[0])),
-            lo,
-            np.full(3, FAR_GRID_MM),
-            np.eye(3),
-            reference.frame_of_reference_uid,
-        )
-        return Volume(self.correction(grid.voxel_centres()).astype(np.float32), grid)
-
-    def reach_mm(self, reference: Geometry) -> float:
-        """The largest ``|h|`` over the daily CT's corners (``h`` grows with distance), mm."""
-        h = self.correction(reference.corners())
-        return float(np.sqrt((h * h).sum(axis=-1)).max())
+    def reach_mm(self) -> float:
+        """The largest ``|h|``, mm."""
+        return float(np.sqrt((self.field.astype(np.float64) ** 2).sum(axis=-1)).max())
 
 
-def far_field_transform(far: FarField | None, reference: Geometry) -> sitk.Transform | None:
+def far_field_transform(far: FarField | None) -> sitk.Transform | None:
     """``p -> p + h(p)`` as a SimpleITK displacement-field transform (None when ``h`` = 0).
 
     Args:
         far: the far-field correction, or None.
-        reference: the daily CT grid.
 
     Returns:
         The transform to add (first) before the pre-alignment, or None.
     """
     if far is None or far.is_identity():
         return None
-    h = far.on_grid(reference)
-    image = sitk.GetImageFromArray(h.array.astype(np.float64), isVector=True)
-    h.geometry.apply_to_sitk(image)
+    image = sitk.GetImageFromArray(far.field.astype(np.float64), isVector=True)
+    far.grid.apply_to_sitk(image)
     return sitk.DisplacementFieldTransform(image)

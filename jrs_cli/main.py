@@ -107,16 +107,30 @@ def phantom(
         Path | None,
         typer.Option("--synonyms", help="With --from-planning: YAML ROI-name synonym table."),
     ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option(
+            "--family",
+            help="Deformation family of the daily fractions: 'organ' (the organ-aware engine the "
+            "model is trained on; the default with --from-planning) or 'dome' (a held-out test "
+            "family, never used for training). Without --from-planning the default stays the "
+            "analytic phantom motion.",
+        ),
+    ] = None,
 ) -> None:
     """Write synthetic pelvic patients with planning and daily CTs, RTSTRUCTs and true DVFs.
 
     Layout: OUT/<patient>/planning/{ct/,rtstruct.dcm} and
     OUT/<patient>/fraction_<k>/{ct/,rtstruct.dcm,true_dvf.mha}. With --from-planning, the
     fractions are synthetic daily scans of that planning CT + RTSTRUCT (organ-aware deformation
-    engine), written as OUT/planning_<hash>/... with fraction_<k>/params.json.
+    engine, or the held-out dome engine with --family dome), written as OUT/planning_<hash>/...
+    with fraction_<k>/params.json. --family organ|dome makes the phantoms' fractions with that
+    engine too (default: the analytic phantom motion).
     """
     from jrs.errors import InvalidInput
 
+    if family is not None and family not in ("organ", "dome"):
+        raise InvalidInput(f"--family {family!r} unknown; use organ or dome")
     if from_planning is not None:
         if rtstruct is None:
             raise InvalidInput(
@@ -138,11 +152,16 @@ def phantom(
             seed=seed,
             synonyms=SynonymTable.from_yaml(synonyms) if synonyms is not None else None,
             progress=True,
+            family=family or "organ",
         )
         typer.echo(str(folder))
         return
     if rtstruct is not None or synonyms is not None:
         raise InvalidInput("--rtstruct and --synonyms apply only with --from-planning CT_DIR")
+    if family is not None:  # phantoms whose fractions come from a deformation engine
+        for path in _engine_phantoms(out, patients, fractions, seed, patient_position, family):
+            typer.echo(str(path))
+        return
     from jrs.phantom import write_dataset
 
     written = write_dataset(
@@ -155,6 +174,38 @@ def phantom(
     )
     for path in written:
         typer.echo(str(path))
+
+
+def _engine_phantoms(
+    out: Path, patients: int, fractions: int, seed: int, position: str, engine: str
+) -> list[Path]:
+    """Write phantom patients (seeds SEED..) whose fractions are made by `engine` (organ, dome).
+
+    The layout of ``write_dataset``, plus ``fraction_<k>/params.json`` (the engine's parameters
+    and ``"family"``).
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with tqdm(total=patients * (1 + fractions), desc="phantom", unit="scan") as bar:
+        for i in range(patients):
+            patient = generate_patient(seed + i, position.upper())
+            folder = out / patient.name
+            write_patient(patient, folder)
+            bar.update(1)
+            for k in range(1, fractions + 1):
+                frac = generate_fraction(patient, k, engine=engine)
+                write_fraction(frac, folder / f"fraction_{k}")
+                record = {"fraction": k, "seed": seed + i, **frac.params, "family": engine}
+                (folder / f"fraction_{k}" / "params.json").write_text(json.dumps(record, indent=2))
+                bar.update(1)
+            written.append(folder)
+    return written
 
 
 @app.command("rtstruct-to-masks")
@@ -414,8 +465,17 @@ FarFieldOpt = Annotated[
     str,
     typer.Option(
         "--far-field",
-        help="The mapping outside the network box: 'bony' (a rigid match of the bones, blended "
-        "smoothly from the box over 60 mm) or 'focus' (the box's pre-alignment everywhere).",
+        help="The mapping outside the network box, blended smoothly from the box over 60 mm: "
+        "'bony' (a rigid match of the bones), 'deformable' (then a coarse B-spline match of the "
+        "whole body) or 'focus' (the box's prostate-centred pre-alignment everywhere).",
+    ),
+]
+RefineOpt = Annotated[
+    str,
+    typer.Option(
+        "--refine",
+        help="'on': refine the network's field on the pair (a coarse B-spline registration on "
+        "top of it, kept per organ where the daily CT agrees better around the organ); 'off'.",
     ),
 ]
 
@@ -452,6 +512,7 @@ def recontour(
     network_passes: NetworkPassesOpt = None,
     prealign: PrealignOpt = "prostate",
     far_field: FarFieldOpt = "bony",
+    refine: RefineOpt = "on",
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
     from jrs.focus_prealign import check_prealign_mode
@@ -465,7 +526,8 @@ def recontour(
     opts.dvf_smoothing_mm = dvf_smoothing_mm
     opts.network_passes = network_passes
     opts.prealign = check_prealign_mode(prealign)
-    opts.far_field = far_field  # type: ignore[assignment]  # (checked by the pipeline)
+    opts.far_field = far_field  # (checked by the pipeline)
+    opts.refine = refine
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")

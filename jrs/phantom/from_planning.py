@@ -6,9 +6,13 @@
     OUT/planning_<h>/fraction_<k>/ct/*.dcm, rtstruct.dcm, true_dvf.mha, params.json
 
 ``<h>`` is the first 10 hex digits of the SHA-1 of the planning SeriesInstanceUID, so folder names
-hold no patient data. Each fraction is made by `jrs.phantom.engine.synthesize_fraction` from the
-planning CT, its organ label map (ROI names mapped by the synonym table) and every ROI of the
-planning RTSTRUCT; it is a new study with its own StudyInstanceUID, SeriesInstanceUID and
+hold no patient data. Each fraction is made by the deformation engine of the chosen family:
+``family="organ"`` (default) `jrs.phantom.engine.synthesize_fraction`, the family the model is
+trained and calibrated on, or ``family="dome"``
+`jrs.phantom.dome_engine.synthesize_dome_fraction`, a held-out test family with a random stream
+and UIDs of its own (``"family"`` is recorded in ``params.json``). It works from the planning CT,
+its organ label map (ROI names mapped by the synonym table) and every ROI of the planning
+RTSTRUCT; it is a new study with its own StudyInstanceUID, SeriesInstanceUID and
 FrameOfReferenceUID (deterministic: derived from the seed and the planning series), the planning
 patient's identity attributes, and the planning ROI names, colours and interpreted types. The
 fraction's RTSTRUCT and ``true_dvf.mha`` (pull DVF in mm, LPS, on the daily grid) are the ground
@@ -36,6 +40,11 @@ from jrs.geometry import Volume
 from jrs.labels import LABELS, SynonymTable, label_map_from_masks
 
 log = logging.getLogger(__name__)
+
+#: deformation families of synthetic fractions: "organ" (training) and "dome" (held out).
+FAMILIES: tuple[str, ...] = ("organ", "dome")
+#: module that makes each family's fractions (the RTSTRUCT's algorithm name).
+ENGINE_MODULES: dict[str, str] = {"organ": "jrs.phantom.engine", "dome": "jrs.phantom.dome_engine"}
 
 
 def planning_name(series_instance_uid: str) -> str:
@@ -83,6 +92,7 @@ def write_from_planning(
     seed: int = 0,
     synonyms: SynonymTable | str | Path | None = None,
     progress: bool = False,
+    family: str = "organ",
 ) -> Path:
     """Write synthetic daily fractions of a planning CT + RTSTRUCT in the phantom layout.
 
@@ -95,18 +105,28 @@ def write_from_planning(
         synonyms: ROI-name synonym table (a `SynonymTable` or a YAML file; defaults to the
             built-in table) mapping ROI names to bladder, rectum, seminal vesicles, prostate.
         progress: show a tqdm progress bar (one step per fraction).
+        family: deformation family: "organ" (`jrs.phantom.engine`, the training family) or
+            "dome" (`jrs.phantom.dome_engine`, held out of training and calibration: a
+            cross-generator test). The family is recorded in each ``params.json``; dome
+            fractions use another random stream and other UIDs than organ ones of the same seed.
 
     Returns:
         The planning folder ``OUT/planning_<h>``.
 
     Raises:
-        InvalidInput: unreadable inputs, no ROI mapping to an organ, a negative `fractions`.
+        InvalidInput: unreadable inputs, no ROI mapping to an organ, a negative `fractions`, an
+            unknown `family`.
         GeometryMismatch: the RTSTRUCT does not belong to the CT.
     """
     from jrs.dicom.ct import write_ct_series
     from jrs.dicom.rtstruct import interpreted_type_for, masks_from_files, write_rtstruct
+    from jrs.phantom.dome_engine import SEED_STREAM, synthesize_dome_fraction
     from jrs.phantom.engine import synthesize_fraction
 
+    if family not in FAMILIES:
+        raise InvalidInput(
+            f"deformation family {family!r} unknown; use one of {', '.join(FAMILIES)}"
+        )
     if fractions < 0:
         raise InvalidInput(f"fractions must be >= 0, got {fractions}")
     table = _synonym_table(synonyms)
@@ -141,15 +161,25 @@ def write_from_planning(
     bar = tqdm(total=fractions, desc=name, unit="fraction", disable=not progress)
     try:
         for k in range(1, fractions + 1):
-            ids = (key, seed, k)
-            rng = np.random.default_rng([seed, k, int(hashlib.sha1(key.encode()).hexdigest(), 16)])
-            made = synthesize_fraction(
-                series.volume,
-                label_volume,
-                structures,
-                rng,
-                frame_of_reference_uid=_uid(*ids, "frame"),
-            )
+            entropy = [seed, k, int(hashlib.sha1(key.encode()).hexdigest(), 16)]
+            if family == "organ":
+                ids: tuple[object, ...] = (key, seed, k)
+                made = synthesize_fraction(
+                    series.volume,
+                    label_volume,
+                    structures,
+                    np.random.default_rng(entropy),
+                    frame_of_reference_uid=_uid(*ids, "frame"),
+                )
+            else:  # its own random stream and UIDs: never the organ family's draws or scans
+                ids = (key, seed, k, family)
+                made = synthesize_dome_fraction(
+                    series.volume,
+                    label_volume,
+                    structures,
+                    np.random.default_rng([*entropy, SEED_STREAM]),
+                    frame_of_reference_uid=_uid(*ids, "frame"),
+                )
             patient = replace(
                 series.patient,
                 study_date=_next_day(series.patient.study_date, k),
@@ -178,7 +208,7 @@ def write_from_planning(
                 interpreted_types=types,
                 structure_set_label="JRS_TRUTH",
                 series_description="Synthetic daily ground-truth structures",
-                algorithm_name="jrs.phantom.engine",
+                algorithm_name=ENGINE_MODULES[family],
                 series_instance_uid=_uid(*ids, "rtstruct"),
             )
             # uncompressed, as the phantom writer does (zlib gains little on a smooth field)
@@ -189,6 +219,7 @@ def write_from_planning(
                 "seed": seed,
                 "labels": {str(lab): roi for lab, roi in sorted(found.items())},
                 **made.params,
+                "family": family,
             }
             (fdir / "params.json").write_text(json.dumps(record, indent=2))
             log.info(

@@ -133,7 +133,8 @@ class PhantomFraction:
         params: the fraction's changes (`FractionParams.as_dict`) plus "min_det_jacobian".
         patient: DICOM patient/study attributes (study date = planning + index days).
         study_instance_uid: the daily study's UID.
-        engine: "analytic" (the analytic pull map) or "organ" (`jrs.phantom.engine`).
+        engine: "analytic" (the analytic pull map), "organ" (`jrs.phantom.engine`) or "dome"
+            (`jrs.phantom.dome_engine`, the held-out test family).
     """
 
     index: int
@@ -440,21 +441,38 @@ def _daily_box(
     )
 
 
-def _organ_fraction(patient: PhantomPatient, index: int, seed: int | None) -> PhantomFraction:
-    """A fraction made by the organ-aware engine from the planning scan alone."""
+def _organ_fraction(
+    patient: PhantomPatient, index: int, seed: int | None, engine: str = "organ"
+) -> PhantomFraction:
+    """A fraction made from the planning scan alone by the organ or the (held-out) dome engine.
+
+    The dome family draws from a stream of its own (`jrs.phantom.dome_engine.SEED_STREAM` added
+    to the seed sequence), so it never shares draws with the organ family of the same seed.
+    """
+    from jrs.phantom.dome_engine import SEED_STREAM, synthesize_dome_fraction
     from jrs.phantom.engine import synthesize_fraction
 
-    rng = np.random.default_rng(seed if seed is not None else [patient.seed, 2000 + index])
-    key: tuple[object, ...] = (patient.seed, "fraction", index, "organ")
+    entropy: int | list[int] = seed if seed is not None else [patient.seed, 2000 + index]
+    key: tuple[object, ...] = (patient.seed, "fraction", index, engine)
     if seed is not None:
         key = (*key, seed)
-    made = synthesize_fraction(
-        patient.ct,
-        patient.labels,
-        patient.structures,
-        rng,
-        frame_of_reference_uid=_uid(*key, "frame"),
-    )
+    if engine == "dome":
+        stream = [*(entropy if isinstance(entropy, list) else [entropy]), SEED_STREAM]
+        made = synthesize_dome_fraction(
+            patient.ct,
+            patient.labels,
+            patient.structures,
+            np.random.default_rng(stream),
+            frame_of_reference_uid=_uid(*key, "frame"),
+        )
+    else:
+        made = synthesize_fraction(
+            patient.ct,
+            patient.labels,
+            patient.structures,
+            np.random.default_rng(entropy),
+            frame_of_reference_uid=_uid(*key, "frame"),
+        )
     info = PatientInfo(**{**patient.patient.__dict__})
     info.study_date = str(int(STUDY_DATE) + index) if index < 28 else STUDY_DATE
     info.study_id = f"FX{index}"
@@ -472,7 +490,7 @@ def _organ_fraction(patient: PhantomPatient, index: int, seed: int | None) -> Ph
         params=made.params,
         patient=info,
         study_instance_uid=_uid(*key, "study"),
-        engine="organ",
+        engine=engine,
     )
 
 
@@ -487,8 +505,10 @@ def generate_fraction(
             of the patient's seed and `index`.
         seed: optional explicit seed of the fraction's randomness.
         engine: "analytic" (the analytic pull map of `jrs.phantom.deformation`, applied to the
-            noiseless model) or "organ" (`jrs.phantom.engine.synthesize_fraction` applied to the
-            planning CT, labels and structures, as for a real planning scan).
+            noiseless model), "organ" (`jrs.phantom.engine.synthesize_fraction` applied to the
+            planning CT, labels and structures, as for a real planning scan) or "dome"
+            (`jrs.phantom.dome_engine.synthesize_dome_fraction`, likewise: the held-out test
+            family, never used for training or calibration).
 
     Returns:
         The fraction: daily CT, labels, structures, gas, true DVF (daily grid) and parameters.
@@ -496,10 +516,10 @@ def generate_fraction(
     Raises:
         InvalidInput: an unknown `engine`.
     """
-    if engine == "organ":
-        return _organ_fraction(patient, index, seed)
+    if engine in ("organ", "dome"):
+        return _organ_fraction(patient, index, seed, engine)
     if engine != "analytic":
-        raise InvalidInput(f"fraction engine {engine!r} unknown; use 'analytic' or 'organ'")
+        raise InvalidInput(f"fraction engine {engine!r} unknown; use 'analytic', 'organ' or 'dome'")
     m = patient.model
     rng = np.random.default_rng(seed if seed is not None else [patient.seed, 1000 + index])
     fp = sample_fraction(rng)
