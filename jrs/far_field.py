@@ -6,20 +6,23 @@ field ``u``, tapered to zero at the box's faces. ``A_f`` fits the prostate; a ro
 the prostate is millimetres off 15 cm away (femoral heads, the body outline, nodes, the ends of
 the scan), and before this module ``A_f`` alone was the mapping everywhere outside the box.
 
-Here the mapping outside the box follows the **bony match** ``A_b``: a rigid registration of the
+Here the mapping outside the box follows the **bony match** ``B``: a rigid registration of the
 planning CT onto the daily CT restricted to the bones (HU above `BONY_HU` on coarse copies,
-dilated by one voxel), started from the whole-body rigid match (`bony_prealign`). Between the
-two, a cosine weight ``w`` of the distance to the box (1 on the box, 0 beyond `BLEND_MM`) blends
-them in the pre-alignment's input space:
+dilated by one voxel), started from the whole-body rigid match (`bony_prealign`). A cosine
+weight ``w`` of the distance to an inner box (the network box less `INSET_MM` on every side,
+which still holds the organs and a margin) is 1 on the inner box and falls to 0 over
+`BLEND_MM`; the mapping is
 
-    T(p) = A_f(p + u(p) + h(p)),   h(p) = (1 - w(p)) r(p),   r(p) = A_f^{-1}(A_b(p)) - p,
+    T(p) = A_f(p + w(p) u(p) + h(p)),   h(p) = (1 - w(p)) r(p),   r(p) = A_f^{-1}(B(p)) - p,
 
-so ``T = A_f(p + u)`` on the box and ``T = A_b`` from `BLEND_MM` away from it. Since ``A_f`` and
-``A_b`` are affine, ``r`` is an affine field and ``T(p) = w (A_f(p + u)) + (1 - w) A_b(p)`` outside
-the box exactly. The blend's Jacobian adds ``grad w`` times ``|A_f(p) - A_b(p)|`` (at most
-``pi / (2 BLEND_MM)`` times a few mm): with `BLEND_MM` = 60 mm and the matches at most
-`MAX_BONY_SHIFT_MM` apart no folding is introduced (`FarField.max_gradient` is recorded, and the
-tests check det J > 0).
+so ``T = A_f(p + u)`` around the organs and ``T = B`` from `BLEND_MM` beyond the inner box (in
+between, ``T = w A_f(p + u) + (1 - w) B(p)``, since ``A_f`` is affine). The network's field is
+weighted down towards the box's faces because a network trained on setup errors about the
+prostate does not correct the rest of the box (measured: 2.2 mm mean DVF error within 20 mm of
+the box's faces with the weight, 4.2 mm without, on a phantom). ``h`` is sampled on a coarse
+`FAR_GRID_MM` grid over the daily CT (`FarField`) and its smallest det J recorded in
+``qa.json``: with the blend over `BLEND_MM` and the two matches at most `MAX_BONY_SHIFT_MM`
+apart, ``|grad h|`` stays well below 1 (no folding is introduced).
 """
 
 from __future__ import annotations
@@ -198,6 +201,15 @@ def _affine_parts(
     return m, c + t - m @ c
 
 
+def _same(a: sitk.Transform, b: sitk.Transform) -> bool:
+    """Whether two transforms are the same map, to the bit."""
+    return (
+        a.GetName() == b.GetName()
+        and a.GetParameters() == b.GetParameters()
+        and a.GetFixedParameters() == b.GetFixedParameters()
+    )
+
+
 def _far_grid(reference: Geometry) -> Geometry:
     """An LPS-aligned `FAR_GRID_MM` grid covering ``reference`` with a 2-voxel margin."""
     corners = reference.corners()
@@ -256,6 +268,9 @@ class FarField:
         self.blend_mm = float(blend_mm)
         self.grid = _far_grid(reference)
         g = self.grid
+        if _same(focus, far):  # exactly zero, not the round-off of A_f^-1(A_f(p)) - p
+            self.field = np.zeros((*g.shape, 3), np.float32)
+            return
         b = sitk.GetArrayFromImage(
             sitk.TransformToDisplacementField(
                 far,

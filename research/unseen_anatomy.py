@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+import jrs.pipeline as pipeline
 from jrs.dicom.rtstruct import masks_from_files
 from jrs.geometry import Volume
 from jrs.labels import LABELS, SynonymTable, label_map_from_masks
@@ -43,6 +44,22 @@ log = logging.getLogger("unseen_anatomy")
 
 ORGANS = ("prostate", "seminal_vesicles", "rectum", "bladder")
 DISTANT = re.compile(r"(femo|femur|head|external|body|outline)", re.IGNORECASE)
+
+
+#: the network's registration path before and after the refinement, captured on each run
+_CAPTURED: dict[str, Volume] = {}
+_REFINE = pipeline._refine
+
+
+def _capturing_refine(paths: Any, pair: Any, used: Any) -> Any:
+    """`jrs.pipeline._refine`, keeping the registration path before and after it."""
+    _CAPTURED["before"] = Volume(paths.registration.copy(), pair.grid)
+    report = _REFINE(paths, pair, used)
+    _CAPTURED["after"] = Volume(paths.registration.copy(), pair.grid)
+    return report
+
+
+pipeline._refine = _capturing_refine  # research only: the product never patches itself
 
 
 def _options(variant: str) -> RecontourOptions:
@@ -65,13 +82,19 @@ def _centroid(mask: np.ndarray, volume: Volume) -> np.ndarray:
     return volume.geometry.index_to_physical(idx)
 
 
-def _dvf_errors(dvf_path: Path, truth_path: Path, body: np.ndarray, truth_geom: Any,
-                box: dict[str, list[float]] | None) -> dict[str, float]:
+def _dvf_errors(
+    dvf_path: Path,
+    truth_path: Path,
+    body: np.ndarray,
+    truth_geom: Any,
+    box: dict[str, list[float]] | None,
+) -> dict[str, float]:
     """Vector error of the exported DVF against the truth, on the truth grid over the body."""
     truth = sitk.ReadImage(str(truth_path))
     est = sitk.ReadImage(str(dvf_path))
-    est_on = sitk.Resample(est, truth, sitk.Transform(), sitk.sitkLinear, 0.0,
-                           sitk.sitkVectorFloat64)
+    est_on = sitk.Resample(
+        est, truth, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
+    )
     t = sitk.GetArrayViewFromImage(truth)
     e = sitk.GetArrayViewFromImage(est_on)
     err = np.sqrt(((t - e) ** 2).sum(axis=-1))
@@ -91,23 +114,30 @@ def _dvf_errors(dvf_path: Path, truth_path: Path, body: np.ndarray, truth_geom: 
     return out
 
 
-def score_case(case: Path, fraction: Path, variant: str, table: SynonymTable | None,
-               work: Path) -> dict[str, Any]:
+def score_case(
+    case: Path, fraction: Path, variant: str, table: SynonymTable | None, work: Path
+) -> dict[str, Any]:
     """Run one variant on one fraction and score it."""
     opts = _options(variant)
     opts.synonyms = table
     out = work / f"{case.name}_{fraction.name}_{variant}"
     t0 = time.perf_counter()
-    result = recontour(case / "planning" / "ct", case / "planning" / "rtstruct.dcm",
-                       fraction / "ct", out, opts)
+    result = recontour(
+        case / "planning" / "ct", case / "planning" / "rtstruct.dcm", fraction / "ct", out, opts
+    )
     wall = time.perf_counter() - t0
     _, series, truth_masks = masks_from_files(fraction / "ct", fraction / "rtstruct.dcm")
     _, _, written = masks_from_files(fraction / "ct", result.rtstruct)
     truth = {n: v.array.view(np.bool_) for n, v in truth_masks.items()}
     _, used = label_map_from_masks(truth, table)
     ref = series.volume
-    row: dict[str, Any] = {"case": case.name, "fraction": fraction.name, "variant": variant,
-                           "wall_s": round(wall, 2), "timings_s": result.qa_data["timings_s"]}
+    row: dict[str, Any] = {
+        "case": case.name,
+        "fraction": fraction.name,
+        "variant": variant,
+        "wall_s": round(wall, 2),
+        "timings_s": result.qa_data["timings_s"],
+    }
     for lab, name in used.items():
         organ = LABELS[lab]
         pred = written[name].array.view(np.bool_)
@@ -126,11 +156,29 @@ def score_case(case: Path, fraction: Path, variant: str, table: SynonymTable | N
             if re.search("external|body|outline", name, re.IGNORECASE):
                 body = mask
     row["distant_centroid_err_mm"] = distant
+    for when, lab_map in list(_CAPTURED.items()):
+        on_daily = lab_map.resample(ref.geometry, "label", 0).array
+        for lab, name in used.items():
+            sd = surface_distances(on_daily == lab, truth[name], ref.geometry)
+            row.setdefault(f"registration_path_{when}_refine", {})[LABELS[lab]] = {
+                "dsc": round(dice(on_daily == lab, truth[name]), 4),
+                "msd": round(sd.msd, 3),
+            }
+    _CAPTURED.clear()
     if body is None:
         body = ref.array > -400
-    row.update({k: round(v, 3) for k, v in _dvf_errors(
-        result.dvf, fraction / "true_dvf.mha", body, ref.geometry,
-        result.qa_data.get("network_box_mm")).items()})
+    row.update(
+        {
+            k: round(v, 3)
+            for k, v in _dvf_errors(
+                result.dvf,
+                fraction / "true_dvf.mha",
+                body,
+                ref.geometry,
+                result.qa_data.get("network_box_mm"),
+            ).items()
+        }
+    )
     qa = {s["name"]: s["flags"] for s in result.qa_data["structures"]}
     row["flags"] = qa
     row["qa_structures"] = result.qa_data["structures"]
@@ -140,6 +188,7 @@ def score_case(case: Path, fraction: Path, variant: str, table: SynonymTable | N
 
 
 def main() -> None:
+    """Run the variants on the cases; results are appended to ``--out`` (resumable)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", type=Path, required=True)
     parser.add_argument("--variants", default="network,iterative")
@@ -162,10 +211,17 @@ def main() -> None:
                     rows.append(row)
                     args.out.write_text(json.dumps(rows, indent=1, default=float))
                     brief = {o: row.get(o) for o in ORGANS if o in row}
-                    log.warning("%s %s %s %.0f s %s distant %s dvf %.2f/%s", case.name,
-                                fraction.name, variant, row["wall_s"], brief,
-                                row["distant_centroid_err_mm"], row["dvf_mean_err_mm"],
-                                row.get("dvf_mean_err_outside_box_mm"))
+                    log.warning(
+                        "%s %s %s %.0f s %s distant %s dvf %.2f/%s",
+                        case.name,
+                        fraction.name,
+                        variant,
+                        row["wall_s"],
+                        brief,
+                        row["distant_centroid_err_mm"],
+                        row["dvf_mean_err_mm"],
+                        row.get("dvf_mean_err_outside_box_mm"),
+                    )
 
 
 if __name__ == "__main__":
