@@ -61,6 +61,7 @@ class PhantomSpec(_Strict):
         engine: ``organ`` (the deformation engine of any planning scan) or ``analytic`` (the
             phantoms' own analytic fractions: larger setup errors, analytic organ motion).
         source: Source label in the store (``phantom`` or ``validation``).
+        profile: draw profile of the ``organ`` engine (`jrs.phantom.engine.PROFILES`).
     """
 
     count: int = Field(ge=1)
@@ -71,6 +72,7 @@ class PhantomSpec(_Strict):
     fiducial_share: float = Field(default=0.5, ge=0, le=1)
     engine: str = "organ"
     source: str = "phantom"
+    profile: str = "v3"
 
 
 class RealSpec(_Strict):
@@ -83,6 +85,7 @@ class RealSpec(_Strict):
         fractions: Synthetic fractions.
         seed: Seed of the fractions.
         source: ``real`` or ``validation``.
+        profile: draw profile of the deformation engine (`jrs.phantom.engine.PROFILES`).
     """
 
     ct: Path
@@ -91,6 +94,7 @@ class RealSpec(_Strict):
     fractions: int = Field(default=20, ge=1)
     seed: int = 0
     source: str = "real"
+    profile: str = "v3"
 
 
 class DataSpec(_Strict):
@@ -176,7 +180,11 @@ def build_phantom_patient(spec: dict[str, Any], index: int, store: str) -> list[
             params = frac.params
         else:
             frac = synthesize_fraction(
-                patient.ct, patient.labels, {}, np.random.default_rng([seed, k])
+                patient.ct,
+                patient.labels,
+                {},
+                np.random.default_rng([seed, k]),
+                profile=ps.profile,
             )
             params = frac.params
         daily_ct, day_app = vary_appearance(frac.ct, rng)
@@ -232,7 +240,9 @@ def build_real_fraction(
     if 4 not in known:
         raise InvalidInput(f"{rs.rtstruct}: no prostate found with the given synonyms")
     rng = np.random.default_rng([rs.seed, k, 7])
-    frac = synthesize_fraction(ct, labels, {}, np.random.default_rng([rs.seed, k]))
+    frac = synthesize_fraction(
+        ct, labels, {}, np.random.default_rng([rs.seed, k]), profile=rs.profile
+    )
     daily_ct, day_app = vary_appearance(frac.ct, rng)
     pair = _pair_from_fraction(key, ct, labels, daily_ct, frac.labels, known, rs.group)
     meta = {

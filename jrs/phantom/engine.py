@@ -136,13 +136,26 @@ class _Draws:
     noise_hu: float
 
 
-def _draw(rng: np.random.Generator, noise_hu: float | None) -> _Draws:
+#: draw profiles: ``v3`` (the ranges the released model v3 was trained on) and ``broad`` (issue
+#: 30: bladder volume -50 % .. +80 %, rectal radius x 0.7 .. 1.5, setup rotations up to 3 deg
+#: per axis about a point up to 60 mm from the prostate rather than about the prostate itself)
+PROFILES: tuple[str, ...] = ("v3", "broad")
+#: the ranges of each profile: bladder volume ratio, rectal radius factor, rotation (deg),
+#: distance of the rotation centre from the prostate (mm)
+_RANGES: dict[str, tuple[tuple[float, float], tuple[float, float], float, float]] = {
+    "v3": ((0.6, 1.6), (0.8, 1.3), 2.0, 0.0),
+    "broad": ((0.5, 1.8), (0.7, 1.5), 3.0, 60.0),
+}
+
+
+def _draw(rng: np.random.Generator, noise_hu: float | None, profile: str = "v3") -> _Draws:
+    (b_lo, b_hi), (r_lo, r_hi), max_rot, _ = _RANGES[profile]
     d = rng.normal(size=3)
     d /= max(float(np.linalg.norm(d)), 1e-12)
     t = d * 5.0 * float(rng.uniform()) ** (1.0 / 3.0)  # uniform in the 5 mm ball
-    rot = rng.uniform(-2.0, 2.0, 3)
-    bladder = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
-    rect = float(np.exp(rng.uniform(np.log(0.8), np.log(1.3))))
+    rot = rng.uniform(-max_rot, max_rot, 3)
+    bladder = float(np.exp(rng.uniform(np.log(b_lo), np.log(b_hi))))
+    rect = float(np.exp(rng.uniform(np.log(r_lo), np.log(r_hi))))
     seg = float(rng.uniform(0.2, 0.8))
     sigma = float(rng.uniform(12.0, 25.0))
     shift = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-3.0, 3.0), rng.uniform(-3.0, 3.0)])
@@ -741,6 +754,7 @@ def synthesize_fraction(
     strength: float = 1.0,
     gas: bool = True,
     noise_hu: float | None = None,
+    profile: str = "v3",
 ) -> EngineFraction:
     """Make a synthetic daily fraction of a planning scan with the exact pull DVF.
 
@@ -757,6 +771,9 @@ def synthesize_fraction(
             daily CT is the planning CT plus noise and the labels are the planning labels).
         gas: change the rectal gas (planning gas may vanish, new pockets may appear).
         noise_hu: std of the CT noise added to the daily image, HU; drawn in [5, 15] when None.
+        profile: the ranges of the draws (`PROFILES`): ``v3`` (default, the released model's
+            training ranges) or ``broad`` (larger bladder and rectal changes, rotations up to 3
+            deg about a point near, not at, the prostate).
 
     Returns:
         The fraction: daily CT, labels, structures, true DVF (daily grid) and parameters.
@@ -792,7 +809,9 @@ def synthesize_fraction(
         )
         clock[:] = now
 
-    dr = _draw(rng, noise_hu)
+    if profile not in PROFILES:
+        raise InvalidInput(f"draw profile {profile!r} unknown; use one of {', '.join(PROFILES)}")
+    dr = _draw(rng, noise_hu, profile)
     frame = frame_of_reference_uid or _derived_frame(ct, dr, strength)
     daily = g.with_frame(frame)
     step = COARSE_MM
@@ -806,6 +825,12 @@ def synthesize_fraction(
         centre = g.index_to_physical([i, j, k])
     else:
         centre = g.index_to_physical((np.asarray(g.size_xyz) - 1) / 2.0)
+    reach = _RANGES[profile][3]
+    if reach > 0:  # the couch rotates the patient about some point, seldom the prostate
+        offset = rng.normal(size=3)
+        centre = centre + offset / max(float(np.linalg.norm(offset)), 1e-12) * reach * float(
+            rng.uniform()
+        ) ** (1.0 / 3.0)
     rot_deg = dr.rotation_deg * strength
     rot = rotation_matrix(rot_deg)
     t = dr.translation_mm * strength
@@ -911,6 +936,7 @@ def synthesize_fraction(
     _tick("noise")
 
     params = _params(dr, strength, centre, rot, t, info, vf, min_det, frame, vanish, new)
+    params["profile"] = profile
     for key, label_id in (("bladder", BLADDER), ("prostate", PROSTATE)):
         before = _count(lab, label_id)
         after = _count(daily_lab, label_id)

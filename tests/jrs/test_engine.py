@@ -316,3 +316,27 @@ def test_real_planning_scan() -> None:
     assert f.params["min_det_jacobian"] > 0.2
     assert float(jacobian_determinant(f.true_dvf).min()) > 0.0
     assert f.structures["External"].sum() > 0.9 * structures["External"].sum()
+
+
+def test_broad_profile_draws_wider_ranges_about_an_offset_centre(toy: Toy) -> None:
+    """Issue 30: the broad profile's draws cover bladder -50 .. +80 % and rotations to 3 deg."""
+    from jrs.phantom.engine import _draw
+
+    v3 = [_draw(np.random.default_rng(s), None, "v3") for s in range(200)]
+    broad = [_draw(np.random.default_rng(s), None, "broad") for s in range(200)]
+    assert max(d.bladder_factor for d in v3) <= 1.6 and min(d.bladder_factor for d in v3) >= 0.6
+    assert max(d.bladder_factor for d in broad) > 1.65
+    assert min(d.bladder_factor for d in broad) < 0.55
+    assert max(float(np.abs(d.rotation_deg).max()) for d in broad) > 2.5
+    assert max(float(np.abs(d.rotation_deg).max()) for d in broad) <= 3.0
+    ct, labels, structures = toy
+    frac = synthesize_fraction(ct, labels, structures, np.random.default_rng(3), profile="broad")
+    assert frac.params["profile"] == "broad"
+    prostate = np.argwhere(labels.array == 4).mean(axis=0)[::-1]
+    centre = np.asarray(frac.params["setup"]["centre_mm"])
+    assert 0.0 < float(np.linalg.norm(centre - ct.geometry.index_to_physical(prostate))) <= 60.0
+    # the default profile is unchanged: the setup turns about the prostate
+    same = synthesize_fraction(ct, labels, structures, np.random.default_rng(3))
+    assert same.params["profile"] == "v3"
+    with pytest.raises(InvalidInput, match="broad"):
+        synthesize_fraction(ct, labels, structures, np.random.default_rng(3), profile="wide")
