@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
+from jrs.focus_prealign import FocusReport
 from jrs.geometry import Geometry, Volume
 from jrs.registration import (
     PREALIGN_SPACING_MM,
@@ -44,6 +44,7 @@ from jrs.registration import (
     _coarse,
     _register,
 )
+from jrs.transforms import affine_to_dvf, jacobian_determinant
 
 log = logging.getLogger(__name__)
 
@@ -74,37 +75,8 @@ def _angle_deg(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
 
 
-@dataclass(frozen=True)
-class BonyReport:
-    """What the bony match did (``qa.json`` ``prealign.bony``).
-
-    Attributes:
-        accepted: whether its transform replaced the whole-body rigid match.
-        shift_mm: largest displacement of the bone region's bounding-box corners from the
-            start, mm.
-        angle_deg: rotation relative to the start, degrees.
-        voxels: coarse bone voxels the metric used.
-        seconds: wall time.
-        reason: why it was refused (empty when accepted).
-    """
-
-    accepted: bool
-    shift_mm: float
-    angle_deg: float
-    voxels: int
-    seconds: float
-    reason: str = ""
-
-    def as_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return {
-            "accepted": self.accepted,
-            "shift_mm": round(self.shift_mm, 3),
-            "angle_deg": round(self.angle_deg, 3),
-            "voxels": self.voxels,
-            "seconds": round(self.seconds, 3),
-            "reason": self.reason,
-        }
+#: the region of the bony match, as `jrs.focus_prealign.FocusReport` names it
+BONES: tuple[str, ...] = ("bones",)
 
 
 def bony_prealign(
@@ -115,7 +87,7 @@ def bony_prealign(
     spacing_mm: float = PREALIGN_SPACING_MM,
     iterations: int = 100,
     threads: int = REGISTRATION_THREADS,
-) -> tuple[sitk.AffineTransform, BonyReport]:
+) -> tuple[sitk.AffineTransform, FocusReport]:
     """Rigid match of the planning CT onto the daily CT on the bones alone.
 
     Deterministic: every voxel of the bone region is used (no random sampling), on ``threads``
@@ -132,7 +104,7 @@ def bony_prealign(
     Returns:
         The bony match (daily point -> planning point, as an affine transform holding a rigid
         one; the start's rigid stage when the match was refused or found no bone) and the
-        report.
+        report (``shift_mm``: the largest move of the bone region's box corners).
     """
     _check_threads(threads)
     t0 = time.perf_counter()
@@ -143,7 +115,9 @@ def bony_prealign(
     bone = sitk.BinaryDilate(bone, [1, 1, 1], sitk.sitkBall)
     voxels = int(sitk.GetArrayViewFromImage(bone).sum())
     if voxels < 200:
-        report = BonyReport(False, 0.0, 0.0, voxels, time.perf_counter() - t0, "too little bone")
+        report = FocusReport(
+            BONES, False, 0.0, 0.0, voxels, time.perf_counter() - t0, "too little bone"
+        )
         log.info("bony match skipped: %s", report.reason)
         return _rigid_as_affine(rigid0), report
     out, _ = _register(
@@ -184,11 +158,13 @@ def bony_prealign(
             f"(limits {MAX_BONY_SHIFT_MM:.0f} mm / {MAX_BONY_ANGLE_DEG:.0f} deg)"
         )
         log.warning("bony match refused: %s", reason)
-        return _rigid_as_affine(rigid0), BonyReport(False, shift, angle, voxels, seconds, reason)
+        return _rigid_as_affine(rigid0), FocusReport(
+            BONES, False, shift, angle, voxels, seconds, reason
+        )
     log.info(
         "bony match: %.2f mm, %.2f deg from the whole-body match, %.2f s", shift, angle, seconds
     )
-    return _rigid_as_affine(rigid), BonyReport(True, shift, angle, voxels, seconds)
+    return _rigid_as_affine(rigid), FocusReport(BONES, True, shift, angle, voxels, seconds)
 
 
 def _affine_parts(
@@ -271,16 +247,7 @@ class FarField:
         if _same(focus, far):  # exactly zero, not the round-off of A_f^-1(A_f(p)) - p
             self.field = np.zeros((*g.shape, 3), np.float32)
             return
-        b = sitk.GetArrayFromImage(
-            sitk.TransformToDisplacementField(
-                far,
-                sitk.sitkVectorFloat64,
-                list(g.size_xyz),
-                tuple(float(v) for v in g.origin),
-                tuple(float(v) for v in g.spacing),
-                tuple(float(v) for v in g.direction.reshape(-1)),
-            )
-        )
+        b = affine_to_dvf(far, g).array.astype(np.float64)  # B(p) - p
         pts = g.voxel_centres()
         mf, kf = _affine_parts(focus)
         r = (pts + b - kf) @ np.linalg.inv(mf).T - pts  # A_f^-1(B(p)) - p
@@ -338,8 +305,6 @@ class FarField:
 
     def min_det_jacobian(self) -> float:
         """The smallest det J of ``p -> A_f(p + h(p))`` on the coarse grid (no folding: > 0)."""
-        from jrs.transforms import jacobian_determinant
-
         return float(jacobian_determinant(Volume(self.field, self.grid)).min())
 
     def reach_mm(self) -> float:

@@ -44,7 +44,7 @@ from scipy import ndimage
 from jrs.errors import InvalidInput
 from jrs.geometry import Geometry, Volume
 from jrs.registration import itk_seed
-from jrs.transforms import compose, dvf_to_sitk
+from jrs.transforms import affine_to_dvf, compose, dvf_to_sitk
 
 log = logging.getLogger(__name__)
 
@@ -273,16 +273,7 @@ def refine_field(
     if np.allclose(warped, fixed, rtol=0.0, atol=1e-5):  # (round-off of the resampling)
         return dvf, RefineReport(False, time.perf_counter() - t0, reason="the images agree")
     v_tx, iterations, stopped = _bspline(fixed, warped, body, grid, s)
-    v = sitk.GetArrayFromImage(
-        sitk.TransformToDisplacementField(
-            v_tx,
-            sitk.sitkVectorFloat32,
-            list(grid.size_xyz),
-            tuple(float(x) for x in grid.origin),
-            tuple(float(x) for x in grid.spacing),
-            tuple(float(x) for x in grid.direction.reshape(-1)),
-        )
-    )
+    v = affine_to_dvf(v_tx, grid).array  # (any transform: T(p) - p on the grid)
     refined = compose(Volume(v, grid), Volume(dvf, grid)).array
     del v
     warped_refined = _warp(moving, refined, grid)

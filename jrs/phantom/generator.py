@@ -456,23 +456,19 @@ def _organ_fraction(
     key: tuple[object, ...] = (patient.seed, "fraction", index, engine)
     if seed is not None:
         key = (*key, seed)
-    if engine == "dome":
-        stream = [*(entropy if isinstance(entropy, list) else [entropy]), SEED_STREAM]
-        made = synthesize_dome_fraction(
-            patient.ct,
-            patient.labels,
-            patient.structures,
-            np.random.default_rng(stream),
-            frame_of_reference_uid=_uid(*key, "frame"),
-        )
-    else:
-        made = synthesize_fraction(
-            patient.ct,
-            patient.labels,
-            patient.structures,
-            np.random.default_rng(entropy),
-            frame_of_reference_uid=_uid(*key, "frame"),
-        )
+    dome = engine == "dome"
+    synthesize = synthesize_dome_fraction if dome else synthesize_fraction
+    made = synthesize(
+        patient.ct,
+        patient.labels,
+        patient.structures,
+        np.random.default_rng(
+            [*(entropy if isinstance(entropy, list) else [entropy]), SEED_STREAM]
+            if dome
+            else entropy
+        ),
+        frame_of_reference_uid=_uid(*key, "frame"),
+    )
     info = PatientInfo(**{**patient.patient.__dict__})
     info.study_date = str(int(STUDY_DATE) + index) if index < 28 else STUDY_DATE
     info.study_id = f"FX{index}"
