@@ -187,14 +187,59 @@ def score_case(
     return row
 
 
+def report(rows: list[dict[str, Any]]) -> str:
+    """Markdown tables: per case and variant, organ DSC / MSD, distant ROIs, DVF, time."""
+    lines = [
+        "| case | variant | prostate | seminal ves. | rectum | bladder | distant ROI centroid "
+        "max (mm) | DVF mean err body / outside box (mm) | total s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for organ in ORGANS:
+            v = r.get(organ)
+            cells.append(f"{v['dsc']:.3f} ({v['msd']:.2f})" if v else "-")
+        distant = [v for v in r["distant_centroid_err_mm"].values() if v is not None]
+        outside = r.get("dvf_mean_err_outside_box_mm")
+        lines.append(
+            f"| {r['case']} | {r['variant']} | {' | '.join(cells)} | "
+            f"{max(distant) if distant else float('nan'):.2f} | {r['dvf_mean_err_mm']:.2f} / "
+            f"{outside if outside is not None else float('nan'):.2f} | "
+            f"{r['timings_s']['total']:.0f} |"
+        )
+    refine = [r for r in rows if "registration_path_before_refine" in r]
+    if refine:
+        lines += [
+            "",
+            "Registration path before -> after the refinement, DSC (MSD mm):",
+            "",
+            "| case | " + " | ".join(ORGANS) + " |",
+            "|---|" + "---|" * len(ORGANS),
+        ]
+        for r in refine:
+            b, a = r["registration_path_before_refine"], r["registration_path_after_refine"]
+            cells = [
+                f"{b[o]['dsc']:.3f} ({b[o]['msd']:.2f}) -> {a[o]['dsc']:.3f} ({a[o]['msd']:.2f})"
+                if o in b
+                else "-"
+                for o in ORGANS
+            ]
+            lines.append(f"| {r['case']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     """Run the variants on the cases; results are appended to ``--out`` (resumable)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", type=Path, required=True)
+    parser.add_argument("--cases", nargs="+", type=Path, default=[])
     parser.add_argument("--variants", default="network,iterative")
     parser.add_argument("--synonyms", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--report", action="store_true", help="print the tables of --out")
     args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(args.out.read_text())))  # noqa: T201 (a script's output)
+        return
     logging.basicConfig(level=logging.WARNING)
     table = SynonymTable.from_yaml(args.synonyms) if args.synonyms else None
     rows: list[dict[str, Any]] = []

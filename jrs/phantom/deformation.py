@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import SimpleITK as sitk
 
 from jrs.phantom.anatomy import AnatomyParams, Centreline, bladder_radius
 
@@ -113,6 +114,39 @@ def rotation_matrix(deg: list[float] | F64) -> F64:
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
     rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def uniform_in_ball(rng: np.random.Generator, radius: float) -> F64:
+    """A point uniform in the ball of `radius` (mm) about the origin, (3,) mm.
+
+    Draws a normal direction (3 normals) then the radius fraction (one uniform, cube-rooted).
+    """
+    direction = rng.normal(size=3)
+    direction /= max(float(np.linalg.norm(direction)), 1e-12)
+    return np.asarray(direction * radius * float(rng.uniform()) ** (1.0 / 3.0), float)
+
+
+def rigid_transform(rot: F64, centre: F64, t: F64) -> sitk.AffineTransform:
+    """The rigid map ``x -> centre + rot (x - centre) + t`` as a SimpleITK transform.
+
+    Args:
+        rot: (3, 3) rotation matrix.
+        centre: (3,) LPS centre of rotation, mm.
+        t: (3,) LPS translation, mm.
+
+    Returns:
+        The affine transform (e.g. a setup error, daily -> planning points).
+    """
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(tuple(float(v) for v in rot.reshape(-1)))
+    tx.SetCenter(tuple(float(v) for v in centre))
+    tx.SetTranslation(tuple(float(v) for v in t))
+    return tx
+
+
+def rigid_inverse(points: F64, rot: F64, centre: F64, t: F64) -> F64:
+    """The inverse of `rigid_transform` on (N, 3) LPS points (mm): ``c + R^T (x - c - t)``."""
+    return np.asarray((points - centre - t) @ rot + centre, float)
 
 
 def _radial_profile(rho: F64, k: float, length: float) -> F64:

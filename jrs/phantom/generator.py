@@ -36,6 +36,7 @@ from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
 from jrs.labels import DEFAULT_ROI_NAMES, label_map_from_masks
 from jrs.phantom.anatomy import AnatomyParams, Rendered, organ_bounds, render, sample_anatomy
 from jrs.phantom.deformation import FractionParams, build_pull_map, sample_fraction
+from jrs.phantom.grid_boxes import crop_volume
 from jrs.transforms import dvf_to_sitk, jacobian_determinant, warp, warp_mask
 
 F64 = npt.NDArray[np.float64]
@@ -183,20 +184,6 @@ def _series(
 
 
 # --------------------------------------------------------------------------- helpers
-def _crop(volume: Volume, sl: tuple[slice, slice, slice]) -> Volume:
-    """Sub-volume of an array-index box (no copy)."""
-    g = volume.geometry
-    start = [sl[2].start, sl[1].start, sl[0].start]
-    geom = Geometry(
-        shape=(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start, sl[2].stop - sl[2].start),
-        origin=g.index_to_physical(start),
-        spacing=g.spacing,
-        direction=g.direction,
-        frame_of_reference_uid=g.frame_of_reference_uid,
-    )
-    return Volume(volume.array[sl], geom)
-
-
 def _mask_box(mask: Mask, pad: int = 2) -> tuple[slice, slice, slice]:
     idx = [np.nonzero(np.any(mask, axis=tuple(a for a in range(3) if a != d)))[0] for d in range(3)]
     if any(len(i) == 0 for i in idx):
@@ -551,7 +538,7 @@ def generate_fraction(
     def warp_box(
         arr: npt.NDArray[Any], box: tuple[slice, slice, slice], mode: str
     ) -> npt.NDArray[Any]:
-        moving = _crop(Volume(arr, m.geometry), box)
+        moving = crop_volume(Volume(arr, m.geometry), box)
         g = moving.geometry
         lo = g.origin
         hi = g.index_to_physical(np.asarray(g.size_xyz) - 1)
@@ -559,7 +546,7 @@ def generate_fraction(
         dbox = _daily_box(coarse_pts, planning_pts, np.minimum(lo, hi), np.maximum(lo, hi), daily)
         if dbox is None:
             return out
-        sub = _crop(dvf, dbox)
+        sub = crop_volume(dvf, dbox)
         if mode == "label":
             out[dbox] = warp(moving, sub, "label", 0).array
         else:

@@ -15,7 +15,8 @@ from jrs.errors import InvalidInput
 from jrs.geometry import Geometry, Volume
 from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, label_map_from_masks
 from jrs.phantom import generate_fraction, generate_patient, write_patient
-from jrs.phantom.dome_engine import _invert, synthesize_dome_fraction
+from jrs.phantom.dome_engine import synthesize_dome_fraction
+from jrs.phantom.dome_push import invert_push
 from jrs.phantom.engine import EngineFraction
 from jrs.phantom.from_planning import write_from_planning
 from jrs.phantom.generator import PhantomPatient
@@ -169,7 +170,7 @@ def test_inversion_of_a_push() -> None:
     rel = q - c
     bump = np.exp(-(rel**2).sum(axis=-1) / (2 * 12.0**2))[..., None]
     d = (6.0 * rel / 20.0 * bump + np.array([2.0, -1.0, 0.5]) * bump).astype(np.float32)
-    v, residual, _ = _invert(d, 3.0)
+    v, residual, _ = invert_push(d, 3.0)
     assert residual < 0.2
     # independent check: p + v(p) pushed forward lands on p
     pts = q.reshape(-1, 3)

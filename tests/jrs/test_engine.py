@@ -340,3 +340,59 @@ def test_broad_profile_draws_wider_ranges_about_an_offset_centre(toy: Toy) -> No
     assert same.params["profile"] == "v3"
     with pytest.raises(InvalidInput, match="broad"):
         synthesize_fraction(ct, labels, structures, np.random.default_rng(3), profile="wide")
+
+
+# ------------------------------------------------------------------------------ shared helpers
+def test_grid_boxes_index_and_lps_boxes() -> None:
+    from jrs.phantom.grid_boxes import (
+        crop_geometry,
+        index_box,
+        index_box_of_lps,
+        intersect_boxes,
+        lps_bounds,
+    )
+
+    mask = np.zeros((10, 12, 14), bool)
+    assert index_box(mask, 2) is None
+    mask[3:5, 4:7, 5:6] = True
+    box = index_box(mask, 1)
+    assert box == (slice(2, 6), slice(3, 8), slice(4, 7))
+    assert index_box(mask, 50) == (slice(0, 10), slice(0, 12), slice(0, 14))
+    assert intersect_boxes(box, (slice(5, 9), slice(0, 4), slice(0, 14))) == (
+        slice(5, 6),
+        slice(3, 4),
+        slice(4, 7),
+    )
+    assert intersect_boxes(box, (slice(7, 9), slice(0, 4), slice(0, 14))) is None
+    assert intersect_boxes(box, None) is None
+    # an oblique grid: the LPS bounds of a box map back onto (at least) that box
+    rot = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    g = Geometry((10, 12, 14), origin=np.array([5.0, -3.0, 2.0]), spacing=[1.0, 2.0, 3.0])
+    g = Geometry(g.shape, origin=g.origin, spacing=g.spacing, direction=rot)
+    sub = crop_geometry(g, box)
+    assert sub.shape == (4, 5, 3)
+    assert np.allclose(sub.origin, g.index_to_physical([4, 3, 2]))
+    assert index_box_of_lps(*lps_bounds(g, box), g) == box
+    assert index_box_of_lps(np.full(3, 1e4), np.full(3, 2e4), g) is None
+
+
+def test_grid_boxes_cover_grid_and_centroids() -> None:
+    from jrs.phantom.grid_boxes import cover_grid, lattice_grid, weighted_centroid
+
+    g = Geometry((20, 30, 40), origin=np.array([-10.0, 5.0, 1.0]), spacing=[0.8, 0.8, 2.5])
+    first, cover = cover_grid(g, 3.0)
+    assert first.tolist() == [0, 0, 0]
+    lo, hi = cover.corners().min(axis=0), cover.corners().max(axis=0)
+    assert np.all(lo <= g.corners().min(axis=0) - 6.0) and np.all(hi >= g.corners().max(axis=0))
+    # a sub-grid on the same lattice is offset by whole nodes
+    sub_first, sub = lattice_grid(np.array([0.5, 9.0, 10.0]), np.array([8.0, 20.0, 30.0]), lo, 3.0)
+    assert np.allclose(sub.origin, lo + 3.0 * sub_first)
+    w = np.zeros(cover.shape, np.float32)
+    w[2, 3, 4] = 1.0
+    w[2, 3, 6] = 3.0
+    expected = cover.index_to_physical([5.5, 3.0, 2.0])
+    assert np.allclose(weighted_centroid(w, grid=cover), expected)
+    pts = cover.voxel_centres().astype(np.float32)
+    assert np.allclose(weighted_centroid(w, points=pts), expected, atol=1e-4)
+    with pytest.raises(ValueError):
+        weighted_centroid(w)

@@ -149,11 +149,15 @@ def test_recontour_writes_every_output_consistently(
     assert set(np.unique(chosen.array)) == {0, 1, 2, 3, 4}
 
 
-def _affine_field(qa: dict[str, Any], points: np.ndarray) -> np.ndarray:
-    """A(p) - p from the pre-alignment recorded in qa.json (SimpleITK affine with centre)."""
-    m = np.array(qa["prealign"]["matrix"]).reshape(3, 3)
-    c = np.array(qa["prealign"]["center_mm"])
-    t = np.array(qa["prealign"]["translation_mm"])
+def _affine_field(qa: dict[str, Any], points: np.ndarray, far: bool = False) -> np.ndarray:
+    """A(p) - p from the pre-alignment recorded in qa.json (SimpleITK affine with centre).
+
+    With ``far``, the mapping far from the network box (the bony match, `jrs.far_field`).
+    """
+    src = qa["prealign"]["far_field"] if far else qa["prealign"]
+    m = np.array(src["matrix"]).reshape(3, 3)
+    c = np.array(src["center_mm"])
+    t = np.array(src["translation_mm"])
     return (points - c) @ m.T + c + t - points
 
 
@@ -166,17 +170,70 @@ def runs(case: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> di
         root / "planning" / "rtstruct.dcm",
         root / "fraction_1" / "ct",
     )
+    # the fake networks' fields are composed as they are (no instance optimisation on top)
     return {
-        "zero": recontour(*args, out / "zero", backend=ShiftBackend()),
+        "zero": recontour(
+            *args, out / "zero", backend=ShiftBackend(), options=RecontourOptions(refine="off")
+        ),
         "shift": recontour(
             *args,
             out / "shift",
             backend=ShiftBackend((0.0, 3.0, 0.0)),
             options=RecontourOptions(
-                path_choice={"prostate": "registration"}, dvf_spacing_mm=None, prealign="affine"
+                path_choice={"prostate": "registration"},
+                dvf_spacing_mm=None,
+                prealign="affine",
+                refine="off",
+            ),
+        ),
+        # the "shift" run's network (3 mm off), refined on the pair (`jrs.instance_optimisation`)
+        "refined": recontour(
+            *args,
+            out / "refined",
+            backend=ShiftBackend((0.0, 3.0, 0.0)),
+            options=RecontourOptions(
+                path_choice={"prostate": "registration"},
+                dvf_spacing_mm=None,
+                prealign="affine",
+                refine="on",
             ),
         ),
     }
+
+
+@pytest.mark.integration
+def test_refinement_is_recorded_per_organ(case: tuple[Path, Any], runs: dict[str, Any]) -> None:
+    """With ``refine="on"`` qa.json says what the refinement did to each organ, and when off
+    that it was not asked for; a kept organ moves towards the truth, never away from it."""
+    root, fraction = case
+    qa = json.loads(runs["refined"].qa.read_text())
+    assert "refine" in qa["timings_s"]
+    refine = qa["refine"]
+    assert refine["applied"] is True and refine["iterations"] > 0
+    assert set(refine["organs"]) == {"prostate", "seminal_vesicles", "rectum", "bladder"}
+    for organ, figures in refine["organs"].items():
+        assert isinstance(figures["kept"], bool), organ
+        assert figures["surface_shift_mm"] >= 0.0
+        assert -1.0 <= figures["ncc_network"] <= 1.0 and -1.0 <= figures["ncc_refined"] <= 1.0
+        if not figures["kept"]:
+            assert figures["surface_shift_mm"] < 0.05, organ
+    off = json.loads(runs["shift"].qa.read_text())["refine"]
+    assert off == {
+        "applied": False,
+        "seconds": 0.0,
+        "iterations": 0,
+        "stopped_by_budget": False,
+        "organs": {},
+        "reason": "not asked for",
+    }
+    _, _, refined = masks_from_files(root / "fraction_1" / "ct", runs["refined"].rtstruct)
+    for organ, name in (("bladder", "Bladder"), ("prostate", "Prostate")):
+        if refine["organs"][organ]["kept"]:
+            before = dice(
+                masks_from_files(root / "fraction_1" / "ct", runs["shift"].rtstruct)[2][name].array,
+                fraction.structures[name],
+            )
+            assert dice(refined[name].array, fraction.structures[name]) >= before - 0.01
 
 
 @pytest.mark.integration
@@ -188,8 +245,10 @@ def test_network_shift_is_folded_into_the_dvf(runs: dict[str, Any]) -> None:
         box = qa["network_box_mm"]
         centre = ((np.array(box["lower"]) + np.array(box["upper"])) / 2)[None]
         corner = dvf.geometry.corners()[:1]
-        # far from the box the field is the affine pre-alignment alone
-        np.testing.assert_allclose(sample_dvf(dvf, corner), _affine_field(qa, corner), atol=0.01)
+        # far from the box the field is the bony match alone (`jrs.far_field`)
+        np.testing.assert_allclose(
+            sample_dvf(dvf, corner), _affine_field(qa, corner, far=True), atol=0.01
+        )
         # at the box centre (taper 1) the network's shift moves the planning point by A's
         # linear part applied to (0, shift, 0): |delta| ~ shift for a near-rigid A
         delta = sample_dvf(dvf, centre)[0] - _affine_field(qa, centre)[0]
