@@ -64,13 +64,13 @@ from scipy import ndimage
 from jrs.errors import InvalidInput
 from jrs.geometry import Geometry, Volume
 from jrs.labels import PROSTATE, RECTUM
+from jrs.phantom.ct_texture import add_gas, ct_noise
 from jrs.phantom.deformation import (
     rigid_inverse,
     rigid_transform,
     rotation_matrix,
     uniform_in_ball,
 )
-from jrs.phantom.generator import _add_gas, _noise
 from jrs.phantom.grid_boxes import (
     Box,
     box_size,
@@ -469,7 +469,7 @@ def _new_gas(
             rect = daily_lab[rbox] == RECTUM
             dist = ndimage.distance_transform_edt(rect, sampling=daily.spacing[::-1])
             lumen = dist > 2.5
-            _add_gas(img[rbox], lumen if lumen.any() else rect, daily, rng)
+            add_gas(img[rbox], lumen if lumen.any() else rect, daily, rng)
     return new
 
 
@@ -540,7 +540,7 @@ def synthesize_fraction(
 
     new = _new_gas(img, daily_lab, daily, dr, strength, gas, rng)
     daily_gas = (daily_lab == RECTUM) & (img < GAS_HU)
-    img += _noise(g.shape, dr.noise_hu, rng)
+    img += ct_noise(g.shape, dr.noise_hu, rng)
     np.clip(img, -1024, 3071, out=img)
     clock.tick("noise")
 

@@ -35,6 +35,7 @@ from jrs.errors import InvalidInput
 from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
 from jrs.labels import DEFAULT_ROI_NAMES, label_map_from_masks
 from jrs.phantom.anatomy import AnatomyParams, Rendered, organ_bounds, render, sample_anatomy
+from jrs.phantom.ct_texture import add_gas, ct_noise
 from jrs.phantom.deformation import FractionParams, build_pull_map, sample_fraction
 from jrs.phantom.grid_boxes import crop_volume
 from jrs.transforms import dvf_to_sitk, jacobian_determinant, warp, warp_mask
@@ -194,63 +195,6 @@ def _mask_box(mask: Mask, pad: int = 2) -> tuple[slice, slice, slice]:
     )
 
 
-def _noise(
-    shape: tuple[int, int, int], std: float, rng: np.random.Generator
-) -> npt.NDArray[np.float32]:
-    """CT-like noise, (nz, ny, nx) float32 HU with standard deviation `std`.
-
-    White Gaussian noise smoothed in-plane by a [1, 2, 1]/4 binomial kernel along x and y (about
-    a 0.7-voxel Gaussian), independent between slices and scans.
-    """
-    a = rng.standard_normal(shape, dtype=np.float32)
-    for axis in (2, 1):
-        b = a.copy()
-        lo = [slice(None)] * 3
-        mid = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[axis], mid[axis], hi[axis] = slice(0, -2), slice(1, -1), slice(2, None)
-        b[tuple(mid)] *= 0.5
-        b[tuple(mid)] += 0.25 * (a[tuple(lo)] + a[tuple(hi)])
-        a = b
-    a *= std / 0.375  # std of the 2-D binomial-filtered unit white noise
-    return a
-
-
-def _add_gas(
-    img: npt.NDArray[np.float32],
-    lumen: Mask,
-    geometry: Geometry,
-    rng: np.random.Generator,
-) -> Mask:
-    """Paint 0-4 gas pockets (-1000 HU) inside the rectal lumen; returns the gas mask."""
-    gas = np.zeros(lumen.shape, bool)
-    n = int(rng.choice([0, 1, 2, 3, 4], p=[0.15, 0.3, 0.25, 0.2, 0.1]))
-    idx = np.argwhere(lumen)
-    if n == 0 or len(idx) == 0:
-        return gas
-    sp = geometry.spacing[::-1]  # (z, y, x) mm
-    width = float(np.mean(geometry.spacing))
-    for _ in range(n):
-        centre = idx[rng.integers(len(idx))]
-        radii = rng.uniform(3, 11, 3) * np.array([1.6, 1.0, 1.0])  # longer along the rectum
-        half = np.ceil(radii / sp).astype(int) + 1
-        sl = tuple(
-            slice(max(int(c) - int(h), 0), min(int(c) + int(h) + 1, n_))
-            for c, h, n_ in zip(centre, half, lumen.shape, strict=True)
-        )
-        grids = np.meshgrid(*(np.arange(s.start, s.stop) for s in sl), indexing="ij")
-        q = sum(
-            ((g - c) * s_ / r) ** 2 for g, c, s_, r in zip(grids, centre, sp, radii, strict=True)
-        )
-        k0 = np.sqrt(q)
-        sdf = (k0 - 1.0) * float(radii.min())
-        alpha = np.clip(0.5 - sdf / width, 0, 1) * lumen[sl]
-        region = img[sl]
-        region += alpha.astype(np.float32) * (-1000.0 - region)
-        gas[sl] |= alpha >= 0.5
-    return gas
-
-
 def _grid(
     p: AnatomyParams, rng: np.random.Generator, matrix: int, slice_thickness: float | None
 ) -> tuple[Geometry, F64, dict[str, Any]]:
@@ -335,8 +279,8 @@ def generate_patient(
     crop = slice(pad, pad + nz)
     ct = rendered.base[crop].copy()
     noise_rng = np.random.default_rng([seed, 1])
-    gas = _add_gas(ct, rendered.lumen[crop], geom, noise_rng)
-    ct += _noise(geom.shape, anatomy.noise_std, noise_rng)
+    gas = add_gas(ct, rendered.lumen[crop], geom, noise_rng)
+    ct += ct_noise(geom.shape, anatomy.noise_std, noise_rng)
     np.clip(ct, -1024, 3071, out=ct)
     structures = {
         k: _to_position(Volume(rendered.structures[k][crop], geom), pos).array for k in ROI_NAMES
@@ -560,8 +504,8 @@ def generate_fraction(
         else:
             structures[name] = warp_box(m.rendered.structures[name], m.boxes[name], "mask")
     lumen = warp_box(m.rendered.lumen, m.boxes["_lumen"], "mask")
-    gas = _add_gas(ct, lumen, daily, rng)
-    ct += _noise(daily.shape, m.anatomy.noise_std, rng)
+    gas = add_gas(ct, lumen, daily, rng)
+    ct += ct_noise(daily.shape, m.anatomy.noise_std, rng)
     np.clip(ct, -1024, 3071, out=ct)
 
     pos = patient.patient_position
