@@ -34,7 +34,12 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
-from jrs.focus_prealign import FocusReport
+from jrs.focus_prealign import (
+    FocusReport,
+    rigid_as_affine,
+    rigid_on_region,
+    rotation_angle_deg,
+)
 from jrs.geometry import Geometry, Volume
 from jrs.registration import (
     PREALIGN_SPACING_MM,
@@ -42,7 +47,6 @@ from jrs.registration import (
     AffineResult,
     _check_threads,
     _coarse,
-    _register,
 )
 from jrs.transforms import affine_to_dvf, jacobian_determinant
 
@@ -60,19 +64,6 @@ FAR_GRID_MM = 4.0
 #: how far inside the network box's faces the blend starts, mm (the box is the organs plus a
 #: margin of `jrs.pipeline.RecontourOptions.margin_mm`)
 INSET_MM = 20.0
-
-
-def _rigid_as_affine(rigid: sitk.Euler3DTransform) -> sitk.AffineTransform:
-    affine = sitk.AffineTransform(3)
-    affine.SetCenter(rigid.GetCenter())
-    affine.SetMatrix(rigid.GetMatrix())
-    affine.SetTranslation(rigid.GetTranslation())
-    return affine
-
-
-def _angle_deg(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> float:
-    r = a.T @ b
-    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
 
 
 #: the region of the bony match, as `jrs.focus_prealign.FocusReport` names it
@@ -119,22 +110,8 @@ def bony_prealign(
             BONES, False, 0.0, 0.0, voxels, time.perf_counter() - t0, "too little bone"
         )
         log.info("bony match skipped: %s", report.reason)
-        return _rigid_as_affine(rigid0), report
-    out, _ = _register(
-        f,
-        m,
-        bone,
-        sitk.Euler3DTransform(rigid0),
-        iterations=iterations,
-        sampling=None,
-        seed=0,
-        threads=threads,
-        learning_rate=1.0,
-        min_step=1e-3,
-        shrink_factors=(1,),
-        smoothing_voxels=(0.0,),
-    )
-    rigid = sitk.Euler3DTransform(sitk.CompositeTransform(out).GetNthTransform(0))
+        return rigid_as_affine(rigid0), report
+    rigid, _ = rigid_on_region(f, m, bone, rigid0, iterations, threads)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(bone)
     x0, y0, z0, sx, sy, sz = stats.GetBoundingBox(1)
@@ -148,7 +125,7 @@ def bony_prealign(
         float(np.linalg.norm(np.subtract(rigid.TransformPoint(c), rigid0.TransformPoint(c))))
         for c in corners
     )
-    angle = _angle_deg(
+    angle = rotation_angle_deg(
         np.asarray(rigid0.GetMatrix()).reshape(3, 3), np.asarray(rigid.GetMatrix()).reshape(3, 3)
     )
     seconds = time.perf_counter() - t0
@@ -158,13 +135,13 @@ def bony_prealign(
             f"(limits {MAX_BONY_SHIFT_MM:.0f} mm / {MAX_BONY_ANGLE_DEG:.0f} deg)"
         )
         log.warning("bony match refused: %s", reason)
-        return _rigid_as_affine(rigid0), FocusReport(
+        return rigid_as_affine(rigid0), FocusReport(
             BONES, False, shift, angle, voxels, seconds, reason
         )
     log.info(
         "bony match: %.2f mm, %.2f deg from the whole-body match, %.2f s", shift, angle, seconds
     )
-    return _rigid_as_affine(rigid), FocusReport(BONES, True, shift, angle, voxels, seconds)
+    return rigid_as_affine(rigid), FocusReport(BONES, True, shift, angle, voxels, seconds)
 
 
 def _affine_parts(

@@ -131,10 +131,60 @@ def focus_region(labels: Volume, organs: Iterable[str] = FOCUS_ORGANS) -> Volume
     return labels.with_array(mask.astype(np.uint8))
 
 
-def _rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+def rotation_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """The angle of the rotation between two (3, 3) rotation matrices, degrees."""
     r = a.T @ b
     cos = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
     return float(np.degrees(np.arccos(cos)))
+
+
+def rigid_as_affine(rigid: sitk.Euler3DTransform) -> sitk.AffineTransform:
+    """The same rigid map as an affine transform (centre, matrix, translation copied)."""
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(rigid.GetCenter())
+    affine.SetMatrix(rigid.GetMatrix())
+    affine.SetTranslation(rigid.GetTranslation())
+    return affine
+
+
+def rigid_on_region(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    region: sitk.Image,
+    start: sitk.Euler3DTransform,
+    iterations: int,
+    threads: int,
+) -> tuple[sitk.Euler3DTransform, float]:
+    """A rigid match refined on a region of the fixed image, every voxel of it used.
+
+    Deterministic (no random sampling, a fixed thread count); one resolution level.
+
+    Args:
+        fixed: coarse daily CT (HU).
+        moving: coarse planning CT (HU).
+        region: uint8 mask on ``fixed``'s grid (or a sub-grid of it) where the metric counts.
+        start: the rigid transform to start from (daily point -> planning point).
+        iterations: optimiser iterations.
+        threads: registration threads.
+
+    Returns:
+        The refined rigid transform and the final metric value.
+    """
+    out, metric = _register(
+        fixed,
+        moving,
+        region,
+        sitk.Euler3DTransform(start),
+        iterations=iterations,
+        sampling=None,  # every voxel of the region: deterministic, and few of them
+        seed=0,
+        threads=threads,
+        learning_rate=1.0,
+        min_step=1e-3,
+        shrink_factors=(1,),
+        smoothing_voxels=(0.0,),
+    )
+    return sitk.Euler3DTransform(sitk.CompositeTransform(out).GetNthTransform(0)), metric
 
 
 def focus_prealign(
@@ -203,21 +253,7 @@ def focus_prealign(
     m_box = sitk.RegionOfInterest(fmask, [sx, sy, sz], [x0, y0, z0])
     voxels = int(sitk.GetArrayViewFromImage(m_box).sum())
 
-    out, metric = _register(
-        f_box,
-        m,
-        m_box,
-        sitk.Euler3DTransform(rigid0),
-        iterations=iterations,
-        sampling=None,  # every voxel of the region: deterministic, and few of them
-        seed=0,
-        threads=threads,
-        learning_rate=1.0,
-        min_step=1e-3,
-        shrink_factors=(1,),
-        smoothing_voxels=(0.0,),
-    )
-    rigid = sitk.Euler3DTransform(sitk.CompositeTransform(out).GetNthTransform(0))
+    rigid, metric = rigid_on_region(f_box, m, m_box, rigid0, iterations, threads)
     seconds = time.perf_counter() - t0
 
     # how far the region's centre moved, and by how much the stage rotated
@@ -229,7 +265,7 @@ def focus_prealign(
             np.subtract(rigid.TransformPoint(tuple(centre)), rigid0.TransformPoint(tuple(centre)))
         )
     )
-    angle = _rotation_angle_deg(
+    angle = rotation_angle_deg(
         np.asarray(rigid0.GetMatrix()).reshape(3, 3), np.asarray(rigid.GetMatrix()).reshape(3, 3)
     )
     if shift > MAX_FOCUS_SHIFT_MM or angle > MAX_FOCUS_ANGLE_DEG:
@@ -239,10 +275,7 @@ def focus_prealign(
         )
         log.warning("prostate-centred pre-alignment refused: %s", reason)
         return start, FocusReport(organs, False, shift, angle, voxels, seconds, reason)
-    affine = sitk.AffineTransform(3)
-    affine.SetCenter(rigid.GetCenter())
-    affine.SetMatrix(rigid.GetMatrix())
-    affine.SetTranslation(rigid.GetTranslation())
+    affine = rigid_as_affine(rigid)
     log.info(
         "prostate-centred pre-alignment: %.2f mm, %.2f deg from the whole-body match, %.2f s",
         shift,
