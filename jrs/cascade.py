@@ -9,11 +9,13 @@ scan (``u2``), and the two pull fields are composed::
 
     u(x) = u2(x) + u1(x + u2(x))
 
-Each refining pass is null-corrected like the first (`jrs.null_correction`), with the warped
-planning scan as both images, so the same scan twice still gives exactly zero: ``u1`` is then 0,
-the pass is skipped, and ``u`` stays 0. A pass costs two network passes (the pair and its null
-pass) plus three warps; the segmentation of the last pass (with the warped planning labels, now
-closer to the daily anatomy, as its prior) is the one the pipeline uses.
+Each refining pass is null-corrected like the first (`jrs.null_correction`): with the warped
+planning scan as both images (one more network pass), or, given the planning scan's null field
+(`jrs.null_cache`), by that field moved with the content (one warp). The same scan twice still
+gives exactly zero: ``u1`` is then 0, the pass is skipped, and ``u`` stays 0. A pass costs one
+or two network passes plus three or four warps; the segmentation of the last pass (with the
+warped planning labels, now closer to the daily anatomy, as its prior) is the one the pipeline
+uses.
 
 A model's ``metadata.json`` sets the number of passes (``"network_passes"``, absent: 1);
 `jrs.pipeline.RecontourOptions.network_passes` overrides it.
@@ -30,7 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.geometry import Geometry, Volume
-from jrs.null_correction import PredictingBackend, null_correct
+from jrs.null_cache import warp_null
+from jrs.null_correction import PredictingBackend, null_correct, subtract_null
 from jrs.transforms import compose, dvf_to_sitk, warp
 
 __all__ = ["MAX_PASSES", "CascadeReport", "network_passes", "refine"]
@@ -110,6 +113,7 @@ def refine(
     null_correction: bool = True,
     body: npt.NDArray[Any] | None = None,
     prediction: Any = None,
+    null_field: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.float32], Any, CascadeReport]:
     """Run ``passes - 1`` refining passes of the network on a registered pair.
 
@@ -124,6 +128,9 @@ def refine(
         null_correction: null-correct each refining pass as the first.
         body: (nz, ny, nx) body mask of the daily scan for the statistics (None: everywhere).
         prediction: the first pass's prediction, returned when no refining pass runs.
+        null_field: (3, nz, ny, nx) the null field of the unwarped planning scan on ``grid``
+            (`jrs.null_cache.transport`): a refining pass then subtracts it moved with the
+            content (`jrs.null_cache.warp_null`) instead of running its own null pass.
 
     Returns:
         The composed (3, nz, ny, nx) field (float32, mm), the last pass's prediction (its
@@ -143,10 +150,16 @@ def refine(
         warped_labels = warp(labels_vol, total, "nearest", 0.0, transform=tx).array.astype(
             np.float32
         )
+        moved_null = (
+            warp_null(null_field, grid, tx) if null_correction and null_field is not None else None
+        )
         del tx
         prediction = backend.predict(fixed, warped, warped_labels)
         residual = np.asarray(prediction.dvf, np.float32)
-        if null_correction:
+        if moved_null is not None:
+            residual, _, _ = subtract_null(moved_null, residual)
+            del moved_null
+        elif null_correction:
             residual, _ = null_correct(backend, warped, warped_labels, residual, body)
         mag = np.sqrt((residual**2).sum(axis=0))
         sel = mag[inside] if inside is not None else mag.ravel()

@@ -31,7 +31,14 @@ import numpy.typing as npt
 from jrs.labels import LABELS
 from jrs.metrics import dice
 
-__all__ = ["NullCorrection", "PredictingBackend", "null_correct", "null_correction_enabled"]
+__all__ = [
+    "NullCorrection",
+    "PredictingBackend",
+    "null_correct",
+    "null_correction_enabled",
+    "planning_segmentation_dice",
+    "subtract_null",
+]
 
 
 class PredictingBackend(Protocol):
@@ -80,12 +87,17 @@ class NullCorrection:
             against the pre-aligned planning labels (the segmentation path's self-check on this
             patient); empty without a segmentation output.
         seconds: wall time of the null pass and the subtraction, s.
+        source: ``pair`` (the null pass ran on this pair) or ``planning`` (the planning
+            scan's null field, `jrs.null_cache`, carried onto the pair).
+        cached: the planning null field was read from the on-disk cache.
     """
 
     max_mm: float
     mean_mm: float
     planning_dice: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    source: str = "pair"
+    cached: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form (``qa.json``)."""
@@ -95,7 +107,62 @@ class NullCorrection:
             "null_field_mean_mm": round(self.mean_mm, 3),
             "planning_segmentation_dice": {k: round(v, 4) for k, v in self.planning_dice.items()},
             "seconds": round(self.seconds, 3),
+            "source": self.source,
+            "cached": self.cached,
         }
+
+
+def planning_segmentation_dice(
+    scores: npt.NDArray[np.float32] | None, labels: npt.NDArray[Any]
+) -> dict[str, float]:
+    """Dice of the network's segmentation of the planning scan against its own labels.
+
+    Args:
+        scores: (5, nz, ny, nx) logits or probabilities of the null pass, or None.
+        labels: (nz, ny, nx) the planning label map on the same grid (ids 0..4).
+
+    Returns:
+        Per organ key present in ``labels``, the Dice (empty without ``scores``).
+    """
+    out: dict[str, float] = {}
+    if scores is None:
+        return out
+    seg = np.argmax(scores, axis=0)
+    for lab in sorted(LABELS):
+        truth = labels == lab
+        if truth.any():
+            out[LABELS[lab]] = float(dice(seg == lab, truth))
+    return out
+
+
+def subtract_null(
+    u0: npt.NDArray[np.float32],
+    dvf: npt.NDArray[np.float32],
+    body: npt.NDArray[Any] | None = None,
+) -> tuple[npt.NDArray[np.float32], float, float]:
+    """``dvf - u0``, and the largest and mean ``|u0|`` inside the body.
+
+    Args:
+        u0: (3, nz, ny, nx) the null field, mm.
+        dvf: (3, nz, ny, nx) the network's pull field of the real pair, mm.
+        body: (nz, ny, nx) body mask of the fixed scan (None: everywhere).
+
+    Returns:
+        The corrected field (float32, mm), max and mean ``|u0|`` (mm).
+
+    Raises:
+        ValueError: When the shapes differ.
+    """
+    if u0.shape != dvf.shape:
+        raise ValueError(f"null field shape {u0.shape} differs from the field's {dvf.shape}")
+    mag = np.sqrt((u0**2).sum(axis=0))
+    inside = mag[body > 0] if body is not None and np.any(body) else mag.ravel()
+    corrected = np.subtract(np.asarray(dvf, np.float32), u0, dtype=np.float32)
+    return (
+        corrected,
+        float(inside.max()) if inside.size else 0.0,
+        float(inside.mean()) if inside.size else 0.0,
+    )
 
 
 def null_correct(
@@ -105,7 +172,7 @@ def null_correct(
     dvf: npt.NDArray[np.float32],
     body: npt.NDArray[Any] | None = None,
 ) -> tuple[npt.NDArray[np.float32], NullCorrection]:
-    """Subtract the network's null field from its field (in place when possible).
+    """Subtract the network's null field from its field (the null pass run on this pair).
 
     Args:
         backend: the loaded network (`jrs.pipeline.NetworkBackend`).
@@ -122,25 +189,15 @@ def null_correct(
     t0 = time.perf_counter()
     null = backend.predict(moving, moving, moving_labels)
     u0 = np.asarray(null.dvf, np.float32)
-    if u0.shape != dvf.shape:
-        raise ValueError(f"null field shape {u0.shape} differs from the field's {dvf.shape}")
-    mag = np.sqrt((u0**2).sum(axis=0))
-    inside = mag[body > 0] if body is not None and np.any(body) else mag.ravel()
-    corrected = np.subtract(np.asarray(dvf, np.float32), u0, dtype=np.float32)
-    planning_dice: dict[str, float] = {}
+    corrected, max_mm, mean_mm = subtract_null(u0, dvf, body)
     scores = getattr(null, "seg_logits", None)
     if scores is None:
         scores = getattr(null, "seg_probs", None)
-    if scores is not None:
-        seg = np.argmax(scores, axis=0)
-        for lab in sorted(LABELS):
-            truth = moving_labels == lab
-            if truth.any():
-                planning_dice[LABELS[lab]] = float(dice(seg == lab, truth))
-    del u0, mag
+    planning_dice = planning_segmentation_dice(scores, moving_labels)
+    del u0
     stats = NullCorrection(
-        max_mm=float(inside.max()) if inside.size else 0.0,
-        mean_mm=float(inside.mean()) if inside.size else 0.0,
+        max_mm=max_mm,
+        mean_mm=mean_mm,
         planning_dice=planning_dice,
         seconds=time.perf_counter() - t0,
     )

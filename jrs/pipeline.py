@@ -37,7 +37,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +63,20 @@ from jrs.labels import (
     label_map_from_mapping,
 )
 from jrs.metrics import dice, surface_distances, volume_cc
-from jrs.null_correction import null_correct, null_correction_enabled
+from jrs.null_cache import (
+    PlanningNull,
+    cache_for,
+    check_null_pass,
+    default_cache_root,
+    planning_null,
+    transport,
+)
+from jrs.null_correction import (
+    NullCorrection,
+    null_correct,
+    null_correction_enabled,
+    subtract_null,
+)
 from jrs.plausibility import PlausibilityLimits, check_coverage, check_planning, enforce
 from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
 from jrs.preprocess import HU_SCALE, PreparedPair, mask_box, prepare_pair
@@ -223,6 +236,13 @@ class RecontourOptions:
             organ where it improves the image agreement around the organ); ``off`` (default:
             on the held-out cases measured so far it changed no organ's DSC by more than 0.001,
             at about 30 s on two cores, docs/benchmarks.md): the network's field as it is.
+        null_pass: ``planning`` (default): the null-field correction's pass runs once per
+            planning scan, on the planning box, is kept in ``cache_dir`` and is carried onto
+            each pair and cascaded pass (`jrs.null_cache`: two network passes fewer per run);
+            ``pair``: it runs on every pair and every cascaded pass.
+        cache_dir: the product's cache folder (``null-fields/``; OpenVINO's compiled models
+            under ``openvino/``): ``$JRS_CACHE_DIR``, else ``~/.cache/jrs``; None: no cache
+            on disk.
     """
 
     method: Literal["network", "iterative"] = "network"
@@ -245,6 +265,8 @@ class RecontourOptions:
     method_consensus: bool = True
     far_field: FarFieldMode = "bony"
     refine: str = "off"
+    null_pass: str = "planning"
+    cache_dir: Path | None = field(default_factory=default_cache_root)
 
 
 @dataclass
@@ -296,13 +318,20 @@ def load_backend(options: RecontourOptions) -> NetworkBackend:
     """Load and compile the model named by the options (never imports torch).
 
     The engine, device and precision come from the options (`jrs.inference.load_model`); keep
-    the result for the next cases (the service and batch workers do).
+    the result for the next cases (the service and batch workers do). OpenVINO keeps its
+    compiled models in ``<cache_dir>/openvino`` (its ``CACHE_DIR``): another process meeting the
+    same window shape loads it rather than compiling it.
     """
     model_dir = options.model_dir or default_model_dir()
     from jrs.inference import load_model
 
+    ov_cache = {"cache_dir": options.cache_dir / "openvino"} if options.cache_dir else None
     backend: NetworkBackend = load_model(
-        model_dir, device=options.device, engine=options.engine, precision=options.precision
+        model_dir,
+        device=options.device,
+        engine=options.engine,
+        precision=options.precision,
+        openvino_options=ov_cache,
     )
     return backend
 
@@ -842,12 +871,26 @@ def _run_network(
     null_correction: bool,
     smoothing_mm: float = 0.0,
     passes: int = 1,
+    planning: PlanningNull | None = None,
 ) -> _Paths:
     labels_f = pair.moving_labels.astype(np.float32)
     pred = backend.predict(pair.fixed, pair.moving, labels_f)
     raw = np.asarray(pred.dvf, np.float32)
     null = None
-    if null_correction:
+    u0: npt.NDArray[np.float32] | None = None
+    if null_correction and planning is not None:
+        t_null = time.perf_counter()
+        u0 = transport(planning, pair.grid, pair.prealign.transform)
+        raw, max_mm, mean_mm = subtract_null(u0, raw, pair.body)
+        null = NullCorrection(
+            max_mm,
+            mean_mm,
+            planning.planning_dice,
+            time.perf_counter() - t_null + (0.0 if planning.from_cache else planning.seconds),
+            source="planning",
+            cached=planning.from_cache,
+        )
+    elif null_correction:
         raw, null = null_correct(backend, pair.moving, labels_f, raw, pair.body)
     raw, pred, cascade = refine(
         backend,
@@ -860,8 +903,9 @@ def _run_network(
         null_correction=null_correction,
         body=pair.body,
         prediction=pred,
+        null_field=u0,
     )
-    del labels_f
+    del labels_f, u0
     smoothing_s = 0.0
     if smoothing_mm > 0:
         t_s = time.perf_counter()
@@ -985,7 +1029,10 @@ def _run_iterative(pair: PreparedPair) -> _Paths:
 
 
 def _network_reference(
-    backend: NetworkBackend | None, opts: RecontourOptions, pair: PreparedPair
+    backend: NetworkBackend | None,
+    opts: RecontourOptions,
+    pair: PreparedPair,
+    planning: Callable[[NetworkBackend], PlanningNull],
 ) -> npt.NDArray[np.uint8] | None:
     """The network's registration path of the organs, beside the iterative method's result.
 
@@ -993,6 +1040,7 @@ def _network_reference(
         backend: a loaded network, or None to load the one the options name.
         opts: the run's options (model, engine, the model's null correction and passes).
         pair: the prepared network grid.
+        planning: the planning scan's null field for a network (`jrs.null_cache`).
 
     Returns:
         (nz, ny, nx) uint8 organ label map on the network grid (`jrs.labels` ids), or None when
@@ -1003,17 +1051,33 @@ def _network_reference(
     except JrsError as exc:
         log.info("no network to compare the iterative method with: %s", exc)
         return None
-    return _run_model(net, opts, pair).registration
+    return _run_model(net, opts, pair, lambda: planning(net)).registration
 
 
-def _run_model(backend: NetworkBackend, opts: RecontourOptions, pair: PreparedPair) -> _Paths:
-    """`_run_network` with the options' (else the metadata's) correction, smoothing, passes."""
+def _run_model(
+    backend: NetworkBackend,
+    opts: RecontourOptions,
+    pair: PreparedPair,
+    planning: Callable[[], PlanningNull] | None = None,
+) -> _Paths:
+    """`_run_network` with the options' (else the metadata's) correction, smoothing, passes.
+
+    ``planning`` gives the planning scan's null field (`jrs.null_cache`); it is asked for only
+    when the correction applies and ``opts.null_pass`` is ``planning``.
+    """
+    correct = null_correction_enabled(backend.metadata, opts.null_correction)
+    carried = (
+        planning()
+        if correct and planning is not None and check_null_pass(opts.null_pass) == "planning"
+        else None
+    )
     return _run_network(
         backend,
         pair,
-        null_correction_enabled(backend.metadata, opts.null_correction),
+        correct,
         field_smoothing_sigma(backend.metadata, opts.dvf_smoothing_mm),
         network_passes(backend.metadata, opts.network_passes),
+        carried,
     )
 
 
@@ -1177,11 +1241,21 @@ def recontour(
     outer = _full_transform(prealign.transform, None, far_tx) if far_tx is not None else None
     t = lap("prepare", t)
 
+    def planning_null_of(net: NetworkBackend) -> PlanningNull:
+        """The planning scan's null field (`jrs.null_cache`): its box as a pair would get it."""
+        own_box = _organ_box(
+            box_labels, sitk.AffineTransform(3), planning.volume.geometry, opts.margin_mm
+        )
+        return planning_null(
+            net, planning.volume, planning_labels, own_box, cache_for(opts.cache_dir)
+        )
+
     refine_report = RefineReport(False, reason="not asked for")
     if opts.method == "network":
         if backend is None:  # pragma: no cover - load_backend raises first
             raise ModelNotReady("no network loaded")
-        paths = _run_model(backend, opts, pair)
+        net = backend
+        paths = _run_model(backend, opts, pair, lambda: planning_null_of(net))
         t = lap("network", t)
         if check_refine_mode(opts.refine) == "on":
             refine_report = _refine(paths, pair, used)
@@ -1194,7 +1268,7 @@ def recontour(
     # the iterative method's second opinion: the network's mapping of the same organs
     reference: npt.NDArray[np.uint8] | None = None
     if opts.method == "iterative" and used and opts.method_consensus:
-        reference = _network_reference(backend, opts, pair)
+        reference = _network_reference(backend, opts, pair, planning_null_of)
         t = lap("reference", t)
 
     # choose a path per organ (or fuse the two, inside the fused organs' boxes: `_fuse_paths`)

@@ -466,8 +466,8 @@ FarFieldOpt = Annotated[
     typer.Option(
         "--far-field",
         help="The mapping outside the network box, blended smoothly from the box over 60 mm: "
-        "'bony' (a rigid match of the bones), 'deformable' (then a coarse B-spline match of the "
-        "whole body) or 'focus' (the box's prostate-centred pre-alignment everywhere).",
+        "'bony' (a rigid match of the bones) or 'focus' (the box's prostate-centred "
+        "pre-alignment everywhere).",
     ),
 ]
 RefineOpt = Annotated[
@@ -477,6 +477,24 @@ RefineOpt = Annotated[
         help="'on': refine the network's field on the pair (a coarse B-spline registration on "
         "top of it, kept per organ where the daily CT agrees better around the organ; about 30 s "
         "on 2 cores); 'off' (default: it has not yet been measured to help).",
+    ),
+]
+NullPassOpt = Annotated[
+    str,
+    typer.Option(
+        "--null-pass",
+        help="The null-field correction's network pass: 'planning' (default: once per "
+        "planning scan, kept in the cache folder and carried onto each daily pair; two network "
+        "passes fewer per run) or 'pair' (on every pair and cascaded pass).",
+    ),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        envvar="JRS_CACHE_DIR",
+        help="Cache folder (planning null fields, OpenVINO's compiled models); default "
+        "~/.cache/jrs; 'off': none.",
     ),
 ]
 
@@ -514,9 +532,12 @@ def recontour(
     prealign: PrealignOpt = "prostate",
     far_field: FarFieldOpt = "bony",
     refine: RefineOpt = "off",
+    null_pass: NullPassOpt = "planning",
+    cache_dir: CacheDirOpt = None,
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
     from jrs.focus_prealign import check_prealign_mode
+    from jrs.null_cache import check_null_pass
     from jrs.pipeline import recontour as run
 
     opts = _recontour_options(
@@ -529,6 +550,9 @@ def recontour(
     opts.prealign = check_prealign_mode(prealign)
     opts.far_field = far_field  # (checked by the pipeline)
     opts.refine = refine
+    opts.null_pass = check_null_pass(null_pass)
+    if cache_dir is not None:
+        opts.cache_dir = None if str(cache_dir).strip().lower() in ("off", "none") else cache_dir
     result = run(planning_ct, planning_rtstruct, daily_ct, out, opts)
     qa = result.qa_data
     typer.echo(f"{'structure':<20}{'source':<14}{'planning cc':>12}{'daily cc':>10}  flags")

@@ -14,6 +14,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("JRS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The product's cache (`jrs.null_cache`, OpenVINO's models) in a folder of the test run.
+
+    Tests never read or fill the user's ``~/.cache/jrs``; a test that sets ``JRS_CACHE_DIR``
+    itself (monkeypatch) keeps its own value.
+    """
+    os.environ["JRS_CACHE_DIR"] = str(tmp_path_factory.mktemp("jrs-cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder of real public DICOM/CT files (../shared/data); skips when absent."""

@@ -148,8 +148,12 @@ class OpenVinoCpuEngine(Engine):
         if threads is not None:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            self._core.set_property({"CACHE_DIR": str(cache_dir)})
+            try:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                log.warning("OpenVINO model cache %s not usable (%s): compiling", cache_dir, exc)
+            else:
+                self._core.set_property({"CACHE_DIR": str(cache_dir)})
         try:
             model = self._core.read_model(str(source))
         except Exception as exc:

@@ -172,7 +172,8 @@ def test_pipeline_runs_the_passes_the_model_asks_for(tmp_path: Path) -> None:
         )
         qa = json.loads(res.qa.read_text())
         assert qa["network"]["cascade"]["passes"] == passes
-        assert backend.calls == 2 * passes  # each pass and its null pass
+        # each pass, and the planning scan's null pass once (carried onto the refining pass)
+        assert backend.calls == passes + 1
         fields[passes] = Volume.read(str(res.dvf)).array
     assert not np.allclose(fields[1], fields[2], atol=0.05)
     # the option overrides the model's number
@@ -186,3 +187,16 @@ def test_pipeline_runs_the_passes_the_model_asks_for(tmp_path: Path) -> None:
         backend=backend,
     )
     assert res.qa_data["network"]["cascade"]["passes"] == 1 and backend.calls == 2
+    # the null pass on every pair: each pass and its own null pass
+    backend = _ShiftBackend(2)
+    res = recontour(
+        plan / "ct",
+        plan / "rtstruct.dcm",
+        daily,
+        tmp_path / "per_pair",
+        RecontourOptions(device="cpu", dvf_spacing_mm=0, dvf_smoothing_mm=0.0, null_pass="pair"),
+        backend=backend,
+    )
+    assert res.qa_data["network"]["cascade"]["passes"] == 2 and backend.calls == 4
+    # the per-pair and the carried null pass agree where the fake's null field is smooth
+    np.testing.assert_allclose(Volume.read(str(res.dvf)).array, fields[2], atol=0.05)

@@ -21,7 +21,7 @@ from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
 from jrs.geometry import Volume
 from jrs.metrics import dice
 from jrs.null_correction import null_correct, null_correction_enabled
-from jrs.phantom import generate_patient, write_patient
+from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
 from jrs.pipeline import RecontourOptions, recontour
 
 
@@ -112,12 +112,27 @@ def test_the_same_scan_twice_comes_back_unchanged(tmp_path: Path) -> None:
         )
         outs[mode] = rtstruct_to_masks(read_rtstruct(res.rtstruct), series)
         fields[mode] = (Volume.read(str(res.dvf)), json.loads(res.qa.read_text()))
-        assert backend.calls == [False, True]
+        # the null pass of the planning scan (once per planning), then the pair
+        assert backend.calls == [True, False]
     dvf, qa = fields["registration"]
     # the field of the same scan twice is the pre-alignment's alone (identity to < 0.05 mm)
     assert float(np.abs(dvf.array).max()) < 0.05
     null = qa["network"]["null_correction"]
     assert null["applied"] is True and null["null_field_max_mm"] == pytest.approx(1.5)
+    assert null["source"] == "planning" and null["cached"] is False
+    # the null pass on the pair itself: the same result
+    backend = BiasedBackend({"path_choice": dict.fromkeys(organs, "registration")})
+    res = recontour(
+        plan / "ct",
+        plan / "rtstruct.dcm",
+        plan / "ct",
+        tmp_path / "pair",
+        RecontourOptions(device="cpu", null_pass="pair"),
+        backend=backend,
+    )
+    assert backend.calls == [False, True]
+    assert json.loads(res.qa.read_text())["network"]["null_correction"]["source"] == "pair"
+    assert float(np.abs(Volume.read(str(res.dvf)).array).max()) < 0.05
     # every ROI of the registration run, overlaps included (the seminal vesicles enter the
     # prostate in the phantom): Dice >= 0.99 and volume within 1 %
     for name, mask in before.items():
@@ -145,3 +160,52 @@ def test_the_same_scan_twice_comes_back_unchanged(tmp_path: Path) -> None:
     assert qa["network"]["null_correction"] == {"applied": False}
     off = rtstruct_to_masks(read_rtstruct(res.rtstruct), series)
     assert dice(before["Prostate"].array > 0, off["Prostate"].array > 0) < 0.99
+
+
+@pytest.mark.integration
+def test_a_second_fraction_reuses_the_planning_null_pass(tmp_path: Path) -> None:
+    """With a model digest the planning null field is kept: fraction 2 runs the pair alone.
+
+    Two cascaded passes: the second subtracts the carried null field moved with the content,
+    with no null pass of its own. The carried correction gives the contours of the per-pair
+    null pass (the fake's bias is the same wherever the body is).
+    """
+    patient = generate_patient(6, matrix=128, slice_thickness=3.0)
+    case = tmp_path / "case"
+    write_patient(patient, case)
+    for k in (1, 2):
+        write_fraction(generate_fraction(patient, k), case / f"fraction_{k}")
+    organs = ("prostate", "seminal_vesicles", "rectum", "bladder")
+    meta = {"sha256": "fake-digest", "path_choice": dict.fromkeys(organs, "registration")}
+    backend = BiasedBackend(meta)
+    opts = RecontourOptions(device="cpu", network_passes=2, cache_dir=tmp_path / "cache")
+    runs = []
+    for k in (1, 2):
+        backend.calls.clear()
+        res = recontour(
+            case / "planning" / "ct",
+            case / "planning" / "rtstruct.dcm",
+            case / f"fraction_{k}" / "ct",
+            tmp_path / f"f{k}",
+            opts,
+            backend=backend,
+        )
+        runs.append((list(backend.calls), json.loads(res.qa.read_text()), res))
+    assert runs[0][0] == [True, False, False]  # planning null, pair, second pass
+    assert runs[1][0] == [False, False]  # the pair and the second pass only
+    assert runs[0][1]["network"]["null_correction"]["cached"] is False
+    assert runs[1][1]["network"]["null_correction"]["cached"] is True
+    assert len(list((tmp_path / "cache" / "null-fields").glob("*.npy"))) == 1
+    exact = recontour(
+        case / "planning" / "ct",
+        case / "planning" / "rtstruct.dcm",
+        case / "fraction_2" / "ct",
+        tmp_path / "exact",
+        RecontourOptions(device="cpu", network_passes=2, null_pass="pair", cache_dir=None),
+        backend=BiasedBackend(meta),
+    )
+    series = read_ct_series(case / "fraction_2" / "ct")
+    carried = rtstruct_to_masks(read_rtstruct(runs[1][2].rtstruct), series)
+    per_pair = rtstruct_to_masks(read_rtstruct(exact.rtstruct), series)
+    for name in ("Prostate", "Bladder", "Rectum"):
+        assert dice(carried[name].array > 0, per_pair[name].array > 0) >= 0.98, name
