@@ -228,6 +228,53 @@ def report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: issue 30's labels: a bad organ contour has DSC < 0.90 or MSD > 2 mm; a good one DSC >= 0.95
+BAD_DSC, BAD_MSD_MM, GOOD_DSC = 0.90, 2.0, 0.95
+
+
+def qa_rates(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per method, how the QA flags the bad organs and spares the good ones.
+
+    An organ's contour is the written ROI the synonym table took for it (``organ`` in
+    ``qa.json``); it is flagged when that ROI carries any flag.
+    """
+    lines = [
+        "| method | organs | bad (DSC < 0.90 or MSD > 2 mm) | flagged bad (recall) | "
+        "good (DSC >= 0.95) | flagged good (false-flag rate) | missed bad | flagged good |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in sorted({r["variant"] for r in rows}):
+        for organs, label in ((ORGANS, "all four"), (ORGANS[::2] + ORGANS[3:], "no SV")):
+            bad = hit = good = false = 0
+            missed: list[str] = []
+            spurious: list[str] = []
+            for r in (r for r in rows if r["variant"] == method):
+                flagged = {
+                    s["organ"]: bool(s["flags"]) for s in r["qa_structures"] if s.get("organ")
+                }
+                for organ in organs:
+                    v = r.get(organ)
+                    if not v or organ not in flagged:
+                        continue
+                    where = f"{r['case']} {organ} {v['dsc']:.3f}/{v['msd']:.2f}"
+                    if v["dsc"] < BAD_DSC or v["msd"] > BAD_MSD_MM:
+                        bad += 1
+                        hit += flagged[organ]
+                        if not flagged[organ]:
+                            missed.append(where)
+                    elif v["dsc"] >= GOOD_DSC:
+                        good += 1
+                        false += flagged[organ]
+                        if flagged[organ]:
+                            spurious.append(where)
+            lines.append(
+                f"| {method} | {label} | {bad} | {hit} ({hit / bad if bad else float('nan'):.2f})"
+                f" | {good} | {false} ({false / good if good else float('nan'):.2f}) | "
+                f"{'; '.join(missed) or '-'} | {'; '.join(spurious) or '-'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     """Run the variants on the cases; results are appended to ``--out`` (resumable)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -238,7 +285,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the tables of --out")
     args = parser.parse_args()
     if args.report:
-        print(report(json.loads(args.out.read_text())))  # noqa: T201 (a script's output)
+        rows = json.loads(args.out.read_text())
+        print(report(rows) + "\n" + qa_rates(rows))  # noqa: T201 (a script's output)
         return
     logging.basicConfig(level=logging.WARNING)
     table = SynonymTable.from_yaml(args.synonyms) if args.synonyms else None
