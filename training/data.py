@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -443,3 +443,185 @@ class PatchSampler:
     def __iter__(self) -> Iterator[PatchBatch]:
         while True:
             yield self.sample()
+
+
+def batch_seed(seed: int, rank: int, index: int) -> np.random.SeedSequence:
+    """The seed of batch ``index`` of process ``rank`` in a run seeded ``seed``.
+
+    Args:
+        seed: The run's seed (any integer; taken modulo 2**64).
+        rank: The process's rank (0 for a single process).
+        index: The batch's index in the run (the 0-based step it is drawn for).
+
+    Returns:
+        A ``SeedSequence`` keyed by the three numbers.
+    """
+    return np.random.SeedSequence([int(seed) % 2**64, int(rank), int(index)])
+
+
+class _KeyedDraws:
+    """A map-style dataset for ``torch.utils.data.DataLoader``: item ``k`` is batch ``k``."""
+
+    def __init__(self, sampler: KeyedPatchSampler) -> None:
+        self.sampler = sampler
+
+    def __getitem__(self, index: int) -> PatchBatch:
+        return self.sampler.draw(int(index))
+
+
+class _From:
+    """The batch indices ``start, start + 1, ...`` (the loader's endless index sampler)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[int]:
+        k = self.start
+        while True:
+            yield k
+            k += 1
+
+
+def _as_is(batch: Any) -> Any:
+    """The loader's collate function: a batch passes as drawn (``batch_size=None``)."""
+    return batch
+
+
+def _one_thread(_worker_id: int) -> None:
+    """Loader worker start: one torch thread (the workers only crop numpy arrays)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+class KeyedPatchSampler(PatchSampler):
+    """A :class:`PatchSampler` whose batch ``k`` depends only on ``(seed, rank, k)``.
+
+    Batch ``k`` is drawn by the region-balanced sampling of :class:`PatchSampler` from a generator
+    seeded by :func:`batch_seed` ``(seed, rank, k)``, so the sequence of batches is the same
+    whether the batches are drawn in this process (``workers=0``) or by ``workers`` loader
+    processes (a ``torch.utils.data.DataLoader`` that keeps the order), for any number of
+    workers; the state of the sampler is the index of the next batch, and a resume continues
+    bit for bit with any worker count. Each process of a distributed run draws its own stream
+    (its ``rank``); rank 0's stream is that of a single-process run with the same seed.
+
+    A checkpoint written before keyed sampling holds the state of :class:`PatchSampler`'s one
+    continuous generator; :meth:`set_state` continues that stream in this process (``workers=0``:
+    the batches the sampler always drew) or, with workers, switches to keyed batches from the
+    checkpoint's step on (with a warning: those are not the batches the stream would have drawn).
+
+    Args:
+        pairs: The prepared pairs.
+        seed: The run's seed.
+        rank: The process's rank in a distributed run (0: single process).
+        workers: Loader processes drawing ahead of the training step (0: draw in this process).
+        prefetch: Batches each worker draws ahead.
+        **kwargs: The other :class:`PatchSampler` arguments (patch size, pairs per batch, ...).
+    """
+
+    SCHEME = "keyed"
+
+    def __init__(
+        self,
+        pairs: Sequence[TrainingPair],
+        *,
+        seed: int,
+        rank: int = 0,
+        workers: int = 0,
+        prefetch: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(pairs, seed=seed, **kwargs)
+        if workers < 0 or prefetch < 1:
+            raise InvalidInput(f"workers must be >= 0 and prefetch >= 1, got {workers}, {prefetch}")
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.workers = int(workers)
+        self.prefetch = int(prefetch)
+        self.next = 0
+        self.stream = False  # continuing the one generator of a checkpoint written before keying
+        self._it: Iterator[PatchBatch] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_it"] = None  # a loader does not travel to its own workers
+        return state
+
+    def draw(self, index: int) -> PatchBatch:
+        """Batch ``index`` of this rank (the same in any process)."""
+        self.rng = np.random.default_rng(batch_seed(self.seed, self.rank, index))
+        return super().sample()
+
+    def sample(self) -> PatchBatch:
+        """The next batch: drawn here, or taken from the loader workers."""
+        if self.stream:
+            return super().sample()
+        if self.workers == 0:
+            batch = self.draw(self.next)
+        else:
+            if self._it is None:
+                self._it = self._start(self.next)
+            batch = next(self._it)
+        self.next += 1
+        return batch
+
+    def _start(self, start: int) -> Iterator[PatchBatch]:
+        import torch
+
+        loader = torch.utils.data.DataLoader(
+            cast(Any, _KeyedDraws(self)),
+            batch_size=None,
+            sampler=cast(Any, _From(start)),
+            num_workers=self.workers,
+            collate_fn=_as_is,
+            worker_init_fn=_one_thread,
+            prefetch_factor=self.prefetch,
+            # the workers' own torch seeds come from this generator, not the process's
+            generator=torch.Generator().manual_seed(self.seed % 2**63),
+        )
+        return iter(loader)
+
+    def close(self) -> None:
+        """Stop the loader workers (a later :meth:`sample` starts them again where it left)."""
+        self._it = None
+
+    def state(self) -> dict[str, Any]:
+        """``{"scheme": "keyed", "seed": ..., "next": ...}`` (a continued stream: its generator)."""
+        if self.stream:
+            return super().state()
+        return {"scheme": self.SCHEME, "seed": self.seed, "next": self.next}
+
+    def set_state(self, state: dict[str, Any], step: int | None = None) -> None:
+        """Continue from a saved state.
+
+        Args:
+            state: What :meth:`state` returned, or the generator state of a plain
+                :class:`PatchSampler` (a checkpoint written before keyed sampling).
+            step: The checkpoint's step: where keyed batches start when a plain generator state
+                cannot be continued here (loader workers); default 0.
+
+        Raises:
+            InvalidInput: For a state of neither kind.
+        """
+        self.close()
+        if state.get("scheme") == self.SCHEME:
+            self.stream = False
+            self.seed = int(state["seed"])
+            self.next = int(state["next"])
+        elif "bit_generator" in state:
+            if self.workers == 0:
+                self.stream = True
+                super().set_state(state)
+            else:
+                self.stream = False
+                self.next = int(step or 0)
+                log.warning(
+                    "the checkpoint's sampler is one generator (written before keyed sampling), "
+                    "which loader workers cannot continue: batches keyed by (seed %d, rank %d, "
+                    "step) from step %d on, not those the generator would have drawn",
+                    self.seed,
+                    self.rank,
+                    self.next,
+                )
+        else:
+            raise InvalidInput(f"unknown sampler state (keys {sorted(state)})")
