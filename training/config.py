@@ -19,6 +19,7 @@ prepared once and cached), ``phantoms`` (generated in memory by :mod:`jrs.phanto
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,7 +236,11 @@ class TrainConfig(_Strict):
         checkpoint_minutes: ...and at least every this many minutes of wall time.
         log_every: Write a CSV / TensorBoard row every this many steps.
         plot_every: Redraw the PNG plots every this many steps (and at the end).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. Under ``torchrun``
+            ``auto`` and ``cuda`` put each process on ``cuda:LOCAL_RANK``.
+        workers: Loader processes that draw the patch batches ahead of the training step (0: in
+            the training process). The batches do not depend on it (see
+            :class:`training.data.KeyedPatchSampler`), so a run may resume with another count.
         amp: Mixed precision (fp16 autocast + gradient scaling) on CUDA.
         precision: CPU compute precision of the network: ``bf16`` (autocast; losses, loss
             weights and optimiser state stay fp32), ``fp32``, or ``auto`` (bf16 where the CPU has
@@ -262,7 +267,8 @@ class TrainConfig(_Strict):
     checkpoint_minutes: float = Field(default=30.0, gt=0)
     log_every: int = Field(default=1, ge=1)
     plot_every: int = Field(default=5000, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"
+    workers: int = Field(default=0, ge=0)
     amp: bool = True
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
@@ -276,6 +282,13 @@ class TrainConfig(_Strict):
     def _patch(cls, v: int) -> int:
         if v < 44 or v % 4:
             raise ValueError(f"patch_size must be a multiple of 4 and >= 44, got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (N a GPU index), got {v!r}")
         return v
 
     def resolved(self) -> dict[str, Any]:

@@ -1,11 +1,22 @@
 """The training loop: RAdam, seeds, AMP, checkpoints with bit-for-bit resume, logs, validation.
 
 ``Trainer(config).run()`` trains ``config.network`` with ``config.weighting`` on patches drawn by
-:class:`training.data.PatchSampler`. Everything that decides the next step is in the checkpoint
-(model, optimiser, weighting state, AMP scaler, the sampler's and the python / numpy / torch random
-states, step and epoch), so ``Trainer(config, resume=True).run()`` after a run of ``N`` steps
-continues exactly as a straight run would: the losses and weights of steps ``N+1..`` are identical
-(on the same device and thread count).
+:class:`training.data.KeyedPatchSampler` (batch ``k`` depends on the seed, the process's rank and
+``k`` only; ``config.workers`` loader processes draw ahead). Everything that decides the next step
+is in the checkpoint (model, optimiser, weighting state, AMP scaler, the sampler's position and the
+python / numpy / torch random states, step and epoch), so ``Trainer(config, resume=True).run()``
+after a run of ``N`` steps continues exactly as a straight run would: the losses and weights of
+steps ``N+1..`` are identical (on the same device and thread count, with any number of loader
+workers). ``resume=PATH`` continues from another checkpoint file in the same way;
+``init_from=PATH`` starts a new run (step 0, fresh optimiser, loss weighting and sampler) with the
+network weights of a checkpoint.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the trainer joins the process
+group (NCCL on CUDA, Gloo on the CPU), puts each process on ``cuda:LOCAL_RANK`` (or the CPU),
+wraps the network in ``DistributedDataParallel`` and draws each rank's batches from its own seed
+stream. The task losses are averaged over the ranks before the loss weighting sees them (the
+weighting state stays the same on every rank; the network's gradients are averaged by DDP), and
+only rank 0 writes checkpoints, logs, plots and runs the validation.
 
 Run folder (``config.output_dir``)::
 
@@ -21,8 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
+import hashlib
 import logging
 import math
+import os
 import random
 import subprocess
 import time
@@ -39,7 +53,15 @@ from tqdm import tqdm
 
 from jrs.errors import InvalidInput
 from jrs.labels import LABELS
-from training.data import PatchBatch, TrainingPair, discover_pairs, load_pair, phantom_pair
+from training.data import (
+    KeyedPatchSampler,
+    PatchBatch,
+    PatchSampler,
+    TrainingPair,
+    discover_pairs,
+    load_pair,
+    phantom_pair,
+)
 from training.losses import TASKS_BY_NETWORK, TaskLoss, compute_task_losses
 from training.networks import LEVELS, build
 from training.store import load_store
@@ -52,11 +74,15 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "jrs-train-checkpoint"
 CHECKPOINT_VERSION = 1
+#: How long a rank waits for the others at a collective (rank 0 validates while they wait).
+DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=2)
 
 __all__ = [
+    "DistributedInfo",
     "TrainResult",
     "Trainer",
     "alpha_summary",
+    "distributed_info",
     "git_sha",
     "load_pairs",
     "resolve_device",
@@ -127,13 +153,89 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("device 'cuda' requested but no CUDA GPU is available; use auto or cpu")
-    return torch.device(name)
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The torch device of a device setting.
+
+    Args:
+        name: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        local_rank: The process's GPU slot on its machine in a distributed run (``LOCAL_RANK``):
+            ``auto`` and ``cuda`` then mean ``cuda:<local_rank>``.
+
+    Returns:
+        The device.
+
+    Raises:
+        InvalidInput: For CUDA without a GPU, a GPU index the machine does not have, or
+            ``cuda:N`` in a distributed run (every process would share one GPU).
+    """
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name not in ("auto", "cuda") and not name.startswith("cuda:"):
+        raise InvalidInput(f"device {name!r} unknown; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise InvalidInput(f"device {name!r} requested but no CUDA GPU is available; use cpu")
+    if name.startswith("cuda:"):
+        if local_rank is not None:
+            raise InvalidInput(
+                f"device {name!r} in a distributed run would put every process on one GPU; use "
+                "cuda or auto (each process takes cuda:LOCAL_RANK; choose the GPUs with "
+                "CUDA_VISIBLE_DEVICES)"
+            )
+        index = int(name.split(":", 1)[1])
+    elif local_rank is not None:
+        index = local_rank
+    else:
+        return torch.device("cuda")
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise InvalidInput(f"device cuda:{index} requested but this machine has {count} GPU(s)")
+    return torch.device("cuda", index)
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process stands in a ``torchrun`` launch.
+
+    Attributes:
+        rank: Global rank (0 writes every file).
+        world_size: Number of processes.
+        local_rank: Rank on this machine (its GPU index).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether several processes train together."""
+        return self.world_size > 1
+
+
+def distributed_info(env: Mapping[str, str] | None = None) -> DistributedInfo:
+    """The ``torchrun`` variables ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` of an environment.
+
+    Args:
+        env: The environment (default ``os.environ``).
+
+    Returns:
+        The process's place; a single process (``world_size`` 1) when they are not set.
+
+    Raises:
+        InvalidInput: For values that are not integers or do not fit together.
+    """
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env:
+        return DistributedInfo()
+    try:
+        world = int(env["WORLD_SIZE"])
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise InvalidInput(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from exc
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise InvalidInput(f"RANK {rank} / WORLD_SIZE {world} / LOCAL_RANK {local} do not fit")
+    return DistributedInfo(rank=rank, world_size=world, local_rank=local)
 
 
 def source_pairs(
@@ -253,6 +355,7 @@ class TrainResult:
         last_checkpoint: Path of ``last.pt``.
         wall_s: Wall time of this call (s).
         steps_per_s: Training steps per second of this call (excluding validation).
+        rank: The process's rank (0 wrote the files; the others only trained).
     """
 
     step: int
@@ -261,6 +364,7 @@ class TrainResult:
     last_checkpoint: Path
     wall_s: float
     steps_per_s: float
+    rank: int = 0
 
 
 class Trainer:
@@ -271,8 +375,17 @@ class Trainer:
         train_pairs: Training pairs; loaded from ``config.data`` when ``None``.
         val_pairs: Validation pairs; loaded from ``config.data.validation`` when ``None`` and
             ``train_pairs`` is ``None`` too.
-        resume: Continue from ``<output_dir>/checkpoints/last.pt``.
+        resume: ``True``: continue from ``<output_dir>/checkpoints/last.pt``; a path: continue
+            from that checkpoint file (logs and later checkpoints go to ``output_dir``).
         progress: Show a tqdm progress bar.
+        init_from: Start a new run (step 0, fresh optimiser, loss weighting and sampler) with the
+            network weights of this training checkpoint, whose network and settings must be the
+            config's; ``output_dir`` must not hold a run yet.
+
+    Raises:
+        InvalidInput: For a checkpoint that cannot be resumed or initialised from (named, with
+            what would be accepted), ``resume`` and ``init_from`` together, or a device this
+            machine lacks.
     """
 
     def __init__(
@@ -280,20 +393,49 @@ class Trainer:
         config: TrainConfig,
         train_pairs: Sequence[TrainingPair] | None = None,
         val_pairs: Sequence[TrainingPair] | None = None,
-        resume: bool = False,
+        resume: bool | Path | str = False,
         progress: bool = True,
+        init_from: Path | str | None = None,
     ) -> None:
         self.config = config
         self.out = Path(config.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.progress = progress
+        if init_from is not None and resume is not False:
+            raise InvalidInput(
+                f"{init_from}: init-from starts a new run and resume continues one; give one"
+            )
+        resume_path: Path | None = None
+        if isinstance(resume, str | Path):
+            resume_path = Path(resume)
+        elif resume:
+            resume_path = self.ckpt_dir / "last.pt"
+        if init_from is not None and (self.ckpt_dir / "last.pt").exists():
+            raise InvalidInput(
+                f"{self.out}: holds a run already (checkpoints/last.pt); init-from starts a new "
+                "run: choose another output folder, or continue that run with resume"
+            )
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.device = resolve_device(config.device)
+        self.dist = distributed_info()
+        self.rank = self.dist.rank
+        self.world_size = self.dist.world_size
+        self.is_main = self.rank == 0
+        self.device = resolve_device(
+            config.device, self.dist.local_rank if self.dist.enabled else None
+        )
+        self._own_group = False
+        if self.dist.enabled:
+            self._join_group()
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.autocast = autocast_dtype(self.device, config.amp, config.precision)
         if train_pairs is None:
+            # rank 0 prepares (and caches) the pairs first; the others read its cache
+            if self.dist.enabled and not self.is_main:
+                torch.distributed.barrier()
             train, valid = load_pairs(config.data, self.out / "cache")
+            if self.dist.enabled and self.is_main:
+                torch.distributed.barrier()
         else:
             train, valid = list(train_pairs), list(val_pairs or [])
         self.val_pairs = valid
@@ -321,15 +463,17 @@ class Trainer:
             ),
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        from training.data import PatchSampler
-
-        self.sampler = PatchSampler(
+        # a config read from an older checkpoint (training.gpu_run.RunConfig) has no workers
+        self.workers = int(getattr(config, "workers", 0) or 0)
+        self.sampler: PatchSampler = KeyedPatchSampler(
             train,
             patch_size=config.patch_size,
             pairs_per_batch=config.pairs_per_batch,
             patches_per_pair=config.patches_per_pair,
             swap=config.swap,
             seed=config.seed,
+            rank=self.rank,
+            workers=self.workers,
             identity_share=config.data.identity_share,
             synthmorph_share=config.data.synthmorph_share,
         )
@@ -349,9 +493,57 @@ class Trainer:
         # segments of this run's history that ran elsewhere (e.g. on a lent GPU with a data
         # subset, see training.gpu_run); carried from checkpoint to checkpoint, never computed on
         self.provenance: list[dict[str, Any]] = []
-        if resume:
-            self._load(self.ckpt_dir / "last.pt")
+        if resume_path is not None:
+            self._load(resume_path)
+        if init_from is not None:
+            self._init_from(Path(init_from))
+        # the module that trains: the network itself, or its DDP wrapper (same parameters)
+        self.model: nn.Module = self.net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self._wall0 = time.monotonic()
+
+    # ------------------------------------------------------------------ distributed
+    def _join_group(self) -> None:
+        """Join the process group of a ``torchrun`` launch (NCCL on CUDA, Gloo on the CPU)."""
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise InvalidInput("WORLD_SIZE > 1 but this torch has no torch.distributed")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if dist.is_initialized():
+            if dist.get_world_size() != self.world_size:
+                raise InvalidInput(
+                    f"a process group of {dist.get_world_size()} processes is initialised, "
+                    f"WORLD_SIZE says {self.world_size}"
+                )
+            return
+        dist.init_process_group(backend=backend, timeout=DISTRIBUTED_TIMEOUT)
+        self._own_group = True
+        log.info("rank %d of %d (%s, %s)", self.rank, self.world_size, backend, self.device)
+
+    def _rank_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over the ranks of a 1-D float tensor (the tensor itself on one process)."""
+        if not self.dist.enabled:
+            return values
+        out = values.detach().to(self.device, torch.float32).clone()
+        torch.distributed.all_reduce(out)
+        return out / self.world_size
+
+    def close(self) -> None:
+        """Stop the loader workers and leave a process group this trainer joined."""
+        close = getattr(self.sampler, "close", None)
+        if callable(close):
+            close()
+        if self._own_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            self._own_group = False
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -386,6 +578,8 @@ class Trainer:
             "git_sha": self.sha,
             "torch_version": torch.__version__,
         }
+        if self.dist.enabled:
+            state["world_size"] = self.world_size
         if self.provenance:
             state["provenance"] = [dict(p) for p in self.provenance]
         return state
@@ -397,36 +591,68 @@ class Trainer:
         torch.save(self.state(), tmp)
         tmp.replace(path)
 
-    def _load(self, path: Path) -> None:
+    def _read_checkpoint(self, path: Path, what: str) -> dict[str, Any]:
+        """A training checkpoint whose network is the config's (name and every setting).
+
+        Args:
+            path: The checkpoint file.
+            what: ``"resume"`` or ``"init-from"`` (for the messages).
+
+        Returns:
+            The checkpoint, tensors on the CPU.
+
+        Raises:
+            InvalidInput: Naming the file, for a missing or unreadable file, anything but a
+                ``jrs-train-checkpoint``, or another network than the config's.
+        """
+        name = self.config.network.name
+        accepted = (
+            f"{what} accepts a {CHECKPOINT_FORMAT} file (checkpoints/last.pt or best.pt of a "
+            f"jrs train run) of network {name!r} with the config's network settings"
+        )
         if not path.is_file():
-            raise InvalidInput(f"{path}: no checkpoint to resume from")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise InvalidInput(f"{path}: not a jrs training checkpoint")
-        if ckpt["network"]["name"] != self.config.network.name:
+            raise InvalidInput(f"{path}: no checkpoint to {what} from; {accepted}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises many kinds for a file that is no checkpoint
+            raise InvalidInput(f"{path}: not readable as a checkpoint ({exc}); {accepted}") from exc
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise InvalidInput(f"{path}: not a jrs training checkpoint; {accepted}")
+        if ckpt["network"]["name"] != name:
             raise InvalidInput(
                 f"{path}: checkpoint of network {ckpt['network']['name']!r}, config asks for "
-                f"{self.config.network.name!r}"
+                f"{name!r}; {accepted}"
             )
         from training.phase import network_overrides
 
-        name = self.config.network.name
         trained = network_overrides(name, ckpt["network"].get("overrides") or {})
         asked = network_overrides(name, self.config.network.overrides)
         if trained != asked:
             diff = {k: [trained.get(k), asked.get(k)] for k in asked if trained.get(k) != asked[k]}
+            hint = (
+                "; to change them mid-campaign run python -m training.phase --config CONFIG, "
+                "which converts the checkpoint"
+                if what == "resume"
+                else f"; {accepted} (set network.overrides in the config to the checkpoint's)"
+            )
             raise InvalidInput(
                 f"{path}: trained with other network settings than the config asks for "
-                f"(setting: [checkpoint, config]) {diff}; to change them mid-campaign run "
-                "python -m training.phase --config CONFIG, which converts the checkpoint"
+                f"(setting: [checkpoint, config]) {diff}{hint}"
             )
+        return ckpt
+
+    def _load(self, path: Path) -> None:
+        ckpt = self._read_checkpoint(path, "resume")
         self.net.load_state_dict(ckpt["model"])
         self.weighting.load_state_dict(ckpt["weighting"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if "scheduler" in ckpt:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.sampler.set_state(ckpt["sampler"])
+        if isinstance(self.sampler, KeyedPatchSampler):
+            self.sampler.set_state(ckpt["sampler"], step=int(ckpt["step"]))
+        else:  # pragma: no cover - a sampler set from outside before the load
+            self.sampler.set_state(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
@@ -437,9 +663,52 @@ class Trainer:
         self.best_dice = float(ckpt["best"]["dice"])
         self.best_step = int(ckpt["best"]["step"])
         self.provenance = [dict(p) for p in ckpt.get("provenance", [])]
-        for name in ("train_log.csv", "validation.csv"):
-            _truncate_csv(self.out / name, self.step)
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != self.world_size:
+            log.warning(
+                "%s was written by %d process(es), this run has %d: each step now averages %d "
+                "batches instead of %d",
+                path,
+                saved_world,
+                self.world_size,
+                self.world_size,
+                saved_world,
+            )
+        if self.is_main:
+            for name in ("train_log.csv", "validation.csv"):
+                _truncate_csv(self.out / name, self.step)
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    def _init_from(self, path: Path) -> None:
+        """Take the network weights of a checkpoint; everything else stays a new run's."""
+        ckpt = self._read_checkpoint(path, "init-from")
+        try:
+            self.net.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise InvalidInput(
+                f"{path}: its weights do not fit the config's network "
+                f"{self.config.network.name!r} ({str(exc).splitlines()[0]})"
+            ) from exc
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.provenance.append(
+            {
+                "kind": "init-from",
+                "from": str(path),
+                "sha256": digest,
+                "step": int(ckpt.get("step", 0)),
+                "git_sha": ckpt.get("git_sha", "unknown"),
+                "output_dir": (ckpt.get("config") or {}).get("output_dir"),
+                "note": "network weights only; step, optimiser, lr schedule, loss weighting, "
+                "sampler and random states are this run's own",
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
+        log.info(
+            "new run initialised with the network weights of %s (step %d, sha256 %s)",
+            path,
+            int(ckpt.get("step", 0)),
+            digest[:16],
+        )
 
     # ------------------------------------------------------------------ one step
     def _tensors(self, batch: PatchBatch) -> tuple[torch.Tensor, ...]:
@@ -487,7 +756,7 @@ class Trainer:
             dtype=self.autocast or torch.float32,
             enabled=self.autocast is not None,
         ):
-            out = self.net(fixed, moving, moving_labels)
+            out = self.model(fixed, moving, moving_labels)
         # losses in float32 (NCC and Dice sums are fragile in half precision)
         out.seg = {k: v.float() for k, v in out.seg.items()}
         out.dvf = {k: v.float() for k, v in out.dvf.items()}
@@ -513,7 +782,11 @@ class Trainer:
         self.data_s += time.perf_counter() - t_data
         losses = self.forward_losses(fixed, moving, fixed_labels, moving_labels, extras)
         weights = self.weighting.weights()  # the weights used for this step
-        total = self.weighting({t: v.total for t, v in losses.items()})
+        totals = {t: v.total for t, v in losses.items()}
+        logged: dict[str, float] | None = None
+        if self.dist.enabled:
+            totals, logged = self._ranks_averaged(losses)
+        total = self.weighting(totals)
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite total loss at step {self.step + 1}: {total}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -522,14 +795,45 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        row = self._row(total, losses, weights)
+        row = self._row(total, losses, weights, logged)
         if self.step % self.config.steps_per_epoch == 0:
             self.weighting.end_epoch()
             self.epoch += 1
         return row
 
+    def _ranks_averaged(
+        self, losses: Mapping[str, TaskLoss]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Task losses whose values are the mean over the ranks, and the logged loss columns.
+
+        One all-reduce per step. Each returned task loss has the value of the ranks' mean and the
+        gradient of this rank's own loss (``mean + (own - own.detach())``: the added term is
+        exactly 0), so the loss weighting sees the same numbers on every rank (DWA's epoch means,
+        the homoscedastic weights' gradients) and DDP averages the network's gradients.
+        """
+        own = _loss_values(losses)
+        names = [c for c in self.columns if c.startswith("loss_") and c != "loss_total"]
+        flat = torch.stack(
+            [
+                own[c].float() if c in own else torch.tensor(math.nan, device=self.device)
+                for c in names
+            ]
+        )
+        mean = self._rank_mean(flat)
+        logged = {c: float(v) for c, v in zip(names, mean.tolist(), strict=True)}
+        index = {c: i for i, c in enumerate(names)}
+        totals = {
+            t: mean[index[f"loss_{t}"]].to(tl.total.dtype) + (tl.total - tl.total.detach())
+            for t, tl in losses.items()
+        }
+        return totals, logged
+
     def _row(
-        self, total: torch.Tensor, losses: Mapping[str, TaskLoss], weights: Mapping[str, float]
+        self,
+        total: torch.Tensor,
+        losses: Mapping[str, TaskLoss],
+        weights: Mapping[str, float],
+        logged: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         row: dict[str, float] = {
             "step": self.step,
@@ -539,12 +843,10 @@ class Trainer:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "loss_total": float(total.detach()),
         }
-        for t, tl in losses.items():
-            row[f"loss_{t}"] = float(tl.total.detach())
-            for lv, v in tl.per_level.items():
-                row[f"loss_{t}_{lv}"] = float(v.detach())
-            for term, v in tl.terms.items():
-                row[f"loss_{t}_{term}"] = float(v.detach())
+        if logged is not None:  # the mean over the ranks
+            row.update(logged)
+        else:
+            row.update({k: float(v) for k, v in _loss_values(losses).items()})
         for t, w in weights.items():
             row[f"weight_{t}"] = w
         if isinstance(self.weighting, HomoscedasticWeighting):
@@ -584,14 +886,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        """Train to ``config.iterations`` steps; checkpoint, log, validate and plot on the way."""
+        """Train to ``config.iterations`` steps; checkpoint, log, validate and plot on the way.
+
+        In a distributed run every rank trains; rank 0 alone writes the run folder and validates,
+        and every rank returns once rank 0's last checkpoint is written.
+        """
         from training.plots import plot_run
 
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-        writer = self._tensorboard()
-        train_log = _CsvLog(self.out / "train_log.csv", self.columns)
+        main = self.is_main
+        writer: Any = None
+        train_log: _CsvLog | None = None
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+            writer = self._tensorboard()
+            train_log = _CsvLog(self.out / "train_log.csv", self.columns)
         val_log: _CsvLog | None = None
         last_ckpt_time = time.monotonic()
         start_step = self.step
@@ -603,15 +913,19 @@ class Trainer:
             initial=self.step,
             desc=f"train {cfg.network.name}/{cfg.weighting.name}",
             unit="step",
-            disable=not self.progress,
+            disable=not (self.progress and main),
         )
-        self.net.train()
+        self.model.train()
         self.weighting.train()
         try:
             while self.step < cfg.iterations:
                 row = self.train_step()
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                if not main:
+                    continue
+                if train_log is not None and (
+                    self.step % cfg.log_every == 0 or self.step == cfg.iterations
+                ):
                     train_log.write(row)
                     if writer is not None:
                         for k, v in row.items():
@@ -645,14 +959,22 @@ class Trainer:
                     plot_run(self.out)
         finally:
             bar.close()
-            train_log.close()
+            close = getattr(self.sampler, "close", None)
+            if callable(close):  # stop the loader workers
+                close()
+            if train_log is not None:
+                train_log.close()
             if val_log is not None:
                 val_log.close()
             if writer is not None:
                 writer.close()
-        if self.step == start_step:
-            self.save(self.ckpt_dir / "last.pt")
-        plot_run(self.out)
+        if main:
+            if self.step == start_step:
+                self.save(self.ckpt_dir / "last.pt")
+            plot_run(self.out)
+        if self.dist.enabled:
+            torch.distributed.barrier()  # rank 0's files are complete when any rank returns
+        self.close()
         wall = time.monotonic() - t0
         done = self.step - start_step
         return TrainResult(
@@ -662,6 +984,7 @@ class Trainer:
             last_checkpoint=self.ckpt_dir / "last.pt",
             wall_s=wall,
             steps_per_s=done / max(wall - val_time, 1e-9),
+            rank=self.rank,
         )
 
     def _tensorboard(self) -> Any:
@@ -673,6 +996,18 @@ class Trainer:
             log.warning("tensorboard not installed; no TensorBoard logs")
             return None
         return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+
+
+def _loss_values(losses: Mapping[str, TaskLoss]) -> dict[str, torch.Tensor]:
+    """The logged loss columns of one step (detached scalars), ``loss_total`` aside."""
+    out: dict[str, torch.Tensor] = {}
+    for t, tl in losses.items():
+        out[f"loss_{t}"] = tl.total.detach()
+        for lv, v in tl.per_level.items():
+            out[f"loss_{t}_{lv}"] = v.detach()
+        for term, v in tl.terms.items():
+            out[f"loss_{t}_{term}"] = v.detach()
+    return out
 
 
 def _tb_tag(column: str) -> str:
