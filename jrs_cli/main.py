@@ -1122,25 +1122,99 @@ def _bench_adaptation(
 def train(
     config: Annotated[Path, typer.Option("--config", help="YAML training config.")],
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue bit for bit from OUT/checkpoints/last.pt.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue bit for bit from OUT/checkpoints/last.pt (or from --resume-from FILE).",
+        ),
     ] = False,
+    resume_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume-from",
+            help="Continue from this checkpoint file instead (e.g. a run's best.pt, or a "
+            "committed last.pt); implies --resume; logs and new checkpoints go to OUT.",
+        ),
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start a NEW run (step 0, fresh optimiser, loss weighting and sampler) with "
+            "the network weights of this training checkpoint (same network and settings as "
+            "the config); OUT must not hold a run yet.",
+        ),
+    ] = None,
     iterations: Annotated[
         int | None, typer.Option("--iterations", min=0, help="Override the total step count.")
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Override the run folder (output_dir).")
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="auto, cpu, cuda or cuda:N (overrides the config's device); under torchrun "
+            "auto and cuda put each process on cuda:LOCAL_RANK.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=0,
+            help="Loader processes drawing patch batches ahead of the step (overrides the "
+            "config's workers; 0: in the training process). The batches do not depend on it.",
+        ),
+    ] = None,
+    amp: Annotated[
+        bool | None,
+        typer.Option(
+            "--amp/--no-amp",
+            help="On CUDA: fp16 autocast of the network + gradient scaling (overrides the "
+            "config's amp).",
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="On the CPU: auto (bf16 where the CPU has AMX / AVX512-BF16), fp32 or bf16 "
+            "(overrides the config's precision).",
+        ),
+    ] = None,
 ) -> None:
-    """Train a network (checkpoints, CSV/TensorBoard logs and plots in the run folder)."""
+    """Train a network (checkpoints, CSV/TensorBoard logs and plots in the run folder).
+
+    Several processes (GPUs) train together when launched by torchrun, e.g.
+    torchrun --nproc_per_node 4 -m jrs_cli train --config FILE --device cuda.
+    """
+    from jrs.errors import InvalidInput
     from training.config import load_config
     from training.trainer import Trainer
 
-    cfg = load_config(config, iterations=iterations, output_dir=out)
-    result = Trainer(cfg, resume=resume).run()
-    typer.echo(
-        f"step {result.step}: {result.steps_per_s:.3f} steps/s, "
-        f"best validation Dice {result.best_dice:.4f}, checkpoint {result.last_checkpoint}"
+    if init_from is not None and (resume or resume_from is not None):
+        raise InvalidInput(
+            f"--init-from {init_from} starts a new run; --resume / --resume-from continue one: "
+            "give one of them"
+        )
+    cfg = load_config(
+        config,
+        iterations=iterations,
+        output_dir=out,
+        device=device,
+        workers=workers,
+        amp=amp,
+        precision=precision,
     )
+    start: bool | Path = resume_from if resume_from is not None else resume
+    result = Trainer(cfg, resume=start, init_from=init_from).run()
+    if result.rank == 0:
+        typer.echo(
+            f"step {result.step}: {result.steps_per_s:.3f} steps/s, "
+            f"best validation Dice {result.best_dice:.4f}, checkpoint {result.last_checkpoint}"
+        )
 
 
 @app.command()
