@@ -79,6 +79,33 @@ GOOD_MIN_DSC = 0.9
 BAD_BELOW_DSC = 0.8
 #: ... or its mean surface distance is above this, mm.
 BAD_ABOVE_MSD_MM = 2.0
+
+
+@dataclass(frozen=True)
+class TruthCriteria:
+    """How a contour is labelled against the truth.
+
+    Attributes:
+        bad_below_dsc: bad when its DSC is below this ...
+        bad_above_msd_mm: ... or its mean surface distance is above this, mm.
+        good_min_dsc: good when its DSC is at least this and it is not bad.
+    """
+
+    bad_below_dsc: float = BAD_BELOW_DSC
+    bad_above_msd_mm: float = BAD_ABOVE_MSD_MM
+    good_min_dsc: float = GOOD_MIN_DSC
+
+
+#: Named criteria: ``v3`` (the release's calibration: bad DSC < 0.8 or MSD > 2 mm, good
+#: DSC >= 0.9) and ``issue30`` (issue 30's acceptance: bad DSC < 0.90 or MSD > 2 mm, good
+#: DSC >= 0.95; the band between is not counted).
+LABEL_CRITERIA: dict[str, TruthCriteria] = {
+    "v3": TruthCriteria(),
+    "issue30": TruthCriteria(0.90, 2.0, 0.95),
+}
+#: Deformation engines of the phantom cases. The dome family (`jrs.phantom.dome_engine`) is held
+#: out of calibration: it is the cross-generator test, and `phantom_specs` refuses it.
+CALIBRATION_ENGINES: tuple[str, ...] = ("analytic", "organ")
 #: Populations whose DVF is wrong on purpose, everywhere: a good contour there (the error happened
 #: not to spoil it) lies in a DVF several mm off, which a DVF flag rightly reports. It is labelled
 #: `GOOD_WRONG_DVF`: neither good nor bad for the rates and the choice, and counted apart
@@ -227,6 +254,9 @@ class CaseSpec:
         seed: the phantom's seed, or the seed of the real scan's synthetic fractions.
         fraction: fraction number.
         source: the real planning scan (None for a phantom).
+        engine: the phantom fraction's deformation engine (`CALIBRATION_ENGINES`); a real scan's
+            fractions always come from the organ engine.
+        profile: draw profile of the organ engine (`jrs.phantom.engine.PROFILES`).
     """
 
     case_id: str
@@ -234,6 +264,8 @@ class CaseSpec:
     seed: int
     fraction: int
     source: RealSource | None = None
+    engine: str = "analytic"
+    profile: str = "v3"
 
 
 @dataclass
@@ -255,18 +287,66 @@ class CaseInputs:
     work: Path
 
 
-def phantom_specs(seed: int, cases: int, fraction: int = 1) -> list[CaseSpec]:
-    """Phantom cases: seeds ``seed .. seed + cases - 1``, one fraction each."""
+def _suffix(engine: str, profile: str) -> str:
+    """Case-id suffix of a non-default engine and profile (the default keeps older ids)."""
+    return ("" if engine == "analytic" else f"-{engine}") + (
+        "" if profile == "v3" else f"-{profile}"
+    )
+
+
+def check_case_family(engine: str, profile: str) -> None:
+    """Refuse an engine or profile the calibration may not use.
+
+    Raises:
+        InvalidInput: for the held-out dome engine, an unknown engine, or a profile the engine
+            does not have.
+    """
+    from jrs.phantom.engine import PROFILES
+
+    if engine == "dome":
+        raise InvalidInput(
+            "the dome deformation family is held out of calibration (it is the cross-generator "
+            "test of docs/benchmarks.md); calibrate on 'analytic' or 'organ' cases"
+        )
+    if engine not in CALIBRATION_ENGINES:
+        raise InvalidInput(
+            f"case engine {engine!r} unknown; use one of {', '.join(CALIBRATION_ENGINES)}"
+        )
+    if profile not in PROFILES or (profile != "v3" and engine != "organ"):
+        raise InvalidInput(
+            f"draw profile {profile!r} not available for the {engine!r} engine; profiles "
+            f"({', '.join(PROFILES)}) belong to the 'organ' engine"
+        )
+
+
+def phantom_specs(
+    seed: int, cases: int, fraction: int = 1, engine: str = "analytic", profile: str = "v3"
+) -> list[CaseSpec]:
+    """Phantom cases: seeds ``seed .. seed + cases - 1``, one fraction each.
+
+    Raises:
+        InvalidInput: for an engine or profile `check_case_family` refuses.
+    """
+    check_case_family(engine, profile)
+    tail = _suffix(engine, profile)
     return [
-        CaseSpec(f"phantom{s}-f{fraction}", "phantom", s, fraction)
+        CaseSpec(f"phantom{s}-f{fraction}{tail}", "phantom", s, fraction, None, engine, profile)
         for s in range(seed, seed + cases)
     ]
 
 
-def real_specs(source: RealSource, fractions: int, seed: int = REAL_SEED) -> list[CaseSpec]:
-    """Cases of fractions ``1 .. fractions`` of one real planning scan."""
+def real_specs(
+    source: RealSource, fractions: int, seed: int = REAL_SEED, profile: str = "v3"
+) -> list[CaseSpec]:
+    """Cases of fractions ``1 .. fractions`` of one real planning scan (organ engine).
+
+    Raises:
+        InvalidInput: for a profile the organ engine lacks.
+    """
+    check_case_family("organ", profile)
+    tail = _suffix("analytic", profile)
     return [
-        CaseSpec(f"{source.key}-s{seed}-f{k}", "real", seed, k, source)
+        CaseSpec(f"{source.key}-s{seed}-f{k}{tail}", "real", seed, k, source, "organ", profile)
         for k in range(1, fractions + 1)
     ]
 
@@ -277,7 +357,8 @@ def _write_phantom(spec: CaseSpec, work: Path, matrix: int, slice_mm: float | No
     patient = generate_patient(spec.seed, matrix=matrix, slice_thickness=slice_mm)
     write_patient(patient, work)
     folder = work / f"fraction_{spec.fraction}"
-    write_fraction(generate_fraction(patient, spec.fraction), folder)
+    made = generate_fraction(patient, spec.fraction, engine=spec.engine, profile=spec.profile)
+    write_fraction(made, folder)
     return CaseInputs(
         work / "planning" / "ct",
         work / "planning" / "rtstruct.dcm",
@@ -287,7 +368,9 @@ def _write_phantom(spec: CaseSpec, work: Path, matrix: int, slice_mm: float | No
     )
 
 
-def _write_real(source: RealSource, fractions: int, seed: int, work: Path) -> Path:
+def _write_real(
+    source: RealSource, fractions: int, seed: int, work: Path, profile: str = "v3"
+) -> Path:
     """Write the real scan's synthetic fractions once; returns the planning folder."""
     from jrs.phantom.from_planning import write_from_planning
 
@@ -296,7 +379,9 @@ def _write_real(source: RealSource, fractions: int, seed: int, work: Path) -> Pa
         written = json.loads(done.read_text())
         if int(written.get("fractions", 0)) >= fractions:
             return Path(written["folder"])
-    folder = write_from_planning(source.ct, source.rtstruct, work, fractions=fractions, seed=seed)
+    folder = write_from_planning(
+        source.ct, source.rtstruct, work, fractions=fractions, seed=seed, profile=profile
+    )
     done.write_text(json.dumps({"folder": str(folder), "fractions": fractions}))
     return folder
 
@@ -521,11 +606,19 @@ def _write_cut_daily(daily_ct: Path, out: Path) -> dict[str, Any]:
 
 
 # ============================================================================ truth
-def label_contour(dsc: float, msd_mm: float | None) -> str:
-    """``bad`` (DSC < 0.8 or MSD > 2 mm), ``good`` (DSC >= 0.9) or ``borderline``."""
-    if dsc < BAD_BELOW_DSC or (msd_mm is not None and msd_mm > BAD_ABOVE_MSD_MM):
+def label_contour(dsc: float, msd_mm: float | None, criteria: TruthCriteria | None = None) -> str:
+    """The truth label of a contour: ``bad``, ``good`` or ``borderline``.
+
+    Args:
+        dsc: its DSC against the truth.
+        msd_mm: its mean surface distance to the truth, mm (None: unknown).
+        criteria: the label criteria (default ``LABEL_CRITERIA["v3"]``: bad DSC < 0.8 or
+            MSD > 2 mm, good DSC >= 0.9).
+    """
+    c = criteria or LABEL_CRITERIA["v3"]
+    if dsc < c.bad_below_dsc or (msd_mm is not None and msd_mm > c.bad_above_msd_mm):
         return "bad"
-    if dsc >= GOOD_MIN_DSC:
+    if dsc >= c.good_min_dsc:
         return "good"
     return "borderline"
 
@@ -769,6 +862,9 @@ def run_qa_calibration(
     backend: Any = None,
     progress: Callable[[str], None] | None = None,
     held_out: Path | None = None,
+    engine: str = "analytic",
+    profile: str = "v3",
+    labels: str = "v3",
 ) -> dict[str, Any]:
     """Re-contour held-out cases in every population, score them, then calibrate the flags.
 
@@ -791,6 +887,11 @@ def run_qa_calibration(
         progress: called with one line per run.
         held_out: a report folder of other cases (its ``cases/`` records, made by another run):
             the thresholds chosen here are tested on them (the report's ``held_out``).
+        engine: the phantom cases' deformation engine (`CALIBRATION_ENGINES`; never the
+            held-out dome family).
+        profile: the organ engine's draw profile, for organ phantoms and the real scans'
+            fractions (`jrs.phantom.engine.PROFILES`).
+        labels: the truth criteria (`LABEL_CRITERIA`).
 
     Returns:
         The report (`calibrate`), also written as ``qa_calibration.json`` and ``.md``.
@@ -815,11 +916,15 @@ def run_qa_calibration(
     unknown = [p for p in populations if p not in POPULATIONS]
     if unknown:
         raise InvalidInput(f"population(s) {unknown} unknown; use some of {', '.join(POPULATIONS)}")
-    specs = phantom_specs(seed, cases) if cases > 0 else []
+    if labels not in LABEL_CRITERIA:
+        raise InvalidInput(f"labels {labels!r} unknown; use one of {', '.join(LABEL_CRITERIA)}")
+    check_case_family("organ", profile)  # (the real scans' fractions)
+    phantom_profile = profile if engine == "organ" else "v3"
+    specs = phantom_specs(seed, cases, engine=engine, profile=phantom_profile) if cases > 0 else []
     skipped: list[str] = []
     for src in real:
         if Path(src.ct).is_dir() and Path(src.rtstruct).is_file():
-            specs += real_specs(src, fractions, real_seed)
+            specs += real_specs(src, fractions, real_seed, profile)
         else:
             skipped.append(f"{src.key}: planning CT or RTSTRUCT absent, skipped")
             log.warning("real planning scan %s absent: skipped", src.key)
@@ -877,7 +982,10 @@ def run_qa_calibration(
         for spec in specs:
             shutil.rmtree(report_dir / "work" / spec.case_id, ignore_errors=True)
         for source in real:
-            shutil.rmtree(report_dir / "work" / f"{source.key}-s{real_seed}", ignore_errors=True)
+            shutil.rmtree(
+                report_dir / "work" / f"{source.key}-s{real_seed}{_suffix('analytic', profile)}",
+                ignore_errors=True,
+            )
         with contextlib.suppress(OSError):
             (report_dir / "work").rmdir()  # when no other run left anything there
     # no case asked (``--cases 0`` without a planning scan): every record in the folder, e.g.
@@ -886,7 +994,7 @@ def run_qa_calibration(
     records = load_records(
         report_dir, None if everything else [s.case_id for s in specs], populations
     )
-    report = calibrate(records, held_out=held)
+    report = calibrate(records, held_out=held, criteria=LABEL_CRITERIA[labels])
     report["skipped_sources"] = skipped
     report["errors"] = errors
     report["command"] = {
@@ -899,6 +1007,9 @@ def run_qa_calibration(
         "held_out": None if held_out is None else str(held_out),
         "matrix": settings.matrix,
         "slice_mm": settings.slice_mm,
+        "engine": engine,
+        "profile": profile,
+        "labels": labels,
     }
     write_report(report, report_dir)
     return report
@@ -931,7 +1042,11 @@ def _case_inputs(
     if spec.source is None:  # pragma: no cover - real_specs always sets it
         raise InvalidInput(f"case {spec.case_id} has no planning scan")
     planning = _write_real(
-        spec.source, fractions, real_seed, root / "work" / f"{spec.source.key}-s{real_seed}"
+        spec.source,
+        fractions,
+        real_seed,
+        root / "work" / f"{spec.source.key}-s{real_seed}{_suffix('analytic', spec.profile)}",
+        spec.profile,
     )
     folder = planning / f"fraction_{spec.fraction}"
     return CaseInputs(
@@ -1038,22 +1153,31 @@ def _label(item: Mapping[str, Any]) -> str:
     return label
 
 
-def samples_from_records(records: Iterable[Mapping[str, Any]]) -> Samples:
-    """Flatten finished records into `Samples`."""
+def samples_from_records(
+    records: Iterable[Mapping[str, Any]], criteria: TruthCriteria | None = None
+) -> Samples:
+    """Flatten finished records into `Samples`.
+
+    Args:
+        records: per case and population (`run_population`).
+        criteria: label every contour again from its DSC and MSD with these criteria (None:
+            the labels the records were written with).
+    """
     items: list[dict[str, Any]] = []
     for rec in records:
         if rec.get("status") != "done":
             continue
         fold = (rec.get("dvf") or {}).get("folding_fraction")
         for s in rec.get("structures", []):
-            items.append(
-                {
-                    **s,
-                    "case_id": rec["case_id"],
-                    "population": rec["population"],
-                    "dvf_folding": fold,
-                }
-            )
+            item = {
+                **s,
+                "case_id": rec["case_id"],
+                "population": rec["population"],
+                "dvf_folding": fold,
+            }
+            if criteria is not None and s.get("dsc") is not None:
+                item["label"] = label_contour(float(s["dsc"]), s.get("msd_mm"), criteria)
+            items.append(item)
 
     def col(fn: Callable[[dict[str, Any]], Any], dtype: Any) -> Any:
         return np.array([fn(s) for s in items], dtype=dtype)
@@ -1795,6 +1919,7 @@ def held_out_rates(
     records: Sequence[Mapping[str, Any]],
     current: QaThresholds,
     chosen: QaThresholds,
+    criteria: TruthCriteria | None = None,
 ) -> dict[str, Any]:
     """Rates of the current and the chosen thresholds on cases the choice never saw.
 
@@ -1806,6 +1931,7 @@ def held_out_rates(
         records: the held-out cases' records.
         current: the thresholds before the choice.
         chosen: the thresholds the choice found on the other records.
+        criteria: the labels' criteria (None: as the records were written).
 
     Returns:
         ``{"cases", "counts", "current", "chosen", "missed", "false_flags"}``: ``current`` and
@@ -1813,7 +1939,7 @@ def held_out_rates(
         ``"by_organ"`` (rates as `rates`); ``missed`` and ``false_flags`` list the chosen
         thresholds' misses and false flags.
     """
-    samples = samples_from_records(records)
+    samples = samples_from_records(records, criteria)
 
     def block(t: QaThresholds) -> tuple[dict[str, Any], npt.NDArray[np.bool_]]:
         r = _flag_rates(samples, t)
@@ -1872,6 +1998,7 @@ def calibrate(
     target_recall: float = TARGET_RECALL,
     max_false_flag_rate: float = TARGET_FALSE_FLAG_RATE,
     held_out: Sequence[Mapping[str, Any]] = (),
+    criteria: TruthCriteria | None = None,
 ) -> dict[str, Any]:
     """Rates of every flag at the current thresholds, the threshold choice and its rates.
 
@@ -1882,6 +2009,8 @@ def calibrate(
         max_false_flag_rate: most false-flag rate allowed on good contours.
         held_out: records of cases kept out of the choice: the chosen thresholds are tested on
             them (`held_out_rates`; the report's ``held_out``, None without).
+        criteria: label the contours with these criteria (`LABEL_CRITERIA`; None: as the
+            records were written, the ``v3`` criteria).
 
     Returns:
         The JSON-able report (see ``docs/qa.md``).
@@ -1893,7 +2022,7 @@ def calibrate(
             f"held-out case(s) {sorted(shared)} are also among the calibration records: a held-out "
             "folder must hold other cases (other phantom seeds, another --real-seed)"
         )
-    samples = samples_from_records(records)
+    samples = samples_from_records(records, criteria)
     done = [r for r in records if r.get("status") == "done"]
     refused = [r for r in records if r.get("status") == "refused"]
     now = _flag_rates(samples, prior)
@@ -2015,7 +2144,9 @@ def calibrate(
             samples, prior, target_recall=target_recall, max_false_flag_rate=max_false_flag_rate
         ),
         "standalone": standalone,
-        "held_out": held_out_rates(held_out, prior, choice.thresholds) if held_out else None,
+        "held_out": (
+            held_out_rates(held_out, prior, choice.thresholds, criteria) if held_out else None
+        ),
         "figures": figure_summary(samples),
         "missed": missed,
         "false_flags": false,

@@ -117,6 +117,15 @@ def phantom(
             "analytic phantom motion.",
         ),
     ] = None,
+    profile: Annotated[
+        str,
+        typer.Option(
+            "--profile",
+            help="Draw profile of the organ family: 'v3' (the ranges the released model was "
+            "trained on) or 'broad' (bladder 0.5x-1.8x, rectum 0.7x-1.5x, rotations to 3 deg "
+            "about a point up to 60 mm from the prostate).",
+        ),
+    ] = "v3",
 ) -> None:
     """Write synthetic pelvic patients with planning and daily CTs, RTSTRUCTs and true DVFs.
 
@@ -131,6 +140,12 @@ def phantom(
 
     if family is not None and family not in ("organ", "dome"):
         raise InvalidInput(f"--family {family!r} unknown; use organ or dome")
+    organ_family = family == "organ" or (family is None and from_planning is not None)
+    if profile != "v3" and not organ_family:
+        raise InvalidInput(
+            f"--profile {profile!r} applies to the organ family only (--family organ, the "
+            "default with --from-planning)"
+        )
     if from_planning is not None:
         if rtstruct is None:
             raise InvalidInput(
@@ -153,13 +168,15 @@ def phantom(
             synonyms=SynonymTable.from_yaml(synonyms) if synonyms is not None else None,
             progress=True,
             family=family or "organ",
+            profile=profile,
         )
         typer.echo(str(folder))
         return
     if rtstruct is not None or synonyms is not None:
         raise InvalidInput("--rtstruct and --synonyms apply only with --from-planning CT_DIR")
     if family is not None:  # phantoms whose fractions come from a deformation engine
-        for path in _engine_phantoms(out, patients, fractions, seed, patient_position, family):
+        made = _engine_phantoms(out, patients, fractions, seed, patient_position, family, profile)
+        for path in made:
             typer.echo(str(path))
         return
     from jrs.phantom import write_dataset
@@ -177,7 +194,13 @@ def phantom(
 
 
 def _engine_phantoms(
-    out: Path, patients: int, fractions: int, seed: int, position: str, engine: str
+    out: Path,
+    patients: int,
+    fractions: int,
+    seed: int,
+    position: str,
+    engine: str,
+    profile: str = "v3",
 ) -> list[Path]:
     """Write phantom patients (seeds SEED..) whose fractions are made by `engine` (organ, dome).
 
@@ -199,7 +222,7 @@ def _engine_phantoms(
             write_patient(patient, folder)
             bar.update(1)
             for k in range(1, fractions + 1):
-                frac = generate_fraction(patient, k, engine=engine)
+                frac = generate_fraction(patient, k, engine=engine, profile=profile)
                 write_fraction(frac, folder / f"fraction_{k}")
                 record = {"fraction": k, "seed": seed + i, **frac.params, "family": engine}
                 (folder / f"fraction_{k}" / "params.json").write_text(json.dumps(record, indent=2))
@@ -762,6 +785,30 @@ def benchmark(
             ),
         ),
     ] = None,
+    case_engine: Annotated[
+        str,
+        typer.Option(
+            "--case-engine",
+            help="qa: deformation engine of the phantom cases: 'analytic' (default) or 'organ' "
+            "(the held-out dome family is refused: it is the cross-generator test).",
+        ),
+    ] = "analytic",
+    profile: Annotated[
+        str,
+        typer.Option(
+            "--profile",
+            help="qa: draw profile of the organ engine (organ phantoms and the real scan's "
+            "fractions): 'v3' or 'broad'.",
+        ),
+    ] = "v3",
+    labels: Annotated[
+        str,
+        typer.Option(
+            "--labels",
+            help="qa: truth criteria: 'v3' (bad DSC < 0.8 or MSD > 2 mm, good DSC >= 0.9) or "
+            "'issue30' (bad DSC < 0.90 or MSD > 2 mm, good DSC >= 0.95).",
+        ),
+    ] = "v3",
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     method: MethodOpt = "network",
@@ -1006,6 +1053,9 @@ def benchmark(
             fractions=fractions,
             real_seed=real_seed,
             held_out=held_out,
+            engine=case_engine,
+            profile=profile,
+            labels=labels,
             populations=[r.strip() for r in runs.split(",") if r.strip()]
             if runs
             else qac.DEFAULT_POPULATIONS,

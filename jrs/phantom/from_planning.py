@@ -84,6 +84,19 @@ def _copy_planning(series: CTSeries, rtstruct: Path, folder: Path) -> None:
     shutil.copyfile(rtstruct, folder / "planning" / "rtstruct.dcm")
 
 
+def _check_profile(family: str, profile: str) -> None:
+    """Refuse an unknown draw profile, and any but ``v3`` for the dome family."""
+    from jrs.phantom.engine import PROFILES
+
+    if profile not in PROFILES:
+        raise InvalidInput(f"draw profile {profile!r} unknown; use one of {', '.join(PROFILES)}")
+    if family == "dome" and profile != "v3":
+        raise InvalidInput(
+            f"the dome family has no draw profiles (got {profile!r}); profiles belong to the "
+            "organ family"
+        )
+
+
 def write_from_planning(
     ct_dir: str | Path,
     rtstruct: str | Path,
@@ -93,6 +106,7 @@ def write_from_planning(
     synonyms: SynonymTable | str | Path | None = None,
     progress: bool = False,
     family: str = "organ",
+    profile: str = "v3",
 ) -> Path:
     """Write synthetic daily fractions of a planning CT + RTSTRUCT in the phantom layout.
 
@@ -105,6 +119,8 @@ def write_from_planning(
         synonyms: ROI-name synonym table (a `SynonymTable` or a YAML file; defaults to the
             built-in table) mapping ROI names to bladder, rectum, seminal vesicles, prostate.
         progress: show a tqdm progress bar (one step per fraction).
+        profile: draw profile of the organ family (`jrs.phantom.engine.PROFILES`: ``v3``, the
+            released model's ranges, or ``broad``); the dome family has one profile only.
         family: deformation family: "organ" (`jrs.phantom.engine`, the training family) or
             "dome" (`jrs.phantom.dome_engine`, held out of training and calibration: a
             cross-generator test). The family is recorded in each ``params.json``; dome
@@ -129,6 +145,7 @@ def write_from_planning(
         )
     if fractions < 0:
         raise InvalidInput(f"fractions must be >= 0, got {fractions}")
+    _check_profile(family, profile)
     table = _synonym_table(synonyms)
     rtstruct = Path(rtstruct)
     ss, series, masks = masks_from_files(ct_dir, rtstruct)
@@ -163,13 +180,17 @@ def write_from_planning(
         for k in range(1, fractions + 1):
             entropy = [seed, k, int(hashlib.sha1(key.encode()).hexdigest(), 16)]
             if family == "organ":
+                # the v3 profile keeps its UIDs (fractions written before profiles existed)
                 ids: tuple[object, ...] = (key, seed, k)
+                if profile != "v3":
+                    ids = (*ids, profile)
                 made = synthesize_fraction(
                     series.volume,
                     label_volume,
                     structures,
                     np.random.default_rng(entropy),
                     frame_of_reference_uid=_uid(*ids, "frame"),
+                    profile=profile,
                 )
             else:  # its own random stream and UIDs: never the organ family's draws or scans
                 ids = (key, seed, k, family)

@@ -22,6 +22,7 @@ UIDs are derived from the seed, so a seed always gives the same files.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -373,7 +374,11 @@ def _daily_box(
 
 
 def _organ_fraction(
-    patient: PhantomPatient, index: int, seed: int | None, engine: str = "organ"
+    patient: PhantomPatient,
+    index: int,
+    seed: int | None,
+    engine: str = "organ",
+    profile: str = "v3",
 ) -> PhantomFraction:
     """A fraction made from the planning scan alone by the organ or the (held-out) dome engine.
 
@@ -387,8 +392,11 @@ def _organ_fraction(
     key: tuple[object, ...] = (patient.seed, "fraction", index, engine)
     if seed is not None:
         key = (*key, seed)
+    if profile != "v3":  # (the v3 profile keeps the UIDs of fractions made before profiles)
+        key = (*key, profile)
     dome = engine == "dome"
-    synthesize = synthesize_dome_fraction if dome else synthesize_fraction
+    organ = functools.partial(synthesize_fraction, profile=profile)
+    synthesize = synthesize_dome_fraction if dome else organ
     made = synthesize(
         patient.ct,
         patient.labels,
@@ -422,7 +430,11 @@ def _organ_fraction(
 
 
 def generate_fraction(
-    patient: PhantomPatient, index: int, seed: int | None = None, engine: str = "analytic"
+    patient: PhantomPatient,
+    index: int,
+    seed: int | None = None,
+    engine: str = "analytic",
+    profile: str = "v3",
 ) -> PhantomFraction:
     """Generate a daily scan of `patient` with its exact ground truth.
 
@@ -436,15 +448,24 @@ def generate_fraction(
             planning CT, labels and structures, as for a real planning scan) or "dome"
             (`jrs.phantom.dome_engine.synthesize_dome_fraction`, likewise: the held-out test
             family, never used for training or calibration).
+        profile: draw profile of the organ engine (`jrs.phantom.engine.PROFILES`: ``v3`` or
+            ``broad``); the other engines take ``v3`` only.
 
     Returns:
         The fraction: daily CT, labels, structures, gas, true DVF (daily grid) and parameters.
 
     Raises:
-        InvalidInput: an unknown `engine`.
+        InvalidInput: an unknown `engine`, or a profile the engine does not have.
     """
+    from jrs.phantom.engine import PROFILES
+
+    if profile not in PROFILES or (profile != "v3" and engine != "organ"):
+        raise InvalidInput(
+            f"draw profile {profile!r} not available for the {engine!r} engine; profiles "
+            f"({', '.join(PROFILES)}) belong to the 'organ' engine"
+        )
     if engine in ("organ", "dome"):
-        return _organ_fraction(patient, index, seed, engine)
+        return _organ_fraction(patient, index, seed, engine, profile)
     if engine != "analytic":
         raise InvalidInput(f"fraction engine {engine!r} unknown; use 'analytic', 'organ' or 'dome'")
     m = patient.model

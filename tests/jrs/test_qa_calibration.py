@@ -797,3 +797,65 @@ def test_choice_catches_automatic_contours_through_the_manual_ones_figure() -> N
     dl = np.array([it["name"] == "Bladder_DL" for it in samples.items])
     assert fired["same_organ_flagged"][dl & samples.bad].all()
     assert not fired["same_organ_flagged"][samples.good].any()
+
+
+def test_issue30_labels_are_stricter_and_relabel_stored_records() -> None:
+    from jrs.qa_calibration import LABEL_CRITERIA
+
+    c = LABEL_CRITERIA["issue30"]
+    assert label_contour(0.89, 0.5, c) == "bad"  # good by the v3 criteria
+    assert label_contour(0.89, 0.5) == "borderline"
+    assert label_contour(0.92, 0.5, c) == "borderline"
+    assert label_contour(0.96, 0.5, c) == "good"
+    assert label_contour(0.96, 2.2, c) == "bad"
+    recs = [
+        _record("c0", "network", [_structure("Prostate", "prostate", 50.0, 50.0, 0.89, 0.6)]),
+        _record("c1", "network", [_structure("Prostate", "prostate", 50.0, 50.0, 0.93, 0.4)]),
+    ]
+    as_written = samples_from_records(recs)
+    relabelled = samples_from_records(recs, c)
+    assert as_written.label.tolist() == ["borderline", "good"]
+    assert relabelled.label.tolist() == ["bad", "borderline"]
+
+
+def test_calibration_cases_never_use_the_held_out_family() -> None:
+    from jrs.qa_calibration import RealSource, check_case_family, phantom_specs, real_specs
+
+    with pytest.raises(InvalidInput, match="held out of calibration"):
+        phantom_specs(3000, 2, engine="dome")
+    with pytest.raises(InvalidInput, match="organ"):
+        check_case_family("analytic", "broad")
+    with pytest.raises(InvalidInput, match="unknown"):
+        check_case_family("spline", "v3")
+    # the default keeps the ids of the records written before families and profiles
+    assert [s.case_id for s in phantom_specs(3000, 2)] == ["phantom3000-f1", "phantom3001-f1"]
+    organ = phantom_specs(3000, 1, engine="organ", profile="broad")[0]
+    assert (organ.case_id, organ.engine, organ.profile) == (
+        "phantom3000-f1-organ-broad",
+        "organ",
+        "broad",
+    )
+    src = RealSource(Path("/nowhere/ct"), Path("/nowhere/rs.dcm"))
+    real = real_specs(src, 2, 5005, "broad")
+    assert [s.case_id for s in real] == [f"{src.key}-s5005-f1-broad", f"{src.key}-s5005-f2-broad"]
+    assert {s.engine for s in real} == {"organ"}
+    assert [s.case_id for s in real_specs(src, 1)] == [f"{src.key}-s5005-f1"]
+
+
+def test_profiles_belong_to_the_organ_engine() -> None:
+    from jrs.phantom import generate_fraction, generate_patient
+    from jrs.phantom.from_planning import write_from_planning
+
+    patient = generate_patient(11, matrix=96, slice_thickness=3.0)
+    with pytest.raises(InvalidInput, match="organ"):
+        generate_fraction(patient, 1, engine="analytic", profile="broad")
+    with pytest.raises(InvalidInput, match="organ"):
+        generate_fraction(patient, 1, engine="dome", profile="broad")
+    with pytest.raises(InvalidInput, match="dome family has no draw profiles"):
+        write_from_planning(
+            "/nowhere/ct", "/nowhere/rs.dcm", "/nowhere/out", family="dome", profile="broad"
+        )
+    broad = generate_fraction(patient, 1, engine="organ", profile="broad")
+    v3 = generate_fraction(patient, 1, engine="organ")
+    assert broad.params["profile"] == "broad" and v3.params["profile"] == "v3"
+    assert broad.study_instance_uid != v3.study_instance_uid
