@@ -24,6 +24,17 @@ def _own_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["JRS_CACHE_DIR"] = str(tmp_path_factory.mktemp("jrs-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _loader_workers_by_forkserver() -> None:
+    """Training loader workers start from a fork server, not by forking the test process.
+
+    By the time the training tests run, this process holds OpenVINO's and ONNX Runtime's
+    threads; a worker forked from it can crash (a segmentation fault killed a CI run). The
+    batches are the same whatever the start method (`training.data.KeyedPatchSampler`).
+    """
+    os.environ.setdefault("JRS_LOADER_START_METHOD", "forkserver")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder of real public DICOM/CT files (../shared/data); skips when absent."""

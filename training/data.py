@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -573,6 +574,11 @@ class KeyedPatchSampler(PatchSampler):
             batch_size=None,
             sampler=cast(Any, _From(start)),
             num_workers=self.workers,
+            # fork (torch's default on Linux) shares the pairs without copying them; a process
+            # that has loaded fork-unsafe libraries (a test run, a notebook) sets
+            # JRS_LOADER_START_METHOD=forkserver or spawn (the pairs are then pickled to each
+            # worker): the batches are the same either way
+            multiprocessing_context=os.environ.get("JRS_LOADER_START_METHOD") or None,
             collate_fn=_as_is,
             worker_init_fn=_one_thread,
             prefetch_factor=self.prefetch,
