@@ -26,6 +26,9 @@ from training.trainer import Trainer, distributed_info, resolve_device
 REPO = Path(__file__).resolve().parents[2]
 V3_CHECKPOINT = REPO / "models" / "checkpoints" / "crossstitch_v3_last.pt"
 
+#: loader workers and DDP beside OpenVINO's threads crash: see tests/training/conftest.py
+pytestmark = pytest.mark.fresh_interpreter
+
 
 def tiny(out: Path, **kw: Any) -> dict[str, Any]:
     """A tiny run's config as a mapping (cross-stitch 4/8/8, 48^3 patches, CPU)."""
