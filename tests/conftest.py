@@ -26,11 +26,12 @@ def _own_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _loader_workers_by_forkserver() -> None:
-    """Training loader workers start from a fork server, not by forking the test process.
+    """Training loader workers start from a fork server: no worker is a fork of this process.
 
-    By the time the training tests run, this process holds OpenVINO's and ONNX Runtime's
-    threads; a worker forked from it can crash (a segmentation fault killed a CI run). The
-    batches are the same whatever the start method (`training.data.KeyedPatchSampler`).
+    The tests that start workers also run in a fresh interpreter when OpenVINO or ONNX Runtime
+    is loaded here (`tests/training/conftest.py`): beside their threads a loader crashed the
+    process whatever the start method. The batches are the same for every start method
+    (`training.data.KeyedPatchSampler`).
     """
     os.environ.setdefault("JRS_LOADER_START_METHOD", "forkserver")
 
