@@ -42,8 +42,7 @@ import SimpleITK as sitk
 from jrs.errors import InvalidInput
 from jrs.geometry import Geometry, Volume
 from jrs.null_correction import planning_segmentation_dice
-from jrs.preprocess import prepare_pair
-from jrs.registration import AffineResult
+from jrs.preprocess import HU_MIN, canonical_grid, normalise_hu
 
 log = logging.getLogger(__name__)
 
@@ -353,30 +352,26 @@ def planning_null(
     Returns:
         The planning null field.
     """
-    identity = sitk.AffineTransform(3)
-    pair = prepare_pair(
-        planning_ct,
-        planning_ct,
-        planning_labels,
-        box=box,
-        prealign=AffineResult(identity, sitk.Euler3DTransform(), 0.0),
-    )
+    # the arrays a pair of the planning scan with itself would get (`prepare_pair` with the
+    # identity), without its second resampling of the same scan and its body mask
+    grid = canonical_grid(*box, frame_of_reference_uid=planning_ct.geometry.frame_of_reference_uid)
+    moving = normalise_hu(planning_ct.resample(grid, "linear", HU_MIN).array)
+    labels = planning_labels.resample(grid, "label", 0).array.astype(np.uint8)
     tag = model_tag(backend)
-    key = null_key(tag, pair.grid, pair.moving, pair.moving_labels) if tag else ""
+    key = null_key(tag, grid, moving, labels) if tag else ""
     if cache is not None and key:
         found = cache.get(key)
         if found is not None:
             return found
     t0 = time.perf_counter()
-    labels_f = pair.moving_labels.astype(np.float32)
-    pred = backend.predict(pair.moving, pair.moving, labels_f)
+    pred = backend.predict(moving, moving, labels.astype(np.float32))
     scores = getattr(pred, "seg_logits", None)
     if scores is None:
         scores = getattr(pred, "seg_probs", None)
     entry = PlanningNull(
         np.ascontiguousarray(pred.dvf, np.float32),
-        pair.grid,
-        planning_segmentation_dice(scores, pair.moving_labels),
+        grid,
+        planning_segmentation_dice(scores, labels),
         time.perf_counter() - t0,
         key,
     )
