@@ -82,8 +82,8 @@ import sys
 import onnxruntime
 import openvino
 
-import jrs_cli
-import service.app
+import jrs.cli
+import jrs.service.app
 
 flavour, torch_req = sys.argv[1], sys.argv[2]
 if "torch" in sys.modules:
@@ -93,9 +93,9 @@ if flavour != "adapt-cpu":
     if importlib.util.find_spec("torch") is not None:
         sys.exit("install.sh: torch is installed, but the service image must not contain it")
 else:
-    import model_export.export
+    import jrs.model_export.export
     import torch
-    import training.adapt
+    import jrs.training.adapt
     from packaging.requirements import Requirement
 
     # exactly the pinned release, the CPU build

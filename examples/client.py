@@ -4,7 +4,7 @@ r"""Re-contour a daily CT through the jrs REST service: a standalone example cli
 
 It needs Python >= 3.8 and ``httpx`` only (``pip install httpx``), not the jrs project, so it can
 be copied next to a treatment-planning-system script (see ``docs/tps-guide.md``). The product's
-own client, with the same protocol, is ``jrs_cli/remote.py`` (``jrs batch --server URL``).
+own client, with the same protocol, is ``jrs/cli/remote.py`` (``jrs batch --server URL``).
 
 What it does:
 

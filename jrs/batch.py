@@ -356,7 +356,7 @@ def run_batch(
         shard_index: run only this shard of the manifest (see `select_shard`).
         shard_count: the number of shards the manifest is split into (1: the whole manifest).
         row_runner: re-contours one row into ``OUT/<id>/`` in another way than the in-process
-            pipeline, e.g. through the REST service (``jrs batch --server``, `jrs_cli.remote`),
+            pipeline, e.g. through the REST service (``jrs batch --server``, `jrs.cli.remote`),
             and returns (``done``/``failed``, seconds, error code, message); `options` and
             `backend` are then unused and `workers` threads call it.
         adapter: adapt a model per patient group first (``jrs batch --adapt``; module

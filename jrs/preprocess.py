@@ -1,6 +1,6 @@
 """From a planning/daily pair of scans to the network's input grid (METHOD.md, Data conventions).
 
-The same function serves training (`training.data`) and re-contouring (`jrs.pipeline`):
+The same function serves training (`jrs.training.data`) and re-contouring (`jrs.pipeline`):
 
 1. pre-align the planning (moving) scan onto the daily (fixed) scan with `affine_prealign`;
 2. resample both onto a 1 mm isotropic grid in the canonical orientation (direction = identity,

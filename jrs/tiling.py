@@ -1,7 +1,7 @@
 """Whole-scan tiled inference: plan input windows and stitch high-level outputs (numpy only).
 
 The one implementation of METHOD.md's "Inference on a whole scan" tiling, shared by the ONNX
-Runtime inference (:mod:`jrs.inference`) and the torch evaluation (``training.evaluate``).
+Runtime inference (:mod:`jrs.inference`) and the torch evaluation (``jrs.training.evaluate``).
 
 **The spec's layout** (``seam_overlap=0, alignment=1``): the 1 mm volumes are padded by
 :data:`MARGIN` (20) voxels per side and cut into input windows of size ``n`` (a multiple of 4,

@@ -192,7 +192,7 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         qcell = ", ".join(sorted(qa_reference_paths(meta, organ)))
         lines.append(f"| {organ} | {path} | {cell} | {vcell} | {qcell} |")
     if choice:
-        from model_export.export import VALIDATED_PATH_MARGIN
+        from jrs.model_export.export import VALIDATED_PATH_MARGIN
 
         lines += [
             "",
@@ -301,7 +301,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
         f"- Wall time: {TODO}",
         f"- Training data: {TODO}",
         "",
-        "The full resolved training configuration is in `metadata.json` (`training.config`).",
+        "The full resolved training configuration is in `metadata.json` (`jrs.training.config`).",
         "",
         "## Held-out evaluation",
         "",

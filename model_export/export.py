@@ -1,7 +1,7 @@
 """Training checkpoint -> ``<out>/<name>/<version>/{model.onnx, metadata.json, MODEL_CARD.md}``.
 
 Beside them goes ``weights.pt``: the torch weights (float32, no optimiser state;
-:mod:`training.weights`), named in ``metadata.json`` (``weights``), which patient-specific
+:mod:`jrs.training.weights`), named in ``metadata.json`` (``weights``), which patient-specific
 adaptation (``jrs adapt --base MODEL_DIR``) fine-tunes.
 
 The exported graph holds the network only: inputs ``fixed``, ``moving``, ``moving_labels`` (those
@@ -175,7 +175,7 @@ class _Graph(nn.Module):
 
 # --------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a network from a :class:`training.trainer.Trainer` checkpoint.
+    """Rebuild a network from a :class:`jrs.training.trainer.Trainer` checkpoint.
 
     Args:
         path: ``last.pt`` / ``best.pt`` of a run (a trusted file: it is unpickled).
@@ -186,7 +186,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     Raises:
         InvalidInput: When the file is missing, unreadable or not a training checkpoint.
     """
-    from training.weights import rebuild_from_checkpoint
+    from jrs.training.weights import rebuild_from_checkpoint
 
     net, ckpt = rebuild_from_checkpoint(path)
     drop = {"model", "optimizer", "weighting", "scaler", "sampler", "rng"}
@@ -539,7 +539,7 @@ def build_metadata(
             "epoch": checkpoint.get("epoch"),
             "best": _jsonable(checkpoint.get("best")),
             "torch_version": checkpoint.get("torch_version"),
-            # recipe phases and segments run elsewhere (training.phase, training.gpu_run)
+            # recipe phases and segments run elsewhere (training.phase, research.gpu.gpu_run)
             "provenance": _jsonable(list(checkpoint.get("provenance") or [])),
         },
         "metrics": _jsonable(dict(metrics)) if metrics is not None else None,
@@ -810,7 +810,7 @@ def _fusion(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _git_sha() -> str:
-    from training.trainer import git_sha
+    from jrs.training.trainer import git_sha
 
     return git_sha()
 
@@ -829,7 +829,7 @@ def _write_stage(
     tolerance: float,
 ) -> tuple[dict[str, Any], ParityReport]:
     """Export, check parity and write every file into ``stage``."""
-    from model_export.card import model_card
+    from jrs.model_export.card import model_card
 
     onnx_path = stage / MODEL_FILE
     used = _export_graph(graph, onnx_path, exporter)
@@ -864,7 +864,7 @@ def checkpoint_weighting(path: str | Path) -> dict[str, Any]:
     """``{"name", "state"}`` of the loss weighting of a training checkpoint (for ``weights.pt``).
 
     Args:
-        path: A :class:`training.trainer.Trainer` checkpoint (a trusted file: it is unpickled).
+        path: A :class:`jrs.training.trainer.Trainer` checkpoint (a trusted file: it is unpickled).
 
     Returns:
         The weighting's name (from the resolved config) and state dict (empty when absent).
@@ -886,9 +886,9 @@ def _write_weights(
     weighting: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """Write ``weights.pt`` into ``stage`` and name it in ``metadata.json`` and the card."""
-    from model_export.card import model_card
-    from training.networks import NETWORK_NAMES
-    from training.weights import WEIGHTS_FILE, save_weights, weights_payload
+    from jrs.model_export.card import model_card
+    from jrs.training.networks import NETWORK_NAMES
+    from jrs.training.weights import WEIGHTS_FILE, save_weights, weights_payload
 
     if not network or str(network.get("name")) not in NETWORK_NAMES:
         log.info("no buildable network spec (%r): %s not written", network, WEIGHTS_FILE)
@@ -944,7 +944,7 @@ def export(
         tolerance: Accepted max |ONNX - PyTorch|.
         overwrite: Replace an existing version folder.
         weights: Also write the torch weights as ``weights.pt`` (float32, about 3 MB for the
-            cross-stitch network; :mod:`training.weights`) and name them in ``metadata.json``
+            cross-stitch network; :mod:`jrs.training.weights`) and name them in ``metadata.json``
             (``weights``): what patient-specific adaptation (``jrs adapt``) fine-tunes. Needs a
             buildable ``network`` spec; skipped (with a log line) without one.
         weighting: ``{"name", "state"}`` of the loss weighting, kept in ``weights.pt``.
@@ -1053,10 +1053,10 @@ def export_checkpoint(
 
 
 class ArtefactWriter:
-    """The export as patient-specific adaptation needs it (``training.adapt.ArtefactWriter``).
+    """The export as patient-specific adaptation needs it (``jrs.training.adapt.ArtefactWriter``).
 
     ``training`` sits below ``model_export`` and cannot import it; ``jrs adapt`` hands an
-    instance to :func:`training.adapt.adapt`.
+    instance to :func:`jrs.training.adapt.adapt`.
 
     Args:
         exporter: ONNX exporter (``legacy``: seconds on a CPU; ``dynamo``: about a minute).
@@ -1117,7 +1117,7 @@ class ArtefactWriter:
         return result.metadata
 
     def card(self, metadata: Mapping[str, Any]) -> str:
-        """The model card of a metadata (:func:`model_export.card.model_card`)."""
-        from model_export.card import model_card
+        """The model card of a metadata (:func:`jrs.model_export.card.model_card`)."""
+        from jrs.model_export.card import model_card
 
         return model_card(metadata)

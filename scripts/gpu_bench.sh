@@ -28,5 +28,5 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$outdir/nvidia-smi.csv" || true
 fi
 cd "$root"
-exec timeout --kill-after=10 "$limit" "$python" -m jrs_cli benchmark gpu \
+exec timeout --kill-after=10 "$limit" "$python" -m jrs.cli benchmark gpu \
   --out "$outdir/gpu_bench.json" "$@"

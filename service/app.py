@@ -23,17 +23,17 @@ from starlette.concurrency import run_in_threadpool
 
 import jrs
 from jrs.errors import JrsError
-from service.auth import KeyChecker, require_api_key
-from service.errors import install_error_handlers
-from service.jobs import JobManager, JobStore, PipelineRunner
-from service.logging_config import configure_logging
-from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
-from service.patients import PatientAwareRunner, attach_patients
-from service.routers import health, jobs, metrics, patients, recontour
-from service.settings import Settings, load_settings
+from jrs.service.auth import KeyChecker, require_api_key
+from jrs.service.errors import install_error_handlers
+from jrs.service.jobs import JobManager, JobStore, PipelineRunner
+from jrs.service.logging_config import configure_logging
+from jrs.service.metrics import Metrics
+from jrs.service.middleware import RequestContextMiddleware
+from jrs.service.patients import PatientAwareRunner, attach_patients
+from jrs.service.routers import health, jobs, metrics, patients, recontour
+from jrs.service.settings import Settings, load_settings
 
-logger = logging.getLogger("service.app")
+logger = logging.getLogger("jrs.service.app")
 
 RunnerCallable = Callable[[Path, Path, Path], dict[str, Any]]
 

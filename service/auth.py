@@ -15,9 +15,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import Unauthorized
+from jrs.service.errors import Unauthorized
 
-logger = logging.getLogger("service.auth")
+logger = logging.getLogger("jrs.service.auth")
 
 bearer_scheme = HTTPBearer(
     auto_error=False,

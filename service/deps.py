@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from jrs.errors import ModelNotReady
-from service.jobs import JobManager
-from service.metrics import Metrics
-from service.settings import Settings, get_settings
+from jrs.service.jobs import JobManager
+from jrs.service.metrics import Metrics
+from jrs.service.settings import Settings, get_settings
 
 
 def get_manager(request: Request) -> JobManager:

@@ -2,7 +2,7 @@
 
 Every error answer has the body ``{"error": <code>, "detail": <message>, "request_id": <id>}``
 and the HTTP status of the `JrsError` subclass raised. Unhandled exceptions never reach the client
-with their internals: `RequestContextMiddleware` (see `service.logging_config`) turns them into
+with their internals: `RequestContextMiddleware` (see `jrs.service.logging_config`) turns them into
 a 500 with ``error: internal_error``.
 """
 
@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jrs.errors import JrsError, ModelNotReady, ServiceBusy
-from service.logging_config import current_request_id
+from jrs.service.logging_config import current_request_id
 
-logger = logging.getLogger("service.errors")
+logger = logging.getLogger("jrs.service.errors")
 
 
 class ConfigurationError(JrsError):

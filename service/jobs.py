@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from jrs.errors import InvalidInput, JrsError, ModelNotReady, ServiceBusy, StorageFull
 
-logger = logging.getLogger("service.jobs")
+logger = logging.getLogger("jrs.service.jobs")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 STATUSES: tuple[JobStatus, ...] = ("queued", "running", "succeeded", "failed")

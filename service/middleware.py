@@ -16,8 +16,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.logging_config import reset_request_id, set_request_id
-from service.metrics import Metrics
+from jrs.service.logging_config import reset_request_id, set_request_id
+from jrs.service.metrics import Metrics
 
 logger = logging.getLogger("service.access")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

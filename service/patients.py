@@ -2,19 +2,19 @@
 
 ``POST /v1/patients`` stores a validated planning CT + RTSTRUCT under
 ``<data_dir>/patients/<id>/planning/`` and a row in ``<data_dir>/patients.sqlite3``; each
-``POST /v1/patients/{id}/fractions`` is an ordinary job (``service.jobs``) whose planning input
+``POST /v1/patients/{id}/fractions`` is an ordinary job (``jrs.service.jobs``) whose planning input
 is hard-linked from there and whose ``input/patient.json`` names the patient, so that the
 :class:`PatientAwareRunner` re-contours it with the patient model once it is ready, and with the
 generic model before that (``qa.json``: ``model.kind`` and ``patient``).
 
-Adaptation (``jrs adapt``, :mod:`training.adapt`) needs torch, which the service never imports:
-it runs in a subprocess (``python -m jrs_cli adapt ...``) started by an :class:`AdaptationWorker`,
+Adaptation (``jrs adapt``, :mod:`jrs.training.adapt`) needs torch, which the service never imports:
+it runs in a subprocess (``python -m jrs.cli adapt ...``) started by an :class:`AdaptationWorker`,
 one patient at a time (the fine-tuning takes every core). Its state is the patient row:
 ``unavailable`` (the server cannot train: the reason says why), ``queued``, ``running``,
 ``succeeded`` (``result.kept`` says whether the adapted model beat the generic one on held-back
 synthetic fractions; only then is it used) or ``failed`` (with the reason). The worker runs in
 the service process (``JRS_ADAPTATION=auto|local``) or in a separate process on the same data
-folder (``JRS_ADAPTATION=external``: ``python -m service.patients``, e.g. the adaptation image
+folder (``JRS_ADAPTATION=external``: ``python -m jrs.service.patients``, e.g. the adaptation image
 variant beside a service image without torch). A restart loses nothing: a graceful stop sends
 SIGTERM (``jrs adapt`` checkpoints and exits) and queues the patient again; at the next start the
 same command continues from the work folder (``<id>/adapt/``); an adaptation interrupted
@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jrs.errors import JrsError, ModelNotReady, NotFound
-from service.jobs import PLANNING_RTSTRUCT, resolve_model_dir
-from service.settings import Settings
+from jrs.service.jobs import PLANNING_RTSTRUCT, resolve_model_dir
+from jrs.service.settings import Settings
 
-logger = logging.getLogger("service.patients")
+logger = logging.getLogger("jrs.service.patients")
 
 AdaptStatus = Literal["unavailable", "queued", "running", "succeeded", "failed"]
 ADAPT_STATUSES: tuple[AdaptStatus, ...] = (
@@ -391,7 +391,7 @@ def adapt_command(settings: Settings, patient_dir: Path) -> list[str]:
     argv = [
         sys.executable,
         "-m",
-        "jrs_cli",
+        "jrs.cli",
         "adapt",
         "--planning-ct",
         str(patient_dir / PLANNING_DIR),
@@ -1024,14 +1024,14 @@ def _why_generic(patient: Patient | None) -> str:
 
 # ------------------------------------------------------------------------------ external worker
 def main(argv: list[str] | None = None) -> int:
-    """``python -m service.patients``: the adaptation worker of ``JRS_ADAPTATION=external``.
+    """``python -m jrs.service.patients``: the adaptation worker of ``JRS_ADAPTATION=external``.
 
     Reads the service settings from the environment (``JRS_DATA_DIR`` must be the service's data
     folder), recovers adaptations a previous worker left running, then runs queued adaptations
     until SIGTERM (which checkpoints the running one: it continues at the next start). Run one
     worker per data folder.
     """
-    from service.settings import load_settings
+    from jrs.service.settings import load_settings
 
     parser = argparse.ArgumentParser(
         description=main.__doc__.splitlines()[0] if main.__doc__ else None

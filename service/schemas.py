@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.jobs import Job, JobStatus
+from jrs.service.jobs import Job, JobStatus
 
 _EXAMPLE_ID = "3f2b9c1e8d7a4b6c9e0f1a2b3c4d5e6f"
 

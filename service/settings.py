@@ -22,7 +22,7 @@ from fastapi import Request
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.errors import ConfigurationError
+from jrs.service.errors import ConfigurationError
 
 MIB = 1024 * 1024
 
@@ -77,7 +77,8 @@ class Settings(BaseSettings):
         adaptation: patient-specific adaptation of ``/v1/patients`` (docs/adaptation.md):
             ``auto`` (run ``jrs adapt`` in a subprocess where torch is installed, else the
             patient says it is unavailable), ``local`` (the same, required), ``external`` (an
-            adaptation worker, ``python -m service.patients``, on the same data folder) or ``off``.
+            adaptation worker, ``python -m jrs.service.patients``, on the same data folder) or
+            ``off``.
         adapt_minutes: time budget of one adaptation, minutes (``jrs adapt --minutes``).
         adapt_base_dir: model adapted (default: the served model, ``model_dir``).
         adapt_args: more ``jrs adapt`` options, e.g. ``--fractions 8 --threads 8``.

@@ -30,10 +30,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from jrs.errors import InvalidInput, JrsError, PayloadTooLarge, UnsupportedData
-from service.jobs import PLANNING_RTSTRUCT
-from service.settings import Settings
+from jrs.service.jobs import PLANNING_RTSTRUCT
+from jrs.service.settings import Settings
 
-logger = logging.getLogger("service.uploads")
+logger = logging.getLogger("jrs.service.uploads")
 
 #: The multipart fields of a re-contouring request.
 FIELDS = ("planning", "daily")

@@ -23,8 +23,8 @@ def tiny_base(root: Path, version: int = 1) -> Path:
     """
     import torch
 
-    from model_export.export import export
-    from training.networks import build
+    from jrs.model_export.export import export
+    from jrs.training.networks import build
 
     torch.manual_seed(0)
     net = build("cross-stitch", **TINY)

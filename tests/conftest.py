@@ -31,7 +31,7 @@ def _loader_workers_by_forkserver() -> None:
     The tests that start workers also run in a fresh interpreter when OpenVINO or ONNX Runtime
     is loaded here (`tests/training/conftest.py`): beside their threads a loader crashed the
     process whatever the start method. The batches are the same for every start method
-    (`training.data.KeyedPatchSampler`).
+    (`jrs.training.data.KeyedPatchSampler`).
     """
     os.environ.setdefault("JRS_LOADER_START_METHOD", "forkserver")
 

@@ -4,7 +4,8 @@ METHOD.md ("Patient-specific adaptation", after Elmahdy et al., ISBI 2020): the 
 moving image, synthetic daily fractions of it made by the deformation engine
 (:func:`jrs.phantom.engine.synthesize_fraction`) are the fixed images, and the planning contours
 warped by the known field are the fixed labels. The base model is fine-tuned with its own losses
-and loss weighting (:class:`training.trainer.Trainer`, bf16 autocast on a CPU that has it, AMP on
+and loss weighting (:class:`jrs.training.trainer.Trainer`, bf16 autocast on a CPU that has it, AMP
+on
 CUDA) for as long as a time budget allows, and the adapted weights are kept only when held-back
 synthetic fractions of the same scan score at least as well as with the base model.
 
@@ -67,8 +68,8 @@ from torch import nn
 from jrs.errors import InvalidInput, JrsError
 from jrs.geometry import Geometry, Volume
 from jrs.labels import LABELS, SynonymTable, label_map_from_mapping
-from training.data import TrainingPair
-from training.weights import WEIGHTS_FILE, file_sha256, load_weights, save_weights
+from jrs.training.data import TrainingPair
+from jrs.training.weights import WEIGHTS_FILE, file_sha256, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ DEFAULT_VAL_FRACTIONS = 2
 #: Margin around the planning organs kept before making fractions (mm): it holds the training
 #: boxes after any engine motion (setup <= 5 mm, organ motion <= 6 mm) with room to spare.
 PLANNING_CROP_MM = 70.0
-#: Margin of the training pairs' box around the daily organs (mm; as ``training.build_data``).
+#: Margin of the training pairs' box around the daily organs (mm; as ``jrs.training.build_data``).
 TRAIN_BOX_MM = 44.0
 #: Margin of the held-back pairs' box around the pre-aligned planning organs (mm; the
 #: pipeline's default network box).
@@ -130,7 +131,7 @@ class AdaptationInterrupted(JrsError):
 
 
 class ArtefactWriter(Protocol):
-    """What the adaptation needs of the export (``model_export.export.ArtefactWriter``)."""
+    """What the adaptation needs of the export (``jrs.model_export.export.ArtefactWriter``)."""
 
     def write(
         self,
@@ -308,7 +309,7 @@ class BaseModel:
     Attributes:
         model_dir: The version folder (``model.onnx`` + ``metadata.json``).
         metadata: Its ``metadata.json``.
-        weights: The ``weights.pt`` payload (:mod:`training.weights`).
+        weights: The ``weights.pt`` payload (:mod:`jrs.training.weights`).
         weights_source: Where the weights came from (file name, no folders).
         weights_sha256: Digest of the weights file.
     """
@@ -331,7 +332,7 @@ class BaseModel:
 
     def build(self) -> nn.Module:
         """The base network with its weights, on the CPU, in eval mode."""
-        from training.networks import build
+        from jrs.training.networks import build
 
         spec = self.weights["network"]
         net = build(spec["name"], **dict(spec.get("overrides") or {}))
@@ -482,7 +483,7 @@ def resolve_base(
 
 def _read_any_weights(path: Path) -> dict[str, Any]:
     """A ``weights.pt`` payload, or that of a training checkpoint."""
-    from training.weights import weights_from_checkpoint
+    from jrs.training.weights import weights_from_checkpoint
 
     try:
         return load_weights(path)
@@ -710,7 +711,7 @@ def make_pairs(
 def _inference_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The pipeline settings a model's ``metadata.json`` asks for, made explicit.
 
-    See `model_export.export.inference_settings`: a model adapted from this one keeps them.
+    See `jrs.model_export.export.inference_settings`: a model adapted from this one keeps them.
     """
     from jrs.cascade import network_passes
     from jrs.field_smoothing import field_smoothing_sigma
@@ -1018,7 +1019,7 @@ def read_progress(work: Path) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------ fine-tuning
 def _train_config(base: BaseModel, options: AdaptOptions, patch: int, out: Path) -> Any:
-    from training.config import parse_config
+    from jrs.training.config import parse_config
 
     cfg = base.weights.get("config") or {}
     weighting = dict(cfg.get("weighting") or {"name": base.weights["weighting"]["name"]})
@@ -1074,7 +1075,7 @@ def _fine_tune(
     budget_s: float,
 ) -> Any:
     """Fine-tune from the base weights (or the last checkpoint) until the deadline; the trainer."""
-    from training.trainer import Trainer
+    from jrs.training.trainer import Trainer
 
     config = _train_config(base, options, patch, work / "train")
     ckpt = work / "train" / "checkpoints" / "last.pt"
@@ -1221,7 +1222,7 @@ def adapt(
         planning_ct: Planning CT series folder.
         planning_rtstruct: Its RTSTRUCT.
         out: Output model version folder (``jrs recontour --model OUT``).
-        writer: Writes the exported model (``model_export.export.ArtefactWriter()``).
+        writer: Writes the exported model (``jrs.model_export.export.ArtefactWriter()``).
         base: Base model version folder (default: the bundled model).
         base_weights: Torch weights of the base (default: found by :func:`resolve_base`).
         options: Budget, fractions, device ... (:class:`AdaptOptions`).

@@ -11,7 +11,7 @@ out of training):
    the adaptation trains on), or, for the real scan, synthetic fractions of the engine
    (:func:`jrs.phantom.from_planning.write_from_planning`) with seeds the adaptation never uses
    (real daily scans with contours would be better: there are none here);
-2. the adaptation (:func:`training.adapt.adapt`, the given budget), timed, with its decision;
+2. the adaptation (:func:`jrs.training.adapt.adapt`, the given budget), timed, with its decision;
 3. each fraction re-contoured through :func:`jrs.pipeline.recontour` with the generic model
    (``--model``), the patient model folder and the iterative baseline, scored per organ (DSC,
    MSD in mm) against the true contours on the daily CT grid.
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from jrs.errors import InvalidInput
-from training.adapt import AdaptOptions, ArtefactWriter, adapt
+from jrs.training.adapt import AdaptOptions, ArtefactWriter, adapt
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def benchmark_adaptation(
 
     Args:
         seeds: Held-out phantom seeds (one patient each; never used in training).
-        writer: The model writer of the adaptation (``model_export.export.ArtefactWriter()``).
+        writer: The model writer of the adaptation (``jrs.model_export.export.ArtefactWriter()``).
         base: The generic (base) model folder; default the bundled model.
         real: ``(planning CT folder, RTSTRUCT)`` of a real patient kept out of training.
         fractions: Test fractions per patient.

@@ -1,22 +1,22 @@
 """Training-throughput benchmark: steps/s and peak memory per network.
 
-Run as ``python -m training.benchmark``.
+Run as ``python -m jrs.training.benchmark``.
 
 Each network is timed in its own subprocess (so that the peak resident memory, from
 ``resource.getrusage``, belongs to that network alone): one training step = sample a batch of
 ``pairs_per_batch`` pairs (+ their swaps) of ``n^3`` patches, forward, all task losses, backward,
-RAdam step, exactly as :class:`training.trainer.Trainer` does, on synthetic pairs. A few warm-up
+RAdam step, exactly as :class:`jrs.training.trainer.Trainer` does, on synthetic pairs. A few warm-up
 steps are excluded from the timing.
 
 Example::
 
-    python -m training.benchmark --patch-size 96 --steps 3 --warmup 1 --threads 2
+    python -m jrs.training.benchmark --patch-size 96 --steps 3 --warmup 1 --threads 2
 
 Precision comparison (fp32 against bf16 autocast, the same network, data and seed, steps
 interleaved in one process so that a shared, noisy machine slows both alike), with the share of
 each step spent drawing the batch from the memory-mapped training store::
 
-    python -m training.benchmark --compare-precision --networks cross-stitch --patch-size 64 \
+    python -m jrs.training.benchmark --compare-precision --networks cross-stitch --patch-size 64 \
         --steps 20 --warmup 3 --threads 2 --store data/store_v3
 """
 
@@ -56,9 +56,9 @@ def bench_one(
     """
     import torch
 
-    from training.config import parse_config
-    from training.synthetic import synthetic_pair
-    from training.trainer import Trainer
+    from jrs.training.config import parse_config
+    from jrs.training.synthetic import synthetic_pair
+    from jrs.training.trainer import Trainer
 
     torch.set_num_threads(threads)
     size = max(patch_size + 8, 64)
@@ -137,13 +137,13 @@ def compare_precision(
 
     import torch
 
-    from training.config import parse_config
-    from training.synthetic import synthetic_pair
-    from training.trainer import Trainer, cpu_supports_bf16
+    from jrs.training.config import parse_config
+    from jrs.training.synthetic import synthetic_pair
+    from jrs.training.trainer import Trainer, cpu_supports_bf16
 
     torch.set_num_threads(threads)
     if store is not None:
-        from training.store import load_store
+        from jrs.training.store import load_store
 
         pairs = load_store(store, sources=["phantom", "real"])
     else:
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for net in args.networks:
         cmd = [
-            sys.executable, "-m", "training.benchmark", "--one", "--networks", net,
+            sys.executable, "-m", "jrs.training.benchmark", "--one", "--networks", net,
             "--patch-size", str(args.patch_size), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
         ]  # fmt: skip

@@ -1,11 +1,11 @@
 """Build the memory-mapped training set once: broad phantoms, real planning scans, validation.
 
-Run as ``python -m training.build_data --spec training/data_specs/data_v3.yaml --out STORE``.
+Run as ``python -m jrs.training.build_data --spec training/data_specs/data_v3.yaml --out STORE``.
 
 Every pair is made by the ONE deformation engine of `jrs.phantom.engine` (synthetic daily
 fractions with known fields of a planning scan), pre-aligned and resampled by
 `jrs.preprocess.prepare_pair` (the function the re-contouring pipeline uses), cropped to the
-organs plus a margin, and written with `training.store.save_pair`. Sources:
+organs plus a margin, and written with `jrs.training.store.save_pair`. Sources:
 
 * ``phantoms``: analytic pelvises of the "broad" variety (prostate 20-100 cc, bladder 80-600 mL,
   body habitus, noise 8-45 HU), slice thickness 1-3 mm, gold fiducials in some prostates, and
@@ -133,7 +133,7 @@ def _pair_from_fraction(
     group: str,
 ) -> Any:
     from jrs.preprocess import prepare_pair
-    from training.data import TrainingPair
+    from jrs.training.data import TrainingPair
 
     prepared = prepare_pair(
         daily_ct,
@@ -153,7 +153,7 @@ def build_phantom_patient(spec: dict[str, Any], index: int, store: str) -> list[
     from jrs.phantom import generate_fraction, generate_patient
     from jrs.phantom.appearance import add_fiducials, record, vary_appearance
     from jrs.phantom.engine import synthesize_fraction
-    from training.store import save_pair
+    from jrs.training.store import save_pair
 
     ps = PhantomSpec(**spec)
     seed = ps.seed + index
@@ -226,8 +226,8 @@ def build_real_fraction(
     """Make (or skip) synthetic fraction ``k`` of a real planning scan."""
     from jrs.phantom.appearance import record, vary_appearance
     from jrs.phantom.engine import synthesize_fraction
-    from training.data import read_labelled_ct
-    from training.store import save_pair
+    from jrs.training.data import read_labelled_ct
+    from jrs.training.store import save_pair
 
     rs = RealSpec(**spec)
     key = f"{rs.source}_{rs.group}_f{k}"
@@ -279,7 +279,7 @@ def build(spec: DataSpec, store: Path, workers: int = 2) -> list[dict[str, Any]]
     """
     from tqdm import tqdm
 
-    from training.store import write_index
+    from jrs.training.store import write_index
 
     store.mkdir(parents=True, exist_ok=True)
     jobs: list[tuple[Any, tuple[Any, ...]]] = []

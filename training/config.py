@@ -48,7 +48,7 @@ class _Strict(BaseModel):
 
 
 class NetworkConfig(_Strict):
-    """Which network, and constructor overrides passed to ``training.networks.build``.
+    """Which network, and constructor overrides passed to ``jrs.training.networks.build``.
 
     Attributes:
         name: One of ``seg, reg, jrs-reg, dense, sedd, cross-stitch``.
@@ -108,7 +108,7 @@ class SyntheticSource(_Strict):
 
 
 class StoreSource(_Strict):
-    """A training set built once by ``python -m training.build_data`` and memory-mapped.
+    """A training set built once by ``python -m jrs.training.build_data`` and memory-mapped.
 
     Attributes:
         path: The store folder (``index.json`` + one folder per pair).
@@ -146,7 +146,7 @@ class LossConfig(_Strict):
         reg_dice_classes: Classes of ``L_regDSC`` per level and sample: ``known`` (every class
             delineated in the scan, the paper's mean; a class outside the patch adds a constant)
             or ``present`` (only the classes that occur in the level's region of the fixed or
-            moving labels; a documented deviation, see ``training.losses.reg_dsc_loss``).
+            moving labels; a documented deviation, see ``jrs.training.losses.reg_dsc_loss``).
     """
 
     reg_dice_classes: Literal["known", "present"] = "known"
@@ -240,7 +240,7 @@ class TrainConfig(_Strict):
             ``auto`` and ``cuda`` put each process on ``cuda:LOCAL_RANK``.
         workers: Loader processes that draw the patch batches ahead of the training step (0: in
             the training process). The batches do not depend on it (see
-            :class:`training.data.KeyedPatchSampler`), so a run may resume with another count.
+            :class:`jrs.training.data.KeyedPatchSampler`), so a run may resume with another count.
         amp: Mixed precision (fp16 autocast + gradient scaling) on CUDA.
         precision: CPU compute precision of the network: ``bf16`` (autocast; losses, loss
             weights and optimiser state stay fp32), ``fp32``, or ``auto`` (bf16 where the CPU has

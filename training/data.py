@@ -147,7 +147,7 @@ class TrainingPair:
         body: (nz, ny, nx) uint8 daily body mask.
         known: label ids delineated in this pair (a scan without seminal vesicles: (1, 2, 4));
             the Dice terms of the other organs are masked out for its samples.
-        regions: pre-computed sampling regions (see `training.store.compute_regions`), or None
+        regions: pre-computed sampling regions (see `jrs.training.store.compute_regions`), or None
             to compute them from the arrays.
         group: the patient the pair belongs to (pairs of one patient share it).
     """
@@ -278,7 +278,7 @@ class PatchSampler:
             pair's fixed image twice and (as the "swapped" copy) its moving image twice, with
             their labels, i.e. the same scan twice with a zero true field.
         synthmorph_share: probability that a slot is a domain-randomised pair
-            (`training.synthmorph`) instead of a stored pair: random label-map shapes with
+            (`jrs.training.synthmorph`) instead of a stored pair: random label-map shapes with
             random intensities and a random smooth field; its labels train the registration
             Dice only.
     """
@@ -345,7 +345,7 @@ class PatchSampler:
         vox = regions[name]
         centre = vox[int(self.rng.integers(len(vox)))].astype(np.int64)
         if self._jitter[pair_idx]:  # stored lists are sub-sampled: spread over the stride
-            from training.store import REGION_STRIDE
+            from jrs.training.store import REGION_STRIDE
 
             centre = centre + self.rng.integers(0, REGION_STRIDE[name], size=3)
         return centre
@@ -409,7 +409,7 @@ class PatchSampler:
                     else 1.0
                 )
                 if u < self.synthmorph_share:
-                    from training.synthmorph import synthmorph_patch
+                    from jrs.training.synthmorph import synthmorph_patch
 
                     f, m, a, b = synthmorph_patch(self.n, self.rng)
                     add(f, m, a, b, all_known, False, False)

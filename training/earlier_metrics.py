@@ -5,7 +5,8 @@ pair (Wilcoxon). When the networks of one comparison are trained in different wo
 (the paper's Table 3 on a 2-core CPU), the earlier ones may no longer be on disk by the time the
 last is trained. Their ``metrics.csv`` (and ``jacobian.csv``) are small; this module reads them
 back (``jrs evaluate --with-metrics FILE``), checks that they score exactly the pairs of the new
-evaluation, and hands their rows to :func:`training.evaluate.evaluate`, which reports them beside
+evaluation, and hands their rows to :func:`jrs.training.evaluate.evaluate`, which reports them
+beside
 the new ones.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from jrs.errors import InvalidInput
 
-#: Columns of ``metrics.csv`` (:func:`training.evaluate.evaluate`) this reader needs.
+#: Columns of ``metrics.csv`` (:func:`jrs.training.evaluate.evaluate`) this reader needs.
 METRIC_COLUMNS: tuple[str, ...] = ("model", "path", "pair", "organ", "dsc", "msd", "hd95")
 #: Name of the Jacobian table beside ``metrics.csv``.
 JACOBIAN_FILE = "jacobian.csv"

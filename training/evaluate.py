@@ -45,10 +45,10 @@ from jrs.metrics import dice, surface_distances
 from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
 from jrs.qa import jacobian_stats as qa_jacobian_stats
 from jrs.tiling import ALIGNMENT, SEAM_OVERLAP, run_tiled
-from training.data import AIR, TrainingPair
-from training.earlier_metrics import EarlierEvaluation
-from training.networks import NUM_CLASSES
-from training.warp import warp_labels
+from jrs.training.data import AIR, TrainingPair
+from jrs.training.earlier_metrics import EarlierEvaluation
+from jrs.training.networks import NUM_CLASSES
+from jrs.training.warp import warp_labels
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ def predict_volume(
     The network is put in eval mode for the call and restored afterwards.
 
     Args:
-        net: A network of :mod:`training.networks` (forward ``net(fixed, moving, moving_labels)``).
+        net: A network of :mod:`jrs.training.networks` (forward ``net(fixed, moving,
+            moving_labels)``).
         fixed: ``(D, H, W)`` daily CT on the 1 mm grid, ``clip(HU) / 1000``.
         moving: ``(D, H, W)`` pre-aligned planning CT, same grid and transform.
         moving_labels: ``(D, H, W)`` pre-aligned planning labels 0..4 (any dtype).
@@ -231,7 +232,8 @@ def predict_pair(
     The network is put in eval mode for the call and restored afterwards.
 
     Args:
-        net: A network of :mod:`training.networks` (forward ``net(fixed, moving, moving_labels)``).
+        net: A network of :mod:`jrs.training.networks` (forward ``net(fixed, moving,
+            moving_labels)``).
         pair: The pair (``fixed``, ``moving``, ``moving_labels`` ``(D, H, W)`` on the 1 mm grid).
         window: Input window ``n`` (multiple of 4, >= 44).
         batch_size: Windows per forward pass.
@@ -351,7 +353,8 @@ def load_network(path: Path | str, device: str | torch.device = "cpu") -> tuple[
     """Rebuild a network from a training checkpoint.
 
     Args:
-        path: A checkpoint written by :class:`training.trainer.Trainer` (``last.pt``, ``best.pt``).
+        path: A checkpoint written by :class:`jrs.training.trainer.Trainer` (``last.pt``,
+            ``best.pt``).
         device: Where to put the network.
 
     Returns:
@@ -360,7 +363,7 @@ def load_network(path: Path | str, device: str | torch.device = "cpu") -> tuple[
     Raises:
         InvalidInput: When the file is missing or not a training checkpoint.
     """
-    from training.networks import build
+    from jrs.training.networks import build
 
     path = Path(path)
     if not path.is_file():
@@ -448,7 +451,7 @@ def evaluate(
             itself, as the pipeline does (`jrs.null_correction`; the release evaluation).
         passes: Network passes per pair, as the pipeline runs them (`jrs.cascade`).
         earlier: Figures of earlier evaluations of exactly these pairs
-            (:func:`training.earlier_metrics.read_evaluation`): their rows join the report, so
+            (:func:`jrs.training.earlier_metrics.read_evaluation`): their rows join the report, so
             networks scored in different runs are compared paired. Their model names must
             differ from ``models`` and from each other.
 

@@ -2,7 +2,7 @@
 
 Every task loss is computed at the three output levels and combined with weights 1/3 each (deep
 supervision). A level's targets are cut from the input patch by
-:func:`training.networks.crop_to_level` (crop 20 / 18 / 14 voxels per side, stride 1 / 2 / 4 for
+:func:`jrs.training.networks.crop_to_level` (crop 20 / 18 / 14 voxels per side, stride 1 / 2 / 4 for
 high / mid / low). Task losses:
 
 * ``L_seg = DSC(softmax(seg logits), S_f)``;
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional
 
-from training.networks.unet import LEVELS, NUM_CLASSES, NetworkOutput, crop_to_level
-from training.warp import one_hot, warp
+from jrs.training.networks.unet import LEVELS, NUM_CLASSES, NetworkOutput, crop_to_level
+from jrs.training.warp import one_hot, warp
 
 #: Weight of each level in deep supervision.
 LEVEL_WEIGHTS: dict[str, float] = {level: 1.0 / 3.0 for level in LEVELS}

@@ -2,7 +2,7 @@
 
 Run as::
 
-    python -m training.phase --config training/configs/crossstitch_v3.yaml [--run-dir RUN]
+    python -m jrs.training.phase --config training/configs/crossstitch_v3.yaml [--run-dir RUN]
 
 ``jrs train --resume`` refuses a checkpoint whose network was built with other constructor
 overrides than the config asks for, because the weights would then compute another function.
@@ -57,13 +57,13 @@ def network_overrides(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]
     """The full constructor arguments of a network: its defaults merged with ``overrides``.
 
     Args:
-        name: Network name (see :func:`training.networks.build`).
+        name: Network name (see :func:`jrs.training.networks.build`).
         overrides: Constructor overrides of a config or checkpoint.
 
     Returns:
         JSON-normalised ``{argument: value}`` for every constructor argument.
     """
-    from training.networks import _DEFAULTS
+    from jrs.training.networks import _DEFAULTS
 
     return _plain({**_DEFAULTS[name.lower()], **dict(overrides)})
 
@@ -85,7 +85,7 @@ def rescale_dvf_heads(ckpt: dict[str, Any], factor: float) -> list[str]:
         InvalidInput: When the checkpoint has no DVF heads or its optimiser state does not list
             its parameters in the network's order.
     """
-    from training.networks import build
+    from jrs.training.networks import build
 
     if not factor > 0:
         raise InvalidInput(f"DVF scale factor must be > 0, got {factor}")
@@ -151,7 +151,7 @@ def start_phase(
                 f"{', '.join(CHANGEABLE_OVERRIDES)} and the losses"
             )
         changes[f"network.overrides.{key}"] = [old.get(key), new.get(key)]
-    from training.config import LossConfig
+    from jrs.training.config import LossConfig
 
     defaults = _plain(LossConfig().model_dump(mode="json"))
     old_losses = {**defaults, **_plain((ckpt.get("config") or {}).get("losses") or {})}
@@ -185,10 +185,10 @@ def start_phase(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (see the module docstring)."""
-    from training.config import load_config
+    from jrs.training.config import load_config
 
     parser = argparse.ArgumentParser(
-        prog="python -m training.phase", description=__doc__.split("\n\n")[0]
+        prog="python -m jrs.training.phase", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--config", type=Path, required=True, help="YAML of the new phase")
     parser.add_argument("--run-dir", type=Path, help="run folder (default: the config's)")

@@ -1,6 +1,6 @@
 """A training set prepared once and memory-mapped: one folder of ``.npy`` arrays per pair.
 
-Layout of a store (``jrs``'s own, built by :mod:`training.build_data`)::
+Layout of a store (``jrs``'s own, built by :mod:`jrs.training.build_data`)::
 
     STORE/index.json                 {"version", "pairs": [{"key", "group", "source", ...}]}
     STORE/<key>/fixed.npy            (nz, ny, nx) float16 normalised daily CT (HU / 1000)
@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.errors import InvalidInput
-from training.data import REGIONS, TrainingPair
+from jrs.training.data import REGIONS, TrainingPair
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def list_store(store: Path) -> list[dict[str, Any]]:
     path = Path(store) / "index.json"
     if not path.is_file():
         raise InvalidInput(
-            f"{path}: no training-store index; build one with `python -m training.build_data`"
+            f"{path}: no training-store index; build one with `python -m jrs.training.build_data`"
         )
     data = json.loads(path.read_text())
     if int(data.get("version", -1)) != STORE_VERSION:

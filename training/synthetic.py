@@ -25,7 +25,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES
-from training.data import TrainingPair
+from jrs.training.data import TrainingPair
 
 __all__ = ["synthetic_pair"]
 

@@ -1,7 +1,8 @@
 """The training loop: RAdam, seeds, AMP, checkpoints with bit-for-bit resume, logs, validation.
 
 ``Trainer(config).run()`` trains ``config.network`` with ``config.weighting`` on patches drawn by
-:class:`training.data.KeyedPatchSampler` (batch ``k`` depends on the seed, the process's rank and
+:class:`jrs.training.data.KeyedPatchSampler` (batch ``k`` depends on the seed, the process's rank
+and
 ``k`` only; ``config.workers`` loader processes draw ahead). Everything that decides the next step
 is in the checkpoint (model, optimiser, weighting state, AMP scaler, the sampler's position and the
 python / numpy / torch random states, step and epoch), so ``Trainer(config, resume=True).run()``
@@ -53,7 +54,7 @@ from tqdm import tqdm
 
 from jrs.errors import InvalidInput
 from jrs.labels import LABELS
-from training.data import (
+from jrs.training.data import (
     KeyedPatchSampler,
     PatchBatch,
     PatchSampler,
@@ -62,13 +63,13 @@ from training.data import (
     load_pair,
     phantom_pair,
 )
-from training.losses import TASKS_BY_NETWORK, TaskLoss, compute_task_losses
-from training.networks import LEVELS, build
-from training.store import load_store
-from training.weighting import HomoscedasticWeighting, LossWeighting, build_weighting
+from jrs.training.losses import TASKS_BY_NETWORK, TaskLoss, compute_task_losses
+from jrs.training.networks import LEVELS, build
+from jrs.training.store import load_store
+from jrs.training.weighting import HomoscedasticWeighting, LossWeighting, build_weighting
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (e.g. on a lent GPU)
-    from training.config import DataConfig, PhantomSource, SyntheticSource, TrainConfig
+    from jrs.training.config import DataConfig, PhantomSource, SyntheticSource, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def source_pairs(
             for f in range(1, phantoms.fractions + 1)
         ]
     if synthetic is not None:
-        from training.synthetic import synthetic_pair
+        from jrs.training.synthetic import synthetic_pair
 
         return [synthetic_pair(synthetic.seed + i, synthetic.size) for i in range(synthetic.count)]
     return []
@@ -463,7 +464,7 @@ class Trainer:
             ),
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        # a config read from an older checkpoint (training.gpu_run.RunConfig) has no workers
+        # a config read from an older checkpoint (research.gpu.gpu_run.RunConfig) has no workers
         self.workers = int(getattr(config, "workers", 0) or 0)
         self.sampler: PatchSampler = KeyedPatchSampler(
             train,
@@ -491,7 +492,8 @@ class Trainer:
             self.columns += [f"log_var_{t}" for t in self.tasks]
         self.columns += list(alpha_summary(self.net))
         # segments of this run's history that ran elsewhere (e.g. on a lent GPU with a data
-        # subset, see training.gpu_run); carried from checkpoint to checkpoint, never computed on
+        # subset, see research.gpu.gpu_run); carried from checkpoint to checkpoint, never
+        # computed on
         self.provenance: list[dict[str, Any]] = []
         if resume_path is not None:
             self._load(resume_path)
@@ -623,14 +625,14 @@ class Trainer:
                 f"{path}: checkpoint of network {ckpt['network']['name']!r}, config asks for "
                 f"{name!r}; {accepted}"
             )
-        from training.phase import network_overrides
+        from jrs.training.phase import network_overrides
 
         trained = network_overrides(name, ckpt["network"].get("overrides") or {})
         asked = network_overrides(name, self.config.network.overrides)
         if trained != asked:
             diff = {k: [trained.get(k), asked.get(k)] for k in asked if trained.get(k) != asked[k]}
             hint = (
-                "; to change them mid-campaign run python -m training.phase --config CONFIG, "
+                "; to change them mid-campaign run python -m jrs.training.phase --config CONFIG, "
                 "which converts the checkpoint"
                 if what == "resume"
                 else f"; {accepted} (set network.overrides in the config to the checkpoint's)"
@@ -864,7 +866,7 @@ class Trainer:
             the mean over organs of the segmentation path when the network has one, else of the
             registration path (the criterion of ``best.pt``).
         """
-        from training.evaluate import ORGANS, organ_metrics, postprocess, predict_pair
+        from jrs.training.evaluate import ORGANS, organ_metrics, postprocess, predict_pair
 
         acc: dict[str, list[float]] = {}
         for pair in self.val_pairs:
@@ -891,7 +893,7 @@ class Trainer:
         In a distributed run every rank trains; rank 0 alone writes the run folder and validates,
         and every rank returns once rank 0's last checkpoint is written.
         """
-        from training.plots import plot_run
+        from jrs.training.plots import plot_run
 
         cfg = self.config
         main = self.is_main

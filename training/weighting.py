@@ -1,7 +1,7 @@
 """Loss-weighting schemes combining the task losses (METHOD.md): equal, homoscedastic, DWA.
 
 Each scheme is an ``nn.Module`` called with ``{task: scalar loss}`` and returning the scalar total
-to back-propagate. Task names are those of :data:`training.losses.TASK_NAMES` (``"seg"``,
+to back-propagate. Task names are those of :data:`jrs.training.losses.TASK_NAMES` (``"seg"``,
 ``"reg"``, ``"reg_dsc"``); the bending energy is a fixed-weight (0.5) part of ``"reg"`` and is
 never weighted here.
 
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.losses import TASK_NAMES
+from jrs.training.losses import TASK_NAMES
 
 #: Names accepted by :func:`build_weighting`.
 WEIGHTING_NAMES: tuple[str, ...] = ("equal", "homoscedastic", "dwa")
@@ -34,7 +34,7 @@ class LossWeighting(nn.Module):
     """Base class: a weighted sum of task losses.
 
     Args:
-        tasks: Task names, a subset of :data:`training.losses.TASK_NAMES`.
+        tasks: Task names, a subset of :data:`jrs.training.losses.TASK_NAMES`.
     """
 
     def __init__(self, tasks: Sequence[str]) -> None:
@@ -230,7 +230,7 @@ def build_weighting(name: str, tasks: Sequence[str], **kwargs: Any) -> LossWeigh
 
     Args:
         name: ``"equal"``, ``"homoscedastic"`` or ``"dwa"``.
-        tasks: Task names, e.g. ``training.losses.TASKS_BY_NETWORK[network_name]``.
+        tasks: Task names, e.g. ``jrs.training.losses.TASKS_BY_NETWORK[network_name]``.
         **kwargs: Scheme options (``temperature`` for DWA).
 
     Returns:

@@ -1,7 +1,8 @@
 """``weights.pt``: the torch weights of an exported model, kept beside its ``model.onnx``.
 
 The ONNX graph is all the inference needs, but fine-tuning a model (patient-specific adaptation,
-:mod:`training.adapt`) needs its torch weights. The export (:mod:`model_export.export`) writes them
+:mod:`jrs.training.adapt`) needs its torch weights. The export (:mod:`jrs.model_export.export`)
+writes them
 next to ``model.onnx`` as a small file of plain tensors and JSON-able values (loadable with
 ``torch.load(..., weights_only=True)``; no pickled code, no optimiser state), and names it in
 ``metadata.json`` (``weights``: file, sha256, bytes, format)::
@@ -77,7 +78,7 @@ def weights_payload(
 
     Args:
         net: The network (its state dict is copied to the CPU as float32).
-        network: ``{"name", "overrides"}`` rebuilding it with ``training.networks.build``.
+        network: ``{"name", "overrides"}`` rebuilding it with ``jrs.training.networks.build``.
         weighting: ``{"name", "state"}`` of the loss weighting it was trained with.
         tasks: Task names of its losses.
         patch_size: Training patch edge (voxels).
@@ -163,7 +164,7 @@ def load_weights(path: Path, sha256: str | None = None) -> dict[str, Any]:
 
 
 def rebuild_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Read a :class:`training.trainer.Trainer` checkpoint and rebuild its network.
+    """Read a :class:`jrs.training.trainer.Trainer` checkpoint and rebuild its network.
 
     Args:
         path: ``last.pt`` / ``best.pt`` of a run (a trusted file: it is unpickled).
@@ -174,7 +175,7 @@ def rebuild_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
     Raises:
         InvalidInput: When the file is missing, unreadable or not a training checkpoint.
     """
-    from training.networks import build
+    from jrs.training.networks import build
 
     path = Path(path)
     if not path.is_file():
@@ -197,7 +198,7 @@ def rebuild_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
 
 
 def weights_from_checkpoint(path: Path) -> dict[str, Any]:
-    """The ``weights.pt`` payload of a :class:`training.trainer.Trainer` checkpoint.
+    """The ``weights.pt`` payload of a :class:`jrs.training.trainer.Trainer` checkpoint.
 
     Args:
         path: ``last.pt`` / ``best.pt`` of a run (a trusted file: it is unpickled).

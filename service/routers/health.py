@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from jrs.errors import ModelNotReady
-from service.schemas import error_responses
+from jrs.service.schemas import error_responses
 
 router = APIRouter(prefix="/health", tags=["health"])
 

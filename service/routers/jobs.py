@@ -11,11 +11,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
 from jrs.errors import NotFound
-from service.auth import require_api_key
-from service.deps import ManagerDep
-from service.errors import JobNotFinished
-from service.jobs import ARTEFACTS, Job, JobManager
-from service.schemas import JobOut, error_responses
+from jrs.service.auth import require_api_key
+from jrs.service.deps import ManagerDep
+from jrs.service.errors import JobNotFinished
+from jrs.service.jobs import ARTEFACTS, Job, JobManager
+from jrs.service.schemas import JobOut, error_responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 

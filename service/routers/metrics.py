@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from service.auth import require_api_key
-from service.deps import MetricsDep
-from service.jobs import free_bytes
-from service.metrics import CONTENT_TYPE
-from service.schemas import error_responses
+from jrs.service.auth import require_api_key
+from jrs.service.deps import MetricsDep
+from jrs.service.jobs import free_bytes
+from jrs.service.metrics import CONTENT_TYPE
+from jrs.service.schemas import error_responses
 
 router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
 

@@ -1,7 +1,7 @@
 """Patients: the planning scan once (``POST /v1/patients``), then only daily CTs per fraction.
 
 ``POST /v1/patients`` validates and stores the planning CT + RTSTRUCT and queues the adaptation of
-a patient model where the server can train (`service.patients`); ``GET`` shows the adaptation's
+a patient model where the server can train (`jrs.service.patients`); ``GET`` shows the adaptation's
 status and figures; ``POST /v1/patients/{id}/fractions`` takes a daily CT and answers like
 ``/v1/recontour`` (a job; the patient model once ready, the generic model before, ``qa.json``
 says which); ``DELETE`` removes the patient's planning, model and finished fraction jobs.
@@ -23,11 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from jrs.errors import InvalidInput, JrsError, ModelNotReady, NotFound, ServiceBusy, StorageFull
-from service.auth import require_api_key
-from service.deps import ManagerDep, MetricsDep, SettingsDep
-from service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id
-from service.logging_config import current_request_id
-from service.patients import (
+from jrs.service.auth import require_api_key
+from jrs.service.deps import ManagerDep, MetricsDep, SettingsDep
+from jrs.service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id
+from jrs.service.logging_config import current_request_id
+from jrs.service.patients import (
     PATIENT_MARKER,
     PLANNING_DIR,
     Patient,
@@ -35,9 +35,9 @@ from service.patients import (
     new_patient_id,
     series_sha256,
 )
-from service.schemas import JOB_EXAMPLE, QUEUED_EXAMPLE, JobOut, error_responses
-from service.settings import MIB, Settings
-from service.uploads import (
+from jrs.service.schemas import JOB_EXAMPLE, QUEUED_EXAMPLE, JobOut, error_responses
+from jrs.service.settings import MIB, Settings
+from jrs.service.uploads import (
     UploadLimits,
     receive_multipart,
     unpack,
@@ -45,7 +45,7 @@ from service.uploads import (
     validate_planning,
 )
 
-logger = logging.getLogger("service.patients")
+logger = logging.getLogger("jrs.service.patients")
 
 router = APIRouter(
     prefix="/v1/patients", tags=["patients"], dependencies=[Depends(require_api_key)]

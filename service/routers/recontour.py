@@ -13,13 +13,13 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from jrs.errors import JrsError, ModelNotReady, ServiceBusy, StorageFull
-from service.auth import require_api_key
-from service.deps import ManagerDep, MetricsDep, SettingsDep
-from service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id
-from service.logging_config import current_request_id
-from service.schemas import JOB_EXAMPLE, QUEUED_EXAMPLE, JobOut, error_responses
-from service.settings import MIB
-from service.uploads import UploadLimits, receive_multipart, unpack_and_validate
+from jrs.service.auth import require_api_key
+from jrs.service.deps import ManagerDep, MetricsDep, SettingsDep
+from jrs.service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id
+from jrs.service.logging_config import current_request_id
+from jrs.service.schemas import JOB_EXAMPLE, QUEUED_EXAMPLE, JobOut, error_responses
+from jrs.service.settings import MIB
+from jrs.service.uploads import UploadLimits, receive_multipart, unpack_and_validate
 
 logger = logging.getLogger("service.recontour")
 

@@ -96,7 +96,7 @@ def test_rows_done_by_another_shard_count_are_skipped(tmp_path: Path) -> None:
 
 
 def test_cli_batch_shard_options(tmp_path: Path) -> None:
-    from jrs_cli.main import app
+    from jrs.cli.main import app
 
     manifest = _manifest(tmp_path / "m.csv", 3)
     out = tmp_path / "out"

@@ -369,7 +369,7 @@ def test_batch_job_arguments_parse_with_the_real_cli(
 ) -> None:
     """The Job's arguments are accepted by `jrs batch` (nothing is run)."""
     typer_main = pytest.importorskip("typer.main")
-    from jrs_cli.main import app
+    from jrs.cli.main import app
 
     command = typer_main.get_command(app)
     values = {
@@ -492,7 +492,7 @@ def test_adaptation_absent_when_disabled(render: Callable[[dict[str, Any]], Mani
         workloads = _workloads(docs)
         assert "adaptation" not in workloads, scenario
         text = json.dumps(docs)
-        assert "adapt-cpu" not in text and "service.patients" not in text, scenario
+        assert "adapt-cpu" not in text and "jrs.service.patients" not in text, scenario
         assert "podAffinity" not in text, scenario
         for workload in workloads.values():
             pod = _pod_spec(workload)
@@ -599,11 +599,11 @@ def test_adaptation_worker_beside_a_gpu_service(
     assert api_container["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert api_container["resources"]["requests"] == values["resources"]["requests"]
 
-    # the worker: adapt-cpu image, `python -m service.patients`, on the CPU, no GPU
+    # the worker: adapt-cpu image, `python -m jrs.service.patients`, on the CPU, no GPU
     container = _container(worker)
     pod = _pod_spec(worker)
     assert container["image"] == "jrs:0.1.0-adapt-cpu"
-    assert container["command"] == ["python", "-m", "service.patients"]
+    assert container["command"] == ["python", "-m", "jrs.service.patients"]
     assert "args" not in container and "ports" not in container
     env = _env(container)
     assert env["JRS_DEVICE"] == "cpu"
@@ -666,9 +666,9 @@ def test_adaptation_settings_parse_with_the_service_and_the_cli(
     """The worker's environment is valid service settings, and the `jrs adapt` command the worker
     builds from it is accepted by the real command line (nothing is run)."""
     typer_main = pytest.importorskip("typer.main")
-    settings_module = pytest.importorskip("service.settings")
-    patients = pytest.importorskip("service.patients")
-    from jrs_cli.main import app
+    settings_module = pytest.importorskip("jrs.service.settings")
+    patients = pytest.importorskip("jrs.service.patients")
+    from jrs.cli.main import app
 
     for scenario in ("adaptation-service", "adaptation-worker-gpu"):
         workloads = _workloads(render(SCENARIOS[scenario]))
@@ -684,7 +684,7 @@ def test_adaptation_settings_parse_with_the_service_and_the_cli(
         assert settings.adaptation == ("local" if scenario == "adaptation-service" else "external")
         assert settings.adapt_minutes == 15
         argv = patients.adapt_command(settings, Path("/var/lib/jrs/patients/p1"))
-        assert argv[1:4] == ["-m", "jrs_cli", "adapt"]
+        assert argv[1:4] == ["-m", "jrs.cli", "adapt"]
         command = typer_main.get_command(app)
         ctx = command.make_context("jrs", argv[3:])
         sub = command.get_command(ctx, "adapt")
@@ -886,11 +886,11 @@ def test_synonyms_load_as_service_settings_and_cli_options(
     """The rendered file, at the path the environment names, is loaded by the real settings; the
     worker's `jrs adapt` and the batch Job's `jrs batch` get it as --synonyms (nothing is run)."""
     typer_main = pytest.importorskip("typer.main")
-    settings_module = pytest.importorskip("service.settings")
-    patients = pytest.importorskip("service.patients")
+    settings_module = pytest.importorskip("jrs.service.settings")
+    patients = pytest.importorskip("jrs.service.patients")
+    from jrs.cli.main import app
     from jrs.labels import SynonymTable
-    from jrs_cli.main import app
-    from service.errors import ConfigurationError
+    from jrs.service.errors import ConfigurationError
 
     command = typer_main.get_command(app)
 

@@ -70,8 +70,8 @@ def test_install_script_gives_service_and_onnxruntime_without_torch(tmp_path: Pa
         [
             str(python),
             "-c",
-            "import service, onnxruntime, jrs, jrs_cli, service.app; "
-            "print(service.__file__); print(onnxruntime.get_available_providers())",
+            "import onnxruntime, jrs, jrs.cli, jrs.service, jrs.service.app; "
+            "print(jrs.service.__file__); print(onnxruntime.get_available_providers())",
         ],
         capture_output=True,
         text=True,
@@ -83,6 +83,14 @@ def test_install_script_gives_service_and_onnxruntime_without_torch(tmp_path: Pa
     assert check.returncode == 0, check.stderr
     assert str(venv) in check.stdout, "service must come from the venv, not the source tree"
     assert "CPUExecutionProvider" in check.stdout
+    # one top-level package: the units are installed inside jrs (pyproject's package-dir)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (top,) = site.glob("jrs-*.dist-info/top_level.txt")
+    assert top.read_text().split() == ["jrs"]
+    for unit in ("service", "training", "model_export", "jrs_cli"):
+        assert not (site / unit).exists(), f"{unit} installed at the top level"
+        if unit != "jrs_cli":
+            assert (site / "jrs" / unit / "__init__.py").is_file(), f"jrs.{unit} missing"
 
     torch = subprocess.run(
         [str(python), "-c", "import torch"],

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jrs_cli import app
+from jrs.cli import app
 
 
 def test_prealign_benchmark_reports_time_memory_and_accuracy(tmp_path: Path) -> None:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from jrs.cli import app
 from jrs.dicom.ct import write_ct_series
 from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks, write_rtstruct
 from jrs.dicom.series import CTSeries, PatientInfo
 from jrs.geometry import Geometry, Volume
-from jrs_cli import app
 
 
 @pytest.fixture(scope="module")

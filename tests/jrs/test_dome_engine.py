@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from jrs.cli import app
 from jrs.dicom.ct import read_ct_series
 from jrs.dicom.rtstruct import read_rtstruct
 from jrs.errors import InvalidInput
@@ -21,7 +22,6 @@ from jrs.phantom.engine import EngineFraction
 from jrs.phantom.from_planning import write_from_planning
 from jrs.phantom.generator import PhantomPatient
 from jrs.transforms import jacobian_determinant, sample_dvf, warp
-from jrs_cli import app
 
 Toy = tuple[Volume, Volume, dict[str, np.ndarray]]
 

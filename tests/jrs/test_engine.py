@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
+from jrs.cli import app
 from jrs.dicom.ct import read_ct_series
 from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
 from jrs.errors import InvalidInput
@@ -28,7 +29,6 @@ from jrs.phantom import generate_fraction, generate_patient, write_patient
 from jrs.phantom.engine import EngineFraction, _draw, synthesize_fraction
 from jrs.phantom.generator import PhantomPatient
 from jrs.transforms import jacobian_determinant, warp
-from jrs_cli import app
 
 Toy = tuple[Volume, Volume, dict[str, np.ndarray]]
 PELVIC_REF = Path(__file__).resolve().parents[3] / "shared" / "data" / "pelvic-ref"

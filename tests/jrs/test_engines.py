@@ -287,7 +287,7 @@ def test_unknown_model_folder_is_not_ready_for_every_engine(tmp_path: Path) -> N
 def test_cli_options_are_checked_before_any_work(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from jrs_cli import app
+    from jrs.cli import app
 
     args = ["--planning-ct", str(tmp_path), "--planning-rtstruct", str(tmp_path / "rs.dcm")]
     args += ["--daily-ct", str(tmp_path), "--out", str(tmp_path / "out")]

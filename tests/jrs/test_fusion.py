@@ -511,9 +511,9 @@ def test_pipeline_refuses_an_unknown_path_choice(phantom_case: tuple, tmp_path: 
 def test_cli_path_choice_is_parsed_and_checked_before_any_work(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from jrs.cli import app
+    from jrs.cli.main import _recontour_options
     from jrs.pipeline import parse_path_choice as _parse_path_choice
-    from jrs_cli import app
-    from jrs_cli.main import _recontour_options
 
     assert _parse_path_choice(None) == {}
     assert _parse_path_choice(["prostate=fusion, rectum=registration", "bladder=segmentation"]) == {
@@ -549,7 +549,7 @@ def test_batch_path_choice_reaches_every_row_and_is_refused_with_a_server(
     from typer.testing import CliRunner
 
     import jrs.batch
-    from jrs_cli import app
+    from jrs.cli import app
 
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("planning_ct,planning_rtstruct,daily_ct,id\np,p/rs.dcm,d,case1\n")

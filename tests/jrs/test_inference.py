@@ -29,7 +29,7 @@ HAS_CUDA = CUDA_PROVIDER in available_providers()
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny cross-stitch (channels 4/8/8, calibrated BatchNorm) exported to ONNX."""
     pytest.importorskip("torch")
-    from model_export.export import export_checkpoint
+    from jrs.model_export.export import export_checkpoint
     from tests.model_export.test_export import tiny_net
 
     root = tmp_path_factory.mktemp("models")

@@ -191,7 +191,7 @@ def test_thorax_ctvp_mapped_by_the_user_is_refused_with_its_volume(tmp_path: Pat
 def test_rois_command_shows_mapping_and_refusal(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from jrs_cli import app
+    from jrs.cli import app
 
     ct, masks = _thorax()
     ct_dir, rs = _write_case(tmp_path / "thorax", ct, masks)

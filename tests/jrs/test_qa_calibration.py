@@ -591,7 +591,7 @@ def test_harness_records_resumes_and_reports(tmp_path: Path) -> None:
 
 
 def test_cli_benchmark_qa_needs_a_report_folder() -> None:
-    from jrs_cli import app
+    from jrs.cli import app
 
     result = CliRunner().invoke(app, ["benchmark", "qa", "--cases", "1"])
     assert result.exit_code == 2
@@ -599,7 +599,7 @@ def test_cli_benchmark_qa_needs_a_report_folder() -> None:
 
 
 def test_cli_benchmark_qa_reports_from_kept_records(tmp_path: Path) -> None:
-    from jrs_cli import app
+    from jrs.cli import app
 
     _keep_records(tmp_path, _separable_records()[:2], "phantom3000-f1")
     result = CliRunner().invoke(
@@ -651,7 +651,7 @@ def test_thresholds_chosen_on_some_cases_are_tested_on_held_out_ones() -> None:
 
 
 def test_cli_benchmark_qa_tests_the_choice_on_a_held_out_folder(tmp_path: Path) -> None:
-    from jrs_cli import app
+    from jrs.cli import app
 
     recs = _separable_records()
     for i in range(8):

@@ -222,7 +222,7 @@ def test_cli_heldout_takes_zero_phantoms_only_with_a_real_patient() -> None:
     """``--cases 0`` is for the real patient's fractions alone; without one it is refused."""
     from typer.testing import CliRunner
 
-    from jrs_cli import app
+    from jrs.cli import app
 
     result = CliRunner().invoke(app, ["benchmark", "heldout", "--cases", "0", "--no-iterative"])
     assert result.exit_code == 2

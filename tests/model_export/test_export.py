@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from jrs.errors import InvalidInput  # noqa: E402
-from model_export.export import (  # noqa: E402
+from jrs.model_export.export import (  # noqa: E402
     OPSET,
     PARITY_SIZES,
     ExportError,
@@ -22,7 +22,7 @@ from model_export.export import (  # noqa: E402
     inference_settings,
     parity_check,
 )
-from training.networks import build  # noqa: E402
+from jrs.training.networks import build  # noqa: E402
 
 TINY = {"channels": [4, 8, 8]}
 METRICS = {
@@ -203,15 +203,15 @@ def test_model_card(exported: tuple[Path, torch.nn.Module]) -> None:
     assert json.loads((path / "metadata.json").read_text())["sha256"] in card
     assert "dsc_prostate_seg" in card and "abc123" in card
     # exported models ask for the light field smoothing, and the card says so
-    from model_export.card import model_card
-    from model_export.export import DEFAULT_DVF_SMOOTHING_MM
+    from jrs.model_export.card import model_card
+    from jrs.model_export.export import DEFAULT_DVF_SMOOTHING_MM
 
     meta = json.loads((path / "metadata.json").read_text())
     assert meta["dvf_smoothing_mm"] == DEFAULT_DVF_SMOOTHING_MM > 0
     assert f"sigma {DEFAULT_DVF_SMOOTHING_MM:g} mm" in card
     assert "Field smoothing: none" in model_card({"dvf_smoothing_mm": 0})
     # ... and the second network pass (`jrs.cascade`)
-    from model_export.export import DEFAULT_NETWORK_PASSES
+    from jrs.model_export.export import DEFAULT_NETWORK_PASSES
 
     assert meta["network_passes"] == DEFAULT_NETWORK_PASSES == 2
     assert "Network passes: 2." in card
@@ -245,8 +245,8 @@ def test_bad_path_choice_refused_before_export(tmp_path: Path) -> None:
 
 def test_validated_paths_from_validation_dsc() -> None:
     """A path within 0.05 DSC of the better one is vouched for; a broken path is not."""
+    from jrs.model_export.export import VALIDATED_PATH_MARGIN, _validated_paths
     from jrs.qa import validated_paths
-    from model_export.export import VALIDATED_PATH_MARGIN, _validated_paths
 
     metrics = {
         "path_dsc": {
@@ -270,8 +270,8 @@ def test_validated_paths_from_validation_dsc() -> None:
 
 def test_path_choice_and_fusion_weights_from_validation_dsc() -> None:
     from jrs.fusion import FusionSpec
-    from model_export.card import model_card
-    from model_export.export import _fusion, _path_choice, path_dsc
+    from jrs.model_export.card import model_card
+    from jrs.model_export.export import _fusion, _path_choice, path_dsc
 
     metrics = {
         "path_dsc": {
@@ -372,7 +372,7 @@ def test_parity_check_on_other_network(tmp_path: Path) -> None:
 def test_cli_export(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from jrs_cli import app
+    from jrs.cli import app
 
     ckpt = write_checkpoint(tmp_path / "last.pt", tiny_net(), TINY)
     metrics = tmp_path / "m.json"
@@ -425,7 +425,7 @@ def test_real_cross_stitch_parity_dynamo(tmp_path: Path) -> None:
 
 def test_weights_file_rebuilds_the_exported_network(exported: tuple[Path, torch.nn.Module]) -> None:
     """``weights.pt`` (what ``jrs adapt`` fine-tunes) holds the exported network, fp32, no code."""
-    from training.weights import load_weights
+    from jrs.training.weights import load_weights
 
     path, net = exported
     meta = json.loads((path / "metadata.json").read_text())
@@ -447,7 +447,7 @@ def test_weights_file_rebuilds_the_exported_network(exported: tuple[Path, torch.
 
 
 def test_card_lists_the_recipe_phases_and_outside_segments() -> None:
-    from model_export.card import model_card
+    from jrs.model_export.card import model_card
 
     meta = {
         "training": {
@@ -471,7 +471,7 @@ def test_card_lists_the_recipe_phases_and_outside_segments() -> None:
 
 
 def test_inference_settings_default_and_given() -> None:
-    from model_export.export import DEFAULT_DVF_SMOOTHING_MM, DEFAULT_NETWORK_PASSES
+    from jrs.model_export.export import DEFAULT_DVF_SMOOTHING_MM, DEFAULT_NETWORK_PASSES
 
     defaults = {
         "null_correction": True,
@@ -495,9 +495,9 @@ def test_inference_settings_default_and_given() -> None:
 
 def test_qa_reference_paths_from_validation_dsc() -> None:
     """The export states which paths the QA compares: validated ones and any with DSC >= 0.85."""
+    from jrs.model_export.card import model_card
+    from jrs.model_export.export import _qa_reference_paths
     from jrs.qa import qa_reference_paths
-    from model_export.card import model_card
-    from model_export.export import _qa_reference_paths
 
     metrics = {
         "path_dsc": {

@@ -17,8 +17,8 @@ from jrs.phantom import generate_fraction, generate_patient, write_fraction, wri
 
 @pytest.mark.integration
 def test_recontour_command_with_an_exported_model_and_no_torch(tmp_path: Path) -> None:
-    from model_export.export import export_checkpoint
-    from training.networks import build
+    from jrs.model_export.export import export_checkpoint
+    from jrs.training.networks import build
 
     net = build("cross-stitch", channels=(8, 16, 32)).eval()
     model_dir = export_checkpoint(
@@ -54,7 +54,7 @@ def test_recontour_command_with_an_exported_model_and_no_torch(tmp_path: Path) -
                 return None
 
         sys.meta_path.insert(0, Block())
-        from jrs_cli import app
+        from jrs.cli import app
         try:
             app({args!r})
         except SystemExit as exc:

@@ -1,6 +1,6 @@
 """The real service with a stub runner, for runs in a separate process (corpus, faults, load).
 
-Everything is the product (`service.app.create_app`, settings from ``JRS_*``, uploads, job
+Everything is the product (`jrs.service.app.create_app`, settings from ``JRS_*``, uploads, job
 store, workers, logs) except the runner, which writes small stand-in artefacts instead of running
 the network, so that a load or fault run measures the service itself. Knobs (environment):
 
@@ -26,8 +26,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from jrs.errors import InvalidInput
-from service.app import create_app as create_service_app
-from service.settings import load_settings
+from jrs.service.app import create_app as create_service_app
+from jrs.service.settings import load_settings
 
 #: A 1x1 grey PNG.
 PNG = bytes.fromhex(

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.jobs import JobStore
+from jrs.service.app import create_app
+from jrs.service.jobs import JobStore
 from tests.reliability.cases import TinyCase, zip_bytes
 from tests.reliability.conftest import FORBIDDEN
 from tests.reliability.server import AUTH, ServerProcess, signal, start_server
@@ -253,7 +253,7 @@ def test_disk_full_during_an_upload_answers_507_and_keeps_nothing(
 ) -> None:
     import zipfile
 
-    from service import uploads
+    from jrs.service import uploads
 
     app = create_app(make_settings(tmp_path), FakeRunner())
     with TestClient(app) as client:

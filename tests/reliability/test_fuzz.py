@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
+from jrs.service.app import create_app
 from tests.reliability.cases import build_case
 from tests.service.conftest import AUTH, FakeRunner, make_settings
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.logging_config import JsonFormatter, RedactUploadPaths
-from service.settings import Settings
+from jrs.service.app import create_app
+from jrs.service.logging_config import JsonFormatter, RedactUploadPaths
+from jrs.service.settings import Settings
 from tests.reliability import corpus
 from tests.reliability.cases import SECRETS, TinyCase
 from tests.service.conftest import API_KEY, AUTH, FakeRunner, make_settings

@@ -27,8 +27,8 @@ from jrs.dicom.rtstruct import write_rtstruct
 from jrs.dicom.series import CTSeries, PatientInfo
 from jrs.errors import InvalidInput
 from jrs.geometry import Geometry, Volume
-from service.app import create_app
-from service.settings import Settings
+from jrs.service.app import create_app
+from jrs.service.settings import Settings
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

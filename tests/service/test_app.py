@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.logging_config import JsonFormatter
+from jrs.service.app import create_app
+from jrs.service.logging_config import JsonFormatter
 from tests.service.conftest import (
     AUTH,
     PATIENT_ID,
@@ -111,7 +111,7 @@ def test_importing_the_service_does_not_load_torch() -> None:
         "import sys, importlib, pkgutil, service\n"
         "for m in pkgutil.walk_packages(service.__path__, 'service.'):\n"
         "    importlib.import_module(m.name)\n"
-        "import service.app\n"
+        "import jrs.service.app\n"
         "bad = [m for m in ('torch', 'training', 'model_export') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
@@ -141,7 +141,7 @@ def test_pipeline_runner_adapts_the_pipeline_api(
     import types
     from dataclasses import dataclass
 
-    from service.jobs import PipelineRunner
+    from jrs.service.jobs import PipelineRunner
 
     calls: dict = {}
 

@@ -10,10 +10,10 @@ from fastapi import routing as fastapi_routing
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.auth import KeyChecker
-from service.errors import ConfigurationError
-from service.settings import load_settings
+from jrs.service.app import create_app
+from jrs.service.auth import KeyChecker
+from jrs.service.errors import ConfigurationError
+from jrs.service.settings import load_settings
 from tests.service.conftest import API_KEY, AUTH, FakeRunner, make_settings
 
 PUBLIC_PREFIX = "/health/"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jrs_cli import app
+from jrs.cli import app
 from tests.service.test_client import (
     KEY,
     PhantomCase,

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 
 def test_cli_serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from jrs_cli import app as cli
+    from jrs.cli import app as cli
 
     runner = CliRunner()
     result = runner.invoke(cli, ["serve", "--help"])
@@ -55,7 +55,7 @@ def test_jrs_serve_runs_a_real_uvicorn_process(tmp_path: Path) -> None:
     }
     env.pop("JRS_API_KEYS_FILE", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jrs_cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "jrs.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,

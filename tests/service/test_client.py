@@ -1,4 +1,4 @@
-"""The example client (examples/client.py) and the product client (jrs_cli.remote).
+"""The example client (examples/client.py) and the product client (jrs.cli.remote).
 
 The end-to-end tests start a real uvicorn process running the real pipeline with the bundled
 model on a small phantom (128 x 128 matrix, 5 mm slices). To keep a job near 20 s on 2 CPU cores
@@ -25,12 +25,12 @@ import httpx
 import pydicom
 import pytest
 
+from jrs.cli import remote
 from jrs.dicom.rtstruct import masks_from_files, read_rtstruct
 from jrs.errors import InvalidInput
 from jrs.metrics import dice
 from jrs.phantom import ROI_NAMES, generate_fraction, generate_patient, write_fraction
 from jrs.phantom import write_patient as write_planning
-from jrs_cli import remote
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "client-test-key-0123456789"
@@ -90,7 +90,7 @@ def start_server(
     extra_env: dict[str, str] | None = None,
 ) -> Server:
     """Start a service process (cwd `folder`, so no .env is read) and wait until it is ready."""
-    from jrs_cli.service_bench import free_port
+    from jrs.cli.service_bench import free_port
 
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -138,7 +138,7 @@ def stop_server(server: Server) -> None:
 
 def start_small_box_server(folder: Path) -> Server:
     """`jrs serve` with the bundled model and a 5 mm network-box margin (JRS_MARGIN_MM)."""
-    argv = ["-m", "jrs_cli", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+    argv = ["-m", "jrs.cli", "serve", "--host", "127.0.0.1", "--port", "{port}"]
     return start_server(folder, argv, extra_env={"JRS_MARGIN_MM": SMALL_BOX_MARGIN_MM})
 
 
@@ -235,7 +235,7 @@ def test_jrs_serve_unmodified_with_the_cli_script(
 ) -> None:
     """The shipped ``jrs serve`` (default runner, 30 mm margin: ~70-100 s a job on 2 cores)."""
     server = start_server(
-        tmp_path / "srv", ["-m", "jrs_cli", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+        tmp_path / "srv", ["-m", "jrs.cli", "serve", "--host", "127.0.0.1", "--port", "{port}"]
     )
     try:
         out = tmp_path / "out"

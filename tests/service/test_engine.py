@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from jrs.inference import openvino_available
-from service.app import create_app
-from service.errors import ConfigurationError
-from service.jobs import PipelineRunner
-from service.settings import load_settings
+from jrs.service.app import create_app
+from jrs.service.errors import ConfigurationError
+from jrs.service.jobs import PipelineRunner
+from jrs.service.settings import load_settings
 from tests.service.conftest import API_KEY, make_settings
 
 

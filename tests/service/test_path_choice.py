@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.errors import ConfigurationError
-from service.settings import load_settings
+from jrs.service.app import create_app
+from jrs.service.errors import ConfigurationError
+from jrs.service.settings import load_settings
 from tests.service.conftest import AUTH, Case, FakeRunner, make_settings, multipart
 
 
@@ -72,7 +72,7 @@ def test_recontour_jobs_use_it(tmp_path: Path, case: Case, monkeypatch: pytest.M
 def test_patient_models_use_it_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fraction re-contoured with the patient's own model keeps the site's path choice."""
     import jrs.pipeline
-    from service.patients import PatientAwareRunner
+    from jrs.service.patients import PatientAwareRunner
 
     seen: list[Any] = []
     monkeypatch.setattr(jrs.pipeline, "load_backend", lambda _opts: SimpleNamespace(metadata={}))

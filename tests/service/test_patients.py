@@ -21,9 +21,9 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from service import patients as patients_module
-from service.app import create_app
-from service.patients import (
+from jrs.service import patients as patients_module
+from jrs.service.app import create_app
+from jrs.service.patients import (
     MAX_ADAPT_ATTEMPTS,
     AdaptationWorker,
     Patient,
@@ -452,7 +452,7 @@ def test_batch_through_the_service_uploads_each_patient_once(
     import csv
 
     from jrs.batch import run_batch
-    from jrs_cli.remote import PATIENTS_FILE, ServiceClient, patient_row_runner
+    from jrs.cli.remote import PATIENTS_FILE, ServiceClient, patient_row_runner
 
     runner = PatientFakeRunner()
     servers.append(server := Server(make_settings(tmp_path, adaptation="local"), runner))
@@ -487,7 +487,7 @@ def test_batch_through_the_service_uploads_each_patient_once(
 def test_external_worker_runs_the_queue_of_the_shared_store(
     tmp_path: Path, fake_adapt: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``JRS_ADAPTATION=external``: the service queues, ``python -m service.patients`` adapts."""
+    """``JRS_ADAPTATION=external``: the service queues, ``python -m jrs.service.patients`` adapts."""
     settings = make_settings(tmp_path, adaptation="external")
     service = PatientService(settings)
     status, note = service.initial_status()
@@ -510,7 +510,7 @@ def test_availability_says_why_the_server_cannot_adapt(
 ) -> None:
     import importlib.util
 
-    from service.patients import adaptation_availability
+    from jrs.service.patients import adaptation_availability
 
     settings = make_settings(tmp_path)  # auto, the bundled model
     real = importlib.util.find_spec

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.jobs import PipelineRunner
+from jrs.service.jobs import PipelineRunner
 from tests.adapt_fixtures import phantom_planning, tiny_base
 from tests.service.conftest import AUTH, make_settings, zip_folder
 from tests.service.test_patients import Server

@@ -15,9 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from service.app import create_app
-from service.errors import ConfigurationError
-from service.settings import load_settings
+from jrs.service.app import create_app
+from jrs.service.errors import ConfigurationError
+from jrs.service.settings import load_settings
 from tests.service.conftest import AUTH, Case, FakeRunner, make_settings, multipart
 
 SITE_NAME = "Pr_site_local"  # no built-in table maps this name
@@ -56,7 +56,7 @@ def test_an_unusable_synonym_file_stops_the_start_up_naming_it(
     with pytest.raises(ConfigurationError, match="JRS_SYNONYMS"):
         create_app()  # the app's start: settings from the environment
     monkeypatch.chdir(tmp_path)
-    from jrs_cli import app as cli
+    from jrs.cli import app as cli
 
     result = CliRunner().invoke(cli, ["serve", "--port", "0"])
     assert result.exit_code == 1 and str(path) in result.output
@@ -110,7 +110,7 @@ def test_patient_planning_check_and_adaptation_use_the_site_table(
     """A planning whose prostate has a site-only name is refused without the file, kept with it."""
     from jrs.dicom.ct import read_ct_series
     from jrs.dicom.rtstruct import write_rtstruct
-    from service.patients import adapt_command
+    from jrs.service.patients import adapt_command
     from tests.service.conftest import prostate_mask, zip_folder
 
     folder = tmp_path / "site"

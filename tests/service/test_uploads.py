@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from jrs.errors import InvalidInput, PayloadTooLarge
-from service.app import create_app
-from service.uploads import UploadLimits, _Budget, extract_zip, safe_name
+from jrs.service.app import create_app
+from jrs.service.uploads import UploadLimits, _Budget, extract_zip, safe_name
 from tests.service.conftest import AUTH, Case, FakeRunner, make_settings, multipart, read_zip_bytes
 
 BOMB_BYTES = 20 * 1024 * 1024

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from jrs.errors import InvalidInput
-from tests.adapt_fixtures import PATH_CHOICE, TINY, phantom_planning, tiny_base
-from training.adapt import (
+from jrs.training.adapt import (
     AdaptationInterrupted,
     AdaptOptions,
     Figures,
@@ -25,7 +24,8 @@ from training.adapt import (
     resolve_base,
     score_model,
 )
-from training.weights import WEIGHTS_FILE, load_weights
+from jrs.training.weights import WEIGHTS_FILE, load_weights
+from tests.adapt_fixtures import PATH_CHOICE, TINY, phantom_planning, tiny_base
 
 
 def figs(**dsc: float) -> Figures:
@@ -103,7 +103,7 @@ def test_export_writes_the_weights_adaptation_needs(base_dir: Path) -> None:
 
 
 def test_scoring_fuses_the_organs_whose_choice_is_fusion(base_dir: Path) -> None:
-    from training.synthetic import synthetic_pair
+    from jrs.training.synthetic import synthetic_pair
 
     pairs = [synthetic_pair(3, 48)]
     organs = [1, 2, 3, 4]
@@ -123,7 +123,7 @@ def test_scoring_fuses_the_organs_whose_choice_is_fusion(base_dir: Path) -> None
 def test_a_model_without_weights_finds_its_training_checkpoint(
     base_dir: Path, tmp_path: Path
 ) -> None:
-    from training.networks import build
+    from jrs.training.networks import build
 
     repo = tmp_path / "models"
     model = repo / "crossstitch" / "1"
@@ -165,7 +165,7 @@ class Writer:
     """The real artefact writer (model_export), legacy exporter."""
 
     def __init__(self) -> None:
-        from model_export.export import ArtefactWriter
+        from jrs.model_export.export import ArtefactWriter
 
         self.inner = ArtefactWriter()
         self.calls = 0
@@ -293,7 +293,7 @@ def test_benchmark_adaptation_dry_run_writes_tables_and_checks(
     """``jrs benchmark adaptation --dry-run``: the lead's one command, on a tiny configuration."""
     from typer.testing import CliRunner
 
-    from jrs_cli.main import app
+    from jrs.cli.main import app
 
     report = tmp_path / "report"
     args = ["benchmark", "adaptation", "--dry-run", "--no-iterative", "--model", str(base_dir)]
@@ -318,7 +318,7 @@ def test_benchmark_adaptation_dry_run_writes_tables_and_checks(
 
 
 def test_acceptance_checks_of_the_benchmark() -> None:
-    from training.adapt_benchmark import acceptance
+    from jrs.training.adapt_benchmark import acceptance
 
     def row(group: str, method: str, organ: str, dsc: float) -> dict[str, object]:
         return {
@@ -351,7 +351,7 @@ def test_acceptance_checks_of_the_benchmark() -> None:
 def test_jrs_adapt_refuses_bad_input_with_a_clear_message(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from jrs_cli.main import app
+    from jrs.cli.main import app
 
     args = ["adapt", "--planning-ct", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(app, [*args, "--planning-rtstruct", str(tmp_path / "rs.dcm")])
@@ -363,12 +363,12 @@ def test_jrs_adapt_refuses_bad_input_with_a_clear_message(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_jrs_batch_adapt_adapts_each_patient_once(base_dir: Path, tmp_path: Path) -> None:
-    """``jrs batch --adapt``: the command wires `training.adapt` into `jrs.batch` per patient."""
+    """``jrs batch --adapt``: the command wires `jrs.training.adapt` into `jrs.batch` per patient."""
     import csv
 
     from typer.testing import CliRunner
 
-    from jrs_cli.main import app
+    from jrs.cli.main import app
 
     folder = phantom_planning(tmp_path, seed=5, fractions=2)
     manifest = tmp_path / "m.csv"
@@ -405,8 +405,8 @@ def test_jrs_batch_adapt_adapts_each_patient_once(base_dir: Path, tmp_path: Path
 
 
 def test_a_patient_model_keeps_the_base_models_pipeline_settings() -> None:
-    from model_export.export import inference_settings
-    from training.adapt import _inference_of
+    from jrs.model_export.export import inference_settings
+    from jrs.training.adapt import _inference_of
 
     # a model exported before these settings existed: no smoothing, one pass, correction on
     old = _inference_of({"name": "crossstitch", "version": 2})

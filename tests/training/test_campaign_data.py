@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from jrs.errors import InvalidInput
-from training.config import parse_config
-from training.data import PatchSampler, TrainingPair
-from training.losses import dice_loss, reg_loss
-from training.store import list_store, load_store, load_stored_pair, save_pair, write_index
-from training.synthetic import synthetic_pair
-from training.synthmorph import integrate_velocity, synthmorph_patch
-from training.trainer import Trainer, autocast_dtype, lr_factor
-from training.warp import one_hot
+from jrs.training.config import parse_config
+from jrs.training.data import PatchSampler, TrainingPair
+from jrs.training.losses import dice_loss, reg_loss
+from jrs.training.store import list_store, load_store, load_stored_pair, save_pair, write_index
+from jrs.training.synthetic import synthetic_pair
+from jrs.training.synthmorph import integrate_velocity, synthmorph_patch
+from jrs.training.trainer import Trainer, autocast_dtype, lr_factor
+from jrs.training.warp import one_hot
 
 
 # ---------------------------------------------------------------- masked Dice
@@ -180,7 +180,7 @@ def test_store_round_trip_is_memory_mapped(tmp_path: Path, pairs: list[TrainingP
 
 
 def test_store_without_index_names_the_command(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="training.build_data"):
+    with pytest.raises(InvalidInput, match="jrs.training.build_data"):
         list_store(tmp_path)
 
 
@@ -223,7 +223,7 @@ def test_bf16_training_step_keeps_fp32_state(tmp_path: Path, pairs: list[Trainin
 
 
 def test_shipped_data_spec_is_valid() -> None:
-    from training.build_data import load_spec
+    from jrs.training.build_data import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "training/data_specs/data_v3.yaml")
     assert sum(p.count * p.fractions for p in spec.phantoms if p.source == "phantom") >= 180

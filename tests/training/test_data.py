@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jrs.errors import InvalidInput
-from training.data import PatchSampler, TrainingPair, discover_pairs
+from jrs.training.data import PatchSampler, TrainingPair, discover_pairs
 
 
 def _pair(shape: tuple[int, int, int] = (40, 50, 60)) -> TrainingPair:

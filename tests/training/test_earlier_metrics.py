@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from jrs.errors import InvalidInput
-from training.earlier_metrics import read_evaluation
-from training.evaluate import evaluate
-from training.networks import build
-from training.synthetic import synthetic_pair
+from jrs.training.earlier_metrics import read_evaluation
+from jrs.training.evaluate import evaluate
+from jrs.training.networks import build
+from jrs.training.synthetic import synthetic_pair
 
 
 def _pairs(seed: int = 30) -> list:
@@ -94,9 +94,9 @@ def test_cli_merges_without_a_new_network(tmp_path: Path) -> None:
     """`jrs evaluate --with-metrics A --with-metrics B`: a report of runs made apart."""
     from typer.testing import CliRunner
 
-    from jrs_cli import app
-    from training.config import SyntheticSource
-    from training.trainer import source_pairs
+    from jrs.cli import app
+    from jrs.training.config import SyntheticSource
+    from jrs.training.trainer import source_pairs
 
     pairs = source_pairs(None, SyntheticSource(count=2, seed=30, size=64))  # as the CLI makes them
     for name, net, folder in (("seg@1", "seg", "a"), ("reg@1", "reg", "b")):

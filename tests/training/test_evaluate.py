@@ -14,8 +14,7 @@ import torch
 from jrs.errors import InvalidInput
 from jrs.labels import BLADDER, PROSTATE, SEMINAL_VESICLES
 from jrs.tiling import plan_tiles
-from tests.model_export.test_export import tiny_net
-from training.evaluate import (
+from jrs.training.evaluate import (
     evaluate,
     jacobian_stats,
     organ_metrics,
@@ -24,8 +23,9 @@ from training.evaluate import (
     predict_volume,
     report_markdown,
 )
-from training.networks import build
-from training.synthetic import synthetic_pair
+from jrs.training.networks import build
+from jrs.training.synthetic import synthetic_pair
+from tests.model_export.test_export import tiny_net
 
 
 def test_postprocess_keeps_largest_components() -> None:
@@ -146,7 +146,7 @@ def test_predict_pair_shapes_and_report(tmp_path: Path) -> None:
 
 def test_figures_survive_a_failing_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """metrics.csv is written before the report is composed: a report bug loses no scores."""
-    import training.evaluate as ev
+    import jrs.training.evaluate as ev
 
     def broken(*_: Any, **__: Any) -> str:
         raise RuntimeError("report bug")
@@ -278,8 +278,8 @@ def test_predict_pair_runs_the_pipelines_network_passes() -> None:
 @pytest.mark.slow
 def test_trained_beats_untrained(tmp_path: Path) -> None:
     """A tiny-trained network evaluates better than the same network untrained (honest numbers)."""
-    from training.config import parse_config
-    from training.trainer import Trainer
+    from jrs.training.config import parse_config
+    from jrs.training.trainer import Trainer
 
     torch.set_num_threads(2)
     cfg = parse_config(
@@ -314,10 +314,10 @@ def test_cli_evaluates_a_store_source_with_evidence_fusion(tmp_path: Path) -> No
 
     from typer.testing import CliRunner
 
-    from jrs_cli import app
+    from jrs.cli import app
+    from jrs.training.store import save_pair, write_index
+    from jrs.training.trainer import Trainer
     from tests.training.test_trainer import tiny_config
-    from training.store import save_pair, write_index
-    from training.trainer import Trainer
 
     store = tmp_path / "store"
     records = []
@@ -347,7 +347,7 @@ def test_cli_evaluates_a_store_source_with_evidence_fusion(tmp_path: Path) -> No
     assert metrics["pairs"] == ["v1", "v2"] and metrics["fusion"] == {"method": "evidence"}
     assert set(metrics["path_dsc"]) == {"segmentation", "registration", "fusion"}
     # what jrs export --metrics makes of it: a validated path per organ, the fusion method
-    from model_export.export import _fusion, _path_choice
+    from jrs.model_export.export import _fusion, _path_choice
 
     choice = _path_choice(metrics)
     assert set(choice) == {"bladder", "rectum", "seminal_vesicles", "prostate"}

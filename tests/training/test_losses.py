@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.losses import (
+from jrs.training.losses import (
     BENDING_WEIGHT,
     LEVEL_WEIGHTS,
     TASKS_BY_NETWORK,
@@ -18,7 +18,7 @@ from training.losses import (
     reg_loss,
     seg_loss,
 )
-from training.networks import (
+from jrs.training.networks import (
     LEVELS,
     NETWORK_NAMES,
     NetworkOutput,
@@ -26,7 +26,7 @@ from training.networks import (
     crop_to_level,
     level_size,
 )
-from training.warp import identity_grid, one_hot
+from jrs.training.warp import identity_grid, one_hot
 
 
 @pytest.fixture(autouse=True)

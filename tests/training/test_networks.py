@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.networks import (
+from jrs.training.networks import (
     LEVELS,
     NETWORK_NAMES,
     PAPER_PARAMETER_COUNTS,
@@ -17,7 +17,7 @@ from training.networks import (
     crop_to_level,
     level_size,
 )
-from training.networks.blocks import ConvBlock, CrossStitch, center_crop, upsample
+from jrs.training.networks.blocks import ConvBlock, CrossStitch, center_crop, upsample
 
 
 @pytest.fixture(autouse=True)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from jrs.errors import InvalidInput
-from training.config import TrainConfig, parse_config
-from training.losses import present_classes, reg_dsc_loss
-from training.networks import LEVELS, build, level_size
-from training.networks.blocks import Head
-from training.phase import main as phase_main
-from training.phase import start_phase
-from training.synthetic import synthetic_pair
-from training.trainer import Trainer
+from jrs.training.config import TrainConfig, parse_config
+from jrs.training.losses import present_classes, reg_dsc_loss
+from jrs.training.networks import LEVELS, build, level_size
+from jrs.training.networks.blocks import Head
+from jrs.training.phase import main as phase_main
+from jrs.training.phase import start_phase
+from jrs.training.synthetic import synthetic_pair
+from jrs.training.trainer import Trainer
 
 
 def tiny_config(out: Path, **kw: Any) -> TrainConfig:
@@ -156,7 +156,7 @@ def test_phase_switch_preserves_the_function_and_resumes(
     first = Trainer(tiny_config(out, iterations=2), train, val, progress=False)
     first.run()
     # the new recipe refuses to resume from the old checkpoint without the conversion
-    with pytest.raises(InvalidInput, match="training.phase"):
+    with pytest.raises(InvalidInput, match="jrs.training.phase"):
         Trainer(_scaled(out, 10.0, iterations=4), train, val, resume=True, progress=False)
     ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     new_cfg = _scaled(out, 10.0, iterations=4, losses={"reg_dice_classes": "present"})

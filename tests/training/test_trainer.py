@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from jrs.errors import InvalidInput
-from training.config import TrainConfig, load_config, parse_config
-from training.losses import compute_task_losses
-from training.plots import read_log
-from training.synthetic import synthetic_pair
-from training.trainer import Trainer, alpha_summary
+from jrs.training.config import TrainConfig, load_config, parse_config
+from jrs.training.losses import compute_task_losses
+from jrs.training.plots import read_log
+from jrs.training.synthetic import synthetic_pair
+from jrs.training.trainer import Trainer, alpha_summary
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "training" / "configs"
 
@@ -169,7 +169,7 @@ def test_run_writes_logs_plots_and_checkpoints(tmp_path: Path, pairs: tuple[list
 
 
 def test_alpha_summary_empty_for_plain_unet() -> None:
-    from training.networks import build
+    from jrs.training.networks import build
 
     assert alpha_summary(build("seg", channels=(4, 8, 8))) == {}
 
@@ -177,7 +177,7 @@ def test_alpha_summary_empty_for_plain_unet() -> None:
 def test_cli_train_and_evaluate(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from jrs_cli import app
+    from jrs.cli import app
 
     cfg = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
     cfg["network"]["overrides"] = {"channels": [4, 8, 8]}
@@ -231,7 +231,7 @@ def test_cli_train_and_evaluate(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- does it learn?
 def _fixed_batch(pairs: list) -> list[torch.Tensor]:
     """Patches centred on each pair's organs, with swaps: every class present at every level."""
-    from training.data import PatchSampler
+    from jrs.training.data import PatchSampler
 
     sampler = PatchSampler(pairs, patch_size=48, seed=0)
     fs: list[np.ndarray] = []
@@ -271,8 +271,8 @@ def test_tiny_run_lowers_every_task_loss(tmp_path: Path) -> None:
 
     Measured (2 shared CPU cores, lr 5e-3): drops seg 73 %, reg 57 %, reg_dsc 58 %; ~4-10 min.
     """
-    from training.networks import LEVELS, crop_to_level
-    from training.warp import one_hot
+    from jrs.training.networks import LEVELS, crop_to_level
+    from jrs.training.warp import one_hot
 
     torch.set_num_threads(2)
     pairs = [synthetic_pair(0, 48), synthetic_pair(1, 48)]

@@ -17,11 +17,11 @@ import torch
 import yaml
 
 from jrs.errors import InvalidInput
-from training.config import TrainConfig, parse_config
-from training.data import KeyedPatchSampler, PatchSampler
-from training.plots import read_log
-from training.synthetic import synthetic_pair
-from training.trainer import Trainer, distributed_info, resolve_device
+from jrs.training.config import TrainConfig, parse_config
+from jrs.training.data import KeyedPatchSampler, PatchSampler
+from jrs.training.plots import read_log
+from jrs.training.synthetic import synthetic_pair
+from jrs.training.trainer import Trainer, distributed_info, resolve_device
 
 REPO = Path(__file__).resolve().parents[2]
 V3_CHECKPOINT = REPO / "models" / "checkpoints" / "crossstitch_v3_last.pt"
@@ -158,7 +158,7 @@ def test_resume_with_workers_is_bit_for_bit(tmp_path: Path, pairs: list) -> None
 def test_a_checkpoint_of_the_one_generator_sampler_continues_its_stream(
     tmp_path: Path, pairs: list, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Checkpoints written before keyed sampling (or by training.continue_from) hold the state of
+    """Checkpoints written before keyed sampling (or by research.gpu.continue_from) hold the state of
     PatchSampler's one generator: in the training process that stream goes on as it always did."""
     Trainer(tiny_config(tmp_path, iterations=2), pairs, [], progress=False).run()
     path = tmp_path / "checkpoints" / "last.pt"
@@ -176,7 +176,7 @@ def test_a_checkpoint_of_the_one_generator_sampler_continues_its_stream(
     assert _batches_equal(resumed.sampler.sample(), expected[1])
     assert "bit_generator" in resumed.sampler.state()  # still the one generator
 
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="jrs.training.data"):
         workers = Trainer(
             tiny_config(tmp_path, iterations=4, workers=2), pairs, [], resume=True, progress=False
         )
@@ -290,7 +290,7 @@ def test_init_from_the_committed_v3_checkpoint(tmp_path: Path) -> None:
 def test_cli_train_device_workers_precision_resume_from_and_init_from(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from jrs_cli import app
+    from jrs.cli import app
 
     f = tmp_path / "tiny.yaml"
     f.write_text(yaml.safe_dump(tiny(tmp_path / "unused", num_threads=2)))
@@ -359,7 +359,7 @@ def _torchrun(config: Path, *args: str, nproc: int = 2) -> subprocess.CompletedP
         env.pop(name, None)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-        str(nproc), "-m", "jrs_cli", "train", "--config", str(config), *args,
+        str(nproc), "-m", "jrs.cli", "train", "--config", str(config), *args,
     ]  # fmt: skip
     return subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False

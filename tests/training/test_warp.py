@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.warp import identity_grid, one_hot, sampling_grid, warp, warp_labels
+from jrs.training.warp import identity_grid, one_hot, sampling_grid, warp, warp_labels
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from training.losses import TASK_NAMES
-from training.weighting import (
+from jrs.training.losses import TASK_NAMES
+from jrs.training.weighting import (
     DWAWeighting,
     EqualWeighting,
     HomoscedasticWeighting,

@@ -16,9 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from training.networks.crossstitch import CROSS_STITCH_CHANNELS, STITCH_NAMES, CrossStitchNet
-from training.networks.sedd import SEDD, SEDD_CHANNELS
-from training.networks.unet import (
+from jrs.training.networks.crossstitch import CROSS_STITCH_CHANNELS, STITCH_NAMES, CrossStitchNet
+from jrs.training.networks.sedd import SEDD, SEDD_CHANNELS
+from jrs.training.networks.unet import (
     DEFAULT_CHANNELS,
     INPUT_NAMES,
     LEVEL_CROP,

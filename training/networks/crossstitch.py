@@ -4,7 +4,7 @@ The segmentation branch reads ``I_f`` and the registration branch ``I_f, I_m, S_
 final choice; both input sets are configurable). Channels 16, 32, 64 per branch. Cross-stitch units
 sit after d0, after d1, after the up-sampling of u1 and after the up-sampling of u0 (each before the
 concatenation); the skips come from each branch's own un-stitched features. Output geometry and
-conventions as in :mod:`training.networks.unet`.
+conventions as in :mod:`jrs.training.networks.unet`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from training.networks.blocks import CrossStitch, upsample
-from training.networks.unet import (
+from jrs.training.networks.blocks import CrossStitch, upsample
+from jrs.training.networks.unet import (
     NUM_CLASSES,
     NUM_DVF,
     Inputs,

@@ -2,7 +2,7 @@
 
 The encoder e0a..e1b (through skip B) is shared; from d1 on there is one decoder path per task
 (segmentation and registration), both reading the shared skips A and B. Channels 16, 32, 64.
-Output geometry and conventions as in :mod:`training.networks.unet`.
+Output geometry and conventions as in :mod:`jrs.training.networks.unet`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from training.networks.unet import (
+from jrs.training.networks.unet import (
     LEVELS,
     NUM_CLASSES,
     NUM_DVF,

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from training.networks.blocks import ConvBlock, Head, center_crop, down_block, upsample
+from jrs.training.networks.blocks import ConvBlock, Head, center_crop, down_block, upsample
 
 #: Output levels, coarse to fine.
 LEVELS: tuple[str, ...] = ("low", "mid", "high")
@@ -282,7 +282,7 @@ def make_heads(channels: Sequence[int], out_channels: int, scale: float = 1.0) -
 class UNetNetwork(nn.Module):
     """One base U-Net with segmentation and/or registration heads at every level.
 
-    Configurations of METHOD.md (see :func:`training.networks.build`): Seg (inputs ``fixed``,
+    Configurations of METHOD.md (see :func:`jrs.training.networks.build`): Seg (inputs ``fixed``,
     seg heads), Reg (``fixed, moving``; DVF heads), JRS-reg (``fixed, moving, moving_labels``; DVF
     heads) and Dense (``fixed, moving, moving_labels``; both heads).
 

@@ -2,7 +2,7 @@
 
 One synthetic patient (planning CT + RTSTRUCT, one daily CT) is generated and zipped once; then
 ``jobs`` re-contouring requests are sent by ``concurrency`` client threads through the product
-client (`jrs_cli.remote`): upload, ``POST /v1/recontour?wait=true`` (the server answers the moment
+client (`jrs.cli.remote`): upload, ``POST /v1/recontour?wait=true`` (the server answers the moment
 the job ends), polling past the server's wait, and the download of the RTSTRUCT. Latency is the
 client's time from the start of the upload to the RTSTRUCT on disk; throughput is the number of
 succeeded jobs per minute of wall time from the first upload to the last answer. The server's own
@@ -65,7 +65,7 @@ def local_server(
     """
     import httpx
 
-    from jrs_cli.remote import ServiceUnavailable
+    from jrs.cli.remote import ServiceUnavailable
 
     folder.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(24)
@@ -85,7 +85,7 @@ def local_server(
     log_path = folder / "server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jrs_cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "jrs.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
             cwd=folder,
             env=env,
             stdout=log,
@@ -140,8 +140,8 @@ def write_case(
     Returns:
         (planning zip, daily zip, the daily CT grid (z, y, x)).
     """
+    from jrs.cli.remote import write_zip
     from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
-    from jrs_cli.remote import write_zip
 
     patient = generate_patient(seed, matrix=matrix, slice_thickness=slice_mm)
     fraction = generate_fraction(patient, 1)
@@ -166,7 +166,7 @@ def run_jobs(
     timeout_s: float = 3600.0,
 ) -> dict[str, Any]:
     """Send `jobs` requests with `concurrency` threads; latency and throughput figures."""
-    from jrs_cli.remote import ServiceClient
+    from jrs.cli.remote import ServiceClient
 
     with ServiceClient(url, api_key, request_timeout_s=900.0) as client:
         ready = client.check()

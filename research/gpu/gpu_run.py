@@ -1,13 +1,15 @@
 """One training segment on a lent GPU: resume the packed checkpoint, train with AMP, bring it back.
 
-Run as ``python -m training.gpu_run --pack gpu_pack --out $OUT`` (``scripts/gpu_train.sh`` is the
-one-call wrapper), or ``--dry-run`` to run the same code on the CPU with a few steps.
+Run as ``python -m research.gpu.gpu_run --pack gpu_pack --out $OUT``
+(``research/gpu/gpu_train.sh`` is the one-call wrapper), or ``--dry-run`` to run the same code
+on the CPU with a few steps.
 
 What it does, within a wall-clock budget counted from its start (default 9 minutes):
 
-1. reads the pack of :mod:`training.gpu_pack` (crops of a stratified subset of the store's training
+1. reads the pack of :mod:`research.gpu.gpu_pack` (crops of a stratified subset of the store's
+training
    pairs, and the checkpoint to resume);
-2. builds :class:`training.trainer.Trainer` from the checkpoint's own config (device ``cuda``,
+2. builds :class:`jrs.training.trainer.Trainer` from the checkpoint's own config (device ``cuda``,
    AMP: fp16 autocast of the network + ``GradScaler``, losses and optimiser state in fp32; TF32 is
    switched off so that the fp32 losses stay fp32), and loads the model, optimiser, lr scheduler,
    loss-weighting state, step and epoch of the checkpoint. The sampler and the random generators
@@ -25,9 +27,9 @@ fixed seed, network in eval mode, no gradient) before the first and after the la
 summary also gives the mean training loss of the first and last 50 steps.
 
 It imports nothing that the GPU image lacks (no SimpleITK, pydicom or pydantic): the config is
-read from the checkpoint into plain attribute objects (validated by ``training.config`` where
+read from the checkpoint into plain attribute objects (validated by ``jrs.training.config`` where
 pydantic is installed). The CPU campaign continues from ``gpu_last.pt`` through
-:mod:`training.continue_from`.
+:mod:`research.gpu.continue_from`.
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ import numpy as np
 import torch
 
 from jrs.errors import InvalidInput
-from training.data import PatchBatch, PatchSampler, TrainingPair
-from training.gpu_pack import Pack, load_pack
-from training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
-from training.weights import file_sha256
+from jrs.training.data import PatchBatch, PatchSampler, TrainingPair
+from jrs.training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
+from jrs.training.weights import file_sha256
+from research.gpu.gpu_pack import Pack, load_pack
 
 if TYPE_CHECKING:
-    from training.config import TrainConfig
+    from jrs.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +267,11 @@ def _load_start(trainer: Trainer, ckpt: Mapping[str, Any]) -> None:
 
 
 def _validate(raw: Mapping[str, Any]) -> None:
-    """Validate a config with ``training.config`` where pydantic is installed (not on the GPU)."""
+    """Validate a config with ``jrs.training.config`` where pydantic is installed (not on GPU)."""
     if importlib.util.find_spec("pydantic") is None:
         return
     try:
-        from training.config import parse_config
+        from jrs.training.config import parse_config
     except ImportError:  # a pydantic that cannot be imported: as good as none
         return
     parse_config(dict(raw), "checkpoint config")
@@ -354,7 +356,7 @@ def segment_start(
 
     Args:
         out_dir: The output folder (created when absent).
-        pack_dir: The pack folder (`training.gpu_pack`).
+        pack_dir: The pack folder (`research.gpu.gpu_pack`).
         budget_s: Wall-time budget from ``started``, s.
         dry_run: Run on the CPU instead.
         started: ``time.monotonic()`` at the process start (default: now).
@@ -459,7 +461,7 @@ def run_segment(
     """Train one segment from a GPU pack and write checkpoint, log and summary into ``out_dir``.
 
     Args:
-        pack_dir: The pack (:func:`training.gpu_pack.build_pack`).
+        pack_dir: The pack (:func:`research.gpu.gpu_pack.build_pack`).
         out_dir: Where the files to bring back go (``$OUT`` on the lent machine).
         dry_run: Run on the CPU (the same code; for CI and a check before a GPU is spent).
         budget_s: Wall-clock budget from ``started`` (s); training stops early enough to probe
@@ -519,7 +521,7 @@ def run_segment(
         "end_step": start_step,
         "seed": seg_seed,
         "bit_for_bit": False,
-        "sampler": "not a position on the full store: continue with training.continue_from",
+        "sampler": "not a position on the full store: continue with research.gpu.continue_from",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     every = int(log_every or config.log_every)
@@ -653,7 +655,7 @@ def run_segment(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry (``scripts/gpu_train.sh`` calls it)."""
+    """Command-line entry (``research/gpu/gpu_train.sh`` calls it)."""
     started = time.monotonic()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pack", type=Path, default=Path("gpu_pack"))

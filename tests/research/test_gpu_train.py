@@ -18,17 +18,17 @@ import pytest
 import torch
 
 from jrs.errors import InvalidInput
-from training.config import TrainConfig, parse_config
-from training.continue_from import continue_from, cpu_resumable, fresh_random_state
-from training.data import AIR, PatchSampler
-from training.gpu_pack import INDEX_ALLOWANCE, build_pack, load_pack, select_pairs
-from training.gpu_run import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, run_segment
-from training.store import REGION_STRIDE, load_stored_pair, save_pair, write_index
-from training.synthetic import synthetic_pair
-from training.trainer import Trainer, seed_everything
+from jrs.training.config import TrainConfig, parse_config
+from jrs.training.data import AIR, PatchSampler
+from jrs.training.store import REGION_STRIDE, load_stored_pair, save_pair, write_index
+from jrs.training.synthetic import synthetic_pair
+from jrs.training.trainer import Trainer, seed_everything
+from research.gpu.continue_from import continue_from, cpu_resumable, fresh_random_state
+from research.gpu.gpu_pack import INDEX_ALLOWANCE, build_pack, load_pack, select_pairs
+from research.gpu.gpu_run import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, run_segment
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "gpu_train.sh"
+SCRIPT = REPO / "research" / "gpu" / "gpu_train.sh"
 MIB = 1024 * 1024
 SIZE = 40  # edge of the synthetic stored pairs (voxels)
 # key, seed, source, group, variety, known
@@ -289,7 +289,7 @@ def test_script_is_executable_valid_bash_and_bounded_in_time() -> None:
     text = SCRIPT.read_text()
     assert "timeout" in text and "JRS_GPU_TRAIN_TIMEOUT:-585" in text  # under the 600 s call
     docs = (REPO / "docs" / "training.md").read_text()
-    assert "## Training on a lent GPU" in docs and "bash scripts/gpu_train.sh" in docs
+    assert "## Training on a lent GPU" in docs and "bash research/gpu/gpu_train.sh" in docs
 
 
 @pytest.mark.slow

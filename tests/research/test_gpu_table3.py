@@ -15,15 +15,15 @@ import torch
 import yaml
 
 from jrs.errors import InvalidInput
-from training.config import parse_config
-from training.gpu_pack import build_pack
-from training.gpu_table3 import LOGS_NAME, SUMMARY_NAME, init_checkpoints, read_logs, run_table3
-from training.store import save_pair, write_index
-from training.synthetic import synthetic_pair
-from training.trainer import Trainer
+from jrs.training.config import parse_config
+from jrs.training.store import save_pair, write_index
+from jrs.training.synthetic import synthetic_pair
+from jrs.training.trainer import Trainer
+from research.gpu.gpu_pack import build_pack
+from research.gpu.gpu_table3 import LOGS_NAME, SUMMARY_NAME, init_checkpoints, read_logs, run_table3
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "scripts" / "gpu_table3.sh"
+SCRIPT = REPO / "research" / "gpu" / "gpu_table3.sh"
 SIZE = 40
 NETWORKS = ("seg", "reg", "cross-stitch")
 
@@ -204,10 +204,10 @@ def test_script_is_executable_valid_bash_and_bounded_in_time() -> None:
     assert SCRIPT.stat().st_mode & 0o111, "gpu_table3.sh must be executable"
     proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert 'JRS_GPU_ENTRY="training.gpu_table3 run"' in SCRIPT.read_text()
-    train = (REPO / "scripts" / "gpu_train.sh").read_text()  # the wrapper it runs
+    assert 'JRS_GPU_ENTRY="research.gpu.gpu_table3 run"' in SCRIPT.read_text()
+    train = (REPO / "research" / "gpu" / "gpu_train.sh").read_text()  # the wrapper it runs
     assert "timeout" in train and "JRS_GPU_TRAIN_TIMEOUT:-585" in train
-    assert "${JRS_GPU_ENTRY:-training.gpu_run}" in train
+    assert "${JRS_GPU_ENTRY:-research.gpu.gpu_run}" in train
 
 
 def test_script_dry_run_trains_the_networks_of_the_pack(pack: Path, tmp_path: Path) -> None:

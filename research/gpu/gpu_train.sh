@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One training segment on a lent GPU, in one call of at most 10 minutes (docs/training.md,
 # "Training on a lent GPU"):
-#   resume the checkpoint packed by `python -m training.gpu_pack` (carried as gpu_pack/), train
+#   resume the checkpoint packed by `python -m research.gpu.gpu_pack` (carried as gpu_pack/), train
 #   with CUDA AMP (fp16 autocast + GradScaler) on the packed crops for at most 9 minutes of wall
 #   time, and write into $OUT: gpu_last.pt (resumable checkpoint, < 16 MiB), gpu_train_log.csv,
 #   gpu_summary.json (steps, steps/s, data share, GPU memory, device, torch, loss before/after),
@@ -11,7 +11,7 @@
 # few steps (tested in tests/training/test_gpu_train.py), so the script is known to work before a
 # GPU is spent on it.
 #
-# usage: scripts/gpu_train.sh [--dry-run] [more `python -m training.gpu_run` options, e.g.
+# usage: research/gpu/gpu_train.sh [--dry-run] [more `python -m research.gpu.gpu_run` options, e.g.
 #        --minutes 5 --max-steps 2000 --workers 8 --seed 7]
 # environment:
 #   PYTHON       interpreter with torch (default: .venv/bin/python, else python3)
@@ -21,7 +21,7 @@
 #                save and the start-up, under the 600 s of one call)
 set -euo pipefail
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 python=${PYTHON:-}
 if [[ -z "$python" ]]; then
   if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
@@ -37,7 +37,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 cd "$root"
 export PYTHONUNBUFFERED=1
-# JRS_GPU_ENTRY: the module (and subcommand) to run; scripts/gpu_table3.sh sets it
-read -r -a entry <<<"${JRS_GPU_ENTRY:-training.gpu_run}"
+# JRS_GPU_ENTRY: the module (and subcommand) to run; research/gpu/gpu_table3.sh sets it
+read -r -a entry <<<"${JRS_GPU_ENTRY:-research.gpu.gpu_run}"
 exec timeout --kill-after=10 "$limit" "$python" -m "${entry[@]}" \
   --pack "$pack" --out "$outdir" "$@"

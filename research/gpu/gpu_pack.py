@@ -1,10 +1,11 @@
 """Pack a stratified subset of the training store, and the checkpoint to resume, for a lent GPU.
 
-Run as ``python -m training.gpu_pack --store data/store_v3 --out gpu_pack [--max-mb M] [--seed S]``.
+Run as ``python -m research.gpu.gpu_pack --store data/store_v3 --out gpu_pack [--max-mb M] [--seed
+S]``.
 
 A lent GPU machine (see ``docs/training.md``, "Training on a lent GPU") receives a copy of the
 working tree plus at most 8 ignored "carry" paths, 64 MiB in all, the tree included; the 12 GB
-store cannot travel. The pack holds what :mod:`training.gpu_run` trains on there:
+store cannot travel. The pack holds what :mod:`research.gpu.gpu_run` trains on there:
 
 * a subset of the store's TRAINING pairs (never a validation pair nor a pair of a held-out
   patient group), stratified by source (broad phantoms, standard phantoms, real anatomy) in the
@@ -12,7 +13,7 @@ store cannot travel. The pack holds what :mod:`training.gpu_run` trains on there
 * of each pair, ``crops_per_pair`` crops of ``crop``^3 voxels around lattice points of the
   sampling regions (targets, organs at risk, torso, in turn), with the region lattice points
   inside each crop from which a whole ``patch_size``^3 patch (plus the sampler's jitter) can be
-  cut. :class:`training.data.PatchSampler` over the crops draws exactly the patches the store's
+  cut. :class:`jrs.training.data.PatchSampler` over the crops draws exactly the patches the store's
   sampler would draw around those points (up to the int16 rounding below);
 * images as int16 HU (the store's ``HU / 1000`` float16 rounded to 1 HU: at most 0.5 HU off,
   against CT noise of 8-45 HU), labels as uint8, out-of-volume voxels as air / background (the
@@ -46,9 +47,9 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.errors import InvalidInput
-from training.data import AIR, TrainingPair
-from training.store import REGION_STRIDE, list_store, load_stored_pair
-from training.weights import file_sha256
+from jrs.training.data import AIR, TrainingPair
+from jrs.training.store import REGION_STRIDE, list_store, load_stored_pair
+from jrs.training.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def build_pack(
     """Write a GPU pack: stratified training crops + the checkpoint + ``index.json``.
 
     Args:
-        store: The training store (``training.build_data``).
+        store: The training store (``jrs.training.build_data``).
         out: The pack folder (created; an existing pack there is replaced).
         checkpoint: The training checkpoint to resume on the GPU (copied into the pack).
         max_mb: Size limit of the whole pack (MiB). ``None``: :data:`TRAVEL_LIMIT_MB` minus the
@@ -442,7 +443,7 @@ def build_pack(
     chosen: dict[str, int] = {}
     for p in packed:
         chosen[p["stratum"]] = chosen.get(p["stratum"], 0) + 1
-    from training.trainer import git_sha
+    from jrs.training.trainer import git_sha
 
     index: dict[str, Any] = {
         "format": PACK_FORMAT,
@@ -487,7 +488,7 @@ class Pack:
     Attributes:
         folder: The pack folder.
         index: Its ``index.json``.
-        pairs: One :class:`training.data.TrainingPair` per crop (``key = <pair key>#c<i>``),
+        pairs: One :class:`jrs.training.data.TrainingPair` per crop (``key = <pair key>#c<i>``),
             images ``(e, e, e)`` float32 ``HU / 1000``, labels uint8, pre-computed regions.
         checkpoint: Path of the packed checkpoint.
     """
@@ -515,7 +516,7 @@ def load_pack(folder: Path, verify: bool = True) -> Pack:
     path = folder / "index.json"
     if not path.is_file():
         raise InvalidInput(
-            f"{path}: no GPU pack index; make one with `python -m training.gpu_pack`"
+            f"{path}: no GPU pack index; make one with `python -m research.gpu.gpu_pack`"
         )
     index = json.loads(path.read_text())
     if index.get("format") != PACK_FORMAT or int(index.get("version", -1)) != PACK_VERSION:

@@ -6,22 +6,22 @@ before they were scored. On a lent GPU the four train in ONE call of at most 10 
 
 * ``init`` (here, where pydantic parses the configs): one step-0 checkpoint per Table 3 config
   (``training/configs/table3_*.yaml``: its network, its seed, its initialisation). One of them
-  is packed as the pack's own checkpoint (``python -m training.gpu_pack --checkpoint``), the
+  is packed as the pack's own checkpoint (``python -m research.gpu.gpu_pack --checkpoint``), the
   others go into ``gpu_pack/table3/<network>.pt`` (the run takes both; 3 MB saved for crops)::
 
-      python -m training.gpu_table3 init --out runs/table3_init training/configs/table3_*.yaml
-      python -m training.gpu_pack --store data/store_v3 --out gpu_pack --seed 1 --max-mb M \
+      python -m research.gpu.gpu_table3 init --out runs/table3_init training/configs/table3_*.yaml
+      python -m research.gpu.gpu_pack --store data/store_v3 --out gpu_pack --seed 1 --max-mb M \
           --checkpoint runs/table3_init/cross-stitch.pt
       mkdir gpu_pack/table3 && cp runs/table3_init/{seg,reg,jrs-reg}.pt gpu_pack/table3/
 
-* ``run`` (there; ``scripts/gpu_table3.sh`` is the one-call wrapper): every network resumes its
+* ``run`` (there; ``research/gpu/gpu_table3.sh`` is the one-call wrapper): every network resumes its
   checkpoint on the GPU with AMP (fp16 autocast, ``GradScaler``, losses and optimiser in fp32,
-  exactly :meth:`training.trainer.Trainer.train_step`) and the networks take their steps in
+  exactly :meth:`jrs.training.trainer.Trainer.train_step`) and the networks take their steps in
   rounds: one step each per round, so that **all of them always have the same number of
   steps**, whenever the budget ends. Networks whose configs sample alike (same sampler shares)
   train on the very same batches: one loader per distinct sampler setting (Seg has no
   domain-randomised pairs, the other three share one stream), its batches drawn by loader
-  processes from the pack's crops (:mod:`training.gpu_pack`).
+  processes from the pack's crops (:mod:`research.gpu.gpu_pack`).
 
   The step budget is fitted to the time: after ``warm_rounds`` rounds the round time is measured
   and the common step count becomes ``min(max_steps, what fits)``; when that is below the configs'
@@ -59,8 +59,10 @@ import numpy as np
 import torch
 
 from jrs.errors import InvalidInput
-from training.data import PatchBatch
-from training.gpu_run import (
+from jrs.training.data import PatchBatch
+from jrs.training.trainer import Trainer, _CsvLog, seed_everything
+from jrs.training.weights import file_sha256
+from research.gpu.gpu_run import (
     RETURN_LIMIT,
     LoaderSampler,
     _device_facts,
@@ -69,8 +71,6 @@ from training.gpu_run import (
     segment_start,
     segment_trainer,
 )
-from training.trainer import Trainer, _CsvLog, seed_everything
-from training.weights import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ def init_checkpoints(configs: Sequence[Path], out: Path) -> list[Path]:
     Raises:
         InvalidInput: For two configs of the same network, or configs whose patch sizes differ.
     """
-    from training.config import load_config
-    from training.synthetic import synthetic_pair
+    from jrs.training.config import load_config
+    from jrs.training.synthetic import synthetic_pair
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ def run_table3(
         if not folder:
             raise InvalidInput(
                 f"{Path(pack_dir) / PACK_SUBDIR}: no checkpoints; make them with "
-                "`python -m training.gpu_table3 init`"
+                "`python -m research.gpu.gpu_table3 init`"
             )
         paths = [*folder, own]
     logs_tmp = Path(tempfile.mkdtemp(prefix="table3_logs_"))
@@ -499,7 +499,7 @@ def read_logs(archive: Path, folder: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``init`` (here) and ``run`` (on the GPU; ``scripts/gpu_table3.sh``)."""
+    """Command-line entry: ``init`` (here), ``run`` (on the GPU; ``research/gpu/gpu_table3.sh``)."""
     started = time.monotonic()
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)

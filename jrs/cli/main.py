@@ -609,7 +609,7 @@ ApiKeyOpt = Annotated[
 def _remote_rows(
     server: str | None, api_key: str | None, timeout_s: float, patients_out: Path | None = None
 ) -> Any:
-    """Context manager: the row runner of `jrs_cli.remote` for ``--server``, else None.
+    """Context manager: the row runner of `jrs.cli.remote` for ``--server``, else None.
 
     With ``patients_out`` (``--adapt``) the rows go through the service's patients resource.
     """
@@ -620,7 +620,7 @@ def _remote_rows(
     if server is None:
         return contextlib.nullcontext(None)
     try:
-        from jrs_cli.remote import batch_runner, patient_batch_runner
+        from jrs.cli.remote import batch_runner, patient_batch_runner
     except ImportError as exc:
         raise JrsError(f"--server needs httpx ({exc}); pip install 'jrs[serve]'") from exc
     if patients_out is not None:
@@ -918,11 +918,11 @@ def benchmark(
     the given --planning-ct/--planning-rtstruct (a real patient kept out of training), then
     re-contours FRACTIONS test fractions of each with the generic model, the patient model and
     the iterative baseline: DSC/MSD per organ, adaptation times, the acceptance checks
-    (`training.adapt_benchmark`); --dry-run: tiny phantoms and budget (a check of the command).
+    (`jrs.training.adapt_benchmark`); --dry-run: tiny phantoms and budget (a check of the command).
 
     ``service`` sends JOBS requests for one phantom case (CONCURRENCY at a time) to the REST
     service at --server, or to a local ``jrs serve`` it starts, and reports jobs per minute and
-    the p50/p95 latency (see `jrs_cli.service_bench`).
+    the p50/p95 latency (see `jrs.cli.service_bench`).
 
     ``qa`` calibrates the QA flags against the truth (`jrs.qa_calibration`, ``docs/qa.md``):
     CASES held-out phantoms (seeds SEED.., 3000 when SEED is 0) and FRACTIONS synthetic
@@ -1095,7 +1095,7 @@ def benchmark(
             (planning_ct, planning_rtstruct),
         )
     elif what == "service":
-        from jrs_cli.service_bench import bench_service
+        from jrs.cli.service_bench import bench_service
 
         result = bench_service(
             jobs=jobs,
@@ -1135,9 +1135,9 @@ def _bench_adaptation(
 ) -> dict[str, Any]:
     """``jrs benchmark adaptation`` (see `benchmark`)."""
     from jrs.errors import InvalidInput
-    from model_export.export import ArtefactWriter
-    from training.adapt import AdaptOptions
-    from training.adapt_benchmark import benchmark_adaptation
+    from jrs.model_export.export import ArtefactWriter
+    from jrs.training.adapt import AdaptOptions
+    from jrs.training.adapt_benchmark import benchmark_adaptation
 
     if (real[0] is None) != (real[1] is None):
         raise InvalidInput("a real patient needs --planning-ct and --planning-rtstruct together")
@@ -1238,11 +1238,11 @@ def train(
     """Train a network (checkpoints, CSV/TensorBoard logs and plots in the run folder).
 
     Several processes (GPUs) train together when launched by torchrun, e.g.
-    torchrun --nproc_per_node 4 -m jrs_cli train --config FILE --device cuda.
+    torchrun --nproc_per_node 4 -m jrs.cli train --config FILE --device cuda.
     """
     from jrs.errors import InvalidInput
-    from training.config import load_config
-    from training.trainer import Trainer
+    from jrs.training.config import load_config
+    from jrs.training.trainer import Trainer
 
     if init_from is not None and (resume or resume_from is not None):
         raise InvalidInput(
@@ -1294,7 +1294,7 @@ def evaluate(
     store: Annotated[
         Path | None,
         typer.Option(
-            "--store", help="A training store (python -m training.build_data); with --source."
+            "--store", help="A training store (python -m jrs.training.build_data); with --source."
         ),
     ] = None,
     store_source: Annotated[
@@ -1349,12 +1349,12 @@ def evaluate(
     """Evaluate checkpoints on held-out pairs: DSC/MSD/HD95 per organ, Jacobian, Wilcoxon."""
     from jrs.errors import InvalidInput
     from jrs.tiling import check_window
-    from training.config import PhantomSource, SyntheticSource
-    from training.data import discover_pairs, load_pair
-    from training.evaluate import evaluate as run_evaluation
-    from training.evaluate import load_network
-    from training.networks import build
-    from training.trainer import resolve_device, source_pairs
+    from jrs.training.config import PhantomSource, SyntheticSource
+    from jrs.training.data import discover_pairs, load_pair
+    from jrs.training.evaluate import evaluate as run_evaluation
+    from jrs.training.evaluate import load_network
+    from jrs.training.networks import build
+    from jrs.training.trainer import resolve_device, source_pairs
 
     check_window(window)
     if sum(x is not None for x in (data, phantoms, synthetic, store)) != 1:
@@ -1367,7 +1367,7 @@ def evaluate(
             "nothing to evaluate: give --checkpoint FILE, --untrained NAME and/or --with-metrics "
             "FILE"
         )
-    from training.earlier_metrics import read_evaluation
+    from jrs.training.earlier_metrics import read_evaluation
 
     earlier = [read_evaluation(p) for p in with_metrics or []]
     dev = resolve_device(device)
@@ -1375,7 +1375,7 @@ def evaluate(
         records = discover_pairs(data, patients)
         pairs = [load_pair(r, out / "cache") for r in records]
     elif store is not None:
-        from training.store import load_store
+        from jrs.training.store import load_store
 
         pairs = load_store(store, sources=store_source or None)[:max_pairs]
         if not pairs:
@@ -1430,7 +1430,7 @@ def export(
     """Export a checkpoint to OUT/NAME/VERSION/{model.onnx, metadata.json, MODEL_CARD.md}."""
     import json
 
-    from model_export.export import export_checkpoint
+    from jrs.model_export.export import export_checkpoint
 
     path = export_checkpoint(
         checkpoint,
@@ -1452,13 +1452,13 @@ def export(
 
 
 def _patient_adapter(base: Path | None, minutes: float, device: str, synonyms: Any) -> Any:
-    """``jrs batch --adapt``: the adapter of `jrs.batch.run_batch` (`training.adapt.adapt`)."""
+    """``jrs batch --adapt``: the adapter of `jrs.batch.run_batch` (`jrs.training.adapt.adapt`)."""
     from jrs.errors import JrsError
 
     try:
-        from model_export.export import ArtefactWriter
-        from training.adapt import AdaptOptions
-        from training.adapt import adapt as run_adaptation
+        from jrs.model_export.export import ArtefactWriter
+        from jrs.training.adapt import AdaptOptions
+        from jrs.training.adapt import adapt as run_adaptation
     except ImportError as exc:
         raise JrsError(f"--adapt needs torch ({exc}); pip install 'jrs[train]'") from exc
 
@@ -1550,9 +1550,9 @@ def adapt(
     import signal
 
     from jrs.labels import SynonymTable
-    from model_export.export import ArtefactWriter
-    from training.adapt import AdaptationInterrupted, AdaptOptions
-    from training.adapt import adapt as run_adaptation
+    from jrs.model_export.export import ArtefactWriter
+    from jrs.training.adapt import AdaptationInterrupted, AdaptOptions
+    from jrs.training.adapt import adapt as run_adaptation
 
     stop = {"requested": False}
 
@@ -1628,8 +1628,8 @@ def serve(
     """Run the REST service with uvicorn; settings from JRS_* variables and .env."""
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import load_settings
+    from jrs.service.app import create_app
+    from jrs.service.settings import load_settings
 
     settings = load_settings()
     root = logging.getLogger()

@@ -5,6 +5,6 @@ package `jrs` never imports training or the service, and this command is the onl
 reaches all four.
 """
 
-from jrs_cli.main import app, main
+from jrs.cli.main import app, main
 
 __all__ = ["app", "main"]

@@ -2,10 +2,12 @@
 
 Run as::
 
-    python -m training.continue_from --checkpoint GPU_OUT/gpu_last.pt --run-dir runs/crossstitch_v3
+    python -m research.gpu.continue_from --checkpoint GPU_OUT/gpu_last.pt --run-dir
+    runs/crossstitch_v3
 
 ``jrs train --resume`` resumes from ``<output_dir>/checkpoints/last.pt`` only and has no hook for
-another checkpoint, so this module rewrites the checkpoint of :mod:`training.gpu_run` into one that
+another checkpoint, so this module rewrites the checkpoint of :mod:`research.gpu.gpu_run` into one
+that
 the trainer resumes on the full store:
 
 * kept: model, optimiser (RAdam moments), lr scheduler, loss-weighting state, AMP scaler state
@@ -198,7 +200,7 @@ def continue_from(
     """Rewrite a GPU checkpoint into a CPU-resumable one (see the module docstring).
 
     Args:
-        checkpoint: The checkpoint of :mod:`training.gpu_run` (``gpu_last.pt``).
+        checkpoint: The checkpoint of :mod:`research.gpu.gpu_run` (``gpu_last.pt``).
         out: Write the rewritten checkpoint here (an existing file is refused unless ``force``).
         run_dir: Or: the run folder to resume (``RUN/checkpoints/last.pt`` and
             ``RUN/train_log.csv``; the previous ``last.pt`` is kept as a copy).

@@ -1,0 +1,1 @@
+"""The lab notebook: calibration harnesses, held-out benchmarks and helpers. Not installed."""
