@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python -m jrs.demo --out $(DEMO_OUT)
+	$(BIN)/python -m jrs.pipeline.demo --out $(DEMO_OUT)
 
 lint: install
 	$(BIN)/ruff check jrs training model_export service tests examples

@@ -1,27 +1,30 @@
 """Calibrate the QA flags against ground truth (``jrs benchmark qa``).
 
-The QA flags of `jrs.qa` are only worth a reviewer's attention when they fire on bad contours and
-stay quiet on good ones. This module measures both, and picks the thresholds from the measurement:
+The QA flags of `jrs.qa.figures` are only worth a reviewer's attention when they fire on bad
+contours and stay quiet on good ones. This module measures both, and picks the thresholds from the
+measurement:
 
-1. **Cases.** Held-out phantom fractions (`jrs.phantom.generate_patient` / `generate_fraction`,
+1. **Cases.** Held-out phantom fractions (`jrs.synth.generate_patient` / `generate_fraction`,
    seeds never used in training: 3000 and up by default) and synthetic fractions of real planning
-   scans (`jrs.phantom.from_planning.write_from_planning`, with a seed of its own), each with its
+   scans (`jrs.synth.from_planning.write_from_planning`, with a seed of its own), each with its
    ground-truth RTSTRUCT on the daily grid.
-2. **Populations.** Each case is re-contoured by `jrs.pipeline.recontour` in several ways
+2. **Populations.** Each case is re-contoured by `jrs.pipeline.run.recontour` in several ways
    (`POPULATIONS`): the model as it is, the model's other output path, the iterative baseline,
    and deliberately degraded runs (a DVF with a smooth random error added, planning organ contours
    shifted by 5-8 mm, a daily CT whose field of view cuts the body off), so that there are bad
    contours to calibrate on. The network's prediction is computed once per input and replayed
    for the populations that share that input.
 3. **Truth.** Every re-contoured structure but the patient's outline is scored against the truth
-   (DSC, MSD, HD95 on the daily grid, `jrs.metrics`) and labelled ``good`` (DSC >= 0.9, and not
+   (DSC, MSD, HD95 on the daily grid, `jrs.core.metrics`) and labelled ``good`` (DSC >= 0.9, and not
    bad), ``bad`` (DSC < 0.8 or MSD > 2 mm) or ``borderline`` (neither; not counted).
-4. **Rates.** Each flag, re-applied to the raw figures kept in ``qa.json`` (`jrs.qa.flag_structure`
-   and `jrs.qa.flag_dvf`, never a copy of their logic), gives a recall on bad contours and a
+4. **Rates.** Each flag, re-applied to the raw figures kept in ``qa.json``
+   (`jrs.qa.figures.flag_structure`
+   and `jrs.qa.figures.flag_dvf`, never a copy of their logic), gives a recall on bad contours and a
    false-flag rate on good ones. ``dvf_folding`` (a flag of the whole DVF, a deliverable of its
    own) is measured on every structure of its case, but it is not part of "any flag" and its
    threshold is not searched: a DVF that folds is wrong whatever the contours.
-5. **Thresholds.** `choose_thresholds` searches the thresholds of `jrs.qa.QaThresholds` that the
+5. **Thresholds.** `choose_thresholds` searches the thresholds of `jrs.qa.figures.QaThresholds` that
+   the
    figures allow re-applying (every one but the Jacobian ranges; the image flags' per-organ NCC
    minima and centroid limits and their NCC-loss limit included): starting from the current
    values, it loosens flags until the false-flag rate of "any flag" is at most 0.1 over all good
@@ -57,9 +60,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jrs.errors import InvalidInput, JrsError
-from jrs.labels import SynonymTable
-from jrs.qa import (
+from jrs.core.errors import InvalidInput, JrsError
+from jrs.core.labels import SynonymTable
+from jrs.qa.family import CODE as SAME_ORGAN
+from jrs.qa.family import SPREAD_FLAGS, spread_mask
+from jrs.qa.figures import (
     PROPAGATED,
     TARGETS,
     QaThresholds,
@@ -68,8 +73,6 @@ from jrs.qa import (
     flag_structure,
     roi_class,
 )
-from jrs.qa_family import CODE as SAME_ORGAN
-from jrs.qa_family import SPREAD_FLAGS, spread_mask
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ LABEL_CRITERIA: dict[str, TruthCriteria] = {
     "v3": TruthCriteria(),
     "issue30": TruthCriteria(0.90, 2.0, 0.95),
 }
-#: Deformation engines of the phantom cases. The dome family (`jrs.phantom.dome_engine`) is held
+#: Deformation engines of the phantom cases. The dome family (`jrs.synth.dome_engine`) is held
 #: out of calibration: it is the cross-generator test, and `phantom_specs` refuses it.
 CALIBRATION_ENGINES: tuple[str, ...] = ("analytic", "organ")
 #: Populations whose DVF is wrong on purpose, everywhere: a good contour there (the error happened
@@ -119,9 +122,9 @@ TARGET_FALSE_FLAG_RATE = 0.1
 #: adds the image figures (``image_ncc``, ``image_ncc_prealigned``, ``centroid_shift_mm``) that
 #: the version-1 records lack. Version 3 adds the paths' surface distance (``path_msd_mm``), the
 #: contour's fit to the daily CT's edges (``image_fit_gain``, ``image_fit_shift_mm``) and QA
-#: reference paths (`jrs.qa.qa_reference_paths`) in ``paths_validated``. Version 4 adds the
+#: reference paths (`jrs.qa.figures.qa_reference_paths`) in ``paths_validated``. Version 4 adds the
 #: mapping's residual shift around every structure (``residual_shift_mm``,
-#: `jrs.residual_shift`).
+#: `jrs.qa.residual_shift`).
 RECORD_VERSION = 4
 
 #: Population -> what it is.
@@ -156,7 +159,7 @@ DEFAULT_POPULATIONS: tuple[str, ...] = (
 )
 #: Populations that run the network (the others need no model).
 _NETWORK_POPULATIONS = frozenset(DEFAULT_POPULATIONS) - {"iterative"}
-#: The flags measured (keys of `jrs.qa.FLAG_CODES`).
+#: The flags measured (keys of `jrs.qa.figures.FLAG_CODES`).
 FLAGS: tuple[str, ...] = (
     "nearly_empty",
     "volume_change",
@@ -256,7 +259,7 @@ class CaseSpec:
         source: the real planning scan (None for a phantom).
         engine: the phantom fraction's deformation engine (`CALIBRATION_ENGINES`); a real scan's
             fractions always come from the organ engine.
-        profile: draw profile of the organ engine (`jrs.phantom.engine.PROFILES`).
+        profile: draw profile of the organ engine (`jrs.synth.engine.PROFILES`).
     """
 
     case_id: str
@@ -301,7 +304,7 @@ def check_case_family(engine: str, profile: str) -> None:
         InvalidInput: for the held-out dome engine, an unknown engine, or a profile the engine
             does not have.
     """
-    from jrs.phantom.engine import PROFILES
+    from jrs.synth.engine import PROFILES
 
     if engine == "dome":
         raise InvalidInput(
@@ -352,7 +355,7 @@ def real_specs(
 
 
 def _write_phantom(spec: CaseSpec, work: Path, matrix: int, slice_mm: float | None) -> CaseInputs:
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     patient = generate_patient(spec.seed, matrix=matrix, slice_thickness=slice_mm)
     write_patient(patient, work)
@@ -372,7 +375,7 @@ def _write_real(
     source: RealSource, fractions: int, seed: int, work: Path, profile: str = "v3"
 ) -> Path:
     """Write the real scan's synthetic fractions once; returns the planning folder."""
-    from jrs.phantom.from_planning import write_from_planning
+    from jrs.synth.from_planning import write_from_planning
 
     done = work / "written.json"
     if done.is_file():
@@ -445,12 +448,12 @@ class ReplayBackend:
     Several populations of one case (the model as it is, its other path, its DVF perturbed) give
     the network the same inputs: it runs once. The last two distinct inputs are kept: the pair
     and the null-field correction's pass (the planning scan as both images,
-    `jrs.null_correction`). ``perturb`` (set per population) changes the prediction of the pair
-    handed to the pipeline, never that of the null pass (a perturbation there would be
+    `jrs.inference.null_correction`). ``perturb`` (set per population) changes the prediction of the
+    pair handed to the pipeline, never that of the null pass (a perturbation there would be
     subtracted again).
 
     Args:
-        inner: the loaded network (`jrs.pipeline.NetworkBackend`).
+        inner: the loaded network (`jrs.pipeline.run.NetworkBackend`).
     """
 
     def __init__(self, inner: Any) -> None:
@@ -515,7 +518,7 @@ def shift_organs(
 ) -> dict[str, Any]:
     """Write a planning RTSTRUCT whose organ contours are all moved by one vector.
 
-    The organs are the ROIs the default synonym table maps (`jrs.labels.SynonymTable`); the
+    The organs are the ROIs the default synonym table maps (`jrs.core.labels.SynonymTable`); the
     other ROIs are written unchanged.
 
     Args:
@@ -528,8 +531,8 @@ def shift_organs(
         ``{"shift_mm": [x, y, z], "rois": [shifted ROI names]}`` (the shift actually applied,
         rounded to whole voxels).
     """
-    from jrs.dicom.rtstruct import masks_from_files, write_rtstruct
-    from jrs.labels import SynonymTable
+    from jrs.core.labels import SynonymTable
+    from jrs.io.rtstruct import masks_from_files, write_rtstruct
 
     ss, series, masks = masks_from_files(planning_ct, planning_rtstruct)
     g = series.volume.geometry
@@ -596,7 +599,7 @@ def cut_field_of_view(
 
 def _write_cut_daily(daily_ct: Path, out: Path) -> dict[str, Any]:
     """Write the daily CT with a cut-off field of view (same UIDs: the truth still applies)."""
-    from jrs.dicom.ct import read_ct_series, write_ct_series
+    from jrs.io.ct import read_ct_series, write_ct_series
 
     series = read_ct_series(daily_ct)
     g = series.volume.geometry
@@ -624,8 +627,8 @@ def label_contour(dsc: float, msd_mm: float | None, criteria: TruthCriteria | No
 
 
 def _truth_masks(daily_ct: Path, truth: Path) -> tuple[Any, dict[str, Any], set[str]]:
-    from jrs.dicom.rtstruct import masks_from_files
-    from jrs.labels import is_external_roi
+    from jrs.core.labels import is_external_roi
+    from jrs.io.rtstruct import masks_from_files
 
     ss, series, masks = masks_from_files(daily_ct, truth)
     external = {r.name for r in ss.rois if is_external_roi(r.name, r.interpreted_type)}
@@ -648,8 +651,8 @@ def score_against_truth(
         ROI name -> ``{"dsc", "msd_mm", "hd95_mm", "label"}``, for the ROIs in both files, the
         patient's outline and ROIs empty in the truth left out.
     """
-    from jrs.dicom.rtstruct import masks_from_files
-    from jrs.metrics import dice, surface_distances
+    from jrs.core.metrics import dice, surface_distances
+    from jrs.io.rtstruct import masks_from_files
 
     geometry, ref, external = truth
     _, _, got = masks_from_files(daily_ct, written)
@@ -682,7 +685,7 @@ class RunSettings:
     Attributes:
         model_dir: model version folder (None: the newest bundled one).
         device: ``auto``, ``cpu`` or ``cuda``.
-        engine: inference engine (`jrs.pipeline.RecontourOptions.engine`).
+        engine: inference engine (`jrs.pipeline.run.RecontourOptions.engine`).
         precision: inference precision.
         matrix: phantom in-plane matrix.
         slice_mm: phantom slice thickness (None: each seed's draw).
@@ -728,8 +731,8 @@ def other_path(metadata: Mapping[str, Any]) -> dict[str, str]:
     Returns:
         Organ key -> ``segmentation`` or ``registration``.
     """
-    from jrs.fusion import FusionSpec
-    from jrs.labels import LABELS
+    from jrs.core.labels import LABELS
+    from jrs.inference.fusion import FusionSpec
 
     choice = metadata.get("path_choice") or {}
     spec = FusionSpec.from_metadata(metadata)
@@ -764,10 +767,11 @@ def run_population(
 
     Returns:
         The record: case and population, the run's model and DVF figures, and per structure the
-        raw QA figures (`jrs.qa.StructureQa` fields), DSC, MSD, HD95 and label; a refused run
-        (a `jrs.errors.JrsError` such as a failed plausibility check) has ``status: refused``.
+        raw QA figures (`jrs.qa.figures.StructureQa` fields), DSC, MSD, HD95 and label; a refused
+        run (a `jrs.core.errors.JrsError` such as a failed plausibility check) has ``status:
+        refused``.
     """
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.pipeline.run import RecontourOptions, recontour
 
     if population not in POPULATIONS:
         raise InvalidInput(f"population {population!r} unknown; use one of {sorted(POPULATIONS)}")
@@ -890,7 +894,7 @@ def run_qa_calibration(
         engine: the phantom cases' deformation engine (`CALIBRATION_ENGINES`; never the
             held-out dome family).
         profile: the organ engine's draw profile, for organ phantoms and the real scans'
-            fractions (`jrs.phantom.engine.PROFILES`).
+            fractions (`jrs.synth.engine.PROFILES`).
         labels: the truth criteria (`LABEL_CRITERIA`).
 
     Returns:
@@ -900,7 +904,7 @@ def run_qa_calibration(
         InvalidInput: an unknown population, a held-out folder without records, or one that
             shares a case with this folder.
     """
-    from jrs.pipeline import RecontourOptions, load_backend
+    from jrs.pipeline.run import RecontourOptions, load_backend
 
     report_dir = Path(report_dir)
     held: list[dict[str, Any]] = []
@@ -1098,10 +1102,10 @@ class Samples:
         image_ncc_loss: ``image_ncc_prealigned - image_ncc`` (NaN where either is absent).
         centroid_shift_mm: the organ's centroid shift from the pre-aligned planning organ, mm.
         path_msd_mm: mean surface distance of the two paths, mm (NaN where absent).
-        image_fit_gain: the contour's fit gain on the daily CT's edges (`jrs.contour_fit`).
-        target: a propagated target volume (`jrs.qa.roi_class` is `jrs.qa.TARGETS`).
+        image_fit_gain: the contour's fit gain on the daily CT's edges (`jrs.qa.contour_fit`).
+        target: a propagated target volume (`jrs.qa.figures.roi_class` is `jrs.qa.figures.TARGETS`).
         residual_shift_mm: the mapping's residual shift around the contour, mm
-            (`jrs.residual_shift`; NaN where absent).
+            (`jrs.qa.residual_shift`; NaN where absent).
     """
 
     items: list[dict[str, Any]]
@@ -1190,12 +1194,12 @@ def samples_from_records(
         return d / p - 1.0 if p > 0 else math.nan
 
     def ncc_loss(s: dict[str, Any]) -> float:
-        # the same arithmetic as jrs.qa.flag_structure: prealigned - final
+        # the same arithmetic as jrs.qa.figures.flag_structure: prealigned - final
         pre, ncc = s.get("image_ncc_prealigned"), s.get("image_ncc")
         return math.nan if pre is None or ncc is None else float(pre) - float(ncc)
 
     def is_target(s: dict[str, Any]) -> bool:
-        # as jrs.qa.flag_structure (records before the field: by name)
+        # as jrs.qa.figures.flag_structure (records before the field: by name)
         cls = roi_class(s.get("organ"), str(s.get("name", "")), bool(s.get("target_volume")))
         return cls == TARGETS
 
@@ -1232,7 +1236,7 @@ def samples_from_records(
 
 
 def _family_groups(items: Sequence[Mapping[str, Any]]) -> npt.NDArray[np.int64]:
-    """(n,) one group id per organ of one run with two contours or more (`jrs.qa_family`).
+    """(n,) one group id per organ of one run with two contours or more (`jrs.qa.family`).
 
     The organ of a contour is its ``organ_family``; records without the field (before it
     existed) get it from the default synonym table's decision on the run's ROI names.
@@ -1263,9 +1267,9 @@ def _family_groups(items: Sequence[Mapping[str, Any]]) -> npt.NDArray[np.int64]:
 
 
 def flags_of(item: Mapping[str, Any], thresholds: QaThresholds) -> list[str]:
-    """The flag codes of one scored structure under some thresholds (`jrs.qa` decides).
+    """The flag codes of one scored structure under some thresholds (`jrs.qa.figures` decides).
 
-    ``dvf_folding`` is added when `jrs.qa.flag_dvf` flags the DVF of the structure's case.
+    ``dvf_folding`` is added when `jrs.qa.figures.flag_dvf` flags the DVF of the structure's case.
     """
     qa = StructureQa(**{k: item[k] for k in _QA_FIELDS if k in item})
     qa.flags, qa.flag_codes = [], []
@@ -1279,7 +1283,7 @@ def flags_of(item: Mapping[str, Any], thresholds: QaThresholds) -> list[str]:
 def fired_matrix(samples: Samples, thresholds: QaThresholds) -> dict[str, npt.NDArray[np.bool_]]:
     """Flag code -> which samples it fires on, by `flags_of` (exact, one call per sample).
 
-    ``same_organ_flagged`` is `jrs.qa_family`'s rule over each run's contours of one organ.
+    ``same_organ_flagged`` is `jrs.qa.family`'s rule over each run's contours of one organ.
     """
     fired = {code: np.zeros(len(samples), bool) for code in FLAGS}
     for i, item in enumerate(samples.items):
@@ -1453,9 +1457,9 @@ def search_parameters(
     """The thresholds the search may move, with their candidate values and what they fire on.
 
     The Jacobian ranges stay as they are (the figures kept are outlier fractions against them);
-    the rest follow `jrs.qa.flag_structure` and `jrs.qa.flag_dvf`. A structure class's own
-    volume-change range moves only when the class has at least ``min_class_good`` good contours
-    (with none, "flag them all" would cost no false flag on the measured set), and never
+    the rest follow `jrs.qa.figures.flag_structure` and `jrs.qa.figures.flag_dvf`. A structure
+    class's own volume-change range moves only when the class has at least ``min_class_good`` good
+    contours (with none, "flag them all" would cost no false flag on the measured set), and never
     beyond the organ's `CLINICAL_VOLUME_ENVELOPE`.
     """
     s = samples
@@ -1575,9 +1579,9 @@ def search_parameters(
         )
     if "image_disagreement" in wanted:
         params += lower_limits("min_image_ncc", "image_disagreement", s.image_ncc, [_OFF_NCC])
-        # either condition raises the flag (jrs.qa.flag_structure), for any organ with figures;
-        # a negative limit ("flag unless the mapping improved the agreement") would flag every
-        # organ that did not move: the loss limit stays >= 0
+        # either condition raises the flag (jrs.qa.figures.flag_structure), for any organ with
+        # figures; a negative limit ("flag unless the mapping improved the agreement") would flag
+        # every organ that did not move: the loss limit stays >= 0
         loss = s.image_ncc_loss
         params.append(
             _Param(
@@ -1705,7 +1709,7 @@ def choose_thresholds(
         return cache[k]
 
     # flags the search does not move still fire as in the prior; ``same_organ_flagged`` follows
-    # the flags it spreads (`jrs.qa_family`), moved or not
+    # the flags it spreads (`jrs.qa.family`), moved or not
     fixed = np.zeros(len(samples), bool)
     fixed_source = np.zeros(len(samples), bool)
     moved = {p.flag for p in params}

@@ -2,19 +2,20 @@
 
 For each phantom (a seed never used in training) the planning CT + RTSTRUCT and one daily
 fraction are written as DICOM; for each real planning scan kept out of training, synthetic daily
-fractions are made of it (`jrs.phantom.write_from_planning`: the planning contours moved by the
-known field are the truth). Each case is re-contoured through `jrs.pipeline.recontour` exactly as
-a user would run it, once with the network and once with the iterative B-spline baseline. Every
+fractions are made of it (`jrs.synth.write_from_planning`: the planning contours moved by the
+known field are the truth). Each case is re-contoured through `jrs.pipeline.run.recontour` exactly
+as a user would run it, once with the network and once with the iterative B-spline baseline. Every
 output path is compared with the true daily structures on the daily CT grid:
 
 * ``no_registration``: the planning organs as they lie in patient coordinates (no registration
   at all: a rigid copy of the planning contours, as a TPS does without registration);
-* ``prealigned``: the planning organs moved by the pre-alignment alone (`jrs.focus_prealign`:
+* ``prealigned``: the planning organs moved by the pre-alignment alone (`jrs.registration.focus`:
   prostate-centred rigid by default, else the whole-body affine; this row was called ``affine``
   from 2026-12-03 until the prostate-centred pre-alignment, and ``no_registration`` before);
 * ``segmentation``: the network's segmentation path (post-processed);
 * ``registration``: the planning organs warped by the network DVF (post-processed);
-* ``fusion``: the two paths fused per organ (`jrs.fusion`, the model's ``fusion`` method and
+* ``fusion``: the two paths fused per organ (`jrs.inference.fusion`, the model's ``fusion`` method
+  and
   weights; kept by the network run with ``keep_fusion``, whatever the model's path choice);
 * ``chosen``: the contours of the written ``rtstruct.dcm`` (per-organ path choice of the model);
 * ``iterative``: the contours of the B-spline baseline's ``rtstruct.dcm``.
@@ -41,10 +42,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jrs.errors import InvalidInput
-from jrs.geometry import Volume
-from jrs.labels import BLADDER, DEFAULT_ROI_NAMES, LABELS, PROSTATE, RECTUM, SEMINAL_VESICLES
-from jrs.metrics import dice, surface_distances
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Volume
+from jrs.core.labels import BLADDER, DEFAULT_ROI_NAMES, LABELS, PROSTATE, RECTUM, SEMINAL_VESICLES
+from jrs.core.metrics import dice, surface_distances
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class HeldoutPlanning:
     Attributes:
         planning_ct: Folder of the planning CT series.
         planning_rtstruct: Its RTSTRUCT file.
-        fractions: Synthetic daily fractions made of it (`jrs.phantom.write_from_planning`).
+        fractions: Synthetic daily fractions made of it (`jrs.synth.write_from_planning`).
         seed: Seed of the fractions.
         synonyms: ROI-name synonym table (YAML) for its organ names (None: the built-in table).
     """
@@ -139,7 +140,7 @@ class _Case:
 def _phantom_cases(
     seeds: Sequence[int], fraction: int, matrix: int, slice_mm: float | None, root: Path
 ) -> Iterator[_Case]:
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     for seed in seeds:
         folder = root / f"phantom{seed}"
@@ -160,9 +161,9 @@ def _phantom_cases(
 
 
 def _real_cases(source: HeldoutPlanning, root: Path) -> Iterator[_Case]:
-    from jrs.dicom.rtstruct import masks_from_files
-    from jrs.labels import SynonymTable, label_map_from_masks
-    from jrs.phantom.from_planning import write_from_planning
+    from jrs.core.labels import SynonymTable, label_map_from_masks
+    from jrs.io.rtstruct import masks_from_files
+    from jrs.synth.from_planning import write_from_planning
 
     table = SynonymTable.from_yaml(source.synonyms) if source.synonyms is not None else None
     planning = write_from_planning(
@@ -237,22 +238,23 @@ def validate_heldout(
         progress: called with a short message after each run.
         fusion_method: method of the ``fusion`` rows (``weighted``, ``staple``; None: the
             model's metadata ``fusion``, else ``weighted``).
-        backend: an already loaded network (`jrs.pipeline.NetworkBackend`) to use instead of
+        backend: an already loaded network (`jrs.pipeline.run.NetworkBackend`) to use instead of
             loading ``model_dir``.
         real: real planning scans whose synthetic fractions are cases too.
-        null_correction: the network's null-field correction (`jrs.null_correction`); None:
+        null_correction: the network's null-field correction (`jrs.inference.null_correction`);
+            None:
             the model's.
         dvf_smoothing_mm: Gaussian sigma (mm) on the network's final field
-            (`jrs.field_smoothing`); None: the model's.
-        network_passes: network passes on each pair (`jrs.cascade`); None: the model's.
-        prealign: pre-alignment mode of both methods (`jrs.focus_prealign.PREALIGN_MODES`).
+            (`jrs.inference.smoothing`); None: the model's.
+        network_passes: network passes on each pair (`jrs.inference.cascade`); None: the model's.
+        prealign: pre-alignment mode of both methods (`jrs.registration.focus.PREALIGN_MODES`).
 
     Returns:
         The report.
     """
-    from jrs.dicom.rtstruct import masks_from_files
-    from jrs.focus_prealign import check_prealign_mode
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.io.rtstruct import masks_from_files
+    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.registration.focus import check_prealign_mode
 
     if not seeds and not real:
         raise InvalidInput(
@@ -504,7 +506,8 @@ class EngineComparison:
     """Outcome of `compare_engines`.
 
     Attributes:
-        engines: the two configurations compared (`jrs.benchmark.RUN_CONFIGS` names), reference
+        engines: the two configurations compared (`jrs.pipeline.benchmark.RUN_CONFIGS` names),
+            reference
             first.
         rows: one dict per (case, organ): ``dsc_<engine>`` against the truth (when known), the
             difference ``dsc_diff`` (second - first) and ``dsc_between`` (the two engines'
@@ -550,9 +553,9 @@ def compare_engines(
 
     Args:
         seeds: held-out phantom seeds (fraction 1 of each; seeds never used in training).
-        cases: more cases (`jrs.benchmark.Case`, e.g. synthetic fractions of real planning
+        cases: more cases (`jrs.pipeline.benchmark.Case`, e.g. synthetic fractions of real planning
             scans); their truth is used when they have one.
-        engines: (reference, candidate) configuration names of `jrs.benchmark.RUN_CONFIGS`.
+        engines: (reference, candidate) configuration names of `jrs.pipeline.benchmark.RUN_CONFIGS`.
         model_dir: model version folder; default the bundled model.
         device: device of both engines (``cpu``).
         slice_mm: phantom slice thickness (None: the seed's draw).
@@ -563,9 +566,9 @@ def compare_engines(
     Returns:
         The comparison.
     """
-    from jrs.benchmark import RUN_CONFIGS, Case, dice_against_truth, phantom_case
-    from jrs.dicom.rtstruct import masks_from_files
-    from jrs.pipeline import RecontourOptions, load_backend, recontour
+    from jrs.io.rtstruct import masks_from_files
+    from jrs.pipeline.benchmark import RUN_CONFIGS, Case, dice_against_truth, phantom_case
+    from jrs.pipeline.run import RecontourOptions, load_backend, recontour
 
     if not seeds and not cases:
         raise InvalidInput("the engine comparison needs at least one phantom seed or case")

@@ -12,10 +12,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from jrs.cascade import network_passes
-from jrs.field_smoothing import field_smoothing_sigma
-from jrs.focus_prealign import FOCUS_MARGIN_MM
-from jrs.qa import QA_REFERENCE_MIN_DSC, qa_reference_paths
+from jrs.inference.cascade import network_passes
+from jrs.inference.smoothing import field_smoothing_sigma
+from jrs.qa.figures import QA_REFERENCE_MIN_DSC, qa_reference_paths
+from jrs.registration.focus import FOCUS_MARGIN_MM
 
 __all__ = ["TODO", "model_card"]
 
@@ -132,8 +132,8 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         "logits) and the registration path (the planning contours warped by the DVF). "
         "`jrs recontour` uses, per organ, the path of `path_choice` in `metadata.json` "
         "(`--path-choice ORGAN=PATH` overrides it): `segmentation`, `registration`, or "
-        "`fusion`, the two paths fused (`jrs.fusion`): `weighted` averages the segmentation "
-        "probability and the linearly warped planning label with per-organ weights "
+        "`fusion`, the two paths fused (`jrs.inference.fusion`): `weighted` averages the "
+        "segmentation probability and the linearly warped planning label with per-organ weights "
         "(w_seg, w_reg) and keeps p >= 0.5 (at most one organ a voxel); `staple` is "
         "SimpleITK's binary STAPLE of the two paths' masks. Organs not listed use "
         "`segmentation`.",
@@ -141,8 +141,8 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         "Null-field correction: "
         + (
             "on. The pipeline runs the network a second time with the planning scan as both "
-            "images and subtracts that field (`jrs.null_correction`), so that the same scan "
-            "given twice moves nothing (`--no-null-correction` turns it off)."
+            "images and subtracts that field (`jrs.inference.null_correction`), so that the same "
+            "scan given twice moves nothing (`--no-null-correction` turns it off)."
             if meta.get("null_correction", True) is not False
             else "off (`metadata.json`: `null_correction: false`)."
         ),
@@ -150,7 +150,7 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         "Field smoothing: "
         + (
             f"a Gaussian of sigma {field_smoothing_sigma(meta):g} mm filters the final "
-            "field (`jrs.field_smoothing`; `metadata.json` `dvf_smoothing_mm`, "
+            "field (`jrs.inference.smoothing`; `metadata.json` `dvf_smoothing_mm`, "
             "`--dvf-smoothing-mm` overrides it): it removes the field's voxel-scale roughness "
             "(folding, det J outliers inside small organs) and keeps the same scan twice at a "
             "zero field."
@@ -161,7 +161,8 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         "Network passes: "
         + (
             f"{network_passes(meta)}. Each pass after the first warps the planning scan and "
-            "its contours by the field so far and registers what is left over (`jrs.cascade`; "
+            "its contours by the field so far and registers what is left over "
+            "(`jrs.inference.cascade`; "
             "`metadata.json` `network_passes`, `--network-passes` overrides it); each pass is "
             "null-corrected, so the same scan twice still moves nothing."
             if network_passes(meta) > 1
@@ -170,7 +171,7 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         "",
         "Pre-alignment (a pipeline setting, the same for every model): by default a whole-body "
         "rigid match, then a rigid match on the planning prostate and seminal vesicles dilated "
-        f"by {FOCUS_MARGIN_MM:g} mm (`jrs.focus_prealign`). This deviates from the paper's "
+        f"by {FOCUS_MARGIN_MM:g} mm (`jrs.registration.focus`). This deviates from the paper's "
         "whole-body affine pre-alignment, which a filling bladder pulls away from the "
         "prostate; `--prealign affine` restores it (docs/benchmarks.md, "
         '"Prostate-centred pre-alignment").',
@@ -319,7 +320,8 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "",
         "- Research and demonstration of the re-contouring pipeline; not a medical device.",
         "- Expects prostate-cancer pelvic CT, head-first or feet-first, resampled to the 1 mm "
-        "canonical grid by `jrs.preprocess`; other anatomy or modalities are out of scope.",
+        "canonical grid by `jrs.inference.preprocess`; other anatomy or modalities are out of "
+        "scope.",
         "- Every contour must be reviewed by a qualified person before clinical use; the QA "
         "flags of `qa.json` point at the structures to check first.",
         f"- {TODO}: known failure modes observed on held-out data.",

@@ -27,10 +27,10 @@ is recorded in ``metadata.json`` (``onnx.exporter``); both give max |diff| ~1e-6
 Every export is checked against PyTorch on random inputs of two valid sizes (ONNX Runtime, CPU);
 a max |diff| above the tolerance (1e-4) aborts the export and nothing is written.
 
-Path choice and fusion (the pipeline's ``choose`` stage, :mod:`jrs.fusion`): ``metadata.json``
-gets ``path_choice`` (organ -> ``segmentation``, ``registration`` or ``fusion``) and, when the
-metrics allow it, ``fusion`` (``{"method", "weights": {organ: [w_seg, w_reg]}, "rule"}``), from
-the held-out metrics given to the export (:func:`path_dsc`, :func:`_path_choice`,
+Path choice and fusion (the pipeline's ``choose`` stage, :mod:`jrs.inference.fusion`):
+``metadata.json`` gets ``path_choice`` (organ -> ``segmentation``, ``registration`` or ``fusion``)
+and, when the metrics allow it, ``fusion`` (``{"method", "weights": {organ: [w_seg, w_reg]},
+"rule"}``), from the held-out metrics given to the export (:func:`path_dsc`, :func:`_path_choice`,
 :func:`_fusion`).
 """
 
@@ -54,7 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from jrs.errors import InvalidInput, JrsError
+from jrs.core.errors import InvalidInput, JrsError
+from jrs.core.labels import LABELS
 from jrs.inference import (
     INPUT_MEANINGS,
     INPUT_PAD_VALUES,
@@ -63,9 +64,8 @@ from jrs.inference import (
     METADATA_VERSION,
     MODEL_FILE,
 )
-from jrs.labels import LABELS
-from jrs.preprocess import HU_MAX, HU_MIN, HU_SCALE, NETWORK_SPACING_MM
-from jrs.tiling import MARGIN, MIN_WINDOW
+from jrs.inference.preprocess import HU_MAX, HU_MIN, HU_SCALE, NETWORK_SPACING_MM
+from jrs.inference.tiling import MARGIN, MIN_WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def parity_check(
     """
     import onnxruntime as ort
 
-    from jrs.tiling import check_window
+    from jrs.inference.tiling import check_window
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     in_names = [i.name for i in sess.get_inputs()]
@@ -493,9 +493,10 @@ def build_metadata(
         **({"qa_reference_paths": qp} if (qp := _qa_reference_paths(metrics)) else {}),
         **({"fusion": fusion} if (fusion := _fusion(metrics)) is not None else {}),
         # how the pipeline runs the network (`inference_settings`): the null-field correction
-        # (`jrs.null_correction`: the same scan twice moves nothing), a light Gaussian filter of
-        # the final field (`jrs.field_smoothing`: the corrected field's voxel-scale roughness
-        # folds otherwise) and a second pass on what the first field left over (`jrs.cascade`)
+        # (`jrs.inference.null_correction`: the same scan twice moves nothing), a light Gaussian
+        # filter of the final field (`jrs.inference.smoothing`: the corrected field's voxel-scale
+        # roughness folds otherwise) and a second pass on what the first field left over
+        # (`jrs.inference.cascade`)
         **inference_settings(metrics),
         "network": _jsonable(dict(network)),
         "inputs": [
@@ -677,7 +678,7 @@ def _path_choice(metrics: Mapping[str, Any] | None) -> dict[str, str]:
 #: smoothing").
 DEFAULT_DVF_SMOOTHING_MM = 1.5
 
-#: Network passes that exported models ask for (``network_passes``, `jrs.cascade`): on the
+#: Network passes that exported models ask for (``network_passes``, `jrs.inference.cascade`): on the
 #: step-12,000 checkpoint's 8 held-out cases a second pass raised every organ's DSC of the
 #: written contours (phantom bladder 0.888 -> 0.914, the real patient's rectum 0.923 -> 0.933)
 #: for about 2.5 s more on 2 cores (docs/benchmarks.md, "Cascaded network passes").
@@ -695,7 +696,7 @@ def _validated_paths(metrics: Mapping[str, Any] | None) -> dict[str, list[str]]:
     A path (``segmentation``, ``registration``) is validated for an organ when the metrics give
     its validation DSC and that DSC is at least the better path's minus
     :data:`VALIDATED_PATH_MARGIN`. Organs without figures are left out: the pipeline then
-    vouches for the chosen path alone (:func:`jrs.qa.validated_paths`), and the QA's path
+    vouches for the chosen path alone (:func:`jrs.qa.figures.validated_paths`), and the QA's path
     disagreement stays silent for them.
 
     Returns:
@@ -720,13 +721,13 @@ def _qa_reference_paths(metrics: Mapping[str, Any] | None) -> dict[str, list[str
     """Per organ, the paths whose disagreement is a QA signal (``qa_reference_paths``).
 
     The validated paths plus every path whose validation DSC for the organ is at least
-    :data:`jrs.qa.QA_REFERENCE_MIN_DSC` (:func:`jrs.qa.qa_reference_paths` reads the same rule
-    from the figures when a model's metadata lacks the table).
+    :data:`jrs.qa.figures.QA_REFERENCE_MIN_DSC` (:func:`jrs.qa.figures.qa_reference_paths` reads the
+    same rule from the figures when a model's metadata lacks the table).
 
     Returns:
         Organ key -> sorted list of paths (empty dict when the metrics give nothing).
     """
-    from jrs.qa import qa_reference_paths
+    from jrs.qa.figures import qa_reference_paths
 
     validated = _validated_paths(metrics)
     if not validated:
@@ -747,8 +748,8 @@ def inference_settings(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         InvalidInput: ``metrics["inference"]`` is not a mapping, names another key, or a value
             is out of range.
     """
-    from jrs.cascade import network_passes
-    from jrs.field_smoothing import field_smoothing_sigma
+    from jrs.inference.cascade import network_passes
+    from jrs.inference.smoothing import field_smoothing_sigma
 
     out: dict[str, Any] = {
         "null_correction": True,
@@ -766,7 +767,8 @@ def inference_settings(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
         if not isinstance(given["null_correction"], bool):
             raise InvalidInput("metrics 'inference' null_correction must be true or false")
         out["null_correction"] = given["null_correction"]
-    try:  # the pipeline's own checks of the two values (`jrs.field_smoothing`, `jrs.cascade`)
+    # the pipeline's own checks of the values (`jrs.inference.smoothing`, `jrs.inference.cascade`)
+    try:
         if "dvf_smoothing_mm" in given:
             sigma = given["dvf_smoothing_mm"]
             if isinstance(sigma, bool) or not isinstance(sigma, int | float):
@@ -784,10 +786,10 @@ def _fusion(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
     The method is ``metrics["fusion"]["method"]`` (default ``weighted``); the per-organ weights
     are ``metrics["fusion"]["weights"]`` where given, else derived from each path's validation
-    DSC (:func:`path_dsc`) by :func:`jrs.fusion.weights_from_dice`: each path's DSC over the sum
-    of both (:data:`FUSION_WEIGHT_RULE`).
+    DSC (:func:`path_dsc`) by :func:`jrs.inference.fusion.weights_from_dice`: each path's DSC over
+    the sum of both (:data:`FUSION_WEIGHT_RULE`).
     """
-    from jrs.fusion import FusionSpec, weights_from_dice
+    from jrs.inference.fusion import FusionSpec, weights_from_dice
 
     given = (metrics or {}).get("fusion")
     figures = path_dsc(metrics)

@@ -11,7 +11,7 @@ Usage::
     python research/int8_ptq.py --model models/crossstitch/3 --pair PAIR.npz [--window 140]
 
 ``PAIR.npz`` holds ``fixed``, ``moving`` and ``labels`` (nz, ny, nx) arrays on the 1 mm network
-grid, network intensities (as `jrs.preprocess.prepare_pair` makes them).
+grid, network intensities (as `jrs.inference.preprocess.prepare_pair` makes them).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Not part of the product (``research/`` is not installed). For every case folder in the phantom
 layout (``CASE/planning/{ct,rtstruct.dcm}``, ``CASE/fraction_<k>/{ct,rtstruct.dcm,true_dvf.mha}``)
-and every method variant, it runs `jrs.pipeline.recontour` as a user would and scores:
+and every method variant, it runs `jrs.pipeline.run.recontour` as a user would and scores:
 
 * the four organs: DSC and MSD (mm) of the written RTSTRUCT against the fraction's truth;
 * the distant ROIs (femoral heads, the body outline): centroid error, mm;
@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-import jrs.pipeline as pipeline
-from jrs.dicom.rtstruct import masks_from_files
-from jrs.geometry import Volume
-from jrs.labels import LABELS, SynonymTable, label_map_from_masks
-from jrs.metrics import dice, surface_distances
-from jrs.pipeline import RecontourOptions, recontour
+import jrs.pipeline.run as pipeline
+from jrs.core.geometry import Volume
+from jrs.core.labels import LABELS, SynonymTable, label_map_from_masks
+from jrs.core.metrics import dice, surface_distances
+from jrs.io.rtstruct import masks_from_files
+from jrs.pipeline.run import RecontourOptions, recontour
 
 log = logging.getLogger("unseen_anatomy")
 
@@ -52,7 +52,7 @@ _REFINE = pipeline._refine
 
 
 def _capturing_refine(paths: Any, pair: Any, used: Any) -> Any:
-    """`jrs.pipeline._refine`, keeping the registration path before and after it."""
+    """`jrs.pipeline.run._refine`, keeping the registration path before and after it."""
     _CAPTURED["before"] = Volume(paths.registration.copy(), pair.grid)
     report = _REFINE(paths, pair, used)
     _CAPTURED["after"] = Volume(paths.registration.copy(), pair.grid)

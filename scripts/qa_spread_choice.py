@@ -2,7 +2,7 @@
 
 usage: python scripts/qa_spread_choice.py REPORT_DIR
 
-For each rule of `jrs.qa_family` (which flags of one contour reach the organ's other contours),
+For each rule of `jrs.qa.family` (which flags of one contour reach the organ's other contours),
 the thresholds are chosen on every case of REPORT_DIR (`jrs.qa_calibration.choose_thresholds`)
 and estimated leaving one case out (`cross_validate`), each search starting from the thresholds
 before this calibration (`PRE_CALIBRATION`: session 17's defaults, with the second opinion's
@@ -18,8 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from jrs import qa_calibration as q
-from jrs.qa import QaThresholds
+import jrs.qa_calibration as q
+from jrs.qa.figures import QaThresholds
 
 #: The thresholds this calibration started from (those it moved, at their values before).
 PRE_CALIBRATION: dict[str, float] = {

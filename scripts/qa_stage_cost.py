@@ -21,7 +21,7 @@ from pathlib import Path
 _RUN = """
 import json, shutil, sys
 from pathlib import Path
-from jrs.pipeline import recontour
+from jrs.pipeline.run import recontour
 out = Path(sys.argv[1])
 shutil.rmtree(out, ignore_errors=True)
 result = recontour(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), out)
@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     case = args.work / "case"
     if not (case / "fraction_1" / "ct").exists():
-        from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+        from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
         patient = generate_patient(3100, matrix=512)
         write_patient(patient, case)

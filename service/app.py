@@ -22,7 +22,7 @@ from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import jrs
-from jrs.errors import JrsError
+from jrs.core.errors import JrsError
 from jrs.service.auth import KeyChecker, require_api_key
 from jrs.service.errors import install_error_handlers
 from jrs.service.jobs import JobManager, JobStore, PipelineRunner
@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, runner: RunnerCallable | None =
     Args:
         settings: the configuration (read from the environment when None).
         runner: what re-contours a job, ``runner(job_dir, planning_dir, daily_dir) -> qa``
-            (the `PipelineRunner` on ``jrs.pipeline`` when None).
+            (the `PipelineRunner` on ``jrs.pipeline.run`` when None).
 
     Returns:
         The FastAPI app (its lifespan starts the store and the workers).

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from jrs.errors import ModelNotReady
+from jrs.core.errors import ModelNotReady
 from jrs.service.jobs import JobManager
 from jrs.service.metrics import Metrics
 from jrs.service.settings import Settings, get_settings

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jrs.errors import JrsError, ModelNotReady, ServiceBusy
+from jrs.core.errors import JrsError, ModelNotReady, ServiceBusy
 from jrs.service.logging_config import current_request_id
 
 logger = logging.getLogger("jrs.service.errors")

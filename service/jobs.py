@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from jrs.errors import InvalidInput, JrsError, ModelNotReady, ServiceBusy, StorageFull
+from jrs.core.errors import InvalidInput, JrsError, ModelNotReady, ServiceBusy, StorageFull
 
 logger = logging.getLogger("jrs.service.jobs")
 
@@ -116,9 +116,9 @@ def resolve_model_dir(model_dir: Path | None, name: str = "crossstitch") -> Path
 
 
 class PipelineRunner:
-    """The default runner: ``jrs.pipeline.recontour`` with a network backend loaded once.
+    """The default runner: ``jrs.pipeline.run.recontour`` with a network backend loaded once.
 
-    `load` (called in the app's lifespan) imports ``jrs.pipeline`` and loads the backend with
+    `load` (called in the app's lifespan) imports ``jrs.pipeline.run`` and loads the backend with
     ``load_backend``; any failure (pipeline or inference module missing, no model) leaves
     ``ready`` False with the reason, so ``/health/ready`` answers 503 and no job is accepted.
 
@@ -130,7 +130,8 @@ class PipelineRunner:
         dvf_spacing_mm: spacing of the written DVF grid, mm (None or 0: the daily CT grid).
         engine: network engine (``auto``, ``onnxruntime``, ``openvino``).
         precision: network precision (``auto``, ``fp32``, ``bf16``, ``fp16``).
-        synonyms: the site's ROI-name synonym table (`jrs.labels.SynonymTable`, ``JRS_SYNONYMS``);
+        synonyms: the site's ROI-name synonym table (`jrs.core.labels.SynonymTable`,
+            ``JRS_SYNONYMS``);
             None: the built-in table.
         path_choice: the site's output path per organ (``JRS_PATH_CHOICE``); organs not named
             keep the model's validated choice.
@@ -173,11 +174,11 @@ class PipelineRunner:
         import importlib
 
         try:
-            pipeline = importlib.import_module("jrs.pipeline")
+            pipeline = importlib.import_module("jrs.pipeline.run")
             needed = ("recontour", "load_backend", "RecontourOptions")
             missing = [name for name in needed if not hasattr(pipeline, name)]
             if missing:
-                raise ModelNotReady(f"jrs.pipeline lacks {', '.join(missing)}")
+                raise ModelNotReady(f"jrs.pipeline.run lacks {', '.join(missing)}")
             version_dir = resolve_model_dir(self.model_dir)
             options = pipeline.RecontourOptions(
                 model_dir=version_dir,

@@ -79,7 +79,7 @@ class JsonFormatter(logging.Formatter):
 class RedactUploadPaths(logging.Filter):
     """Remove upload paths (and what follows them) from every record, whatever its logger.
 
-    The core (`jrs.dicom`) names the files it reads in its log messages; under the service those
+    The core (`jrs.io`) names the files it reads in its log messages; under the service those
     are uploaded files whose names may identify a patient. Any text from one of `prefixes` (the
     data folder) to the end of the string it is in becomes ``<upload>``.
 

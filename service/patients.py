@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jrs.errors import JrsError, ModelNotReady, NotFound
+from jrs.core.errors import JrsError, ModelNotReady, NotFound
 from jrs.service.jobs import PLANNING_RTSTRUCT, resolve_model_dir
 from jrs.service.settings import Settings
 
@@ -347,7 +347,7 @@ def base_model_dir(settings: Settings) -> Path | None:
     try:
         folder = resolve_model_dir(chosen)
         if folder is None:
-            from jrs.pipeline import default_model_dir
+            from jrs.pipeline.run import default_model_dir
 
             folder = default_model_dir()
     except JrsError:
@@ -975,7 +975,7 @@ class PatientAwareRunner:
             return result
         import importlib
 
-        pipeline = importlib.import_module("jrs.pipeline")
+        pipeline = importlib.import_module("jrs.pipeline.run")
         options = pipeline.RecontourOptions(
             model_dir=model_dir,
             device=self.settings.device,

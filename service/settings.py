@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         precision: network arithmetic (``JRS_PRECISION``): ``auto`` (bf16 with OpenVINO on a
             CPU with AMX/AVX512-BF16, else fp32), ``fp32``, ``bf16`` or ``fp16`` (TensorRT).
         margin_mm: margin around the pre-aligned planning organs of the network box, mm
-            (`jrs.pipeline.RecontourOptions.margin_mm`).
+            (`jrs.pipeline.run.RecontourOptions.margin_mm`).
         dvf_spacing_mm: spacing (mm) of the grid ``dvf.mha`` and ``registration.dcm`` are
             written on (over the daily CT; an axis whose CT spacing is coarser keeps the CT's):
             3 mm by default, about 25 MB per file for a 174 x 512 x 512 daily CT where its own
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         min_free_bytes: new uploads are refused with 507 while the data folder has less free
             space than this.
         max_concurrent_jobs: worker threads running jobs.
-        max_concurrent_validations: uploads unpacked and read with `jrs.dicom` at the same time
+        max_concurrent_validations: uploads unpacked and read with `jrs.io` at the same time
             (bounds the memory of reading CT series).
         queue_size: jobs that may wait for a worker; more are refused with 503.
         job_wait_timeout_s: longest ``wait=true`` waits before answering 202.
@@ -188,8 +188,8 @@ class Settings(BaseSettings):
     def _load_synonyms(self) -> Settings:
         if self.synonyms is None:
             return self
-        from jrs.errors import JrsError
-        from jrs.labels import SynonymTable
+        from jrs.core.errors import JrsError
+        from jrs.core.labels import SynonymTable
 
         try:
             self._synonym_table = SynonymTable.from_yaml(self.synonyms)
@@ -205,8 +205,8 @@ class Settings(BaseSettings):
     def _parse_path_choice(self) -> Settings:
         if not self.path_choice.strip():
             return self
-        from jrs.errors import JrsError
-        from jrs.pipeline import parse_path_choice
+        from jrs.core.errors import JrsError
+        from jrs.pipeline.run import parse_path_choice
 
         try:
             self._path_choice = parse_path_choice([self.path_choice], "JRS_PATH_CHOICE item")
@@ -221,7 +221,7 @@ class Settings(BaseSettings):
 
     @property
     def synonym_table(self) -> Any:
-        """The `jrs.labels.SynonymTable` of ``JRS_SYNONYMS`` (None: the built-in table)."""
+        """The `jrs.core.labels.SynonymTable` of ``JRS_SYNONYMS`` (None: the built-in table)."""
         return self._synonym_table
 
     @property

@@ -5,7 +5,7 @@ held in memory), counting bytes and files against the limits. Each uploaded file
 (unpacked with guards against zip bombs and path traversal) or a DICOM file. The planning upload
 must hold a CT series and the RTSTRUCT drawn on it; the daily upload a CT series. A header
 pre-scan of every file comes first (deflated-DICOM bombs, image sizes against `MAX_MATRIX` and
-``JRS_MAX_VOXELS``, plausible PixelSpacing), then both are read and validated with `jrs.dicom`
+``JRS_MAX_VOXELS``, plausible PixelSpacing), then both are read and validated with `jrs.io`
 before a job is queued, so bad input is answered at once with a 4xx whose message names the file
 (as uploaded) and the attribute. tests/reliability/corpus.py holds 288 such inputs.
 """
@@ -29,7 +29,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from jrs.errors import InvalidInput, JrsError, PayloadTooLarge, UnsupportedData
+from jrs.core.errors import InvalidInput, JrsError, PayloadTooLarge, UnsupportedData
 from jrs.service.jobs import PLANNING_RTSTRUCT
 from jrs.service.settings import Settings
 
@@ -767,7 +767,7 @@ def validate_planning(input_dir: Path, limits: UploadLimits | None = None) -> Va
     """Validate ``input_dir/planning`` (CT series + its RTSTRUCT); renames the RTSTRUCT.
 
     A header pre-scan of every file (deflate bombs, image sizes against `MAX_MATRIX` and
-    ``max_voxels``, plausible PixelSpacing), then the checks of `jrs.dicom`: exactly one
+    ``max_voxels``, plausible PixelSpacing), then the checks of `jrs.io`: exactly one
     RTSTRUCT, readable, with at least one ROI with contours, belonging to the planning CT (frame
     of reference and referenced images); the CT series readable, CT, valid (see
     `read_ct_series`) and of a plausible slice spacing. The RTSTRUCT is renamed
@@ -783,8 +783,8 @@ def validate_planning(input_dir: Path, limits: UploadLimits | None = None) -> Va
     Raises:
         InvalidInput, GeometryMismatch, UnsupportedData, PayloadTooLarge: as `validate_inputs`.
     """
-    from jrs.dicom.ct import read_ct_series
-    from jrs.dicom.rtstruct import check_references, read_rtstruct
+    from jrs.io.ct import read_ct_series
+    from jrs.io.rtstruct import check_references, read_rtstruct
 
     limits = limits or UploadLimits.from_settings(Settings.model_construct())
     planning = input_dir / "planning"
@@ -859,7 +859,7 @@ def validate_daily(input_dir: Path, limits: UploadLimits | None = None) -> Valid
     Raises:
         InvalidInput, UnsupportedData, PayloadTooLarge: as `validate_inputs`.
     """
-    from jrs.dicom.ct import read_ct_series
+    from jrs.io.ct import read_ct_series
 
     limits = limits or UploadLimits.from_settings(Settings.model_construct())
     daily = input_dir / "daily"
@@ -880,7 +880,7 @@ def validate_daily(input_dir: Path, limits: UploadLimits | None = None) -> Valid
 
 
 def validate_inputs(input_dir: Path, limits: UploadLimits | None = None) -> ValidatedUpload:
-    """Validate a job's inputs with `jrs.dicom`; renames the planning RTSTRUCT to a fixed name.
+    """Validate a job's inputs with `jrs.io`; renames the planning RTSTRUCT to a fixed name.
 
     `validate_planning` (header pre-scan, then exactly one RTSTRUCT, readable, with contours,
     belonging to the planning CT; the CT series valid), then `validate_daily`.

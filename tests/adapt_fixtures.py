@@ -57,7 +57,7 @@ def tiny_base(root: Path, version: int = 1) -> Path:
 
 def phantom_planning(root: Path, seed: int = 7, fractions: int = 0) -> Path:
     """A small phantom (128 x 128 matrix) in the ``jrs phantom`` layout; the patient folder."""
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     patient = generate_patient(seed, matrix=128)
     folder = root / f"phantom{seed}"

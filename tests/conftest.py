@@ -16,7 +16,7 @@ SHARED_DATA = Path(os.environ.get("JRS_SHARED_DATA", REPO_ROOT.parent / "shared"
 
 @pytest.fixture(scope="session", autouse=True)
 def _own_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The product's cache (`jrs.null_cache`, OpenVINO's models) in a folder of the test run.
+    """The product's cache (`jrs.inference.null_cache`, OpenVINO's models) in a folder of the test run.
 
     Tests never read or fill the user's ``~/.cache/jrs``; a test that sets ``JRS_CACHE_DIR``
     itself (monkeypatch) keeps its own value.

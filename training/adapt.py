@@ -2,7 +2,7 @@
 
 METHOD.md ("Patient-specific adaptation", after Elmahdy et al., ISBI 2020): the planning CT is the
 moving image, synthetic daily fractions of it made by the deformation engine
-(:func:`jrs.phantom.engine.synthesize_fraction`) are the fixed images, and the planning contours
+(:func:`jrs.synth.engine.synthesize_fraction`) are the fixed images, and the planning contours
 warped by the known field are the fixed labels. The base model is fine-tuned with its own losses
 and loss weighting (:class:`jrs.training.trainer.Trainer`, bf16 autocast on a CPU that has it, AMP
 on
@@ -16,9 +16,9 @@ at any point (a service restart, a killed batch) continues where it was with the
    pipeline maps them), crop it to the organs plus `PLANNING_CROP_MM` (the engine and the
    pre-alignment then work on a quarter of the voxels), and make ``fractions`` training and
    ``val_fractions`` held-back fractions; each is pre-aligned and resampled like a re-contouring
-   (:func:`jrs.preprocess.prepare_pair`): training pairs on the organs + `TRAIN_BOX_MM`, held-back
-   pairs on the pipeline's network box (pre-aligned planning organs + `VALIDATION_BOX_MM`);
-   cached in ``<work>/pairs/``;
+   (:func:`jrs.inference.preprocess.prepare_pair`): training pairs on the organs + `TRAIN_BOX_MM`,
+   held-back pairs on the pipeline's network box (pre-aligned planning organs +
+   `VALIDATION_BOX_MM`); cached in ``<work>/pairs/``;
 2. ``base_validation``: the base model's ``model.onnx`` on the held-back pairs through the
    deployed inference engine (:func:`jrs.inference.load_model`: OpenVINO bf16 on this CPU,
    ONNX Runtime CUDA on a GPU), scored per organ (DSC, MSD) on the path the model's metadata
@@ -65,9 +65,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from jrs.errors import InvalidInput, JrsError
-from jrs.geometry import Geometry, Volume
-from jrs.labels import LABELS, SynonymTable, label_map_from_mapping
+from jrs.core.errors import InvalidInput, JrsError
+from jrs.core.geometry import Geometry, Volume
+from jrs.core.labels import LABELS, SynonymTable, label_map_from_mapping
 from jrs.training.data import TrainingPair
 from jrs.training.weights import WEIGHTS_FILE, file_sha256, load_weights, save_weights
 
@@ -405,7 +405,7 @@ def resolve_base(
 
     Args:
         model_dir: A model version folder, or a folder of numeric versions (the newest); default
-            the bundled model (``jrs.pipeline.default_model_dir``).
+            the bundled model (``jrs.pipeline.run.default_model_dir``).
         weights: A ``weights.pt`` or training checkpoint to use.
 
     Returns:
@@ -417,7 +417,7 @@ def resolve_base(
     from jrs.inference import read_metadata
 
     if model_dir is None:
-        from jrs.pipeline import default_model_dir
+        from jrs.pipeline.run import default_model_dir
 
         folder = default_model_dir()
     else:
@@ -576,7 +576,7 @@ def read_planning(
         InvalidInput: Unreadable files, or no ROI mapping to an organ.
         GeometryMismatch: The RTSTRUCT does not belong to the CT.
     """
-    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.io.rtstruct import masks_from_files
 
     _, series, masks = masks_from_files(ct_dir, rtstruct)
     mapping = (synonyms or SynonymTable()).resolve(masks)
@@ -635,9 +635,9 @@ def make_pair(
         The pair: fixed = synthetic daily CT, moving = pre-aligned planning CT, fixed labels = the
         planning labels warped by the known field.
     """
-    from jrs.focus_prealign import prealign_pair
-    from jrs.phantom.engine import synthesize_fraction
-    from jrs.preprocess import mask_box, prepare_pair
+    from jrs.inference.preprocess import mask_box, prepare_pair
+    from jrs.registration.focus import prealign_pair
+    from jrs.synth.engine import synthesize_fraction
 
     rng = np.random.default_rng([int(seed), int(k), 0x5EED])
     frac = synthesize_fraction(planning.ct, planning.labels, {}, rng, strength=strength)
@@ -713,9 +713,9 @@ def _inference_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
     See `jrs.model_export.export.inference_settings`: a model adapted from this one keeps them.
     """
-    from jrs.cascade import network_passes
-    from jrs.field_smoothing import field_smoothing_sigma
-    from jrs.null_correction import null_correction_enabled
+    from jrs.inference.cascade import network_passes
+    from jrs.inference.null_correction import null_correction_enabled
+    from jrs.inference.smoothing import field_smoothing_sigma
 
     return {
         "null_correction": null_correction_enabled(metadata),
@@ -739,10 +739,10 @@ def score_model(
 
     Each pair runs through :func:`jrs.inference.load_model` (the deployed engine); the
     segmentation path is the arg-max of the logits, the registration path the moving labels
-    warped by the DVF (:func:`jrs.transforms.warp`, ``label``), both post-processed with
-    :func:`jrs.postprocess.keep_largest_components`; organs whose choice is ``fusion`` are
-    fused from both (:func:`jrs.fusion.fuse`, soft-max and warped one-hot probabilities, with the
-    model's ``fusion`` entry) as the pipeline fuses them; the organ's path is the model's
+    warped by the DVF (:func:`jrs.core.fields.warp`, ``label``), both post-processed with
+    :func:`jrs.inference.postprocess.keep_largest_components`; organs whose choice is ``fusion`` are
+    fused from both (:func:`jrs.inference.fusion.fuse`, soft-max and warped one-hot probabilities,
+    with the model's ``fusion`` entry) as the pipeline fuses them; the organ's path is the model's
     ``path_choice`` (``segmentation`` where it names none, as the pipeline).
 
     Args:
@@ -754,19 +754,19 @@ def score_model(
         engine: Inference engine.
         should_stop: Checked after each pair.
         fusion: The model's ``metadata.json`` ``fusion`` entry (method and weights; None: the
-            defaults of :class:`jrs.fusion.FusionSpec`).
+            defaults of :class:`jrs.inference.fusion.FusionSpec`).
 
     Returns:
         Mean DSC / MSD per organ of the chosen path, per-path DSC (``fusion``: the fused
         organs only), per-fraction rows.
     """
-    from jrs.cascade import network_passes, refine
-    from jrs.field_smoothing import field_smoothing_sigma, smooth_field
+    from jrs.core.fields import warp
+    from jrs.core.metrics import dice, surface_distances
     from jrs.inference import load_model
-    from jrs.metrics import dice, surface_distances
-    from jrs.null_correction import null_correct, null_correction_enabled
-    from jrs.postprocess import keep_largest_components
-    from jrs.transforms import warp
+    from jrs.inference.cascade import network_passes, refine
+    from jrs.inference.null_correction import null_correct, null_correction_enabled
+    from jrs.inference.postprocess import keep_largest_components
+    from jrs.inference.smoothing import field_smoothing_sigma, smooth_field
 
     t0 = time.perf_counter()
     if device == "auto":
@@ -850,7 +850,7 @@ def _fused_labels(
     organs: Sequence[int],
     fusion: Mapping[str, Any] | None,
 ) -> npt.NDArray[np.uint8]:
-    """The fused organs of one pair, as :func:`jrs.pipeline` fuses them.
+    """The fused organs of one pair, as :func:`jrs.pipeline.run` fuses them.
 
     Args:
         paths: ``segmentation`` and ``registration`` label maps ``(nz, ny, nx)``.
@@ -864,7 +864,7 @@ def _fused_labels(
     Returns:
         ``(nz, ny, nx)`` uint8 map holding the fused organs only.
     """
-    from jrs.fusion import FusionSpec, fuse_network_paths, softmax_source
+    from jrs.inference.fusion import FusionSpec, fuse_network_paths, softmax_source
 
     return fuse_network_paths(
         paths["segmentation"],

@@ -7,12 +7,12 @@
 out of training):
 
 1. the planning scan as DICOM and its test fractions with their true contours: a phantom's own
-   fractions (:func:`jrs.phantom.generate_fraction`: analytic motion, not the deformation engine
+   fractions (:func:`jrs.synth.generate_fraction`: analytic motion, not the deformation engine
    the adaptation trains on), or, for the real scan, synthetic fractions of the engine
-   (:func:`jrs.phantom.from_planning.write_from_planning`) with seeds the adaptation never uses
+   (:func:`jrs.synth.from_planning.write_from_planning`) with seeds the adaptation never uses
    (real daily scans with contours would be better: there are none here);
 2. the adaptation (:func:`jrs.training.adapt.adapt`, the given budget), timed, with its decision;
-3. each fraction re-contoured through :func:`jrs.pipeline.recontour` with the generic model
+3. each fraction re-contoured through :func:`jrs.pipeline.run.recontour` with the generic model
    (``--model``), the patient model folder and the iterative baseline, scored per organ (DSC,
    MSD in mm) against the true contours on the daily CT grid.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.adapt import AdaptOptions, ArtefactWriter, adapt
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class _Case:
 def _phantom_case(
     seed: int, fractions: int, matrix: int, slice_mm: float | None, root: Path
 ) -> _Case:
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     patient = generate_patient(seed, matrix=matrix, slice_thickness=slice_mm)
     folder = root / f"phantom{seed}"
@@ -95,7 +95,7 @@ def _phantom_case(
 
 
 def _real_case(ct: Path, rtstruct: Path, fractions: int, root: Path) -> _Case:
-    from jrs.phantom.from_planning import write_from_planning
+    from jrs.synth.from_planning import write_from_planning
 
     folder = write_from_planning(ct, rtstruct, root / "real", fractions, seed=REAL_TEST_SEED)
     fx = [
@@ -107,8 +107,8 @@ def _real_case(ct: Path, rtstruct: Path, fractions: int, root: Path) -> _Case:
 
 def _organ_masks(ct: Path, rtstruct: Path) -> tuple[dict[str, np.ndarray], Any]:
     """Organ key -> mask on the CT grid (ROI names mapped by the synonym table)."""
-    from jrs.dicom.rtstruct import masks_from_files
-    from jrs.labels import LABELS, SynonymTable
+    from jrs.core.labels import LABELS, SynonymTable
+    from jrs.io.rtstruct import masks_from_files
 
     _, series, masks = masks_from_files(ct, rtstruct)
     used = SynonymTable().resolve(masks).used
@@ -118,7 +118,7 @@ def _organ_masks(ct: Path, rtstruct: Path) -> tuple[dict[str, np.ndarray], Any]:
 def _score(
     case: _Case, k: int, method: str, out: Path, daily: Path, truth_rs: Path
 ) -> list[dict[str, Any]]:
-    from jrs.metrics import dice, surface_distances
+    from jrs.core.metrics import dice, surface_distances
 
     truth, geometry = _organ_masks(daily, truth_rs)
     pred, _ = _organ_masks(daily, out / "rtstruct.dcm")
@@ -175,7 +175,7 @@ def benchmark_adaptation(
     Returns:
         The rows, adaptations, acceptance checks and the Markdown report.
     """
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.pipeline.run import RecontourOptions, recontour
 
     if not seeds and real is None:
         raise InvalidInput("the adaptation benchmark needs phantom seeds or a real planning scan")

@@ -2,14 +2,14 @@
 
 Run as ``python -m jrs.training.build_data --spec training/data_specs/data_v3.yaml --out STORE``.
 
-Every pair is made by the ONE deformation engine of `jrs.phantom.engine` (synthetic daily
+Every pair is made by the ONE deformation engine of `jrs.synth.engine` (synthetic daily
 fractions with known fields of a planning scan), pre-aligned and resampled by
-`jrs.preprocess.prepare_pair` (the function the re-contouring pipeline uses), cropped to the
-organs plus a margin, and written with `jrs.training.store.save_pair`. Sources:
+`jrs.inference.preprocess.prepare_pair` (the function the re-contouring pipeline uses), cropped to
+the organs plus a margin, and written with `jrs.training.store.save_pair`. Sources:
 
 * ``phantoms``: analytic pelvises of the "broad" variety (prostate 20-100 cc, bladder 80-600 mL,
   body habitus, noise 8-45 HU), slice thickness 1-3 mm, gold fiducials in some prostates, and
-  per-scan appearance variations (`jrs.phantom.appearance`: intensity jitter, streaks near bone,
+  per-scan appearance variations (`jrs.synth.appearance`: intensity jitter, streaks near bone,
   cut-off fields of view);
 * ``real``: synthetic fractions of real planning CTs with their clinical contours (e.g. the
   TCIA Pelvic-Reference-Data patients, doi 10.7937/TCIA.2019.woskq5oo); organs a scan does not
@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class PhantomSpec(_Strict):
         engine: ``organ`` (the deformation engine of any planning scan) or ``analytic`` (the
             phantoms' own analytic fractions: larger setup errors, analytic organ motion).
         source: Source label in the store (``phantom`` or ``validation``).
-        profile: draw profile of the ``organ`` engine (`jrs.phantom.engine.PROFILES`).
+        profile: draw profile of the ``organ`` engine (`jrs.synth.engine.PROFILES`).
     """
 
     count: int = Field(ge=1)
@@ -85,7 +85,7 @@ class RealSpec(_Strict):
         fractions: Synthetic fractions.
         seed: Seed of the fractions.
         source: ``real`` or ``validation``.
-        profile: draw profile of the deformation engine (`jrs.phantom.engine.PROFILES`).
+        profile: draw profile of the deformation engine (`jrs.synth.engine.PROFILES`).
     """
 
     ct: Path
@@ -118,7 +118,7 @@ def _init_worker() -> None:
 
 
 def _crop_box(labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    from jrs.preprocess import mask_box
+    from jrs.inference.preprocess import mask_box
 
     return mask_box(labels.array > 0, labels.geometry, CROP_MARGIN_MM)
 
@@ -132,7 +132,7 @@ def _pair_from_fraction(
     known: Sequence[int],
     group: str,
 ) -> Any:
-    from jrs.preprocess import prepare_pair
+    from jrs.inference.preprocess import prepare_pair
     from jrs.training.data import TrainingPair
 
     prepared = prepare_pair(
@@ -150,9 +150,9 @@ def _pair_from_fraction(
 
 def build_phantom_patient(spec: dict[str, Any], index: int, store: str) -> list[dict[str, Any]]:
     """Make (or skip, when present) the pairs of phantom patient ``index`` of a spec."""
-    from jrs.phantom import generate_fraction, generate_patient
-    from jrs.phantom.appearance import add_fiducials, record, vary_appearance
-    from jrs.phantom.engine import synthesize_fraction
+    from jrs.synth import generate_fraction, generate_patient
+    from jrs.synth.appearance import add_fiducials, record, vary_appearance
+    from jrs.synth.engine import synthesize_fraction
     from jrs.training.store import save_pair
 
     ps = PhantomSpec(**spec)
@@ -212,7 +212,7 @@ def build_phantom_patient(spec: dict[str, Any], index: int, store: str) -> list[
 
 
 def _synonym_table(synonyms: dict[str, list[str]]) -> Any:
-    from jrs.labels import DEFAULT_SYNONYMS, SynonymTable
+    from jrs.core.labels import DEFAULT_SYNONYMS, SynonymTable
 
     merged = {k: list(v) for k, v in DEFAULT_SYNONYMS.items()}
     for organ, names in synonyms.items():
@@ -224,8 +224,8 @@ def build_real_fraction(
     spec: dict[str, Any], k: int, store: str, synonyms: dict[str, list[str]]
 ) -> dict[str, Any]:
     """Make (or skip) synthetic fraction ``k`` of a real planning scan."""
-    from jrs.phantom.appearance import record, vary_appearance
-    from jrs.phantom.engine import synthesize_fraction
+    from jrs.synth.appearance import record, vary_appearance
+    from jrs.synth.engine import synthesize_fraction
     from jrs.training.data import read_labelled_ct
     from jrs.training.store import save_pair
 

@@ -13,7 +13,7 @@ names the key and the file instead of a silently ignored setting. Example
     output_dir: runs/cross-stitch_equal
 
 Data come from one of three sources: ``root`` (a dataset folder in the ``jrs phantom`` layout,
-prepared once and cached), ``phantoms`` (generated in memory by :mod:`jrs.phantom`), or
+prepared once and cached), ``phantoms`` (generated in memory by :mod:`jrs.synth`), or
 ``synthetic`` (tiny moving-blob pairs for smoke tests and CI, no DICOM at all).
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 
 __all__ = [
     "DataConfig",
@@ -80,7 +80,7 @@ class WeightingConfig(_Strict):
 
 
 class PhantomSource(_Strict):
-    """Phantom patients generated in memory by :mod:`jrs.phantom`.
+    """Phantom patients generated in memory by :mod:`jrs.synth`.
 
     Attributes:
         count: Number of patients.

@@ -6,8 +6,9 @@ A dataset is any folder of patients in the ``jrs phantom`` layout::
     ROOT/<patient>/fraction_<k>/{ct/, rtstruct.dcm[, true_dvf.mha]}
 
 so a clinic can point the same command at its own converted archive. Each (planning, fraction)
-pair is pre-aligned and resampled to the 1 mm network grid by `jrs.preprocess.prepare_pair` (the
-function the re-contouring pipeline uses), and cached on disk as ``.npz``. Patches of n^3 voxels
+pair is pre-aligned and resampled to the 1 mm network grid by
+`jrs.inference.preprocess.prepare_pair` (the function the re-contouring pipeline uses), and cached
+on disk as ``.npz``. Patches of n^3 voxels
 are drawn with centres balanced over three regions (targets: prostate + seminal vesicles; organs
 at risk: bladder + rectum; torso: the body), uniformly inside the chosen region; volumes are padded
 so that patches may hang over the edge. Each drawn pair is also used swapped (fixed <-> moving,
@@ -28,12 +29,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from jrs.errors import InvalidInput
-from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, SynonymTable
+from jrs.core.errors import InvalidInput
+from jrs.core.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, SynonymTable
 
 if TYPE_CHECKING:  # SimpleITK is imported only where DICOM pairs are prepared (lazily, below)
-    from jrs.geometry import Volume
-    from jrs.preprocess import PreparedPair
+    from jrs.core.geometry import Volume
+    from jrs.inference.preprocess import PreparedPair
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,9 @@ def read_labelled_ct(
     ct_dir: Path, rtstruct: Path, synonyms: SynonymTable | None = None
 ) -> tuple[Volume, Volume]:
     """Read a CT series and its RTSTRUCT as (HU volume, label map 0..4 volume)."""
-    from jrs.dicom.ct import read_ct_series
-    from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
-    from jrs.labels import label_map_from_masks
+    from jrs.core.labels import label_map_from_masks
+    from jrs.io.ct import read_ct_series
+    from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
 
     series = read_ct_series(ct_dir)
     masks = rtstruct_to_masks(read_rtstruct(rtstruct), series)
@@ -210,7 +211,7 @@ def load_pair(
             return TrainingPair.load(record.key, path)
         except (OSError, ValueError, KeyError, InvalidInput) as exc:
             log.warning("cache %s unreadable (%s); preparing again", path.name, exc)
-    from jrs.preprocess import prepare_pair
+    from jrs.inference.preprocess import prepare_pair
 
     daily_ct, daily_labels = read_labelled_ct(record.daily_ct, record.daily_rtstruct, synonyms)
     planning_ct, planning_labels = read_labelled_ct(
@@ -225,8 +226,8 @@ def load_pair(
 
 def phantom_pair(patient_seed: int, fraction: int = 1) -> TrainingPair:
     """Generate a phantom pair in memory (no DICOM round trip): the on-the-fly data option."""
-    from jrs.phantom import generate_fraction, generate_patient
-    from jrs.preprocess import prepare_pair
+    from jrs.inference.preprocess import prepare_pair
+    from jrs.synth import generate_fraction, generate_patient
 
     patient = generate_patient(patient_seed)
     frac = generate_fraction(patient, fraction)

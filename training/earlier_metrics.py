@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 
 #: Columns of ``metrics.csv`` (:func:`jrs.training.evaluate.evaluate`) this reader needs.
 METRIC_COLUMNS: tuple[str, ...] = ("model", "path", "pair", "organ", "dsc", "msd", "hd95")

@@ -1,24 +1,26 @@
 """Evaluate trained networks on held-out pairs with whole-scan tiled inference (METHOD.md).
 
 For each pair (1 mm grid) the network runs over the whole padded scan in windows
-(:mod:`jrs.tiling`, the same tiling as the ONNX inference: by default aligned to multiples of 4
-and overlapping by 4 output voxels, so that the stitched outputs equal one window covering the
+(:mod:`jrs.inference.tiling`, the same tiling as the ONNX inference: by default aligned to multiples
+of 4 and overlapping by 4 output voxels, so that the stitched outputs equal one window covering the
 whole scan); the high-level outputs are stitched into full volumes:
 
 * segmentation path: ``argmax`` of the stitched logits (= of their softmax);
 * registration path: the stitched high-level DVF (voxels of the 1 mm grid = mm) warps the whole
   moving label map once (one-hot channels, trilinear, then ``argmax``).
 
-Both are post-processed without looking at the ground truth (:mod:`jrs.postprocess`): the largest
-connected component per organ, the two largest for the seminal vesicles. A network with both paths
-is also scored on their per-organ fusion (``fused``, :func:`jrs.fusion.fuse`: by default the
-``weighted`` method, 0.5 / 0.5, from the soft-max of the logits and the trilinearly warped one-hot
-moving labels), as the pipeline's path choice ``fusion`` would contour it. Metrics per organ: DSC,
-MSD and HD95 (mm, :mod:`jrs.metrics`); DVF quality (:func:`jrs.qa.jacobian_stats`): Jacobian
-determinant of ``x -> x + u(x)`` over the body (its standard deviation, the folding fraction
-``det <= 0`` and the std of ``log det`` over ``det > 0``).
-Results go to a per-pair CSV and a Markdown report in the layout of the paper's Tables 3-5, with a
-paired Wilcoxon signed-rank test of every network/path against the best one (lowest mean MSD).
+Both are post-processed without looking at the ground truth (:mod:`jrs.inference.postprocess`): the
+largest connected component per organ, the two largest for the seminal vesicles. A network with both
+paths is also scored on their per-organ fusion (``fused``, :func:`jrs.inference.fusion.fuse`: by
+default the ``weighted`` method, 0.5 / 0.5, from the soft-max of the logits and the trilinearly
+warped one-hot moving labels), as the pipeline's path choice ``fusion`` would contour it. Metrics
+per
+organ: DSC, MSD and HD95 (mm, :mod:`jrs.core.metrics`); DVF quality
+(:func:`jrs.qa.figures.jacobian_stats`): Jacobian determinant of ``x -> x + u(x)`` over the body
+(its standard deviation, the folding fraction ``det <= 0`` and the std of ``log det`` over ``det >
+0``). Results go to a per-pair CSV and a Markdown report in the layout of the paper's Tables 3-5,
+with a paired Wilcoxon signed-rank test of every network/path against the best one (lowest mean
+MSD).
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry, Volume
-from jrs.labels import BLADDER, LABELS, PROSTATE, RECTUM, SEMINAL_VESICLES
-from jrs.metrics import dice, surface_distances
-from jrs.postprocess import COMPONENTS_KEPT, keep_largest_components
-from jrs.qa import jacobian_stats as qa_jacobian_stats
-from jrs.tiling import ALIGNMENT, SEAM_OVERLAP, run_tiled
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Geometry, Volume
+from jrs.core.labels import BLADDER, LABELS, PROSTATE, RECTUM, SEMINAL_VESICLES
+from jrs.core.metrics import dice, surface_distances
+from jrs.inference.postprocess import COMPONENTS_KEPT, keep_largest_components
+from jrs.inference.tiling import ALIGNMENT, SEAM_OVERLAP, run_tiled
+from jrs.qa.figures import jacobian_stats as qa_jacobian_stats
 from jrs.training.data import AIR, TrainingPair
 from jrs.training.earlier_metrics import EarlierEvaluation
 from jrs.training.networks import NUM_CLASSES
@@ -54,17 +56,18 @@ log = logging.getLogger(__name__)
 
 #: Organs evaluated, in the paper's table order.
 ORGANS: tuple[int, ...] = (PROSTATE, SEMINAL_VESICLES, RECTUM, BLADDER)
-#: Evaluation column -> key of :func:`jrs.qa.jacobian_stats`.
+#: Evaluation column -> key of :func:`jrs.qa.figures.jacobian_stats`.
 JACOBIAN_COLUMNS: dict[str, str] = {
     "jac_std": "std",
     "folding": "folding_fraction",
     "log_jac_std": "log_std",
 }
 
-#: Post-processing of a predicted label map: :func:`jrs.postprocess.keep_largest_components`
-#: (largest component per organ, two for the seminal vesicles; :data:`COMPONENTS_KEPT`).
+# : Post-processing of a predicted label map:
+# :func:`jrs.inference.postprocess.keep_largest_components` : (largest component per organ, two for
+# the seminal vesicles; :data:`COMPONENTS_KEPT`).
 postprocess = keep_largest_components
-#: Output paths of a network (``fused``: the two fused per organ, :mod:`jrs.fusion`).
+#: Output paths of a network (``fused``: the two fused per organ, :mod:`jrs.inference.fusion`).
 PATHS: tuple[str, ...] = ("seg", "reg", "fused")
 #: Metrics per organ.
 METRICS: tuple[str, ...] = ("dsc", "msd", "hd95")
@@ -136,7 +139,7 @@ def predict_volume(
     seam_overlap: int = SEAM_OVERLAP,
     alignment: int = ALIGNMENT,
 ) -> dict[str, npt.NDArray[np.float32]]:
-    """Run a network over whole volumes in windows (:func:`jrs.tiling.run_tiled`) and stitch.
+    """Run a network over whole volumes in windows (:func:`jrs.inference.tiling.run_tiled`).
 
     The network is put in eval mode for the call and restored afterwards.
 
@@ -150,9 +153,10 @@ def predict_volume(
             windows with the default seam overlap).
         batch_size: Windows per forward pass.
         amp: Autocast to float16 (CUDA only).
-        seam_overlap: As in :func:`jrs.tiling.plan_tiles` (0 with ``alignment=1``: METHOD.md's
+        seam_overlap: As in :func:`jrs.inference.tiling.plan_tiles` (0 with ``alignment=1``:
+            METHOD.md's
             plain abutting windows).
-        alignment: As in :func:`jrs.tiling.plan_tiles`.
+        alignment: As in :func:`jrs.inference.tiling.plan_tiles`.
 
     Returns:
         ``"seg"`` -> ``(5, D, H, W)`` high-level logits and ``"dvf"`` -> ``(3, D, H, W)``
@@ -192,14 +196,14 @@ def predict_volume(
 
 @dataclass
 class _Stitched:
-    """One tiled pass of a network (what `jrs.cascade.refine` reads)."""
+    """One tiled pass of a network (what `jrs.inference.cascade.refine` reads)."""
 
     dvf: npt.NDArray[np.float32]
     seg_logits: npt.NDArray[np.float32] | None
 
 
 class _TiledBackend:
-    """A torch network as a `jrs.pipeline.NetworkBackend` (tiled, :func:`predict_volume`)."""
+    """A torch network as a `jrs.pipeline.run.NetworkBackend` (tiled, :func:`predict_volume`)."""
 
     def __init__(self, net: nn.Module, window: int, batch_size: int, amp: bool) -> None:
         self.net, self.window, self.batch_size, self.amp = net, window, batch_size, amp
@@ -240,8 +244,9 @@ def predict_pair(
         amp: Autocast to float16 (CUDA only).
         keep_soft: Also keep the stitched logits and the soft warped labels (for fusion).
         null_correction: Subtract the field of the planning scan paired with itself, as the
-            pipeline does (`jrs.null_correction`).
-        passes: Network passes, as the pipeline runs them (`jrs.cascade`: each pass after the
+            pipeline does (`jrs.inference.null_correction`).
+        passes: Network passes, as the pipeline runs them (`jrs.inference.cascade`: each pass after
+            the
             first registers what the field so far left over; networks with a field only).
 
     Returns:
@@ -257,7 +262,7 @@ def predict_pair(
         stitched["dvf"] = stitched["dvf"] - null["dvf"]
         del null
     if passes > 1 and "dvf" in stitched:
-        from jrs.cascade import refine
+        from jrs.inference.cascade import refine
 
         backend = _TiledBackend(net, window, batch_size, amp)
         dvf, last, _ = refine(
@@ -322,8 +327,8 @@ def jacobian_stats(
 ) -> dict[str, float]:
     """Jacobian-determinant statistics of ``x -> x + u(x)`` under the evaluation's column names.
 
-    :func:`jrs.qa.jacobian_stats` on the evaluation's channels-first array (identity direction,
-    isotropic spacing), its keys renamed by :data:`JACOBIAN_COLUMNS`.
+    :func:`jrs.qa.figures.jacobian_stats` on the evaluation's channels-first array (identity
+    direction, isotropic spacing), its keys renamed by :data:`JACOBIAN_COLUMNS`.
 
     Args:
         dvf: ``(3, D, H, W)`` displacement in mm, channels (x, y, z) = (W, H, D) axes.
@@ -445,11 +450,11 @@ def evaluate(
         batch_size: Windows per forward pass.
         progress: Called with a short message after each (model, pair).
         fusion: How the ``fused`` rows of networks with both paths are made: a
-            :class:`jrs.fusion.FusionSpec`, or a method name (``weighted``, ``staple``,
+            :class:`jrs.inference.fusion.FusionSpec`, or a method name (``weighted``, ``staple``,
             ``evidence``; weights 0.5 / 0.5); ``None``: no fused rows.
         null_correction: Subtract each network's field of the planning scan paired with
-            itself, as the pipeline does (`jrs.null_correction`; the release evaluation).
-        passes: Network passes per pair, as the pipeline runs them (`jrs.cascade`).
+            itself, as the pipeline does (`jrs.inference.null_correction`; the release evaluation).
+        passes: Network passes per pair, as the pipeline runs them (`jrs.inference.cascade`).
         earlier: Figures of earlier evaluations of exactly these pairs
             (:func:`jrs.training.earlier_metrics.read_evaluation`): their rows join the report, so
             networks scored in different runs are compared paired. Their model names must
@@ -548,7 +553,7 @@ def export_metrics(
 
     Args:
         report: The evaluation of exactly one model.
-        fusion: The :class:`jrs.fusion.FusionSpec` of the fused rows (None: none).
+        fusion: The :class:`jrs.inference.fusion.FusionSpec` of the fused rows (None: none).
         pairs: The evaluated pairs' keys (recorded).
 
     Returns:
@@ -565,10 +570,10 @@ def export_metrics(
 
 
 def _fusion_spec(fusion: Any) -> Any:
-    """The :class:`jrs.fusion.FusionSpec` of :func:`evaluate`'s ``fusion`` (None: no fusion)."""
+    """The :class:`jrs.inference.fusion.FusionSpec` of :func:`evaluate`'s ``fusion``."""
     if fusion is None:
         return None
-    from jrs.fusion import FusionSpec
+    from jrs.inference.fusion import FusionSpec
 
     return fusion if isinstance(fusion, FusionSpec) else FusionSpec(str(fusion))  # type: ignore[arg-type]
 
@@ -579,13 +584,13 @@ def _fused(
     spec: Any,
     pair: TrainingPair,
 ) -> npt.NDArray[np.uint8]:
-    """The per-organ fusion of a prediction's two post-processed paths (:func:`jrs.fusion.fuse`).
+    """The per-organ fusion of a prediction's post-processed paths (`jrs.inference.fusion.fuse`).
 
     The segmentation probabilities are the soft-max of the stitched logits and the registration
     ones the trilinearly warped one-hot moving labels, both read inside each organ's box only;
     ``evidence`` also reads the pair's two images and the DVF there.
     """
-    from jrs.fusion import fuse_network_paths, probability_source, softmax_source
+    from jrs.inference.fusion import fuse_network_paths, probability_source, softmax_source
 
     if pred.seg_logits is None or pred.reg_probs is None or pred.dvf is None:
         raise InvalidInput("fusion needs the logits and the soft warped labels (keep_soft=True)")

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES
+from jrs.core.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES
 from jrs.training.data import TrainingPair
 
 __all__ = ["synthetic_pair"]

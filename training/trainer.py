@@ -52,8 +52,8 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from jrs.errors import InvalidInput
-from jrs.labels import LABELS
+from jrs.core.errors import InvalidInput
+from jrs.core.labels import LABELS
 from jrs.training.data import (
     KeyedPatchSampler,
     PatchBatch,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 
 #: File name of the weights inside a model version folder.
 WEIGHTS_FILE = "weights.pt"

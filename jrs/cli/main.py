@@ -60,7 +60,7 @@ def _handle_errors(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from jrs.errors import InvalidInput, JrsError, UnsupportedData
+        from jrs.core.errors import InvalidInput, JrsError, UnsupportedData
 
         _setup_logging()
         try:
@@ -136,7 +136,7 @@ def phantom(
     with fraction_<k>/params.json. --family organ|dome makes the phantoms' fractions with that
     engine too (default: the analytic phantom motion).
     """
-    from jrs.errors import InvalidInput
+    from jrs.core.errors import InvalidInput
 
     if family is not None and family not in ("organ", "dome"):
         raise InvalidInput(f"--family {family!r} unknown; use organ or dome")
@@ -156,8 +156,8 @@ def phantom(
                 "--patients and --patient-position do not apply with --from-planning (one "
                 "planning scan, stored as it was acquired)"
             )
-        from jrs.labels import SynonymTable
-        from jrs.phantom.from_planning import write_from_planning
+        from jrs.core.labels import SynonymTable
+        from jrs.synth.from_planning import write_from_planning
 
         folder = write_from_planning(
             from_planning,
@@ -179,7 +179,7 @@ def phantom(
         for path in made:
             typer.echo(str(path))
         return
-    from jrs.phantom import write_dataset
+    from jrs.synth import write_dataset
 
     written = write_dataset(
         out,
@@ -211,7 +211,7 @@ def _engine_phantoms(
 
     from tqdm import tqdm
 
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -249,7 +249,7 @@ def rtstruct_to_masks(
     """Rasterise every ROI of an RTSTRUCT onto its CT grid, one mask file per ROI."""
     from tqdm import tqdm
 
-    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.io.rtstruct import masks_from_files
 
     # the RTSTRUCT is checked against the CT headers before pixels are read, so a wrong or
     # incomplete CT folder is reported as such ("references 98 images, 97 missing")
@@ -271,10 +271,10 @@ def masks_to_rtstruct(
     out: Annotated[Path, typer.Option("--out", help="RTSTRUCT file to write.")],
 ) -> None:
     """Write an RTSTRUCT for a CT from one binary mask file per ROI (ROI name = file name)."""
-    from jrs.dicom.ct import read_ct_series
-    from jrs.dicom.rtstruct import write_rtstruct
-    from jrs.errors import InvalidInput
-    from jrs.geometry import Volume
+    from jrs.core.errors import InvalidInput
+    from jrs.core.geometry import Volume
+    from jrs.io.ct import read_ct_series
+    from jrs.io.rtstruct import write_rtstruct
 
     series = read_ct_series(ct)
     files = (
@@ -321,8 +321,8 @@ def rois(
     ] = None,
 ) -> None:
     """Show which ROI maps to which organ, and why (and, with --ct, the plausibility checks)."""
-    from jrs.dicom.rtstruct import masks_from_files, read_rtstruct
-    from jrs.labels import SynonymTable
+    from jrs.core.labels import SynonymTable
+    from jrs.io.rtstruct import masks_from_files, read_rtstruct
 
     table = SynonymTable.from_yaml(synonyms) if synonyms is not None else SynonymTable()
     if prefer_automatic:
@@ -339,7 +339,7 @@ def rois(
             "structure set with --method network (--method iterative propagates its ROIs)"
         )
     if ct is not None:
-        from jrs.plausibility import check_planning
+        from jrs.qa.plausibility import check_planning
 
         _, series, masks = masks_from_files(ct, rtstruct)
         findings = check_planning(masks, mapping, series.volume.geometry, series.volume)
@@ -359,10 +359,10 @@ def _recontour_options(
     precision: str = "auto",
     path_choice: list[str] | None = None,
 ) -> Any:
-    from jrs.errors import InvalidInput
+    from jrs.core.errors import InvalidInput
+    from jrs.core.labels import SynonymTable
     from jrs.inference import check_engine_options
-    from jrs.labels import SynonymTable
-    from jrs.pipeline import DEFAULT_DVF_SPACING_MM, RecontourOptions, parse_path_choice
+    from jrs.pipeline.run import DEFAULT_DVF_SPACING_MM, RecontourOptions, parse_path_choice
 
     if method not in ("network", "iterative"):
         raise InvalidInput(f"--method {method!r} unknown; use network or iterative")
@@ -523,8 +523,8 @@ CacheDirOpt = Annotated[
 
 
 def _fusion_method(value: str | None) -> str | None:
-    from jrs.errors import InvalidInput
-    from jrs.fusion import FUSION_METHODS
+    from jrs.core.errors import InvalidInput
+    from jrs.inference.fusion import FUSION_METHODS
 
     if value is not None and value not in FUSION_METHODS:
         raise InvalidInput(f"--fusion-method {value!r} unknown; use {', '.join(FUSION_METHODS)}")
@@ -559,9 +559,9 @@ def recontour(
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Re-contour a daily CT (rtstruct.dcm, dvf.mha, registration.dcm, qa.json, review.png)."""
-    from jrs.focus_prealign import check_prealign_mode
-    from jrs.null_cache import check_null_pass
-    from jrs.pipeline import recontour as run
+    from jrs.inference.null_cache import check_null_pass
+    from jrs.pipeline.run import recontour as run
+    from jrs.registration.focus import check_prealign_mode
 
     opts = _recontour_options(
         model, device, method, synonyms, dvf_spacing, engine, precision, path_choice
@@ -615,7 +615,7 @@ def _remote_rows(
     """
     import contextlib
 
-    from jrs.errors import JrsError
+    from jrs.core.errors import JrsError
 
     if server is None:
         return contextlib.nullcontext(None)
@@ -692,9 +692,15 @@ def batch(
     """
     from tqdm import tqdm
 
-    from jrs.batch import group_rows, read_manifest, run_batch, select_shard, status_file_name
-    from jrs.batch import select_shard_groups as shard_groups
-    from jrs.errors import InvalidInput
+    from jrs.core.errors import InvalidInput
+    from jrs.pipeline.batch import (
+        group_rows,
+        read_manifest,
+        run_batch,
+        select_shard,
+        status_file_name,
+    )
+    from jrs.pipeline.batch import select_shard_groups as shard_groups
 
     if path_choice and server is not None:
         raise InvalidInput(
@@ -933,8 +939,8 @@ def benchmark(
     """
     import json
 
-    from jrs import benchmark as bench
-    from jrs.errors import InvalidInput
+    from jrs.core.errors import InvalidInput
+    from jrs.pipeline import benchmark as bench
 
     if what == "phantom":
         result = bench.bench_phantom(fractions, seed, slice_mm)
@@ -1036,7 +1042,7 @@ def benchmark(
         typer.echo(held.markdown)
         result = {"benchmark": "heldout", "rows": held.rows, "timings_s": held.timings}
     elif what == "qa":
-        from jrs import qa_calibration as qac
+        import jrs.qa_calibration as qac
 
         if report is None:
             raise InvalidInput("benchmark qa needs --report DIR (records and report go there)")
@@ -1134,7 +1140,7 @@ def _bench_adaptation(
     real: tuple[Path | None, Path | None],
 ) -> dict[str, Any]:
     """``jrs benchmark adaptation`` (see `benchmark`)."""
-    from jrs.errors import InvalidInput
+    from jrs.core.errors import InvalidInput
     from jrs.model_export.export import ArtefactWriter
     from jrs.training.adapt import AdaptOptions
     from jrs.training.adapt_benchmark import benchmark_adaptation
@@ -1240,7 +1246,7 @@ def train(
     Several processes (GPUs) train together when launched by torchrun, e.g.
     torchrun --nproc_per_node 4 -m jrs.cli train --config FILE --device cuda.
     """
-    from jrs.errors import InvalidInput
+    from jrs.core.errors import InvalidInput
     from jrs.training.config import load_config
     from jrs.training.trainer import Trainer
 
@@ -1325,8 +1331,8 @@ def evaluate(
             "--network-passes",
             min=1,
             max=4,
-            help="Network passes per pair, as the pipeline runs them (jrs.cascade; the release "
-            "evaluation uses the exported models' 2).",
+            help="Network passes per pair, as the pipeline runs them (jrs.inference.cascade; "
+            "the release evaluation uses the exported models' 2).",
         ),
     ] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first phantom.")] = 1000,
@@ -1347,8 +1353,8 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate checkpoints on held-out pairs: DSC/MSD/HD95 per organ, Jacobian, Wilcoxon."""
-    from jrs.errors import InvalidInput
-    from jrs.tiling import check_window
+    from jrs.core.errors import InvalidInput
+    from jrs.inference.tiling import check_window
     from jrs.training.config import PhantomSource, SyntheticSource
     from jrs.training.data import discover_pairs, load_pair
     from jrs.training.evaluate import evaluate as run_evaluation
@@ -1452,8 +1458,8 @@ def export(
 
 
 def _patient_adapter(base: Path | None, minutes: float, device: str, synonyms: Any) -> Any:
-    """``jrs batch --adapt``: the adapter of `jrs.batch.run_batch` (`jrs.training.adapt.adapt`)."""
-    from jrs.errors import JrsError
+    """``jrs batch --adapt``: the batch adapter (`jrs.training.adapt.adapt`)."""
+    from jrs.core.errors import JrsError
 
     try:
         from jrs.model_export.export import ArtefactWriter
@@ -1549,7 +1555,7 @@ def adapt(
     """
     import signal
 
-    from jrs.labels import SynonymTable
+    from jrs.core.labels import SynonymTable
     from jrs.model_export.export import ArtefactWriter
     from jrs.training.adapt import AdaptationInterrupted, AdaptOptions
     from jrs.training.adapt import adapt as run_adaptation

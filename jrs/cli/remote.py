@@ -41,8 +41,8 @@ from typing import IO, Any
 
 import httpx
 
-from jrs.batch import BatchRow
-from jrs.errors import InvalidInput, JrsError
+from jrs.core.errors import InvalidInput, JrsError
+from jrs.pipeline.batch import BatchRow
 
 log = logging.getLogger(__name__)
 # httpx logs every request at INFO: that would drown the batch progress bar and the messages
@@ -711,7 +711,7 @@ def patient_row_runner(
     adaptation to end (the other rows of that patient wait for the first), then every fraction is
     sent with its daily CT only, so all of them use the same model (``qa.model.kind``).
     """
-    from jrs.batch import row_group
+    from jrs.pipeline.batch import row_group
 
     registry = Path(out) / PATIENTS_FILE
     lock = threading.Lock()

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from jrs.errors import JrsError
+from jrs.core.errors import JrsError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def write_case(
         (planning zip, daily zip, the daily CT grid (z, y, x)).
     """
     from jrs.cli.remote import write_zip
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     patient = generate_patient(seed, matrix=matrix, slice_thickness=slice_mm)
     fraction = generate_fraction(patient, 1)

@@ -34,7 +34,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from jrs.errors import InvalidInput, ModelNotReady
+from jrs.core.errors import InvalidInput, ModelNotReady
 from jrs.inference._onnxruntime import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER
 from jrs.inference.engine import (
     ENGINE_NAMES,
@@ -64,7 +64,7 @@ from jrs.inference.model import (
     Prediction,
     softmax,
 )
-from jrs.tiling import SEAM_OVERLAP
+from jrs.inference.tiling import SEAM_OVERLAP
 
 log = logging.getLogger(__name__)
 

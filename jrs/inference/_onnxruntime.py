@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jrs.errors import ModelNotReady
+from jrs.core.errors import ModelNotReady
 from jrs.inference.engine import Engine
 from jrs.inference.metadata import METADATA_FILE, ModelMetadata
 

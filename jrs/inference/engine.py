@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from jrs.errors import ModelNotReady
+from jrs.core.errors import ModelNotReady
 
 #: Engine names accepted by ``--engine`` / ``JRS_ENGINE``.
 ENGINE_NAMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
@@ -47,7 +47,7 @@ class EngineUnavailable(ModelNotReady):
     """An engine's runtime is missing or failed to start on this machine.
 
     ``device=auto`` then falls back to the CPU; an explicit request becomes a
-    :class:`~jrs.errors.ModelNotReady`.
+    :class:`~jrs.core.errors.ModelNotReady`.
     """
 
 

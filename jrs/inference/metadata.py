@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jrs.errors import ModelNotReady
-from jrs.tiling import MARGIN, MIN_WINDOW
+from jrs.core.errors import ModelNotReady
+from jrs.inference.tiling import MARGIN, MIN_WINDOW
 
 #: File names inside a model version folder.
 MODEL_FILE = "model.onnx"

@@ -1,16 +1,16 @@
 """A loaded model: metadata + an engine, and whole-scan tiled prediction on top of it.
 
 :meth:`Model.predict` follows METHOD.md, "Inference on a whole scan", with the tiling of
-:mod:`jrs.tiling`: the 1 mm volumes are padded by 20 voxels per side (images with -1 = air after
-the intensity transform, labels with 0) and cut into input windows of size ``n``; unless given, the
-window is chosen from a memory budget (:meth:`Model.choose_window`). The high-level segmentation
-logits and DVF of the windows are stitched into whole volumes; the pipeline then takes the
-arg-max and warps the whole moving labels once.
+:mod:`jrs.inference.tiling`: the 1 mm volumes are padded by 20 voxels per side (images with -1 = air
+after the intensity transform, labels with 0) and cut into input windows of size ``n``; unless
+given, the window is chosen from a memory budget (:meth:`Model.choose_window`). The high-level
+segmentation logits and DVF of the windows are stitched into whole volumes; the pipeline then takes
+the arg-max and warps the whole moving labels once.
 
 By default (``align=True, seam_overlap=4``) the windows are aligned to multiples of 4 and overlap
 by 4 output voxels, which keeps the stitched result equal to a single window covering the whole
 volume (up to float rounding; tested); ``align=False, seam_overlap=0`` gives METHOD.md's plain
-abutting windows, with their 4-voxel seams. :mod:`jrs.tiling` explains why.
+abutting windows, with their 4-voxel seams. :mod:`jrs.inference.tiling` explains why.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.inference.engine import Engine
 from jrs.inference.metadata import ModelMetadata
-from jrs.tiling import (
+from jrs.inference.tiling import (
     ALIGNMENT,
     MARGIN,
     MIN_WINDOW,
@@ -285,7 +285,8 @@ class Model:
             align: As in :meth:`predict`.
 
         Returns:
-            The requested window ``n`` (per-axis windows follow :func:`jrs.tiling.plan_tiles`).
+            The requested window ``n`` (per-axis windows follow
+            :func:`jrs.inference.tiling.plan_tiles`).
         """
         budget = self.default_memory_budget_mb if memory_budget_mb is None else memory_budget_mb
         alignment = ALIGNMENT if align else 1
@@ -364,11 +365,11 @@ class Model:
             batch_size: Windows per run; by default as many as fit the budget, at most the
                 engine's ``max_batch`` (8 on CUDA, 1 on CPUs, where batching brings no speed).
             align: Pad each axis to a multiple of 4 first so that every window sits on the same
-                sampling phase (``alignment=4`` of :func:`jrs.tiling.plan_tiles`).
+                sampling phase (``alignment=4`` of :func:`jrs.inference.tiling.plan_tiles`).
             seam_overlap: Voxels by which consecutive windows' high-level outputs overlap, so
                 that the last 4 of each window (touched by the stride-2 blocks' end padding) are
                 overwritten by the next window. ``align=False, seam_overlap=0`` gives METHOD.md's
-                plain abutting windows (:mod:`jrs.tiling` explains the deviation).
+                plain abutting windows (:mod:`jrs.inference.tiling` explains the deviation).
             progress: Called with ``(windows done, windows in total)`` after each run.
 
         Returns:
@@ -420,7 +421,7 @@ class Model:
     def _timed_runner(
         self, timings: InferenceTimings
     ) -> Callable[[npt.NDArray[Any]], dict[str, npt.NDArray[Any]]]:
-        """A :func:`jrs.tiling.run_tiled` predictor running the engine on stacked windows.
+        """A :func:`jrs.inference.tiling.run_tiled` predictor running the engine on stacked windows.
 
         Args:
             timings: Receives the run and compile times and the number of runs.

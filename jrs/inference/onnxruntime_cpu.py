@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.inference._onnxruntime import CPU_PROVIDER, OnnxRuntimeEngine, create_session
 from jrs.inference.metadata import ModelMetadata
 

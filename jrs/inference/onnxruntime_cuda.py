@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.inference._onnxruntime import (
     CPU_PROVIDER,
     CUDA_PROVIDER,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jrs.errors import InvalidInput, ModelNotReady
+from jrs.core.errors import InvalidInput, ModelNotReady
 from jrs.inference.engine import Engine, EngineUnavailable
 from jrs.inference.metadata import METADATA_FILE, ModelMetadata
 

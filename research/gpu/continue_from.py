@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.data import AIR, TrainingPair
 from jrs.training.store import REGION_STRIDE, list_store, load_stored_pair
 from jrs.training.weights import file_sha256

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import numpy as np
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.data import PatchBatch, PatchSampler, TrainingPair
 from jrs.training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
 from jrs.training.weights import file_sha256

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.data import PatchBatch
 from jrs.training.trainer import Trainer, _CsvLog, seed_everything
 from jrs.training.weights import file_sha256

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from jrs.errors import ModelNotReady
+from jrs.core.errors import ModelNotReady
 from jrs.service.schemas import error_responses
 
 router = APIRouter(prefix="/health", tags=["health"])

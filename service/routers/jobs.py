@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
-from jrs.errors import NotFound
+from jrs.core.errors import NotFound
 from jrs.service.auth import require_api_key
 from jrs.service.deps import ManagerDep
 from jrs.service.errors import JobNotFinished

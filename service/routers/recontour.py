@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from jrs.errors import JrsError, ModelNotReady, ServiceBusy, StorageFull
+from jrs.core.errors import JrsError, ModelNotReady, ServiceBusy, StorageFull
 from jrs.service.auth import require_api_key
 from jrs.service.deps import ManagerDep, MetricsDep, SettingsDep
 from jrs.service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id

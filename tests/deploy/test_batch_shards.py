@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jrs.batch import BatchRow, run_batch, select_shard, status_file_name
-from jrs.errors import InvalidInput
-from jrs.pipeline import RecontourOptions
+from jrs.core.errors import InvalidInput
+from jrs.pipeline.batch import BatchRow, run_batch, select_shard, status_file_name
+from jrs.pipeline.run import RecontourOptions
 
 ITERATIVE = RecontourOptions(method="iterative")
 

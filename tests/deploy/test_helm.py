@@ -889,7 +889,7 @@ def test_synonyms_load_as_service_settings_and_cli_options(
     settings_module = pytest.importorskip("jrs.service.settings")
     patients = pytest.importorskip("jrs.service.patients")
     from jrs.cli.main import app
-    from jrs.labels import SynonymTable
+    from jrs.core.labels import SynonymTable
     from jrs.service.errors import ConfigurationError
 
     command = typer_main.get_command(app)
@@ -992,7 +992,7 @@ def test_jrs_synonyms_in_config_alone_still_renders(
 
 
 def test_schema_organ_keys_are_the_synonym_tables() -> None:
-    from jrs.labels import LABELS, LANDMARKS
+    from jrs.core.labels import LABELS, LANDMARKS
 
     schema = json.loads((CHART_DIR / "values.schema.json").read_text())
     table = schema["properties"]["synonyms"]["properties"]["table"]

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import jrs.batch as batch
-from jrs.batch import group_rows, planning_series_key, read_manifest, run_batch
-from jrs.dicom.ct import write_ct_series
-from jrs.dicom.series import CTSeries
-from jrs.errors import InvalidInput, JrsError
-from jrs.geometry import Geometry, Volume
-from jrs.pipeline import RecontourOptions
+import jrs.pipeline.batch as batch
+from jrs.core.errors import InvalidInput, JrsError
+from jrs.core.geometry import Geometry, Volume
+from jrs.io.ct import write_ct_series
+from jrs.io.series import CTSeries
+from jrs.pipeline.batch import group_rows, planning_series_key, read_manifest, run_batch
+from jrs.pipeline.run import RecontourOptions
 
 
 def _series(folder: Path, seed: int) -> str:

@@ -18,9 +18,9 @@ def test_prealign_benchmark_reports_time_memory_and_accuracy(tmp_path: Path) -> 
 
 
 def test_prealign_benchmark_compares_spacings_on_a_given_ct(tmp_path: Path) -> None:
-    from jrs.dicom.ct import write_ct_series
-    from jrs.dicom.series import CTSeries
-    from jrs.phantom import generate_patient
+    from jrs.io.ct import write_ct_series
+    from jrs.io.series import CTSeries
+    from jrs.synth import generate_patient
 
     ct = generate_patient(1).ct
     coarse = ct.resample(ct.geometry.resampled_grid([2.0, 2.0, 3.0]), "linear", -1000.0)
@@ -52,7 +52,7 @@ def test_unknown_benchmark_is_a_clear_error() -> None:
 
 
 def test_engine_ratios_and_stage_table() -> None:
-    from jrs.benchmark import engine_ratios, recontour_markdown
+    from jrs.pipeline.benchmark import engine_ratios, recontour_markdown
 
     def run(network: float, total: float) -> dict:
         return {
@@ -86,8 +86,8 @@ def test_engine_ratios_and_stage_table() -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_recontour_benchmark_runs_engines_and_measures_the_coarse_dvf(tmp_path: Path) -> None:
-    from jrs.benchmark import bench_recontour, phantom_case
     from jrs.inference import openvino_available
+    from jrs.pipeline.benchmark import bench_recontour, phantom_case
 
     case = phantom_case(tmp_path / "case", seed=4244, slice_mm=3.0, matrix=160)
     runs = ["openvino-bf16"] if openvino_available() else ["onnxruntime-fp32"]

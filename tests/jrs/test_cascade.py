@@ -1,4 +1,4 @@
-"""Cascaded network passes (`jrs.cascade`): composition against an analytic under-registering
+"""Cascaded network passes (`jrs.inference.cascade`): composition against an analytic under-registering
 network, the same scan twice, the options, and the pipeline's use of them."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from jrs.cascade import MAX_PASSES, network_passes, refine
-from jrs.geometry import Geometry
+from jrs.core.geometry import Geometry
+from jrs.inference.cascade import MAX_PASSES, network_passes, refine
 
 
 @dataclass
@@ -137,9 +137,9 @@ class _ShiftBackend:
 
 @pytest.mark.integration
 def test_pipeline_runs_the_passes_the_model_asks_for(tmp_path: Path) -> None:
-    from jrs.geometry import Volume
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.core.geometry import Volume
+    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     patient = generate_patient(7, matrix=128, slice_thickness=3.0)
     write_patient(patient, tmp_path / "case")

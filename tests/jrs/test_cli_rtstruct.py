@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from jrs.cli import app
-from jrs.dicom.ct import write_ct_series
-from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks, write_rtstruct
-from jrs.dicom.series import CTSeries, PatientInfo
-from jrs.geometry import Geometry, Volume
+from jrs.core.geometry import Geometry, Volume
+from jrs.io.ct import write_ct_series
+from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks, write_rtstruct
+from jrs.io.series import CTSeries, PatientInfo
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""`jrs.contour_fit`: a contour on its organ fits the daily CT's edges best; one drawn off does not."""
+"""`jrs.qa.contour_fit`: a contour on its organ fits the daily CT's edges best; one drawn off does not."""
 
 import numpy as np
 import pytest
 
-from jrs.contour_fit import contour_fit, fit_shifts_mm
-from jrs.geometry import Geometry
+from jrs.core.geometry import Geometry
+from jrs.qa.contour_fit import contour_fit, fit_shifts_mm
 
 
 def _scene(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jrs.contours import PlanarContour, RasterReport, contours_to_mask, mask_to_contours
-from jrs.errors import GeometryMismatch, InvalidInput
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry
-from jrs.metrics import centroid_mm, dice
+from jrs.core.errors import GeometryMismatch, InvalidInput
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry
+from jrs.core.metrics import centroid_mm, dice
+from jrs.io.contours import PlanarContour, RasterReport, contours_to_mask, mask_to_contours
 
 
 def _rotation(ax: float, az: float) -> np.ndarray:
@@ -181,7 +181,7 @@ def test_vectorised_tracing_gives_the_rings_of_skimage_find_contours() -> None:
     from scipy import ndimage
     from skimage.measure import find_contours
 
-    from jrs.contours import trace_rings
+    from jrs.io.contours import trace_rings
 
     def canonical(ring: np.ndarray) -> tuple[tuple[float, float], ...]:
         pts = [(float(a), float(b)) for a, b in np.round(ring, 6)]

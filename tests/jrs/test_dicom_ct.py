@@ -1,4 +1,4 @@
-"""Tests of the CT series writer and reader (jrs.dicom.ct)."""
+"""Tests of the CT series writer and reader (jrs.io.ct)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from jrs.dicom.ct import format_ds, hu_to_stored, read_ct_series, write_ct_series
-from jrs.dicom.series import CTSeries, PatientInfo, new_uid
-from jrs.errors import InvalidInput, UnsupportedData
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
+from jrs.core.errors import InvalidInput, UnsupportedData
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
+from jrs.io.ct import format_ds, hu_to_stored, read_ct_series, write_ct_series
+from jrs.io.series import CTSeries, PatientInfo, new_uid
 
 PATIENT = PatientInfo(
     patient_name="Müller^Jörg",
@@ -476,7 +476,7 @@ def test_empty_uids_warn_and_group(tmp_path: Path, caplog: pytest.LogCaptureFixt
     series = _write(tmp_path)
     for path in series.files:
         _edit(path, StudyInstanceUID="", SeriesInstanceUID=None, FrameOfReferenceUID=None)
-    with caplog.at_level(logging.WARNING, logger="jrs.dicom.ct"):
+    with caplog.at_level(logging.WARNING, logger="jrs.io.ct"):
         read = read_ct_series(tmp_path)
     assert read.study_instance_uid == "" and read.series_instance_uid == ""
     assert read.volume.geometry.frame_of_reference_uid is None

@@ -11,17 +11,17 @@ import pytest
 import SimpleITK as sitk
 from pydicom.config import settings
 
-from jrs.dicom.ct import write_ct_series
-from jrs.dicom.reg import (
+from jrs.core.errors import GeometryMismatch, InvalidInput
+from jrs.core.fields import dvf_to_sitk, sample_dvf
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
+from jrs.io.ct import write_ct_series
+from jrs.io.reg import (
     DeformableRegistration,
     matrix_type,
     read_deformable_registration,
     write_deformable_registration,
 )
-from jrs.dicom.series import DEFORMABLE_REGISTRATION_STORAGE, CTSeries, PatientInfo, new_uid
-from jrs.errors import GeometryMismatch, InvalidInput
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
-from jrs.transforms import dvf_to_sitk, sample_dvf
+from jrs.io.series import DEFORMABLE_REGISTRATION_STORAGE, CTSeries, PatientInfo, new_uid
 
 SHAPE = (20, 24, 28)  # (nz, ny, nx)
 SPACING = (2.0, 2.5, 3.0)  # (x, y, z) mm

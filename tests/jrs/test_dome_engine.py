@@ -1,4 +1,4 @@
-"""The held-out "dome" deformation engine (`jrs.phantom.dome_engine`) and its wiring."""
+"""The held-out "dome" deformation engine (`jrs.synth.dome_engine`) and its wiring."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import pytest
 from typer.testing import CliRunner
 
 from jrs.cli import app
-from jrs.dicom.ct import read_ct_series
-from jrs.dicom.rtstruct import read_rtstruct
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry, Volume
-from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, label_map_from_masks
-from jrs.phantom import generate_fraction, generate_patient, write_patient
-from jrs.phantom.dome_engine import synthesize_dome_fraction
-from jrs.phantom.dome_push import invert_push
-from jrs.phantom.engine import EngineFraction
-from jrs.phantom.from_planning import write_from_planning
-from jrs.phantom.generator import PhantomPatient
-from jrs.transforms import jacobian_determinant, sample_dvf, warp
+from jrs.core.errors import InvalidInput
+from jrs.core.fields import jacobian_determinant, sample_dvf, warp
+from jrs.core.geometry import Geometry, Volume
+from jrs.core.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, label_map_from_masks
+from jrs.io.ct import read_ct_series
+from jrs.io.rtstruct import read_rtstruct
+from jrs.synth import generate_fraction, generate_patient, write_patient
+from jrs.synth.dome_engine import synthesize_dome_fraction
+from jrs.synth.dome_push import invert_push
+from jrs.synth.engine import EngineFraction
+from jrs.synth.from_planning import write_from_planning
+from jrs.synth.generator import PhantomPatient
 
 Toy = tuple[Volume, Volume, dict[str, np.ndarray]]
 

@@ -1,4 +1,4 @@
-"""The organ-aware deformation engine (`jrs.phantom.engine`) and ``jrs phantom --from-planning``."""
+"""The organ-aware deformation engine (`jrs.synth.engine`) and ``jrs phantom --from-planning``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from jrs.cli import app
-from jrs.dicom.ct import read_ct_series
-from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry, Volume
-from jrs.labels import (
+from jrs.core.errors import InvalidInput
+from jrs.core.fields import jacobian_determinant, warp
+from jrs.core.geometry import Geometry, Volume
+from jrs.core.labels import (
     BLADDER,
     DEFAULT_SYNONYMS,
     PROSTATE,
@@ -25,10 +24,11 @@ from jrs.labels import (
     SynonymTable,
     label_map_from_masks,
 )
-from jrs.phantom import generate_fraction, generate_patient, write_patient
-from jrs.phantom.engine import EngineFraction, _draw, synthesize_fraction
-from jrs.phantom.generator import PhantomPatient
-from jrs.transforms import jacobian_determinant, warp
+from jrs.io.ct import read_ct_series
+from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
+from jrs.synth import generate_fraction, generate_patient, write_patient
+from jrs.synth.engine import EngineFraction, _draw, synthesize_fraction
+from jrs.synth.generator import PhantomPatient
 
 Toy = tuple[Volume, Volume, dict[str, np.ndarray]]
 PELVIC_REF = Path(__file__).resolve().parents[3] / "shared" / "data" / "pelvic-ref"
@@ -295,7 +295,7 @@ def test_real_planning_scan() -> None:
     case = PELVIC_REF / "Pelvic-Ref-002"
     if not case.is_dir():
         pytest.skip(f"real planning scan not present at {case}")
-    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.io.rtstruct import masks_from_files
 
     _, series, masks = masks_from_files(case / "ct", case / "rtstruct.dcm")
     syn = {k: list(v) for k, v in DEFAULT_SYNONYMS.items()}
@@ -320,7 +320,7 @@ def test_real_planning_scan() -> None:
 
 def test_broad_profile_draws_wider_ranges_about_an_offset_centre(toy: Toy) -> None:
     """Issue 30: the broad profile's draws cover bladder -50 .. +80 % and rotations to 3 deg."""
-    from jrs.phantom.engine import _draw
+    from jrs.synth.engine import _draw
 
     v3 = [_draw(np.random.default_rng(s), None, "v3") for s in range(200)]
     broad = [_draw(np.random.default_rng(s), None, "broad") for s in range(200)]
@@ -344,7 +344,7 @@ def test_broad_profile_draws_wider_ranges_about_an_offset_centre(toy: Toy) -> No
 
 # ------------------------------------------------------------------------------ shared helpers
 def test_grid_boxes_index_and_lps_boxes() -> None:
-    from jrs.phantom.grid_boxes import (
+    from jrs.synth.grid_boxes import (
         crop_geometry,
         index_box,
         index_box_of_lps,
@@ -377,7 +377,7 @@ def test_grid_boxes_index_and_lps_boxes() -> None:
 
 
 def test_grid_boxes_cover_grid_and_centroids() -> None:
-    from jrs.phantom.grid_boxes import cover_grid, lattice_grid, weighted_centroid
+    from jrs.synth.grid_boxes import cover_grid, lattice_grid, weighted_centroid
 
     g = Geometry((20, 30, 40), origin=np.array([-10.0, 5.0, 1.0]), spacing=[0.8, 0.8, 2.5])
     first, cover = cover_grid(g, 3.0)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jrs.errors import InvalidInput, ModelNotReady
+from jrs.core.errors import InvalidInput, ModelNotReady
 from jrs.inference import CPU_PROVIDER, load_model, openvino_available
-from jrs.pipeline import default_model_dir
+from jrs.pipeline.run import default_model_dir
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed")
 
@@ -257,7 +257,7 @@ def test_without_openvino_auto_falls_back_and_openvino_is_not_ready(model_dir: P
                 return None
 
         sys.meta_path.insert(0, Block())
-        from jrs.errors import ModelNotReady
+        from jrs.core.errors import ModelNotReady
         from jrs.inference import load_model, openvino_available
 
         assert not openvino_available()

@@ -1,4 +1,4 @@
-"""The far field (`jrs.far_field`): the bony match and its blend with the network box."""
+"""The far field (`jrs.registration.far_field`): the bony match and its blend with the network box."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.far_field import (
+from jrs.core.fields import jacobian_determinant
+from jrs.core.geometry import Geometry, Volume
+from jrs.registration.far_field import (
     BLEND_MM,
     FarField,
     bony_prealign,
     far_field_transform,
 )
-from jrs.geometry import Geometry, Volume
-from jrs.phantom import generate_patient
-from jrs.phantom.deformation import rotation_matrix
-from jrs.registration import affine_prealign
-from jrs.transforms import jacobian_determinant
+from jrs.registration.prealign import affine_prealign
+from jrs.synth import generate_patient
+from jrs.synth.deformation import rotation_matrix
 
 
 def _rigid(rot_deg: list[float], centre: np.ndarray, t: list[float]) -> sitk.AffineTransform:

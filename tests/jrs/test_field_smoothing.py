@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jrs.field_smoothing import field_smoothing_sigma, smooth_field
+from jrs.inference.smoothing import field_smoothing_sigma, smooth_field
 
 
 def test_sigma_from_metadata_and_override() -> None:
@@ -110,9 +110,9 @@ class _RoughBackend:
 def test_pipeline_smooths_the_field_and_the_same_scan_still_moves_nothing(
     tmp_path: Path,
 ) -> None:
-    from jrs.geometry import Volume
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.core.geometry import Volume
+    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     patient = generate_patient(5, matrix=128, slice_thickness=3.0)
     write_patient(patient, tmp_path / "case")

@@ -1,4 +1,4 @@
-"""The prostate-centred pre-alignment (`jrs.focus_prealign`) against analytic cases."""
+"""The prostate-centred pre-alignment (`jrs.registration.focus`) against analytic cases."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import jrs.focus_prealign as fp
-from jrs.errors import InvalidInput
-from jrs.geometry import Volume
-from jrs.labels import PROSTATE, SEMINAL_VESICLES
-from jrs.phantom import generate_patient
-from jrs.registration import AffineResult, affine_prealign
+import jrs.registration.focus as fp
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Volume
+from jrs.core.labels import PROSTATE, SEMINAL_VESICLES
+from jrs.registration.prealign import AffineResult, affine_prealign
+from jrs.synth import generate_patient
 
 #: the prostate's own motion in the analytic case, mm (LPS)
 PROSTATE_SHIFT = np.array([0.0, 4.0, -3.0])

@@ -16,10 +16,10 @@ import pydicom
 import pytest
 from pydicom.config import settings
 
-from jrs.dicom.ct import read_ct_series
-from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
-from jrs.metrics import centroid_mm, dice
-from jrs.phantom import generate_patient, write_patient
+from jrs.core.metrics import centroid_mm, dice
+from jrs.io.ct import read_ct_series
+from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
+from jrs.synth import generate_patient, write_patient
 
 ORGANS = ("Bladder", "Rectum", "SeminalVesicles", "Prostate")
 

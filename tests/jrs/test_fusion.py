@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jrs.errors import InvalidInput
-from jrs.fusion import (
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Geometry
+from jrs.core.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES
+from jrs.inference.fusion import (
     DEFAULT_WEIGHTS,
     EVIDENCE_HIGH_HU,
     EVIDENCE_LOW_HU,
@@ -27,8 +29,6 @@ from jrs.fusion import (
     weighted_probability,
     weights_from_dice,
 )
-from jrs.geometry import Geometry
-from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES
 
 SHAPE = (40, 44, 48)
 
@@ -245,7 +245,7 @@ def test_box_restriction_equals_the_whole_grid() -> None:
 
 
 def test_warped_probability_is_the_linearly_warped_one_hot_map() -> None:
-    from jrs.pipeline import _warp_labels
+    from jrs.pipeline.run import _warp_labels
 
     grid = Geometry(SHAPE, origin=[-10.0, 5.0, 3.0], spacing=[1.0, 1.0, 1.0])
     labels = _scene()
@@ -344,7 +344,7 @@ class FusionBackend:
 
 @pytest.fixture(scope="module")
 def phantom_case(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     root = tmp_path_factory.mktemp("fusion_case")
     patient = generate_patient(11, matrix=128, slice_thickness=3.0)
@@ -359,7 +359,7 @@ def phantom_case(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 @pytest.fixture(scope="module")
 def fusion_runs(phantom_case: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.pipeline.run import RecontourOptions, recontour
 
     out = tmp_path_factory.mktemp("fusion_runs")
     runs = {
@@ -472,7 +472,7 @@ def test_evidence_fusion_keeps_the_same_scan_twice_unchanged(
     """Planning CT given again as the daily CT: the fusion is the registration path exactly,
     although the segmentation path disagrees (shifted by 3 voxels) and the model's weights trust
     it more (0.7 / 0.3); the weighted fusion with those weights follows the segmentation."""
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.pipeline.run import RecontourOptions, recontour
 
     planning_ct, planning_rs, _ = phantom_case
     organs = ("bladder", "rectum", "seminal_vesicles", "prostate")
@@ -497,7 +497,7 @@ def test_evidence_fusion_keeps_the_same_scan_twice_unchanged(
 
 
 def test_pipeline_refuses_an_unknown_path_choice(phantom_case: tuple, tmp_path: Path) -> None:
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.pipeline.run import RecontourOptions, recontour
 
     with pytest.raises(InvalidInput, match="'segmentation', 'registration' or 'fusion'"):
         recontour(
@@ -513,7 +513,7 @@ def test_cli_path_choice_is_parsed_and_checked_before_any_work(tmp_path: Path) -
 
     from jrs.cli import app
     from jrs.cli.main import _recontour_options
-    from jrs.pipeline import parse_path_choice as _parse_path_choice
+    from jrs.pipeline.run import parse_path_choice as _parse_path_choice
 
     assert _parse_path_choice(None) == {}
     assert _parse_path_choice(["prostate=fusion, rectum=registration", "bladder=segmentation"]) == {
@@ -548,7 +548,7 @@ def test_batch_path_choice_reaches_every_row_and_is_refused_with_a_server(
 
     from typer.testing import CliRunner
 
-    import jrs.batch
+    import jrs.pipeline.batch
     from jrs.cli import app
 
     manifest = tmp_path / "manifest.csv"
@@ -559,7 +559,7 @@ def test_batch_path_choice_reaches_every_row_and_is_refused_with_a_server(
         seen.append(dict(opts.path_choice))
         return SimpleNamespace(done=["case1"], skipped=[], failed={}, seconds=0.1)
 
-    monkeypatch.setattr(jrs.batch, "run_batch", run_batch)
+    monkeypatch.setattr(jrs.pipeline.batch, "run_batch", run_batch)
     args = ["batch", "--manifest", str(manifest), "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(app, [*args, "--path-choice", "prostate=fusion"])
     assert result.exit_code == 0, result.output

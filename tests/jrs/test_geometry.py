@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.errors import GeometryMismatch, InvalidInput
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
+from jrs.core.errors import GeometryMismatch, InvalidInput
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
 
 
 def _rot(deg: float) -> np.ndarray:

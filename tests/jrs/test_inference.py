@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jrs.errors import InvalidInput, ModelNotReady
+from jrs.core.errors import InvalidInput, ModelNotReady
 from jrs.inference import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
@@ -118,7 +118,7 @@ def test_timings_and_info(model) -> None:  # type: ignore[no-untyped-def]
     assert info["execution_provider"] == CPU_PROVIDER and info["providers"] == [CPU_PROVIDER]
     assert info["name"] == "crossstitch" and info["version"] == 1 and len(info["sha256"]) == 64
     assert json.loads(json.dumps(t.as_dict()))["window"] == [64, 64, 64]
-    # what jrs.pipeline reads: metadata dict, execution_provider, seg_probs, dvf
+    # what jrs.pipeline.run reads: metadata dict, execution_provider, seg_probs, dvf
     assert model.metadata["name"] == "crossstitch" and model.metadata["sha256"] == info["sha256"]
     assert model.execution_provider == CPU_PROVIDER
     assert pred.seg_probs is not None and pred.seg_probs.shape == (5, 30, 30, 30)

@@ -1,4 +1,4 @@
-"""Instance optimisation (`jrs.instance_optimisation`) on analytic pairs."""
+"""Instance optimisation (`jrs.registration.instance_optimisation`) on analytic pairs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry
-from jrs.instance_optimisation import RefineSettings, check_refine_mode, refine_field
-from jrs.metrics import dice
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Geometry
+from jrs.core.metrics import dice
+from jrs.registration.instance_optimisation import RefineSettings, check_refine_mode, refine_field
 
 GRID = Geometry((64, 64, 64), np.array([-48.0, -48.0, -48.0]), np.array([1.5, 1.5, 1.5]))
 #: fast settings for the tests (the shapes are smooth and the grid small)

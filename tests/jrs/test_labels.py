@@ -2,8 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from jrs.errors import InvalidInput
-from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, SynonymTable, normalise_roi_name
+from jrs.core.errors import InvalidInput
+from jrs.core.labels import (
+    BLADDER,
+    PROSTATE,
+    RECTUM,
+    SEMINAL_VESICLES,
+    SynonymTable,
+    normalise_roi_name,
+)
 
 
 def test_default_synonyms_map_clinical_names() -> None:
@@ -48,7 +55,7 @@ def test_bad_synonym_tables(tmp_path: Path) -> None:
 def test_label_map_priority_and_errors() -> None:
     import numpy as np
 
-    from jrs.labels import label_map_from_masks
+    from jrs.core.labels import label_map_from_masks
 
     bladder = np.zeros((4, 4, 4), bool)
     bladder[:2] = True
@@ -98,7 +105,7 @@ def test_label_map_priority_and_errors() -> None:
     ],
 )
 def test_tg263_and_language_names(name: str, organ: str) -> None:
-    from jrs.labels import LABEL_IDS
+    from jrs.core.labels import LABEL_IDS
 
     decision = SynonymTable().resolve([name]).decisions[0]
     assert decision.used_as == organ, decision
@@ -137,7 +144,7 @@ def test_ambiguous_name_can_be_mapped_explicitly(tmp_path: Path) -> None:
 def test_no_organ_message_names_the_ambiguous_rois() -> None:
     import numpy as np
 
-    from jrs.labels import label_map_from_masks
+    from jrs.core.labels import label_map_from_masks
 
     m = np.ones((2, 2, 2), bool)
     with pytest.raises(InvalidInput, match=r"none of the ROI names.*ambiguous.*'CTVp'"):
@@ -216,7 +223,7 @@ def test_mapping_to_json_and_log_lines(caplog: pytest.LogCaptureFixture) -> None
         "automatic": False,
         "reason": "clinical name (German/Italian/Spanish)",
     }
-    with caplog.at_level(logging.INFO, logger="jrs.labels"):
+    with caplog.at_level(logging.INFO, logger="jrs.core.labels"):
         mapping.log()
     assert "'Prostata' -> prostate" in caplog.text
     assert "'Prostate_DL' -> (propagated): skipped_automatic" in caplog.text
@@ -226,7 +233,7 @@ def test_mapping_to_json_and_log_lines(caplog: pytest.LogCaptureFixture) -> None
 def test_real_pelvic_ref_rtstructs_map_without_a_synonym_file(
     shared_data: Path, patient: str
 ) -> None:
-    from jrs.dicom.rtstruct import read_rtstruct
+    from jrs.io.rtstruct import read_rtstruct
 
     names = read_rtstruct(shared_data / "pelvic-ref" / patient / "rtstruct.dcm").roi_names
     mapping = SynonymTable().resolve(names)
@@ -242,7 +249,7 @@ def test_real_pelvic_ref_rtstructs_map_without_a_synonym_file(
 
 
 def test_builtin_tables_are_consistent() -> None:
-    from jrs.labels import _BUILTIN, DEFAULT_SYNONYMS, LABELS, LANDMARKS
+    from jrs.core.labels import _BUILTIN, DEFAULT_SYNONYMS, LABELS, LANDMARKS
 
     assert set(DEFAULT_SYNONYMS) == set(LABELS.values())
     keys = {k for k, _, _ in _BUILTIN.values()}

@@ -16,10 +16,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from jrs.dicom.ct import read_ct_series, write_ct_series
-from jrs.dicom.reg import write_deformable_registration
-from jrs.dicom.series import CTSeries, PatientInfo, new_uid
-from jrs.geometry import Geometry, Volume
+from jrs.core.geometry import Geometry, Volume
+from jrs.io.ct import read_ct_series, write_ct_series
+from jrs.io.reg import write_deformable_registration
+from jrs.io.series import CTSeries, PatientInfo, new_uid
 
 FOLDER = "Pelvic-Ref-005_Doe^John_PID0042"
 SECRETS = ("Pelvic-Ref-005", "Doe", "PID0042", "Roe", "MRN-7781")
@@ -103,7 +103,7 @@ def test_writing_a_registration_logs_no_folder_name(
 def test_writing_and_reading_an_rtstruct_logs_no_folder_name(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from jrs.dicom.rtstruct import masks_from_files, write_rtstruct
+    from jrs.io.rtstruct import masks_from_files, write_rtstruct
 
     series = _series(3)
     ct_folder = tmp_path / FOLDER / "ct"

@@ -3,9 +3,9 @@
 Held-out records of session 17 missed bladders the iterative method under-registered (a bladder
 that filled by 50 %: MSD 2.1-2.6 mm) while the network had them right. With ``--method
 iterative`` the pipeline now also runs the network and compares each organ's contour with the
-network's registration path of it (`jrs.qa.StructureQa.method_dice`, flag
+network's registration path of it (`jrs.qa.figures.StructureQa.method_dice`, flag
 ``method_disagreement``); a mapping flag of an organ reaches its other contours
-(``same_organ_flagged``, `jrs.qa_family`).
+(``same_organ_flagged``, `jrs.qa.family`).
 
 A phantom's planning scan is re-contoured onto itself by the iterative method, with a fake
 network whose DVF is a constant shift: 0 (both methods agree: nothing moves, nothing is flagged)
@@ -27,9 +27,9 @@ from tests.jrs.test_qa_image_evidence import ShiftBackend
 
 @pytest.fixture(scope="module")
 def iterative_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from jrs.dicom.rtstruct import masks_from_files, write_rtstruct
-    from jrs.phantom import generate_patient, write_patient
-    from jrs.pipeline import RecontourOptions, recontour
+    from jrs.io.rtstruct import masks_from_files, write_rtstruct
+    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.synth import generate_patient, write_patient
 
     root = tmp_path_factory.mktemp("consensus")
     write_patient(generate_patient(11, matrix=128, slice_thickness=3.0), root)
@@ -99,7 +99,7 @@ def test_a_network_10_mm_off_flags_every_organ_and_its_other_contours(
 
 @pytest.mark.integration
 def test_the_second_opinion_never_changes_the_contours(iterative_runs: dict[str, Any]) -> None:
-    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.io.rtstruct import masks_from_files
 
     ct: Path = iterative_runs["ct"]
     runs = [masks_from_files(ct, iterative_runs[k]["rtstruct"])[2] for k in ("same", "moved")]

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from jrs.errors import GeometryMismatch
-from jrs.geometry import Geometry, Volume
-from jrs.metrics import centroid_mm, dice, mask_metrics, surface_distances, volume_cc
+from jrs.core.errors import GeometryMismatch
+from jrs.core.geometry import Geometry, Volume
+from jrs.core.metrics import centroid_mm, dice, mask_metrics, surface_distances, volume_cc
 
 GRID = Geometry((60, 80, 80), origin=[-40.0, -40.0, -60.0], spacing=[1.0, 1.0, 2.0])
 

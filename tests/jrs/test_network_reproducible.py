@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jrs.dicom.rtstruct import masks_from_files
-from jrs.geometry import Volume
-from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
-from jrs.pipeline import RecontourOptions, default_model_dir, recontour
+from jrs.core.geometry import Volume
+from jrs.io.rtstruct import masks_from_files
+from jrs.pipeline.run import RecontourOptions, default_model_dir, recontour
+from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
 
 @pytest.mark.integration

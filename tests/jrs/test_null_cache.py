@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry, Volume
-from jrs.null_cache import (
+from jrs.core.errors import InvalidInput
+from jrs.core.fields import dvf_to_sitk
+from jrs.core.geometry import Geometry, Volume
+from jrs.inference.null_cache import (
     NullFieldCache,
     PlanningNull,
     check_null_pass,
@@ -31,7 +32,6 @@ from jrs.null_cache import (
     transport,
     warp_null,
 )
-from jrs.transforms import dvf_to_sitk
 
 
 def _grid(shape: tuple[int, int, int] = (20, 22, 24), origin: float = -10.0) -> Geometry:
@@ -116,7 +116,7 @@ def test_the_cache_round_trips_drops_the_oldest_and_survives_damage(
     np.testing.assert_array_equal(got.u0, entries[2].u0)
     assert got.grid.shape == grid.shape and np.allclose(got.grid.origin, grid.origin)
     (tmp_path / "c" / "k1.npy").write_bytes(b"not numpy")
-    with caplog.at_level(logging.WARNING, logger="jrs.null_cache"):
+    with caplog.at_level(logging.WARNING, logger="jrs.inference.null_cache"):
         assert fresh.get("k1") is None
     assert "unreadable" in caplog.text
     # an entry without a key (a network without a digest) is never stored

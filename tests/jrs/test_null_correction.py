@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jrs.dicom.ct import read_ct_series
-from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
-from jrs.geometry import Volume
-from jrs.metrics import dice
-from jrs.null_correction import null_correct, null_correction_enabled
-from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
-from jrs.pipeline import RecontourOptions, recontour
+from jrs.core.geometry import Volume
+from jrs.core.metrics import dice
+from jrs.inference.null_correction import null_correct, null_correction_enabled
+from jrs.io.ct import read_ct_series
+from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
+from jrs.pipeline.run import RecontourOptions, recontour
+from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
 
 @dataclass

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.errors import InvalidInput
-from jrs.geometry import Volume, reorient
-from jrs.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES
-from jrs.metrics import centroid_mm, dice, volume_cc
-from jrs.phantom import (
+from jrs.core.errors import InvalidInput
+from jrs.core.fields import affine_to_dvf, jacobian_determinant, warp, warp_mask
+from jrs.core.geometry import Volume, reorient
+from jrs.core.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES
+from jrs.core.metrics import centroid_mm, dice, volume_cc
+from jrs.synth import (
     ROI_NAMES,
     PhantomFraction,
     PhantomPatient,
     generate_fraction,
     generate_patient,
 )
-from jrs.phantom.deformation import rotation_matrix
-from jrs.transforms import affine_to_dvf, jacobian_determinant, warp, warp_mask
+from jrs.synth.deformation import rotation_matrix
 
 SMALL = {"matrix": 160, "slice_thickness": 3.0}
 ORGANS = {
@@ -193,10 +193,10 @@ def test_default_size_patient_and_fraction() -> None:
 
 
 def test_write_dataset_layout_and_round_trip(tmp_path: Path) -> None:
-    pytest.importorskip("jrs.dicom.rtstruct")
-    from jrs.dicom.ct import read_ct_series
-    from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
-    from jrs.phantom import dataset
+    pytest.importorskip("jrs.io.rtstruct")
+    from jrs.io.ct import read_ct_series
+    from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
+    from jrs.synth import dataset
 
     patient = generate_patient(11, **SMALL)
     folder = tmp_path / patient.name
@@ -228,8 +228,8 @@ def test_write_dataset_layout_and_round_trip(tmp_path: Path) -> None:
 
 
 def test_write_dataset_names_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("jrs.dicom.rtstruct")
-    from jrs.phantom import dataset
+    pytest.importorskip("jrs.io.rtstruct")
+    from jrs.synth import dataset
 
     monkeypatch.setattr(
         dataset, "generate_patient", lambda s, pos: generate_patient(s, pos, **SMALL)

@@ -16,14 +16,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from jrs.dicom.ct import read_ct_series
-from jrs.dicom.reg import read_deformable_registration
-from jrs.dicom.rtstruct import masks_from_files, read_rtstruct
-from jrs.errors import ModelNotReady
-from jrs.geometry import Geometry, Volume
-from jrs.metrics import dice
-from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
-from jrs.pipeline import (
+from jrs.core.errors import ModelNotReady
+from jrs.core.fields import sample_dvf
+from jrs.core.geometry import Geometry, Volume
+from jrs.core.metrics import dice
+from jrs.io.ct import read_ct_series
+from jrs.io.reg import read_deformable_registration
+from jrs.io.rtstruct import masks_from_files, read_rtstruct
+from jrs.pipeline.run import (
     DEFAULT_DVF_SPACING_MM,
     RecontourOptions,
     _taper,
@@ -31,7 +31,7 @@ from jrs.pipeline import (
     dvf_grid,
     recontour,
 )
-from jrs.transforms import sample_dvf
+from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
 
 @dataclass
@@ -152,7 +152,7 @@ def test_recontour_writes_every_output_consistently(
 def _affine_field(qa: dict[str, Any], points: np.ndarray, far: bool = False) -> np.ndarray:
     """A(p) - p from the pre-alignment recorded in qa.json (SimpleITK affine with centre).
 
-    With ``far``, the mapping far from the network box (the bony match, `jrs.far_field`).
+    With ``far``, the mapping far from the network box (the bony match, `jrs.registration.far_field`).
     """
     src = qa["prealign"]["far_field"] if far else qa["prealign"]
     m = np.array(src["matrix"]).reshape(3, 3)
@@ -186,7 +186,7 @@ def runs(case: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> di
                 refine="off",
             ),
         ),
-        # the "shift" run's network (3 mm off), refined on the pair (`jrs.instance_optimisation`)
+        # the "shift" run's network (3 mm off), refined on the pair (`jrs.registration.instance_optimisation`)
         "refined": recontour(
             *args,
             out / "refined",
@@ -245,7 +245,7 @@ def test_network_shift_is_folded_into_the_dvf(runs: dict[str, Any]) -> None:
         box = qa["network_box_mm"]
         centre = ((np.array(box["lower"]) + np.array(box["upper"])) / 2)[None]
         corner = dvf.geometry.corners()[:1]
-        # far from the box the field is the bony match alone (`jrs.far_field`)
+        # far from the box the field is the bony match alone (`jrs.registration.far_field`)
         np.testing.assert_allclose(
             sample_dvf(dvf, corner), _affine_field(qa, corner, far=True), atol=0.01
         )
@@ -287,8 +287,8 @@ def _manifest(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
 
 
 def test_manifest_errors_name_file_and_row(tmp_path: Path) -> None:
-    from jrs.batch import read_manifest
-    from jrs.errors import InvalidInput
+    from jrs.core.errors import InvalidInput
+    from jrs.pipeline.batch import read_manifest
 
     bad = tmp_path / "m.csv"
     bad.write_text("planning_ct,daily_ct\na,b\n")
@@ -311,7 +311,7 @@ def test_manifest_errors_name_file_and_row(tmp_path: Path) -> None:
 def test_batch_records_failures_and_resumes(case: tuple[Path, Any], tmp_path: Path) -> None:
     import csv
 
-    from jrs.batch import run_batch
+    from jrs.pipeline.batch import run_batch
 
     root, _ = case
     manifest = _manifest(
@@ -352,7 +352,7 @@ def test_batch_records_failures_and_resumes(case: tuple[Path, Any], tmp_path: Pa
 
 
 def test_batch_parallel_workers_record_every_row(tmp_path: Path) -> None:
-    from jrs.batch import run_batch
+    from jrs.pipeline.batch import run_batch
 
     rows = [(f"r{i}", "nope/ct", "nope/rs.dcm", "nope/daily") for i in range(4)]
     manifest = _manifest(tmp_path / "m.csv", rows)

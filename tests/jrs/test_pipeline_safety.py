@@ -1,4 +1,4 @@
-"""Clinical safety of `jrs.pipeline.recontour` (issue 13), end to end on synthetic DICOM.
+"""Clinical safety of `jrs.pipeline.run.recontour` (issue 13), end to end on synthetic DICOM.
 
 - clinical (Italian) ROI names with automatic duplicates: the manual contours are used, the
   automatic ones propagated, the mapping and the checks land in qa.json and the log;
@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from jrs.dicom.ct import write_ct_series
-from jrs.dicom.rtstruct import masks_from_files, read_rtstruct, write_rtstruct
-from jrs.dicom.series import CTSeries
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry, Volume
-from jrs.phantom import generate_fraction, generate_patient, write_fraction
-from jrs.pipeline import RecontourOptions, recontour
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Geometry, Volume
+from jrs.io.ct import write_ct_series
+from jrs.io.rtstruct import masks_from_files, read_rtstruct, write_rtstruct
+from jrs.io.series import CTSeries
+from jrs.pipeline.run import RecontourOptions, recontour
+from jrs.synth import generate_fraction, generate_patient, write_fraction
 
 
 @dataclass
@@ -179,7 +179,7 @@ def test_thorax_is_refused_before_any_registration(tmp_path: Path) -> None:
 
 
 def test_thorax_ctvp_mapped_by_the_user_is_refused_with_its_volume(tmp_path: Path) -> None:
-    from jrs.labels import SynonymTable
+    from jrs.core.labels import SynonymTable
 
     ct, masks = _thorax()
     ct_dir, rs = _write_case(tmp_path / "thorax", ct, masks)
@@ -253,7 +253,7 @@ def test_a_failure_after_the_field_is_written_leaves_no_partial_output(
     italian: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The DVF and REG are written in the background; a later failure must not leave them."""
-    import jrs.dicom.rtstruct as rtstruct_module
+    import jrs.io.rtstruct as rtstruct_module
 
     root, _ = italian
 

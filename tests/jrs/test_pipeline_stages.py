@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume
-from jrs.pipeline import (
+from jrs.core.fields import warp
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume
+from jrs.inference.preprocess import canonical_grid
+from jrs.pipeline.run import (
     _full_transform,
     _taper,
     _warp_labels,
@@ -22,8 +24,6 @@ from jrs.pipeline import (
     dvf_grid,
     propagate_mask,
 )
-from jrs.preprocess import canonical_grid
-from jrs.transforms import warp
 
 
 def _ellipsoid(geometry: Geometry, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -94,7 +94,7 @@ def test_propagating_inside_the_roi_box_equals_the_whole_grid(
         >= 0.5
     )
     assert reference.any()
-    from jrs.pipeline import _index_box
+    from jrs.pipeline.run import _index_box
 
     network_box = _index_box(daily, box.corners(), 0.0)
     fast = propagate_mask(
@@ -162,7 +162,7 @@ def test_coarse_dvf_grid_covers_the_ct_and_never_refines_it(position: str) -> No
 def test_numpy_composed_field_equals_the_composite_transform(
     scene: dict[str, object], spacing: float | None
 ) -> None:
-    from jrs.pipeline import composed_field
+    from jrs.pipeline.run import composed_field
 
     daily: Geometry = scene["daily"]  # type: ignore[assignment]
     grid = dvf_grid(daily, spacing)
@@ -208,8 +208,8 @@ def test_labels_warp_matches_on_a_rotated_grid_with_labels_at_its_border() -> No
 
 
 def test_largest_components_per_organ_box_equal_the_whole_grid() -> None:
-    from jrs.pipeline import _largest_components
-    from jrs.postprocess import keep_largest_components
+    from jrs.inference.postprocess import keep_largest_components
+    from jrs.pipeline.run import _largest_components
 
     rng = np.random.default_rng(7)
     labels = (rng.random((40, 50, 60)) < 0.02).astype(np.uint8) * rng.integers(1, 5, (40, 50, 60))

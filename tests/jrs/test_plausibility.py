@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry, Volume
-from jrs.labels import SynonymTable
-from jrs.plausibility import (
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Geometry, Volume
+from jrs.core.labels import SynonymTable
+from jrs.qa.plausibility import (
     PlausibilityLimits,
     air_fraction,
     check_anatomy,
@@ -162,7 +162,7 @@ def test_swapped_femoral_head_names_are_a_warning() -> None:
 
 def test_positions_hold_in_any_patient_position() -> None:
     """The checks are in LPS: storing the arrays feet-first prone changes nothing."""
-    from jrs.geometry import PATIENT_POSITION_DIRECTIONS, reorient
+    from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, reorient
 
     case = _pelvis()
     ffp = {
@@ -227,7 +227,7 @@ def test_thorax_ctvp_mapped_by_the_user_is_refused() -> None:
 
 def test_iterative_method_turns_refusals_into_warnings(caplog: pytest.LogCaptureFixture) -> None:
     findings = _thorax().check()
-    with caplog.at_level("WARNING", logger="jrs.plausibility"):
+    with caplog.at_level("WARNING", logger="jrs.qa.plausibility"):
         reported = enforce(findings, "iterative")
     assert reported and all(f.severity == "warn" for f in reported)
     assert "not blocking: --method iterative" in reported[0].message
@@ -272,7 +272,7 @@ def test_daily_scan_must_cover_the_organs() -> None:
 
 
 def test_real_pelvic_ref_cases_pass(shared_data: Path) -> None:
-    from jrs.dicom.rtstruct import masks_from_files
+    from jrs.io.rtstruct import masks_from_files
 
     for patient in ("Pelvic-Ref-002", "Pelvic-Ref-005"):
         folder = shared_data / "pelvic-ref" / patient

@@ -1,6 +1,6 @@
 import numpy as np
 
-from jrs.postprocess import keep_largest_components
+from jrs.inference.postprocess import keep_largest_components
 
 
 def test_keeps_largest_component_per_organ_and_two_for_seminal_vesicles() -> None:

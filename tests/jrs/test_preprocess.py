@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.errors import GeometryMismatch, InvalidInput
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
-from jrs.metrics import dice
-from jrs.preprocess import canonical_grid, mask_box, normalise_hu, prepare_pair
+from jrs.core.errors import GeometryMismatch, InvalidInput
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
+from jrs.core.metrics import dice
+from jrs.inference.preprocess import canonical_grid, mask_box, normalise_hu, prepare_pair
 from tests.jrs.test_registration import _pelvis_like
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from jrs.geometry import Geometry, Volume
-from jrs.qa import QaThresholds, StructureQa, flag_dvf, flag_structure, jacobian_stats
+from jrs.core.geometry import Geometry, Volume
+from jrs.qa.figures import QaThresholds, StructureQa, flag_dvf, flag_structure, jacobian_stats
 
 G = Geometry((20, 22, 24), origin=[0, 0, 0], spacing=[1.0, 1.0, 2.0])
 
@@ -77,7 +77,7 @@ def test_path_disagreement_limits_are_per_organ() -> None:
 
 
 def test_path_disagreement_is_silenced_for_a_path_not_validated() -> None:
-    from jrs.qa import validated_paths
+    from jrs.qa.figures import validated_paths
 
     noisy = StructureQa("Prostate", "prostate", "registration", 40.0, 40.0, path_dice=0.05)
     assert flag_structure(noisy).flag_codes == ["path_disagreement"]
@@ -111,7 +111,7 @@ def test_contour_touching_the_network_box_is_flagged() -> None:
 
 
 def test_jacobian_outliers_inside_an_organ_are_flagged() -> None:
-    from jrs.qa import jacobian_report
+    from jrs.qa.figures import jacobian_report
 
     pts = G.voxel_centres()
     centre = pts.reshape(-1, 3).mean(axis=0)
@@ -142,7 +142,7 @@ def test_jacobian_outliers_inside_an_organ_are_flagged() -> None:
 
 def test_good_structures_raise_no_flag_at_all() -> None:
     """Flags that always fire are noise: a quiet case is quiet."""
-    from jrs.qa import FLAG_CODES
+    from jrs.qa.figures import FLAG_CODES
 
     jac = {"min": 0.95, "max": 1.05, "outlier_fraction": 0.0, "folding_fraction": 0.0}
     jac |= {"low": 0.7, "high": 1.4}
@@ -182,7 +182,7 @@ def test_paths_surface_distance_flags_a_disagreement_that_dice_misses() -> None:
 
 def test_a_path_good_enough_to_check_against_is_a_qa_reference() -> None:
     """Shipping a path and checking the other path against it are two questions."""
-    from jrs.qa import QA_REFERENCE_MIN_DSC, qa_reference_paths, validated_paths
+    from jrs.qa.figures import QA_REFERENCE_MIN_DSC, qa_reference_paths, validated_paths
 
     meta = {
         "validated_paths": {"prostate": ["registration"], "bladder": ["registration"]},
@@ -247,7 +247,7 @@ def test_a_contour_beside_the_image_edges_is_flagged_as_misfit() -> None:
 
 
 def test_target_volumes_are_told_from_other_rois() -> None:
-    from jrs.labels import is_target_volume
+    from jrs.core.labels import is_target_volume
 
     for name in ("PTV", "ptv_7800", "CTVp", "CTV1", "GTVp", "ITV"):
         assert is_target_volume(name), name
@@ -259,7 +259,7 @@ def test_target_volumes_are_told_from_other_rois() -> None:
 
 def test_propagated_rois_are_judged_by_their_class() -> None:
     """A femoral head and a PTV have their own image-NCC limits ("*" and "targets")."""
-    from jrs.qa import PROPAGATED, TARGETS, roi_class
+    from jrs.qa.figures import PROPAGATED, TARGETS, roi_class
 
     t = QaThresholds(min_image_ncc={PROPAGATED: 0.5, TARGETS: 0.9})
     head = StructureQa("FemoralHead_L", None, "registration", 90.0, 90.0, image_ncc=0.8)
@@ -274,7 +274,7 @@ def test_propagated_rois_are_judged_by_their_class() -> None:
 
 def test_a_mapping_off_around_a_structure_is_flagged_per_class() -> None:
     """`misregistration`: the residual shift against the limit of the structure's class."""
-    from jrs.qa import PROPAGATED, TARGETS
+    from jrs.qa.figures import PROPAGATED, TARGETS
 
     t = QaThresholds(max_residual_shift_mm={PROPAGATED: 3.0, TARGETS: 2.0, "prostate": 2.5})
     off = StructureQa("FemoralHead_R", None, "registration", 90.0, 90.0, residual_shift_mm=4.06)

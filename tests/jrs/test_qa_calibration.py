@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from jrs.errors import InvalidInput
-from jrs.qa import QaThresholds
+from jrs.core.errors import InvalidInput
+from jrs.qa.figures import QaThresholds
 from jrs.qa_calibration import (
     FLAGS,
     MIN_RESIDUAL_LIMIT_MM,
@@ -269,7 +269,7 @@ def test_search_parameters_fire_exactly_as_jrs_qa_decides() -> None:
     ]
     samples = samples_from_records(recs)
     params = search_parameters(samples, QaThresholds(), min_class_good=0)
-    # every flag has a threshold but the one that spreads the others (`jrs.qa_family`)
+    # every flag has a threshold but the one that spreads the others (`jrs.qa.family`)
     assert {p.flag for p in params} == set(FLAGS) - {"same_organ_flagged"}
     keys = {p.key for p in params}
     assert {"min_method_dice.bladder", "max_method_msd_mm.prostate"} <= keys
@@ -755,8 +755,8 @@ def _family_records(with_field: bool) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("with_field", [True, False])
 def test_the_same_organ_flag_is_measured_as_jrs_qa_family_raises_it(with_field: bool) -> None:
     """Records with ``organ_family`` and older ones (the names resolved) spread alike."""
-    from jrs.qa import StructureQa, flag_structure
-    from jrs.qa_family import flag_same_organ
+    from jrs.qa.family import flag_same_organ
+    from jrs.qa.figures import StructureQa, flag_structure
 
     samples = samples_from_records(_family_records(with_field))
     t = QaThresholds(max_residual_shift_mm={"bladder": 3.0})
@@ -843,8 +843,8 @@ def test_calibration_cases_never_use_the_held_out_family() -> None:
 
 
 def test_profiles_belong_to_the_organ_engine() -> None:
-    from jrs.phantom import generate_fraction, generate_patient
-    from jrs.phantom.from_planning import write_from_planning
+    from jrs.synth import generate_fraction, generate_patient
+    from jrs.synth.from_planning import write_from_planning
 
     patient = generate_patient(11, matrix=96, slice_thickness=3.0)
     with pytest.raises(InvalidInput, match="organ"):

@@ -1,4 +1,4 @@
-"""Contours of one organ share the doubts about their mapping (`jrs.qa_family`, issue 13).
+"""Contours of one organ share the doubts about their mapping (`jrs.qa.family`, issue 13).
 
 A structure set holds the clinician's ``Bladder`` beside ``Bladder_DL`` and ``Bladder_MBS``; the
 organ's image figures are measured on the used contour, but the mapping there carries all of
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jrs.qa import StructureQa
-from jrs.qa_family import CODE, SPREAD_FLAGS, family_groups, flag_same_organ, spread_mask
+from jrs.qa.family import CODE, SPREAD_FLAGS, family_groups, flag_same_organ, spread_mask
+from jrs.qa.figures import StructureQa
 
 
 def _s(name: str, family: str | None, *codes: str) -> StructureQa:

@@ -1,11 +1,11 @@
 """Image evidence of the QA (issue 13): do the daily CT and the mapped planning CT agree?
 
-`jrs.qa.image_evidence` measures, per organ, the NCC of the daily CT with the planning CT pulled
+`jrs.qa.figures.image_evidence` measures, per organ, the NCC of the daily CT with the planning CT pulled
 by the final mapping in a band around the daily contour (beside the same NCC after the
 pre-alignment alone), and the centroid's shift from the pre-aligned planning organ. These tests
 build scans whose answer is known: the same scan twice, a contour moved by 10 mm that keeps its
 volume, an organ that really moved and was followed, a bladder that filled while the contour
-stayed where it was. The pipeline tests run `jrs.pipeline.recontour` on a phantom with a fake
+stayed where it was. The pipeline tests run `jrs.pipeline.run.recontour` on a phantom with a fake
 network (a constant DVF), so that the contour is misplaced on purpose.
 """
 
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jrs.geometry import Geometry
-from jrs.qa import (
+from jrs.core.geometry import Geometry
+from jrs.qa.figures import (
     FLAG_CODES,
     QaThresholds,
     StructureQa,
@@ -343,7 +343,7 @@ def test_search_parameters_of_the_image_flags_fire_exactly_as_jrs_qa_decides() -
     params = search_parameters(samples, QaThresholds(), flags, min_class_good=0)
     keys = {p.key for p in params}
     assert {"max_image_ncc_loss", "min_image_ncc.prostate", "max_centroid_shift_mm.bladder"} <= keys
-    # every other flag off: what the parameters fire on is what jrs.qa flags
+    # every other flag off: what the parameters fire on is what jrs.qa.figures flags
     base = thresholds_with(
         QaThresholds(),
         {
@@ -397,8 +397,8 @@ class ShiftBackend:
 @pytest.fixture(scope="module")
 def same_scan_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """The planning scan re-contoured onto itself: as it is, and with every contour moved 10 mm."""
-    from jrs.phantom import generate_patient, write_patient
-    from jrs.pipeline import recontour
+    from jrs.pipeline.run import recontour
+    from jrs.synth import generate_patient, write_patient
 
     root = tmp_path_factory.mktemp("evidence")
     write_patient(generate_patient(7, matrix=256, slice_thickness=3.0), root)

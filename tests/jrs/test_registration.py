@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry, Volume
-from jrs.registration import affine_prealign
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Geometry, Volume
+from jrs.registration.prealign import affine_prealign
 
 
 def _pelvis_like(g: Geometry, seed: int = 0) -> Volume:
@@ -73,8 +73,8 @@ def test_bspline_recovers_a_known_smooth_deformation(metric: str, max_mean_error
     """
     from scipy.ndimage import gaussian_filter
 
-    from jrs.registration import bspline_register
-    from jrs.transforms import warp
+    from jrs.core.fields import warp
+    from jrs.registration.iterative import bspline_register
 
     g = Geometry((24, 48, 48), origin=[-94, -94, -46], spacing=[4.0, 4.0, 4.0])
     rng = np.random.default_rng(0)
@@ -104,7 +104,7 @@ def test_bspline_recovers_a_known_smooth_deformation(metric: str, max_mean_error
 
 
 def test_bspline_rejects_unknown_metric_and_level_mismatch() -> None:
-    from jrs.registration import bspline_register
+    from jrs.registration.iterative import bspline_register
 
     g = Geometry((8, 16, 16), origin=[0, 0, 0], spacing=[2.0, 2.0, 2.0])
     vol = Volume(np.zeros(g.shape, np.float32), g)
@@ -118,7 +118,7 @@ def test_bspline_rejects_unknown_metric_and_level_mismatch() -> None:
 @pytest.fixture(scope="module")
 def phantom_pair() -> tuple[Volume, Volume, Volume]:
     """A small synthetic planning scan, a daily fraction of it and its organ labels."""
-    from jrs.phantom import generate_fraction, generate_patient
+    from jrs.synth import generate_fraction, generate_patient
 
     patient = generate_patient(3, matrix=128)
     fraction = generate_fraction(patient, 1)
@@ -126,7 +126,7 @@ def phantom_pair() -> tuple[Volume, Volume, Volume]:
 
 
 def test_seed_zero_is_not_the_wall_clock() -> None:
-    from jrs.registration import itk_seed
+    from jrs.registration.prealign import itk_seed
 
     assert sitk.sitkWallClock == 0
     assert [itk_seed(s) for s in (0, 1, 2)] == [1, 2, 3]
@@ -159,8 +159,8 @@ def test_prealignment_is_reproducible_whatever_the_thread_count(
 
 def test_bspline_is_reproducible(phantom_pair: tuple[Volume, Volume, Volume]) -> None:
     """Mattes mutual information on several threads adds up in a varying order: not here."""
-    from jrs.preprocess import mask_box, prepare_pair
-    from jrs.registration import bspline_register
+    from jrs.inference.preprocess import mask_box, prepare_pair
+    from jrs.registration.iterative import bspline_register
 
     planning, daily, labels = phantom_pair
     box = mask_box(labels.array == 4, daily.geometry, 15.0)  # around the prostate

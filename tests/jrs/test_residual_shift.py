@@ -1,11 +1,11 @@
-"""`jrs.residual_shift`: how far the mapped planning CT is off the daily CT around a contour."""
+"""`jrs.qa.residual_shift`: how far the mapped planning CT is off the daily CT around a contour."""
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from jrs.geometry import Geometry
-from jrs.residual_shift import residual_shift
+from jrs.core.geometry import Geometry
+from jrs.qa.residual_shift import residual_shift
 
 
 def _scene(

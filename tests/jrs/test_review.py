@@ -4,9 +4,9 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from jrs.errors import InvalidInput
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
-from jrs.review import render_review
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
+from jrs.qa.review import render_review
 
 
 def _case() -> tuple[Volume, dict[str, np.ndarray]]:
@@ -118,7 +118,7 @@ def test_flagged_structure_is_marked_by_a_pattern_not_a_colour(tmp_path: Path) -
 
 
 def test_flag_lines_name_structure_and_reason() -> None:
-    from jrs.review import flag_lines, flag_reasons
+    from jrs.qa.review import flag_lines, flag_reasons
 
     reasons = flag_reasons({"Prostate": ["volume changed by +15 %", "DVF implausible"]})
     assert flag_lines(reasons) == [

@@ -11,9 +11,13 @@ import pytest
 from pydicom.dataset import Dataset
 from scipy.spatial import cKDTree
 
-from jrs.contours import mask_to_contours
-from jrs.dicom.ct import write_ct_series
-from jrs.dicom.rtstruct import (
+from jrs.core.errors import GeometryMismatch, InvalidInput
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume
+from jrs.core.labels import DEFAULT_COLORS
+from jrs.core.metrics import centroid_mm, dice
+from jrs.io.contours import mask_to_contours
+from jrs.io.ct import write_ct_series
+from jrs.io.rtstruct import (
     Roi,
     StructureSet,
     format_contour_data,
@@ -22,11 +26,7 @@ from jrs.dicom.rtstruct import (
     rtstruct_to_masks,
     write_rtstruct,
 )
-from jrs.dicom.series import RT_STRUCTURE_SET_STORAGE, CTSeries, PatientInfo, new_uid
-from jrs.errors import GeometryMismatch, InvalidInput
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume
-from jrs.labels import DEFAULT_COLORS
-from jrs.metrics import centroid_mm, dice
+from jrs.io.series import RT_STRUCTURE_SET_STORAGE, CTSeries, PatientInfo, new_uid
 
 SPACING = (0.98, 0.98, 2.5)
 SHAPE = (36, 100, 104)
@@ -516,7 +516,7 @@ def test_structure_set_in_memory_without_references(small) -> None:
 def test_real_rt_utils_frame_mismatch(shared_data: Path) -> None:
     folder = shared_data / "rt-edge-cases" / "rt-utils-mock"
     ss = read_rtstruct(folder / "rt.dcm")
-    from jrs.dicom.ct import read_ct_series
+    from jrs.io.ct import read_ct_series
 
     ct = read_ct_series(folder)
     with pytest.raises(GeometryMismatch) as exc:

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jrs.dicom.ct import read_ct_series
-from jrs.dicom.rtstruct import read_rtstruct, rtstruct_to_masks
-from jrs.geometry import Volume
-from jrs.metrics import dice
-from jrs.phantom import generate_patient, write_patient
-from jrs.pipeline import RecontourOptions, default_model_dir, recontour
+from jrs.core.geometry import Volume
+from jrs.core.metrics import dice
+from jrs.io.ct import read_ct_series
+from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
+from jrs.pipeline.run import RecontourOptions, default_model_dir, recontour
+from jrs.synth import generate_patient, write_patient
 
 PELVIC_REF = Path(__file__).resolve().parents[3] / "shared" / "data" / "pelvic-ref"
 

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from jrs.errors import InvalidInput
-from jrs.tiling import (
+from jrs.core.errors import InvalidInput
+from jrs.inference.tiling import (
     ALIGNMENT,
     MARGIN,
     SEAM_OVERLAP,

@@ -2,10 +2,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from jrs.errors import GeometryMismatch, InvalidInput
-from jrs.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
-from jrs.metrics import centroid_mm, dice
-from jrs.transforms import (
+from jrs.core.errors import GeometryMismatch, InvalidInput
+from jrs.core.fields import (
     affine_to_dvf,
     compose,
     dvf_to_sitk,
@@ -15,6 +13,8 @@ from jrs.transforms import (
     warp,
     warp_mask,
 )
+from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
+from jrs.core.metrics import centroid_mm, dice
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.validation import report_markdown, validate_heldout
 
 
@@ -179,7 +179,7 @@ def test_engine_comparison_on_a_phantom(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_heldout_scores_synthetic_fractions_of_a_real_planning_scan(tmp_path: Path) -> None:
     """A planning scan given as DICOM (here a phantom's) becomes held-out synthetic fractions."""
-    from jrs.phantom import generate_patient, write_patient
+    from jrs.synth import generate_patient, write_patient
     from jrs.validation import HeldoutPlanning
     from tests.jrs.test_fusion import FusionBackend
 

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from jrs.errors import InvalidInput  # noqa: E402
+from jrs.core.errors import InvalidInput  # noqa: E402
 from jrs.model_export.export import (  # noqa: E402
     OPSET,
     PARITY_SIZES,
@@ -210,14 +210,14 @@ def test_model_card(exported: tuple[Path, torch.nn.Module]) -> None:
     assert meta["dvf_smoothing_mm"] == DEFAULT_DVF_SMOOTHING_MM > 0
     assert f"sigma {DEFAULT_DVF_SMOOTHING_MM:g} mm" in card
     assert "Field smoothing: none" in model_card({"dvf_smoothing_mm": 0})
-    # ... and the second network pass (`jrs.cascade`)
+    # ... and the second network pass (`jrs.inference.cascade`)
     from jrs.model_export.export import DEFAULT_NETWORK_PASSES
 
     assert meta["network_passes"] == DEFAULT_NETWORK_PASSES == 2
     assert "Network passes: 2." in card
     assert "Network passes: 1 (" in model_card({})
     # ... and the pre-alignment the pipeline runs it behind (a deviation from the paper)
-    from jrs.focus_prealign import FOCUS_MARGIN_MM
+    from jrs.registration.focus import FOCUS_MARGIN_MM
 
     assert f"seminal vesicles dilated by {FOCUS_MARGIN_MM:g} mm" in card
     assert "`--prealign affine` restores it" in card
@@ -246,7 +246,7 @@ def test_bad_path_choice_refused_before_export(tmp_path: Path) -> None:
 def test_validated_paths_from_validation_dsc() -> None:
     """A path within 0.05 DSC of the better one is vouched for; a broken path is not."""
     from jrs.model_export.export import VALIDATED_PATH_MARGIN, _validated_paths
-    from jrs.qa import validated_paths
+    from jrs.qa.figures import validated_paths
 
     metrics = {
         "path_dsc": {
@@ -269,7 +269,7 @@ def test_validated_paths_from_validation_dsc() -> None:
 
 
 def test_path_choice_and_fusion_weights_from_validation_dsc() -> None:
-    from jrs.fusion import FusionSpec
+    from jrs.inference.fusion import FusionSpec
     from jrs.model_export.card import model_card
     from jrs.model_export.export import _fusion, _path_choice, path_dsc
 
@@ -497,7 +497,7 @@ def test_qa_reference_paths_from_validation_dsc() -> None:
     """The export states which paths the QA compares: validated ones and any with DSC >= 0.85."""
     from jrs.model_export.card import model_card
     from jrs.model_export.export import _qa_reference_paths
-    from jrs.qa import qa_reference_paths
+    from jrs.qa.figures import qa_reference_paths
 
     metrics = {
         "path_dsc": {

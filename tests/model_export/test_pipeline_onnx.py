@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from jrs.phantom import generate_fraction, generate_patient, write_fraction, write_patient
+from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
 
 @pytest.mark.integration

@@ -1,7 +1,7 @@
 """A tiny valid re-contouring case, in memory, for the reliability corpus, fuzzing and load runs.
 
 `build_case()` writes a planning CT (8 slices of 32 x 32, 4 x 4 x 3 mm) with an RTSTRUCT holding a
-``Prostate`` ROI, and a daily CT of the same patient, with ``jrs.dicom`` (pydicom), and returns
+``Prostate`` ROI, and a daily CT of the same patient, with ``jrs.io`` (pydicom), and returns
 the files as bytes. The patient name and ID are distinctive (`PATIENT_NAME`, `PATIENT_ID`) so
 that a log scan can prove they never reach the service logs.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jrs.dicom.ct import write_ct_series
-from jrs.dicom.rtstruct import write_rtstruct
-from jrs.dicom.series import CTSeries, PatientInfo
-from jrs.geometry import Geometry, Volume
+from jrs.core.geometry import Geometry, Volume
+from jrs.io.ct import write_ct_series
+from jrs.io.rtstruct import write_rtstruct
+from jrs.io.series import CTSeries, PatientInfo
 
 #: Identifiers of the synthetic patient: they must never appear in a service log.
 PATIENT_NAME = "Corpusname^Secretia"
@@ -120,7 +120,7 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
 
 
 def build_case(seed: int = 1) -> TinyCase:
-    """Write a tiny valid case with `jrs.dicom` and return it as bytes (about 0.2 s)."""
+    """Write a tiny valid case with `jrs.io` and return it as bytes (about 0.2 s)."""
     with tempfile.TemporaryDirectory(prefix="jrs-tiny-") as tmp:
         root = Path(tmp)
         planning = make_series(seed)

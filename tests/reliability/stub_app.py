@@ -25,7 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.service.app import create_app as create_service_app
 from jrs.service.settings import load_settings
 

@@ -22,7 +22,7 @@ from tests.reliability.server import API_KEY, AUTH, ServerProcess, start_server
 
 pytestmark = pytest.mark.integration
 
-#: Corpus cases the core (`jrs.dicom`) accepts today, with why; strict: a fix makes them fail
+#: Corpus cases the core (`jrs.io`) accepts today, with why; strict: a fix makes them fail
 #: here so that they are moved back to the expected 4xx.
 KNOWN_CORE_GAPS: dict[str, str] = {}
 
@@ -180,5 +180,5 @@ def test_the_log_names_no_patient_no_file_no_path_no_key(corpus_run: CorpusRun) 
     assert not found, found
     # the core's file messages still reach the log (they no longer carry any path at all, so the
     # service has nothing left to redact in them)
-    core = [line for line in lines if json.loads(line).get("logger", "").startswith("jrs.dicom")]
+    core = [line for line in lines if json.loads(line).get("logger", "").startswith("jrs.io")]
     assert core, "no message of the DICOM reader in the log"

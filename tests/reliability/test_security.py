@@ -80,7 +80,7 @@ def test_upload_paths_are_redacted_from_any_logger(tmp_path: Path) -> None:
     data = tmp_path / "data"
     redact = RedactUploadPaths([data])
     record = logging.LogRecord(
-        "jrs.dicom.ct",
+        "jrs.io.ct",
         logging.WARNING,
         __file__,
         1,

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.config import parse_config
 from jrs.training.store import save_pair, write_index
 from jrs.training.synthetic import synthetic_pair

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.config import TrainConfig, parse_config
 from jrs.training.data import AIR, PatchSampler
 from jrs.training.store import REGION_STRIDE, load_stored_pair, save_pair, write_index

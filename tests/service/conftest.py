@@ -22,11 +22,11 @@ import SimpleITK as sitk
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from jrs.dicom.ct import write_ct_series
-from jrs.dicom.rtstruct import write_rtstruct
-from jrs.dicom.series import CTSeries, PatientInfo
-from jrs.errors import InvalidInput
-from jrs.geometry import Geometry, Volume
+from jrs.core.errors import InvalidInput
+from jrs.core.geometry import Geometry, Volume
+from jrs.io.ct import write_ct_series
+from jrs.io.rtstruct import write_rtstruct
+from jrs.io.series import CTSeries, PatientInfo
 from jrs.service.app import create_app
 from jrs.service.settings import Settings
 

@@ -159,11 +159,11 @@ def test_pipeline_runner_adapts_the_pipeline_api(
         calls.update(planning_rtstruct=planning_rtstruct, backend=backend, options=options)
         return types.SimpleNamespace(qa_data={"ok": True})
 
-    fake = types.ModuleType("jrs.pipeline")
+    fake = types.ModuleType("jrs.pipeline.run")
     fake.RecontourOptions = Options
     fake.load_backend = lambda options: Backend()
     fake.recontour = recontour
-    monkeypatch.setitem(sys.modules, "jrs.pipeline", fake)
+    monkeypatch.setitem(sys.modules, "jrs.pipeline.run", fake)
     runner = PipelineRunner(None, device="cpu", margin_mm=12.0, dvf_spacing_mm=2.5)
     runner.load()
     assert runner.ready and runner.execution_provider == "CPUExecutionProvider"

@@ -115,7 +115,7 @@ def test_run_batch_with_a_row_runner_uses_threads_and_survives_a_raising_runner(
     """`run_batch(row_runner=...)` without a server: threads, a raising runner recorded."""
     import threading
 
-    from jrs.batch import BatchRow, run_batch
+    from jrs.pipeline.batch import BatchRow, run_batch
 
     manifest = tmp_path / "m.csv"
     row = "planning/ct,planning/rtstruct.dcm,daily/ct"  # never read: the runner is a stand-in

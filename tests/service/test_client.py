@@ -26,11 +26,11 @@ import pydicom
 import pytest
 
 from jrs.cli import remote
-from jrs.dicom.rtstruct import masks_from_files, read_rtstruct
-from jrs.errors import InvalidInput
-from jrs.metrics import dice
-from jrs.phantom import ROI_NAMES, generate_fraction, generate_patient, write_fraction
-from jrs.phantom import write_patient as write_planning
+from jrs.core.errors import InvalidInput
+from jrs.core.metrics import dice
+from jrs.io.rtstruct import masks_from_files, read_rtstruct
+from jrs.synth import ROI_NAMES, generate_fraction, generate_patient, write_fraction
+from jrs.synth import write_patient as write_planning
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "client-test-key-0123456789"

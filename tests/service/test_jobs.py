@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from jrs.errors import InvalidInput, ServiceBusy
+from jrs.core.errors import InvalidInput, ServiceBusy
 from jrs.service.app import create_app
 from jrs.service.jobs import JobManager, JobStore, new_job_id
 from tests.service.conftest import AUTH, Case, FakeRunner, make_settings, multipart
@@ -254,7 +254,7 @@ def test_recovered_jobs_wait_when_the_model_is_not_ready(tmp_path: Path) -> None
 
 def test_model_dir_is_resolved_strictly(tmp_path: Path) -> None:
     """A version folder, a folder of versions or a root of <name>/<version>; nothing else."""
-    from jrs.errors import ModelNotReady
+    from jrs.core.errors import ModelNotReady
     from jrs.service.jobs import resolve_model_dir
 
     assert resolve_model_dir(None) is None

@@ -42,7 +42,7 @@ def test_the_setting_parses_like_the_command_line(monkeypatch: pytest.MonkeyPatc
 
 
 def test_recontour_jobs_use_it(tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    import jrs.pipeline
+    import jrs.pipeline.run
 
     seen: list[Any] = []
 
@@ -57,8 +57,10 @@ def test_recontour_jobs_use_it(tmp_path: Path, case: Case, monkeypatch: pytest.M
         seen.append(dict(options.path_choice))
         return SimpleNamespace(qa_data=FakeRunner()(Path(out), Path(planning_ct), Path(daily_ct)))
 
-    monkeypatch.setattr(jrs.pipeline, "load_backend", lambda _opts: SimpleNamespace(metadata={}))
-    monkeypatch.setattr(jrs.pipeline, "recontour", recontour)
+    monkeypatch.setattr(
+        jrs.pipeline.run, "load_backend", lambda _opts: SimpleNamespace(metadata={})
+    )
+    monkeypatch.setattr(jrs.pipeline.run, "recontour", recontour)
     settings = make_settings(tmp_path, adaptation="off", path_choice="prostate=fusion")
     with TestClient(create_app(settings)) as client:
         assert client.get("/health/ready").status_code == 200
@@ -71,13 +73,15 @@ def test_recontour_jobs_use_it(tmp_path: Path, case: Case, monkeypatch: pytest.M
 
 def test_patient_models_use_it_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fraction re-contoured with the patient's own model keeps the site's path choice."""
-    import jrs.pipeline
+    import jrs.pipeline.run
     from jrs.service.patients import PatientAwareRunner
 
     seen: list[Any] = []
-    monkeypatch.setattr(jrs.pipeline, "load_backend", lambda _opts: SimpleNamespace(metadata={}))
     monkeypatch.setattr(
-        jrs.pipeline,
+        jrs.pipeline.run, "load_backend", lambda _opts: SimpleNamespace(metadata={})
+    )
+    monkeypatch.setattr(
+        jrs.pipeline.run,
         "recontour",
         lambda *args, **kw: seen.append(dict(args[4].path_choice)) or SimpleNamespace(qa_data={}),
     )

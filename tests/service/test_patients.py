@@ -358,8 +358,8 @@ def test_routes_need_the_key_and_respect_the_upload_limits(tmp_path: Path, case:
 
 
 def test_a_planning_without_any_organ_is_refused(tmp_path: Path, case: Case) -> None:
-    from jrs.dicom.ct import read_ct_series
-    from jrs.dicom.rtstruct import write_rtstruct
+    from jrs.io.ct import read_ct_series
+    from jrs.io.rtstruct import write_rtstruct
     from tests.service.conftest import prostate_mask, zip_folder
 
     folder = tmp_path / "noorgan"
@@ -451,8 +451,8 @@ def test_batch_through_the_service_uploads_each_patient_once(
 ) -> None:
     import csv
 
-    from jrs.batch import run_batch
     from jrs.cli.remote import PATIENTS_FILE, ServiceClient, patient_row_runner
+    from jrs.pipeline.batch import run_batch
 
     runner = PatientFakeRunner()
     servers.append(server := Server(make_settings(tmp_path, adaptation="local"), runner))

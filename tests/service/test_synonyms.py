@@ -63,7 +63,7 @@ def test_an_unusable_synonym_file_stops_the_start_up_naming_it(
 
 
 def test_a_valid_file_is_loaded_once_as_a_synonym_table(tmp_path: Path) -> None:
-    from jrs.labels import SynonymTable
+    from jrs.core.labels import SynonymTable
 
     settings = make_settings(tmp_path, synonyms=_site_file(tmp_path))
     table = settings.synonym_table
@@ -75,8 +75,8 @@ def test_a_valid_file_is_loaded_once_as_a_synonym_table(tmp_path: Path) -> None:
 def test_recontour_jobs_use_the_site_table(
     tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default runner (`PipelineRunner`) hands the table to `jrs.pipeline.recontour`."""
-    import jrs.pipeline
+    """The default runner (`PipelineRunner`) hands the table to `jrs.pipeline.run.recontour`."""
+    import jrs.pipeline.run
 
     seen: list[Any] = []
 
@@ -91,8 +91,10 @@ def test_recontour_jobs_use_the_site_table(
         seen.append(options.synonyms)
         return SimpleNamespace(qa_data=FakeRunner()(Path(out), Path(planning_ct), Path(daily_ct)))
 
-    monkeypatch.setattr(jrs.pipeline, "load_backend", lambda _opts: SimpleNamespace(metadata={}))
-    monkeypatch.setattr(jrs.pipeline, "recontour", recontour)
+    monkeypatch.setattr(
+        jrs.pipeline.run, "load_backend", lambda _opts: SimpleNamespace(metadata={})
+    )
+    monkeypatch.setattr(jrs.pipeline.run, "recontour", recontour)
     settings = make_settings(tmp_path, synonyms=_site_file(tmp_path), adaptation="off")
     with TestClient(create_app(settings)) as client:
         assert client.get("/health/ready").status_code == 200
@@ -108,8 +110,8 @@ def test_patient_planning_check_and_adaptation_use_the_site_table(
     tmp_path: Path, case: Case
 ) -> None:
     """A planning whose prostate has a site-only name is refused without the file, kept with it."""
-    from jrs.dicom.ct import read_ct_series
-    from jrs.dicom.rtstruct import write_rtstruct
+    from jrs.io.ct import read_ct_series
+    from jrs.io.rtstruct import write_rtstruct
     from jrs.service.patients import adapt_command
     from tests.service.conftest import prostate_mask, zip_folder
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from jrs.errors import InvalidInput, PayloadTooLarge
+from jrs.core.errors import InvalidInput, PayloadTooLarge
 from jrs.service.app import create_app
 from jrs.service.uploads import UploadLimits, _Budget, extract_zip, safe_name
 from tests.service.conftest import AUTH, Case, FakeRunner, make_settings, multipart, read_zip_bytes

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.adapt import (
     AdaptationInterrupted,
     AdaptOptions,
@@ -363,7 +363,7 @@ def test_jrs_adapt_refuses_bad_input_with_a_clear_message(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_jrs_batch_adapt_adapts_each_patient_once(base_dir: Path, tmp_path: Path) -> None:
-    """``jrs batch --adapt``: the command wires `jrs.training.adapt` into `jrs.batch` per patient."""
+    """``jrs batch --adapt``: the command wires `jrs.training.adapt` into `jrs.pipeline.batch` per patient."""
     import csv
 
     from typer.testing import CliRunner

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.config import parse_config
 from jrs.training.data import PatchSampler, TrainingPair
 from jrs.training.losses import dice_loss, reg_loss

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.data import PatchSampler, TrainingPair, discover_pairs
 
 

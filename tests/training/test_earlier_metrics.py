@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.earlier_metrics import read_evaluation
 from jrs.training.evaluate import evaluate
 from jrs.training.networks import build

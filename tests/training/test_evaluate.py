@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from jrs.errors import InvalidInput
-from jrs.labels import BLADDER, PROSTATE, SEMINAL_VESICLES
-from jrs.tiling import plan_tiles
+from jrs.core.errors import InvalidInput
+from jrs.core.labels import BLADDER, PROSTATE, SEMINAL_VESICLES
+from jrs.inference.tiling import plan_tiles
 from jrs.training.evaluate import (
     evaluate,
     jacobian_stats,
@@ -64,8 +64,8 @@ def test_jacobian_stats() -> None:
 
 
 def test_jacobian_stats_matches_core_and_validates() -> None:
-    from jrs.geometry import Geometry, Volume
-    from jrs.qa import jacobian_stats as core
+    from jrs.core.geometry import Geometry, Volume
+    from jrs.qa.figures import jacobian_stats as core
 
     rng = np.random.default_rng(0)
     dvf = rng.normal(scale=0.3, size=(3, 8, 9, 10)).astype(np.float32)
@@ -84,7 +84,7 @@ def test_jacobian_stats_matches_core_and_validates() -> None:
 
 
 def test_tiled_equals_single_window_torch() -> None:
-    """predict_volume's tiles (jrs.tiling's default layout) reproduce one whole-volume window."""
+    """predict_volume's tiles (jrs.inference.tiling's default layout) reproduce one whole-volume window."""
     torch.set_num_threads(2)
     net = tiny_net()  # cross-stitch 4/8/8 with calibrated BatchNorm: O(1) outputs
     shape = (27, 26, 21)  # no axis a multiple of 4; window 56: 16-voxel outputs, 2 per axis
@@ -185,7 +185,7 @@ def test_report_of_pairs_without_an_organ() -> None:
 
 
 def test_fused_path_of_the_evaluation() -> None:
-    from jrs.fusion import FusionSpec
+    from jrs.inference.fusion import FusionSpec
 
     torch.manual_seed(0)
     net = build("cross-stitch", channels=(4, 8, 8))
@@ -241,7 +241,7 @@ class _HalfWayNet(torch.nn.Module):
 
 
 def test_predict_pair_runs_the_pipelines_network_passes() -> None:
-    """``passes`` scores a network as the pipeline runs it (`jrs.cascade`): 1, 2 and 3 passes
+    """``passes`` scores a network as the pipeline runs it (`jrs.inference.cascade`): 1, 2 and 3 passes
     of a half-way network give 1/2, 3/4 and 7/8 of a translation."""
     import dataclasses
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.config import TrainConfig, parse_config
 from jrs.training.losses import present_classes, reg_dsc_loss
 from jrs.training.networks import LEVELS, build, level_size

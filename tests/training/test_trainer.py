@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.config import TrainConfig, load_config, parse_config
 from jrs.training.losses import compute_task_losses
 from jrs.training.plots import read_log

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from jrs.errors import InvalidInput
+from jrs.core.errors import InvalidInput
 from jrs.training.config import TrainConfig, parse_config
 from jrs.training.data import KeyedPatchSampler, PatchSampler
 from jrs.training.plots import read_log

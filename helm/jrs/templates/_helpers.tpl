@@ -33,7 +33,7 @@ Create chart name and version as used by the chart label.
 {{/*
 Common labels (without the component, which tells the service, batch and test pods apart).
 */}}
-{{- define "jrs.labels" -}}
+{{- define "jrs.core.labels" -}}
 helm.sh/chart: {{ include "jrs.chart" . }}
 {{ include "jrs.baseSelectorLabels" . }}
 {{- if .Chart.AppVersion }}
