@@ -20,8 +20,8 @@ demo: install
 	$(BIN)/python -m jrs.pipeline.demo --out $(DEMO_OUT)
 
 lint: install
-	$(BIN)/ruff check jrs training model_export service tests examples
-	$(BIN)/ruff format --check jrs training model_export service tests examples
+	$(BIN)/ruff check jrs training model_export service tests examples research
+	$(BIN)/ruff format --check jrs training model_export service tests examples research
 
 typecheck: install
 	$(BIN)/mypy

@@ -143,7 +143,7 @@ def score_case(
         pred = written[name].array.view(np.bool_)
         sd = surface_distances(pred, truth[name], ref.geometry)
         row[organ] = {"dsc": round(dice(pred, truth[name]), 4), "msd": round(sd.msd, 3)}
-    distant = {}
+    distant: dict[str, float | None] = {}
     body = None
     for name, mask in truth.items():
         if DISTANT.search(name) and mask.any() and name in written:
@@ -285,8 +285,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the tables of --out")
     args = parser.parse_args()
     if args.report:
-        rows = json.loads(args.out.read_text())
-        print(report(rows) + "\n" + qa_rates(rows))  # noqa: T201 (a script's output)
+        kept = json.loads(args.out.read_text())
+        print(report(kept) + "\n" + qa_rates(kept))  # noqa: T201 (a script's output)
         return
     logging.basicConfig(level=logging.WARNING)
     table = SynonymTable.from_yaml(args.synonyms) if args.synonyms else None

@@ -143,3 +143,13 @@ def config_script(root: Path) -> str:
     import tomllib
 
     return str(tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["jrs"])
+
+
+def test_the_product_never_imports_the_research_tree() -> None:
+    """research/ is not installed: nothing that is may import it."""
+    files = [
+        p for p in (ROOT / "jrs").rglob("*.py") if p.relative_to(ROOT / "jrs").parts[0] not in UNITS
+    ]
+    files += [p for f in UNITS.values() for p in f.rglob("*.py")]
+    bad = _offenders(_imports(files), ("research",))
+    assert not bad, f"the product imports research/: {bad}"

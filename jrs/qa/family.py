@@ -11,7 +11,7 @@ used contour).
 `jrs.qa.figures.StructureQa.organ_family`) when another contour of it carries one of `SPREAD_FLAGS`.
 Flags about a contour itself (its volume, its fit to the image's edges, its paths' agreement:
 the automatic contours have no paths; the scans' agreement in a band around it) are not
-shared. `spread_mask` is the same rule on arrays, for the calibration (`jrs.qa_calibration`).
+shared. `spread_mask` is the same rule on arrays, for the calibration (`research.qa_calibration`).
 """
 
 from __future__ import annotations

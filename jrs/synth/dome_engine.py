@@ -11,7 +11,7 @@ This family is a **test family only**. The model is trained, and its QA calibrat
 of the organ engine (`jrs.synth.engine.synthesize_fraction`, family "organ"); the dome family
 moves the anatomy by a different mechanism, so re-contouring its fractions is a cross-generator
 test of what the model learned. Training and calibration data builders (``training/``,
-`jrs.qa_calibration`) must never call it, and ``jrs phantom --family dome`` /
+`research.qa_calibration`) must never call it, and ``jrs phantom --family dome`` /
 ``write_from_planning(..., family="dome")`` draw from a random stream of their own (see
 `SEED_STREAM`), so the two families never share draws.
 

@@ -47,8 +47,20 @@ def test_unknown_benchmark_is_a_clear_error() -> None:
     assert result.exit_code == 2
     # every mode is named (other modes may join the list: their order is not pinned here)
     message = result.stderr.split("unknown; use", 1)[-1]
-    for mode in ("phantom", "prealign", "recontour", "heldout", "engines", "service", "gpu"):
+    for mode in ("phantom", "prealign", "recontour", "service", "gpu"):
         assert mode in message, mode
+    # the accuracy harnesses left the product: the message says where they are
+    assert "python -m research" in message
+
+
+@pytest.mark.parametrize("harness", ["heldout", "engines", "qa", "adaptation"])
+def test_the_accuracy_harnesses_are_research_commands(harness: str) -> None:
+    from research.__main__ import app as research_app
+
+    result = CliRunner().invoke(app, ["benchmark", harness])
+    assert result.exit_code == 2 and "python -m research" in result.stderr
+    helped = CliRunner().invoke(research_app, [harness, "--help"])
+    assert helped.exit_code == 0 and "--model" in helped.stdout
 
 
 def test_engine_ratios_and_stage_table() -> None:

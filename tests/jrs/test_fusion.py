@@ -512,7 +512,7 @@ def test_cli_path_choice_is_parsed_and_checked_before_any_work(tmp_path: Path) -
     from typer.testing import CliRunner
 
     from jrs.cli import app
-    from jrs.cli.main import _recontour_options
+    from jrs.cli.options import recontour_options as _recontour_options
     from jrs.pipeline.run import parse_path_choice as _parse_path_choice
 
     assert _parse_path_choice(None) == {}

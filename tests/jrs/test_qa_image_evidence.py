@@ -29,7 +29,7 @@ from jrs.qa.figures import (
     organ_jacobian,
     structure_evidence,
 )
-from jrs.qa_calibration import (
+from research.qa_calibration import (
     FLAGS,
     RECORD_VERSION,
     STRUCTURE_FLAGS,

@@ -290,13 +290,13 @@ def test_a_budget_too_small_for_any_step_keeps_the_base(base_dir: Path, tmp_path
 def test_benchmark_adaptation_dry_run_writes_tables_and_checks(
     base_dir: Path, tmp_path: Path
 ) -> None:
-    """``jrs benchmark adaptation --dry-run``: the lead's one command, on a tiny configuration."""
+    """``python -m research adaptation --dry-run``: the lead's one command, on a tiny configuration."""
     from typer.testing import CliRunner
 
-    from jrs.cli.main import app
+    from research.__main__ import app
 
     report = tmp_path / "report"
-    args = ["benchmark", "adaptation", "--dry-run", "--no-iterative", "--model", str(base_dir)]
+    args = ["adaptation", "--dry-run", "--no-iterative", "--model", str(base_dir)]
     args += ["--seed", "3", "--device", "cpu", "--report", str(report)]
     args += ["--out", str(tmp_path / "bench.json")]
     result = CliRunner().invoke(app, args)
@@ -318,7 +318,7 @@ def test_benchmark_adaptation_dry_run_writes_tables_and_checks(
 
 
 def test_acceptance_checks_of_the_benchmark() -> None:
-    from jrs.training.adapt_benchmark import acceptance
+    from research.adapt_benchmark import acceptance
 
     def row(group: str, method: str, organ: str, dsc: float) -> dict[str, object]:
         return {

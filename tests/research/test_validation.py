@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jrs.core.errors import InvalidInput
-from jrs.validation import report_markdown, validate_heldout
+from research.validation import report_markdown, validate_heldout
 
 
 def _rows() -> list[dict[str, object]]:
@@ -122,7 +122,7 @@ def test_heldout_reports_the_fused_contours(tmp_path: Path) -> None:
 
 
 def test_engine_report_bounds_the_dsc_difference() -> None:
-    from jrs.validation import ENGINE_DSC_TOLERANCE, EngineComparison, engines_markdown
+    from research.validation import ENGINE_DSC_TOLERANCE, EngineComparison, engines_markdown
 
     report = EngineComparison(engines=("onnxruntime-fp32", "openvino-bf16"))
     for case, diff in (("a", 0.001), ("b", -0.003)):
@@ -156,7 +156,7 @@ def test_engine_report_bounds_the_dsc_difference() -> None:
 def test_engine_comparison_on_a_phantom(tmp_path: Path) -> None:
     """Two real engines on one small held-out phantom: same contours within the bar."""
     from jrs.inference import openvino_available
-    from jrs.validation import compare_engines
+    from research.validation import compare_engines
 
     if not openvino_available():
         pytest.skip("OpenVINO is not installed")
@@ -180,7 +180,7 @@ def test_engine_comparison_on_a_phantom(tmp_path: Path) -> None:
 def test_heldout_scores_synthetic_fractions_of_a_real_planning_scan(tmp_path: Path) -> None:
     """A planning scan given as DICOM (here a phantom's) becomes held-out synthetic fractions."""
     from jrs.synth import generate_patient, write_patient
-    from jrs.validation import HeldoutPlanning
+    from research.validation import HeldoutPlanning
     from tests.jrs.test_fusion import FusionBackend
 
     write_patient(generate_patient(4244, matrix=128, slice_thickness=3.0), tmp_path / "p")
@@ -222,10 +222,10 @@ def test_cli_heldout_takes_zero_phantoms_only_with_a_real_patient() -> None:
     """``--cases 0`` is for the real patient's fractions alone; without one it is refused."""
     from typer.testing import CliRunner
 
-    from jrs.cli import app
+    from research.__main__ import app
 
-    result = CliRunner().invoke(app, ["benchmark", "heldout", "--cases", "0", "--no-iterative"])
+    result = CliRunner().invoke(app, ["heldout", "--cases", "0", "--no-iterative"])
     assert result.exit_code == 2
     assert "at least one phantom seed or a real planning scan" in result.stderr
-    result = CliRunner().invoke(app, ["benchmark", "heldout", "--cases", "-1"])
+    result = CliRunner().invoke(app, ["heldout", "--cases", "-1"])
     assert result.exit_code == 2

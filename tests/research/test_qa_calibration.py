@@ -1,4 +1,4 @@
-"""The QA-flag calibration harness (`jrs.qa_calibration`, ``jrs benchmark qa``).
+"""The QA-flag calibration harness (`research.qa_calibration`, ``jrs benchmark qa``).
 
 Most tests run on hand-made records (the rate computation and the threshold choice need no
 re-contouring); the harness itself runs on a 128 x 128 phantom with a fake network, and once
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from jrs.core.errors import InvalidInput
 from jrs.qa.figures import QaThresholds
-from jrs.qa_calibration import (
+from research.qa_calibration import (
     FLAGS,
     MIN_RESIDUAL_LIMIT_MM,
     RECORD_VERSION,
@@ -189,7 +189,7 @@ def test_rates_are_recall_on_bad_and_false_flags_on_good() -> None:
 def test_good_contours_in_a_dvf_wrong_on_purpose_are_counted_apart() -> None:
     """A good rectum inside the noisy DVF of ``dvf_noise``: a flag of the mapping on it is right
     about the DVF; it is neither good nor bad for the rates, and the strict rates count it."""
-    from jrs.qa_calibration import GOOD_WRONG_DVF, calibrate, wrong_dvf_rates
+    from research.qa_calibration import GOOD_WRONG_DVF, calibrate, wrong_dvf_rates
 
     good = _structure("Rectum", "rectum", 60.0, 60.0, 0.93, residual_shift_mm=5.0)
     quiet = _structure("Prostate", "prostate", 40.0, 40.0, 0.95, residual_shift_mm=0.5)
@@ -345,7 +345,7 @@ def test_choice_sets_a_path_dice_limit_per_organ() -> None:
 
 
 def test_leave_one_case_out_scores_thresholds_on_cases_they_never_saw() -> None:
-    from jrs.qa_calibration import cross_validate
+    from research.qa_calibration import cross_validate
 
     # every case has a bad bladder: each fold learns the bladder limit from the others
     samples = samples_from_records(_path_dice_records())
@@ -401,7 +401,7 @@ def test_choice_says_when_no_thresholds_reach_both_targets() -> None:
 
 def test_the_search_never_loosens_a_volume_range_beyond_the_organs_clinical_envelope() -> None:
     """Good phantom prostates that shrank by 25 % cannot switch the prostate's check off."""
-    from jrs.qa_calibration import CLINICAL_VOLUME_ENVELOPE
+    from research.qa_calibration import CLINICAL_VOLUME_ENVELOPE
 
     recs = []
     for i in range(10):
@@ -591,21 +591,20 @@ def test_harness_records_resumes_and_reports(tmp_path: Path) -> None:
 
 
 def test_cli_benchmark_qa_needs_a_report_folder() -> None:
-    from jrs.cli import app
+    from research.__main__ import app
 
-    result = CliRunner().invoke(app, ["benchmark", "qa", "--cases", "1"])
+    result = CliRunner().invoke(app, ["qa", "--cases", "1"])
     assert result.exit_code == 2
     assert "--report" in result.stderr
 
 
 def test_cli_benchmark_qa_reports_from_kept_records(tmp_path: Path) -> None:
-    from jrs.cli import app
+    from research.__main__ import app
 
     _keep_records(tmp_path, _separable_records()[:2], "phantom3000-f1")
     result = CliRunner().invoke(
         app,
         [
-            "benchmark",
             "qa",
             "--cases",
             "1",
@@ -651,14 +650,14 @@ def test_thresholds_chosen_on_some_cases_are_tested_on_held_out_ones() -> None:
 
 
 def test_cli_benchmark_qa_tests_the_choice_on_a_held_out_folder(tmp_path: Path) -> None:
-    from jrs.cli import app
+    from research.__main__ import app
 
     recs = _separable_records()
     for i in range(8):
         _keep_records(tmp_path / "cal", [r for r in recs if r["case_id"] == f"c{i}"], f"c{i}")
     for i in range(8, 12):
         _keep_records(tmp_path / "test", [r for r in recs if r["case_id"] == f"c{i}"], f"t{i}")
-    args = ["benchmark", "qa", "--cases", "0", "--report", str(tmp_path / "cal")]
+    args = ["qa", "--cases", "0", "--report", str(tmp_path / "cal")]
     result = CliRunner().invoke(app, [*args, "--held-out", str(tmp_path / "test")])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "cal" / "qa_calibration.json").read_text())
@@ -800,7 +799,7 @@ def test_choice_catches_automatic_contours_through_the_manual_ones_figure() -> N
 
 
 def test_issue30_labels_are_stricter_and_relabel_stored_records() -> None:
-    from jrs.qa_calibration import LABEL_CRITERIA
+    from research.qa_calibration import LABEL_CRITERIA
 
     c = LABEL_CRITERIA["issue30"]
     assert label_contour(0.89, 0.5, c) == "bad"  # good by the v3 criteria
@@ -819,7 +818,7 @@ def test_issue30_labels_are_stricter_and_relabel_stored_records() -> None:
 
 
 def test_calibration_cases_never_use_the_held_out_family() -> None:
-    from jrs.qa_calibration import RealSource, check_case_family, phantom_specs, real_specs
+    from research.qa_calibration import RealSource, check_case_family, phantom_specs, real_specs
 
     with pytest.raises(InvalidInput, match="held out of calibration"):
         phantom_specs(3000, 2, engine="dome")

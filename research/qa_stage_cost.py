@@ -1,6 +1,6 @@
 """Time of the QA stage and end to end, two versions of the code, alternating, one phantom pair.
 
-usage: python scripts/qa_stage_cost.py OLD_TREE NEW_TREE [--reps 3] [--work /tmp/qa_time]
+usage: python research/qa_stage_cost.py OLD_TREE NEW_TREE [--reps 3] [--work /tmp/qa_time]
 
 OLD_TREE / NEW_TREE are checkouts (e.g. ``git worktree add /tmp/old 4642bb4``). Each run is its
 own process with ``PYTHONPATH`` set to its tree, the versions alternate (a shared machine's load

@@ -1,9 +1,9 @@
 """Which flags an organ's contours share, chosen by leave-one-case-out (docs/qa.md, session 18).
 
-usage: python scripts/qa_spread_choice.py REPORT_DIR
+usage: python research/qa_spread_choice.py REPORT_DIR
 
 For each rule of `jrs.qa.family` (which flags of one contour reach the organ's other contours),
-the thresholds are chosen on every case of REPORT_DIR (`jrs.qa_calibration.choose_thresholds`)
+the thresholds are chosen on every case of REPORT_DIR (`research.qa_calibration.choose_thresholds`)
 and estimated leaving one case out (`cross_validate`), each search starting from the thresholds
 before this calibration (`PRE_CALIBRATION`: session 17's defaults, with the second opinion's
 priors and its bladder limit, which the 22-case calibration turned off), not from the ones it
@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import jrs.qa_calibration as q
+import research.qa_calibration as q
 from jrs.qa.figures import QaThresholds
 
 #: The thresholds this calibration started from (those it moved, at their values before).
