@@ -14,6 +14,7 @@ from typing import Any
 
 from jrs.inference.cascade import network_passes
 from jrs.inference.smoothing import field_smoothing_sigma
+from jrs.model_export.settings import VALIDATED_PATH_MARGIN
 from jrs.qa.figures import QA_REFERENCE_MIN_DSC, qa_reference_paths
 from jrs.registration.focus import FOCUS_MARGIN_MM
 
@@ -193,8 +194,6 @@ def _path_section(meta: Mapping[str, Any]) -> list[str]:
         qcell = ", ".join(sorted(qa_reference_paths(meta, organ)))
         lines.append(f"| {organ} | {path} | {cell} | {vcell} | {qcell} |")
     if choice:
-        from jrs.model_export.export import VALIDATED_PATH_MARGIN
-
         lines += [
             "",
             "A path is validated for output within "

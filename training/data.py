@@ -239,6 +239,8 @@ REGIONS: dict[str, tuple[int, ...]] = {
     "targets": (PROSTATE, SEMINAL_VESICLES),
     "organs_at_risk": (BLADDER, RECTUM),
 }
+#: Voxel stride of the stored region lists per region (z, y, x alike).
+REGION_STRIDE: dict[str, int] = {"targets": 2, "organs_at_risk": 3, "torso": 4}
 
 
 @dataclass
@@ -346,8 +348,6 @@ class PatchSampler:
         vox = regions[name]
         centre = vox[int(self.rng.integers(len(vox)))].astype(np.int64)
         if self._jitter[pair_idx]:  # stored lists are sub-sampled: spread over the stride
-            from jrs.training.store import REGION_STRIDE
-
             centre = centre + self.rng.integers(0, REGION_STRIDE[name], size=3)
         return centre
 

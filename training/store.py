@@ -29,13 +29,12 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.core.errors import InvalidInput
-from jrs.training.data import REGIONS, TrainingPair
+from jrs.training.data import REGION_STRIDE, REGIONS, TrainingPair
 
 log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
-#: Voxel stride of the stored region lists per region (z, y, x alike).
-REGION_STRIDE: dict[str, int] = {"targets": 2, "organs_at_risk": 3, "torso": 4}
+
 _ARRAYS = ("fixed", "moving", "fixed_labels", "moving_labels", "body")
 
 __all__ = [

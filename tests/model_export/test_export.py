@@ -19,9 +19,9 @@ from jrs.model_export.export import (  # noqa: E402
     PARITY_SIZES,
     ExportError,
     export_checkpoint,
-    inference_settings,
     parity_check,
 )
+from jrs.model_export.settings import inference_settings  # noqa: E402
 from jrs.training.networks import build  # noqa: E402
 
 TINY = {"channels": [4, 8, 8]}
@@ -204,14 +204,14 @@ def test_model_card(exported: tuple[Path, torch.nn.Module]) -> None:
     assert "dsc_prostate_seg" in card and "abc123" in card
     # exported models ask for the light field smoothing, and the card says so
     from jrs.model_export.card import model_card
-    from jrs.model_export.export import DEFAULT_DVF_SMOOTHING_MM
+    from jrs.model_export.settings import DEFAULT_DVF_SMOOTHING_MM
 
     meta = json.loads((path / "metadata.json").read_text())
     assert meta["dvf_smoothing_mm"] == DEFAULT_DVF_SMOOTHING_MM > 0
     assert f"sigma {DEFAULT_DVF_SMOOTHING_MM:g} mm" in card
     assert "Field smoothing: none" in model_card({"dvf_smoothing_mm": 0})
     # ... and the second network pass (`jrs.inference.cascade`)
-    from jrs.model_export.export import DEFAULT_NETWORK_PASSES
+    from jrs.model_export.settings import DEFAULT_NETWORK_PASSES
 
     assert meta["network_passes"] == DEFAULT_NETWORK_PASSES == 2
     assert "Network passes: 2." in card
@@ -245,7 +245,7 @@ def test_bad_path_choice_refused_before_export(tmp_path: Path) -> None:
 
 def test_validated_paths_from_validation_dsc() -> None:
     """A path within 0.05 DSC of the better one is vouched for; a broken path is not."""
-    from jrs.model_export.export import VALIDATED_PATH_MARGIN, _validated_paths
+    from jrs.model_export.settings import VALIDATED_PATH_MARGIN, validated_path_table
     from jrs.qa.figures import validated_paths
 
     metrics = {
@@ -254,14 +254,14 @@ def test_validated_paths_from_validation_dsc() -> None:
             "registration": {"prostate": 0.914, "bladder": 0.909, "rectum": 0.911},
         }
     }
-    table = _validated_paths(metrics)
+    table = validated_path_table(metrics)
     assert VALIDATED_PATH_MARGIN == 0.05
     assert table == {
         "prostate": ["registration", "segmentation"],  # 0.020 apart: both
         "bladder": ["registration"],  # the segmentation path is broken here
         "rectum": ["registration"],  # 0.051 apart: only the better one
     }
-    assert "seminal_vesicles" not in table and _validated_paths(None) == {}
+    assert "seminal_vesicles" not in table and validated_path_table(None) == {}
     # what the QA reads from the metadata: path disagreement only where both are vouched for
     meta = {"validated_paths": table, "path_choice": {"prostate": "registration"}}
     assert validated_paths(meta, "prostate") == {"registration", "segmentation"}
@@ -271,7 +271,7 @@ def test_validated_paths_from_validation_dsc() -> None:
 def test_path_choice_and_fusion_weights_from_validation_dsc() -> None:
     from jrs.inference.fusion import FusionSpec
     from jrs.model_export.card import model_card
-    from jrs.model_export.export import _fusion, _path_choice, path_dsc
+    from jrs.model_export.settings import fusion_settings, path_choice, path_dsc
 
     metrics = {
         "path_dsc": {
@@ -292,14 +292,14 @@ def test_path_choice_and_fusion_weights_from_validation_dsc() -> None:
         "path_choice": {"seminal_vesicles": "segmentation"},  # given: kept as it is
     }
     # fusion where its figure beats both paths, else the better path (ties: segmentation)
-    assert _path_choice(metrics) == {
+    assert path_choice(metrics) == {
         "seminal_vesicles": "segmentation",
         "prostate": "fusion",
         "rectum": "segmentation",
         "bladder": "registration",
     }
     # weights: each path's DSC over the sum of both (a path with DSC 0 gets weight 0)
-    entry = _fusion(metrics)
+    entry = fusion_settings(metrics)
     assert entry is not None and entry["method"] == "weighted"
     assert entry["weights"] == {
         "prostate": [0.4, 0.6],
@@ -313,16 +313,16 @@ def test_path_choice_and_fusion_weights_from_validation_dsc() -> None:
     # the trainer's flat validation names give the same figures; dice_mean is not a path
     flat = {"dice_seg_prostate": 0.6, "dice_reg_prostate": 0.9, "dice_mean": 0.6}
     assert path_dsc(flat) == {"segmentation": {"prostate": 0.6}, "registration": {"prostate": 0.9}}
-    assert _path_choice(flat) == {"prostate": "registration"}  # no fused figure: never fusion
+    assert path_choice(flat) == {"prostate": "registration"}  # no fused figure: never fusion
     # a given method and weights win over the derived ones
     given = {**flat, "fusion": {"method": "staple", "weights": {"prostate": [1, 1]}}}
-    entry = _fusion(given)
+    entry = fusion_settings(given)
     assert entry is not None and entry["method"] == "staple"
     assert entry["weights"] == {"prostate": [0.5, 0.5]}
     # nothing to derive from: no fusion entry, path choice as given (the metadata unchanged)
-    assert _fusion(METRICS) is None and _fusion(None) is None
-    assert _path_choice(METRICS) == METRICS["path_choice"]
-    assert _path_choice({"path_choice": {"rectum": "fusion"}}) == {"rectum": "fusion"}
+    assert fusion_settings(METRICS) is None and fusion_settings(None) is None
+    assert path_choice(METRICS) == METRICS["path_choice"]
+    assert path_choice({"path_choice": {"rectum": "fusion"}}) == {"rectum": "fusion"}
     # refused with a message naming the problem
     with pytest.raises(InvalidInput, match="number in"):
         path_dsc({"path_dsc": {"seg": {"prostate": 1.5}}})
@@ -331,9 +331,9 @@ def test_path_choice_and_fusion_weights_from_validation_dsc() -> None:
     with pytest.raises(InvalidInput, match="organ 'liver'"):
         path_dsc({"path_dsc": {"seg": {"liver": 0.5}}})
     with pytest.raises(InvalidInput, match="method 'vote' unknown"):
-        _fusion({"fusion": {"method": "vote"}})
+        fusion_settings({"fusion": {"method": "vote"}})
     # the model card shows the choice and the weights
-    card = model_card({"path_choice": _path_choice(metrics), "fusion": _fusion(metrics)})
+    card = model_card({"path_choice": path_choice(metrics), "fusion": fusion_settings(metrics)})
     assert "| prostate | fusion | 0.4, 0.6 |" in card
     assert "Fusion method: `weighted`" in card
     assert "0.5, 0.5" in model_card({"path_choice": {"rectum": "fusion"}})
@@ -471,7 +471,7 @@ def test_card_lists_the_recipe_phases_and_outside_segments() -> None:
 
 
 def test_inference_settings_default_and_given() -> None:
-    from jrs.model_export.export import DEFAULT_DVF_SMOOTHING_MM, DEFAULT_NETWORK_PASSES
+    from jrs.model_export.settings import DEFAULT_DVF_SMOOTHING_MM, DEFAULT_NETWORK_PASSES
 
     defaults = {
         "null_correction": True,
@@ -496,7 +496,7 @@ def test_inference_settings_default_and_given() -> None:
 def test_qa_reference_paths_from_validation_dsc() -> None:
     """The export states which paths the QA compares: validated ones and any with DSC >= 0.85."""
     from jrs.model_export.card import model_card
-    from jrs.model_export.export import _qa_reference_paths
+    from jrs.model_export.settings import qa_reference_path_table
     from jrs.qa.figures import qa_reference_paths
 
     metrics = {
@@ -505,13 +505,13 @@ def test_qa_reference_paths_from_validation_dsc() -> None:
             "registration": {"prostate": 0.950, "bladder": 0.962, "rectum": 0.946},
         }
     }
-    table = _qa_reference_paths(metrics)
+    table = qa_reference_path_table(metrics)
     assert table == {
         "prostate": ["registration", "segmentation"],  # not shipped, but a reference
         "bladder": ["registration"],  # a dead path is never compared
         "rectum": ["registration", "segmentation"],
     }
-    assert _qa_reference_paths(None) == {}
+    assert qa_reference_path_table(None) == {}
     meta = {
         "qa_reference_paths": table,
         "validated_paths": {"prostate": ["registration"]},

@@ -405,7 +405,7 @@ def test_jrs_batch_adapt_adapts_each_patient_once(base_dir: Path, tmp_path: Path
 
 
 def test_a_patient_model_keeps_the_base_models_pipeline_settings() -> None:
-    from jrs.model_export.export import inference_settings
+    from jrs.model_export.settings import inference_settings
     from jrs.training.adapt import _inference_of
 
     # a model exported before these settings existed: no smoothing, one pass, correction on

@@ -347,13 +347,13 @@ def test_cli_evaluates_a_store_source_with_evidence_fusion(tmp_path: Path) -> No
     assert metrics["pairs"] == ["v1", "v2"] and metrics["fusion"] == {"method": "evidence"}
     assert set(metrics["path_dsc"]) == {"segmentation", "registration", "fusion"}
     # what jrs export --metrics makes of it: a validated path per organ, the fusion method
-    from jrs.model_export.export import _fusion, _path_choice
+    from jrs.model_export.settings import fusion_settings, path_choice
 
-    choice = _path_choice(metrics)
+    choice = path_choice(metrics)
     assert set(choice) == {"bladder", "rectum", "seminal_vesicles", "prostate"}
     for organ, path in choice.items():
         best = max(metrics["path_dsc"][p][organ] for p in ("segmentation", "registration"))
         assert metrics["path_dsc"][{"fusion": "fusion"}.get(path, path)][organ] >= best - 1e-9
-    assert _fusion(metrics)["method"] == "evidence"
+    assert fusion_settings(metrics)["method"] == "evidence"
     res = CliRunner().invoke(app, [*args, "--fusion", "vote", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "use weighted, staple, evidence" in res.output
