@@ -1,7 +1,9 @@
 """Errors of the service layer and the one place that maps every error to a JSON answer.
 
 Every error answer has the body ``{"error": <code>, "detail": <message>, "request_id": <id>}``
-and the HTTP status of the `JrsError` subclass raised. Unhandled exceptions never reach the client
+and the HTTP status that `HTTP_STATUS` gives the `JrsError` subclass raised (the core's errors
+carry no HTTP knowledge; this table is the one place they meet HTTP). Unhandled exceptions never
+reach the client
 with their internals: `RequestContextMiddleware` (see `jrs.service.logging_config`) turns them into
 a 500 with ``error: internal_error``.
 """
@@ -15,7 +17,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jrs.core.errors import JrsError, ModelNotReady, ServiceBusy
+from jrs.core.errors import (
+    GeometryMismatch,
+    InvalidInput,
+    JrsError,
+    ModelNotReady,
+    NotFound,
+    PayloadTooLarge,
+    ServiceBusy,
+    StorageFull,
+    UnsupportedData,
+)
 from jrs.service.logging_config import current_request_id
 
 logger = logging.getLogger("jrs.service.errors")
@@ -24,22 +36,51 @@ logger = logging.getLogger("jrs.service.errors")
 class ConfigurationError(JrsError):
     """The service settings are incomplete or contradictory (e.g. no API key configured)."""
 
-    http_status = 500
     code = "configuration_error"
 
 
 class Unauthorized(JrsError):
     """A request without a valid ``Authorization: Bearer <key>`` header."""
 
-    http_status = 401
     code = "unauthorized"
 
 
 class JobNotFinished(JrsError):
     """An artefact of a job was requested before the job succeeded."""
 
-    http_status = 409
     code = "job_not_finished"
+
+
+#: HTTP status per error class; a subclass not listed takes its nearest listed base's status.
+HTTP_STATUS: dict[type[JrsError], int] = {
+    JrsError: 500,
+    InvalidInput: 422,
+    GeometryMismatch: 422,
+    PayloadTooLarge: 413,
+    UnsupportedData: 415,
+    ModelNotReady: 503,
+    ServiceBusy: 503,
+    NotFound: 404,
+    StorageFull: 507,
+    ConfigurationError: 500,
+    Unauthorized: 401,
+    JobNotFinished: 409,
+}
+
+
+def http_status(exc: JrsError) -> int:
+    """The HTTP status of an error: its class's entry in `HTTP_STATUS`, else its nearest base's.
+
+    Args:
+        exc: the error.
+
+    Returns:
+        The status code (500 for an error class without a listed base).
+    """
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]  # type: ignore[index]
+    return 500
 
 
 def error_body(code: str, detail: str, request_id: str | None = None) -> dict[str, str]:
@@ -81,10 +122,9 @@ async def handle_jrs_error(request: Request, exc: Exception) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, ServiceBusy | ModelNotReady):
         headers["Retry-After"] = _retry_after(request)
-    logger.info("request refused", extra={"fields": {"error": exc.code, "status": exc.http_status}})
-    return JSONResponse(
-        error_body(exc.code, exc.message), status_code=exc.http_status, headers=headers
-    )
+    status = http_status(exc)
+    logger.info("request refused", extra={"fields": {"error": exc.code, "status": status}})
+    return JSONResponse(error_body(exc.code, exc.message), status_code=status, headers=headers)
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:

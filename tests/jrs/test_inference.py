@@ -174,7 +174,7 @@ def test_cuda_unavailable_is_model_not_ready(model_dir: Path) -> None:
     with pytest.raises(ModelNotReady, match=CUDA_PROVIDER) as err:
         load_model(model_dir, "cuda")
     assert CPU_PROVIDER in str(err.value)  # lists what is available
-    assert err.value.http_status == 503
+    assert err.value.code == "model_not_ready"
 
 
 def test_unknown_device(model_dir: Path) -> None:

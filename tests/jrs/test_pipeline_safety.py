@@ -171,7 +171,7 @@ def test_thorax_is_refused_before_any_registration(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as err:
         recontour(ct_dir, rs, ct_dir, tmp_path / "out", backend=backend)
     message = str(err.value)
-    assert err.value.http_status == 422
+    assert err.value.code == "invalid_input"
     assert "does not look like a male pelvis" in message
     assert "'CTVp'" in message and "ambiguous" in message
     assert "--method iterative" in message
