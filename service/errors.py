@@ -3,9 +3,8 @@
 Every error answer has the body ``{"error": <code>, "detail": <message>, "request_id": <id>}``
 and the HTTP status that `HTTP_STATUS` gives the `JrsError` subclass raised (the core's errors
 carry no HTTP knowledge; this table is the one place they meet HTTP). Unhandled exceptions never
-reach the client
-with their internals: `RequestContextMiddleware` (see `jrs.service.logging_config`) turns them into
-a 500 with ``error: internal_error``.
+reach the client with their internals: `RequestContextMiddleware` (see
+`jrs.service.logging_config`) turns them into a 500 with ``error: internal_error``.
 """
 
 from __future__ import annotations
