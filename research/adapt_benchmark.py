@@ -175,7 +175,8 @@ def benchmark_adaptation(
     Returns:
         The rows, adaptations, acceptance checks and the Markdown report.
     """
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
 
     if not seeds and real is None:
         raise InvalidInput("the adaptation benchmark needs phantom seeds or a real planning scan")

@@ -453,7 +453,7 @@ class ReplayBackend:
     subtracted again).
 
     Args:
-        inner: the loaded network (`jrs.pipeline.run.NetworkBackend`).
+        inner: the loaded network (`jrs.inference.backend.NetworkBackend`).
     """
 
     def __init__(self, inner: Any) -> None:
@@ -685,7 +685,7 @@ class RunSettings:
     Attributes:
         model_dir: model version folder (None: the newest bundled one).
         device: ``auto``, ``cpu`` or ``cuda``.
-        engine: inference engine (`jrs.pipeline.run.RecontourOptions.engine`).
+        engine: inference engine (`jrs.pipeline.options.RecontourOptions.engine`).
         precision: inference precision.
         matrix: phantom in-plane matrix.
         slice_mm: phantom slice thickness (None: each seed's draw).
@@ -771,7 +771,8 @@ def run_population(
         run (a `jrs.core.errors.JrsError` such as a failed plausibility check) has ``status:
         refused``.
     """
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
 
     if population not in POPULATIONS:
         raise InvalidInput(f"population {population!r} unknown; use one of {sorted(POPULATIONS)}")
@@ -904,7 +905,8 @@ def run_qa_calibration(
         InvalidInput: an unknown population, a held-out folder without records, or one that
             shares a case with this folder.
     """
-    from jrs.pipeline.run import RecontourOptions, load_backend
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.stages import load_backend
 
     report_dir = Path(report_dir)
     held: list[dict[str, Any]] = []

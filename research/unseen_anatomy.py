@@ -38,7 +38,8 @@ from jrs.core.geometry import Volume
 from jrs.core.labels import LABELS, SynonymTable, label_map_from_masks
 from jrs.core.metrics import dice, surface_distances
 from jrs.io.rtstruct import masks_from_files
-from jrs.pipeline.run import RecontourOptions, recontour
+from jrs.pipeline.options import RecontourOptions
+from jrs.pipeline.run import recontour
 
 log = logging.getLogger("unseen_anatomy")
 
@@ -48,18 +49,18 @@ DISTANT = re.compile(r"(femo|femur|head|external|body|outline)", re.IGNORECASE)
 
 #: the network's registration path before and after the refinement, captured on each run
 _CAPTURED: dict[str, Volume] = {}
-_REFINE = pipeline._refine
+_REFINE = pipeline.refine_paths
 
 
 def _capturing_refine(paths: Any, pair: Any, used: Any) -> Any:
-    """`jrs.pipeline.run._refine`, keeping the registration path before and after it."""
+    """`jrs.pipeline.stages.refine_paths`, keeping the registration path before and after it."""
     _CAPTURED["before"] = Volume(paths.registration.copy(), pair.grid)
     report = _REFINE(paths, pair, used)
     _CAPTURED["after"] = Volume(paths.registration.copy(), pair.grid)
     return report
 
 
-pipeline._refine = _capturing_refine  # research only: the product never patches itself
+pipeline.refine_paths = _capturing_refine  # research only: the product never patches itself
 
 
 def _options(variant: str) -> RecontourOptions:

@@ -238,8 +238,8 @@ def validate_heldout(
         progress: called with a short message after each run.
         fusion_method: method of the ``fusion`` rows (``weighted``, ``staple``; None: the
             model's metadata ``fusion``, else ``weighted``).
-        backend: an already loaded network (`jrs.pipeline.run.NetworkBackend`) to use instead of
-            loading ``model_dir``.
+        backend: an already loaded network (`jrs.inference.backend.NetworkBackend`) to use
+            instead of loading ``model_dir``.
         real: real planning scans whose synthetic fractions are cases too.
         null_correction: the network's null-field correction (`jrs.inference.null_correction`);
             None:
@@ -253,7 +253,8 @@ def validate_heldout(
         The report.
     """
     from jrs.io.rtstruct import masks_from_files
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
     from jrs.registration.focus import check_prealign_mode
 
     if not seeds and not real:
@@ -568,7 +569,9 @@ def compare_engines(
     """
     from jrs.io.rtstruct import masks_from_files
     from jrs.pipeline.benchmark import RUN_CONFIGS, Case, dice_against_truth, phantom_case
-    from jrs.pipeline.run import RecontourOptions, load_backend, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
+    from jrs.pipeline.stages import load_backend
 
     if not seeds and not cases:
         raise InvalidInput("the engine comparison needs at least one phantom seed or case")

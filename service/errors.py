@@ -78,7 +78,7 @@ def http_status(exc: JrsError) -> int:
     """
     for cls in type(exc).__mro__:
         if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]  # type: ignore[index]
+            return HTTP_STATUS[cls]
     return 500
 
 

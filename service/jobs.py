@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from jrs.core.errors import InvalidInput, JrsError, ModelNotReady, ServiceBusy, StorageFull
+from jrs.inference.registry import resolve_model_dir
 
 logger = logging.getLogger("jrs.service.jobs")
 
@@ -71,48 +72,6 @@ class Runner(Protocol):
     def __call__(self, job_dir: Path, planning_dir: Path, daily_dir: Path) -> dict[str, Any]:
         """Re-contour one job (see the class docstring)."""
         ...
-
-
-def _versions(folder: Path) -> list[Path]:
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted(found, key=lambda p: int(p.name))
-
-
-def resolve_model_dir(model_dir: Path | None, name: str = "crossstitch") -> Path | None:
-    """The model version folder named by ``JRS_MODEL_DIR`` (None: the pipeline's default).
-
-    Accepted: a version folder (``model.onnx`` + ``metadata.json``, also when one of them is
-    missing so that the loader names it), a model folder of numeric versions (the newest is
-    used), or a root of ``<name>/<version>`` folders.
-
-    Args:
-        model_dir: the configured folder, or None.
-        name: the model looked for under a root folder.
-
-    Returns:
-        The version folder, or None when `model_dir` is None.
-
-    Raises:
-        ModelNotReady: the folder does not exist or holds no model (the message says what is
-            expected), so that a wrong path never falls back to another model.
-    """
-    if model_dir is None:
-        return None
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise ModelNotReady(
-            f"JRS_MODEL_DIR {folder} does not exist; set it to a model version folder "
-            "(models/<name>/<version> with model.onnx and metadata.json)"
-        )
-    if (folder / "model.onnx").exists() or (folder / "metadata.json").exists():
-        return folder
-    versions = _versions(folder) or (_versions(folder / name) if (folder / name).is_dir() else [])
-    if versions:
-        return versions[-1]
-    raise ModelNotReady(
-        f"JRS_MODEL_DIR {folder} holds no model: expected model.onnx and metadata.json there, "
-        f"numeric version folders, or {name}/<version>/ folders"
-    )
 
 
 class PipelineRunner:
@@ -847,5 +806,4 @@ __all__ = [
     "ServiceBusy",
     "free_bytes",
     "new_job_id",
-    "resolve_model_dir",
 ]

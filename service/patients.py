@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jrs.core.errors import JrsError, ModelNotReady, NotFound
-from jrs.service.jobs import PLANNING_RTSTRUCT, resolve_model_dir
+from jrs.inference.registry import resolve_model_dir
+from jrs.service.jobs import PLANNING_RTSTRUCT
 from jrs.service.settings import Settings
 
 logger = logging.getLogger("jrs.service.patients")
@@ -347,7 +348,7 @@ def base_model_dir(settings: Settings) -> Path | None:
     try:
         folder = resolve_model_dir(chosen)
         if folder is None:
-            from jrs.pipeline.run import default_model_dir
+            from jrs.inference.registry import default_model_dir
 
             folder = default_model_dir()
     except JrsError:

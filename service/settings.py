@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         precision: network arithmetic (``JRS_PRECISION``): ``auto`` (bf16 with OpenVINO on a
             CPU with AMX/AVX512-BF16, else fp32), ``fp32``, ``bf16`` or ``fp16`` (TensorRT).
         margin_mm: margin around the pre-aligned planning organs of the network box, mm
-            (`jrs.pipeline.run.RecontourOptions.margin_mm`).
+            (`jrs.pipeline.options.RecontourOptions.margin_mm`).
         dvf_spacing_mm: spacing (mm) of the grid ``dvf.mha`` and ``registration.dcm`` are
             written on (over the daily CT; an axis whose CT spacing is coarser keeps the CT's):
             3 mm by default, about 25 MB per file for a 174 x 512 x 512 daily CT where its own
@@ -206,7 +206,7 @@ class Settings(BaseSettings):
         if not self.path_choice.strip():
             return self
         from jrs.core.errors import JrsError
-        from jrs.pipeline.run import parse_path_choice
+        from jrs.pipeline.options import parse_path_choice
 
         try:
             self._path_choice = parse_path_choice([self.path_choice], "JRS_PATH_CHOICE item")

@@ -405,7 +405,7 @@ def resolve_base(
 
     Args:
         model_dir: A model version folder, or a folder of numeric versions (the newest); default
-            the bundled model (``jrs.pipeline.run.default_model_dir``).
+            the bundled model (``jrs.inference.registry.default_model_dir``).
         weights: A ``weights.pt`` or training checkpoint to use.
 
     Returns:
@@ -417,7 +417,7 @@ def resolve_base(
     from jrs.inference import read_metadata
 
     if model_dir is None:
-        from jrs.pipeline.run import default_model_dir
+        from jrs.inference.registry import default_model_dir
 
         folder = default_model_dir()
     else:

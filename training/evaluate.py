@@ -203,7 +203,7 @@ class _Stitched:
 
 
 class _TiledBackend:
-    """A torch network as a `jrs.pipeline.run.NetworkBackend` (tiled, :func:`predict_volume`)."""
+    """A torch network as a `jrs.inference.backend.NetworkBackend` (tiled, `predict_volume`)."""
 
     def __init__(self, net: nn.Module, window: int, batch_size: int, amp: bool) -> None:
         self.net, self.window, self.batch_size, self.amp = net, window, batch_size, amp

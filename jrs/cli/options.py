@@ -18,7 +18,7 @@ def recontour_options(
     precision: str = "auto",
     path_choice: list[str] | None = None,
 ) -> Any:
-    """The `jrs.pipeline.run.RecontourOptions` of the shared command-line options, checked.
+    """The `jrs.pipeline.options.RecontourOptions` of the shared command-line options, checked.
 
     Raises:
         InvalidInput: an unknown method, device, engine or precision, or a negative spacing.
@@ -26,7 +26,7 @@ def recontour_options(
     from jrs.core.errors import InvalidInput
     from jrs.core.labels import SynonymTable
     from jrs.inference import check_engine_options
-    from jrs.pipeline.run import DEFAULT_DVF_SPACING_MM, RecontourOptions, parse_path_choice
+    from jrs.pipeline.options import DEFAULT_DVF_SPACING_MM, RecontourOptions, parse_path_choice
 
     if method not in ("network", "iterative"):
         raise InvalidInput(f"--method {method!r} unknown; use network or iterative")

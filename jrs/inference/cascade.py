@@ -19,7 +19,7 @@ warped planning labels, now closer to the daily anatomy, as its prior) is the on
 uses.
 
 A model's ``metadata.json`` sets the number of passes (``"network_passes"``, absent: 1);
-`jrs.pipeline.run.RecontourOptions.network_passes` overrides it.
+`jrs.pipeline.options.RecontourOptions.network_passes` overrides it.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def refine(
     """Run ``passes - 1`` refining passes of the network on a registered pair.
 
     Args:
-        backend: the loaded network (`jrs.pipeline.run.NetworkBackend`).
+        backend: the loaded network (`jrs.inference.backend.NetworkBackend`).
         grid: the network grid (1 mm, identity direction) all arrays live on.
         fixed: (nz, ny, nx) daily CT, network intensities.
         moving: (nz, ny, nx) pre-aligned planning CT, network intensities.

@@ -343,7 +343,7 @@ def planning_null(
     """The planning scan's null field on its box, from the cache or by one network pass.
 
     Args:
-        backend: the loaded network (`jrs.pipeline.run.NetworkBackend`).
+        backend: the loaded network (`jrs.inference.backend.NetworkBackend`).
         planning_ct: the planning CT in HU.
         planning_labels: the planning label map (ids 0..4) on the planning CT's grid.
         box: LPS box (lower, upper) around the planning organs plus the network margin, mm,

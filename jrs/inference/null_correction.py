@@ -16,7 +16,7 @@ planning scan, which gives a free self-check of the segmentation path on this pa
 against the clinician's planning contours (reported in ``qa.json``, ``network.null_correction``).
 
 A model's ``metadata.json`` may switch it off (``"null_correction": false``); it is on for every
-model otherwise. `jrs.pipeline.run.RecontourOptions.null_correction` overrides the model.
+model otherwise. `jrs.pipeline.options.RecontourOptions.null_correction` overrides the model.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ __all__ = [
 
 
 class PredictingBackend(Protocol):
-    """What the null pass needs of a network (`jrs.pipeline.run.NetworkBackend` is one)."""
+    """What the null pass needs of a network (`jrs.inference.backend.NetworkBackend` is one)."""
 
     def predict(
         self,
@@ -175,7 +175,7 @@ def null_correct(
     """Subtract the network's null field from its field (the null pass run on this pair).
 
     Args:
-        backend: the loaded network (`jrs.pipeline.run.NetworkBackend`).
+        backend: the loaded network (`jrs.inference.backend.NetworkBackend`).
         moving: (nz, ny, nx) pre-aligned planning CT on the network grid, network intensities.
         moving_labels: (nz, ny, nx) pre-aligned planning label map (ids 0..4 as float).
         dvf: (3, nz, ny, nx) the network's pull field of the real pair, channels x, y, z, mm.

@@ -13,7 +13,7 @@ The filter is linear, so it keeps the null correction's invariant exactly: the s
 gives a zero field, and the Gaussian of a zero field is zero.
 
 A model's ``metadata.json`` sets the sigma (``"dvf_smoothing_mm"``, absent or 0: no filter);
-`jrs.pipeline.run.RecontourOptions.dvf_smoothing_mm` overrides it.
+`jrs.pipeline.options.RecontourOptions.dvf_smoothing_mm` overrides it.
 """
 
 from __future__ import annotations

@@ -40,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from jrs.core.errors import InvalidInput, JrsError
-from jrs.pipeline.run import NetworkBackend, RecontourOptions, load_backend, recontour
+from jrs.inference.backend import NetworkBackend
+from jrs.pipeline.options import RecontourOptions
+from jrs.pipeline.run import recontour
+from jrs.pipeline.stages import load_backend
 
 log = logging.getLogger(__name__)
 

@@ -369,7 +369,9 @@ def _run_config(
     dvf_spacing_mm: float | None,
 ) -> dict[str, Any]:
     """One benchmark configuration: load once, re-contour ``repeats`` times (own process)."""
-    from jrs.pipeline.run import RecontourOptions, load_backend, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
+    from jrs.pipeline.stages import load_backend
 
     method, engine, precision = RUN_CONFIGS[name]
     opts = RecontourOptions(
@@ -728,7 +730,9 @@ def bench_gpu(
         available_providers,
         load_model,
     )
-    from jrs.pipeline.run import RecontourOptions, default_model_dir, recontour
+    from jrs.inference.registry import default_model_dir
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
 
     clock = _Clock(time.perf_counter() + float(deadline_s))
     say = progress or (lambda _m: None)

@@ -68,7 +68,8 @@ def recontour_demo(out: Path, seed: int = 0, model: Path | None = None) -> list[
     """
     from jrs.core.metrics import dice, surface_distances
     from jrs.io.rtstruct import masks_from_files
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
     from jrs.synth import write_dataset
 
     write_dataset(out, patients=1, fractions=1, seed=seed, progress=True)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    from jrs.pipeline.run import default_model_dir
+    from jrs.inference.registry import default_model_dir
 
     try:
         model = args.model or default_model_dir()

@@ -62,7 +62,7 @@ MAX_BONY_ANGLE_DEG = 6.0
 #: spacing of the coarse displacement grid that carries the blend, mm
 FAR_GRID_MM = 4.0
 #: how far inside the network box's faces the blend starts, mm (the box is the organs plus a
-#: margin of `jrs.pipeline.run.RecontourOptions.margin_mm`)
+#: margin of `jrs.pipeline.options.RecontourOptions.margin_mm`)
 INSET_MM = 20.0
 
 

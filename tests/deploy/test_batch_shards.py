@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from jrs.core.errors import InvalidInput
 from jrs.pipeline.batch import BatchRow, run_batch, select_shard, status_file_name
-from jrs.pipeline.run import RecontourOptions
+from jrs.pipeline.options import RecontourOptions
 
 ITERATIVE = RecontourOptions(method="iterative")
 

@@ -15,7 +15,7 @@ from jrs.core.geometry import Geometry, Volume
 from jrs.io.ct import write_ct_series
 from jrs.io.series import CTSeries
 from jrs.pipeline.batch import group_rows, planning_series_key, read_manifest, run_batch
-from jrs.pipeline.run import RecontourOptions
+from jrs.pipeline.options import RecontourOptions
 
 
 def _series(folder: Path, seed: int) -> str:

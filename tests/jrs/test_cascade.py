@@ -138,7 +138,8 @@ class _ShiftBackend:
 @pytest.mark.integration
 def test_pipeline_runs_the_passes_the_model_asks_for(tmp_path: Path) -> None:
     from jrs.core.geometry import Volume
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
     from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     patient = generate_patient(7, matrix=128, slice_thickness=3.0)

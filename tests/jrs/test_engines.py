@@ -22,7 +22,7 @@ import pytest
 
 from jrs.core.errors import InvalidInput, ModelNotReady
 from jrs.inference import CPU_PROVIDER, load_model, openvino_available
-from jrs.pipeline.run import default_model_dir
+from jrs.inference.registry import default_model_dir
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed")
 

@@ -111,7 +111,8 @@ def test_pipeline_smooths_the_field_and_the_same_scan_still_moves_nothing(
     tmp_path: Path,
 ) -> None:
     from jrs.core.geometry import Volume
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
     from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
     patient = generate_patient(5, matrix=128, slice_thickness=3.0)

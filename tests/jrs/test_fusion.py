@@ -29,6 +29,7 @@ from jrs.inference.fusion import (
     weighted_probability,
     weights_from_dice,
 )
+from jrs.registration.propagation import warp_labels
 
 SHAPE = (40, 44, 48)
 
@@ -245,7 +246,6 @@ def test_box_restriction_equals_the_whole_grid() -> None:
 
 
 def test_warped_probability_is_the_linearly_warped_one_hot_map() -> None:
-    from jrs.pipeline.run import _warp_labels
 
     grid = Geometry(SHAPE, origin=[-10.0, 5.0, 3.0], spacing=[1.0, 1.0, 1.0])
     labels = _scene()
@@ -263,7 +263,7 @@ def test_warped_probability_is_the_linearly_warped_one_hot_map() -> None:
     dvf = np.stack(
         [1.7 * np.sin(z / 9.0), -1.3 * np.cos(x / 11.0), 0.8 * np.sin(y / 7.0)], axis=-1
     ).astype(np.float32)
-    hard = _warp_labels(labels, dvf, grid, 3.0)
+    hard = warp_labels(labels, dvf, grid, 3.0)
     box = organ_box(PROSTATE, [labels, hard], 3)
     assert box is not None
     p = warped_probability(labels, dvf, grid)(PROSTATE, box)
@@ -359,7 +359,8 @@ def phantom_case(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
 @pytest.fixture(scope="module")
 def fusion_runs(phantom_case: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
 
     out = tmp_path_factory.mktemp("fusion_runs")
     runs = {
@@ -472,7 +473,8 @@ def test_evidence_fusion_keeps_the_same_scan_twice_unchanged(
     """Planning CT given again as the daily CT: the fusion is the registration path exactly,
     although the segmentation path disagrees (shifted by 3 voxels) and the model's weights trust
     it more (0.7 / 0.3); the weighted fusion with those weights follows the segmentation."""
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
 
     planning_ct, planning_rs, _ = phantom_case
     organs = ("bladder", "rectum", "seminal_vesicles", "prostate")
@@ -497,7 +499,8 @@ def test_evidence_fusion_keeps_the_same_scan_twice_unchanged(
 
 
 def test_pipeline_refuses_an_unknown_path_choice(phantom_case: tuple, tmp_path: Path) -> None:
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
 
     with pytest.raises(InvalidInput, match="'segmentation', 'registration' or 'fusion'"):
         recontour(
@@ -513,7 +516,7 @@ def test_cli_path_choice_is_parsed_and_checked_before_any_work(tmp_path: Path) -
 
     from jrs.cli import app
     from jrs.cli.options import recontour_options as _recontour_options
-    from jrs.pipeline.run import parse_path_choice as _parse_path_choice
+    from jrs.pipeline.options import parse_path_choice as _parse_path_choice
 
     assert _parse_path_choice(None) == {}
     assert _parse_path_choice(["prostate=fusion, rectum=registration", "bladder=segmentation"]) == {

@@ -28,7 +28,8 @@ from tests.jrs.test_qa_image_evidence import ShiftBackend
 @pytest.fixture(scope="module")
 def iterative_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from jrs.io.rtstruct import masks_from_files, write_rtstruct
-    from jrs.pipeline.run import RecontourOptions, recontour
+    from jrs.pipeline.options import RecontourOptions
+    from jrs.pipeline.run import recontour
     from jrs.synth import generate_patient, write_patient
 
     root = tmp_path_factory.mktemp("consensus")

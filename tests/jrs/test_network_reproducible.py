@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from jrs.core.geometry import Volume
+from jrs.inference.registry import default_model_dir
 from jrs.io.rtstruct import masks_from_files
-from jrs.pipeline.run import RecontourOptions, default_model_dir, recontour
+from jrs.pipeline.options import RecontourOptions
+from jrs.pipeline.run import recontour
 from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
 

@@ -21,7 +21,8 @@ from jrs.core.metrics import dice
 from jrs.inference.null_correction import null_correct, null_correction_enabled
 from jrs.io.ct import read_ct_series
 from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
-from jrs.pipeline.run import RecontourOptions, recontour
+from jrs.pipeline.options import RecontourOptions
+from jrs.pipeline.run import recontour
 from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
 

@@ -20,17 +20,13 @@ from jrs.core.errors import ModelNotReady
 from jrs.core.fields import sample_dvf
 from jrs.core.geometry import Geometry, Volume
 from jrs.core.metrics import dice
+from jrs.inference.registry import default_model_dir
 from jrs.io.ct import read_ct_series
 from jrs.io.reg import read_deformable_registration
 from jrs.io.rtstruct import masks_from_files, read_rtstruct
-from jrs.pipeline.run import (
-    DEFAULT_DVF_SPACING_MM,
-    RecontourOptions,
-    _taper,
-    default_model_dir,
-    dvf_grid,
-    recontour,
-)
+from jrs.pipeline.options import DEFAULT_DVF_SPACING_MM, RecontourOptions
+from jrs.pipeline.run import recontour
+from jrs.registration.composition import dvf_grid, taper
 from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
 
@@ -260,7 +256,7 @@ def test_network_shift_is_folded_into_the_dvf(runs: dict[str, Any]) -> None:
 
 def test_taper_is_one_inside_and_zero_at_faces() -> None:
     g = Geometry((40, 50, 60), origin=[0, 0, 0], spacing=[1.0, 1.0, 1.0])
-    w = _taper(g, 10.0)
+    w = taper(g, 10.0)
     assert w[20, 25, 30] == 1.0
     assert w[0].max() == 0.0 and w[:, :, -1].max() == 0.0
     assert 0.0 < w[5, 25, 30] < 1.0
@@ -268,7 +264,7 @@ def test_taper_is_one_inside_and_zero_at_faces() -> None:
 
 def test_missing_model_is_model_not_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JRS_MODEL_DIR", str(tmp_path))
-    with pytest.raises(ModelNotReady, match="no model under"):
+    with pytest.raises(ModelNotReady, match="JRS_MODEL_DIR .* holds no model"):
         default_model_dir()
     with pytest.raises(ModelNotReady):
         recontour(

@@ -26,7 +26,8 @@ from jrs.core.geometry import Geometry, Volume
 from jrs.io.ct import write_ct_series
 from jrs.io.rtstruct import masks_from_files, read_rtstruct, write_rtstruct
 from jrs.io.series import CTSeries
-from jrs.pipeline.run import RecontourOptions, recontour
+from jrs.pipeline.options import RecontourOptions
+from jrs.pipeline.run import recontour
 from jrs.synth import generate_fraction, generate_patient, write_fraction
 
 

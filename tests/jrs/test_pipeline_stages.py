@@ -14,15 +14,13 @@ import SimpleITK as sitk
 from jrs.core.fields import warp
 from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume
 from jrs.inference.preprocess import canonical_grid
-from jrs.pipeline.run import (
-    _full_transform,
-    _taper,
-    _warp_labels,
-    _with_overlaps,
-    box_field,
-    dense_field,
-    dvf_grid,
+from jrs.registration.boxes import index_box
+from jrs.registration.composition import box_field, dense_field, dvf_grid, full_transform, taper
+from jrs.registration.propagation import (
+    largest_components,
     propagate_mask,
+    warp_labels,
+    with_overlaps,
 )
 
 
@@ -60,7 +58,7 @@ def scene() -> dict[str, object]:
         c = rng.uniform(-15, 15, 3)
         amp = rng.uniform(-6, 6, 3)
         u += (np.exp(-(((pts - c) / 12.0) ** 2).sum(axis=-1))[..., None] * amp).astype(np.float32)
-    u *= _taper(box)[..., None]
+    u *= taper(box)[..., None]
     field = Volume(u, box)
     return {
         "planning": planning,
@@ -68,7 +66,7 @@ def scene() -> dict[str, object]:
         "prealign": prealign,
         "box": box,
         "field": field,
-        "full": _full_transform(prealign, field),
+        "full": full_transform(prealign, field),
         "reach": float(np.sqrt((u**2).sum(axis=-1)).max()),
     }
 
@@ -94,9 +92,8 @@ def test_propagating_inside_the_roi_box_equals_the_whole_grid(
         >= 0.5
     )
     assert reference.any()
-    from jrs.pipeline.run import _index_box
 
-    network_box = _index_box(daily, box.corners(), 0.0)
+    network_box = index_box(daily, box.corners(), 0.0)
     fast = propagate_mask(
         mask,
         daily,
@@ -131,7 +128,7 @@ def test_labels_warped_inside_their_box_equal_the_whole_grid(scene: dict[str, ob
     labels[_ellipsoid(grid, np.array([0.0, 5.0, 0.0]), np.array([10.0, 8.0, 12.0]))] = 1
     labels[_ellipsoid(grid, np.array([5.0, -12.0, 3.0]), np.array([6.0, 5.0, 9.0]))] = 4
     whole = warp(Volume(labels, grid), field, "label", 0).array
-    fast = _warp_labels(labels, field.array, grid, scene["reach"])  # type: ignore[arg-type]
+    fast = warp_labels(labels, field.array, grid, scene["reach"])  # type: ignore[arg-type]
     np.testing.assert_array_equal(fast, whole)
     assert set(np.unique(fast)) == {0, 1, 4}
 
@@ -162,7 +159,7 @@ def test_coarse_dvf_grid_covers_the_ct_and_never_refines_it(position: str) -> No
 def test_numpy_composed_field_equals_the_composite_transform(
     scene: dict[str, object], spacing: float | None
 ) -> None:
-    from jrs.pipeline.run import composed_field
+    from jrs.registration.composition import composed_field
 
     daily: Geometry = scene["daily"]  # type: ignore[assignment]
     grid = dvf_grid(daily, spacing)
@@ -201,7 +198,7 @@ def test_labels_warp_matches_on_a_rotated_grid_with_labels_at_its_border() -> No
     field = Volume(u, grid)
     whole = warp(Volume(labels, grid), field, "label", 0).array
     reach = float(np.sqrt((u**2).sum(axis=-1)).max())
-    fast = _warp_labels(labels, u, grid, reach)
+    fast = warp_labels(labels, u, grid, reach)
     mismatch = int((fast != whole).sum())
     assert mismatch == 0, f"{mismatch} voxels differ"
     assert set(np.unique(fast)) == {0, 1, 2, 3, 4}
@@ -209,7 +206,6 @@ def test_labels_warp_matches_on_a_rotated_grid_with_labels_at_its_border() -> No
 
 def test_largest_components_per_organ_box_equal_the_whole_grid() -> None:
     from jrs.inference.postprocess import keep_largest_components
-    from jrs.pipeline.run import _largest_components
 
     rng = np.random.default_rng(7)
     labels = (rng.random((40, 50, 60)) < 0.02).astype(np.uint8) * rng.integers(1, 5, (40, 50, 60))
@@ -217,7 +213,7 @@ def test_largest_components_per_organ_box_equal_the_whole_grid() -> None:
     grid = Geometry((40, 50, 60), origin=[0.0, 0.0, 0.0], spacing=[1.0, 1.0, 1.0])
     for lab, centre in ((1, [20.0, 20.0, 15.0]), (2, [40.0, 30.0, 25.0]), (3, [15.0, 35.0, 30.0])):
         labels[_ellipsoid(grid, np.array(centre), np.array([8.0, 6.0, 5.0]))] = lab
-    np.testing.assert_array_equal(_largest_components(labels), keep_largest_components(labels))
+    np.testing.assert_array_equal(largest_components(labels), keep_largest_components(labels))
 
 
 def test_label_map_organs_get_their_moved_planning_overlaps_back() -> None:
@@ -233,17 +229,17 @@ def test_label_map_organs_get_their_moved_planning_overlaps_back() -> None:
     bladder = np.zeros_like(labels, bool)
     bladder[0, 0, 5:9] = True  # shares voxels 5, 6 with the vesicles' moved contour
     moved = {4: prostate, 3: vesicles, 1: bladder}
-    sv = _with_overlaps(labels, 3, moved)
+    sv = with_overlaps(labels, 3, moved)
     # its own voxels, plus the planning overlap with the prostate that the map gave the prostate
     assert sv[0, 0].tolist() == [False, False, True, True, True, True, True, False, False, False]
-    p = _with_overlaps(labels, 4, moved)
+    p = with_overlaps(labels, 4, moved)
     # voxel 4: both moved contours, given to the vesicles: shared back
     assert p[0, 0].tolist() == [True] * 5 + [False] * 5
-    b = _with_overlaps(labels, 1, moved)
+    b = with_overlaps(labels, 1, moved)
     # voxels 5, 6: the bladder's and the vesicles' moved contours overlap there
     assert b[0, 0].tolist() == [False] * 5 + [True] * 4 + [False]
     # an organ without a planning contour keeps the map's voxels only
-    assert _with_overlaps(labels, 2, moved).sum() == 0
+    assert with_overlaps(labels, 2, moved).sum() == 0
     # a moved contour that overlaps no other organ's adds nothing
     alone = {3: vesicles}
-    np.testing.assert_array_equal(_with_overlaps(labels, 3, alone), labels == 3)
+    np.testing.assert_array_equal(with_overlaps(labels, 3, alone), labels == 3)

@@ -18,9 +18,11 @@ import pytest
 
 from jrs.core.geometry import Volume
 from jrs.core.metrics import dice
+from jrs.inference.registry import default_model_dir
 from jrs.io.ct import read_ct_series
 from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
-from jrs.pipeline.run import RecontourOptions, default_model_dir, recontour
+from jrs.pipeline.options import RecontourOptions
+from jrs.pipeline.run import recontour
 from jrs.synth import generate_patient, write_patient
 
 PELVIC_REF = Path(__file__).resolve().parents[3] / "shared" / "data" / "pelvic-ref"

@@ -255,7 +255,7 @@ def test_recovered_jobs_wait_when_the_model_is_not_ready(tmp_path: Path) -> None
 def test_model_dir_is_resolved_strictly(tmp_path: Path) -> None:
     """A version folder, a folder of versions or a root of <name>/<version>; nothing else."""
     from jrs.core.errors import ModelNotReady
-    from jrs.service.jobs import resolve_model_dir
+    from jrs.inference.registry import resolve_model_dir
 
     assert resolve_model_dir(None) is None
     root = tmp_path / "models"
