@@ -905,8 +905,8 @@ def run_qa_calibration(
         InvalidInput: an unknown population, a held-out folder without records, or one that
             shares a case with this folder.
     """
+    from jrs.pipeline.methods import load_backend
     from jrs.pipeline.options import RecontourOptions
-    from jrs.pipeline.stages import load_backend
 
     report_dir = Path(report_dir)
     held: list[dict[str, Any]] = []

@@ -53,7 +53,7 @@ _REFINE = pipeline.refine_paths
 
 
 def _capturing_refine(paths: Any, pair: Any, used: Any) -> Any:
-    """`jrs.pipeline.stages.refine_paths`, keeping the registration path before and after it."""
+    """`jrs.pipeline.methods.refine_paths`, keeping the registration path before and after it."""
     _CAPTURED["before"] = Volume(paths.registration.copy(), pair.grid)
     report = _REFINE(paths, pair, used)
     _CAPTURED["after"] = Volume(paths.registration.copy(), pair.grid)

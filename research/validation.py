@@ -569,9 +569,9 @@ def compare_engines(
     """
     from jrs.io.rtstruct import masks_from_files
     from jrs.pipeline.benchmark import RUN_CONFIGS, Case, dice_against_truth, phantom_case
+    from jrs.pipeline.methods import load_backend
     from jrs.pipeline.options import RecontourOptions
     from jrs.pipeline.run import recontour
-    from jrs.pipeline.stages import load_backend
 
     if not seeds and not cases:
         raise InvalidInput("the engine comparison needs at least one phantom seed or case")

@@ -41,9 +41,9 @@ from typing import Any
 
 from jrs.core.errors import InvalidInput, JrsError
 from jrs.inference.backend import NetworkBackend
+from jrs.pipeline.methods import load_backend
 from jrs.pipeline.options import RecontourOptions
 from jrs.pipeline.run import recontour
-from jrs.pipeline.stages import load_backend
 
 log = logging.getLogger(__name__)
 

@@ -369,9 +369,9 @@ def _run_config(
     dvf_spacing_mm: float | None,
 ) -> dict[str, Any]:
     """One benchmark configuration: load once, re-contour ``repeats`` times (own process)."""
+    from jrs.pipeline.methods import load_backend
     from jrs.pipeline.options import RecontourOptions
     from jrs.pipeline.run import recontour
-    from jrs.pipeline.stages import load_backend
 
     method, engine, precision = RUN_CONFIGS[name]
     opts = RecontourOptions(

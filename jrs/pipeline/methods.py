@@ -1,4 +1,8 @@
-"""The stages of a re-contouring run that `jrs.pipeline.run.recontour` calls in sequence."""
+"""The registration methods of a run and what they hand on.
+
+The network (passes, null correction, field smoothing, the optional refinement), the iterative
+method and its network second opinion, and the fusion of the network's two paths.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import SimpleITK as sitk
 
 from jrs.core.errors import JrsError
 from jrs.core.geometry import Volume
@@ -31,17 +34,10 @@ from jrs.inference.null_correction import (
     null_correction_enabled,
     subtract_null,
 )
-from jrs.inference.preprocess import PreparedPair, mask_box
+from jrs.inference.preprocess import PreparedPair
 from jrs.inference.registry import default_model_dir
 from jrs.inference.smoothing import field_smoothing_sigma, smooth_field
 from jrs.pipeline.options import RecontourOptions
-from jrs.qa.residual_shift import (
-    RESIDUAL_BAND_MM,
-    RESIDUAL_RANGE_MM,
-    RESIDUAL_SMOOTH_MM,
-    residual_shift,
-)
-from jrs.registration.boxes import crop, index_box, nonzero_box, sub_grid
 from jrs.registration.composition import dense_field
 from jrs.registration.instance_optimisation import RefineReport, refine_field
 from jrs.registration.iterative import bspline_register
@@ -294,88 +290,6 @@ def run_model(
         network_passes(backend.metadata, opts.network_passes),
         carried,
     )
-
-
-def residual_shifts(
-    daily: Volume,
-    planning: Volume,
-    full: sitk.Transform,
-    masks: Mapping[str, npt.NDArray[np.bool_]],
-) -> dict[str, dict[str, Any]]:
-    """`residual_shift` of each daily contour, the planning CT mapped onto one box around all.
-
-    Args:
-        daily: the daily CT (HU).
-        planning: the planning CT (HU).
-        full: daily point -> planning point (the final mapping, pre-alignment included).
-        masks: ROI name -> (nz, ny, nx) contour on the daily grid.
-
-    Returns:
-        ROI name -> its `residual_shift` figures (non-empty contours only).
-    """
-    present = {name: m for name, m in masks.items() if m.any()}
-    if not present:
-        return {}
-    geom = daily.geometry
-    pad_mm = RESIDUAL_BAND_MM + RESIDUAL_RANGE_MM + 3.0 * RESIDUAL_SMOOTH_MM + 2.0
-    pad = np.ceil(pad_mm / np.asarray(geom.spacing, float)[::-1]).astype(int)
-    boxes = [b for b in (nonzero_box(m) for m in present.values()) if b is not None]
-    z, y, x = (
-        slice(
-            max(min(b[i].start for b in boxes) - int(pad[i]), 0),
-            min(max(b[i].stop for b in boxes) + int(pad[i]), geom.shape[i]),
-        )
-        for i in range(3)
-    )
-    box = (z, y, x)
-    sub = sub_grid(geom, box)
-    mapped = planning.resample(sub, "linear", -1000.0, transform=full).array
-    image = np.asarray(daily.array[box])
-    return {name: residual_shift(image, mapped, m[box], sub) for name, m in present.items()}
-
-
-def review_crop(
-    ct: Volume,
-    contours: dict[str, npt.NDArray[np.bool_]],
-    planned: dict[str, npt.NDArray[np.bool_]],
-    margin_mm: float = 40.0,
-) -> tuple[Volume, dict[str, npt.NDArray[np.bool_]], dict[str, npt.NDArray[np.bool_]]]:
-    """The daily CT and masks cut to what `render_review` shows (its figure is unchanged).
-
-    The review shows the box of the contours grown by ``margin_mm`` (its default); resampling
-    only that part of the full-size masks saves most of its time.
-    """
-    union = np.zeros(ct.geometry.shape, dtype=bool)
-    for mask in contours.values():
-        union |= mask
-    if not union.any():
-        return ct, contours, planned
-    lower, upper = mask_box(union, ct.geometry, margin_mm)
-    corners = np.array(
-        [
-            [x, y, z]
-            for x in (lower[0], upper[0])
-            for y in (lower[1], upper[1])
-            for z in (lower[2], upper[2])
-        ]
-    )
-    box = index_box(ct.geometry, corners, 2.0 * float(ct.geometry.spacing.max()) + 1.0)
-    if box is None:
-        return ct, contours, planned
-    return (
-        crop(ct, box),
-        {n: m[box] for n, m in contours.items()},
-        {n: m[box] for n, m in planned.items()},
-    )
-
-
-def json_default(value: object) -> object:
-    """``json.dumps`` default: numpy scalars and arrays as Python values."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def load_backend(options: RecontourOptions) -> NetworkBackend:
