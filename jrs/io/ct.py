@@ -30,6 +30,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from jrs.core.errors import InvalidInput, UnsupportedData
 from jrs.core.geometry import Geometry, Volume
+from jrs.io.dataset import text
 from jrs.io.series import CT_IMAGE_STORAGE, CTSeries, PatientInfo, new_uid
 
 logger = logging.getLogger(__name__)
@@ -400,10 +401,10 @@ def _media_sop_class(ds: Dataset) -> str:
 
 def _object_kind(ds: Dataset) -> str:
     """Words naming what a skipped DICOM object is (its Modality, else its SOP class)."""
-    modality = _text(ds, "Modality")
+    modality = text(ds, "Modality")
     if modality:
         return modality
-    sop_class = _text(ds, "SOPClassUID") or _media_sop_class(ds)
+    sop_class = text(ds, "SOPClassUID") or _media_sop_class(ds)
     return UID(sop_class).name if sop_class else "unidentified DICOM"
 
 
@@ -413,30 +414,6 @@ def _is_image(ds: Dataset) -> bool:
     if str(ds.get("SOPClassUID", "")) in _IMAGE_SOP_CLASSES:
         return True
     return "PixelData" in ds or ("Rows" in ds and "Columns" in ds)
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    """A header value as text, tolerant of values invalid for their VR ("" when absent)."""
-    try:
-        if keyword not in ds:
-            return ""
-        value = ds[keyword].value
-    except Exception:
-        try:
-            raw = ds.get_item(keyword)
-            value = raw.value if raw is not None else None
-        except Exception:
-            return ""
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("latin-1", errors="replace").strip(" \x00")
-    if isinstance(value, MultiValue | list | tuple):
-        return "\\".join(str(v) for v in value)
-    try:
-        return str(value).strip()
-    except Exception:
-        return ""
 
 
 def _floats(sl: _Slice, keyword: str, count: int) -> npt.NDArray[np.float64]:
@@ -453,12 +430,12 @@ def _floats(sl: _Slice, keyword: str, count: int) -> npt.NDArray[np.float64]:
         arr = np.array([float(v) for v in values], dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(
-            f"{sl.path}: {keyword} = {_text(ds, keyword)!r} is not numeric; expected {count} "
+            f"{sl.path}: {keyword} = {text(ds, keyword)!r} is not numeric; expected {count} "
             "decimal numbers"
         ) from exc
     if arr.shape != (count,) or not np.all(np.isfinite(arr)):
         raise InvalidInput(
-            f"{sl.path}: {keyword} = {_text(ds, keyword)!r} must be {count} finite numbers"
+            f"{sl.path}: {keyword} = {text(ds, keyword)!r} must be {count} finite numbers"
         )
     return arr
 
@@ -481,8 +458,8 @@ def _optional_float(ds: Dataset, keyword: str, default: float) -> float:
 def _series_summary(groups: dict[str, list[_Slice]]) -> str:
     parts = []
     for uid, slices in groups.items():
-        modalities = sorted({_text(s.ds, "Modality") or "?" for s in slices})
-        description = _text(slices[0].ds, "SeriesDescription")
+        modalities = sorted({text(s.ds, "Modality") or "?" for s in slices})
+        description = text(slices[0].ds, "SeriesDescription")
         parts.append(
             f"{uid or '(empty SeriesInstanceUID)'!s}: {len(slices)} slices, modality "
             f"{'/'.join(modalities)}, description {description!r}"
@@ -723,16 +700,16 @@ def _decode_all(
 def patient_info(ds: Dataset) -> PatientInfo:
     """Patient and study attributes of a CT slice as `PatientInfo` (invalid values kept as text)."""
     return PatientInfo(
-        patient_name=_text(ds, "PatientName"),
-        patient_id=_text(ds, "PatientID"),
-        patient_birth_date=_text(ds, "PatientBirthDate"),
-        patient_sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        study_id=_text(ds, "StudyID"),
-        accession_number=_text(ds, "AccessionNumber"),
-        referring_physician_name=_text(ds, "ReferringPhysicianName"),
-        study_description=_text(ds, "StudyDescription"),
+        patient_name=text(ds, "PatientName"),
+        patient_id=text(ds, "PatientID"),
+        patient_birth_date=text(ds, "PatientBirthDate"),
+        patient_sex=text(ds, "PatientSex"),
+        study_date=text(ds, "StudyDate"),
+        study_time=text(ds, "StudyTime"),
+        study_id=text(ds, "StudyID"),
+        accession_number=text(ds, "AccessionNumber"),
+        referring_physician_name=text(ds, "ReferringPhysicianName"),
+        study_description=text(ds, "StudyDescription"),
     )
 
 
@@ -806,7 +783,7 @@ def _build_series(
 ) -> CTSeries:
     groups: dict[str, list[_Slice]] = {}
     for sl in images:
-        groups.setdefault(_text(sl.ds, "SeriesInstanceUID"), []).append(sl)
+        groups.setdefault(text(sl.ds, "SeriesInstanceUID"), []).append(sl)
     if series_uid is None:
         if len(groups) > 1:
             raise InvalidInput(
@@ -825,13 +802,13 @@ def _build_series(
     warnings_out: list[str] = []
 
     for sl in slices:
-        modality = _text(sl.ds, "Modality")
+        modality = text(sl.ds, "Modality")
         if modality != "CT":
             raise UnsupportedData(
                 f"{sl.path}: Modality is {modality or '(missing)'!r}; only CT image series are "
                 "accepted"
             )
-    localizers = [s for s in slices if "LOCALIZER" in _text(s.ds, "ImageType").upper()]
+    localizers = [s for s in slices if "LOCALIZER" in text(s.ds, "ImageType").upper()]
     if localizers:
         _warn(
             warnings_out,
@@ -858,8 +835,8 @@ def _build_series(
     dz = _slice_spacing(slices, label)
 
     first = slices[0].ds
-    study_uid = _text(first, "StudyInstanceUID")
-    series_uid_read = _text(first, "SeriesInstanceUID")
+    study_uid = text(first, "StudyInstanceUID")
+    series_uid_read = text(first, "SeriesInstanceUID")
     for keyword, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid_read)):
         if not value:
             message = f"{keyword} is empty or missing in the CT files of {label}"
@@ -870,8 +847,8 @@ def _build_series(
                 f"{message}; it is kept empty",
                 f"{keyword} is empty or missing in the CT files; it is kept empty",
             )
-    frame_uid = _text(first, "FrameOfReferenceUID")
-    other_frames = {_text(s.ds, "FrameOfReferenceUID") for s in slices} - {frame_uid}
+    frame_uid = text(first, "FrameOfReferenceUID")
+    other_frames = {text(s.ds, "FrameOfReferenceUID") for s in slices} - {frame_uid}
     if other_frames:
         _warn(
             warnings_out,
@@ -904,11 +881,11 @@ def _build_series(
         volume=Volume(array, geometry),
         study_instance_uid=study_uid,
         series_instance_uid=series_uid_read,
-        sop_instance_uids=[_text(s.ds, "SOPInstanceUID") for s in slices],
-        sop_class_uid=_text(first, "SOPClassUID") or CT_IMAGE_STORAGE,
+        sop_instance_uids=[text(s.ds, "SOPInstanceUID") for s in slices],
+        sop_class_uid=text(first, "SOPClassUID") or CT_IMAGE_STORAGE,
         patient=patient_info(first),
-        patient_position=_text(first, "PatientPosition"),
-        series_description=_text(first, "SeriesDescription"),
+        patient_position=text(first, "PatientPosition"),
+        series_description=text(first, "SeriesDescription"),
         files=[str(s.path) for s in slices],
         warnings=warnings_out,
     )

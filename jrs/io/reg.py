@@ -56,9 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -68,6 +66,7 @@ import jrs
 from jrs.core.errors import GeometryMismatch, InvalidInput, JrsError
 from jrs.core.geometry import Geometry, Volume, reorient
 from jrs.io.ct import format_ds
+from jrs.io.dataset import read_object, text
 from jrs.io.derived import start_derived_dataset
 from jrs.io.series import DEFORMABLE_REGISTRATION_STORAGE, CTSeries
 
@@ -400,30 +399,6 @@ def write_deformable_registration(
 
 
 # ------------------------------------------------------------------------------ reading
-def _read_dataset(path: Path) -> Dataset:
-    if not path.is_file():
-        raise InvalidInput(f"{path}: registration file not found")
-    try:
-        return pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise InvalidInput(
-            f"{path}: not a DICOM file (no DICM header); expected a DICOM Deformable Spatial "
-            "Registration object"
-        ) from exc
-    except Exception as exc:  # pydicom raises many kinds on broken files
-        raise InvalidInput(
-            f"{path}: not a readable DICOM file ({type(exc).__name__}: {str(exc)[:200]})"
-        ) from exc
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    try:
-        value = ds.get(keyword, "")
-    except Exception:  # an invalid value must not crash reading
-        return ""
-    return "" if value is None else str(value).strip()
-
-
 def _floats(ds: Dataset, keyword: str, count: int, where: str) -> npt.NDArray[np.float64]:
     raw = ds.get(keyword)
     try:
@@ -472,7 +447,7 @@ def read_deformable_registration(path: str | Path) -> DeformableRegistration:
             invalid.
     """
     p = Path(path)
-    ds = _read_dataset(p)
+    ds = read_object(p, "DICOM Deformable Spatial Registration")
     try:
         return _parse(ds, p)
     except JrsError:
@@ -484,8 +459,8 @@ def read_deformable_registration(path: str | Path) -> DeformableRegistration:
 
 
 def _parse(ds: Dataset, path: Path) -> DeformableRegistration:
-    sop_class = _text(ds, "SOPClassUID")
-    modality = _text(ds, "Modality")
+    sop_class = text(ds, "SOPClassUID")
+    modality = text(ds, "Modality")
     if sop_class != DEFORMABLE_REGISTRATION_STORAGE:
         hint = (
             " (a rigid Spatial Registration: it holds a matrix, no deformation grid)"
@@ -503,14 +478,14 @@ def _parse(ds: Dataset, path: Path) -> DeformableRegistration:
             f"{path}: the registration has no DeformableRegistrationSequence (0064,0002); it "
             "defines no deformation"
         )
-    registered = _text(ds, "FrameOfReferenceUID")
+    registered = text(ds, "FrameOfReferenceUID")
     with_grid = [it for it in items if it.get("DeformableRegistrationGridSequence")]
     if not with_grid:
         raise InvalidInput(
             f"{path}: no DeformableRegistrationSequence item has a "
             "DeformableRegistrationGridSequence (0064,0005); the object holds no vector grid"
         )
-    others = [it for it in with_grid if _text(it, "SourceFrameOfReferenceUID") != registered]
+    others = [it for it in with_grid if text(it, "SourceFrameOfReferenceUID") != registered]
     item = (others or with_grid)[0]
     where = f"{path}: DeformableRegistrationGridSequence"
     grid = item.DeformableRegistrationGridSequence[0]
@@ -559,17 +534,17 @@ def _parse(ds: Dataset, path: Path) -> DeformableRegistration:
     )
     dvf = Volume(vectors.reshape(nz, ny, nx, 3), geometry)
     item_where = f"{path}: DeformableRegistrationSequence item"
-    refs = [_text(r, "ReferencedSOPInstanceUID") for r in item.get("ReferencedImageSequence") or []]
+    refs = [text(r, "ReferencedSOPInstanceUID") for r in item.get("ReferencedImageSequence") or []]
     return DeformableRegistration(
         registered_frame_of_reference_uid=registered,
-        source_frame_of_reference_uid=_text(item, "SourceFrameOfReferenceUID"),
+        source_frame_of_reference_uid=text(item, "SourceFrameOfReferenceUID"),
         dvf=dvf,
         pre_deformation=_matrix(item, "PreDeformationMatrixRegistrationSequence", item_where),
         post_deformation=_matrix(item, "PostDeformationMatrixRegistrationSequence", item_where),
         referenced_image_uids=[r for r in refs if r],
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
-        content_label=_text(ds, "ContentLabel"),
+        study_instance_uid=text(ds, "StudyInstanceUID"),
+        series_instance_uid=text(ds, "SeriesInstanceUID"),
+        sop_instance_uid=text(ds, "SOPInstanceUID"),
+        content_label=text(ds, "ContentLabel"),
         path=path,
     )

@@ -24,10 +24,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
@@ -36,6 +34,7 @@ from jrs.core.errors import GeometryMismatch, InvalidInput, JrsError
 from jrs.core.geometry import Geometry, Volume
 from jrs.core.labels import DEFAULT_COLORS, SynonymTable
 from jrs.io.contours import RasterReport, contours_to_mask, mask_to_contours
+from jrs.io.dataset import read_object, text
 from jrs.io.derived import start_derived_dataset
 from jrs.io.series import (
     CT_IMAGE_STORAGE,
@@ -165,17 +164,6 @@ class StructureSet:
 
 
 # ------------------------------------------------------------------------------ reading
-def _text(ds: Dataset, keyword: str) -> str:
-    """An attribute as plain text, "" when absent or unreadable (never raises)."""
-    try:
-        value = ds.get(keyword, "")
-    except Exception:  # invalid header values must never crash reading
-        return ""
-    if value is None:
-        return ""
-    return str(value).strip()
-
-
 def _contour_points(item: Dataset) -> npt.NDArray[np.float64]:
     """ContourData of one contour item as a flat float array (raw text parsed in bulk).
 
@@ -209,53 +197,6 @@ def _color(item: Dataset) -> tuple[int, int, int] | None:
         return None
 
 
-def _check_complete(ds: Dataset, path: Path) -> None:
-    """Refuse a truncated file: a top-level element holding fewer bytes than its length says.
-
-    pydicom reads a truncated explicit-length element without complaint, so this is checked here.
-    """
-    for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
-        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
-            continue
-        value = elem.value
-        if isinstance(value, bytes | bytearray) and len(value) < elem.length:
-            raise InvalidInput(
-                f"{path}: corrupt or truncated file: element {elem.tag} "
-                f"{keyword_for_tag(elem.tag)} declares {elem.length} bytes but only {len(value)} "
-                "are present"
-            )
-
-
-def _read_dataset(path: Path) -> Dataset:
-    if not path.is_file():
-        raise InvalidInput(f"{path}: RTSTRUCT file not found")
-    try:
-        ds = pydicom.dcmread(path)
-        _check_complete(ds, path)
-        return ds
-    except JrsError:
-        raise
-    except InvalidDicomError:
-        pass
-    except Exception as exc:  # any parser failure means a corrupt file
-        raise InvalidInput(
-            f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})"
-        ) from exc
-    try:  # no preamble/file meta: accept only if it parses and looks like DICOM
-        ds = pydicom.dcmread(path, force=True)
-        if "SOPClassUID" not in ds and "Modality" not in ds:
-            raise InvalidInput(f"{path}: not a DICOM file (no DICOM header, no SOPClassUID)")
-        _check_complete(ds, path)
-        return ds
-    except JrsError:
-        raise
-    except Exception as exc:
-        raise InvalidInput(
-            f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})"
-        ) from exc
-
-
 def read_rtstruct(path: str | Path) -> StructureSet:
     """Read an RTSTRUCT file.
 
@@ -272,7 +213,7 @@ def read_rtstruct(path: str | Path) -> StructureSet:
             that is not a multiple of 3.
     """
     p = Path(path)
-    ds = _read_dataset(p)
+    ds = read_object(p, "RTSTRUCT")
     try:
         return _parse(ds, p)
     except JrsError:
@@ -284,8 +225,8 @@ def read_rtstruct(path: str | Path) -> StructureSet:
 
 
 def _parse(ds: Dataset, path: Path) -> StructureSet:
-    sop_class = _text(ds, "SOPClassUID")
-    modality = _text(ds, "Modality")
+    sop_class = text(ds, "SOPClassUID")
+    modality = text(ds, "Modality")
     if sop_class != RT_STRUCTURE_SET_STORAGE and not (not sop_class and modality == "RTSTRUCT"):
         name = _KNOWN_SOP_CLASSES.get(sop_class, "unknown SOP class")
         raise InvalidInput(
@@ -299,11 +240,11 @@ def _parse(ds: Dataset, path: Path) -> StructureSet:
         )
     ss = StructureSet(
         rois=[],
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        study_instance_uid=text(ds, "StudyInstanceUID"),
         path=path,
-        label=_text(ds, "StructureSetLabel"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        label=text(ds, "StructureSetLabel"),
+        series_instance_uid=text(ds, "SeriesInstanceUID"),
+        sop_instance_uid=text(ds, "SOPInstanceUID"),
     )
     frames: list[str] = []
 
@@ -313,14 +254,14 @@ def _parse(ds: Dataset, path: Path) -> StructureSet:
 
     # top-level references (may be empty in clinical files)
     for fref in ds.get("ReferencedFrameOfReferenceSequence", None) or []:
-        add_frame(_text(fref, "FrameOfReferenceUID"))
+        add_frame(text(fref, "FrameOfReferenceUID"))
         for study in fref.get("RTReferencedStudySequence", None) or []:
             for series in study.get("RTReferencedSeriesSequence", None) or []:
-                uid = _text(series, "SeriesInstanceUID")
+                uid = text(series, "SeriesInstanceUID")
                 if uid and uid not in ss.referenced_series_uids:
                     ss.referenced_series_uids.append(uid)
                 for img in series.get("ContourImageSequence", None) or []:
-                    sop = _text(img, "ReferencedSOPInstanceUID")
+                    sop = text(img, "ReferencedSOPInstanceUID")
                     if sop:
                         ss.referenced_sop_instance_uids.add(sop)
     if not frames:
@@ -336,13 +277,13 @@ def _parse(ds: Dataset, path: Path) -> StructureSet:
         except (TypeError, ValueError):
             raise InvalidInput(
                 f"{path}: a StructureSetROISequence item has no valid ROINumber "
-                f"(ROIName {_text(item, 'ROIName')!r})"
+                f"(ROIName {text(item, 'ROIName')!r})"
             ) from None
         roi = Roi(
             number=number,
-            name=_text(item, "ROIName") or f"ROI_{number}",
-            generation_algorithm=_text(item, "ROIGenerationAlgorithm"),
-            referenced_frame_of_reference_uid=_text(item, "ReferencedFrameOfReferenceUID"),
+            name=text(item, "ROIName") or f"ROI_{number}",
+            generation_algorithm=text(item, "ROIGenerationAlgorithm"),
+            referenced_frame_of_reference_uid=text(item, "ReferencedFrameOfReferenceUID"),
         )
         add_frame(roi.referenced_frame_of_reference_uid)
         ss.rois.append(roi)
@@ -354,7 +295,7 @@ def _parse(ds: Dataset, path: Path) -> StructureSet:
         except (TypeError, ValueError):
             continue
         if ref in by_number:
-            by_number[ref].interpreted_type = _text(obs, "RTROIInterpretedType")
+            by_number[ref].interpreted_type = text(obs, "RTROIInterpretedType")
 
     for rc in ds.get("ROIContourSequence", None) or []:
         try:
@@ -386,7 +327,7 @@ def _parse_contours(rc: Dataset, roi: Roi, ss: StructureSet, path: Path) -> None
     skipped: dict[str, int] = {}
     short = 0
     for n, item in enumerate(rc.get("ContourSequence", None) or []):
-        gtype = _text(item, "ContourGeometricType").upper()
+        gtype = text(item, "ContourGeometricType").upper()
         try:
             flat = _contour_points(item)
         except ValueError as exc:
@@ -413,7 +354,7 @@ def _parse_contours(rc: Dataset, roi: Roi, ss: StructureSet, path: Path) -> None
             short += 1
             continue
         uids = [
-            _text(img, "ReferencedSOPInstanceUID")
+            text(img, "ReferencedSOPInstanceUID")
             for img in item.get("ContourImageSequence", None) or []
         ]
         uids = [u for u in uids if u]
@@ -866,10 +807,10 @@ def _scan_ct_headers(source: Path | str | Sequence[Path | str]) -> dict[str, lis
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
         except Exception:  # not DICOM or unreadable: the CT reader reports what matters
             continue
-        if _text(ds, "Modality") != "CT" and _text(ds, "SOPClassUID") != CT_IMAGE_STORAGE:
+        if text(ds, "Modality") != "CT" and text(ds, "SOPClassUID") != CT_IMAGE_STORAGE:
             continue
-        groups.setdefault(_text(ds, "SeriesInstanceUID"), []).append(
-            _CTHeader(f, _text(ds, "SOPInstanceUID"), _text(ds, "FrameOfReferenceUID"))
+        groups.setdefault(text(ds, "SeriesInstanceUID"), []).append(
+            _CTHeader(f, text(ds, "SOPInstanceUID"), text(ds, "FrameOfReferenceUID"))
         )
     return groups
 
@@ -897,16 +838,16 @@ def _single_slice_series(path: Path) -> CTSeries:
         origin=ipp,
         spacing=np.array([col_spacing, row_spacing, thickness]),
         direction=direction,
-        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID") or None,
+        frame_of_reference_uid=text(ds, "FrameOfReferenceUID") or None,
     )
     return CTSeries(
         volume=Volume(hu[None], geometry),
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        sop_instance_uids=[_text(ds, "SOPInstanceUID")],
-        sop_class_uid=_text(ds, "SOPClassUID") or CT_IMAGE_STORAGE,
+        study_instance_uid=text(ds, "StudyInstanceUID"),
+        series_instance_uid=text(ds, "SeriesInstanceUID"),
+        sop_instance_uids=[text(ds, "SOPInstanceUID")],
+        sop_class_uid=text(ds, "SOPClassUID") or CT_IMAGE_STORAGE,
         patient=patient_info(ds),
-        patient_position=_text(ds, "PatientPosition"),
+        patient_position=text(ds, "PatientPosition"),
         files=[str(path)],
         warnings=[f"single-slice CT: slice thickness {thickness:g} mm used as the slice spacing"],
     )
