@@ -19,14 +19,15 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from jrs.core.errors import InvalidInput, JrsError, ModelNotReady, ServiceBusy, StorageFull
 from jrs.inference.registry import resolve_model_dir
+from jrs.service.db import SqliteStore
 
 logger = logging.getLogger("jrs.service.jobs")
 
@@ -251,7 +252,7 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
 """
 
 
-class JobStore:
+class JobStore(SqliteStore):
     """SQLite job store in WAL mode, safe to share between threads.
 
     Args:
@@ -259,38 +260,8 @@ class JobStore:
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
-
-    @property
-    def journal_mode(self) -> str:
-        """The SQLite journal mode (``wal``)."""
-        with self._lock:
-            return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0])
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._conn.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        """Open (or create) the database file."""
+        super().__init__(path, _SCHEMA)
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:

@@ -44,14 +44,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from jrs.core.errors import JrsError, ModelNotReady, NotFound
 from jrs.inference.registry import resolve_model_dir
+from jrs.service.db import SqliteStore
 from jrs.service.jobs import PLANNING_RTSTRUCT
 from jrs.service.settings import Settings
 
@@ -178,7 +178,7 @@ CREATE TABLE IF NOT EXISTS patient_fractions (
 _JSON_FIELDS = ("planning", "adapt_result")
 
 
-class PatientStore:
+class PatientStore(SqliteStore):
     """SQLite patient store in WAL mode, shared by the service and an adaptation worker process.
 
     Args:
@@ -186,32 +186,8 @@ class PatientStore:
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._conn.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        """Open (or create) the database file."""
+        super().__init__(path, _SCHEMA)
 
     @staticmethod
     def _patient(row: sqlite3.Row) -> Patient:

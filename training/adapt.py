@@ -68,6 +68,7 @@ from torch import nn
 from jrs.core.errors import InvalidInput, JrsError
 from jrs.core.geometry import Geometry, Volume
 from jrs.core.labels import LABELS, SynonymTable, label_map_from_mapping
+from jrs.registration.boxes import crop, organ_box
 from jrs.training.data import TrainingPair
 from jrs.training.weights import WEIGHTS_FILE, file_sha256, load_weights, save_weights
 
@@ -519,19 +520,6 @@ def series_sha256(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()
 
 
-def _crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
-    g = volume.geometry
-    start = [float(box[2].start), float(box[1].start), float(box[0].start)]
-    sub = Geometry(
-        tuple(int(s.stop - s.start) for s in box),  # type: ignore[arg-type]
-        g.index_to_physical(start),
-        g.spacing,
-        g.direction,
-        g.frame_of_reference_uid,
-    )
-    return Volume(np.ascontiguousarray(volume.array[box]), sub)
-
-
 def crop_to_organs(
     ct: Volume, labels: Volume, margin_mm: float = PLANNING_CROP_MM
 ) -> tuple[Volume, Volume]:
@@ -556,7 +544,7 @@ def crop_to_organs(
         slice(int(lo[1]), int(hi[1])),
         slice(int(lo[2]), int(hi[2])),
     )
-    return _crop(ct, box), _crop(labels, box)
+    return _contiguous(crop(ct, box)), _contiguous(crop(labels, box))
 
 
 def read_planning(
@@ -600,24 +588,6 @@ def _f16(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return a.astype(np.float16).astype(np.float32)
 
 
-def _organ_box_daily(
-    planning_labels: Volume, transform: Any, daily: Geometry, margin_mm: float
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """LPS box in the daily scan around the pre-aligned planning organs (the pipeline's box)."""
-    idx = np.argwhere(np.asarray(planning_labels.array) > 0)
-    lo, hi = idx.min(axis=0)[::-1], idx.max(axis=0)[::-1]
-    corners = np.array(
-        [[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])], float
-    )
-    pts = planning_labels.geometry.index_to_physical(corners)
-    inverse = transform.GetInverse()
-    daily_pts = np.array([inverse.TransformPoint(tuple(map(float, p))) for p in pts])
-    ct_corners = daily.corners()
-    lower = np.maximum(daily_pts.min(axis=0) - margin_mm, ct_corners.min(axis=0))
-    upper = np.minimum(daily_pts.max(axis=0) + margin_mm, ct_corners.max(axis=0))
-    return lower, upper
-
-
 def make_pair(
     planning: Planning, k: int, seed: int, held_back: bool, strength: float = 1.0
 ) -> TrainingPair:
@@ -643,7 +613,7 @@ def make_pair(
     frac = synthesize_fraction(planning.ct, planning.labels, {}, rng, strength=strength)
     if held_back:
         reg, _ = prealign_pair(frac.ct, planning.ct, planning.labels)  # as the pipeline
-        box = _organ_box_daily(planning.labels, reg.transform, frac.ct.geometry, VALIDATION_BOX_MM)
+        box = organ_box(planning.labels, reg.transform, frac.ct.geometry, VALIDATION_BOX_MM)
         prepared = prepare_pair(
             frac.ct, planning.ct, planning.labels, daily_labels=frac.labels, box=box, prealign=reg
         )
@@ -1497,3 +1467,8 @@ def adapt(
             time.monotonic() - t_start,
         )
         return AdaptResult(out, kept, reason, meta, steps, seconds, resumed)
+
+
+def _contiguous(volume: Volume) -> Volume:
+    """A copy of a (cropped) volume with its own contiguous array (the crop is a view)."""
+    return Volume(np.ascontiguousarray(volume.array), volume.geometry)

@@ -200,6 +200,7 @@ class _Stitched:
 
     dvf: npt.NDArray[np.float32]
     seg_logits: npt.NDArray[np.float32] | None
+    seg_probs: npt.NDArray[np.float32] | None = None  # (the logits are kept instead)
 
 
 class _TiledBackend:

@@ -26,8 +26,20 @@ class NetworkPrediction(Protocol):
         """(3, nz, ny, nx) displacement, voxels of the 1 mm grid (= mm), channels x, y, z."""
 
 
-class NetworkBackend(Protocol):
-    """A loaded network (`jrs.inference.Model` is one)."""
+class Predictor(Protocol):
+    """What the null pass and the cascade need of a network: whole-volume prediction."""
+
+    def predict(
+        self,
+        fixed: npt.NDArray[np.float32],
+        moving: npt.NDArray[np.float32],
+        moving_labels: npt.NDArray[np.float32],
+    ) -> NetworkPrediction:
+        """Whole-volume tiled prediction on the 1 mm grid."""
+
+
+class NetworkBackend(Predictor, Protocol):
+    """A loaded network with its ``metadata.json`` (`jrs.inference.Model` is one)."""
 
     metadata: dict[str, Any]
 

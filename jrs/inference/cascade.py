@@ -34,8 +34,9 @@ import numpy.typing as npt
 
 from jrs.core.fields import compose, dvf_to_sitk, warp
 from jrs.core.geometry import Geometry, Volume
+from jrs.inference.backend import Predictor
 from jrs.inference.null_cache import warp_null
-from jrs.inference.null_correction import PredictingBackend, null_correct, subtract_null
+from jrs.inference.null_correction import null_correct, subtract_null
 
 __all__ = ["MAX_PASSES", "CascadeReport", "network_passes", "refine"]
 
@@ -103,7 +104,7 @@ class CascadeReport:
 
 
 def refine(
-    backend: PredictingBackend,
+    backend: Predictor,
     grid: Geometry,
     fixed: npt.NDArray[np.float32],
     moving: npt.NDArray[np.float32],

@@ -23,39 +23,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from jrs.core.labels import LABELS
 from jrs.core.metrics import dice
+from jrs.inference.backend import Predictor
 
 __all__ = [
     "NullCorrection",
-    "PredictingBackend",
     "null_correct",
     "null_correction_enabled",
     "planning_segmentation_dice",
     "subtract_null",
 ]
-
-
-class PredictingBackend(Protocol):
-    """What the null pass needs of a network (`jrs.inference.backend.NetworkBackend` is one)."""
-
-    def predict(
-        self,
-        fixed: npt.NDArray[np.float32],
-        moving: npt.NDArray[np.float32],
-        moving_labels: npt.NDArray[np.float32],
-    ) -> Any:
-        """Whole-volume prediction on the 1 mm grid.
-
-        Returns:
-            An object with ``dvf`` (3, nz, ny, nx), mm, and optionally ``seg_logits`` or
-            ``seg_probs`` (5, nz, ny, nx).
-        """
 
 
 def null_correction_enabled(metadata: Mapping[str, Any], override: bool | None = None) -> bool:
@@ -166,7 +149,7 @@ def subtract_null(
 
 
 def null_correct(
-    backend: PredictingBackend,
+    backend: Predictor,
     moving: npt.NDArray[np.float32],
     moving_labels: npt.NDArray[np.float32],
     dvf: npt.NDArray[np.float32],
