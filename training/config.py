@@ -234,6 +234,8 @@ class TrainConfig(_Strict):
         seed: Seed of python, numpy, torch and the patch sampler.
         checkpoint_every: Save ``last.pt`` every this many steps.
         checkpoint_minutes: ...and at least every this many minutes of wall time.
+        time_budget_minutes: Stop after this many minutes of wall time (at a step boundary, with
+            ``last.pt`` saved: ``--resume`` continues); None: run to ``iterations``.
         log_every: Write a CSV / TensorBoard row every this many steps.
         plot_every: Redraw the PNG plots every this many steps (and at the end).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. Under ``torchrun``
@@ -265,6 +267,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     checkpoint_every: int = Field(default=1000, ge=1)
     checkpoint_minutes: float = Field(default=30.0, gt=0)
+    time_budget_minutes: float | None = Field(default=None, gt=0)
     log_every: int = Field(default=1, ge=1)
     plot_every: int = Field(default=5000, ge=1)
     device: str = "auto"

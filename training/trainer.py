@@ -923,7 +923,10 @@ class Trainer:
             while self.step < cfg.iterations:
                 row = self.train_step()
                 bar.update(1)
+                out_of_time = self._out_of_time(t0)
                 if not main:
+                    if out_of_time:
+                        break
                     continue
                 if train_log is not None and (
                     self.step % cfg.log_every == 0 or self.step == cfg.iterations
@@ -959,6 +962,14 @@ class Trainer:
                     last_ckpt_time = time.monotonic()
                 if self.step % cfg.plot_every == 0:
                     plot_run(self.out)
+                if out_of_time:
+                    log.info(
+                        "time budget of %g min spent at step %d: last.pt saved (--resume)",
+                        cfg.time_budget_minutes,
+                        self.step,
+                    )
+                    self.save(self.ckpt_dir / "last.pt")
+                    break
         finally:
             bar.close()
             close = getattr(self.sampler, "close", None)
@@ -988,6 +999,18 @@ class Trainer:
             steps_per_s=done / max(wall - val_time, 1e-9),
             rank=self.rank,
         )
+
+    def _out_of_time(self, t0: float) -> bool:
+        """Has the run spent its time budget? Every process gets rank 0's answer (DDP)."""
+        budget = self.config.time_budget_minutes
+        if budget is None:
+            return False
+        over = (time.monotonic() - t0) / 60.0 >= budget
+        if self.dist.enabled:  # all ranks must stop at the same step
+            flag = torch.tensor([1.0 if over else 0.0], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            over = bool(flag.item() > 0)
+        return over
 
     def _tensorboard(self) -> Any:
         if not self.config.tensorboard:

@@ -78,32 +78,36 @@ def train(
             "(overrides the config's precision).",
         ),
     ] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            min=0.0,
+            help="Minutes of wall time: stop at a step boundary with last.pt saved (--resume "
+            "continues).",
+        ),
+    ] = None,
 ) -> None:
     """Train a network (checkpoints, CSV/TensorBoard logs and plots in the run folder).
 
     Several processes (GPUs) train together when launched by torchrun, e.g.
-    torchrun --nproc_per_node 4 -m jrs.cli train --config FILE --device cuda.
+    torchrun --nproc_per_node 4 -m jrs.training --config FILE --device cuda.
     """
-    from jrs.core.errors import InvalidInput
-    from jrs.training.config import load_config
-    from jrs.training.trainer import Trainer
+    from jrs.training.launch import train_run
 
-    if init_from is not None and (resume or resume_from is not None):
-        raise InvalidInput(
-            f"--init-from {init_from} starts a new run; --resume / --resume-from continue one: "
-            "give one of them"
-        )
-    cfg = load_config(
+    result = train_run(
         config,
+        resume=resume,
+        resume_from=resume_from,
+        init_from=init_from,
         iterations=iterations,
-        output_dir=out,
+        out=out,
         device=device,
         workers=workers,
         amp=amp,
         precision=precision,
+        time_budget_minutes=time_budget,
     )
-    start: bool | Path = resume_from if resume_from is not None else resume
-    result = Trainer(cfg, resume=start, init_from=init_from).run()
     if result.rank == 0:
         typer.echo(
             f"step {result.step}: {result.steps_per_s:.3f} steps/s, "

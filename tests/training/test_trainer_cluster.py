@@ -353,13 +353,15 @@ def _gloo() -> bool:
 needs_gloo = pytest.mark.skipif(not _gloo(), reason="torch.distributed with Gloo is unavailable")
 
 
-def _torchrun(config: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
+def _torchrun(
+    config: Path, *args: str, nproc: int = 2, entry: tuple[str, ...] = ("jrs.cli", "train")
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-        str(nproc), "-m", "jrs.cli", "train", "--config", str(config), *args,
+        str(nproc), "-m", *entry, "--config", str(config), *args,
     ]  # fmt: skip
     return subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
@@ -379,9 +381,10 @@ def test_torchrun_two_processes_write_one_run_that_loads(tmp_path: Path) -> None
     batches, and the logged step-1 loss is the mean of the two ranks' losses."""
     config = _ddp_config(tmp_path, iterations=3, weighting={"name": "equal"})
     run = tmp_path / "run"
-    proc = _torchrun(config, "--out", str(run), "--workers", "1")
+    # the cluster entry point: python -m jrs.training (the training unit alone, no command package)
+    proc = _torchrun(config, "--out", str(run), "--workers", "1", entry=("jrs.training",))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("step 3:") == 1  # the summary line of rank 0 only
+    assert (proc.stdout + proc.stderr).count("step 3:") == 1  # the summary line of rank 0 only
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     assert sorted(p.name for p in run.iterdir()) == [
         "checkpoints", "config.yaml", "plots", "train_log.csv", "validation.csv"
@@ -443,3 +446,30 @@ def test_torchrun_resume_is_bit_for_bit(tmp_path: Path) -> None:
     b = torch.load(parted / "checkpoints" / "last.pt", weights_only=False)
     _same_weights(a["model"], b["model"])
     assert a["weighting"]["_extra_state"]["history"] == b["weighting"]["_extra_state"]["history"]
+
+
+def test_time_budget_stops_at_a_step_with_last_saved_and_resume_finishes(tmp_path: Path) -> None:
+    """``--time-budget``: stop at a step boundary with ``last.pt``; ``--resume`` goes on."""
+    from jrs.training.launch import train_run
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny(tmp_path / "run", iterations=4, num_threads=1)))
+    first = train_run(config, time_budget_minutes=1e-6)  # spent after the first step
+    assert first.step == 1
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 1
+    rest = train_run(config, resume=True)
+    assert rest.step == 4
+
+
+def test_python_m_jrs_training_refuses_a_missing_config_with_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "jrs.training", "--config", str(tmp_path / "none.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "none.yaml: training config file not found" in proc.stderr
