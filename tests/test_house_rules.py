@@ -1,0 +1,148 @@
+"""The house rules of the product's code (docs/architecture.md): no import circle, files of at
+most 800 lines and functions of at most 150, checked on the installed packages' source.
+
+Files and functions over the limits when the rules were set are listed below with their size
+then: they may shrink and leave the list, never grow; a new file or function over a limit fails.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = ("service", "training", "model_export")
+MAX_FILE_LINES = 800
+MAX_FUNCTION_LINES = 150
+
+#: module -> its line count when the rules were set (to be split; may only shrink)
+LONG_FILES = {
+    "jrs.training.adapt": 1499,
+    "jrs.service.patients": 1075,
+    "jrs.training.trainer": 1081,
+    "jrs.service.uploads": 944,
+    "jrs.io.rtstruct": 930,
+    "jrs.io.ct": 900,
+    "jrs.pipeline.benchmark": 884,
+    "jrs.model_export.export": 870,
+    "jrs.qa.figures": 827,
+}
+#: function -> its line count when the rules were set (to be split; may only shrink)
+LONG_FUNCTIONS = {
+    "jrs.training.adapt.adapt": 296,
+    "jrs.io.rtstruct.write_rtstruct": 179,
+    "jrs.io.reg.write_deformable_registration": 177,
+    "jrs.cli.benchmark.benchmark": 171,
+    "jrs.synth.from_planning.write_from_planning": 159,
+    "jrs.synth.anatomy.render": 155,
+    "jrs.pipeline.batch.run_batch": 155,
+}
+
+
+def _modules() -> dict[str, Path]:
+    files = [
+        p for p in (ROOT / "jrs").rglob("*.py") if p.relative_to(ROOT / "jrs").parts[0] not in UNITS
+    ]
+    for unit in UNITS:
+        files += (ROOT / unit).rglob("*.py")
+    out = {}
+    for p in files:
+        rel = p.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[0] in UNITS:
+            parts = ["jrs", *parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the product modules it imports (at the top or inside functions)."""
+
+    def resolve(name: str) -> str | None:
+        parts = name.split(".")
+        for k in range(len(parts), 0, -1):
+            if ".".join(parts[:k]) in mods:
+                return ".".join(parts[:k])
+        return None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                names = [s for s in subs if s in mods]
+                if len(names) < len(subs):
+                    names.append(node.module)
+            for n in names:
+                target = resolve(n)
+                if target is not None and target != m:
+                    graph[m].add(target)
+    return graph
+
+
+def test_no_import_circle() -> None:
+    graph = _graph(_modules())
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not circles, f"import circles: {circles}"
+
+
+def test_files_stay_under_800_lines() -> None:
+    mods = _modules()
+    assert len(mods) > 100
+    for name, path in mods.items():
+        lines = len(path.read_text().splitlines())
+        limit = LONG_FILES.get(name, MAX_FILE_LINES)
+        assert lines <= limit, f"{path.relative_to(ROOT)}: {lines} lines (limit {limit})"
+
+
+def test_functions_stay_under_150_lines() -> None:
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                qual = f"{name}.{node.name}"
+                limit = LONG_FUNCTIONS.get(qual, MAX_FUNCTION_LINES)
+                assert lines <= limit, f"{qual}: {lines} lines (limit {limit})"
+
+
+def test_a_listed_exception_that_no_longer_needs_it_is_noticed() -> None:
+    """The lists only shrink: an entry whose file or function is within the rule is stale."""
+    mods = _modules()
+    for name in LONG_FILES:
+        assert name in mods, f"{name} is gone: drop it from LONG_FILES"
+        lines = len(mods[name].read_text().splitlines())
+        assert lines > MAX_FILE_LINES, f"{name} has {lines} lines now: drop it from LONG_FILES"
