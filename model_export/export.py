@@ -64,7 +64,7 @@ from jrs.inference import (
     MODEL_FILE,
 )
 from jrs.inference.preprocess import HU_MAX, HU_MIN, HU_SCALE, NETWORK_SPACING_MM
-from jrs.inference.tiling import MARGIN, MIN_WINDOW
+from jrs.inference.tiling import MARGIN, MIN_WINDOW, check_window
 from jrs.model_export.card import model_card
 from jrs.model_export.settings import (
     fusion_settings,
@@ -72,6 +72,14 @@ from jrs.model_export.settings import (
     path_choice,
     qa_reference_path_table,
     validated_path_table,
+)
+from jrs.training.networks import NETWORK_NAMES
+from jrs.training.trainer import git_sha
+from jrs.training.weights import (
+    WEIGHTS_FILE,
+    rebuild_from_checkpoint,
+    save_weights,
+    weights_payload,
 )
 
 log = logging.getLogger(__name__)
@@ -193,8 +201,6 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     Raises:
         InvalidInput: When the file is missing, unreadable or not a training checkpoint.
     """
-    from jrs.training.weights import rebuild_from_checkpoint
-
     net, ckpt = rebuild_from_checkpoint(path)
     drop = {"model", "optimizer", "weighting", "scaler", "sampler", "rng"}
     return net.eval(), {k: v for k, v in ckpt.items() if k not in drop}
@@ -352,8 +358,6 @@ def parity_check(
         The report (check :attr:`ParityReport.passed`).
     """
     import onnxruntime as ort
-
-    from jrs.inference.tiling import check_window
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     in_names = [i.name for i in sess.get_inputs()]
@@ -562,7 +566,6 @@ def build_metadata(
 
 
 def _git_sha() -> str:
-    from jrs.training.trainer import git_sha
 
     return git_sha()
 
@@ -636,9 +639,6 @@ def _write_weights(
     weighting: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """Write ``weights.pt`` into ``stage`` and name it in ``metadata.json`` and the card."""
-    from jrs.training.networks import NETWORK_NAMES
-    from jrs.training.weights import WEIGHTS_FILE, save_weights, weights_payload
-
     if not network or str(network.get("name")) not in NETWORK_NAMES:
         log.info("no buildable network spec (%r): %s not written", network, WEIGHTS_FILE)
         return meta

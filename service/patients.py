@@ -53,7 +53,7 @@ from jrs.core.errors import JrsError, ModelNotReady, NotFound
 from jrs.inference.registry import resolve_model_dir
 from jrs.service.db import SqliteStore
 from jrs.service.jobs import PLANNING_RTSTRUCT
-from jrs.service.settings import Settings
+from jrs.service.settings import Settings, load_settings
 
 logger = logging.getLogger("jrs.service.patients")
 
@@ -1008,8 +1008,6 @@ def main(argv: list[str] | None = None) -> int:
     until SIGTERM (which checkpoints the running one: it continues at the next start). Run one
     worker per data folder.
     """
-    from jrs.service.settings import load_settings
-
     parser = argparse.ArgumentParser(
         description=main.__doc__.splitlines()[0] if main.__doc__ else None
     )

@@ -22,6 +22,9 @@ from fastapi import Request
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from jrs.core.errors import JrsError
+from jrs.core.labels import SynonymTable
+from jrs.pipeline.options import parse_path_choice
 from jrs.service.errors import ConfigurationError
 
 MIB = 1024 * 1024
@@ -188,8 +191,6 @@ class Settings(BaseSettings):
     def _load_synonyms(self) -> Settings:
         if self.synonyms is None:
             return self
-        from jrs.core.errors import JrsError
-        from jrs.core.labels import SynonymTable
 
         try:
             self._synonym_table = SynonymTable.from_yaml(self.synonyms)
@@ -205,8 +206,6 @@ class Settings(BaseSettings):
     def _parse_path_choice(self) -> Settings:
         if not self.path_choice.strip():
             return self
-        from jrs.core.errors import JrsError
-        from jrs.pipeline.options import parse_path_choice
 
         try:
             self._path_choice = parse_path_choice([self.path_choice], "JRS_PATH_CHOICE item")

@@ -30,6 +30,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from jrs.core.errors import InvalidInput, JrsError, PayloadTooLarge, UnsupportedData
+from jrs.io.ct import read_ct_series
+from jrs.io.rtstruct import check_references, read_rtstruct
 from jrs.service.jobs import PLANNING_RTSTRUCT
 from jrs.service.settings import Settings
 
@@ -783,9 +785,6 @@ def validate_planning(input_dir: Path, limits: UploadLimits | None = None) -> Va
     Raises:
         InvalidInput, GeometryMismatch, UnsupportedData, PayloadTooLarge: as `validate_inputs`.
     """
-    from jrs.io.ct import read_ct_series
-    from jrs.io.rtstruct import check_references, read_rtstruct
-
     limits = limits or UploadLimits.from_settings(Settings.model_construct())
     planning = input_dir / "planning"
     try:
@@ -859,8 +858,6 @@ def validate_daily(input_dir: Path, limits: UploadLimits | None = None) -> Valid
     Raises:
         InvalidInput, UnsupportedData, PayloadTooLarge: as `validate_inputs`.
     """
-    from jrs.io.ct import read_ct_series
-
     limits = limits or UploadLimits.from_settings(Settings.model_construct())
     daily = input_dir / "daily"
     try:

@@ -66,11 +66,32 @@ import torch
 from torch import nn
 
 from jrs.core.errors import InvalidInput, JrsError
+from jrs.core.fields import warp
 from jrs.core.geometry import Geometry, Volume
 from jrs.core.labels import LABELS, SynonymTable, label_map_from_mapping
+from jrs.core.metrics import dice, surface_distances
+from jrs.inference import load_model, read_metadata
+from jrs.inference.cascade import network_passes, refine
+from jrs.inference.fusion import FusionSpec, fuse_network_paths, softmax_source
+from jrs.inference.null_correction import null_correct, null_correction_enabled
+from jrs.inference.postprocess import keep_largest_components
+from jrs.inference.preprocess import mask_box, prepare_pair
+from jrs.inference.smoothing import field_smoothing_sigma, smooth_field
+from jrs.io.rtstruct import masks_from_files
 from jrs.registration.boxes import crop, organ_box
+from jrs.registration.focus import prealign_pair
+from jrs.synth.engine import synthesize_fraction
+from jrs.training.config import parse_config
 from jrs.training.data import TrainingPair
-from jrs.training.weights import WEIGHTS_FILE, file_sha256, load_weights, save_weights
+from jrs.training.networks import build
+from jrs.training.trainer import Trainer
+from jrs.training.weights import (
+    WEIGHTS_FILE,
+    file_sha256,
+    load_weights,
+    save_weights,
+    weights_from_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +354,6 @@ class BaseModel:
 
     def build(self) -> nn.Module:
         """The base network with its weights, on the CPU, in eval mode."""
-        from jrs.training.networks import build
-
         spec = self.weights["network"]
         net = build(spec["name"], **dict(spec.get("overrides") or {}))
         net.load_state_dict(self.weights["model"])
@@ -415,8 +434,6 @@ def resolve_base(
     Raises:
         InvalidInput: No model there, or no weights that reproduce it.
     """
-    from jrs.inference import read_metadata
-
     if model_dir is None:
         from jrs.inference.registry import default_model_dir
 
@@ -484,8 +501,6 @@ def resolve_base(
 
 def _read_any_weights(path: Path) -> dict[str, Any]:
     """A ``weights.pt`` payload, or that of a training checkpoint."""
-    from jrs.training.weights import weights_from_checkpoint
-
     try:
         return load_weights(path)
     except InvalidInput:
@@ -564,8 +579,6 @@ def read_planning(
         InvalidInput: Unreadable files, or no ROI mapping to an organ.
         GeometryMismatch: The RTSTRUCT does not belong to the CT.
     """
-    from jrs.io.rtstruct import masks_from_files
-
     _, series, masks = masks_from_files(ct_dir, rtstruct)
     mapping = (synonyms or SynonymTable()).resolve(masks)
     arrays = {k: v.array for k, v in masks.items()}
@@ -605,10 +618,6 @@ def make_pair(
         The pair: fixed = synthetic daily CT, moving = pre-aligned planning CT, fixed labels = the
         planning labels warped by the known field.
     """
-    from jrs.inference.preprocess import mask_box, prepare_pair
-    from jrs.registration.focus import prealign_pair
-    from jrs.synth.engine import synthesize_fraction
-
     rng = np.random.default_rng([int(seed), int(k), 0x5EED])
     frac = synthesize_fraction(planning.ct, planning.labels, {}, rng, strength=strength)
     if held_back:
@@ -683,10 +692,6 @@ def _inference_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
     See `jrs.model_export.export.inference_settings`: a model adapted from this one keeps them.
     """
-    from jrs.inference.cascade import network_passes
-    from jrs.inference.null_correction import null_correction_enabled
-    from jrs.inference.smoothing import field_smoothing_sigma
-
     return {
         "null_correction": null_correction_enabled(metadata),
         "dvf_smoothing_mm": field_smoothing_sigma(metadata),
@@ -730,14 +735,6 @@ def score_model(
         Mean DSC / MSD per organ of the chosen path, per-path DSC (``fusion``: the fused
         organs only), per-fraction rows.
     """
-    from jrs.core.fields import warp
-    from jrs.core.metrics import dice, surface_distances
-    from jrs.inference import load_model
-    from jrs.inference.cascade import network_passes, refine
-    from jrs.inference.null_correction import null_correct, null_correction_enabled
-    from jrs.inference.postprocess import keep_largest_components
-    from jrs.inference.smoothing import field_smoothing_sigma, smooth_field
-
     t0 = time.perf_counter()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -834,8 +831,6 @@ def _fused_labels(
     Returns:
         ``(nz, ny, nx)`` uint8 map holding the fused organs only.
     """
-    from jrs.inference.fusion import FusionSpec, fuse_network_paths, softmax_source
-
     return fuse_network_paths(
         paths["segmentation"],
         paths["registration"],
@@ -989,7 +984,6 @@ def read_progress(work: Path) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------ fine-tuning
 def _train_config(base: BaseModel, options: AdaptOptions, patch: int, out: Path) -> Any:
-    from jrs.training.config import parse_config
 
     cfg = base.weights.get("config") or {}
     weighting = dict(cfg.get("weighting") or {"name": base.weights["weighting"]["name"]})
@@ -1045,8 +1039,6 @@ def _fine_tune(
     budget_s: float,
 ) -> Any:
     """Fine-tune from the base weights (or the last checkpoint) until the deadline; the trainer."""
-    from jrs.training.trainer import Trainer
-
     config = _train_config(base, options, patch, work / "train")
     ckpt = work / "train" / "checkpoints" / "last.pt"
     resume = ckpt.is_file() and state.step > 0

@@ -33,6 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from jrs.training.config import parse_config
+from jrs.training.synthetic import synthetic_pair
+from jrs.training.trainer import Trainer, cpu_supports_bf16
+
 log = logging.getLogger(__name__)
 
 NETWORKS = ("seg", "reg", "jrs-reg", "dense", "sedd", "cross-stitch")
@@ -55,10 +59,6 @@ def bench_one(
         ``{"network", "steps_per_s", "s_per_step", "peak_rss_mib", "params", ...}``.
     """
     import torch
-
-    from jrs.training.config import parse_config
-    from jrs.training.synthetic import synthetic_pair
-    from jrs.training.trainer import Trainer
 
     torch.set_num_threads(threads)
     size = max(patch_size + 8, 64)
@@ -136,10 +136,6 @@ def compare_precision(
     import statistics
 
     import torch
-
-    from jrs.training.config import parse_config
-    from jrs.training.synthetic import synthetic_pair
-    from jrs.training.trainer import Trainer, cpu_supports_bf16
 
     torch.set_num_threads(threads)
     if store is not None:

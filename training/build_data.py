@@ -37,6 +37,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from jrs.core.errors import InvalidInput
+from jrs.core.labels import DEFAULT_SYNONYMS, SynonymTable
+from jrs.inference.preprocess import mask_box, prepare_pair
+from jrs.synth import generate_fraction, generate_patient
+from jrs.synth.appearance import add_fiducials, record, vary_appearance
+from jrs.synth.engine import synthesize_fraction
+from jrs.training.data import TrainingPair, read_labelled_ct
+from jrs.training.store import save_pair, write_index
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +125,6 @@ def _init_worker() -> None:
 
 
 def _crop_box(labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    from jrs.inference.preprocess import mask_box
 
     return mask_box(labels.array > 0, labels.geometry, CROP_MARGIN_MM)
 
@@ -132,8 +138,6 @@ def _pair_from_fraction(
     known: Sequence[int],
     group: str,
 ) -> Any:
-    from jrs.inference.preprocess import prepare_pair
-    from jrs.training.data import TrainingPair
 
     prepared = prepare_pair(
         daily_ct,
@@ -150,11 +154,6 @@ def _pair_from_fraction(
 
 def build_phantom_patient(spec: dict[str, Any], index: int, store: str) -> list[dict[str, Any]]:
     """Make (or skip, when present) the pairs of phantom patient ``index`` of a spec."""
-    from jrs.synth import generate_fraction, generate_patient
-    from jrs.synth.appearance import add_fiducials, record, vary_appearance
-    from jrs.synth.engine import synthesize_fraction
-    from jrs.training.store import save_pair
-
     ps = PhantomSpec(**spec)
     seed = ps.seed + index
     group = f"{ps.source}_{ps.variety}{seed}"
@@ -212,7 +211,6 @@ def build_phantom_patient(spec: dict[str, Any], index: int, store: str) -> list[
 
 
 def _synonym_table(synonyms: dict[str, list[str]]) -> Any:
-    from jrs.core.labels import DEFAULT_SYNONYMS, SynonymTable
 
     merged = {k: list(v) for k, v in DEFAULT_SYNONYMS.items()}
     for organ, names in synonyms.items():
@@ -224,11 +222,6 @@ def build_real_fraction(
     spec: dict[str, Any], k: int, store: str, synonyms: dict[str, list[str]]
 ) -> dict[str, Any]:
     """Make (or skip) synthetic fraction ``k`` of a real planning scan."""
-    from jrs.synth.appearance import record, vary_appearance
-    from jrs.synth.engine import synthesize_fraction
-    from jrs.training.data import read_labelled_ct
-    from jrs.training.store import save_pair
-
     rs = RealSpec(**spec)
     key = f"{rs.source}_{rs.group}_f{k}"
     meta_path = Path(store) / key / "meta.json"
@@ -278,8 +271,6 @@ def build(spec: DataSpec, store: Path, workers: int = 2) -> list[dict[str, Any]]
         The records of all pairs.
     """
     from tqdm import tqdm
-
-    from jrs.training.store import write_index
 
     store.mkdir(parents=True, exist_ok=True)
     jobs: list[tuple[Any, tuple[Any, ...]]] = []

@@ -30,7 +30,18 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.core.errors import InvalidInput
-from jrs.core.labels import BLADDER, PROSTATE, RECTUM, SEMINAL_VESICLES, SynonymTable
+from jrs.core.labels import (
+    BLADDER,
+    PROSTATE,
+    RECTUM,
+    SEMINAL_VESICLES,
+    SynonymTable,
+    label_map_from_masks,
+)
+from jrs.inference.preprocess import prepare_pair
+from jrs.io.ct import read_ct_series
+from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
+from jrs.synth import generate_fraction, generate_patient
 
 if TYPE_CHECKING:  # SimpleITK is imported only where DICOM pairs are prepared (lazily, below)
     from jrs.core.geometry import Volume
@@ -125,10 +136,6 @@ def read_labelled_ct(
     ct_dir: Path, rtstruct: Path, synonyms: SynonymTable | None = None
 ) -> tuple[Volume, Volume]:
     """Read a CT series and its RTSTRUCT as (HU volume, label map 0..4 volume)."""
-    from jrs.core.labels import label_map_from_masks
-    from jrs.io.ct import read_ct_series
-    from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
-
     series = read_ct_series(ct_dir)
     masks = rtstruct_to_masks(read_rtstruct(rtstruct), series)
     labels, _ = label_map_from_masks({k: v.array for k, v in masks.items()}, synonyms)
@@ -211,7 +218,6 @@ def load_pair(
             return TrainingPair.load(record.key, path)
         except (OSError, ValueError, KeyError, InvalidInput) as exc:
             log.warning("cache %s unreadable (%s); preparing again", path.name, exc)
-    from jrs.inference.preprocess import prepare_pair
 
     daily_ct, daily_labels = read_labelled_ct(record.daily_ct, record.daily_rtstruct, synonyms)
     planning_ct, planning_labels = read_labelled_ct(
@@ -226,9 +232,6 @@ def load_pair(
 
 def phantom_pair(patient_seed: int, fraction: int = 1) -> TrainingPair:
     """Generate a phantom pair in memory (no DICOM round trip): the on-the-fly data option."""
-    from jrs.inference.preprocess import prepare_pair
-    from jrs.synth import generate_fraction, generate_patient
-
     patient = generate_patient(patient_seed)
     frac = generate_fraction(patient, fraction)
     prepared = prepare_pair(frac.ct, patient.ct, patient.labels, daily_labels=frac.labels)

@@ -44,12 +44,13 @@ from jrs.core.errors import InvalidInput
 from jrs.core.geometry import Geometry, Volume
 from jrs.core.labels import BLADDER, LABELS, PROSTATE, RECTUM, SEMINAL_VESICLES
 from jrs.core.metrics import dice, surface_distances
+from jrs.inference.fusion import FusionSpec, fuse_network_paths, probability_source, softmax_source
 from jrs.inference.postprocess import COMPONENTS_KEPT, keep_largest_components
 from jrs.inference.tiling import ALIGNMENT, SEAM_OVERLAP, run_tiled
 from jrs.qa.figures import jacobian_stats as qa_jacobian_stats
 from jrs.training.data import AIR, TrainingPair
 from jrs.training.earlier_metrics import EarlierEvaluation
-from jrs.training.networks import NUM_CLASSES
+from jrs.training.networks import NUM_CLASSES, build
 from jrs.training.warp import warp_labels
 
 log = logging.getLogger(__name__)
@@ -369,8 +370,6 @@ def load_network(path: Path | str, device: str | torch.device = "cpu") -> tuple[
     Raises:
         InvalidInput: When the file is missing or not a training checkpoint.
     """
-    from jrs.training.networks import build
-
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: checkpoint not found")
@@ -574,7 +573,6 @@ def _fusion_spec(fusion: Any) -> Any:
     """The :class:`jrs.inference.fusion.FusionSpec` of :func:`evaluate`'s ``fusion``."""
     if fusion is None:
         return None
-    from jrs.inference.fusion import FusionSpec
 
     return fusion if isinstance(fusion, FusionSpec) else FusionSpec(str(fusion))  # type: ignore[arg-type]
 
@@ -591,8 +589,6 @@ def _fused(
     ones the trilinearly warped one-hot moving labels, both read inside each organ's box only;
     ``evidence`` also reads the pair's two images and the DVF there.
     """
-    from jrs.inference.fusion import fuse_network_paths, probability_source, softmax_source
-
     if pred.seg_logits is None or pred.reg_probs is None or pred.dvf is None:
         raise InvalidInput("fusion needs the logits and the soft warped labels (keep_soft=True)")
     shape = processed["seg"].shape

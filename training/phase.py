@@ -38,6 +38,8 @@ from typing import Any
 import torch
 
 from jrs.core.errors import InvalidInput
+from jrs.training.config import LossConfig, load_config
+from jrs.training.networks import _DEFAULTS, build
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,6 @@ def network_overrides(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]
     Returns:
         JSON-normalised ``{argument: value}`` for every constructor argument.
     """
-    from jrs.training.networks import _DEFAULTS
-
     return _plain({**_DEFAULTS[name.lower()], **dict(overrides)})
 
 
@@ -85,8 +85,6 @@ def rescale_dvf_heads(ckpt: dict[str, Any], factor: float) -> list[str]:
         InvalidInput: When the checkpoint has no DVF heads or its optimiser state does not list
             its parameters in the network's order.
     """
-    from jrs.training.networks import build
-
     if not factor > 0:
         raise InvalidInput(f"DVF scale factor must be > 0, got {factor}")
     net = build(ckpt["network"]["name"], **dict(ckpt["network"].get("overrides") or {}))
@@ -151,7 +149,6 @@ def start_phase(
                 f"{', '.join(CHANGEABLE_OVERRIDES)} and the losses"
             )
         changes[f"network.overrides.{key}"] = [old.get(key), new.get(key)]
-    from jrs.training.config import LossConfig
 
     defaults = _plain(LossConfig().model_dump(mode="json"))
     old_losses = {**defaults, **_plain((ckpt.get("config") or {}).get("losses") or {})}
@@ -185,8 +182,6 @@ def start_phase(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (see the module docstring)."""
-    from jrs.training.config import load_config
-
     parser = argparse.ArgumentParser(
         prog="python -m jrs.training.phase", description=__doc__.split("\n\n")[0]
     )

@@ -63,8 +63,11 @@ from jrs.training.data import (
     load_pair,
     phantom_pair,
 )
+from jrs.training.evaluate import ORGANS, organ_metrics, postprocess, predict_pair
 from jrs.training.losses import TASKS_BY_NETWORK, TaskLoss, compute_task_losses
 from jrs.training.networks import LEVELS, build
+from jrs.training.phase import network_overrides
+from jrs.training.plots import plot_run
 from jrs.training.store import load_store
 from jrs.training.weighting import HomoscedasticWeighting, LossWeighting, build_weighting
 
@@ -625,7 +628,6 @@ class Trainer:
                 f"{path}: checkpoint of network {ckpt['network']['name']!r}, config asks for "
                 f"{name!r}; {accepted}"
             )
-        from jrs.training.phase import network_overrides
 
         trained = network_overrides(name, ckpt["network"].get("overrides") or {})
         asked = network_overrides(name, self.config.network.overrides)
@@ -866,8 +868,6 @@ class Trainer:
             the mean over organs of the segmentation path when the network has one, else of the
             registration path (the criterion of ``best.pt``).
         """
-        from jrs.training.evaluate import ORGANS, organ_metrics, postprocess, predict_pair
-
         acc: dict[str, list[float]] = {}
         for pair in self.val_pairs:
             pred = predict_pair(
@@ -893,8 +893,6 @@ class Trainer:
         In a distributed run every rank trains; rank 0 alone writes the run folder and validates,
         and every rank returns once rank 0's last checkpoint is written.
         """
-        from jrs.training.plots import plot_run
-
         cfg = self.config
         main = self.is_main
         writer: Any = None

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from jrs.core.errors import InvalidInput
+from jrs.training.networks import build
 
 #: File name of the weights inside a model version folder.
 WEIGHTS_FILE = "weights.pt"
@@ -175,8 +176,6 @@ def rebuild_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
     Raises:
         InvalidInput: When the file is missing, unreadable or not a training checkpoint.
     """
-    from jrs.training.networks import build
-
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: checkpoint not found")

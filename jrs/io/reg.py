@@ -64,6 +64,7 @@ from pydicom.uid import (
 
 import jrs
 from jrs.core.errors import GeometryMismatch, InvalidInput, JrsError
+from jrs.core.fields import sample_dvf
 from jrs.core.geometry import Geometry, Volume, reorient
 from jrs.io.ct import format_ds
 from jrs.io.dataset import read_object, text
@@ -134,8 +135,6 @@ class DeformableRegistration:
         Returns:
             (N, 3) LPS points in mm, Source RCS.
         """
-        from jrs.core.fields import sample_dvf
-
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         u = sample_dvf(self.dvf, pts)
         moved = pts @ self.pre_deformation[:3, :3].T + self.pre_deformation[:3, 3] + u

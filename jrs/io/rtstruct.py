@@ -34,6 +34,7 @@ from jrs.core.errors import GeometryMismatch, InvalidInput, JrsError
 from jrs.core.geometry import Geometry, Volume
 from jrs.core.labels import DEFAULT_COLORS, SynonymTable
 from jrs.io.contours import RasterReport, contours_to_mask, mask_to_contours
+from jrs.io.ct import patient_info, read_ct_series
 from jrs.io.dataset import read_object, text
 from jrs.io.derived import start_derived_dataset
 from jrs.io.series import (
@@ -817,8 +818,6 @@ def _scan_ct_headers(source: Path | str | Sequence[Path | str]) -> dict[str, lis
 
 def _single_slice_series(path: Path) -> CTSeries:
     """A one-slice CT series (slice thickness as z spacing) for partial rasterising."""
-    from jrs.io.ct import patient_info
-
     ds = pydicom.dcmread(path)
     try:
         iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
@@ -886,8 +885,6 @@ def masks_from_files(
         InvalidInput: unreadable RTSTRUCT or CT (see `read_rtstruct`, `read_ct_series`).
         GeometryMismatch: the RTSTRUCT does not belong to the CT (see `check_references`).
     """
-    from jrs.io.ct import read_ct_series
-
     ss = read_rtstruct(rtstruct_path)
     groups = _scan_ct_headers(ct_source)
     chosen: str | None = None

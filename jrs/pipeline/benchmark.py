@@ -34,6 +34,19 @@ import numpy as np
 import numpy.typing as npt
 
 from jrs.core.errors import InvalidInput
+from jrs.core.fields import sample_dvf
+from jrs.core.geometry import Volume
+from jrs.core.metrics import dice
+from jrs.inference import CUDA_PROVIDER, TENSORRT_PROVIDER, available_providers, load_model
+from jrs.inference.registry import default_model_dir
+from jrs.io.ct import read_ct_series
+from jrs.io.rtstruct import masks_from_files
+from jrs.pipeline.batch import run_batch
+from jrs.pipeline.methods import load_backend
+from jrs.pipeline.options import RecontourOptions
+from jrs.pipeline.run import recontour
+from jrs.registration.prealign import PREALIGN_SPACING_MM, affine_prealign, body_mask
+from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +110,6 @@ def bench_phantom(
     fractions: int = 3, seed: int = 0, slice_mm: float | None = None
 ) -> dict[str, Any]:
     """Time generating and writing one phantom patient with `fractions` fractions."""
-    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
-
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         patient = generate_patient(seed, slice_thickness=slice_mm)
@@ -149,8 +160,6 @@ def bench_prealign(
         Per trial and spacing: wall time, stages, mean and max error; the means per spacing.
     """
     import SimpleITK as sitk
-
-    from jrs.registration.prealign import PREALIGN_SPACING_MM, affine_prealign
 
     spacings = [float(v) for v in (spacings_mm or [PREALIGN_SPACING_MM])]
     if ct is not None:
@@ -249,8 +258,6 @@ def phantom_case(
         matrix: in-plane matrix.
         fraction: fraction index.
     """
-    from jrs.synth import generate_fraction, generate_patient, write_fraction, write_patient
-
     patient = generate_patient(seed, matrix=matrix, slice_thickness=slice_mm)
     write_patient(patient, root)
     frac = generate_fraction(patient, fraction)
@@ -275,8 +282,6 @@ def given_case(
     planning_ct: Path, planning_rtstruct: Path, daily_ct: Path, truth_rtstruct: Path | None = None
 ) -> Case:
     """A benchmark case from files on disk (e.g. a Pelvic-Ref planning CT and a fraction of it)."""
-    from jrs.io.ct import read_ct_series
-
     g = read_ct_series(daily_ct).volume.geometry
     return Case(
         Path(planning_ct),
@@ -306,9 +311,6 @@ def dice_against_truth(
     Returns:
         ROI name -> DSC (4 decimals).
     """
-    from jrs.core.metrics import dice
-    from jrs.io.rtstruct import masks_from_files
-
     _, _, got = masks_from_files(daily_ct, written)
     _, _, ref = masks_from_files(daily_ct, truth)
     return {n: round(dice(got[n].array, ref[n].array), 4) for n in names if n in got and n in ref}
@@ -331,8 +333,6 @@ def coarse_dvf_error(
     Returns:
         ``{"mean", "p99", "max"}`` of the vector difference length (mm) and ``voxels``.
     """
-    from jrs.core.fields import sample_dvf
-
     g = full.geometry
     errors = []
     for k0 in range(0, g.shape[0], slab):
@@ -369,10 +369,6 @@ def _run_config(
     dvf_spacing_mm: float | None,
 ) -> dict[str, Any]:
     """One benchmark configuration: load once, re-contour ``repeats`` times (own process)."""
-    from jrs.pipeline.methods import load_backend
-    from jrs.pipeline.options import RecontourOptions
-    from jrs.pipeline.run import recontour
-
     method, engine, precision = RUN_CONFIGS[name]
     opts = RecontourOptions(
         method=method,  # type: ignore[arg-type]
@@ -445,11 +441,6 @@ def _dvf_error_of(case: Case, opts: Any, backend: Any, coarse_result: Any, out: 
     import dataclasses
 
     import SimpleITK as sitk
-
-    from jrs.core.geometry import Volume
-    from jrs.io.ct import read_ct_series
-    from jrs.pipeline.run import recontour
-    from jrs.registration.prealign import body_mask
 
     full_opts = dataclasses.replace(opts, dvf_spacing_mm=None)
     result = recontour(
@@ -724,16 +715,6 @@ def bench_gpu(
     Returns:
         The JSON-able report.
     """
-    from jrs.inference import (
-        CUDA_PROVIDER,
-        TENSORRT_PROVIDER,
-        available_providers,
-        load_model,
-    )
-    from jrs.inference.registry import default_model_dir
-    from jrs.pipeline.options import RecontourOptions
-    from jrs.pipeline.run import recontour
-
     clock = _Clock(time.perf_counter() + float(deadline_s))
     say = progress or (lambda _m: None)
     providers = available_providers()
@@ -833,9 +814,6 @@ def _batch_throughput(
         backend: the loaded model.
         clock: the deadline.
     """
-    from jrs.pipeline.batch import run_batch
-    from jrs.synth import generate_fraction, generate_patient, write_fraction
-
     if backend is None or clock.left() < 60:
         return {"skipped": "time budget"}
     seed, matrix, slice_mm = phantom

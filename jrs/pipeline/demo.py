@@ -18,6 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from jrs.core.errors import ModelNotReady
+from jrs.core.metrics import centroid_mm, dice, surface_distances, volume_cc
+from jrs.inference.registry import default_model_dir
+from jrs.io.rtstruct import masks_from_files
+from jrs.pipeline.options import RecontourOptions
+from jrs.pipeline.run import recontour
+from jrs.synth import generate_patient, write_dataset
 
 log = logging.getLogger("jrs.pipeline.demo")
 
@@ -32,10 +38,6 @@ def round_trip(out: Path, seed: int = 0) -> dict[str, dict[str, float]]:
     Returns:
         ROI name -> {"dice", "centroid_mm", "volume_cc"} of the re-read masks against the truth.
     """
-    from jrs.core.metrics import centroid_mm, dice, volume_cc
-    from jrs.io.rtstruct import masks_from_files
-    from jrs.synth import generate_patient, write_dataset
-
     write_dataset(out, patients=1, fractions=1, seed=seed, progress=True)
     patient_dir = out / f"phantom_{seed:03d}"
     _, series, masks = masks_from_files(
@@ -66,12 +68,6 @@ def recontour_demo(out: Path, seed: int = 0, model: Path | None = None) -> list[
     Returns:
         The lines of the report.
     """
-    from jrs.core.metrics import dice, surface_distances
-    from jrs.io.rtstruct import masks_from_files
-    from jrs.pipeline.options import RecontourOptions
-    from jrs.pipeline.run import recontour
-    from jrs.synth import write_dataset
-
     write_dataset(out, patients=1, fractions=1, seed=seed, progress=True)
     pdir = out / f"phantom_{seed:03d}"
     result = recontour(
@@ -120,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    from jrs.inference.registry import default_model_dir
 
     try:
         model = args.model or default_model_dir()

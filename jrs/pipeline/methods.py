@@ -21,8 +21,17 @@ from jrs.core.geometry import Volume
 from jrs.core.labels import (
     LABELS,
 )
+from jrs.inference import load_model
 from jrs.inference.backend import NetworkBackend, NetworkPrediction
 from jrs.inference.cascade import network_passes, refine
+from jrs.inference.fusion import (
+    FusionSpec,
+    ProbabilitySource,
+    fuse_network_paths,
+    hard_probability,
+    probability_source,
+    softmax_source,
+)
 from jrs.inference.null_cache import (
     PlanningNull,
     check_null_pass,
@@ -175,14 +184,6 @@ def fuse_paths(
     """
     if not organs or paths.segmentation is None:
         return None
-    from jrs.inference.fusion import (
-        FusionSpec,
-        ProbabilitySource,
-        fuse_network_paths,
-        hard_probability,
-        probability_source,
-        softmax_source,
-    )
 
     spec = FusionSpec.from_metadata(metadata)
     if method is not None:
@@ -301,7 +302,6 @@ def load_backend(options: RecontourOptions) -> NetworkBackend:
     same window shape loads it rather than compiling it.
     """
     model_dir = options.model_dir or default_model_dir()
-    from jrs.inference import load_model
 
     ov_cache = {"cache_dir": options.cache_dir / "openvino"} if options.cache_dir else None
     backend: NetworkBackend = load_model(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from jrs.core.errors import InvalidInput
 from jrs.core.geometry import Volume
 from jrs.core.labels import (
+    LABELS,
     SynonymTable,
 )
 from jrs.inference.null_cache import (
@@ -60,8 +61,6 @@ def parse_path_choice(
     Raises:
         InvalidInput: For an item that is not ``ORGAN=PATH`` with a known organ and path.
     """
-    from jrs.core.labels import LABELS
-
     organs = list(LABELS.values())
     out: dict[str, str] = {}
     for item in (part.strip() for value in values or [] for part in value.split(",")):

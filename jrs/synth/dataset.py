@@ -16,6 +16,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jrs.core.labels import DEFAULT_COLORS, DEFAULT_ROI_NAMES
+from jrs.io.ct import write_ct_series
+from jrs.io.rtstruct import write_rtstruct
 from jrs.synth.generator import (
     PhantomFraction,
     PhantomPatient,
@@ -50,9 +52,6 @@ def write_patient(patient: PhantomPatient, folder: Path) -> list[Path]:
     Returns:
         The RTSTRUCT path and the CT folder.
     """
-    from jrs.io.ct import write_ct_series
-    from jrs.io.rtstruct import write_rtstruct
-
     out = Path(folder) / "planning"
     series = patient.ct_series()
     write_ct_series(series, out / "ct")
@@ -79,9 +78,6 @@ def write_fraction(fraction: PhantomFraction, folder: Path) -> list[Path]:
     Returns:
         The CT folder, RTSTRUCT and DVF paths.
     """
-    from jrs.io.ct import write_ct_series
-    from jrs.io.rtstruct import write_rtstruct
-
     out = Path(folder)
     series = fraction.ct_series()
     write_ct_series(series, out / "ct")

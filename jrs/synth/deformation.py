@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
-from jrs.synth.anatomy import AnatomyParams, Centreline, bladder_radius
+from jrs.synth.anatomy import AnatomyParams, Centreline, bladder_radius, bladder_sdf
 
 F64 = npt.NDArray[np.float64]
 
@@ -277,8 +277,6 @@ def build_pull_map(
     Returns:
         The tuned map.
     """
-    from jrs.synth.anatomy import bladder_sdf
-
     bc, br = np.asarray(anatomy.bladder_centre), np.asarray(anatomy.bladder_radii)
     half = br * 1.2 + 3
     planning = _lattice(bc - half, bc + half, step_mm)

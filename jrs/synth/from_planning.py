@@ -37,7 +37,11 @@ from tqdm import tqdm
 from jrs.core.errors import InvalidInput
 from jrs.core.geometry import Volume
 from jrs.core.labels import LABELS, SynonymTable, label_map_from_masks
+from jrs.io.ct import write_ct_series
+from jrs.io.rtstruct import interpreted_type_for, masks_from_files, write_rtstruct
 from jrs.io.series import CTSeries
+from jrs.synth.dome_engine import SEED_STREAM, synthesize_dome_fraction
+from jrs.synth.engine import PROFILES, synthesize_fraction
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +90,6 @@ def _copy_planning(series: CTSeries, rtstruct: Path, folder: Path) -> None:
 
 def _check_profile(family: str, profile: str) -> None:
     """Refuse an unknown draw profile, and any but ``v3`` for the dome family."""
-    from jrs.synth.engine import PROFILES
-
     if profile not in PROFILES:
         raise InvalidInput(f"draw profile {profile!r} unknown; use one of {', '.join(PROFILES)}")
     if family == "dome" and profile != "v3":
@@ -134,11 +136,6 @@ def write_from_planning(
             unknown `family`.
         GeometryMismatch: the RTSTRUCT does not belong to the CT.
     """
-    from jrs.io.ct import write_ct_series
-    from jrs.io.rtstruct import interpreted_type_for, masks_from_files, write_rtstruct
-    from jrs.synth.dome_engine import SEED_STREAM, synthesize_dome_fraction
-    from jrs.synth.engine import synthesize_fraction
-
     if family not in FAMILIES:
         raise InvalidInput(
             f"deformation family {family!r} unknown; use one of {', '.join(FAMILIES)}"

@@ -39,6 +39,8 @@ from jrs.io.series import CTSeries, PatientInfo
 from jrs.synth.anatomy import AnatomyParams, Rendered, organ_bounds, render, sample_anatomy
 from jrs.synth.ct_texture import add_gas, ct_noise
 from jrs.synth.deformation import FractionParams, build_pull_map, sample_fraction
+from jrs.synth.dome_engine import SEED_STREAM, synthesize_dome_fraction
+from jrs.synth.engine import PROFILES, synthesize_fraction
 from jrs.synth.grid_boxes import crop_volume
 
 F64 = npt.NDArray[np.float64]
@@ -385,9 +387,6 @@ def _organ_fraction(
     The dome family draws from a stream of its own (`jrs.synth.dome_engine.SEED_STREAM` added
     to the seed sequence), so it never shares draws with the organ family of the same seed.
     """
-    from jrs.synth.dome_engine import SEED_STREAM, synthesize_dome_fraction
-    from jrs.synth.engine import synthesize_fraction
-
     entropy: int | list[int] = seed if seed is not None else [patient.seed, 2000 + index]
     key: tuple[object, ...] = (patient.seed, "fraction", index, engine)
     if seed is not None:
@@ -457,8 +456,6 @@ def generate_fraction(
     Raises:
         InvalidInput: an unknown `engine`, or a profile the engine does not have.
     """
-    from jrs.synth.engine import PROFILES
-
     if profile not in PROFILES or (profile != "v3" and engine != "organ"):
         raise InvalidInput(
             f"draw profile {profile!r} not available for the {engine!r} engine; profiles "

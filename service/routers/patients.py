@@ -30,6 +30,7 @@ from jrs.core.errors import (
     ServiceBusy,
     StorageFull,
 )
+from jrs.core.labels import LABELS, SynonymTable
 from jrs.service.auth import require_api_key
 from jrs.service.deps import ManagerDep, MetricsDep, SettingsDep
 from jrs.service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id
@@ -333,8 +334,6 @@ async def _admit(request: Request, settings: Settings, manager: JobManager, metr
 
 def _organs(roi_names: list[str], synonyms: Any = None) -> list[str]:
     """Organ keys the ROI names map to (the pipeline's synonym table: the site's, or built-in)."""
-    from jrs.core.labels import LABELS, SynonymTable
-
     mapping = (synonyms or SynonymTable()).resolve(roi_names)
     return [LABELS[k] for k in sorted(mapping.used)]
 
