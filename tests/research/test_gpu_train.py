@@ -288,8 +288,9 @@ def test_script_is_executable_valid_bash_and_bounded_in_time() -> None:
     assert proc.returncode == 0, proc.stderr
     text = SCRIPT.read_text()
     assert "timeout" in text and "JRS_GPU_TRAIN_TIMEOUT:-585" in text  # under the 600 s call
-    docs = (REPO / "docs" / "training.md").read_text()
-    assert "## Training on a lent GPU" in docs and "bash research/gpu/gpu_train.sh" in docs
+    notes = (REPO / "research" / "notes" / "lent-gpu.md").read_text()  # the lab notebook
+    assert "## Training on a lent GPU" in notes and "bash research/gpu/gpu_train.sh" in notes
+    assert "research/notes/lent-gpu.md" in (REPO / "docs" / "training.md").read_text()
 
 
 @pytest.mark.slow
