@@ -344,7 +344,7 @@ def adaptation(
 ) -> None:
     """Adapt the model to held-out patients; generic vs patient model vs iterative baseline."""
     from jrs.model_export.export import ArtefactWriter
-    from jrs.training.adapt import AdaptOptions
+    from jrs.training.adapt_options import AdaptOptions
     from research.adapt_benchmark import benchmark_adaptation
 
     _both(planning_ct, planning_rtstruct)

@@ -1,6 +1,6 @@
 """Adapted vs generic vs iterative on held-out patients: the measurement of patient adaptation.
 
-``jrs benchmark adaptation --cases 5 --seed 3000 --model models/crossstitch/3
+``python -m research adaptation --cases 5 --seed 3000 --model models/crossstitch/3
 --planning-ct REAL/ct --planning-rtstruct REAL/rtstruct.dcm --report DIR`` (or
 :func:`benchmark_adaptation`) does, for each held-out phantom patient (seeds ``seed`` ..
 ``seed + cases - 1``, never used in training) and for the given real planning scan (a patient kept
@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from jrs.core.errors import InvalidInput
-from jrs.training.adapt import AdaptOptions, ArtefactWriter, adapt
+from jrs.training.adapt import ArtefactWriter, adapt
+from jrs.training.adapt_options import AdaptOptions
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Calibrate the QA flags against ground truth (``jrs benchmark qa``).
+"""Calibrate the QA flags against ground truth (``python -m research qa``).
 
 The QA flags of `jrs.qa.figures` are only worth a reviewer's attention when they fire on bad
 contours and stay quiet on good ones. This module measures both, and picks the thresholds from the
@@ -148,7 +148,7 @@ POPULATIONS: dict[str, str] = {
         "a cut-off field of view"
     ),
 }
-#: What ``jrs benchmark qa`` runs by default.
+#: What ``python -m research qa`` runs by default.
 DEFAULT_POPULATIONS: tuple[str, ...] = (
     "network",
     "other_path",
@@ -309,7 +309,7 @@ def check_case_family(engine: str, profile: str) -> None:
     if engine == "dome":
         raise InvalidInput(
             "the dome deformation family is held out of calibration (it is the cross-generator "
-            "test of docs/benchmarks.md); calibrate on 'analytic' or 'organ' cases"
+            "test of research/notes/unseen-anatomy.md); calibrate on 'analytic' or 'organ' cases"
         )
     if engine not in CALIBRATION_ENGINES:
         raise InvalidInput(
@@ -915,7 +915,7 @@ def run_qa_calibration(
         if not held:
             raise InvalidInput(
                 f"held-out folder {held_out}: no records under cases/ (make them with "
-                "'jrs benchmark qa --report' on other cases first)"
+                "'python -m research qa --report' on other cases first)"
             )
     settings = settings or RunSettings()
     say = progress or (lambda _m: None)

@@ -1,4 +1,4 @@
-"""Which flags an organ's contours share, chosen by leave-one-case-out (docs/qa.md, session 18).
+"""Which flags an organ's contours share, chosen by leave-one-case-out (docs/qa.md, version 3).
 
 usage: python research/qa_spread_choice.py REPORT_DIR
 

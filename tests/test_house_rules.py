@@ -17,7 +17,6 @@ MAX_FUNCTION_LINES = 150
 
 #: module -> its line count when the rules were set (to be split; may only shrink)
 LONG_FILES = {
-    "jrs.training.adapt": 1499,
     "jrs.service.patients": 1075,
     "jrs.training.trainer": 1081,
     "jrs.service.uploads": 944,
@@ -29,7 +28,6 @@ LONG_FILES = {
 }
 #: function -> its line count when the rules were set (to be split; may only shrink)
 LONG_FUNCTIONS = {
-    "jrs.training.adapt.adapt": 296,
     "jrs.io.rtstruct.write_rtstruct": 179,
     "jrs.io.reg.write_deformable_registration": 177,
     "jrs.cli.benchmark.benchmark": 171,

@@ -51,7 +51,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -60,54 +59,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-import numpy.typing as npt
 import torch
 from torch import nn
 
-from jrs.core.errors import InvalidInput, JrsError
-from jrs.core.fields import warp
-from jrs.core.geometry import Geometry, Volume
-from jrs.core.labels import LABELS, SynonymTable, label_map_from_mapping
-from jrs.core.metrics import dice, surface_distances
-from jrs.inference import load_model, read_metadata
-from jrs.inference.cascade import network_passes, refine
-from jrs.inference.fusion import FusionSpec, fuse_network_paths, softmax_source
-from jrs.inference.null_correction import null_correct, null_correction_enabled
-from jrs.inference.postprocess import keep_largest_components
-from jrs.inference.preprocess import mask_box, prepare_pair
-from jrs.inference.smoothing import field_smoothing_sigma, smooth_field
-from jrs.io.rtstruct import masks_from_files
-from jrs.registration.boxes import crop, organ_box
-from jrs.registration.focus import prealign_pair
-from jrs.synth.engine import synthesize_fraction
+from jrs.core.errors import InvalidInput
+from jrs.core.labels import SynonymTable
+from jrs.training.adapt_base import BaseModel, resolve_base
+from jrs.training.adapt_data import Planning, make_pairs, read_planning
+from jrs.training.adapt_options import AdaptationInterrupted, AdaptOptions, json_safe
+from jrs.training.adapt_score import Figures, decide, inference_of, score_model
 from jrs.training.config import parse_config
 from jrs.training.data import TrainingPair
-from jrs.training.networks import build
 from jrs.training.trainer import Trainer
 from jrs.training.weights import (
     WEIGHTS_FILE,
-    file_sha256,
-    load_weights,
     save_weights,
-    weights_from_checkpoint,
 )
 
 log = logging.getLogger(__name__)
 
-#: Default time budget of one adaptation (minutes, every phase included).
-DEFAULT_MINUTES = 15.0
-#: Default synthetic fractions used for fine-tuning / held back for the keep-or-base decision.
-DEFAULT_FRACTIONS = 6
-DEFAULT_VAL_FRACTIONS = 2
-#: Margin around the planning organs kept before making fractions (mm): it holds the training
-#: boxes after any engine motion (setup <= 5 mm, organ motion <= 6 mm) with room to spare.
-PLANNING_CROP_MM = 70.0
-#: Margin of the training pairs' box around the daily organs (mm; as ``jrs.training.build_data``).
-TRAIN_BOX_MM = 44.0
-#: Margin of the held-back pairs' box around the pre-aligned planning organs (mm; the
-#: pipeline's default network box).
-VALIDATION_BOX_MM = 30.0
 #: Seconds between two training checkpoints.
 CHECKPOINT_S = 60.0
 #: Seconds reserved for the export (legacy exporter + parity check) before it has been timed.
@@ -125,31 +95,7 @@ NO_STEP_REASON = (
 #: Version of the state file (a different version starts afresh).
 STATE_VERSION = 1
 
-__all__ = [
-    "DEFAULT_FRACTIONS",
-    "DEFAULT_MINUTES",
-    "DEFAULT_VAL_FRACTIONS",
-    "AdaptOptions",
-    "AdaptResult",
-    "AdaptationInterrupted",
-    "ArtefactWriter",
-    "BaseModel",
-    "Figures",
-    "Planning",
-    "adapt",
-    "decide",
-    "make_pairs",
-    "read_planning",
-    "resolve_base",
-    "score_model",
-    "series_sha256",
-]
-
-
-class AdaptationInterrupted(JrsError):
-    """The adaptation was asked to stop; its work folder lets a later run continue."""
-
-    code = "interrupted"
+__all__ = ["AdaptResult", "ArtefactWriter", "adapt", "read_progress"]
 
 
 class ArtefactWriter(Protocol):
@@ -175,119 +121,6 @@ class ArtefactWriter(Protocol):
         ...
 
 
-# ------------------------------------------------------------------------------ options
-@dataclass
-class AdaptOptions:
-    """Settings of one adaptation.
-
-    Attributes:
-        minutes: Time budget of the whole run (data, validation, fine-tuning, export), minutes;
-            the fine-tuning stops when what is left covers the export and the last validation.
-        fractions: Synthetic fractions to fine-tune on.
-        val_fractions: Synthetic fractions held back for the keep-or-base decision.
-        seed: Seed of the fractions, the patch sampling and the network's random state.
-        lr: RAdam learning rate (constant; METHOD.md's 1e-4).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        precision: CPU precision of the fine-tuning: ``auto`` (bf16 on a CPU with AMX /
-            AVX512-BF16), ``bf16`` or ``fp32``; CUDA always uses AMP (fp16 autocast).
-        threads: Torch CPU threads (``None``: torch's default, one per core).
-        engine: Inference engine of the validation (as ``jrs recontour --engine``).
-        tolerance: DSC an organ may lose on the held-back fractions and still keep the adapted
-            model (0: never worse).
-        min_steps: Fine-tuning steps done even when the budget is spent.
-        max_steps: At most this many fine-tuning steps (``None``: as many as the budget allows).
-        patch_size: Training patch edge (``None``: the base model's training patch, else 64).
-        strength: Amplitude factor of the synthetic deformations (1: the engine's defaults).
-        exporter: ONNX exporter of the adapted model (``legacy``: seconds; ``dynamo``: a minute).
-        keep_work: Keep the work folder after a finished run (default: removed).
-    """
-
-    minutes: float = DEFAULT_MINUTES
-    fractions: int = DEFAULT_FRACTIONS
-    val_fractions: int = DEFAULT_VAL_FRACTIONS
-    seed: int = 0
-    lr: float = 1e-4
-    device: str = "auto"
-    precision: str = "auto"
-    threads: int | None = None
-    engine: str = "auto"
-    tolerance: float = 0.0
-    min_steps: int = 0
-    max_steps: int | None = None
-    patch_size: int | None = None
-    strength: float = 1.0
-    exporter: str = "legacy"
-    keep_work: bool = False
-
-    def check(self) -> None:
-        """Raise `InvalidInput` naming the first bad value."""
-        if not (self.minutes > 0 and math.isfinite(self.minutes)):
-            raise InvalidInput(f"minutes must be a positive number, got {self.minutes}")
-        if self.fractions < 1 or self.val_fractions < 1:
-            raise InvalidInput(
-                f"fractions ({self.fractions}) and val_fractions ({self.val_fractions}) must "
-                "be >= 1"
-            )
-        if not self.lr > 0:
-            raise InvalidInput(f"lr must be > 0, got {self.lr}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise InvalidInput(f"device {self.device!r} unknown; use auto, cpu or cuda")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise InvalidInput(f"precision {self.precision!r} unknown; use auto, bf16 or fp32")
-        if self.tolerance < 0:
-            raise InvalidInput(f"tolerance must be >= 0, got {self.tolerance}")
-        if self.min_steps < 0 or (self.max_steps is not None and self.max_steps < self.min_steps):
-            raise InvalidInput(
-                f"need 0 <= min_steps <= max_steps, got {self.min_steps} and {self.max_steps}"
-            )
-        if self.patch_size is not None and (self.patch_size < 44 or self.patch_size % 4):
-            raise InvalidInput(f"patch size must be a multiple of 4 >= 44, got {self.patch_size}")
-
-
-@dataclass
-class Figures:
-    """Validation figures of one model on the held-back fractions.
-
-    Attributes:
-        dsc: Organ key -> mean DSC (chosen path) over the held-back fractions.
-        msd: Organ key -> mean MSD (mm; NaN where a mask is empty).
-        paths: Path (``segmentation``, ``registration``) -> organ -> mean DSC.
-        per_fraction: One dict per fraction: ``fraction``, ``organ``, ``dsc``, ``msd``.
-        seconds: Wall time of the scoring.
-    """
-
-    dsc: dict[str, float] = field(default_factory=dict)
-    msd: dict[str, float] = field(default_factory=dict)
-    paths: dict[str, dict[str, float]] = field(default_factory=dict)
-    per_fraction: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def mean_dsc(self) -> float:
-        """Mean DSC over organs (NaN counted as 0)."""
-        vals = [0.0 if not math.isfinite(v) else v for v in self.dsc.values()]
-        return float(np.mean(vals)) if vals else math.nan
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able form (NaN as None)."""
-        return _json_safe(asdict(self) | {"mean_dsc": self.mean_dsc})
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Figures:
-        """Inverse of :meth:`as_dict`."""
-
-        def nan(d: Mapping[str, Any]) -> dict[str, float]:
-            return {k: math.nan if v is None else float(v) for k, v in d.items()}
-
-        return cls(
-            dsc=nan(data.get("dsc") or {}),
-            msd=nan(data.get("msd") or {}),
-            paths={p: nan(v) for p, v in (data.get("paths") or {}).items()},
-            per_fraction=list(data.get("per_fraction") or []),
-            seconds=float(data.get("seconds") or 0.0),
-        )
-
-
 @dataclass
 class AdaptResult:
     """What :func:`adapt` produced.
@@ -311,580 +144,6 @@ class AdaptResult:
     resumed: bool = False
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
-# ------------------------------------------------------------------------------ base model
-@dataclass
-class BaseModel:
-    """The model adapted: its version folder and its torch weights.
-
-    Attributes:
-        model_dir: The version folder (``model.onnx`` + ``metadata.json``).
-        metadata: Its ``metadata.json``.
-        weights: The ``weights.pt`` payload (:mod:`jrs.training.weights`).
-        weights_source: Where the weights came from (file name, no folders).
-        weights_sha256: Digest of the weights file.
-    """
-
-    model_dir: Path
-    metadata: dict[str, Any]
-    weights: dict[str, Any]
-    weights_source: str
-    weights_sha256: str
-
-    @property
-    def sha256(self) -> str:
-        """Digest of the base ``model.onnx`` (from its metadata)."""
-        return str(self.metadata.get("sha256", ""))
-
-    @property
-    def path_choice(self) -> dict[str, str]:
-        """Organ -> validated output path (``segmentation`` / ``registration`` / ``fusion``)."""
-        return {str(k): str(v) for k, v in (self.metadata.get("path_choice") or {}).items()}
-
-    def build(self) -> nn.Module:
-        """The base network with its weights, on the CPU, in eval mode."""
-        spec = self.weights["network"]
-        net = build(spec["name"], **dict(spec.get("overrides") or {}))
-        net.load_state_dict(self.weights["model"])
-        return net.eval()
-
-    def info(self) -> dict[str, Any]:
-        """The ``adaptation.base`` entry of the metadata."""
-        return {
-            "name": self.metadata.get("name"),
-            "version": self.metadata.get("version"),
-            "sha256": self.sha256,
-            "weights_sha256": self.weights_sha256,
-            "weights_source": self.weights_source,
-            "git_sha": self.metadata.get("git_sha"),
-        }
-
-
-def _parity(net: nn.Module, onnx_path: Path, tolerance: float = 1e-3) -> float:
-    """Max |ONNX Runtime - PyTorch| of the network's high-level outputs on a random 48^3 input."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    outs = [o.name for o in sess.get_outputs()]
-    gen = torch.Generator().manual_seed(0)
-    xs = []
-    for name in names:
-        if name == "moving_labels":
-            xs.append(torch.randint(0, 5, (1, 1, 48, 48, 48), generator=gen).float())
-        else:
-            xs.append(torch.rand((1, 1, 48, 48, 48), generator=gen) * 2 - 1)
-    with torch.no_grad():
-        flat = net.eval()(dict(zip(names, xs, strict=True))).flat()
-    got = sess.run(outs, {n: x.numpy() for n, x in zip(names, xs, strict=True)})
-    return max(float(np.abs(flat[o].numpy() - g).max()) for o, g in zip(outs, got, strict=True))
-
-
-def _checkpoint_candidates(model_dir: Path, meta: Mapping[str, Any]) -> list[Path]:
-    """Training checkpoints that may hold the weights of a model without ``weights.pt``.
-
-    ``metadata["checkpoint"]`` (a path relative to the version folder) first, then the
-    ``checkpoints/*.pt`` of the model repository (``<root>/<name>/<version>`` ->
-    ``<root>/checkpoints``), the one whose step and git sha match the metadata first.
-    """
-    found: list[Path] = []
-    named = meta.get("checkpoint")
-    if isinstance(named, Mapping):
-        named = named.get("file")
-    if isinstance(named, str) and named:
-        found.append((model_dir / named).resolve())
-    repo = model_dir.resolve().parent.parent / "checkpoints"
-    if repo.is_dir():
-        found += sorted(repo.glob("*.pt"))
-    return list(dict.fromkeys(found))
-
-
-def resolve_base(
-    model_dir: Path | str | None = None, weights: Path | str | None = None
-) -> BaseModel:
-    """Find the base model and its torch weights.
-
-    The weights are, in this order: the ``weights`` file given; ``weights.pt`` beside
-    ``model.onnx`` (written by ``jrs export``; checked against the sha256 in the metadata); a
-    training checkpoint named by ``metadata["checkpoint"]`` or found in the model repository's
-    ``checkpoints/`` folder (bundled models exported before ``weights.pt`` existed). Weights not
-    read from the model's own ``weights.pt`` must reproduce its ``model.onnx`` (ONNX Runtime vs
-    PyTorch on a random input, max |diff| <= 1e-3), so that the base of the adaptation is the
-    model that was validated.
-
-    Args:
-        model_dir: A model version folder, or a folder of numeric versions (the newest); default
-            the bundled model (``jrs.inference.registry.default_model_dir``).
-        weights: A ``weights.pt`` or training checkpoint to use.
-
-    Returns:
-        The base model.
-
-    Raises:
-        InvalidInput: No model there, or no weights that reproduce it.
-    """
-    if model_dir is None:
-        from jrs.inference.registry import default_model_dir
-
-        folder = default_model_dir()
-    else:
-        folder = Path(model_dir)
-        if folder.is_dir() and not (folder / "metadata.json").is_file():
-            versions = sorted(
-                (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-                key=lambda p: int(p.name),
-            )
-            if versions:
-                folder = versions[-1]
-    if not (folder / "metadata.json").is_file() or not (folder / "model.onnx").is_file():
-        raise InvalidInput(
-            f"{folder}: not a model version folder (expected model.onnx and metadata.json, as "
-            "`jrs export` writes them)"
-        )
-    meta = dict(read_metadata(folder).raw)
-    tried: list[str] = []
-    candidates: list[Path] = []
-    if weights is not None:
-        candidates.append(Path(weights))
-    else:
-        entry = meta.get("weights") if isinstance(meta.get("weights"), Mapping) else None
-        own = folder / (str(entry.get("file")) if entry else WEIGHTS_FILE)
-        if own.is_file():
-            payload = load_weights(own, str(entry["sha256"]) if entry else None)
-            return BaseModel(folder, meta, payload, own.name, file_sha256(own))
-        candidates += _checkpoint_candidates(folder, meta)
-    training = meta.get("training") or {}
-
-    def rank(p: Path) -> int:
-        return 0 if training.get("step") is not None and f"{training.get('step')}" in p.name else 1
-
-    for path in sorted(candidates, key=rank) if weights is None else candidates:
-        try:
-            payload = _read_any_weights(path)
-        except InvalidInput as exc:
-            tried.append(f"{path.name}: {exc.message}")
-            continue
-        if weights is None and (
-            training.get("step") not in (None, payload.get("step"))
-            or training.get("git_sha") not in (None, "unknown", payload.get("git_sha"))
-        ):
-            tried.append(f"{path.name}: step/git sha differ from the model's")
-            continue
-        spec = payload["network"]
-        base = BaseModel(folder, meta, payload, path.name, file_sha256(path))
-        try:
-            diff = _parity(base.build(), folder / "model.onnx")
-        except Exception as exc:  # a network that cannot be built or run on the graph's inputs
-            tried.append(f"{path.name}: {type(exc).__name__}: {exc}")
-            continue
-        if diff <= 1e-3:
-            log.info("base weights from %s (%s; ONNX parity %.1e)", path.name, spec["name"], diff)
-            return base
-        tried.append(f"{path.name}: does not reproduce model.onnx (max |diff| {diff:.2e})")
-    raise InvalidInput(
-        f"{folder}: no torch weights for this model ({'; '.join(tried) or 'none found'}); "
-        f"export it again with `jrs export` (which writes {WEIGHTS_FILE}) or pass the training "
-        "checkpoint with --base-weights"
-    )
-
-
-def _read_any_weights(path: Path) -> dict[str, Any]:
-    """A ``weights.pt`` payload, or that of a training checkpoint."""
-    try:
-        return load_weights(path)
-    except InvalidInput:
-        return weights_from_checkpoint(path)
-
-
-# ------------------------------------------------------------------------------ planning
-@dataclass
-class Planning:
-    """The planning scan of the patient, cropped around the organs.
-
-    Attributes:
-        ct: Planning CT, HU, cropped to the organs + `PLANNING_CROP_MM`.
-        labels: Label map 0..4 on the same grid (ROI names mapped as the pipeline maps them).
-        known: Organ label ids delineated.
-        series_sha256: Hex SHA-256 of the planning SeriesInstanceUID.
-    """
-
-    ct: Volume
-    labels: Volume
-    known: tuple[int, ...]
-    series_sha256: str
-
-    @property
-    def organs(self) -> list[str]:
-        """Organ keys delineated (``prostate``, ``rectum`` ...)."""
-        return [LABELS[k] for k in self.known]
-
-
-def series_sha256(uid: str) -> str:
-    """Hex SHA-256 of a UID (what the adaptation records instead of the UID)."""
-    return hashlib.sha256(uid.encode()).hexdigest()
-
-
-def crop_to_organs(
-    ct: Volume, labels: Volume, margin_mm: float = PLANNING_CROP_MM
-) -> tuple[Volume, Volume]:
-    """Both volumes cut to the organs' bounding box grown by ``margin_mm`` (clipped to the scan).
-
-    Args:
-        ct: (nz, ny, nx) planning CT.
-        labels: (nz, ny, nx) label map on the same grid.
-        margin_mm: Margin, mm.
-
-    Returns:
-        The cropped CT and labels (same spacing, direction and frame).
-    """
-    idx = np.argwhere(np.asarray(labels.array) > 0)
-    if idx.size == 0:
-        raise InvalidInput("the planning label map is empty: no organ to adapt to")
-    pad = np.ceil(margin_mm / np.asarray(ct.geometry.spacing, float)[::-1]).astype(int)
-    lo = np.maximum(idx.min(axis=0) - pad, 0)
-    hi = np.minimum(idx.max(axis=0) + pad + 1, ct.geometry.shape)
-    box = (
-        slice(int(lo[0]), int(hi[0])),
-        slice(int(lo[1]), int(hi[1])),
-        slice(int(lo[2]), int(hi[2])),
-    )
-    return _contiguous(crop(ct, box)), _contiguous(crop(labels, box))
-
-
-def read_planning(
-    ct_dir: Path | str, rtstruct: Path | str, synonyms: SynonymTable | None = None
-) -> Planning:
-    """Read a planning CT + RTSTRUCT into a cropped planning scan with its label map.
-
-    Args:
-        ct_dir: Planning CT series folder.
-        rtstruct: Its RTSTRUCT.
-        synonyms: ROI-name synonym table (default: the built-in one).
-
-    Returns:
-        The planning scan.
-
-    Raises:
-        InvalidInput: Unreadable files, or no ROI mapping to an organ.
-        GeometryMismatch: The RTSTRUCT does not belong to the CT.
-    """
-    _, series, masks = masks_from_files(ct_dir, rtstruct)
-    mapping = (synonyms or SynonymTable()).resolve(masks)
-    arrays = {k: v.array for k, v in masks.items()}
-    label_array, used = label_map_from_mapping(arrays, mapping)
-    del arrays, masks
-    key = series.series_instance_uid or series.frame_of_reference_uid or series.sop_instance_uids[0]
-    ct, labels = crop_to_organs(series.volume, series.volume.with_array(label_array))
-    known = tuple(int(k) for k in sorted(used) if np.any(labels.array == k))
-    log.info(
-        "planning scan: organs %s, cropped to %s voxels",
-        [LABELS[k] for k in known],
-        ct.geometry.shape,
-    )
-    return Planning(ct, labels, known, series_sha256(key))
-
-
-# ------------------------------------------------------------------------------ pairs
-def _f16(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Round to float16 and back: the cached arrays, so fresh and resumed runs see the same."""
-    return a.astype(np.float16).astype(np.float32)
-
-
-def make_pair(
-    planning: Planning, k: int, seed: int, held_back: bool, strength: float = 1.0
-) -> TrainingPair:
-    """Synthetic fraction ``k`` of the planning scan as a pair on the 1 mm network grid.
-
-    Args:
-        planning: The (cropped) planning scan.
-        k: Fraction number (training fractions 1..F, held-back ones 1001..1000+V).
-        seed: Seed of the adaptation.
-        held_back: Held-back pair: box = pre-aligned planning organs + `VALIDATION_BOX_MM` (as
-            the pipeline's network box); else daily organs + `TRAIN_BOX_MM`.
-        strength: Amplitude factor of the deformation engine.
-
-    Returns:
-        The pair: fixed = synthetic daily CT, moving = pre-aligned planning CT, fixed labels = the
-        planning labels warped by the known field.
-    """
-    rng = np.random.default_rng([int(seed), int(k), 0x5EED])
-    frac = synthesize_fraction(planning.ct, planning.labels, {}, rng, strength=strength)
-    if held_back:
-        reg, _ = prealign_pair(frac.ct, planning.ct, planning.labels)  # as the pipeline
-        box = organ_box(planning.labels, reg.transform, frac.ct.geometry, VALIDATION_BOX_MM)
-        prepared = prepare_pair(
-            frac.ct, planning.ct, planning.labels, daily_labels=frac.labels, box=box, prealign=reg
-        )
-    else:
-        box = mask_box(np.asarray(frac.labels.array) > 0, frac.labels.geometry, TRAIN_BOX_MM)
-        prepared = prepare_pair(
-            frac.ct, planning.ct, planning.labels, daily_labels=frac.labels, box=box
-        )
-    pair = TrainingPair.from_prepared(f"{'val' if held_back else 'train'}_{k}", prepared)
-    pair.fixed, pair.moving = _f16(pair.fixed), _f16(pair.moving)
-    pair.known = planning.known
-    pair.group = "patient"
-    return pair
-
-
-def make_pairs(
-    planning: Planning,
-    options: AdaptOptions,
-    cache: Path | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> tuple[list[TrainingPair], list[TrainingPair]]:
-    """The training and held-back pairs of an adaptation (cached in ``cache`` when given).
-
-    Args:
-        planning: The planning scan.
-        options: Fraction counts, seed and strength.
-        cache: Folder of ``<key>.npz`` files (made pairs are read back from it).
-        should_stop: Checked after each pair; True raises `AdaptationInterrupted`.
-
-    Returns:
-        ``(training pairs, held-back pairs)``.
-    """
-    jobs = [(k, False) for k in range(1, options.fractions + 1)]
-    jobs += [(1000 + k, True) for k in range(1, options.val_fractions + 1)]
-    train: list[TrainingPair] = []
-    val: list[TrainingPair] = []
-    for k, held in jobs:
-        key = f"{'val' if held else 'train'}_{k}"
-        path = cache / f"{key}.npz" if cache is not None else None
-        pair: TrainingPair | None = None
-        if path is not None and path.is_file():
-            try:
-                pair = TrainingPair.load(key, path)
-                pair.known, pair.group = planning.known, "patient"
-            except (OSError, ValueError, KeyError, InvalidInput) as exc:
-                log.warning("cached pair %s unreadable (%s); making it again", key, exc)
-        if pair is None:
-            t0 = time.perf_counter()
-            pair = make_pair(planning, k, options.seed, held, options.strength)
-            if path is not None:
-                pair.save(path)
-            log.info(
-                "synthetic fraction %s: %s voxels in %.1f s",
-                key,
-                pair.fixed.shape,
-                time.perf_counter() - t0,
-            )
-        (val if held else train).append(pair)
-        if should_stop is not None and should_stop():
-            raise AdaptationInterrupted("stop requested while making the synthetic fractions")
-    return train, val
-
-
-# ------------------------------------------------------------------------------ scoring
-def _inference_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """The pipeline settings a model's ``metadata.json`` asks for, made explicit.
-
-    See `jrs.model_export.export.inference_settings`: a model adapted from this one keeps them.
-    """
-    return {
-        "null_correction": null_correction_enabled(metadata),
-        "dvf_smoothing_mm": field_smoothing_sigma(metadata),
-        "network_passes": network_passes(metadata),
-    }
-
-
-def score_model(
-    model_dir: Path,
-    pairs: Sequence[TrainingPair],
-    path_choice: Mapping[str, str],
-    organs: Sequence[int],
-    *,
-    device: str = "auto",
-    engine: str = "auto",
-    should_stop: Callable[[], bool] | None = None,
-    fusion: Mapping[str, Any] | None = None,
-) -> Figures:
-    """Score a model folder on held-back pairs as the pipeline would contour them.
-
-    Each pair runs through :func:`jrs.inference.load_model` (the deployed engine); the
-    segmentation path is the arg-max of the logits, the registration path the moving labels
-    warped by the DVF (:func:`jrs.core.fields.warp`, ``label``), both post-processed with
-    :func:`jrs.inference.postprocess.keep_largest_components`; organs whose choice is ``fusion`` are
-    fused from both (:func:`jrs.inference.fusion.fuse`, soft-max and warped one-hot probabilities,
-    with the model's ``fusion`` entry) as the pipeline fuses them; the organ's path is the model's
-    ``path_choice`` (``segmentation`` where it names none, as the pipeline).
-
-    Args:
-        model_dir: The model version folder.
-        pairs: Held-back pairs with ``fixed_labels`` (truth).
-        path_choice: Organ key -> ``segmentation`` / ``registration`` / ``fusion``.
-        organs: Label ids scored.
-        device: Inference device.
-        engine: Inference engine.
-        should_stop: Checked after each pair.
-        fusion: The model's ``metadata.json`` ``fusion`` entry (method and weights; None: the
-            defaults of :class:`jrs.inference.fusion.FusionSpec`).
-
-    Returns:
-        Mean DSC / MSD per organ of the chosen path, per-path DSC (``fusion``: the fused
-        organs only), per-fraction rows.
-    """
-    t0 = time.perf_counter()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir, device=device, engine=engine)
-    fused = [lab for lab in organs if path_choice.get(LABELS[lab]) == "fusion"]
-    rows: list[dict[str, Any]] = []
-    by_path: dict[str, dict[str, list[float]]] = {}
-    for pair in pairs:
-        shape = pair.fixed.shape
-        geo = Geometry(shape, origin=np.zeros(3), spacing=np.ones(3))
-        labels_f = pair.moving_labels.astype(np.float32)
-        pred = model.predict(pair.fixed, pair.moving, labels_f)
-        raw = np.asarray(pred.dvf, np.float32)
-        null = null_correction_enabled(model.metadata)
-        if null:  # as the pipeline will use the model
-            raw, _ = null_correct(model, pair.moving, labels_f, raw)
-        raw, pred, _ = refine(
-            model,
-            geo,
-            pair.fixed,
-            pair.moving,
-            labels_f,
-            raw,
-            network_passes(model.metadata),
-            null_correction=null,
-            prediction=pred,
-        )
-        sigma = field_smoothing_sigma(model.metadata)
-        if sigma > 0:
-            raw = smooth_field(raw, sigma)
-        dvf = np.ascontiguousarray(np.moveaxis(raw, 0, -1))
-        del raw, labels_f
-        warped = warp(Volume(pair.moving_labels, geo), Volume(dvf, geo), "label", 0).array
-        paths = {"registration": keep_largest_components(np.asarray(warped, np.uint8))}
-        if pred.seg_logits is not None:
-            paths["segmentation"] = keep_largest_components(pred.labels)
-            if fused:
-                paths["fusion"] = _fused_labels(paths, pred, pair, dvf, geo, fused, fusion)
-        truth = np.asarray(pair.fixed_labels)
-        for lab in organs:
-            organ = LABELS[lab]
-            for name, labels in paths.items():
-                if name == "fusion" and lab not in fused:
-                    continue
-                by_path.setdefault(name, {}).setdefault(organ, []).append(
-                    dice(labels == lab, truth == lab)
-                )
-            want = path_choice.get(organ, "segmentation")
-            chosen = paths.get(want, paths["registration"]) == lab
-            sd = surface_distances(chosen, truth == lab, geo)
-            rows.append(
-                {
-                    "fraction": pair.key,
-                    "organ": organ,
-                    "dsc": dice(chosen, truth == lab),
-                    "msd": sd.msd,
-                }
-            )
-        if should_stop is not None and should_stop():
-            raise AdaptationInterrupted("stop requested during validation")
-    figs = Figures(seconds=round(time.perf_counter() - t0, 2), per_fraction=rows)
-    for lab in organs:
-        organ = LABELS[lab]
-        mine = [r for r in rows if r["organ"] == organ]
-        figs.dsc[organ] = round(float(np.mean([r["dsc"] for r in mine])), 4)
-        msd = [r["msd"] for r in mine if math.isfinite(r["msd"])]
-        figs.msd[organ] = round(float(np.mean(msd)), 3) if msd else math.nan
-    figs.paths = {
-        p: {o: round(float(np.mean(v)), 4) for o, v in d.items()} for p, d in by_path.items()
-    }
-    return figs
-
-
-def _fused_labels(
-    paths: Mapping[str, npt.NDArray[np.uint8]],
-    pred: Any,
-    pair: TrainingPair,
-    dvf: npt.NDArray[np.float32],
-    geo: Geometry,
-    organs: Sequence[int],
-    fusion: Mapping[str, Any] | None,
-) -> npt.NDArray[np.uint8]:
-    """The fused organs of one pair, as :func:`jrs.pipeline.run` fuses them.
-
-    Args:
-        paths: ``segmentation`` and ``registration`` label maps ``(nz, ny, nx)``.
-        pred: The engine's prediction (``seg_logits`` ``(5, nz, ny, nx)``).
-        pair: The pair (its pre-aligned ``moving_labels``).
-        dvf: ``(nz, ny, nx, 3)`` pull displacement on ``geo`` (voxels = mm here).
-        geo: The pair's unit grid.
-        organs: Label ids to fuse.
-        fusion: The model's ``fusion`` metadata entry.
-
-    Returns:
-        ``(nz, ny, nx)`` uint8 map holding the fused organs only.
-    """
-    return fuse_network_paths(
-        paths["segmentation"],
-        paths["registration"],
-        organs,
-        FusionSpec.from_json(fusion),
-        seg_probability=softmax_source(pred.seg_logits),
-        moving_labels=np.asarray(pair.moving_labels),
-        dvf=dvf,
-        grid=geo,
-        fixed=np.asarray(pair.fixed),
-        moving=np.asarray(pair.moving),
-    )
-
-
-def decide(base: Figures, adapted: Figures, tolerance: float = 0.0) -> tuple[bool, str]:
-    """Keep the adapted model or the base one, from the held-back synthetic fractions.
-
-    The adapted model is kept when no organ's mean DSC falls more than ``tolerance`` below the
-    base model's and the mean DSC over organs rises. Organs the base model has no figure for are
-    ignored; an organ without a figure for the adapted model counts as DSC 0.
-
-    Args:
-        base: Figures of the base model.
-        adapted: Figures of the adapted model.
-        tolerance: DSC an organ may lose (0: never worse).
-
-    Returns:
-        ``(keep adapted, reason)``; the reason names the figures behind the decision.
-    """
-    organs = [o for o in base.dsc if math.isfinite(base.dsc[o])]
-    if not organs:
-        return False, "no organ could be scored on the held-back fractions"
-
-    def value(fig: Figures, organ: str) -> float:
-        v = fig.dsc.get(organ, math.nan)
-        return v if math.isfinite(v) else 0.0
-
-    worse = [o for o in organs if value(adapted, o) < value(base, o) - tolerance]
-    changes = ", ".join(f"{o} {value(base, o):.3f} -> {value(adapted, o):.3f}" for o in organs)
-    b = float(np.mean([value(base, o) for o in organs]))
-    a = float(np.mean([value(adapted, o) for o in organs]))
-    if worse:
-        return False, (
-            f"the adapted model is worse than the base on {', '.join(worse)} (DSC {changes}); "
-            "the base model stays"
-        )
-    if not a > b:
-        return False, (
-            f"no gain on the held-back fractions (mean DSC {b:.4f} -> {a:.4f}; {changes}); the "
-            "base model stays"
-        )
-    return True, f"mean DSC {b:.4f} -> {a:.4f}, no organ worse ({changes})"
-
-
 # ------------------------------------------------------------------------------ work folder
 @dataclass
 class _State:
@@ -906,7 +165,7 @@ class _State:
     def save(self, work: Path) -> None:
         data = {"version": STATE_VERSION, **asdict(self)}
         tmp = work / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(_json_safe(data), indent=2))
+        tmp.write_text(json.dumps(json_safe(data), indent=2))
         tmp.replace(work / STATE_FILE)
 
     @classmethod
@@ -969,7 +228,7 @@ def _write_progress(work: Path, state: _State, budget_s: float, **extra: Any) ->
         **extra,
     }
     tmp = work / (PROGRESS_FILE + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(data)))
+    tmp.write_text(json.dumps(json_safe(data)))
     tmp.replace(work / PROGRESS_FILE)
 
 
@@ -1132,7 +391,7 @@ def _write_output(
         meta = json.loads((candidate / "metadata.json").read_text())
     else:
         meta = copy.deepcopy(base.metadata)
-    meta["adaptation"] = _json_safe(dict(adaptation))
+    meta["adaptation"] = json_safe(dict(adaptation))
 
     def fill(tmp: Path) -> None:
         if kept:
@@ -1207,11 +466,8 @@ def adapt(
     opts.check()
     out = Path(out)
     work = Path(work) if work is not None else out.parent / f".{out.name}.adapt"
-    stop = should_stop or (lambda: False)
     say = progress or (lambda line: log.info("%s", line))
-    budget_s = opts.minutes * 60.0
     t_start = time.monotonic()
-
     with _locked(work):
         planning = read_planning(planning_ct, planning_rtstruct, synonyms)
         base_model = resolve_base(base, base_weights)
@@ -1235,8 +491,48 @@ def adapt(
                 f"{out} already holds something other than this adaptation; choose another --out "
                 "or pass --overwrite"
             )
+        run = _Adaptation(work, fingerprint, opts, planning, base_model, patch, should_stop, say)
+        train_pairs, val_pairs = run.pairs()
+        base_figs = run.base_validation(val_pairs)
+        trainer = run.fine_tune(train_pairs, base_figs)
+        if trainer is not None and run.state.step > 0 and run.state.phase == "trained":
+            run.export(trainer, writer)
+        adapted_figs = run.validate_candidate(val_pairs)
+        result = run.finish(out, writer, base_figs, adapted_figs)
+        log.info(
+            "adaptation written to %s in %.0f s (this run %.0f s)",
+            out,
+            result.seconds,
+            time.monotonic() - t_start,
+        )
+        return result
+
+
+class _Adaptation:
+    """One adaptation's phases on its work folder.
+
+    Pairs, base validation, fine-tuning, export, validation of the candidate, decision: each
+    phase is recorded in the state file, so that an interrupted run continues where it stopped.
+    """
+
+    def __init__(
+        self,
+        work: Path,
+        fingerprint: str,
+        opts: AdaptOptions,
+        planning: Planning,
+        base_model: BaseModel,
+        patch: int,
+        should_stop: Callable[[], bool] | None,
+        say: Callable[[str], None],
+    ) -> None:
+        self.work, self.fingerprint, self.opts = work, fingerprint, opts
+        self.planning, self.base_model, self.patch = planning, base_model, patch
+        self.stop = should_stop or (lambda: False)
+        self.say = say
+        self.budget_s = opts.minutes * 60.0
         state = _State.load(work, fingerprint)
-        resumed = state is not None
+        self.resumed = state is not None
         if state is None:
             for child in work.iterdir():
                 if child.name != LOCK_FILE:
@@ -1245,83 +541,99 @@ def adapt(
         else:
             say(f"continuing an interrupted adaptation (phase {state.phase}, step {state.step})")
         state.attempts += 1
-        clock = _Clock(state.spent_s)
+        self.state = state
+        self.clock = _Clock(state.spent_s)
         state.save(work)
+        self.candidate = work / "candidate"
+        self.organs = list(planning.known)
 
-        def phase(name: str) -> None:
-            state.phase = name
-            state.spent_s = clock.spent()
-            state.save(work)
-            _write_progress(work, state, budget_s)
+    def phase(self, name: str) -> None:
+        """Enter a phase: record it and the time spent, and the progress file."""
+        self.state.phase = name
+        self.state.spent_s = self.clock.spent()
+        self.state.save(self.work)
+        _write_progress(self.work, self.state, self.budget_s)
 
-        def timed(name: str, t0: float) -> None:
-            state.timings[name] = round(state.timings.get(name, 0.0) + time.monotonic() - t0, 2)
+    def timed(self, name: str, t0: float) -> None:
+        """Add the time since ``t0`` to the phase's timing."""
+        timings = self.state.timings
+        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 2)
 
-        def stop_here() -> bool:
-            """``should_stop``, recording the time spent first (the budget counts it)."""
-            if not stop():
-                return False
-            state.spent_s = clock.spent()
-            state.save(work)
-            return True
+    def stop_here(self) -> bool:
+        """``should_stop``, recording the time spent first (the budget counts it)."""
+        if not self.stop():
+            return False
+        self.state.spent_s = self.clock.spent()
+        self.state.save(self.work)
+        return True
 
-        # 1. pairs
+    def pairs(self) -> tuple[list[Any], list[Any]]:
+        """1. The synthetic fractions: training pairs and held-back pairs (cached on disk)."""
         t = time.monotonic()
-        if state.phase == "start":
-            phase("pairs")
-        train_pairs, val_pairs = make_pairs(planning, opts, work / "pairs", stop_here)
-        timed("pairs", t)
-        say(
+        if self.state.phase == "start":
+            self.phase("pairs")
+        train_pairs, val_pairs = make_pairs(
+            self.planning, self.opts, self.work / "pairs", self.stop_here
+        )
+        self.timed("pairs", t)
+        self.say(
             f"{len(train_pairs)} + {len(val_pairs)} synthetic fractions ready "
-            f"({state.timings['pairs']:.0f} s)"
+            f"({self.state.timings['pairs']:.0f} s)"
+        )
+        return train_pairs, val_pairs
+
+    def _score(self, model_dir: Path, val_pairs: list[Any]) -> Figures:
+        return score_model(
+            model_dir,
+            val_pairs,
+            self.base_model.path_choice,
+            self.organs,
+            device=self.opts.device,
+            engine=self.opts.engine,
+            should_stop=self.stop_here,
+            fusion=self.base_model.metadata.get("fusion"),
         )
 
-        # 2. base validation
-        organs = list(planning.known)
+    def base_validation(self, val_pairs: list[Any]) -> Figures:
+        """2. The base model on the held-back fractions (once per work folder)."""
+        state = self.state
         if state.base is None:
-            phase("base_validation")
+            self.phase("base_validation")
             t = time.monotonic()
-            figs = score_model(
-                base_model.model_dir,
-                val_pairs,
-                base_model.path_choice,
-                organs,
-                device=opts.device,
-                engine=opts.engine,
-                should_stop=stop_here,
-                fusion=base_model.metadata.get("fusion"),
-            )
-            state.base = figs.as_dict()
-            timed("base_validation", t)
-            state.save(work)
+            state.base = self._score(self.base_model.model_dir, val_pairs).as_dict()
+            self.timed("base_validation", t)
+            state.save(self.work)
         base_figs = Figures.from_dict(state.base)
-        say(
+        self.say(
             f"base model on {len(val_pairs)} held-back fractions: mean DSC "
             f"{base_figs.mean_dsc:.4f} ({base_figs.seconds:.0f} s)"
         )
+        return base_figs
 
-        # 3. fine-tuning
+    def fine_tune(self, train_pairs: list[Any], base_figs: Figures) -> Any:
+        """3. Fine-tune within the budget left after the export and the candidate's scoring."""
+        state = self.state
         if state.phase in ("pairs", "base_validation", "training"):
             state.phase = "training"
         reserve = 1.1 * base_figs.seconds + state.timings.get("export", EXPORT_RESERVE_S) + 5.0
-        deadline = budget_s - reserve
+        deadline = self.budget_s - reserve
+        trainer = None
         t = time.monotonic()
         if state.phase in ("training", "trained"):
-            phase(state.phase)
+            self.phase(state.phase)
             trainer = _fine_tune(
-                base_model,
+                self.base_model,
                 train_pairs,
-                opts,
-                patch,
-                work,
+                self.opts,
+                self.patch,
+                self.work,
                 state,
-                clock,
+                self.clock,
                 deadline,
-                stop_here,
-                budget_s,
+                self.stop_here,
+                self.budget_s,
             )
-            timed("training", t)
-            net = trainer.net
+            self.timed("training", t)
             state.device = trainer.device.type
             state.precision = (
                 "amp-fp16"
@@ -1329,109 +641,130 @@ def adapt(
                 else ("bf16" if trainer.autocast == torch.bfloat16 else "fp32")
             )
             state.threads = torch.get_num_threads()
-            state.save(work)
-        else:
-            net = None
-        device_name, precision, threads = state.device, state.precision, state.threads
-        steps = state.step
-        steps_per_s = steps / state.timings["training"] if state.timings.get("training") else None
+            state.save(self.work)
         if state.phase == "trained":
-            say(
-                f"fine-tuned {steps} steps in {state.timings.get('training', 0.0):.0f} s "
-                f"({precision} on {device_name})"
+            self.say(
+                f"fine-tuned {state.step} steps in {state.timings.get('training', 0.0):.0f} s "
+                f"({state.precision} on {state.device})"
             )
+        return trainer
 
-        # 4. export (skipped without a step: the adapted model would be the base)
-        candidate = work / "candidate"
-        if steps > 0 and net is not None and state.phase == "trained":
-            phase("export")
-            t = time.monotonic()
-            if candidate.exists():
-                shutil.rmtree(candidate)
-            weighting = {
-                "name": trainer.config.weighting.name,
-                "state": trainer.weighting.state_dict(),
-            }
-            writer.write(
-                net.cpu().eval(),
-                candidate,
-                name=f"{base_model.metadata.get('name', 'model')}-patient",
-                version=1,
-                network=dict(base_model.weights["network"]),
-                checkpoint={
-                    # no local path in the artefact (it may name the patient's folder)
-                    "config": {**trainer.config.resolved(), "output_dir": "adaptation work folder"},
-                    "git_sha": trainer.sha,
-                    "step": steps,
-                    "patch_size": patch,
-                    "tasks": list(trainer.tasks),
-                    "torch_version": torch.__version__,
-                },
-                metrics={
-                    "path_choice": base_model.path_choice,
-                    # the base's pipeline settings: the two are compared as the pipeline runs
-                    # each (null correction, field smoothing, network passes)
-                    "inference": _inference_of(base_model.metadata),
-                    # the base model's fusion method and weights, as validated for it
-                    **(
-                        {"fusion": base_model.metadata["fusion"]}
-                        if base_model.metadata.get("fusion")
-                        else {}
-                    ),
-                },
-                weighting=weighting,
-            )
-            timed("export", t)
-            state.phase = "exported"
-            state.save(work)
+    def export(self, trainer: Any, writer: ArtefactWriter) -> None:
+        """4. Export the fine-tuned network as a candidate model folder."""
+        base_model = self.base_model
+        self.phase("export")
+        t = time.monotonic()
+        if self.candidate.exists():
+            shutil.rmtree(self.candidate)
+        weighting = {
+            "name": trainer.config.weighting.name,
+            "state": trainer.weighting.state_dict(),
+        }
+        writer.write(
+            trainer.net.cpu().eval(),
+            self.candidate,
+            name=f"{base_model.metadata.get('name', 'model')}-patient",
+            version=1,
+            network=dict(base_model.weights["network"]),
+            checkpoint={
+                # no local path in the artefact (it may name the patient's folder)
+                "config": {**trainer.config.resolved(), "output_dir": "adaptation work folder"},
+                "git_sha": trainer.sha,
+                "step": self.state.step,
+                "patch_size": self.patch,
+                "tasks": list(trainer.tasks),
+                "torch_version": torch.__version__,
+            },
+            metrics={
+                "path_choice": base_model.path_choice,
+                # the base's pipeline settings: the two are compared as the pipeline runs
+                # each (null correction, field smoothing, network passes)
+                "inference": inference_of(base_model.metadata),
+                # the base model's fusion method and weights, as validated for it
+                **(
+                    {"fusion": base_model.metadata["fusion"]}
+                    if base_model.metadata.get("fusion")
+                    else {}
+                ),
+            },
+            weighting=weighting,
+        )
+        self.timed("export", t)
+        self.state.phase = "exported"
+        self.state.save(self.work)
 
-        # 5. validation of the adapted model
+    def validate_candidate(self, val_pairs: list[Any]) -> Figures | None:
+        """5. The candidate on the held-back fractions (None: no candidate)."""
+        state = self.state
         if state.phase == "exported" and state.adapted is None:
-            phase("exported")
+            self.phase("exported")
             t = time.monotonic()
-            figs = score_model(
-                candidate,
-                val_pairs,
-                base_model.path_choice,
-                organs,
-                device=opts.device,
-                engine=opts.engine,
-                should_stop=stop_here,
-                fusion=base_model.metadata.get("fusion"),
-            )
-            state.adapted = figs.as_dict()
-            timed("validation", t)
-            state.save(work)
+            state.adapted = self._score(self.candidate, val_pairs).as_dict()
+            self.timed("validation", t)
+            state.save(self.work)
+        return Figures.from_dict(state.adapted) if state.adapted is not None else None
 
-        # 6. decision and the output folder
-        adapted_figs = Figures.from_dict(state.adapted) if state.adapted is not None else None
+    def finish(
+        self,
+        out: Path,
+        writer: ArtefactWriter,
+        base_figs: Figures,
+        adapted_figs: Figures | None,
+    ) -> AdaptResult:
+        """6. Keep the candidate or the base, write the output folder, tidy the work folder."""
+        state, opts = self.state, self.opts
         if adapted_figs is not None:
             kept, reason = decide(base_figs, adapted_figs, opts.tolerance)
         else:
             kept, reason = False, NO_STEP_REASON
-        seconds = clock.spent()
-        adaptation = {
+        seconds = self.clock.spent()
+        adaptation = self._record(kept, reason, seconds, base_figs, adapted_figs)
+        meta = _write_output(out, kept, self.candidate, self.base_model, adaptation, writer)
+        state.phase = "done"
+        state.spent_s = seconds
+        state.save(self.work)
+        _write_progress(self.work, state, self.budget_s, kept=kept)
+        self.say(("kept the ADAPTED model: " if kept else "kept the BASE model: ") + reason)
+        if not opts.keep_work:
+            for child in self.work.iterdir():
+                if child.name not in (LOCK_FILE, PROGRESS_FILE, STATE_FILE):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return AdaptResult(out, kept, reason, meta, state.step, seconds, self.resumed)
+
+    def _record(
+        self,
+        kept: bool,
+        reason: str,
+        seconds: float,
+        base_figs: Figures,
+        adapted_figs: Figures | None,
+    ) -> dict[str, Any]:
+        """The ``adaptation`` entry of the output's ``metadata.json``."""
+        state, opts, base_model = self.state, self.opts, self.base_model
+        steps = state.step
+        steps_per_s = steps / state.timings["training"] if state.timings.get("training") else None
+        return {
             "kind": "patient-specific",
             "kept": kept,
             "reason": reason,
-            "fingerprint": fingerprint,
+            "fingerprint": self.fingerprint,
             "base": base_model.info(),
-            "planning_series_sha256": planning.series_sha256,
-            "organs": planning.organs,
+            "planning_series_sha256": self.planning.series_sha256,
+            "organs": self.planning.organs,
             "steps": steps,
             "steps_per_s": None if steps_per_s is None else round(steps_per_s, 4),
             "seconds": round(seconds, 1),
-            "budget_s": round(budget_s, 1),
+            "budget_s": round(self.budget_s, 1),
             "attempts": state.attempts,
             "timings_s": dict(state.timings),
             "train_fractions": opts.fractions,
             "validation_fractions": opts.val_fractions,
             "seed": opts.seed,
             "lr": opts.lr,
-            "patch_size": patch,
-            "device": device_name,
-            "precision": precision,
-            "threads": threads,
+            "patch_size": self.patch,
+            "device": state.device,
+            "precision": state.precision,
+            "threads": state.threads,
             "validation": {
                 "engine": opts.engine,
                 "path_choice": base_model.path_choice,
@@ -1442,25 +775,3 @@ def adapt(
             "torch_version": torch.__version__,
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
-        meta = _write_output(out, kept, candidate, base_model, adaptation, writer)
-        state.phase = "done"
-        state.spent_s = seconds
-        state.save(work)
-        _write_progress(work, state, budget_s, kept=kept)
-        say(("kept the ADAPTED model: " if kept else "kept the BASE model: ") + reason)
-        if not opts.keep_work:
-            for child in work.iterdir():
-                if child.name not in (LOCK_FILE, PROGRESS_FILE, STATE_FILE):
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        log.info(
-            "adaptation written to %s in %.0f s (this run %.0f s)",
-            out,
-            seconds,
-            time.monotonic() - t_start,
-        )
-        return AdaptResult(out, kept, reason, meta, steps, seconds, resumed)
-
-
-def _contiguous(volume: Volume) -> Volume:
-    """A copy of a (cropped) volume with its own contiguous array (the crop is a view)."""
-    return Volume(np.ascontiguousarray(volume.array), volume.geometry)

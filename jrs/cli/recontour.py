@@ -246,8 +246,8 @@ def _patient_adapter(base: Path | None, minutes: float, device: str, synonyms: A
 
     try:
         from jrs.model_export.export import ArtefactWriter
-        from jrs.training.adapt import AdaptOptions
         from jrs.training.adapt import adapt as run_adaptation
+        from jrs.training.adapt_options import AdaptOptions
     except ImportError as exc:
         raise JrsError(f"--adapt needs torch ({exc}); pip install 'jrs[train]'") from exc
 

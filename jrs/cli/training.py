@@ -373,8 +373,8 @@ def adapt(
 
     from jrs.core.labels import SynonymTable
     from jrs.model_export.export import ArtefactWriter
-    from jrs.training.adapt import AdaptationInterrupted, AdaptOptions
     from jrs.training.adapt import adapt as run_adaptation
+    from jrs.training.adapt_options import AdaptationInterrupted, AdaptOptions
 
     stop = {"requested": False}
 

@@ -145,7 +145,7 @@ class QaThresholds:
     """When a structure or the DVF is flagged for review (all thresholds in one place).
 
     The defaults are calibrated against ground truth for model v3 (docs/qa.md, "Version 3
-    (released), session 18": `research.qa_calibration` on 43 cases, recall 0.93 on bad contours at a
+    (released), 2026-12-04": `research.qa_calibration` on 43 cases, recall 0.93 on bad contours at a
     false-flag rate of 0.02 on good ones in sample, 0.92 / 0.03 leaving one case out, 0.94 / 0.02
     on 12 held-out cases: 1.00 on phantoms, 0.88 on the real patients). The iterative method's
     second-opinion limits

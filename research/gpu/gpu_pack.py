@@ -3,7 +3,7 @@
 Run as ``python -m research.gpu.gpu_pack --store data/store_v3 --out gpu_pack [--max-mb M] [--seed
 S]``.
 
-A lent GPU machine (see ``docs/training.md``, "Training on a lent GPU") receives a copy of the
+A lent GPU machine (see ``research/notes/lent-gpu.md``) receives a copy of the
 working tree plus at most 8 ignored "carry" paths, 64 MiB in all, the tree included; the 12 GB
 store cannot travel. The pack holds what :mod:`research.gpu.gpu_run` trains on there:
 

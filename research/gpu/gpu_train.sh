@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One training segment on a lent GPU, in one call of at most 10 minutes (docs/training.md,
-# "Training on a lent GPU"):
+# One training segment on a lent GPU, in one call of at most 10 minutes
+# (research/notes/lent-gpu.md):
 #   resume the checkpoint packed by `python -m research.gpu.gpu_pack` (carried as gpu_pack/), train
 #   with CUDA AMP (fp16 autocast + GradScaler) on the packed crops for at most 9 minutes of wall
 #   time, and write into $OUT: gpu_last.pt (resumable checkpoint, < 16 MiB), gpu_train_log.csv,

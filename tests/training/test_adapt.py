@@ -14,16 +14,10 @@ import pytest
 import torch
 
 from jrs.core.errors import InvalidInput
-from jrs.training.adapt import (
-    AdaptationInterrupted,
-    AdaptOptions,
-    Figures,
-    adapt,
-    decide,
-    read_progress,
-    resolve_base,
-    score_model,
-)
+from jrs.training.adapt import adapt, read_progress
+from jrs.training.adapt_base import resolve_base
+from jrs.training.adapt_options import AdaptationInterrupted, AdaptOptions
+from jrs.training.adapt_score import Figures, decide, inference_of, score_model
 from jrs.training.weights import WEIGHTS_FILE, load_weights
 from tests.adapt_fixtures import PATH_CHOICE, TINY, phantom_planning, tiny_base
 
@@ -406,11 +400,10 @@ def test_jrs_batch_adapt_adapts_each_patient_once(base_dir: Path, tmp_path: Path
 
 def test_a_patient_model_keeps_the_base_models_pipeline_settings() -> None:
     from jrs.model_export.settings import inference_settings
-    from jrs.training.adapt import _inference_of
 
     # a model exported before these settings existed: no smoothing, one pass, correction on
-    old = _inference_of({"name": "crossstitch", "version": 2})
+    old = inference_of({"name": "crossstitch", "version": 2})
     assert old == {"null_correction": True, "dvf_smoothing_mm": 0.0, "network_passes": 1}
     assert inference_settings({"inference": old}) == old
-    new = _inference_of({"null_correction": False, "dvf_smoothing_mm": 1.5, "network_passes": 3})
+    new = inference_of({"null_correction": False, "dvf_smoothing_mm": 1.5, "network_passes": 3})
     assert inference_settings({"inference": new}) == new
