@@ -33,7 +33,6 @@ LONG_FUNCTIONS = {
     "jrs.cli.benchmark.benchmark": 171,
     "jrs.synth.from_planning.write_from_planning": 159,
     "jrs.synth.anatomy.render": 155,
-    "jrs.pipeline.batch.run_batch": 155,
 }
 
 

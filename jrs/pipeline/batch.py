@@ -389,30 +389,9 @@ def run_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     status_path = out_dir / status_file_name(shard_index, shard_count)
     status = _read_status(status_path)
-    done_elsewhere = {
-        row_id
-        for other in sorted(out_dir.glob(STATUS_GLOB))
-        if other != status_path
-        for row_id, record in _read_status(other).items()
-        if record.get("status") == "done"
-    }
     summary = BatchSummary()
     t0 = time.perf_counter()
-
-    todo: list[BatchRow] = []
-    for row in rows:
-        prev = status.get(row.id, {}).get("status")
-        if prev != "done" and row.id in done_elsewhere:
-            prev = "done"  # by an earlier run with another shard count
-            status[row.id] = {"id": row.id, "status": "done"}
-        if prev == "done" and (out_dir / row.id / "qa.json").is_file():
-            summary.skipped.append(row.id)
-            continue
-        if prev == "failed" and not retry_failed:
-            summary.skipped.append(row.id)
-            continue
-        todo.append(row)
-        status[row.id] = {"id": row.id, "status": "pending"}
+    todo = _rows_to_do(rows, status, status_path, out_dir, retry_failed, summary)
     _write_status(status_path, status)
 
     # per-patient models first (only for groups with rows left to do)
@@ -486,6 +465,43 @@ def run_batch(
                     record(row_id, ("failed", 0.0, "worker_died", f"{type(exc).__name__}: {exc}"))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _rows_to_do(
+    rows: list[BatchRow],
+    status: dict[str, dict[str, str]],
+    status_path: Path,
+    out_dir: Path,
+    retry_failed: bool,
+    summary: BatchSummary,
+) -> list[BatchRow]:
+    """The rows still to run; ``status`` marks them pending and ``summary`` lists the skipped.
+
+    A row is done when its status says so (in this shard's file, or in another shard count's
+    from an earlier run) and its ``qa.json`` exists; a failed row runs again only on request.
+    """
+    done_elsewhere = {
+        row_id
+        for other in sorted(out_dir.glob(STATUS_GLOB))
+        if other != status_path
+        for row_id, record in _read_status(other).items()
+        if record.get("status") == "done"
+    }
+    todo: list[BatchRow] = []
+    for row in rows:
+        prev = status.get(row.id, {}).get("status")
+        if prev != "done" and row.id in done_elsewhere:
+            prev = "done"  # by an earlier run with another shard count
+            status[row.id] = {"id": row.id, "status": "done"}
+        if prev == "done" and (out_dir / row.id / "qa.json").is_file():
+            summary.skipped.append(row.id)
+            continue
+        if prev == "failed" and not retry_failed:
+            summary.skipped.append(row.id)
+            continue
+        todo.append(row)
+        status[row.id] = {"id": row.id, "status": "pending"}
+    return todo
 
 
 def adapt_status_file_name(shard_index: int = 0, shard_count: int = 1) -> str:
