@@ -532,7 +532,8 @@ def shift_organs(
         rounded to whole voxels).
     """
     from jrs.core.labels import SynonymTable
-    from jrs.io.rtstruct import masks_from_files, write_rtstruct
+    from jrs.io.rtstruct import masks_from_files
+    from jrs.io.rtstruct_writer import write_rtstruct
 
     ss, series, masks = masks_from_files(planning_ct, planning_rtstruct)
     g = series.volume.geometry

@@ -20,7 +20,6 @@ LONG_FILES = {
     "jrs.service.patients": 1075,
     "jrs.training.trainer": 1081,
     "jrs.service.uploads": 944,
-    "jrs.io.rtstruct": 930,
     "jrs.io.ct": 900,
     "jrs.pipeline.benchmark": 884,
     "jrs.model_export.export": 870,
@@ -28,8 +27,6 @@ LONG_FILES = {
 }
 #: function -> its line count when the rules were set (to be split; may only shrink)
 LONG_FUNCTIONS = {
-    "jrs.io.rtstruct.write_rtstruct": 179,
-    "jrs.io.reg.write_deformable_registration": 177,
     "jrs.cli.benchmark.benchmark": 171,
     "jrs.synth.from_planning.write_from_planning": 159,
     "jrs.synth.anatomy.render": 155,

@@ -212,7 +212,7 @@ def masks_to_rtstruct(
     from jrs.core.errors import InvalidInput
     from jrs.core.geometry import Volume
     from jrs.io.ct import read_ct_series
-    from jrs.io.rtstruct import write_rtstruct
+    from jrs.io.rtstruct_writer import write_rtstruct
 
     series = read_ct_series(ct)
     files = (

@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -265,15 +267,7 @@ def write_deformable_registration(
             description is not a valid DICOM value.
         GeometryMismatch: the field's frame of reference is not the daily CT's.
     """
-    arr = np.asarray(dvf.array)
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise InvalidInput(
-            f"a DVF must have shape (nz, ny, nx, 3) (mm, LPS x/y/z components), got {arr.shape}"
-        )
-    if not np.all(np.isfinite(arr)):
-        raise InvalidInput(
-            "the DVF holds NaN or infinite values; every displacement must be finite"
-        )
+    arr = _checked_field(dvf)
     if not _CS.match(content_label or ""):
         raise InvalidInput(
             f"content_label {content_label!r} is not a valid DICOM CS value: 1 to 16 upper-case "
@@ -357,10 +351,47 @@ def write_deformable_registration(
     item.DeformableRegistrationGridSequence = DicomSequence([grid])
     ds.DeformableRegistrationSequence = DicomSequence([own, item])
 
-    # Common Instance Reference
+    _common_instance_reference(ds, (daily, planning), study_uid, warnings)
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    # no path in the log: folder names often carry patient names or IDs
+    for w in warnings:
+        logger.warning("deformable registration: %s", w)
+    logger.info(
+        "wrote deformable registration (grid %s x, y, z; %.1f MB)",
+        g.size_xyz,
+        len(grid.VectorGridData) / 1e6,
+    )
+    return ds
+
+
+def _checked_field(dvf: Volume) -> npt.NDArray[Any]:
+    """The DVF's (nz, ny, nx, 3) array, checked finite.
+
+    Raises:
+        InvalidInput: another shape, or NaN / infinite values.
+    """
+    arr = np.asarray(dvf.array)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise InvalidInput(
+            f"a DVF must have shape (nz, ny, nx, 3) (mm, LPS x/y/z components), got {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise InvalidInput(
+            "the DVF holds NaN or infinite values; every displacement must be finite"
+        )
+    return arr
+
+
+def _common_instance_reference(
+    ds: Dataset, series_list: Sequence[Any], study_uid: str, warnings: list[str]
+) -> None:
+    """The Common Instance Reference module: the referenced series, by study."""
     same_study: list[Dataset] = []
     other_studies: dict[str, list[Dataset]] = {}
-    for series in (daily, planning):
+    for series in series_list:
         if not series.series_instance_uid:
             warnings.append(
                 "a referenced CT has no SeriesInstanceUID; it is not listed in the Common "
@@ -376,25 +407,12 @@ def write_deformable_registration(
         ds.ReferencedSeriesSequence = DicomSequence(same_study)
     if other_studies:
         studies = []
-        for uid, refs_ in other_studies.items():
+        for uid, refs in other_studies.items():
             st = Dataset()
             st.StudyInstanceUID = uid
-            st.ReferencedSeriesSequence = DicomSequence(refs_)
+            st.ReferencedSeriesSequence = DicomSequence(refs)
             studies.append(st)
         ds.StudiesContainingOtherReferencedInstancesSequence = DicomSequence(studies)
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(out, enforce_file_format=True)
-    # no path in the log: folder names often carry patient names or IDs
-    for w in warnings:
-        logger.warning("deformable registration: %s", w)
-    logger.info(
-        "wrote deformable registration (grid %s x, y, z; %.1f MB)",
-        g.size_xyz,
-        len(grid.VectorGridData) / 1e6,
-    )
-    return ds
 
 
 # ------------------------------------------------------------------------------ reading

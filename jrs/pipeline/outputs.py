@@ -26,7 +26,7 @@ import numpy.typing as npt
 from jrs.core.geometry import Volume
 from jrs.inference.backend import NetworkBackend
 from jrs.inference.preprocess import mask_box
-from jrs.io import rtstruct as rtstruct_io
+from jrs.io import rtstruct_writer
 from jrs.io.reg import write_deformable_registration
 from jrs.pipeline.assess import Assessment
 from jrs.pipeline.front import Alignment, Inputs, Organs, Prepared
@@ -132,7 +132,7 @@ class StagedOutputs:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="jrs-review") as pool:
             review_job = pool.submit(review)
             staged_rt = self.folder / "rtstruct.dcm"
-            rtstruct_io.write_rtstruct(
+            rtstruct_writer.write_rtstruct(
                 dict(daily_masks),
                 daily,
                 staged_rt,

@@ -38,7 +38,8 @@ from jrs.core.errors import InvalidInput
 from jrs.core.geometry import Volume
 from jrs.core.labels import LABELS, SynonymTable, label_map_from_masks
 from jrs.io.ct import write_ct_series
-from jrs.io.rtstruct import interpreted_type_for, masks_from_files, write_rtstruct
+from jrs.io.rtstruct import masks_from_files
+from jrs.io.rtstruct_writer import interpreted_type_for, write_rtstruct
 from jrs.io.series import CTSeries
 from jrs.synth.dome_engine import SEED_STREAM, synthesize_dome_fraction
 from jrs.synth.engine import PROFILES, synthesize_fraction

@@ -103,7 +103,8 @@ def test_writing_a_registration_logs_no_folder_name(
 def test_writing_and_reading_an_rtstruct_logs_no_folder_name(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from jrs.io.rtstruct import masks_from_files, write_rtstruct
+    from jrs.io.rtstruct import masks_from_files
+    from jrs.io.rtstruct_writer import write_rtstruct
 
     series = _series(3)
     ct_folder = tmp_path / FOLDER / "ct"

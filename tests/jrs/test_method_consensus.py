@@ -27,7 +27,8 @@ from tests.jrs.test_qa_image_evidence import ShiftBackend
 
 @pytest.fixture(scope="module")
 def iterative_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from jrs.io.rtstruct import masks_from_files, write_rtstruct
+    from jrs.io.rtstruct import masks_from_files
+    from jrs.io.rtstruct_writer import write_rtstruct
     from jrs.pipeline.options import RecontourOptions
     from jrs.pipeline.run import recontour
     from jrs.synth import generate_patient, write_patient

@@ -24,7 +24,8 @@ from pydicom.uid import generate_uid
 from jrs.core.errors import InvalidInput
 from jrs.core.geometry import Geometry, Volume
 from jrs.io.ct import write_ct_series
-from jrs.io.rtstruct import masks_from_files, read_rtstruct, write_rtstruct
+from jrs.io.rtstruct import masks_from_files, read_rtstruct
+from jrs.io.rtstruct_writer import write_rtstruct
 from jrs.io.series import CTSeries
 from jrs.pipeline.options import RecontourOptions
 from jrs.pipeline.run import recontour
@@ -254,7 +255,7 @@ def test_a_failure_after_the_field_is_written_leaves_no_partial_output(
     italian: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The DVF and REG are written in the background; a later failure must not leave them."""
-    import jrs.io.rtstruct as rtstruct_module
+    import jrs.io.rtstruct_writer as rtstruct_module
 
     root, _ = italian
 

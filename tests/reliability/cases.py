@@ -18,7 +18,7 @@ import numpy as np
 
 from jrs.core.geometry import Geometry, Volume
 from jrs.io.ct import write_ct_series
-from jrs.io.rtstruct import write_rtstruct
+from jrs.io.rtstruct_writer import write_rtstruct
 from jrs.io.series import CTSeries, PatientInfo
 
 #: Identifiers of the synthetic patient: they must never appear in a service log.

@@ -359,7 +359,7 @@ def test_routes_need_the_key_and_respect_the_upload_limits(tmp_path: Path, case:
 
 def test_a_planning_without_any_organ_is_refused(tmp_path: Path, case: Case) -> None:
     from jrs.io.ct import read_ct_series
-    from jrs.io.rtstruct import write_rtstruct
+    from jrs.io.rtstruct_writer import write_rtstruct
     from tests.service.conftest import prostate_mask, zip_folder
 
     folder = tmp_path / "noorgan"

@@ -111,7 +111,7 @@ def test_patient_planning_check_and_adaptation_use_the_site_table(
 ) -> None:
     """A planning whose prostate has a site-only name is refused without the file, kept with it."""
     from jrs.io.ct import read_ct_series
-    from jrs.io.rtstruct import write_rtstruct
+    from jrs.io.rtstruct_writer import write_rtstruct
     from jrs.service.patients import adapt_command
     from tests.service.conftest import prostate_mask, zip_folder
 
