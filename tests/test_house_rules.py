@@ -28,7 +28,6 @@ LONG_FILES = {
 #: function -> its line count when the rules were set (to be split; may only shrink)
 LONG_FUNCTIONS = {
     "jrs.cli.benchmark.benchmark": 171,
-    "jrs.synth.from_planning.write_from_planning": 159,
     "jrs.synth.anatomy.render": 155,
 }
 

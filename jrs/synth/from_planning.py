@@ -147,16 +147,7 @@ def write_from_planning(
     table = _synonym_table(synonyms)
     rtstruct = Path(rtstruct)
     ss, series, masks = masks_from_files(ct_dir, rtstruct)
-    # the ROI names as rtstruct_to_masks gives them (duplicates get " #<number>")
-    colors: dict[str, tuple[int, int, int]] = {}
-    types: dict[str, str] = {}
-    seen: set[str] = set()
-    for roi in ss.rois:
-        name = roi.name if roi.name not in seen else f"{roi.name} #{roi.number}"
-        seen.add(roi.name)
-        if roi.color is not None:
-            colors[name] = roi.color
-        types[name] = roi.interpreted_type or interpreted_type_for(name)
+    colors, types = _roi_styles(ss)
     structures = {name: vol.array.view(np.bool_) for name, vol in masks.items()}
     labels, found = label_map_from_masks(structures, table)
     del masks
@@ -199,24 +190,7 @@ def write_from_planning(
                     np.random.default_rng([*entropy, SEED_STREAM]),
                     frame_of_reference_uid=_uid(*ids, "frame"),
                 )
-            patient = replace(
-                series.patient,
-                study_date=_next_day(series.patient.study_date, k),
-                study_id=f"FX{k}",
-                accession_number="",
-                study_description=f"Synthetic daily CT {k}",
-            )
-            daily = CTSeries(
-                volume=made.ct,
-                study_instance_uid=_uid(*ids, "study"),
-                series_instance_uid=_uid(*ids, "series"),
-                sop_instance_uids=[
-                    _uid(*ids, "slice", j) for j in range(made.ct.geometry.shape[0])
-                ],
-                patient=patient,
-                patient_position=series.patient_position,
-                series_description=f"Synthetic daily CT {k}",
-            )
+            daily = _daily_series(series, made.ct, k, ids)
             fdir = folder / f"fraction_{k}"
             write_ct_series(daily, fdir / "ct")
             write_rtstruct(
@@ -260,3 +234,40 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "n/a"
     return f"{100 * value:+.1f} %" if signed else f"{value:.2f}"
+
+
+def _roi_styles(ss: Any) -> tuple[dict[str, tuple[int, int, int]], dict[str, str]]:
+    """Colours and interpreted types per ROI name, as `rtstruct_to_masks` names the ROIs.
+
+    Duplicate names get `` #<number>``; a ROI without an interpreted type gets one from its name.
+    """
+    colors: dict[str, tuple[int, int, int]] = {}
+    types: dict[str, str] = {}
+    seen: set[str] = set()
+    for roi in ss.rois:
+        name = roi.name if roi.name not in seen else f"{roi.name} #{roi.number}"
+        seen.add(roi.name)
+        if roi.color is not None:
+            colors[name] = roi.color
+        types[name] = roi.interpreted_type or interpreted_type_for(name)
+    return colors, types
+
+
+def _daily_series(series: CTSeries, ct: Volume, k: int, ids: tuple[object, ...]) -> CTSeries:
+    """Fraction ``k``'s daily CT series: the planning patient, one new study per fraction."""
+    patient = replace(
+        series.patient,
+        study_date=_next_day(series.patient.study_date, k),
+        study_id=f"FX{k}",
+        accession_number="",
+        study_description=f"Synthetic daily CT {k}",
+    )
+    return CTSeries(
+        volume=ct,
+        study_instance_uid=_uid(*ids, "study"),
+        series_instance_uid=_uid(*ids, "series"),
+        sop_instance_uids=[_uid(*ids, "slice", j) for j in range(ct.geometry.shape[0])],
+        patient=patient,
+        patient_position=series.patient_position,
+        series_description=f"Synthetic daily CT {k}",
+    )
