@@ -5,7 +5,9 @@ The series reader (`jrs.io.ct`), the RTSTRUCT reader and the REG reader all read
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pydicom
 from pydicom.datadict import keyword_for_tag
@@ -15,6 +17,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from jrs.core.errors import InvalidInput, JrsError
+
+T = TypeVar("T")
 
 
 def read_object(path: Path, what: str) -> Dataset:
@@ -100,3 +104,25 @@ def text(ds: Dataset, keyword: str) -> str:
         return str(value).strip()
     except Exception:
         return ""
+
+
+def parse_object(path: Path, what: str, parse: Callable[[Dataset, Path], T]) -> T:
+    """`read_object`, then ``parse(ds, path)``; a parser failure is a corrupt file.
+
+    Args:
+        path: the file.
+        what: what it should be, for the messages (e.g. "RTSTRUCT").
+        parse: turns the data set into the object (raises `JrsError` for what it refuses).
+
+    Raises:
+        InvalidInput: the file is missing, not DICOM, corrupt, or cannot be parsed.
+    """
+    ds = read_object(path, what)
+    try:
+        return parse(ds, path)
+    except JrsError:
+        raise
+    except Exception as exc:  # deferred parsing of a corrupt file fails here
+        raise InvalidInput(
+            f"{path}: corrupt {what}, cannot be parsed ({type(exc).__name__}: {exc})"
+        ) from exc

@@ -65,11 +65,11 @@ from pydicom.uid import (
 )
 
 import jrs
-from jrs.core.errors import GeometryMismatch, InvalidInput, JrsError
+from jrs.core.errors import GeometryMismatch, InvalidInput
 from jrs.core.fields import sample_dvf
 from jrs.core.geometry import Geometry, Volume, reorient
 from jrs.io.ct import format_ds
-from jrs.io.dataset import read_object, text
+from jrs.io.dataset import parse_object, text
 from jrs.io.derived import start_derived_dataset
 from jrs.io.series import DEFORMABLE_REGISTRATION_STORAGE, CTSeries
 
@@ -463,16 +463,7 @@ def read_deformable_registration(path: str | Path) -> DeformableRegistration:
             counts); ImageOrientationPatient is not orthonormal; a grid attribute is missing or
             invalid.
     """
-    p = Path(path)
-    ds = read_object(p, "DICOM Deformable Spatial Registration")
-    try:
-        return _parse(ds, p)
-    except JrsError:
-        raise
-    except Exception as exc:  # deferred parsing of a corrupt file fails here
-        raise InvalidInput(
-            f"{p}: corrupt registration object, cannot be parsed ({type(exc).__name__}: {exc})"
-        ) from exc
+    return parse_object(Path(path), "DICOM Deformable Spatial Registration", _parse)
 
 
 def _parse(ds: Dataset, path: Path) -> DeformableRegistration:

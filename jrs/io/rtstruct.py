@@ -25,11 +25,11 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
-from jrs.core.errors import GeometryMismatch, InvalidInput, JrsError
+from jrs.core.errors import GeometryMismatch, InvalidInput
 from jrs.core.geometry import Geometry, Volume
 from jrs.io.contours import RasterReport, contours_to_mask
 from jrs.io.ct import patient_info, read_ct_series
-from jrs.io.dataset import read_object, text
+from jrs.io.dataset import parse_object, text
 from jrs.io.series import (
     CT_IMAGE_STORAGE,
     RT_STRUCTURE_SET_STORAGE,
@@ -185,16 +185,7 @@ def read_rtstruct(path: str | Path) -> StructureSet:
             StructureSetROISequence; a ContourData holds a non-numeric value or a number of values
             that is not a multiple of 3.
     """
-    p = Path(path)
-    ds = read_object(p, "RTSTRUCT")
-    try:
-        return _parse(ds, p)
-    except JrsError:
-        raise
-    except Exception as exc:  # deferred parsing of a corrupt file fails here
-        raise InvalidInput(
-            f"{p}: corrupt RTSTRUCT, cannot be parsed ({type(exc).__name__}: {exc})"
-        ) from exc
+    return parse_object(Path(path), "RTSTRUCT", _parse)
 
 
 def _parse(ds: Dataset, path: Path) -> StructureSet:
