@@ -74,7 +74,7 @@ from jrs.model_export.settings import (
     validated_path_table,
 )
 from jrs.training.networks import NETWORK_NAMES
-from jrs.training.trainer import git_sha
+from jrs.training.runtime import git_sha
 from jrs.training.weights import (
     WEIGHTS_FILE,
     rebuild_from_checkpoint,

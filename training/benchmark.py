@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 
 from jrs.training.config import parse_config
+from jrs.training.runtime import cpu_supports_bf16
 from jrs.training.synthetic import synthetic_pair
-from jrs.training.trainer import Trainer, cpu_supports_bf16
+from jrs.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -31,15 +31,10 @@ Run folder (``config.output_dir``)::
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import datetime
 import hashlib
 import logging
 import math
-import os
 import random
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,79 +54,40 @@ from jrs.training.data import (
     PatchBatch,
     PatchSampler,
     TrainingPair,
-    discover_pairs,
-    load_pair,
-    phantom_pair,
 )
 from jrs.training.evaluate import ORGANS, organ_metrics, postprocess, predict_pair
 from jrs.training.losses import TASKS_BY_NETWORK, TaskLoss, compute_task_losses
-from jrs.training.networks import LEVELS, build
+from jrs.training.networks import build
 from jrs.training.phase import network_overrides
 from jrs.training.plots import plot_run
-from jrs.training.store import load_store
+from jrs.training.run_log import (
+    LOSS_TERMS,
+    CsvLog,
+    alpha_summary,
+    loss_columns,
+    tensorboard_tag,
+    truncate_csv,
+)
+from jrs.training.runtime import (
+    DISTRIBUTED_TIMEOUT,
+    autocast_dtype,
+    distributed_info,
+    git_sha,
+    resolve_device,
+    seed_everything,
+)
+from jrs.training.sources import load_pairs
 from jrs.training.weighting import HomoscedasticWeighting, LossWeighting, build_weighting
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (e.g. on a lent GPU)
-    from jrs.training.config import DataConfig, PhantomSource, SyntheticSource, TrainConfig
+    from jrs.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "jrs-train-checkpoint"
 CHECKPOINT_VERSION = 1
-#: How long a rank waits for the others at a collective (rank 0 validates while they wait).
-DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=2)
 
-__all__ = [
-    "DistributedInfo",
-    "TrainResult",
-    "Trainer",
-    "alpha_summary",
-    "distributed_info",
-    "git_sha",
-    "load_pairs",
-    "resolve_device",
-    "seed_everything",
-    "source_pairs",
-]
-
-
-def git_sha() -> str:
-    """The current git commit of the source tree, or ``"unknown"`` outside a repository."""
-    try:
-        res = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    sha = res.stdout.strip()
-    return sha if res.returncode == 0 and sha else "unknown"
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16 in /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def autocast_dtype(device: torch.device, amp: bool, precision: str) -> torch.dtype | None:
-    """The autocast dtype of the network's forward pass, or ``None`` for plain fp32.
-
-    CUDA: fp16 when ``amp``. CPU: bf16 for ``precision="bf16"``, or for ``"auto"`` on a CPU with
-    native bf16 (:func:`cpu_supports_bf16`).
-    """
-    if device.type == "cuda":
-        return torch.float16 if amp else None
-    if precision == "bf16" or (precision == "auto" and cpu_supports_bf16()):
-        return torch.bfloat16
-    return None
+__all__ = ["TrainResult", "Trainer", "lr_factor"]
 
 
 def lr_factor(step: int, iterations: int, warmup: int, kind: str, min_ratio: float) -> float:
@@ -148,204 +104,6 @@ def lr_factor(step: int, iterations: int, warmup: int, kind: str, min_ratio: flo
     span = max(iterations - warmup, 1)
     t = min(max(step - warmup, 0) / span, 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy's global generator and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """The torch device of a device setting.
-
-    Args:
-        name: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        local_rank: The process's GPU slot on its machine in a distributed run (``LOCAL_RANK``):
-            ``auto`` and ``cuda`` then mean ``cuda:<local_rank>``.
-
-    Returns:
-        The device.
-
-    Raises:
-        InvalidInput: For CUDA without a GPU, a GPU index the machine does not have, or
-            ``cuda:N`` in a distributed run (every process would share one GPU).
-    """
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if name not in ("auto", "cuda") and not name.startswith("cuda:"):
-        raise InvalidInput(f"device {name!r} unknown; use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise InvalidInput(f"device {name!r} requested but no CUDA GPU is available; use cpu")
-    if name.startswith("cuda:"):
-        if local_rank is not None:
-            raise InvalidInput(
-                f"device {name!r} in a distributed run would put every process on one GPU; use "
-                "cuda or auto (each process takes cuda:LOCAL_RANK; choose the GPUs with "
-                "CUDA_VISIBLE_DEVICES)"
-            )
-        index = int(name.split(":", 1)[1])
-    elif local_rank is not None:
-        index = local_rank
-    else:
-        return torch.device("cuda")
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise InvalidInput(f"device cuda:{index} requested but this machine has {count} GPU(s)")
-    return torch.device("cuda", index)
-
-
-@dataclass(frozen=True)
-class DistributedInfo:
-    """Where this process stands in a ``torchrun`` launch.
-
-    Attributes:
-        rank: Global rank (0 writes every file).
-        world_size: Number of processes.
-        local_rank: Rank on this machine (its GPU index).
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        """Whether several processes train together."""
-        return self.world_size > 1
-
-
-def distributed_info(env: Mapping[str, str] | None = None) -> DistributedInfo:
-    """The ``torchrun`` variables ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` of an environment.
-
-    Args:
-        env: The environment (default ``os.environ``).
-
-    Returns:
-        The process's place; a single process (``world_size`` 1) when they are not set.
-
-    Raises:
-        InvalidInput: For values that are not integers or do not fit together.
-    """
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" not in env:
-        return DistributedInfo()
-    try:
-        world = int(env["WORLD_SIZE"])
-        rank = int(env.get("RANK", "0"))
-        local = int(env.get("LOCAL_RANK", str(rank)))
-    except ValueError as exc:
-        raise InvalidInput(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from exc
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise InvalidInput(f"RANK {rank} / WORLD_SIZE {world} / LOCAL_RANK {local} do not fit")
-    return DistributedInfo(rank=rank, world_size=world, local_rank=local)
-
-
-def source_pairs(
-    phantoms: PhantomSource | None, synthetic: SyntheticSource | None
-) -> list[TrainingPair]:
-    """Pairs of a phantom or synthetic source (an empty list when both are ``None``)."""
-    if phantoms is not None:
-        return [
-            phantom_pair(phantoms.seed + i, f)
-            for i in range(phantoms.count)
-            for f in range(1, phantoms.fractions + 1)
-        ]
-    if synthetic is not None:
-        from jrs.training.synthetic import synthetic_pair
-
-        return [synthetic_pair(synthetic.seed + i, synthetic.size) for i in range(synthetic.count)]
-    return []
-
-
-def load_pairs(data: DataConfig, cache_dir: Path) -> tuple[list[TrainingPair], list[TrainingPair]]:
-    """Load (or generate) the training and validation pairs of a data config.
-
-    Args:
-        data: The data section.
-        cache_dir: Cache of prepared DICOM pairs (used with ``data.root``).
-
-    Returns:
-        ``(training pairs, validation pairs)``.
-
-    Raises:
-        InvalidInput: When training and validation overlap or no training pair is left.
-    """
-    val = data.validation
-    if data.store is not None:
-        st = data.store
-        train = load_store(st.path, sources=st.sources, exclude_groups=st.exclude_groups)
-        held = {p.group for p in train} & set(st.exclude_groups)
-        if held:  # pragma: no cover - load_store already drops them
-            raise InvalidInput(f"held-out groups {sorted(held)} found in the training pairs")
-        valid: list[TrainingPair] = []
-        if val.store is not None:
-            valid = load_store(
-                val.store.path, sources=val.store.sources, exclude_groups=val.store.exclude_groups
-            )
-            overlap = {p.key for p in valid} & {p.key for p in train}
-            if overlap:
-                raise InvalidInput(f"pairs {sorted(overlap)[:5]} are both training and validation")
-        valid += source_pairs(val.phantoms, val.synthetic)
-        if not train:
-            raise InvalidInput(f"{st.path}: no training pair left after the source/group filters")
-        return train, valid[: val.max_pairs]
-    if data.root is not None:
-        cache = data.cache_dir or cache_dir
-        held_out = set(val.patients)
-        records = discover_pairs(data.root, data.patients)
-        train_rec = [r for r in records if r.patient not in held_out]
-        overlap = held_out & set(data.patients or [])
-        if overlap:
-            raise InvalidInput(f"patients {sorted(overlap)} are both training and validation")
-        val_rec = discover_pairs(data.root, sorted(held_out)) if held_out else []
-        train = [load_pair(r, cache) for r in tqdm(train_rec, desc="preparing pairs", unit="pair")]
-        valid = [load_pair(r, cache) for r in val_rec[: val.max_pairs]]
-    else:
-        for name in ("phantoms", "synthetic"):
-            a, b = getattr(data, name), getattr(val, name)
-            if a is not None and b is not None:
-                seeds_a = set(range(a.seed, a.seed + a.count))
-                common = seeds_a & set(range(b.seed, b.seed + b.count))
-                if common:
-                    raise InvalidInput(
-                        f"validation {name} seeds {sorted(common)} are also training seeds"
-                    )
-        train = source_pairs(data.phantoms, data.synthetic)
-        valid = source_pairs(val.phantoms, val.synthetic)[: val.max_pairs]
-    if not train:
-        raise InvalidInput("no training pair left after holding out the validation patients")
-    return train, valid
-
-
-def alpha_summary(net: nn.Module) -> dict[str, float]:
-    """Mean over channels of each 2x2 cross-stitch entry per unit (``alpha_<unit>_<ij>``).
-
-    Returns an empty dict for networks without cross-stitch units.
-    """
-    fn = getattr(net, "cross_stitch_alphas", None)
-    if fn is None:
-        return {}
-    out: dict[str, float] = {}
-    for unit, alpha in fn().items():
-        mean = alpha.float().mean(dim=0)
-        for i in range(2):
-            for j in range(2):
-                out[f"alpha_{unit}_{i}{j}"] = float(mean[i, j])
-    return out
-
-
-def _loss_columns(tasks: Sequence[str], terms: Mapping[str, Sequence[str]]) -> list[str]:
-    cols = ["loss_total"]
-    for t in tasks:
-        cols.append(f"loss_{t}")
-        cols += [f"loss_{t}_{lv}" for lv in LEVELS]
-        cols += [f"loss_{t}_{term}" for term in terms.get(t, ())]
-    return cols
-
-
-_TERMS = {"reg": ("ncc", "bending", "identity")}
 
 
 @dataclass
@@ -488,7 +246,7 @@ class Trainer:
         self.best_step = -1
         self.sha = git_sha()
         self.columns = [
-            "step", "epoch", "wall_s", "data_s", "lr", *_loss_columns(self.tasks, _TERMS)
+            "step", "epoch", "wall_s", "data_s", "lr", *loss_columns(self.tasks, LOSS_TERMS)
         ]  # fmt: skip
         self.columns += [f"weight_{t}" for t in self.tasks]
         if isinstance(self.weighting, HomoscedasticWeighting):
@@ -680,7 +438,7 @@ class Trainer:
             )
         if self.is_main:
             for name in ("train_log.csv", "validation.csv"):
-                _truncate_csv(self.out / name, self.step)
+                truncate_csv(self.out / name, self.step)
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
 
     def _init_from(self, path: Path) -> None:
@@ -896,13 +654,13 @@ class Trainer:
         cfg = self.config
         main = self.is_main
         writer: Any = None
-        train_log: _CsvLog | None = None
+        train_log: CsvLog | None = None
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
             writer = self._tensorboard()
-            train_log = _CsvLog(self.out / "train_log.csv", self.columns)
-        val_log: _CsvLog | None = None
+            train_log = CsvLog(self.out / "train_log.csv", self.columns)
+        val_log: CsvLog | None = None
         last_ckpt_time = time.monotonic()
         start_step = self.step
         t0 = time.monotonic()
@@ -933,7 +691,7 @@ class Trainer:
                     if writer is not None:
                         for k, v in row.items():
                             if k not in ("step", "epoch"):
-                                writer.add_scalar(_tb_tag(k), v, self.step)
+                                writer.add_scalar(tensorboard_tag(k), v, self.step)
                     bar.set_postfix(loss=f"{row['loss_total']:.4f}")
                 every = cfg.data.validation.every
                 if self.val_pairs and every and self.step % every == 0:
@@ -941,7 +699,7 @@ class Trainer:
                     vres = self.validate()
                     val_time += time.monotonic() - tv
                     if val_log is None:
-                        val_log = _CsvLog(self.out / "validation.csv", ["step", *vres])
+                        val_log = CsvLog(self.out / "validation.csv", ["step", *vres])
                     val_log.write({"step": self.step, **vres})
                     if writer is not None:
                         for k, v in vres.items():
@@ -1031,49 +789,3 @@ def _loss_values(losses: Mapping[str, TaskLoss]) -> dict[str, torch.Tensor]:
         for term, v in tl.terms.items():
             out[f"loss_{t}_{term}"] = v.detach()
     return out
-
-
-def _tb_tag(column: str) -> str:
-    for prefix, group in (("loss_", "loss/"), ("weight_", "weight/"), ("log_var_", "log_var/")):
-        if column.startswith(prefix):
-            return group + column[len(prefix) :]
-    if column.startswith("alpha_"):
-        return "cross_stitch/" + column[len("alpha_") :]
-    return "train/" + column
-
-
-class _CsvLog:
-    """Append rows to a CSV file, writing the header when the file is new or empty."""
-
-    def __init__(self, path: Path, columns: Sequence[str]) -> None:
-        self.path = path
-        self.columns = list(columns)
-        new = not path.is_file() or path.stat().st_size == 0
-        self.fh = path.open("a", newline="")
-        self.writer = csv.DictWriter(self.fh, fieldnames=self.columns, extrasaction="ignore")
-        if new:
-            self.writer.writeheader()
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        self.writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-        self.fh.flush()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.fh.close()
-
-
-def _truncate_csv(path: Path, step: int) -> None:
-    """Drop rows logged after ``step`` (written after the checkpoint a run resumes from)."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return
-    header, body = rows[0], rows[1:]
-    kept = [r for r in body if r and int(float(r[0])) <= step]
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(kept)

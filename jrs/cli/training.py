@@ -202,7 +202,8 @@ def evaluate(
     from jrs.training.evaluate import evaluate as run_evaluation
     from jrs.training.evaluate import load_network
     from jrs.training.networks import build
-    from jrs.training.trainer import resolve_device, source_pairs
+    from jrs.training.runtime import resolve_device
+    from jrs.training.sources import source_pairs
 
     check_window(window)
     if sum(x is not None for x in (data, phantoms, synthetic, store)) != 1:

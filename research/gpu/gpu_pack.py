@@ -443,7 +443,7 @@ def build_pack(
     chosen: dict[str, int] = {}
     for p in packed:
         chosen[p["stratum"]] = chosen.get(p["stratum"], 0) + 1
-    from jrs.training.trainer import git_sha
+    from jrs.training.runtime import git_sha
 
     index: dict[str, Any] = {
         "format": PACK_FORMAT,

@@ -55,7 +55,9 @@ import torch
 
 from jrs.core.errors import InvalidInput
 from jrs.training.data import PatchBatch, PatchSampler, TrainingPair
-from jrs.training.trainer import CHECKPOINT_FORMAT, Trainer, _CsvLog, seed_everything
+from jrs.training.run_log import CsvLog
+from jrs.training.runtime import seed_everything
+from jrs.training.trainer import CHECKPOINT_FORMAT, Trainer
 from jrs.training.weights import file_sha256
 from research.gpu.gpu_pack import Pack, load_pack
 
@@ -544,7 +546,7 @@ def run_segment(
     for name in (LOG_NAME, SUMMARY_NAME, CHECKPOINT_NAME):
         with contextlib.suppress(FileNotFoundError):
             (out_dir / name).unlink()
-    train_log = _CsvLog(out_dir / LOG_NAME, trainer.columns)
+    train_log = CsvLog(out_dir / LOG_NAME, trainer.columns)
     losses: list[float] = []
     step_times: list[float] = []
     stop = "time budget"

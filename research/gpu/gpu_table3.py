@@ -60,7 +60,9 @@ import torch
 
 from jrs.core.errors import InvalidInput
 from jrs.training.data import PatchBatch
-from jrs.training.trainer import Trainer, _CsvLog, seed_everything
+from jrs.training.run_log import CsvLog
+from jrs.training.runtime import seed_everything
+from jrs.training.trainer import Trainer
 from jrs.training.weights import file_sha256
 from research.gpu.gpu_run import (
     RETURN_LIMIT,
@@ -117,7 +119,7 @@ class _Net:
     group: tuple[Any, ...]
     source: str
     entry: dict[str, Any]
-    train_log: _CsvLog
+    train_log: CsvLog
     step_s: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
@@ -279,7 +281,7 @@ def run_table3(
                 group=tuple(sorted(sampler_settings(trainer.config).items())),
                 source=str(path),
                 entry=entry,
-                train_log=_CsvLog(logs_tmp / f"{name}_train_log.csv", trainer.columns),
+                train_log=CsvLog(logs_tmp / f"{name}_train_log.csv", trainer.columns),
             )
         )
     if not nets:

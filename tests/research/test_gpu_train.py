@@ -20,9 +20,10 @@ import torch
 from jrs.core.errors import InvalidInput
 from jrs.training.config import TrainConfig, parse_config
 from jrs.training.data import AIR, PatchSampler
+from jrs.training.runtime import seed_everything
 from jrs.training.store import REGION_STRIDE, load_stored_pair, save_pair, write_index
 from jrs.training.synthetic import synthetic_pair
-from jrs.training.trainer import Trainer, seed_everything
+from jrs.training.trainer import Trainer
 from research.gpu.continue_from import continue_from, cpu_resumable, fresh_random_state
 from research.gpu.gpu_pack import INDEX_ALLOWANCE, build_pack, load_pack, select_pairs
 from research.gpu.gpu_run import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME, run_segment

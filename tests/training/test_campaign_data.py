@@ -14,10 +14,11 @@ from jrs.core.errors import InvalidInput
 from jrs.training.config import parse_config
 from jrs.training.data import PatchSampler, TrainingPair
 from jrs.training.losses import dice_loss, reg_loss
+from jrs.training.runtime import autocast_dtype
 from jrs.training.store import list_store, load_store, load_stored_pair, save_pair, write_index
 from jrs.training.synthetic import synthetic_pair
 from jrs.training.synthmorph import integrate_velocity, synthmorph_patch
-from jrs.training.trainer import Trainer, autocast_dtype, lr_factor
+from jrs.training.trainer import Trainer, lr_factor
 from jrs.training.warp import one_hot
 
 

@@ -96,7 +96,7 @@ def test_cli_merges_without_a_new_network(tmp_path: Path) -> None:
 
     from jrs.cli import app
     from jrs.training.config import SyntheticSource
-    from jrs.training.trainer import source_pairs
+    from jrs.training.sources import source_pairs
 
     pairs = source_pairs(None, SyntheticSource(count=2, seed=30, size=64))  # as the CLI makes them
     for name, net, folder in (("seg@1", "seg", "a"), ("reg@1", "reg", "b")):

@@ -16,8 +16,9 @@ from jrs.core.errors import InvalidInput
 from jrs.training.config import TrainConfig, load_config, parse_config
 from jrs.training.losses import compute_task_losses
 from jrs.training.plots import read_log
+from jrs.training.run_log import alpha_summary
 from jrs.training.synthetic import synthetic_pair
-from jrs.training.trainer import Trainer, alpha_summary
+from jrs.training.trainer import Trainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "training" / "configs"
 

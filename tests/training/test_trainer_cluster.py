@@ -20,8 +20,9 @@ from jrs.core.errors import InvalidInput
 from jrs.training.config import TrainConfig, parse_config
 from jrs.training.data import KeyedPatchSampler, PatchSampler
 from jrs.training.plots import read_log
+from jrs.training.runtime import distributed_info, resolve_device
 from jrs.training.synthetic import synthetic_pair
-from jrs.training.trainer import Trainer, distributed_info, resolve_device
+from jrs.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 V3_CHECKPOINT = REPO / "models" / "checkpoints" / "crossstitch_v3_last.pt"
