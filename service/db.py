@@ -1,7 +1,7 @@
 """The SQLite set-up the service's stores share: WAL mode, one connection, immediate transactions.
 
 `SqliteStore` opens the database file (its folder is created), applies a schema, and gives its
-subclasses (`jrs.service.jobs.JobStore`, `jrs.service.patients.PatientStore`) a locked
+subclasses (`jrs.service.jobs.JobStore`, `jrs.service.patient_store.PatientStore`) a locked
 connection and `_tx`, an immediate transaction that rolls back on any exception. WAL mode lets
 the service and an adaptation worker process share one file.
 """

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -37,256 +36,41 @@ import os
 import shlex
 import shutil
 import signal
-import sqlite3
-import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jrs.core.errors import JrsError, ModelNotReady, NotFound
 from jrs.inference.registry import resolve_model_dir
-from jrs.service.db import SqliteStore
+from jrs.service.adaptation_worker import AdaptationWorker
 from jrs.service.jobs import PLANNING_RTSTRUCT
+from jrs.service.patient_store import (
+    MODEL_DIR,
+    ORPHAN_AGE_S,
+    PATIENT_MARKER,
+    PLANNING_DIR,
+    WORK_DIR,
+    AdaptStatus,
+    Patient,
+    PatientStore,
+)
 from jrs.service.settings import Settings, load_settings
 
 logger = logging.getLogger("jrs.service.patients")
 
-AdaptStatus = Literal["unavailable", "queued", "running", "succeeded", "failed"]
-ADAPT_STATUSES: tuple[AdaptStatus, ...] = (
-    "unavailable",
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-)
-#: Marker in a fraction job's input folder: ``{"patient_id": ...}``.
-PATIENT_MARKER = "patient.json"
-#: Inside a patient folder.
-PLANNING_DIR = "planning"
-MODEL_DIR = "model"
-WORK_DIR = "adapt"
-ADAPT_LOG = "adapt.log"
-#: An adaptation started this many times without finishing fails.
-MAX_ADAPT_ATTEMPTS = 4
-#: Exit code of ``jrs adapt`` when it stopped on request (it continues when run again).
-EXIT_INTERRUPTED = 75
-#: Seconds ``jrs adapt`` gets to checkpoint after SIGTERM before it is killed.
-STOP_GRACE_S = 60.0
-#: Patient folders without a row older than this (s) are removed by the cleanup.
-ORPHAN_AGE_S = 6 * 3600.0
 
 __all__ = [
-    "ADAPT_STATUSES",
-    "PATIENT_MARKER",
-    "AdaptationWorker",
-    "Patient",
     "PatientAwareRunner",
     "PatientService",
-    "PatientStore",
+    "adapt_command",
     "adaptation_availability",
     "attach_patients",
     "delete_finished_jobs",
-    "new_patient_id",
 ]
-
-
-def new_patient_id() -> str:
-    """A fresh patient id (32 lowercase hex digits; random, not derived from patient data)."""
-    return uuid.uuid4().hex
-
-
-def series_sha256(uid: str) -> str:
-    """Hex SHA-256 of the planning SeriesInstanceUID (what is kept instead of the UID)."""
-    return hashlib.sha256(uid.encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------ store
-@dataclass
-class Patient:
-    """One row of the patient store.
-
-    Attributes:
-        id: patient id (32 hex digits).
-        created_at: UNIX time of the upload.
-        last_used_at: UNIX time of the upload or of the last fraction (retention counts from it).
-        planning: what the validation found: ``slices``, ``rois``, ``organs`` (organ keys the
-            ROI names map to), ``series_sha256``, ``warnings``.
-        adapt_status: see `ADAPT_STATUSES`.
-        adapt_reason: why it is unavailable or failed, or a note (``interrupted; resumes``).
-        adapt_attempts: how many times an adaptation process was started.
-        adapt_queued_at: UNIX time it was queued.
-        adapt_started_at: UNIX time the last attempt started.
-        adapt_finished_at: UNIX time it ended.
-        adapt_pid: process id of the running ``jrs adapt``.
-        adapt_result: of a succeeded adaptation: ``kept``, ``reason``, ``steps``, ``seconds``,
-            figures (from the model's ``metadata.json``).
-        request_id: the request that created it.
-    """
-
-    id: str
-    created_at: float
-    last_used_at: float
-    planning: dict[str, Any] = field(default_factory=dict)
-    adapt_status: AdaptStatus = "queued"
-    adapt_reason: str | None = None
-    adapt_attempts: int = 0
-    adapt_queued_at: float | None = None
-    adapt_started_at: float | None = None
-    adapt_finished_at: float | None = None
-    adapt_pid: int | None = None
-    adapt_result: dict[str, Any] | None = None
-    request_id: str | None = None
-
-    @property
-    def uses_patient_model(self) -> bool:
-        """Whether fractions now use the patient model (adapted and kept)."""
-        return self.adapt_status == "succeeded" and bool((self.adapt_result or {}).get("kept"))
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS patients (
-    id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    last_used_at REAL NOT NULL,
-    planning TEXT NOT NULL DEFAULT '{}',
-    adapt_status TEXT NOT NULL CHECK (adapt_status IN
-        ('unavailable', 'queued', 'running', 'succeeded', 'failed')),
-    adapt_reason TEXT,
-    adapt_attempts INTEGER NOT NULL DEFAULT 0,
-    adapt_queued_at REAL,
-    adapt_started_at REAL,
-    adapt_finished_at REAL,
-    adapt_pid INTEGER,
-    adapt_result TEXT,
-    request_id TEXT
-);
-CREATE INDEX IF NOT EXISTS patients_status ON patients (adapt_status);
-CREATE TABLE IF NOT EXISTS patient_fractions (
-    patient_id TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (patient_id, job_id)
-);
-"""
-
-_JSON_FIELDS = ("planning", "adapt_result")
-
-
-class PatientStore(SqliteStore):
-    """SQLite patient store in WAL mode, shared by the service and an adaptation worker process.
-
-    Args:
-        path: the database file (its folder is created).
-    """
-
-    def __init__(self, path: Path) -> None:
-        """Open (or create) the database file."""
-        super().__init__(path, _SCHEMA)
-
-    @staticmethod
-    def _patient(row: sqlite3.Row) -> Patient:
-        values = dict(row)
-        for name in _JSON_FIELDS:
-            values[name] = json.loads(values[name]) if values[name] else None
-        values["planning"] = values["planning"] or {}
-        return Patient(**values)
-
-    def create(self, patient: Patient) -> None:
-        """Insert a patient row."""
-        values = dict(patient.__dict__)
-        for name in _JSON_FIELDS:
-            values[name] = json.dumps(values[name]) if values[name] is not None else None
-        columns = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        with self._tx() as c:
-            c.execute(f"INSERT INTO patients ({columns}) VALUES ({marks})", tuple(values.values()))
-
-    def get(self, patient_id: str) -> Patient | None:
-        """The patient with this id, or None."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT * FROM patients WHERE id = ?", (patient_id,)
-            ).fetchone()
-        return self._patient(row) if row is not None else None
-
-    def patients(self, status: AdaptStatus | None = None) -> list[Patient]:
-        """Patients (all or of one adaptation status), oldest first."""
-        query = "SELECT * FROM patients"
-        args: tuple[Any, ...] = ()
-        if status is not None:
-            query += " WHERE adapt_status = ?"
-            args = (status,)
-        with self._lock:
-            rows = self._conn.execute(query + " ORDER BY created_at", args).fetchall()
-        return [self._patient(r) for r in rows]
-
-    def update(self, patient_id: str, **values: Any) -> None:
-        """Set columns of a patient row (JSON columns given as Python values)."""
-        if not values:
-            return
-        for name in _JSON_FIELDS:
-            if name in values and values[name] is not None:
-                values[name] = json.dumps(values[name])
-        sets = ", ".join(f"{k} = ?" for k in values)
-        with self._tx() as c:
-            c.execute(f"UPDATE patients SET {sets} WHERE id = ?", (*values.values(), patient_id))
-
-    def claim_next(self) -> Patient | None:
-        """Mark the oldest queued adaptation running (one attempt more) and return it."""
-        with self._tx() as c:
-            row = c.execute(
-                "SELECT id FROM patients WHERE adapt_status = 'queued' "
-                "ORDER BY adapt_queued_at, created_at LIMIT 1"
-            ).fetchone()
-            if row is None:
-                return None
-            c.execute(
-                "UPDATE patients SET adapt_status = 'running', adapt_started_at = ?, "
-                "adapt_attempts = adapt_attempts + 1, adapt_pid = NULL WHERE id = ?",
-                (time.time(), row[0]),
-            )
-        return self.get(row[0])
-
-    def add_fraction(self, patient_id: str, job_id: str) -> None:
-        """Record a fraction job of a patient (and count it as use for the retention)."""
-        now = time.time()
-        with self._tx() as c:
-            c.execute(
-                "INSERT OR IGNORE INTO patient_fractions (patient_id, job_id, created_at) "
-                "VALUES (?, ?, ?)",
-                (patient_id, job_id, now),
-            )
-            c.execute("UPDATE patients SET last_used_at = ? WHERE id = ?", (now, patient_id))
-
-    def fractions(self, patient_id: str) -> list[str]:
-        """Job ids of a patient's fractions, oldest first."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT job_id FROM patient_fractions WHERE patient_id = ? ORDER BY created_at",
-                (patient_id,),
-            ).fetchall()
-        return [r[0] for r in rows]
-
-    def delete(self, patient_id: str) -> bool:
-        """Delete a patient row and its fraction records; whether it existed."""
-        with self._tx() as c:
-            cur = c.execute("DELETE FROM patients WHERE id = ?", (patient_id,))
-            c.execute("DELETE FROM patient_fractions WHERE patient_id = ?", (patient_id,))
-        return cur.rowcount > 0
-
-    def unused_since(self, cutoff: float) -> list[str]:
-        """Ids of patients last used before `cutoff` (UNIX time)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT id FROM patients WHERE last_used_at < ?", (cutoff,)
-            ).fetchall()
-        return [r[0] for r in rows]
 
 
 # ------------------------------------------------------------------------------ availability
@@ -394,273 +178,6 @@ def adapt_command(settings: Settings, patient_dir: Path) -> list[str]:
         if folder is not None:
             argv += ["--base", str(folder)]
     return argv + shlex.split(settings.adapt_args)
-
-
-def _result_of(model_dir: Path) -> dict[str, Any]:
-    """The ``adapt_result`` of a finished adaptation (from the model's metadata)."""
-    meta = json.loads((model_dir / "metadata.json").read_text())
-    ada = meta.get("adaptation") or {}
-    val = ada.get("validation") or {}
-    base = val.get("base") or {}
-    adapted = val.get("adapted") or {}
-    organs = list((base.get("dsc") or {}).keys())
-    return {
-        "kept": bool(ada.get("kept")),
-        "reason": ada.get("reason"),
-        "steps": ada.get("steps"),
-        "seconds": ada.get("seconds"),
-        "steps_per_s": ada.get("steps_per_s"),
-        "model": {
-            "name": meta.get("name"),
-            "version": meta.get("version"),
-            "sha256": meta.get("sha256"),
-        },
-        "base_model": ada.get("base"),
-        "validation_fractions": ada.get("validation_fractions"),
-        "dsc": {
-            o: {
-                "base": (base.get("dsc") or {}).get(o),
-                "adapted": (adapted.get("dsc") or {}).get(o),
-            }
-            for o in organs
-        },
-        "mean_dsc": {"base": base.get("mean_dsc"), "adapted": adapted.get("mean_dsc")},
-    }
-
-
-def _last_error(log_path: Path) -> str:
-    """The ``error (...)`` line ``jrs adapt`` printed last, else the last line of its log."""
-    try:
-        lines = log_path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines[-200:]):
-        if line.startswith("error (") or "Error" in line.split(":")[0]:
-            return line.strip()[:400]
-    return lines[-1].strip()[:400] if lines else ""
-
-
-class AdaptationWorker:
-    """Runs the queued adaptations of a store, one ``jrs adapt`` subprocess at a time.
-
-    Args:
-        store: the patient store.
-        patients_dir: folder of the patient folders.
-        command: ``command(patient_dir) -> argv`` of the adaptation.
-        poll_s: seconds between two looks at the queue.
-        stop_grace_s: seconds a stopped ``jrs adapt`` gets to checkpoint before it is killed.
-        max_attempts: starts after which an unfinished adaptation fails.
-    """
-
-    def __init__(
-        self,
-        store: PatientStore,
-        patients_dir: Path,
-        command: Callable[[Path], list[str]],
-        *,
-        poll_s: float = 1.0,
-        stop_grace_s: float = STOP_GRACE_S,
-        max_attempts: int = MAX_ADAPT_ATTEMPTS,
-    ) -> None:
-        self.store = store
-        self.patients_dir = Path(patients_dir)
-        self.command = command
-        self.poll_s = poll_s
-        self.stop_grace_s = stop_grace_s
-        self.max_attempts = max_attempts
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._current: str | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def current(self) -> str | None:
-        """The patient being adapted now."""
-        with self._lock:
-            return self._current
-
-    def recover(self) -> dict[str, list[str]]:
-        """Queue again (or fail) adaptations a previous process left running.
-
-        Returns:
-            ``{"requeued": [...], "failed": [...]}``.
-        """
-        out: dict[str, list[str]] = {"requeued": [], "failed": []}
-        for p in self.store.patients("running"):
-            if p.adapt_attempts >= self.max_attempts:
-                self.store.update(
-                    p.id,
-                    adapt_status="failed",
-                    adapt_finished_at=time.time(),
-                    adapt_pid=None,
-                    adapt_reason=(
-                        f"the adaptation was interrupted {p.adapt_attempts} times (service "
-                        "restarts); fractions use the generic model; upload the patient again "
-                        "to retry"
-                    ),
-                )
-                out["failed"].append(p.id)
-            else:
-                self.store.update(
-                    p.id,
-                    adapt_status="queued",
-                    adapt_pid=None,
-                    adapt_reason="interrupted by a service restart; continues from its last "
-                    "checkpoint",
-                )
-                out["requeued"].append(p.id)
-        if out["requeued"] or out["failed"]:
-            logger.warning(
-                "recovered adaptations of a previous process",
-                extra={"fields": {k: len(v) for k, v in out.items()}},
-            )
-        return out
-
-    def start(self) -> None:
-        """Recover, then run the queue in a daemon thread."""
-        self.recover()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.run_forever, name="jrs-adapt", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float | None = None) -> None:
-        """Stop: a running ``jrs adapt`` checkpoints (SIGTERM) and its patient is queued again."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s if timeout_s is not None else self.stop_grace_s + 10)
-            self._thread = None
-
-    def run_forever(self) -> None:
-        """Claim and run queued adaptations until `stop`."""
-        while not self._stop.is_set():
-            try:
-                ran = self.run_once()
-            except Exception as exc:  # keep the worker alive (the store may be busy)
-                logger.error("adaptation worker error", exc_info=exc)
-                ran = False
-            if not ran:
-                self._stop.wait(self.poll_s)
-
-    def run_once(self) -> bool:
-        """Run the oldest queued adaptation, if any; whether one was run."""
-        patient = self.store.claim_next()
-        if patient is None:
-            return False
-        with self._lock:
-            self._current = patient.id
-        try:
-            self._run(patient)
-        finally:
-            with self._lock:
-                self._current = None
-        return True
-
-    def _run(self, patient: Patient) -> None:
-        folder = self.patients_dir / patient.id
-        argv = self.command(folder)
-        logger.info(
-            "adaptation started",
-            extra={"fields": {"patient_id": patient.id, "attempt": patient.adapt_attempts}},
-        )
-        t0 = time.monotonic()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with (folder / ADAPT_LOG).open("ab") as log_fh:
-                proc = subprocess.Popen(
-                    argv,
-                    stdout=log_fh,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-        except OSError as exc:  # the command cannot start: say so, never leave it "running"
-            self.store.update(
-                patient.id,
-                adapt_status="failed",
-                adapt_finished_at=time.time(),
-                adapt_reason=f"the adaptation could not start ({type(exc).__name__}); fractions "
-                "use the generic model",
-            )
-            logger.error("adaptation could not start", exc_info=exc)
-            return
-        self.store.update(patient.id, adapt_pid=proc.pid)
-        cancelled = False
-        stopped = False
-        last_check = 0.0
-        while True:
-            try:
-                rc = proc.wait(timeout=0.25)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if not stopped and self._stop.is_set():
-                stopped = True
-                self._terminate(proc)
-            if time.monotonic() - last_check > 2.0:
-                last_check = time.monotonic()
-                if not cancelled and self.store.get(patient.id) is None:  # deleted
-                    cancelled = True
-                    self._terminate(proc)
-        seconds = time.monotonic() - t0
-        if cancelled or self.store.get(patient.id) is None:
-            shutil.rmtree(folder, ignore_errors=True)
-            logger.info("adaptation cancelled", extra={"fields": {"patient_id": patient.id}})
-            return
-        attempts = patient.adapt_attempts
-        if rc == 0 and (folder / MODEL_DIR / "metadata.json").is_file():
-            result = _result_of(folder / MODEL_DIR)
-            self.store.update(
-                patient.id,
-                adapt_status="succeeded",
-                adapt_finished_at=time.time(),
-                adapt_pid=None,
-                adapt_result=result,
-                adapt_reason=None if result["kept"] else result["reason"],
-            )
-            logger.info(
-                "adaptation succeeded",
-                extra={
-                    "fields": {
-                        "patient_id": patient.id,
-                        "kept": result["kept"],
-                        "seconds": round(seconds, 1),
-                    }
-                },
-            )
-        elif (stopped or rc == EXIT_INTERRUPTED) and attempts < self.max_attempts:
-            self.store.update(
-                patient.id,
-                adapt_status="queued",
-                adapt_pid=None,
-                adapt_reason="interrupted (service stop); continues from its last checkpoint",
-            )
-            logger.info("adaptation interrupted", extra={"fields": {"patient_id": patient.id}})
-        else:
-            why = _last_error(folder / ADAPT_LOG) or f"jrs adapt exited with code {rc}"
-            if stopped or rc == EXIT_INTERRUPTED:
-                why = f"interrupted {attempts} times; fractions use the generic model"
-            self.store.update(
-                patient.id,
-                adapt_status="failed",
-                adapt_finished_at=time.time(),
-                adapt_pid=None,
-                adapt_reason=f"{why} (fractions use the generic model)"[:600],
-            )
-            logger.warning(
-                "adaptation failed",
-                extra={"fields": {"patient_id": patient.id, "exit_code": rc}},
-            )
-
-    def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGTERM (``jrs adapt`` checkpoints and exits), then SIGKILL after the grace."""
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.stop_grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
 
 
 # ------------------------------------------------------------------------------ the service side

@@ -35,14 +35,14 @@ from jrs.service.auth import require_api_key
 from jrs.service.deps import ManagerDep, MetricsDep, SettingsDep
 from jrs.service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id
 from jrs.service.logging_config import current_request_id
-from jrs.service.patients import (
+from jrs.service.patient_store import (
     PATIENT_MARKER,
     PLANNING_DIR,
     Patient,
-    PatientService,
     new_patient_id,
     series_sha256,
 )
+from jrs.service.patients import PatientService
 from jrs.service.schemas import JOB_EXAMPLE, QUEUED_EXAMPLE, JobOut, error_responses
 from jrs.service.settings import MIB, Settings
 from jrs.service.uploads import (

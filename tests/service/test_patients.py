@@ -22,14 +22,10 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from jrs.service import patients as patients_module
+from jrs.service.adaptation_worker import AdaptationWorker
 from jrs.service.app import create_app
-from jrs.service.patients import (
-    MAX_ADAPT_ATTEMPTS,
-    AdaptationWorker,
-    Patient,
-    PatientService,
-    PatientStore,
-)
+from jrs.service.patient_store import MAX_ADAPT_ATTEMPTS, Patient, PatientStore
+from jrs.service.patients import PatientService
 from tests.service.conftest import AUTH, Case, FakeRunner, free_port, make_settings
 
 FAKE_ADAPT = r"""
