@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import shutil
-import stat
 import warnings
-import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,20 +25,24 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from jrs.core.errors import InvalidInput, JrsError, PayloadTooLarge, UnsupportedData
+from jrs.core.errors import InvalidInput, JrsError, PayloadTooLarge
 from jrs.io.ct import read_ct_series
 from jrs.io.rtstruct import check_references, read_rtstruct
 from jrs.service.jobs import PLANNING_RTSTRUCT
 from jrs.service.settings import Settings
+from jrs.service.unpack import _unique, looks_like_dicom, unpack
+from jrs.service.upload_limits import (
+    CHUNK_BYTES,
+    RATIO_FLOOR_BYTES,
+    ReceivedFile,
+    UploadLimits,
+    safe_name,
+)
 
 logger = logging.getLogger("jrs.service.uploads")
 
 #: The multipart fields of a re-contouring request.
 FIELDS = ("planning", "daily")
-#: Ratios are only enforced above this many uncompressed bytes (a small archive is no bomb).
-RATIO_FLOOR_BYTES = 8 * 1024 * 1024
-_CHUNK = 1024 * 1024
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._+\- ]")
 _TAGS = [
     "SOPClassUID",
     "Modality",
@@ -58,56 +58,6 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 MAX_MATRIX = 4096
 #: Plausible pixel and slice spacing of a CT, mm (outside: a header error, not a scan).
 PLAUSIBLE_SPACING_MM = (0.05, 20.0)
-
-
-@dataclass(frozen=True)
-class UploadLimits:
-    """Limits of one request's uploads.
-
-    Attributes:
-        max_upload_bytes: largest request body.
-        max_files: most files (uploaded plus unpacked from zips).
-        max_zip_entries: most entries of one zip.
-        max_compression_ratio: largest uncompressed/compressed ratio (entry or archive).
-        max_extracted_bytes: largest total uncompressed size of the request's zips.
-        max_voxels: largest CT series (slices x rows x columns, from the headers).
-    """
-
-    max_upload_bytes: int
-    max_files: int
-    max_zip_entries: int
-    max_compression_ratio: float
-    max_extracted_bytes: int
-    max_voxels: int = 2**29
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> UploadLimits:
-        """The limits configured in `settings`."""
-        return cls(
-            max_upload_bytes=settings.max_upload_bytes,
-            max_files=settings.max_files,
-            max_zip_entries=settings.max_zip_entries,
-            max_compression_ratio=settings.max_compression_ratio,
-            max_extracted_bytes=settings.max_extracted_bytes,
-            max_voxels=settings.max_voxels,
-        )
-
-
-@dataclass
-class ReceivedFile:
-    """One file part of the request, written to disk.
-
-    Attributes:
-        field: ``planning`` or ``daily``.
-        name: the client's file name, made safe (no folders, no odd characters).
-        path: where it was written.
-        size: bytes.
-    """
-
-    field: str
-    name: str
-    path: Path
-    size: int = 0
 
 
 @dataclass
@@ -127,21 +77,6 @@ class ValidatedUpload:
     rois: int
     files: int
     warnings: list[str] = field(default_factory=list)
-
-
-def safe_name(name: str, default: str = "file") -> str:
-    """A file-system-safe base name (no folders, characters outside [A-Za-z0-9._+- ] -> '_').
-
-    Args:
-        name: a client-supplied name.
-        default: used when nothing is left.
-
-    Returns:
-        The safe name (at most 120 characters, never ``.`` or ``..``).
-    """
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = _SAFE_NAME.sub("_", base).strip()[:120]
-    return cleaned if cleaned not in ("", ".", "..") else default
 
 
 # ------------------------------------------------------------------------------ receiving
@@ -314,246 +249,6 @@ async def receive_multipart(
     return sink.files
 
 
-# ------------------------------------------------------------------------------ unpacking
-def _is_zip(path: Path) -> bool:
-    with path.open("rb") as fh:
-        head = fh.read(4)
-    return head in (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def looks_like_dicom(path: Path) -> bool:
-    """Whether a file is DICOM: ``DICM`` after the 128-byte preamble, or a raw data set start.
-
-    Args:
-        path: the file.
-
-    Returns:
-        True for a (possibly corrupt) DICOM file.
-    """
-    with path.open("rb") as fh:
-        head = fh.read(132)
-    if len(head) == 132 and head[128:132] == b"DICM":
-        return True
-    return len(head) >= 4 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
-
-
-def _unique(path: Path) -> Path:
-    if not path.exists():
-        return path
-    k = 2
-    while True:
-        candidate = path.with_name(f"{path.stem}_{k}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-        k += 1
-
-
-@dataclass
-class _Budget:
-    limits: UploadLimits
-    files: int = 0
-    extracted: int = 0
-
-    def add_file(self, label: str) -> None:
-        self.files += 1
-        if self.files > self.limits.max_files:
-            raise PayloadTooLarge(
-                f"{label}: too many files: more than {self.limits.max_files} in the request "
-                "(uploaded plus unpacked from zips); the limit is JRS_MAX_FILES"
-            )
-
-
-def _check_entry_name(info: zipfile.ZipInfo, label: str) -> list[str]:
-    """The safe path components of a zip entry; raises for unsafe entries."""
-    name = info.filename
-    shown = repr(name[:200])
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
-        raise InvalidInput(
-            f"{label}: zip entry {shown} has an absolute path; entries must be relative paths "
-            "inside the archive"
-        )
-    parts = [p for p in norm.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise InvalidInput(
-            f"{label}: zip entry {shown} contains '..' and would be written outside the "
-            "archive's folder (path traversal); refused"
-        )
-    if "\x00" in name:
-        raise InvalidInput(f"{label}: zip entry {shown} has a NUL character in its name")
-    mode = (info.external_attr >> 16) & 0o170000
-    if mode == stat.S_IFLNK:
-        raise InvalidInput(
-            f"{label}: zip entry {shown} is a symbolic link; links are refused, archive the "
-            "files themselves"
-        )
-    if info.flag_bits & 0x1:
-        raise InvalidInput(f"{label}: zip entry {shown} is encrypted; upload an unencrypted zip")
-    return [safe_name(p, default="_") for p in parts]
-
-
-def _ratio_error(label: str, what: str, size: int, compressed: int, limit: float) -> JrsError:
-    return PayloadTooLarge(
-        f"{label}: {what} expands {size / max(compressed, 1):.0f}x ({size} bytes from "
-        f"{compressed}); the limit is {limit:g}x (JRS_MAX_COMPRESSION_RATIO, zip bomb protection)"
-    )
-
-
-def extract_zip(path: Path, dest: Path, label: str, budget: _Budget) -> int:
-    """Unpack a zip safely into `dest`.
-
-    Refuses (before writing anything) archives with too many entries, absolute or ``..`` entry
-    names, symbolic links, encrypted entries, declared sizes over the limits or a declared
-    compression ratio over the limit; then counts the bytes actually inflated against the same
-    limits while extracting (a header may lie).
-
-    Args:
-        path: the zip file.
-        dest: folder to unpack into (entry folders are kept, names made safe).
-        label: words naming the archive in messages (e.g. ``planning: 'case.zip'``).
-        budget: file and byte counters of the request.
-
-    Returns:
-        Number of files unpacked.
-
-    Raises:
-        InvalidInput: corrupt archive, unsafe entry (the message names the entry).
-        PayloadTooLarge: entry count, size or compression ratio over a limit.
-        UnsupportedData: a compression method Python cannot inflate.
-    """
-    limits = budget.limits
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise InvalidInput(f"{label}: corrupt zip archive ({exc})") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > limits.max_zip_entries:
-            raise PayloadTooLarge(
-                f"{label}: the zip has {len(infos)} entries; the limit is "
-                f"{limits.max_zip_entries} (JRS_MAX_ZIP_ENTRIES)"
-            )
-        plan: list[tuple[zipfile.ZipInfo, list[str]]] = []
-        declared = compressed = 0
-        for info in infos:
-            parts = _check_entry_name(info, label)
-            if info.is_dir() or not parts:
-                continue
-            declared += info.file_size
-            compressed += info.compress_size
-            if (
-                info.file_size > RATIO_FLOOR_BYTES
-                and info.file_size > limits.max_compression_ratio * max(info.compress_size, 1)
-            ):
-                raise _ratio_error(
-                    label,
-                    f"zip entry {info.filename[:200]!r}",
-                    info.file_size,
-                    info.compress_size,
-                    limits.max_compression_ratio,
-                )
-            plan.append((info, parts))
-        if budget.extracted + declared > limits.max_extracted_bytes:
-            raise PayloadTooLarge(
-                f"{label}: the zip declares {declared} uncompressed bytes; the request may unpack "
-                f"at most {limits.max_extracted_bytes} (JRS_MAX_EXTRACTED_BYTES)"
-            )
-        if declared > RATIO_FLOOR_BYTES and declared > limits.max_compression_ratio * max(
-            compressed, 1
-        ):
-            raise _ratio_error(
-                label, "the archive", declared, compressed, limits.max_compression_ratio
-            )
-        count = 0
-        for info, parts in plan:
-            budget.add_file(label)
-            target = _unique(dest.joinpath(*parts))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            try:
-                with zf.open(info) as src, target.open("wb") as out:
-                    while chunk := src.read(_CHUNK):
-                        written += len(chunk)
-                        budget.extracted += len(chunk)
-                        if written > info.file_size:
-                            raise InvalidInput(
-                                f"{label}: zip entry {info.filename[:200]!r} inflates to more "
-                                f"than the {info.file_size} bytes it declares; refused"
-                            )
-                        if budget.extracted > limits.max_extracted_bytes:
-                            raise PayloadTooLarge(
-                                f"{label}: more than {limits.max_extracted_bytes} bytes unpacked "
-                                "(JRS_MAX_EXTRACTED_BYTES)"
-                            )
-                        if written > RATIO_FLOOR_BYTES and written > (
-                            limits.max_compression_ratio * max(info.compress_size, 1)
-                        ):
-                            raise _ratio_error(
-                                label,
-                                f"zip entry {info.filename[:200]!r}",
-                                written,
-                                info.compress_size,
-                                limits.max_compression_ratio,
-                            )
-                        out.write(chunk)
-            except JrsError:
-                raise
-            except NotImplementedError as exc:
-                raise UnsupportedData(
-                    f"{label}: zip entry {info.filename[:200]!r} uses a compression method that "
-                    f"cannot be read ({exc}); use deflate or store"
-                ) from None
-            except OSError as exc:
-                if exc.errno is not None:  # the file system failed (full disk), not the archive
-                    raise
-                raise InvalidInput(
-                    f"{label}: corrupt zip entry {info.filename[:200]!r} ({exc})"
-                ) from None
-            except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as exc:
-                raise InvalidInput(
-                    f"{label}: corrupt zip entry {info.filename[:200]!r} ({exc})"
-                ) from None
-            count += 1
-        return count
-
-
-def unpack(files: list[ReceivedFile], input_dir: Path, limits: UploadLimits) -> int:
-    """Move the uploaded DICOM files and unpack the zips into ``input_dir/<field>/``.
-
-    Args:
-        files: the received files.
-        input_dir: the job's input folder.
-        limits: the upload limits.
-
-    Returns:
-        Number of files in ``input_dir``.
-
-    Raises:
-        InvalidInput: a file that is neither a zip nor DICOM (named), an unsafe zip.
-        PayloadTooLarge: a limit exceeded.
-    """
-    budget = _Budget(limits)
-    total = 0
-    for f in files:
-        folder = input_dir / f.field
-        folder.mkdir(parents=True, exist_ok=True)
-        label = f"{f.field}: {f.name!r}"
-        if _is_zip(f.path):
-            stem = safe_name(f.name.removesuffix(".zip").removesuffix(".ZIP"), "archive")
-            total += extract_zip(f.path, _unique(folder / stem), label, budget)
-            f.path.unlink(missing_ok=True)
-        elif looks_like_dicom(f.path):
-            budget.add_file(label)
-            shutil.move(str(f.path), str(_unique(folder / f.name)))
-            total += 1
-        else:
-            raise InvalidInput(
-                f"{label} is neither a zip archive nor a DICOM file (no 'DICM' marker at byte "
-                "128); upload a zip of the series or its DICOM files"
-            )
-    return total
-
-
 # ------------------------------------------------------------------------------ validation
 @dataclass
 class _Header:
@@ -604,9 +299,9 @@ def _check_deflated(path: Path, name: str, limits: UploadLimits) -> None:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0
         try:
-            while chunk := fh.read(_CHUNK):
+            while chunk := fh.read(CHUNK_BYTES):
                 while chunk:
-                    total += len(inflater.decompress(chunk, _CHUNK))
+                    total += len(inflater.decompress(chunk, CHUNK_BYTES))
                     chunk = inflater.unconsumed_tail
                     if total > cap:
                         raise PayloadTooLarge(
@@ -925,15 +620,9 @@ def unpack_and_validate(
 
 __all__ = [
     "FIELDS",
-    "ReceivedFile",
-    "UploadLimits",
     "ValidatedPart",
     "ValidatedUpload",
-    "extract_zip",
-    "looks_like_dicom",
     "receive_multipart",
-    "safe_name",
-    "unpack",
     "unpack_and_validate",
     "validate_daily",
     "validate_inputs",

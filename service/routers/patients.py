@@ -45,13 +45,9 @@ from jrs.service.patient_store import (
 from jrs.service.patients import PatientService
 from jrs.service.schemas import JOB_EXAMPLE, QUEUED_EXAMPLE, JobOut, error_responses
 from jrs.service.settings import MIB, Settings
-from jrs.service.uploads import (
-    UploadLimits,
-    receive_multipart,
-    unpack,
-    validate_daily,
-    validate_planning,
-)
+from jrs.service.unpack import unpack
+from jrs.service.upload_limits import UploadLimits
+from jrs.service.uploads import receive_multipart, validate_daily, validate_planning
 
 logger = logging.getLogger("jrs.service.patients")
 

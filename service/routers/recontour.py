@@ -19,7 +19,8 @@ from jrs.service.jobs import NO_SPACE, JobManager, free_bytes, new_job_id
 from jrs.service.logging_config import current_request_id
 from jrs.service.schemas import JOB_EXAMPLE, QUEUED_EXAMPLE, JobOut, error_responses
 from jrs.service.settings import MIB
-from jrs.service.uploads import UploadLimits, receive_multipart, unpack_and_validate
+from jrs.service.upload_limits import UploadLimits
+from jrs.service.uploads import receive_multipart, unpack_and_validate
 
 logger = logging.getLogger("service.recontour")
 

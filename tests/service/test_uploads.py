@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from jrs.core.errors import InvalidInput, PayloadTooLarge
 from jrs.service.app import create_app
-from jrs.service.uploads import UploadLimits, _Budget, extract_zip, safe_name
+from jrs.service.unpack import UnpackBudget, extract_zip
+from jrs.service.upload_limits import UploadLimits, safe_name
 from tests.service.conftest import AUTH, Case, FakeRunner, make_settings, multipart, read_zip_bytes
 
 BOMB_BYTES = 20 * 1024 * 1024
@@ -231,7 +232,7 @@ def test_zip_with_lying_sizes_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "liar.zip"
     path.write_bytes(bytes(data))
     with pytest.raises(InvalidInput, match="ct/slice.dcm"):
-        extract_zip(path, tmp_path / "out", "planning: 'liar.zip'", _Budget(_limits()))
+        extract_zip(path, tmp_path / "out", "planning: 'liar.zip'", UnpackBudget(_limits()))
     written = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert written <= 1000
 
@@ -240,11 +241,11 @@ def test_archive_ratio_and_extracted_size_limits(tmp_path: Path) -> None:
     path = tmp_path / "many.zip"
     path.write_bytes(read_zip_bytes({f"s{k}.dcm": b"\x00" * 1_000_000 for k in range(10)}))
     with pytest.raises(PayloadTooLarge, match="the archive expands"):
-        extract_zip(path, tmp_path / "a", "x", _Budget(_limits()))
+        extract_zip(path, tmp_path / "a", "x", UnpackBudget(_limits()))
     with pytest.raises(PayloadTooLarge, match="JRS_MAX_EXTRACTED_BYTES"):
-        extract_zip(path, tmp_path / "b", "x", _Budget(_limits(max_extracted_bytes=5_000_000)))
+        extract_zip(path, tmp_path / "b", "x", UnpackBudget(_limits(max_extracted_bytes=5_000_000)))
     # with a permissive ratio it unpacks, keeping (safe) entry names
-    n = extract_zip(path, tmp_path / "c", "x", _Budget(_limits(max_compression_ratio=10_000)))
+    n = extract_zip(path, tmp_path / "c", "x", UnpackBudget(_limits(max_compression_ratio=10_000)))
     assert n == 10 and (tmp_path / "c" / "s3.dcm").stat().st_size == 1_000_000
 
 
