@@ -600,7 +600,8 @@ def cut_field_of_view(
 
 def _write_cut_daily(daily_ct: Path, out: Path) -> dict[str, Any]:
     """Write the daily CT with a cut-off field of view (same UIDs: the truth still applies)."""
-    from jrs.io.ct import read_ct_series, write_ct_series
+    from jrs.io.ct import read_ct_series
+    from jrs.io.ct_writer import write_ct_series
 
     series = read_ct_series(daily_ct)
     g = series.volume.geometry

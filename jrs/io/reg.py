@@ -68,7 +68,7 @@ import jrs
 from jrs.core.errors import GeometryMismatch, InvalidInput
 from jrs.core.fields import sample_dvf
 from jrs.core.geometry import Geometry, Volume, reorient
-from jrs.io.ct import format_ds
+from jrs.io.ct_writer import ds_list
 from jrs.io.dataset import parse_object, text
 from jrs.io.derived import start_derived_dataset
 from jrs.io.series import DEFORMABLE_REGISTRATION_STORAGE, CTSeries
@@ -144,10 +144,6 @@ class DeformableRegistration:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _ds_list(values: npt.ArrayLike) -> list[str]:
-    return [format_ds(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
-
-
 def _check_matrix(matrix: npt.ArrayLike | None, name: str) -> npt.NDArray[np.float64]:
     """A (4, 4) homogeneous matrix (identity for None), validated."""
     if matrix is None:
@@ -186,7 +182,7 @@ def matrix_type(matrix: npt.ArrayLike) -> str:
 def _matrix_item(matrix: npt.NDArray[np.float64]) -> Dataset:
     item = Dataset()
     item.FrameOfReferenceTransformationMatrixType = matrix_type(matrix)
-    item.FrameOfReferenceTransformationMatrix = _ds_list(matrix)
+    item.FrameOfReferenceTransformationMatrix = ds_list(matrix)
     return item
 
 
@@ -331,8 +327,8 @@ def write_deformable_registration(
 
     # item 2: the planning images with the deformation grid
     grid = Dataset()
-    grid.ImagePositionPatient = _ds_list(g.origin)
-    grid.ImageOrientationPatient = _ds_list(np.concatenate([g.direction[:, 0], g.direction[:, 1]]))
+    grid.ImagePositionPatient = ds_list(g.origin)
+    grid.ImageOrientationPatient = ds_list(np.concatenate([g.direction[:, 0], g.direction[:, 1]]))
     grid.GridDimensions = [int(v) for v in g.size_xyz]
     grid.GridResolution = [float(v) for v in g.spacing]
     grid.VectorGridData = np.ascontiguousarray(grid_field.array, dtype="<f4").tobytes()

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jrs.core.labels import DEFAULT_COLORS, DEFAULT_ROI_NAMES
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.rtstruct_writer import write_rtstruct
 from jrs.synth.generator import (
     PhantomFraction,

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from jrs.core.errors import InvalidInput
 from jrs.core.geometry import Volume
 from jrs.core.labels import LABELS, SynonymTable, label_map_from_masks
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.rtstruct import masks_from_files
 from jrs.io.rtstruct_writer import interpreted_type_for, write_rtstruct
 from jrs.io.series import CTSeries

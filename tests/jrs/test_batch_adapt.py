@@ -12,7 +12,7 @@ import pytest
 import jrs.pipeline.batch as batch
 from jrs.core.errors import InvalidInput, JrsError
 from jrs.core.geometry import Geometry, Volume
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.series import CTSeries
 from jrs.pipeline.batch import group_rows, planning_series_key, read_manifest, run_batch
 from jrs.pipeline.options import RecontourOptions

@@ -18,7 +18,7 @@ def test_prealign_benchmark_reports_time_memory_and_accuracy(tmp_path: Path) -> 
 
 
 def test_prealign_benchmark_compares_spacings_on_a_given_ct(tmp_path: Path) -> None:
-    from jrs.io.ct import write_ct_series
+    from jrs.io.ct_writer import write_ct_series
     from jrs.io.series import CTSeries
     from jrs.synth import generate_patient
 

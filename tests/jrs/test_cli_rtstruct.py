@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from jrs.cli import app
 from jrs.core.geometry import Geometry, Volume
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.rtstruct import read_rtstruct, rtstruct_to_masks
 from jrs.io.rtstruct_writer import write_rtstruct
 from jrs.io.series import CTSeries, PatientInfo

@@ -25,7 +25,8 @@ from pydicom.uid import (
 
 from jrs.core.errors import InvalidInput, UnsupportedData
 from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
-from jrs.io.ct import format_ds, hu_to_stored, read_ct_series, write_ct_series
+from jrs.io.ct import read_ct_series
+from jrs.io.ct_writer import format_ds, hu_to_stored, write_ct_series
 from jrs.io.series import CTSeries, PatientInfo, new_uid
 
 PATIENT = PatientInfo(

@@ -14,7 +14,7 @@ from pydicom.config import settings
 from jrs.core.errors import GeometryMismatch, InvalidInput
 from jrs.core.fields import dvf_to_sitk, sample_dvf
 from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume, reorient
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.reg import (
     DeformableRegistration,
     matrix_type,

@@ -17,7 +17,8 @@ import pydicom
 import pytest
 
 from jrs.core.geometry import Geometry, Volume
-from jrs.io.ct import read_ct_series, write_ct_series
+from jrs.io.ct import read_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.reg import write_deformable_registration
 from jrs.io.series import CTSeries, PatientInfo, new_uid
 

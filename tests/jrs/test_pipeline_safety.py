@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from jrs.core.errors import InvalidInput
 from jrs.core.geometry import Geometry, Volume
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.rtstruct import masks_from_files, read_rtstruct
 from jrs.io.rtstruct_writer import write_rtstruct
 from jrs.io.series import CTSeries

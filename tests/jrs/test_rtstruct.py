@@ -16,7 +16,7 @@ from jrs.core.geometry import PATIENT_POSITION_DIRECTIONS, Geometry, Volume
 from jrs.core.labels import DEFAULT_COLORS
 from jrs.core.metrics import centroid_mm, dice
 from jrs.io.contours import mask_to_contours
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.rtstruct import Roi, StructureSet, masks_from_files, read_rtstruct, rtstruct_to_masks
 from jrs.io.rtstruct_writer import format_contour_data, write_rtstruct
 from jrs.io.series import RT_STRUCTURE_SET_STORAGE, CTSeries, PatientInfo, new_uid

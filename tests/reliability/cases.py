@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jrs.core.geometry import Geometry, Volume
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.rtstruct_writer import write_rtstruct
 from jrs.io.series import CTSeries, PatientInfo
 

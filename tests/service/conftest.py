@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from jrs.core.errors import InvalidInput
 from jrs.core.geometry import Geometry, Volume
-from jrs.io.ct import write_ct_series
+from jrs.io.ct_writer import write_ct_series
 from jrs.io.rtstruct_writer import write_rtstruct
 from jrs.io.series import CTSeries, PatientInfo
 from jrs.service.app import create_app
