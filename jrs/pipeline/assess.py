@@ -28,14 +28,8 @@ from jrs.pipeline.methods import NetworkPaths
 from jrs.pipeline.options import RecontourOptions
 from jrs.qa.contour_fit import contour_fit
 from jrs.qa.family import flag_same_organ
-from jrs.qa.figures import (
-    StructureQa,
-    flag_dvf,
-    flag_structure,
-    image_evidence,
-    qa_reference_paths,
-    structure_evidence,
-)
+from jrs.qa.figures import StructureQa, flag_dvf, flag_structure, qa_reference_paths
+from jrs.qa.image_evidence import image_evidence, structure_evidence
 from jrs.qa.residual_shift import (
     RESIDUAL_BAND_MM,
     RESIDUAL_RANGE_MM,

@@ -17,9 +17,7 @@ from jrs.core.labels import (
 from jrs.inference.null_cache import (
     default_cache_root,
 )
-from jrs.qa.figures import (
-    QaThresholds,
-)
+from jrs.qa.figures import QaThresholds
 from jrs.qa.plausibility import PlausibilityLimits
 from jrs.registration.focus import DEFAULT_PREALIGN, PrealignMode
 

@@ -1,6 +1,6 @@
 """Image evidence of the QA (issue 13): do the daily CT and the mapped planning CT agree?
 
-`jrs.qa.figures.image_evidence` measures, per organ, the NCC of the daily CT with the planning CT pulled
+`jrs.qa.image_evidence.image_evidence` measures, per organ, the NCC of the daily CT with the planning CT pulled
 by the final mapping in a band around the daily contour (beside the same NCC after the
 pre-alignment alone), and the centroid's shift from the pre-aligned planning organ. These tests
 build scans whose answer is known: the same scan twice, a contour moved by 10 mm that keeps its
@@ -20,15 +20,8 @@ import pytest
 from scipy import ndimage
 
 from jrs.core.geometry import Geometry
-from jrs.qa.figures import (
-    FLAG_CODES,
-    QaThresholds,
-    StructureQa,
-    flag_structure,
-    image_evidence,
-    organ_jacobian,
-    structure_evidence,
-)
+from jrs.qa.figures import FLAG_CODES, QaThresholds, StructureQa, flag_structure, organ_jacobian
+from jrs.qa.image_evidence import image_evidence, structure_evidence
 from research.qa_calibration import (
     FLAGS,
     RECORD_VERSION,
