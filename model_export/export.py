@@ -36,24 +36,21 @@ and, when the metrics allow it, ``fusion`` (``{"method", "weights": {organ: [w_s
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from jrs.core.errors import InvalidInput, JrsError
+from jrs.core.errors import InvalidInput
 from jrs.core.labels import LABELS
 from jrs.inference import (
     INPUT_MEANINGS,
@@ -64,8 +61,20 @@ from jrs.inference import (
     MODEL_FILE,
 )
 from jrs.inference.preprocess import HU_MAX, HU_MIN, HU_SCALE, NETWORK_SPACING_MM
-from jrs.inference.tiling import MARGIN, MIN_WINDOW, check_window
+from jrs.inference.tiling import MARGIN, MIN_WINDOW
 from jrs.model_export.card import model_card
+from jrs.model_export.onnx_graph import (
+    OPSET,
+    PARITY_SIZES,
+    PARITY_TOLERANCE,
+    ExportError,
+    NetworkGraph,
+    ParityReport,
+    activation_bytes_per_voxel,
+    export_graph,
+    network_io,
+    parity_check,
+)
 from jrs.model_export.settings import (
     fusion_settings,
     inference_settings,
@@ -84,14 +93,6 @@ from jrs.training.weights import (
 
 log = logging.getLogger(__name__)
 
-#: ONNX opset of the exported graph.
-OPSET = 20
-#: Largest accepted max |ONNX - PyTorch| on the parity inputs.
-PARITY_TOLERANCE = 1e-4
-#: Default parity input sizes ``(D, H, W)``: a cube and a non-cubic volume (both valid).
-PARITY_SIZES: tuple[tuple[int, int, int], ...] = ((48, 48, 48), (64, 56, 52))
-#: Input size at which the activation memory per input voxel is measured.
-MEMORY_PROBE_SIZE = 96
 #: Output levels exported by default (the whole-scan inference only needs the high level).
 DEFAULT_LEVELS: tuple[str, ...] = ("high",)
 #: Name of the model card written next to the model.
@@ -100,62 +101,13 @@ CARD_FILE = "MODEL_CARD.md"
 _LEVEL_OFFSETS = {"high": (20, 1, "n - 40"), "mid": (19, 2, "n/2 - 18"), "low": (17, 4, "n/4 - 7")}
 
 __all__ = [
-    "OPSET",
-    "PARITY_SIZES",
-    "PARITY_TOLERANCE",
     "ArtefactWriter",
-    "ExportError",
     "ExportResult",
-    "ParityReport",
     "checkpoint_weighting",
+    "export",
     "export_checkpoint",
     "load_checkpoint",
-    "parity_check",
 ]
-
-
-class ExportError(JrsError):
-    """The export failed or the exported graph disagrees with PyTorch."""
-
-    code = "export_failed"
-
-
-@dataclass
-class ParityReport:
-    """ONNX Runtime vs PyTorch on random inputs.
-
-    Attributes:
-        sizes: Input sizes ``(D, H, W)`` checked.
-        max_abs_diff: Per size (``"DxHxW"``) and output name, max |ONNX - PyTorch|.
-        max_abs_ref: Per size and output, max |PyTorch| (scale of the figures above).
-        tolerance: The accepted maximum.
-    """
-
-    sizes: list[tuple[int, int, int]]
-    max_abs_diff: dict[str, dict[str, float]] = field(default_factory=dict)
-    max_abs_ref: dict[str, dict[str, float]] = field(default_factory=dict)
-    tolerance: float = PARITY_TOLERANCE
-
-    @property
-    def worst(self) -> float:
-        """Largest difference over every size and output."""
-        return max((v for d in self.max_abs_diff.values() for v in d.values()), default=0.0)
-
-    @property
-    def passed(self) -> bool:
-        """Whether every difference is within the tolerance."""
-        return self.worst <= self.tolerance
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able form for ``metadata.json``."""
-        return {
-            "sizes": [list(s) for s in self.sizes],
-            "max_abs_diff": self.max_abs_diff,
-            "max_abs_reference": self.max_abs_ref,
-            "worst": self.worst,
-            "tolerance": self.tolerance,
-            "runtime": "onnxruntime CPUExecutionProvider",
-        }
 
 
 @dataclass
@@ -171,21 +123,6 @@ class ExportResult:
     path: Path
     metadata: dict[str, Any]
     parity: ParityReport
-
-
-class _Graph(nn.Module):
-    """The exported wrapper: named tensors in, a tuple of chosen outputs out (eval mode)."""
-
-    def __init__(self, net: nn.Module, inputs: Sequence[str], outputs: Sequence[str]) -> None:
-        super().__init__()
-        self.net = net
-        self.input_names = tuple(inputs)
-        self.output_names = tuple(outputs)
-
-    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(B, 1, D, H, W)`` tensors in :attr:`input_names` order -> chosen outputs."""
-        flat = self.net(dict(zip(self.input_names, xs, strict=True))).flat()
-        return tuple(flat[name] for name in self.output_names)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -204,218 +141,6 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     net, ckpt = rebuild_from_checkpoint(path)
     drop = {"model", "optimizer", "weighting", "scaler", "sampler", "rng"}
     return net.eval(), {k: v for k, v in ckpt.items() if k not in drop}
-
-
-# --------------------------------------------------------------------------- helpers
-def _network_io(net: nn.Module, levels: Sequence[str]) -> tuple[list[str], list[str]]:
-    inputs = list(getattr(net, "inputs", ()))
-    if not inputs:
-        raise InvalidInput(f"{type(net).__name__} declares no input names (attribute 'inputs')")
-    size = (1, 1, MIN_WINDOW, MIN_WINDOW, MIN_WINDOW)
-    with torch.no_grad():
-        names = list(net(*_random_inputs(inputs, size, seed=0)).flat())
-    outputs = [n for n in names if n.rsplit("_", 1)[-1] in levels]
-    if not outputs:
-        raise InvalidInput(f"network outputs {names} hold none of the levels {list(levels)}")
-    return inputs, outputs
-
-
-def _random_inputs(
-    names: Sequence[str], shape: tuple[int, ...], seed: int
-) -> tuple[torch.Tensor, ...]:
-    """Random network inputs: images ~ U(-1, 1) (HU / 1000), labels random ids 0..4 as float."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for name in names:
-        if name == "moving_labels":
-            out.append(torch.randint(0, len(LABELS) + 1, shape, generator=gen).float())
-        else:
-            out.append(torch.rand(shape, generator=gen) * 2.0 - 1.0)
-    return tuple(out)
-
-
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """Silence the exporters' chatter (deprecation, tracer and torchvision notices)."""
-    names = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            for lg in loggers:
-                lg.setLevel(logging.ERROR)
-            yield
-        finally:
-            for lg, lv in zip(loggers, levels, strict=True):
-                lg.setLevel(lv)
-
-
-def _export_dynamo(graph: _Graph, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    # Dim.AUTO lets torch.export derive the size guards (multiple of 4, >= 44, equal across
-    # inputs); Dim.DYNAMIC would make the strict trace fail on them and the exporter fall back to
-    # slow draft exports.
-    auto = torch.export.Dim.AUTO
-    # one entry per forward parameter: the single varargs tuple ``*xs``
-    dyn = (tuple({0: auto, 2: auto, 3: auto, 4: auto} for _ in example),)
-    program = torch.onnx.export(
-        graph,
-        example,
-        dynamo=True,
-        dynamic_shapes=dyn,
-        input_names=list(graph.input_names),
-        output_names=list(graph.output_names),
-        opset_version=OPSET,
-        optimize=True,
-        verbose=False,
-        report=False,
-    )
-    if program is None:  # pragma: no cover - torch returns the program for dynamo=True
-        raise ExportError("torch.onnx.export(dynamo=True) returned no program")
-    program.save(str(path))
-
-
-def _export_legacy(graph: _Graph, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
-    names = [*graph.input_names, *graph.output_names]
-    torch.onnx.export(
-        graph,
-        example,
-        str(path),
-        dynamo=False,
-        input_names=list(graph.input_names),
-        output_names=list(graph.output_names),
-        dynamic_axes={n: dict(axes) for n in names},
-        opset_version=OPSET,
-        do_constant_folding=True,
-    )
-
-
-def _check_graph(path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
-    """Opset, names and dynamic batch/spatial axes of the written graph."""
-    import onnx
-
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-    opsets = {o.domain: o.version for o in model.opset_import}
-    if opsets.get("", opsets.get("ai.onnx")) != OPSET:
-        raise ExportError(f"{path}: graph has opsets {opsets}, expected ai.onnx {OPSET}")
-    got_in = [i.name for i in model.graph.input]
-    got_out = [o.name for o in model.graph.output]
-    if got_in != list(inputs) or got_out != list(outputs):
-        raise ExportError(
-            f"{path}: graph I/O {got_in} -> {got_out}, expected {inputs} -> {outputs}"
-        )
-    for value in [*model.graph.input, *model.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        fixed = [i for i in (0, 2, 3, 4) if dims[i].HasField("dim_value")]
-        if len(dims) != 5 or fixed:
-            raise ExportError(f"{path}: {value.name} has static axes {fixed}; expected dynamic")
-    if any(n.op_type == "GridSample" for n in model.graph.node):
-        raise ExportError(f"{path}: the graph contains GridSample; export the network only")
-
-
-def _export_graph(graph: _Graph, path: Path, exporter: str) -> str:
-    """Write the ONNX graph with the chosen exporter; returns the exporter used."""
-    example = _random_inputs(graph.input_names, (1, 1, 48, 48, 48), seed=1)
-    errors: list[str] = []
-    order = {"auto": ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}
-    if exporter not in order:
-        raise InvalidInput(f"exporter must be 'auto', 'dynamo' or 'legacy', got {exporter!r}")
-    for kind in order[exporter]:
-        try:
-            with _quiet_export(), torch.no_grad():
-                (_export_dynamo if kind == "dynamo" else _export_legacy)(graph, example, path)
-            _check_graph(path, graph.input_names, graph.output_names)
-        except Exception as exc:
-            errors.append(f"{kind}: {type(exc).__name__}: {exc}")
-            if exporter == "auto":
-                log.warning("%s ONNX exporter failed (%s); trying the next one", kind, exc)
-            continue
-        return kind
-    raise ExportError("ONNX export failed: " + " | ".join(errors))
-
-
-def parity_check(
-    net: nn.Module,
-    onnx_path: str | Path,
-    sizes: Sequence[Sequence[int]] = PARITY_SIZES,
-    tolerance: float = PARITY_TOLERANCE,
-    seed: int = 0,
-) -> ParityReport:
-    """Compare ONNX Runtime (CPU) with PyTorch on random inputs of several sizes.
-
-    The first size runs with batch 1, the others with batch 2 (the batch axis is dynamic too).
-
-    Args:
-        net: The network, in eval mode.
-        onnx_path: The exported graph.
-        sizes: Input sizes ``(D, H, W)``, each axis a multiple of 4 and ``>= 44``.
-        tolerance: Accepted max |diff| (recorded in the report; not raised here).
-        seed: Seed of the random inputs.
-
-    Returns:
-        The report (check :attr:`ParityReport.passed`).
-    """
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    in_names = [i.name for i in sess.get_inputs()]
-    out_names = [o.name for o in sess.get_outputs()]
-    graph = _Graph(net, in_names, out_names).eval()
-    report = ParityReport(sizes=[], tolerance=tolerance)
-    for k, size in enumerate(sizes):
-        dims = tuple(int(s) for s in size)
-        for n in dims:
-            check_window(n)
-        key = "x".join(str(s) for s in dims)
-        xs = _random_inputs(in_names, (1 if k == 0 else 2, 1, *dims), seed=seed + k)
-        with torch.no_grad():
-            ref = [t.numpy() for t in graph(*xs)]
-        got = sess.run(out_names, {n: x.numpy() for n, x in zip(in_names, xs, strict=True)})
-        report.sizes.append((dims[0], dims[1], dims[2]))
-        report.max_abs_diff[key] = {}
-        report.max_abs_ref[key] = {}
-        for name, r, g in zip(out_names, ref, got, strict=True):
-            if r.shape != g.shape:
-                raise ExportError(f"{name} at {key}: ONNX shape {g.shape} != PyTorch {r.shape}")
-            report.max_abs_diff[key][name] = float(np.abs(r - g).max())
-            report.max_abs_ref[key][name] = float(np.abs(r).max())
-    return report
-
-
-def activation_bytes_per_voxel(net: nn.Module, size: int = MEMORY_PROBE_SIZE) -> float:
-    """Float32 bytes of every intermediate activation per input voxel (no buffer reuse).
-
-    Forward hooks on the leaf modules sum the output sizes of one ``size^3`` forward pass. The
-    figure is an upper bound of what a runtime keeps alive at once; :mod:`jrs.inference` uses it
-    to choose the window from a memory budget.
-
-    Args:
-        net: The network.
-        size: Probe input size (valid).
-
-    Returns:
-        Bytes per input voxel.
-    """
-    total = 0
-
-    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
-        nonlocal total
-        if isinstance(out, torch.Tensor):
-            total += out.numel() * 4
-        elif isinstance(out, tuple):
-            total += sum(t.numel() * 4 for t in out if isinstance(t, torch.Tensor))
-
-    leaves = [m for m in net.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad():
-            net(*_random_inputs(getattr(net, "inputs", ("fixed",)), (1, 1, size, size, size), 0))
-    finally:
-        for h in handles:
-            h.remove()
-    return total / float(size**3)
 
 
 def _sha256(path: Path) -> str:
@@ -572,7 +297,7 @@ def _git_sha() -> str:
 
 def _write_stage(
     net: nn.Module,
-    graph: _Graph,
+    graph: NetworkGraph,
     stage: Path,
     name: str,
     version: int,
@@ -585,7 +310,7 @@ def _write_stage(
 ) -> tuple[dict[str, Any], ParityReport]:
     """Export, check parity and write every file into ``stage``."""
     onnx_path = stage / MODEL_FILE
-    used = _export_graph(graph, onnx_path, exporter)
+    used = export_graph(graph, onnx_path, exporter)
     parity = parity_check(net, onnx_path, parity_sizes, tolerance)
     log.info("ONNX parity (%s exporter): max |diff| = %.3g", used, parity.worst)
     if not parity.passed:
@@ -717,8 +442,8 @@ def export(
     if target.exists() and not overwrite:
         raise InvalidInput(f"{target} already exists; choose another version or overwrite")
     net = net.cpu().eval()
-    inputs, outputs = _network_io(net, levels)
-    graph = _Graph(net, inputs, outputs).eval()
+    inputs, outputs = network_io(net, levels)
+    graph = NetworkGraph(net, inputs, outputs).eval()
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{int(version)}-export-"))
     try:

@@ -18,7 +18,6 @@ MAX_FUNCTION_LINES = 150
 #: module -> its line count when the rules were set (to be split; may only shrink)
 LONG_FILES = {
     "jrs.pipeline.benchmark": 884,
-    "jrs.model_export.export": 870,
 }
 #: function -> its line count when the rules were set (to be split; may only shrink)
 LONG_FUNCTIONS = {

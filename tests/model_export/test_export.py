@@ -14,11 +14,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from jrs.core.errors import InvalidInput  # noqa: E402
-from jrs.model_export.export import (  # noqa: E402
+from jrs.model_export.export import export_checkpoint  # noqa: E402
+from jrs.model_export.onnx_graph import (  # noqa: E402
     OPSET,
     PARITY_SIZES,
     ExportError,
-    export_checkpoint,
     parity_check,
 )
 from jrs.model_export.settings import inference_settings  # noqa: E402
