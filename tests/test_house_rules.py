@@ -17,11 +17,9 @@ MAX_FUNCTION_LINES = 150
 
 #: module -> its line count when the rules were set (to be split; may only shrink)
 LONG_FILES = {
-    "jrs.pipeline.benchmark": 884,
 }
 #: function -> its line count when the rules were set (to be split; may only shrink)
 LONG_FUNCTIONS = {
-    "jrs.cli.benchmark.benchmark": 171,
     "jrs.synth.anatomy.render": 155,
 }
 

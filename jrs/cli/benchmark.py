@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,6 +17,7 @@ from jrs.cli.options import (
     PrecisionOpt,
     ServerOpt,
 )
+from jrs.core.errors import InvalidInput
 
 
 @app.command()
@@ -120,9 +122,6 @@ def benchmark(
     The held-out accuracy benchmarks (``heldout``, ``engines``, ``qa``, ``adaptation``) are the
     lab notebook's: ``python -m research --help`` in a source checkout.
     """
-    import json
-
-    from jrs.core.errors import InvalidInput
     from jrs.pipeline import benchmark as bench
 
     if what == "phantom":
@@ -135,31 +134,12 @@ def benchmark(
         )
         result = bench.bench_prealign(slices, seed=seed, ct=planning_ct, spacings_mm=spacings)
     elif what == "recontour":
-        given = (planning_ct, planning_rtstruct, daily_ct)
-        if any(v is not None for v in given) and not all(v is not None for v in given):
-            raise InvalidInput(
-                "a given case needs --planning-ct, --planning-rtstruct and --daily-ct together"
-            )
-        case = (
-            bench.given_case(planning_ct, planning_rtstruct, daily_ct, truth_rtstruct)  # type: ignore[arg-type]
-            if planning_ct is not None
-            else None
-        )
-        names = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
-        result = bench.bench_recontour(
-            case,
-            runs=names or bench.DEFAULT_RUNS,
-            repeats=repeats,
-            model=model,
-            device=device,
-            seed=seed,
-            slice_mm=1.2 if slice_mm is None else slice_mm,
-            dvf_error=dvf_error,
-            progress=lambda m: log.info("benchmark %s", m),
-        )
-        typer.echo(result.pop("markdown"))
+        given = (planning_ct, planning_rtstruct, daily_ct, truth_rtstruct)
+        result = _recontour(given, runs, repeats, model, device, seed, slice_mm, dvf_error)
     elif what == "gpu":
-        result = bench.bench_gpu(
+        from jrs.pipeline.benchmark_gpu import bench_gpu
+
+        result = bench_gpu(
             dry_run=dry_run,
             model=model,
             repeats=repeats,
@@ -191,3 +171,42 @@ def benchmark(
     typer.echo(text)
     if out is not None:
         out.write_text(text + "\n")
+
+
+def _recontour(
+    given: tuple[Path | None, Path | None, Path | None, Path | None],
+    runs: str | None,
+    repeats: int,
+    model: Path | None,
+    device: str,
+    seed: int,
+    slice_mm: float | None,
+    dvf_error: bool,
+) -> dict[str, Any]:
+    """``jrs benchmark recontour``: the phantom (or the given case) in each configuration."""
+    from jrs.pipeline import benchmark as bench
+
+    planning_ct, planning_rtstruct, daily_ct, truth_rtstruct = given
+    if any(v is not None for v in given[:3]) and not all(v is not None for v in given[:3]):
+        raise InvalidInput(
+            "a given case needs --planning-ct, --planning-rtstruct and --daily-ct together"
+        )
+    case = (
+        bench.given_case(planning_ct, planning_rtstruct, daily_ct, truth_rtstruct)  # type: ignore[arg-type]
+        if planning_ct is not None
+        else None
+    )
+    names = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+    result = bench.bench_recontour(
+        case,
+        runs=names or bench.DEFAULT_RUNS,
+        repeats=repeats,
+        model=model,
+        device=device,
+        seed=seed,
+        slice_mm=1.2 if slice_mm is None else slice_mm,
+        dvf_error=dvf_error,
+        progress=lambda m: log.info("benchmark %s", m),
+    )
+    typer.echo(result.pop("markdown"))
+    return result

@@ -27,7 +27,7 @@ def test_script_is_executable_valid_bash_and_bounded_in_time() -> None:
 
 @pytest.mark.skipif(CUDA_PROVIDER in available_providers(), reason="a CUDA provider is present")
 def test_without_cuda_the_real_run_refuses_and_points_at_the_dry_run() -> None:
-    from jrs.pipeline.benchmark import bench_gpu
+    from jrs.pipeline.benchmark_gpu import bench_gpu
 
     with pytest.raises(InvalidInput, match="--dry-run"):
         bench_gpu(dry_run=False)
