@@ -449,6 +449,28 @@ def organ_bounds(p: AnatomyParams) -> tuple[F64, F64]:
     return lo, hi
 
 
+def _paint_body(cv: _Canvas, img: npt.NDArray[np.float32], p: AnatomyParams) -> tuple[Any, Any]:
+    """Paint the body outline (fat) and its muscle core: slice-wise scaled super-ellipses.
+
+    Returns:
+        The body mask and the subcutaneous fat mask, (nz, ny, nx) booleans.
+    """
+    w = cv.width
+    big = 1e4
+    full = cv.box([-big, -big, -big], [big, big, big])
+    assert full is not None  # an unbounded box always meets the grid
+    sl, x, y, z = full
+    zs = z[:, 0, 0]
+    scale = (1.0 - 0.06 * ((zs - 20.0) / 100.0) ** 2)[:, None, None]
+    a, b = p.body_lr * scale, p.body_ap * scale
+    body = shapes.superellipse(x, y, 0.0, p.body_y, a, b, p.body_power)
+    _paint(img, sl, body, p.hu["fat"], w)
+    t = p.fat_thickness
+    inner = shapes.superellipse(x, y, 0.0, p.body_y - 0.15 * t, a - t, b - 1.15 * t, p.body_power)
+    _paint(img, sl, inner, p.hu["muscle"], w)
+    return body < 0, (body < -2 * w) & (inner > 2 * w)
+
+
 def render(p: AnatomyParams, geometry: Geometry, anchor: F64, rng: np.random.Generator) -> Rendered:
     """Paint the anatomy on an identity-direction grid.
 
@@ -470,22 +492,7 @@ def render(p: AnatomyParams, geometry: Geometry, anchor: F64, rng: np.random.Gen
     lumen = np.zeros(shape, bool)
     hu = p.hu
 
-    # body outline (fat) and muscle core, slice-wise scaled super-ellipses
-    big = 1e4
-    full = cv.box([-big, -big, -big], [big, big, big])
-    assert full is not None
-    sl, x, y, z = full
-    zs = z[:, 0, 0]
-    scale = (1.0 - 0.06 * ((zs - 20.0) / 100.0) ** 2)[:, None, None]
-    a, b = p.body_lr * scale, p.body_ap * scale
-    body = shapes.superellipse(x, y, 0.0, p.body_y, a, b, p.body_power)
-    _paint(img, sl, body, hu["fat"], w)
-    t = p.fat_thickness
-    inner = shapes.superellipse(x, y, 0.0, p.body_y - 0.15 * t, a - t, b - 1.15 * t, p.body_power)
-    _paint(img, sl, inner, hu["muscle"], w)
-    structures["Body"] = body < 0
-    tissues["fat"] = (body < -2 * w) & (inner > 2 * w)
-    del body
+    structures["Body"], tissues["fat"] = _paint_body(cv, img, p)
 
     # pelvic fat around the organs
     fr = np.asarray(p.pelvic_fat_radii)
