@@ -3,7 +3,7 @@
 usage: python research/qa_spread_choice.py REPORT_DIR
 
 For each rule of `jrs.qa.family` (which flags of one contour reach the organ's other contours),
-the thresholds are chosen on every case of REPORT_DIR (`research.qa_calibration.choose_thresholds`)
+the thresholds are chosen on every case of REPORT_DIR (`research.qa_choice.choose_thresholds`)
 and estimated leaving one case out (`cross_validate`), each search starting from the thresholds
 before this calibration (`PRE_CALIBRATION`: session 17's defaults, with the second opinion's
 priors and its bladder limit, which the 22-case calibration turned off), not from the ones it
@@ -18,8 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import research.qa_calibration as q
+import research.qa_choice as q
 from jrs.qa.figures import QaThresholds
+from research.qa_report import _flag_rates, cross_validate
+from research.qa_runs import load_records
 
 #: The thresholds this calibration started from (those it moved, at their values before).
 PRE_CALIBRATION: dict[str, float] = {
@@ -51,16 +53,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report_dir", type=Path)
     args = ap.parse_args()
-    samples = q.samples_from_records(q.load_records(args.report_dir))
+    samples = q.samples_from_records(load_records(args.report_dir))
     prior = q.thresholds_with(QaThresholds(), PRE_CALIBRATION)
     good, bad = int(samples.good.sum()), int(samples.bad.sum())
     sys.stdout.write(f"{len(samples)} structures: {good} good, {bad} bad\n")
     for name, shared in RULES.items():
         q.SPREAD_FLAGS = shared  # the rule `fired_matrix` and the search apply
         choice = q.choose_thresholds(samples, prior)
-        fired = q._flag_rates(samples, choice.thresholds)["fired"]
+        fired = _flag_rates(samples, choice.thresholds)["fired"]
         strict = q.wrong_dvf_rates(fired, samples)["strict"]["false_flag_rate"]
-        cv = q.cross_validate(samples, prior)
+        cv = cross_validate(samples, prior)
         assert cv is not None
         left_strict = cv["wrong_dvf"]["strict"]["false_flag_rate"]
         sys.stdout.write(

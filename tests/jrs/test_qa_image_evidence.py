@@ -22,23 +22,17 @@ from scipy import ndimage
 from jrs.core.geometry import Geometry
 from jrs.qa.figures import FLAG_CODES, QaThresholds, StructureQa, flag_structure, organ_jacobian
 from jrs.qa.image_evidence import image_evidence, structure_evidence
-from research.qa_calibration import (
-    FLAGS,
-    RECORD_VERSION,
-    STRUCTURE_FLAGS,
-    calibrate,
+from research.qa_cases import FLAGS, RECORD_VERSION, STRUCTURE_FLAGS, label_contour
+from research.qa_choice import (
     choose_thresholds,
     fired_matrix,
     flags_of,
-    label_contour,
     rates,
-    report_markdown,
     samples_from_records,
     search_parameters,
-    thresholds_from_dict,
-    thresholds_to_dict,
     thresholds_with,
 )
+from research.qa_report import calibrate, report_markdown, thresholds_from_dict, thresholds_to_dict
 
 N = 64
 G = Geometry((N, N, N), origin=np.full(3, -32.0), spacing=np.ones(3))

@@ -18,34 +18,35 @@ from typer.testing import CliRunner
 
 from jrs.core.errors import InvalidInput
 from jrs.qa.figures import QaThresholds
-from research.qa_calibration import (
+from research.qa_calibration import run_qa_calibration
+from research.qa_cases import (
     FLAGS,
     MIN_RESIDUAL_LIMIT_MM,
     RECORD_VERSION,
     STRUCTURE_FLAGS,
     ReplayBackend,
-    RunSettings,
     _shifted,
-    calibrate,
-    choose_thresholds,
     cut_field_of_view,
+    label_contour,
+    smooth_random_field,
+)
+from research.qa_choice import (
+    choose_thresholds,
     fired_matrix,
     flags_of,
-    label_contour,
-    load_records,
-    other_path,
     rates,
-    record_path,
-    report_markdown,
-    run_qa_calibration,
     samples_from_records,
     search_parameters,
-    smooth_random_field,
+    thresholds_with,
+)
+from research.qa_report import (
+    calibrate,
+    report_markdown,
     thresholds_from_dict,
     thresholds_to_dict,
-    thresholds_with,
     write_report,
 )
+from research.qa_runs import RunSettings, load_records, other_path, record_path
 
 
 # ------------------------------------------------------------------ hand-made records
@@ -189,7 +190,9 @@ def test_rates_are_recall_on_bad_and_false_flags_on_good() -> None:
 def test_good_contours_in_a_dvf_wrong_on_purpose_are_counted_apart() -> None:
     """A good rectum inside the noisy DVF of ``dvf_noise``: a flag of the mapping on it is right
     about the DVF; it is neither good nor bad for the rates, and the strict rates count it."""
-    from research.qa_calibration import GOOD_WRONG_DVF, calibrate, wrong_dvf_rates
+    from research.qa_cases import GOOD_WRONG_DVF
+    from research.qa_choice import wrong_dvf_rates
+    from research.qa_report import calibrate
 
     good = _structure("Rectum", "rectum", 60.0, 60.0, 0.93, residual_shift_mm=5.0)
     quiet = _structure("Prostate", "prostate", 40.0, 40.0, 0.95, residual_shift_mm=0.5)
@@ -345,7 +348,7 @@ def test_choice_sets_a_path_dice_limit_per_organ() -> None:
 
 
 def test_leave_one_case_out_scores_thresholds_on_cases_they_never_saw() -> None:
-    from research.qa_calibration import cross_validate
+    from research.qa_report import cross_validate
 
     # every case has a bad bladder: each fold learns the bladder limit from the others
     samples = samples_from_records(_path_dice_records())
@@ -401,7 +404,7 @@ def test_choice_says_when_no_thresholds_reach_both_targets() -> None:
 
 def test_the_search_never_loosens_a_volume_range_beyond_the_organs_clinical_envelope() -> None:
     """Good phantom prostates that shrank by 25 % cannot switch the prostate's check off."""
-    from research.qa_calibration import CLINICAL_VOLUME_ENVELOPE
+    from research.qa_cases import CLINICAL_VOLUME_ENVELOPE
 
     recs = []
     for i in range(10):
@@ -799,7 +802,7 @@ def test_choice_catches_automatic_contours_through_the_manual_ones_figure() -> N
 
 
 def test_issue30_labels_are_stricter_and_relabel_stored_records() -> None:
-    from research.qa_calibration import LABEL_CRITERIA
+    from research.qa_cases import LABEL_CRITERIA
 
     c = LABEL_CRITERIA["issue30"]
     assert label_contour(0.89, 0.5, c) == "bad"  # good by the v3 criteria
@@ -818,7 +821,7 @@ def test_issue30_labels_are_stricter_and_relabel_stored_records() -> None:
 
 
 def test_calibration_cases_never_use_the_held_out_family() -> None:
-    from research.qa_calibration import RealSource, check_case_family, phantom_specs, real_specs
+    from research.qa_cases import RealSource, check_case_family, phantom_specs, real_specs
 
     with pytest.raises(InvalidInput, match="held out of calibration"):
         phantom_specs(3000, 2, engine="dome")
