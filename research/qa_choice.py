@@ -295,29 +295,6 @@ def rates(
     }
 
 
-def wrong_dvf_rates(fired: npt.NDArray[np.bool_], samples: Samples) -> dict[str, Any]:
-    """How the flags treat good contours in a DVF wrong on purpose (`GOOD_WRONG_DVF`).
-
-    Also the rates if they counted as good ones: the letter of the false-flag target, every
-    contour with DSC >= 0.9.
-
-    Args:
-        fired: which samples are flagged.
-        samples: the samples (their labels).
-
-    Returns:
-        ``{"flagged", "count", "strict"}``: ``strict`` as `rates`, good contours and these
-        together.
-    """
-    wrong = samples.label == GOOD_WRONG_DVF
-    strict = dataclasses.replace(samples, label=np.where(wrong, "good", samples.label))
-    return {
-        "flagged": int((fired & wrong).sum()),
-        "count": int(wrong.sum()),
-        "strict": rates(fired, strict),
-    }
-
-
 # ============================================================================ threshold choice
 @dataclass
 class _Param:

@@ -45,7 +45,6 @@ from research.qa_choice import (
     samples_from_records,
     search_parameters,
     thresholds_with,
-    wrong_dvf_rates,
 )
 
 log = logging.getLogger(__name__)
@@ -674,3 +673,26 @@ def _json_default(value: object) -> object:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def wrong_dvf_rates(fired: npt.NDArray[np.bool_], samples: Samples) -> dict[str, Any]:
+    """How the flags treat good contours in a DVF wrong on purpose (`GOOD_WRONG_DVF`).
+
+    Also the rates if they counted as good ones: the letter of the false-flag target, every
+    contour with DSC >= 0.9.
+
+    Args:
+        fired: which samples are flagged.
+        samples: the samples (their labels).
+
+    Returns:
+        ``{"flagged", "count", "strict"}``: ``strict`` as `rates`, good contours and these
+        together.
+    """
+    wrong = samples.label == GOOD_WRONG_DVF
+    strict = dataclasses.replace(samples, label=np.where(wrong, "good", samples.label))
+    return {
+        "flagged": int((fired & wrong).sum()),
+        "count": int(wrong.sum()),
+        "strict": rates(fired, strict),
+    }

@@ -1,6 +1,6 @@
 """Which flags an organ's contours share, chosen by leave-one-case-out (docs/qa.md, version 3).
 
-usage: python research/qa_spread_choice.py REPORT_DIR
+usage: python -m research.qa_spread_choice REPORT_DIR
 
 For each rule of `jrs.qa.family` (which flags of one contour reach the organ's other contours),
 the thresholds are chosen on every case of REPORT_DIR (`research.qa_choice.choose_thresholds`)
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import research.qa_choice as q
 from jrs.qa.figures import QaThresholds
-from research.qa_report import _flag_rates, cross_validate
+from research.qa_report import _flag_rates, cross_validate, wrong_dvf_rates
 from research.qa_runs import load_records
 
 #: The thresholds this calibration started from (those it moved, at their values before).
@@ -61,7 +61,7 @@ def main() -> None:
         q.SPREAD_FLAGS = shared  # the rule `fired_matrix` and the search apply
         choice = q.choose_thresholds(samples, prior)
         fired = _flag_rates(samples, choice.thresholds)["fired"]
-        strict = q.wrong_dvf_rates(fired, samples)["strict"]["false_flag_rate"]
+        strict = wrong_dvf_rates(fired, samples)["strict"]["false_flag_rate"]
         cv = cross_validate(samples, prior)
         assert cv is not None
         left_strict = cv["wrong_dvf"]["strict"]["false_flag_rate"]

@@ -191,8 +191,7 @@ def test_good_contours_in_a_dvf_wrong_on_purpose_are_counted_apart() -> None:
     """A good rectum inside the noisy DVF of ``dvf_noise``: a flag of the mapping on it is right
     about the DVF; it is neither good nor bad for the rates, and the strict rates count it."""
     from research.qa_cases import GOOD_WRONG_DVF
-    from research.qa_choice import wrong_dvf_rates
-    from research.qa_report import calibrate
+    from research.qa_report import calibrate, wrong_dvf_rates
 
     good = _structure("Rectum", "rectum", 60.0, 60.0, 0.93, residual_shift_mm=5.0)
     quiet = _structure("Prostate", "prostate", 40.0, 40.0, 0.95, residual_shift_mm=0.5)
